@@ -1,0 +1,79 @@
+"""The one frozen config that switches the transformer between model families."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+ARCHS = ("gpt2", "llama", "mistral", "qwen2", "gemma2", "gemma3")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling: 'linear' (divide by factor) or 'llama3' (wavelength-dependent)."""
+
+    kind: Literal["linear", "llama3"]
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class Config:
+    """Hyper-parameters of a decoder-only transformer; every family is a setting of these fields.
+
+    `layer_types[i]` is "global" or "local" (sliding window `sliding_window`, RoPE base
+    `rope_local_theta`). Norm weights are stored as effective scales: Gemma's (1 + w) is folded in on load.
+    """
+
+    arch: str
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    n_ctx: int
+    norm: Literal["rms", "layer"] = "rms"
+    norm_eps: float = 1e-5
+    act: Literal["silu", "gelu", "gelu_tanh", "relu"] = "silu"
+    gated_mlp: bool = True
+    positional: Literal["rope", "learned"] = "rope"
+    rope_theta: float = 10_000.0
+    rope_local_theta: float | None = None
+    rope_scaling: RopeScaling | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    post_norms: bool = False
+    qk_norm: bool = False
+    embed_scale: float = 1.0
+    attn_scale: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()
+    tie_embeddings: bool = True
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            from models.errors import UnsupportedModelError
+
+            raise UnsupportedModelError(f"unknown architecture {self.arch!r}; supported: {', '.join(ARCHS)}")
+        if not self.layer_types:
+            object.__setattr__(self, "layer_types", ("global",) * self.n_layers)
+        if len(self.layer_types) != self.n_layers or set(self.layer_types) - {"global", "local"}:
+            raise ValueError(f"layer_types must be {self.n_layers} of 'global'/'local', got {self.layer_types}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+
+    @property
+    def query_scale(self) -> float:
+        return self.attn_scale if self.attn_scale is not None else self.d_head**-0.5
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)

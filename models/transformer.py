@@ -1,0 +1,389 @@
+"""One pure-functional decoder-only transformer, switched by `Config`, returning logits and activations.
+
+Parameters are a plain pytree (see `models.params`); layers are stacked on a leading axis and run with
+`jax.lax.scan` (or an unrolled Python loop: same numbers). Every activation passes through `_Sites.visit`,
+which applies the interventions registered for that site and keeps it if it was asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from models.config import Config
+from models.errors import InputError
+from models.sites import SITES, check_site
+
+Params = dict[str, Any]
+NEG_INF = -1e30  # finite, so rows with no valid key give a uniform (then zeroed) pattern, never NaN
+
+
+class SiteContext(NamedTuple):
+    """What an intervention may read besides the activation: the layer and where each token sits."""
+
+    layer: Int[Array, ""] | None  # None at model sites (embed, final_norm)
+    positions: Int[Array, "B T"]  # position ids of the current tokens
+    attention_mask: Int[Array, "B T"]  # 1 on real tokens of the current input
+    step: Int[Array, ""]  # 0 on the prompt pass, then 1, 2, ... for each generated token
+
+
+class Intervention(Protocol):
+    """Anything with a `site` name and `apply(value, ctx) -> value` (interp provides pytree implementations)."""
+
+    site: str
+
+    def apply(self, value: Array, ctx: SiteContext) -> Array: ...
+
+
+@dataclass(frozen=True)
+class Capture:
+    """Keep `site`, optionally only some layers and positions (indices into the sequence axis)."""
+
+    site: str
+    layers: tuple[int, ...] | None = None
+    positions: tuple[int, ...] | None = None
+
+
+class KVCache(NamedTuple):
+    """Keys/values of every layer for `S` slots, with each slot's position id and validity."""
+
+    k: Float[Array, "L B S K d"]
+    v: Float[Array, "L B S K d"]
+    positions: Int[Array, "B S"]
+    mask: Int[Array, "B S"]
+    index: Int[Array, ""]  # next slot to write
+
+
+def _as_capture(c) -> Capture:
+    c = c if isinstance(c, Capture) else Capture(c)
+    check_site(c.site)
+    return c
+
+
+class _Sites:
+    """Applies interventions and records captures at each site, inside or outside the layer scan."""
+
+    def __init__(self, capture: Sequence[Capture], interventions: Sequence[Intervention], ctx: SiteContext):
+        self.capture = {c.site: c for c in capture}
+        self.interventions = tuple(interventions)
+        for iv in self.interventions:
+            check_site(iv.site)
+        self.ctx = ctx
+        self.record: dict[str, Array] = {}
+
+    def needs(self, name: str) -> bool:
+        return name in self.capture or any(iv.site == name for iv in self.interventions)
+
+    def visit(self, name: str, value: Array, layer=None) -> Array:
+        ctx = self.ctx._replace(layer=layer)
+        for iv in self.interventions:
+            if iv.site == name:
+                value = iv.apply(value, ctx)
+        if name in self.capture:
+            kept = value
+            pos = self.capture[name].positions
+            if pos is not None:
+                axis = 2 if name in ("attn.scores", "attn.pattern") else 1
+                kept = jnp.take(kept, jnp.asarray(pos), axis=axis)
+            self.record[name] = kept
+        return value
+
+
+# ----------------------------------------------------------------------------- primitives
+
+
+def norm(x: Float[Array, "... D"], p: Params, cfg: Config) -> Float[Array, "... D"]:
+    """RMSNorm or LayerNorm in float32, cast back to the input dtype."""
+    h = x.astype(jnp.float32)
+    if cfg.norm == "layer":
+        h = h - h.mean(-1, keepdims=True)
+    h = h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + cfg.norm_eps)
+    h = h * p["w"].astype(jnp.float32)
+    if "b" in p:
+        h = h + p["b"].astype(jnp.float32)
+    return h.astype(x.dtype)
+
+
+def activation(x: Array, cfg: Config) -> Array:
+    return {
+        "silu": jax.nn.silu,
+        "gelu": lambda v: jax.nn.gelu(v, approximate=False),
+        "gelu_tanh": lambda v: jax.nn.gelu(v, approximate=True),
+        "relu": jax.nn.relu,
+    }[cfg.act](x)
+
+
+def rope_inv_freq(cfg: Config, local: bool) -> Float[Array, "half"]:
+    """Inverse frequencies of RoPE for global or local layers (scaling applies to global layers only)."""
+    theta = cfg.rope_local_theta if (local and cfg.rope_local_theta is not None) else cfg.rope_theta
+    inv = 1.0 / (theta ** (jnp.arange(0, cfg.d_head, 2, dtype=jnp.float32) / cfg.d_head))
+    s = cfg.rope_scaling
+    if s is None or (local and cfg.rope_local_theta is not None):
+        return inv
+    if s.kind == "linear":
+        return inv / s.factor
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: Float[Array, "B T N d"], positions: Int[Array, "B T"], inv_freq) -> Float[Array, "B T N d"]:
+    """Rotate halves (Hugging Face layout) by angle position * inv_freq, in float32."""
+    ang = positions[..., None].astype(jnp.float32) * inv_freq  # [B T d/2]
+    cos = jnp.concatenate([jnp.cos(ang)] * 2, -1)[:, :, None, :]
+    sin = jnp.concatenate([jnp.sin(ang)] * 2, -1)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], -1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+def softcap(x: Array, cap: float | None) -> Array:
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+# ----------------------------------------------------------------------------- one layer
+
+
+class LayerInputs(NamedTuple):
+    """Per-layer values scanned over alongside the stacked parameters."""
+
+    index: Int[Array, ""]
+    is_local: Array  # bool scalar
+    cache_k: Array | None
+    cache_v: Array | None
+
+
+def attention(p: Params, x, li: LayerInputs, kv, sites: _Sites, cfg: Config):
+    """Multi-head (grouped-query) attention. `kv` holds key positions and validity (and cache slots)."""
+    B, T, _ = x.shape
+    layer = li.index
+    q = jnp.einsum("btd,dhe->bthe", x, p["W_Q"])
+    k = jnp.einsum("btd,dhe->bthe", x, p["W_K"])
+    v = jnp.einsum("btd,dhe->bthe", x, p["W_V"])
+    if cfg.qkv_bias:
+        q, k, v = q + p["b_Q"], k + p["b_K"], v + p["b_V"]
+    if cfg.qk_norm:
+        q, k = norm(q, p["q_norm"], cfg), norm(k, p["k_norm"], cfg)
+    q = sites.visit("attn.q", q, layer)
+    k = sites.visit("attn.k", k, layer)
+    v = sites.visit("attn.v", v, layer)
+    if cfg.positional == "rope":
+        inv = jnp.where(li.is_local, rope_inv_freq(cfg, True), rope_inv_freq(cfg, False))
+        q = apply_rope(q, sites.ctx.positions, inv)
+        k = apply_rope(k, sites.ctx.positions, inv)
+
+    key_pos, key_valid = kv["positions"], kv["mask"]
+    if li.cache_k is not None:  # write this step's keys/values into the cache slots
+        k = jax.lax.dynamic_update_slice_in_dim(li.cache_k, k.astype(li.cache_k.dtype), kv["index"], axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(li.cache_v, v.astype(li.cache_v.dtype), kv["index"], axis=1)
+    new_kv = (k, v)
+
+    G = cfg.n_heads // cfg.n_kv_heads
+    qg = q.reshape(B, T, cfg.n_kv_heads, G, cfg.d_head)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores.reshape(B, cfg.n_heads, T, k.shape[1]) * cfg.query_scale
+    scores = softcap(scores, cfg.attn_softcap)
+    scores = sites.visit("attn.scores", scores, layer)
+
+    qpos = sites.ctx.positions[:, None, :, None]
+    kpos = key_pos[:, None, None, :]
+    allowed = (kpos <= qpos) & (key_valid[:, None, None, :] > 0)
+    if cfg.sliding_window is not None:
+        window = jnp.where(li.is_local, cfg.sliding_window, jnp.iinfo(jnp.int32).max)
+        allowed &= (qpos - kpos) < window
+    pattern = jax.nn.softmax(jnp.where(allowed, scores, NEG_INF), axis=-1)
+    pattern = pattern * (allowed & (sites.ctx.attention_mask[:, None, :, None] > 0))
+    pattern = sites.visit("attn.pattern", pattern, layer)
+
+    vg = v.astype(pattern.dtype)
+    z = jnp.einsum("bkgts,bskd->btkgd", pattern.reshape(B, cfg.n_kv_heads, G, T, -1), vg)
+    z = z.reshape(B, T, cfg.n_heads, cfg.d_head).astype(x.dtype)
+    z = sites.visit("attn.z", z, layer)
+    if sites.needs("attn.head_out"):
+        head_out = sites.visit("attn.head_out", jnp.einsum("bthe,hed->bthd", z, p["W_O"]), layer)
+        out = head_out.sum(2)
+    else:
+        out = jnp.einsum("bthe,hed->btd", z, p["W_O"])
+    if cfg.o_bias:
+        out = out + p["b_O"]
+    return out, new_kv
+
+
+def mlp(p: Params, x, layer, sites: _Sites, cfg: Config):
+    pre = jnp.einsum("btd,df->btf", x, p["W_gate"] if cfg.gated_mlp else p["W_in"])
+    if cfg.mlp_bias:
+        pre = pre + (p["b_gate"] if cfg.gated_mlp else p["b_in"])
+    pre = sites.visit("mlp.pre", pre, layer)
+    post = activation(pre, cfg)
+    if cfg.gated_mlp:
+        up = jnp.einsum("btd,df->btf", x, p["W_in"])
+        post = post * (up + p["b_in"] if cfg.mlp_bias else up)
+    post = sites.visit("mlp.post", post, layer)
+    out = jnp.einsum("btf,fd->btd", post, p["W_out"])
+    return out + p["b_out"] if cfg.mlp_bias else out
+
+
+def block(p: Params, resid, li: LayerInputs, kv, sites: _Sites, cfg: Config):
+    """One transformer layer; returns the new residual and this layer's (keys, values)."""
+    layer = li.index
+    resid = sites.visit("resid_pre", resid, layer)
+    h = sites.visit("ln1.normalized", norm(resid, p["ln1"], cfg), layer)
+    attn_out, new_kv = attention(p["attn"], h, li, kv, sites, cfg)
+    if cfg.post_norms:
+        attn_out = norm(attn_out, p["ln1_post"], cfg)
+    attn_out = sites.visit("attn_out", attn_out, layer)
+    resid = sites.visit("resid_mid", resid + attn_out, layer)
+    h = sites.visit("ln2.normalized", norm(resid, p["ln2"], cfg), layer)
+    mlp_out = mlp(p["mlp"], h, layer, sites, cfg)
+    if cfg.post_norms:
+        mlp_out = norm(mlp_out, p["ln2_post"], cfg)
+    mlp_out = sites.visit("mlp_out", mlp_out, layer)
+    resid = sites.visit("resid_post", resid + mlp_out, layer)
+    return resid, new_kv
+
+
+# ----------------------------------------------------------------------------- the forward
+
+
+def default_positions(attention_mask: Int[Array, "B T"]) -> Int[Array, "B T"]:
+    """Position ids for a left-padded batch: 0 at each row's first real token (pads get 0)."""
+    return jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0).astype(jnp.int32)
+
+
+def embed(params: Params, tokens, positions, cfg: Config):
+    x = jnp.take(params["embed"]["W_E"], tokens, axis=0)
+    if cfg.positional == "learned":
+        x = x + jnp.take(params["pos_embed"]["W_pos"], positions, axis=0)
+    if cfg.embed_scale != 1.0:
+        x = x * jnp.asarray(cfg.embed_scale, x.dtype)
+    return x
+
+
+def unembed(params: Params, x, cfg: Config) -> Float[Array, "B T V"]:
+    W_U = params["unembed"]["W_U"] if "unembed" in params else params["embed"]["W_E"].T
+    logits = jnp.einsum("btd,dv->btv", x, W_U, preferred_element_type=jnp.float32)
+    if "unembed" in params and "b_U" in params["unembed"]:
+        logits = logits + params["unembed"]["b_U"]
+    return softcap(logits, cfg.final_softcap)
+
+
+def run_layers(params: Params, cfg: Config, resid, sites: _Sites, kv, cache: KVCache | None,
+               start: int, stop: int, unroll: bool):
+    """Layers [start, stop) on the residual; returns it, the stacked captures and the new cache k/v."""
+    blocks = jax.tree.map(lambda a: a[start:stop], params["blocks"])
+    n = stop - start
+    is_local = jnp.asarray([t == "local" for t in cfg.layer_types[start:stop]])
+    ck = cv = None
+    if cache is not None:
+        ck, cv = cache.k[start:stop], cache.v[start:stop]
+    xs = (blocks, LayerInputs(jnp.arange(start, stop, dtype=jnp.int32), is_local, ck, cv))
+
+    def body(resid, x):
+        p, li = x
+        layer_sites = _Sites(tuple(sites.capture.values()), sites.interventions, sites.ctx)
+        resid, new_kv = block(p, resid, li, kv, layer_sites, cfg)
+        keep = {k: v for k, v in layer_sites.record.items() if SITES[k].per_layer}
+        return resid, (keep, new_kv if cache is not None else None)
+
+    if unroll:
+        ys = []
+        for i in range(n):
+            resid, y = body(resid, jax.tree.map(lambda a: a[i], xs))
+            ys.append(y)
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys else ({}, None)
+        return resid, stacked[0], stacked[1]
+    resid, (rec, new_kv) = jax.lax.scan(body, resid, xs)
+    return resid, rec, new_kv
+
+
+def forward(
+    params: Params,
+    cfg: Config,
+    tokens: Int[Array, "B T"],
+    attention_mask: Int[Array, "B T"] | None = None,
+    positions: Int[Array, "B T"] | None = None,
+    capture: Sequence[str | Capture] = (),
+    interventions: Sequence[Intervention] = (),
+    *,
+    start_layer: int = 0,
+    stop_at_layer: int | None = None,
+    resid: Float[Array, "B T D"] | None = None,
+    cache: KVCache | None = None,
+    step: int | Array = 0,
+    unroll: bool = False,
+):
+    """Logits `[B, T, V]` (float32) and a dict of captured activations (site -> array).
+
+    `capture` names sites from `models.sites` (or `Capture` objects selecting layers/positions); nothing is
+    kept by default. `stop_at_layer=n` runs layers [0, n) and returns `None` logits. `start_layer=l` with
+    `resid` (the `resid_pre` of layer l) resumes a forward without recomputing layers < l. With a `cache`,
+    keys/values are written at `cache.index` and attention reads every valid cache slot; the updated cache
+    is returned as a third value.
+    """
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2:
+        raise InputError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+    B, T = tokens.shape
+    if attention_mask is None:
+        attention_mask = jnp.ones((B, T), jnp.int32)
+    attention_mask = jnp.asarray(attention_mask).astype(jnp.int32)
+    if attention_mask.shape != tokens.shape:
+        raise InputError(f"attention_mask shape {attention_mask.shape} != tokens shape {tokens.shape}")
+    if positions is None:
+        positions = default_positions(attention_mask)
+    limit = cache.k.shape[2] if cache is not None else T
+    if limit > cfg.n_ctx:
+        raise InputError(f"input of {limit} positions is longer than the model's context of {cfg.n_ctx}")
+    stop = cfg.n_layers if stop_at_layer is None else stop_at_layer
+    if not 0 <= start_layer <= stop <= cfg.n_layers:
+        raise InputError(f"need 0 <= start_layer ({start_layer}) <= stop_at_layer ({stop}) <= {cfg.n_layers}")
+
+    captures = tuple(_as_capture(c) for c in capture)
+    ctx = SiteContext(None, positions, attention_mask, jnp.asarray(step, jnp.int32))
+    sites = _Sites(captures, interventions, ctx)
+
+    if cache is None:
+        kv = {"positions": positions, "mask": attention_mask, "index": 0}
+    else:
+        idx = cache.index
+        kv = {
+            "positions": jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, idx, axis=1),
+            "mask": jax.lax.dynamic_update_slice_in_dim(cache.mask, attention_mask, idx, axis=1),
+            "index": idx,
+        }
+
+    if resid is None:
+        if start_layer != 0:
+            raise InputError("start_layer > 0 needs the residual stream `resid` entering that layer")
+        resid = sites.visit("embed", embed(params, tokens, positions, cfg))
+    resid, layer_acts, new_kv = run_layers(params, cfg, resid, sites, kv, cache, start_layer, stop, unroll)
+
+    acts = dict(sites.record)
+    for name, value in layer_acts.items():
+        chosen = captures[[c.site for c in captures].index(name)].layers
+        acts[name] = value if chosen is None else value[jnp.asarray(chosen) - start_layer]
+    logits = None
+    if stop == cfg.n_layers:
+        final = sites.visit("final_norm", norm(resid, params["ln_final"], cfg))
+        acts.update({k: v for k, v in sites.record.items() if k == "final_norm"})
+        logits = unembed(params, final, cfg)
+    acts = {c.site: acts[c.site] for c in captures if c.site in acts}
+    if cache is None:
+        return logits, acts
+    k, v = new_kv
+    new_cache = KVCache(
+        cache.k.at[start_layer:stop].set(k), cache.v.at[start_layer:stop].set(v),
+        kv["positions"], kv["mask"], cache.index + T,
+    )
+    return logits, acts, new_cache
