@@ -270,9 +270,10 @@ def embed(params: Params, tokens, positions, cfg: Config):
     return x
 
 
-def unembed(params: Params, x, cfg: Config) -> Float[Array, "B T V"]:
+def unembed(params: Params, x, cfg: Config) -> Float[Array, "... V"]:
+    """Logits (float32, soft-capped) from the final-normed residual `[..., D]`."""
     W_U = params["unembed"]["W_U"] if "unembed" in params else params["embed"]["W_E"].T
-    logits = jnp.einsum("btd,dv->btv", x, W_U, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("...d,dv->...v", x, W_U, preferred_element_type=jnp.float32)
     if "unembed" in params and "b_U" in params["unembed"]:
         logits = logits + params["unembed"]["b_U"]
     return softcap(logits, cfg.final_softcap)
