@@ -1,0 +1,36 @@
+"""Shared fixtures: the embedded models (ours and transformers' reference), loaded once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    import models
+
+    return models.load("smollm2-135m-instruct", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    import models
+
+    return models.load("gemma-3-270m", dtype="float32")
+
+
+def load_reference(name: str):
+    """transformers' model and tokenizer for a registered GGUF, dequantised to float32."""
+    import torch
+    import transformers
+
+    from models.loading import resolve
+
+    path = resolve(name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model.eval(), tok

@@ -1,0 +1,98 @@
+"""Every architecture against transformers on tiny random models built offline, loaded from saved HF dirs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax.numpy as jnp  # noqa: E402
+
+from models import transformer  # noqa: E402
+from models.loading import load_hf_dir  # noqa: E402
+
+V = 101
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+CONFIGS = {
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_embd=48, n_layer=3, n_head=4, n_positions=64),
+    "llama-gqa": lambda: transformers.LlamaConfig(vocab_size=V, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                                  num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64,
+                                                  tie_word_embeddings=True),
+    "llama3-rope-scaling-mqa": lambda: transformers.LlamaConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2,
+                                                                num_attention_heads=8, num_key_value_heads=1, intermediate_size=80,
+                                                                max_position_embeddings=64, rope_scaling=LLAMA3_ROPE),
+    "mistral-sliding": lambda: transformers.MistralConfig(vocab_size=V, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                                          num_key_value_heads=4, intermediate_size=96, max_position_embeddings=64,
+                                                          sliding_window=5),
+    "qwen2-bias": lambda: transformers.Qwen2Config(vocab_size=V, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                                   num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64),
+    "gemma2": lambda: transformers.Gemma2Config(vocab_size=V, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                                num_key_value_heads=2, head_dim=16, intermediate_size=96, max_position_embeddings=64,
+                                                sliding_window=5, query_pre_attn_scalar=12, attn_logit_softcapping=5.0,
+                                                final_logit_softcapping=3.0),
+    "gemma3": lambda: transformers.Gemma3TextConfig(vocab_size=V, hidden_size=64, num_hidden_layers=7, num_attention_heads=4,
+                                                    num_key_value_heads=1, head_dim=16, intermediate_size=96,
+                                                    max_position_embeddings=64, sliding_window=5, query_pre_attn_scalar=16),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def tiny(request, tmp_path_factory):
+    """(transformers model, our config, our params) for one architecture, with non-trivial norms and biases."""
+    torch.manual_seed(0)
+    hf_cfg = CONFIGS[request.param]()
+    hf_cfg._attn_implementation = "eager"
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    cfg, params = load_hf_dir(path)
+    return request.param, model, cfg, params
+
+
+def _reference(model, tokens, mask):
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    with torch.no_grad():
+        out = model(torch.tensor(tokens), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos),
+                    output_hidden_states=True)
+    return out.logits.numpy(), [h.numpy() for h in out.hidden_states]
+
+
+def _rel(a, b, valid):
+    return np.abs(np.asarray(a) - b)[valid].max() / np.abs(b[valid]).max()
+
+
+@pytest.mark.parametrize("unroll", [False, True], ids=["scan", "unrolled"])
+def test_logits_and_every_residual_match_transformers(tiny, unroll):
+    name, model, cfg, params = tiny
+    rng = np.random.RandomState(1)
+    tokens = rng.randint(0, V, (3, 13))
+    mask = np.ones_like(tokens)
+    mask[1, :4] = 0  # left padding
+    mask[2, :9] = 0
+    ref_logits, hidden = _reference(model, tokens, mask)
+    logits, acts = transformer.forward(params, cfg, jnp.asarray(tokens), jnp.asarray(mask),
+                                       capture=("resid_pre", "resid_post"), unroll=unroll)
+    valid = mask.astype(bool)
+    assert _rel(logits, ref_logits, valid) < 1e-5, name
+    for layer in range(cfg.n_layers):
+        assert _rel(acts["resid_pre"][layer], hidden[layer], valid) < 1e-5, (name, layer)
+    # transformers' last hidden state is after the final norm; every earlier one is a resid_post
+    for layer in range(cfg.n_layers - 1):
+        assert _rel(acts["resid_post"][layer], hidden[layer + 1], valid) < 1e-5, (name, layer)
+
+
+def test_scan_and_unrolled_agree(tiny):
+    _, _, cfg, params = tiny
+    tokens = jnp.asarray(np.random.RandomState(2).randint(0, V, (2, 9)))
+    a = transformer.forward(params, cfg, tokens, capture=("attn.pattern", "mlp.post"))
+    b = transformer.forward(params, cfg, tokens, capture=("attn.pattern", "mlp.post"), unroll=True)
+    np.testing.assert_allclose(a[0], b[0], atol=1e-5, rtol=1e-5)
+    for k in a[1]:
+        np.testing.assert_allclose(a[1][k], b[1][k], atol=1e-5, rtol=1e-5)
