@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import jax.numpy as jnp
+import torch
+import transformers
 
-import jax.numpy as jnp  # noqa: E402
-
-from models import transformer  # noqa: E402
-from models.loading import load_hf_dir  # noqa: E402
+from models import transformer
+from models.loading import load_hf_dir
 
 V = 101
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

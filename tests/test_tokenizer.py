@@ -40,7 +40,7 @@ TEXTS = [
 
 
 def _hf(path: Path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 

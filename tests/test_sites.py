@@ -1,0 +1,95 @@
+"""Activation sites: identities between them on the real SmolLM2, shapes from the registry, selective capture."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from models import transformer
+from models.sites import ALL_SITES, SITES
+
+
+def assert_close(a, b, rel=1e-5):
+    """Equal up to float32 rounding of a differently fused program: max error <= rel * max |b|."""
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() <= rel * np.abs(b).max(), np.abs(a - b).max() / np.abs(b).max()
+
+
+@pytest.fixture(scope="module")
+def smol_batch(smollm2):
+    texts = [smollm2.apply_chat_template([{"role": "user", "content": t}]) for t in ("Name three colours.", "Hi")]
+    tokens, mask = smollm2.tokenize(texts)
+    logits, acts = models.forward(smollm2, tokens, attention_mask=mask, capture=ALL_SITES)
+    return tokens, mask, logits, acts
+
+
+def test_head_outputs_sum_to_attn_out_and_resid_identities(smollm2, smol_batch):
+    _, mask, _, acts = smol_batch
+    v = mask.astype(bool)
+    scale = float(jnp.abs(acts["attn_out"]).max())
+    np.testing.assert_allclose(acts["attn.head_out"].sum(3)[:, v], acts["attn_out"][:, v], atol=2e-5 * scale)
+    np.testing.assert_allclose((acts["resid_pre"] + acts["attn_out"])[:, v], acts["resid_mid"][:, v], atol=1e-5 * scale)
+    np.testing.assert_allclose((acts["resid_mid"] + acts["mlp_out"])[:, v], acts["resid_post"][:, v],
+                               atol=1e-5 * float(jnp.abs(acts["resid_post"]).max()))
+    np.testing.assert_array_equal(acts["resid_post"][:-1], acts["resid_pre"][1:])
+    np.testing.assert_array_equal(acts["embed"], acts["resid_pre"][0])
+
+
+def test_pattern_is_causal_normalised_and_zero_on_padding(smol_batch):
+    _, mask, _, acts = smol_batch
+    p = np.asarray(acts["attn.pattern"])  # [L, B, H, T, S]
+    T = p.shape[-1]
+    assert np.all(np.triu(np.ones((T, T), bool), 1)[None, None, None] <= (p == 0))
+    valid_q = mask.astype(bool)[None, :, None, :]
+    np.testing.assert_allclose(p.sum(-1)[np.broadcast_to(valid_q, p.shape[:-1])], 1.0, atol=1e-5)
+    assert np.all(p.sum(-1)[np.broadcast_to(~valid_q, p.shape[:-1])] == 0)
+    pad_keys = ~mask.astype(bool)[None, :, None, None, :]
+    assert np.all(p[np.broadcast_to(pad_keys, p.shape)] == 0)
+
+
+def test_every_site_has_its_registered_shape(smollm2, smol_batch):
+    tokens, _, _, acts = smol_batch
+    c = smollm2.cfg
+    sizes = {"B": tokens.shape[0], "T": tokens.shape[1], "S": tokens.shape[1], "D": c.d_model, "H": c.n_heads,
+             "K": c.n_kv_heads, "d": c.d_head, "F": c.d_mlp}
+    assert set(acts) == set(ALL_SITES)
+    for name, site in SITES.items():
+        want = ((c.n_layers,) if site.per_layer else ()) + tuple(sizes[a] for a in site.axes)
+        assert acts[name].shape == want, name
+
+
+def test_capture_is_selective(smollm2, smol_batch):
+    tokens, mask, logits, acts = smol_batch
+    l2, a2 = models.forward(smollm2, tokens, attention_mask=mask)
+    assert a2 == {}
+    assert_close(l2, logits)
+    _, a3 = models.forward(smollm2, tokens, attention_mask=mask,
+                           capture=(models.Capture("resid_post", layers=(3, 17), positions=(-1,)),
+                                    models.Capture("attn.pattern", layers=(5,), positions=(0, 2))))
+    assert_close(a3["resid_post"], acts["resid_post"][jnp.array([3, 17])][:, :, -1:])
+    assert_close(a3["attn.pattern"], acts["attn.pattern"][5:6][:, :, :, jnp.array([0, 2])])
+
+
+def test_stop_at_layer_and_resume_from_resid(smollm2, smol_batch):
+    tokens, mask, logits, acts = smol_batch
+    none, early = models.forward(smollm2, tokens, attention_mask=mask, capture=("resid_post",), stop_at_layer=7)
+    assert none is None and early["resid_post"].shape[0] == 7
+    assert_close(early["resid_post"], acts["resid_post"][:7])
+    resumed, late = models.forward(smollm2, tokens, attention_mask=mask, capture=("resid_post",), start_layer=7,
+                                   resid=acts["resid_pre"][7])
+    assert_close(resumed, logits)
+    assert_close(late["resid_post"], acts["resid_post"][7:])
+
+
+def test_unused_sites_are_not_computed():
+    """Only requested sites survive compilation: per-head outputs are absent from a plain forward's HLO."""
+    cfg = models.Config(arch="llama", vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=48, n_ctx=32)
+    params = models.init_params(cfg, jax.random.PRNGKey(0))
+    tokens = jnp.zeros((1, 6), jnp.int32)
+    plain = jax.jit(lambda p: transformer.forward(p, cfg, tokens)).lower(params).compile().as_text()
+    heads = jax.jit(lambda p: transformer.forward(p, cfg, tokens, capture=("attn.head_out",))).lower(params).compile().as_text()
+    assert "f32[1,6,4,32]" not in plain and "f32[1,6,4,32]" in heads
