@@ -223,7 +223,7 @@ def config_from_gguf(meta: Mapping[str, Any], dtype: str = "float32") -> Config:
         **common, norm="rms", norm_eps=eps, act="gelu_tanh" if gemma else "silu", rope_theta=theta,
         rope_local_theta=10_000.0 if arch == "gemma3" else None, rope_scaling=scaling,
         qkv_bias=arch == "qwen2", post_norms=gemma, qk_norm=arch == "gemma3", embed_scale=D**0.5 if gemma else 1.0,
-        attn_scale=d_head**-0.5, attn_softcap=g("attn_logit_softcapping"), final_softcap=g("final_logit_softcapping"),
+        attn_scale=d_head**-0.5 if gemma else None, attn_softcap=g("attn_logit_softcapping"), final_softcap=g("final_logit_softcapping"),
         sliding_window=window, layer_types=layer_types, tie_embeddings="output.weight" not in meta.get("_tensor_names", ()),
     )
 

@@ -66,3 +66,23 @@ def test_chat_batch_perplexity_is_healthy(smollm2):
     logp = np.asarray(torch.log_softmax(torch.tensor(np.asarray(logits[0, :-1])), -1))
     nll = -logp[np.arange(tokens.shape[1] - 1), tokens[0, 1:]].mean()
     assert np.exp(nll) < 15, np.exp(nll)
+
+
+def test_hf_directory_with_sharded_safetensors_loads_like_the_gguf(smollm2, tmp_path):
+    """transformers saves the GGUF-loaded SmolLM2 as a sharded float32 HF directory; `models.load(dir)` of it,
+    tokenizer and chat template included, gives our GGUF model's logits."""
+    ref, tok = load_reference("smollm2-135m-instruct")
+    del ref.config.quantization_config  # a GGUF-loaded model refuses to save otherwise
+    ref.hf_quantizer = None
+    ref.save_pretrained(tmp_path, max_shard_size="200MB")
+    tok.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    m = models.load(str(tmp_path))
+    assert m.cfg == smollm2.cfg
+    text = smollm2.apply_chat_template([{"role": "user", "content": "Name a planet."}])
+    assert m.apply_chat_template([{"role": "user", "content": "Name a planet."}]) == text
+    tokens, mask = m.tokenize([text])
+    np.testing.assert_array_equal(tokens, smollm2.tokenize([text])[0])
+    a, _ = models.forward(m, tokens, attention_mask=mask)
+    b, _ = models.forward(smollm2, tokens, attention_mask=mask)
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() < 1e-4
