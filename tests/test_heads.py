@@ -22,9 +22,9 @@ def test_scores_on_planted_patterns():
     p = jnp.asarray(np.stack([prev, induct, sink])[None, None])  # [L=1, B=1, H=3, T, T]
     np.testing.assert_allclose(previous_token_scores(p)[0], [1, 0, 1 / 8], atol=1e-6)  # query 1 -> key 0 is both
     np.testing.assert_allclose(induction_scores(p, half)[0], [0, 1, 0], atol=1e-6)
-    np.testing.assert_allclose(first_token_scores(p)[0], [0, 0, 1], atol=1e-6)
+    np.testing.assert_allclose(first_token_scores(p)[0], [1 / 8, 0, 1], atol=1e-6)
     mask = jnp.ones((1, T), jnp.int32)
-    np.testing.assert_allclose(first_token_scores(p, mask)[0], [0, 0, 1], atol=1e-6)
+    np.testing.assert_allclose(first_token_scores(p, mask)[0], [1 / 8, 0, 1], atol=1e-6)
 
 
 def test_smollm2_has_induction_heads(smollm2):
