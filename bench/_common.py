@@ -1,0 +1,82 @@
+"""Helpers shared by the benchmarks: median timing, the machine's matmul peak, a results table."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall-clock seconds of each timed call (after warm-up)."""
+
+    times: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def spread(self) -> str:
+        return f"{min(self.times) * 1e3:.0f}-{max(self.times) * 1e3:.0f} ms"
+
+    def per_second(self, units: float) -> float:
+        """Throughput in `units` per second at the median time (e.g. tokens per call)."""
+        return units / self.median
+
+
+def time_median(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> Timing:
+    """Call `fn` `warmup` times untimed, then `repeats` times timed. `fn` must block until its work is done
+    (`jax.block_until_ready`, or a synchronous torch call on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return Timing(tuple(times))
+
+
+def matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 10) -> float:
+    """FLOP/s of a jitted `n`×`n` @ `n`×`n` JAX matmul on the default device (median of `repeats`)."""
+    import jax
+    import jax.numpy as jnp
+
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (n, n), dtype)
+    b = jax.random.normal(kb, (n, n), dtype)
+    f = jax.jit(jnp.matmul)
+    t = time_median(lambda: jax.block_until_ready(f(a, b)), repeats, warmup=2)
+    return 2 * n**3 / t.median
+
+
+def machine() -> str:
+    """One line describing where the numbers were taken (load average included: other users add noise)."""
+    import jax
+
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"{platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} on {jax.default_backend()}, "
+            f"load average {load}")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table: numbers right-aligned, text left-aligned."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    numeric = [all(isinstance(row[i], (int, float)) for row in rows) for i in range(len(headers))]
+
+    def line(r):
+        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric)).rstrip()
+
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
+
+
+def _fmt(x: object) -> str:
+    if isinstance(x, float):
+        return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+    return str(x)

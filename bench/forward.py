@@ -1,0 +1,167 @@
+"""Forward throughput of our JAX SmolLM2 against transformers and TransformerLens, on one batch of real text.
+
+    python -m bench.forward [--batch 8] [--seq 128] [--repeats 5] [--skip-peers]
+
+All in this process, on the same `batch`×`seq` tokens (a public-domain text, tiled and cut into rows that
+start at different offsets; mask all ones), median of `repeats` timed calls after warm-up:
+  (a) `models.forward` (jitted), no capture, full logits
+  (b) `models.forward` capturing every site (`models.ALL_SITES`)
+  (c) `transformers` forward of the same GGUF, dequantised to float32, under `torch.inference_mode`
+  (d) TransformerLens `TransformerBridge` (booted on (c)'s model) `run_with_cache` of all hooks, if installed
+and the float32 roofline: a jitted 2048³ matmul's FLOP/s divided by the model's matmul FLOPs per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from importlib.metadata import version
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a benchmark never downloads
+os.environ.setdefault("TQDM_DISABLE", "1")  # nor draws progress bars (transformers' GGUF loader)
+if __package__ in (None, ""):  # run as a script: python bench/forward.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import numpy as np
+
+import models
+from bench._common import machine, matmul_peak, table, time_median
+
+MODEL, HF_NAME = "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"
+TEXT = (  # the Gettysburg Address (public domain)
+    "Four score and seven years ago our fathers brought forth on this continent, a new nation, conceived in "
+    "Liberty, and dedicated to the proposition that all men are created equal. Now we are engaged in a great "
+    "civil war, testing whether that nation, or any nation so conceived and so dedicated, can long endure. We "
+    "are met on a great battle-field of that war. We have come to dedicate a portion of that field, as a final "
+    "resting place for those who here gave their lives that that nation might live. It is altogether fitting "
+    "and proper that we should do this. But, in a larger sense, we can not dedicate -- we can not consecrate -- "
+    "we can not hallow -- this ground. The brave men, living and dead, who struggled here, have consecrated it, "
+    "far above our poor power to add or detract. The world will little note, nor long remember what we say "
+    "here, but it can never forget what they did here. It is for us the living, rather, to be dedicated here "
+    "to the unfinished work which they who fought here have thus far so nobly advanced. It is rather for us to "
+    "be here dedicated to the great task remaining before us -- that from these honored dead we take increased "
+    "devotion to that cause for which they gave the last full measure of devotion -- that we here highly "
+    "resolve that these dead shall not have died in vain -- that this nation, under God, shall have a new "
+    "birth of freedom -- and that government of the people, by the people, for the people, shall not perish "
+    "from the earth. "
+)
+
+
+def make_batch(m: models.Model, batch: int, seq: int, stride: int = 16):
+    """`[batch, seq]` int32 tokens (BOS + text from offset `i * stride`, truncated to `seq`) and a ones mask."""
+    tok = m.tokenizer
+    ids = tok.encode(TEXT, add_bos=False)
+    ids = ids * (1 + (seq + batch * stride) // len(ids))  # tile so every row is full
+    rows = [[tok.bos_id, *ids[i * stride:][: seq - 1]] for i in range(batch)]
+    return np.asarray(rows, np.int32), np.ones((batch, seq), np.int32)
+
+
+def flops_per_token(cfg: models.Config, seq: int) -> dict[str, int]:
+    """Matmul FLOPs per token of one full forward, as our code computes them (norms, RoPE, softmax ignored)."""
+    d, hd, L = cfg.d_model, cfg.d_head, cfg.n_layers
+    proj = 2 * d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)  # W_Q and W_O; W_K and W_V
+    mlp = 2 * d * cfg.d_mlp * (3 if cfg.gated_mlp else 2)  # gate, up, down
+    attn = 2 * 2 * cfg.n_heads * hd * seq  # q·k and pattern·v over all `seq` keys (masked, not skipped)
+    return {"projections+MLP": L * (proj + mlp), "attention": L * attn, "unembedding": 2 * d * cfg.vocab_size}
+
+
+def mib(tree) -> float:
+    return sum(x.nbytes for x in jax.tree.leaves(tree)) / 2**20
+
+
+def bench_peers(tokens, mask, repeats: int):
+    """(c) transformers and (d) TransformerLens on the same GGUF; yields (label, Timing or None, note, logits)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = models.loading.resolve(MODEL)
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    t, mk = torch.from_numpy(tokens).long(), torch.from_numpy(mask).long()
+    with torch.inference_mode():
+        logits = hf(input_ids=t, attention_mask=mk).logits
+        timing = time_median(lambda: hf(input_ids=t, attention_mask=mk).logits, repeats, warmup=1)
+    note = f"{hf.config._attn_implementation} attention, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    yield "(c) transformers forward", timing, note, logits.numpy()
+
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError as e:
+        yield "(d) TransformerLens run_with_cache", None, f"skipped: {e}", None
+        return
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    bridge = TransformerBridge.boot_transformers(HF_NAME, hf_model=hf, tokenizer=tok)  # after (c): it wraps hf
+    with torch.inference_mode():
+        _, cache = bridge.run_with_cache(t, attention_mask=mk)
+        timing = time_median(lambda: bridge.run_with_cache(t, attention_mask=mk), repeats, warmup=1)
+    size = sum({v.data_ptr(): v.numel() * v.element_size() for v in cache.values()}.values()) / 2**20  # aliases once
+    note = f"TL {version('transformer-lens')}, {len(cache)} hooks, {size:,.0f} MiB"
+    yield "(d) TransformerLens run_with_cache", timing, note, None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--skip-peers", action="store_true", help="only our forward and the roofline")
+    args = ap.parse_args()
+    n_tok = args.batch * args.seq
+    print(machine())
+
+    peaks = [matmul_peak()]  # again after our forwards: other users' load moves it; the higher one is the roofline
+    m = models.load(MODEL)
+    tokens, mask = make_batch(m, args.batch, args.seq)
+    fl = flops_per_token(m.cfg, args.seq)
+    fpt = sum(fl.values())
+    print(f"batch {args.batch}×{args.seq} = {n_tok} tokens, {args.repeats} timed runs after warm-up; forward "
+          f"{fpt / 1e6:.1f} MFLOP/token (" + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in fl.items()) + ")")
+
+    jt, jm = jax.numpy.asarray(tokens), jax.numpy.asarray(mask)
+    results, ours_logits = [], None
+    for label, capture in [("(a) ours, no capture", ()), ("(b) ours, capture ALL_SITES", models.ALL_SITES)]:
+        run = lambda: jax.block_until_ready(models.forward(m, jt, attention_mask=jm, capture=capture))
+        logits, acts = run()
+        ours_logits = ours_logits if ours_logits is not None else np.asarray(logits)
+        timing = time_median(run, args.repeats, warmup=2)
+        note = f"{len(acts)} sites, {mib(acts):,.0f} MiB" if acts else "full logits"
+        results.append((label, timing, note))
+        print(f"{label}: {timing.median * 1e3:.0f} ms", flush=True)
+    peaks.append(matmul_peak())
+    peak = max(peaks)
+    print("float32 2048³ matmul: " + " / ".join(f"{p / 1e9:.0f}" for p in peaks) + f" GFLOP/s (before / after ours)"
+          f" ⇒ roofline {peak / fpt:,.0f} tok/s")
+    if not args.skip_peers:
+        for label, timing, note, logits in bench_peers(tokens, mask, args.repeats):
+            if logits is not None:
+                note += f"; max |Δlogits| vs (a) {np.abs(logits - ours_logits).max():.1e}"
+            results.append((label, timing, note))
+            print(f"{label}: {timing.median * 1e3:.0f} ms" if timing else f"{label}: {note}", flush=True)
+
+    rows, tps = [], {}
+    for label, timing, note in results:
+        if timing is None:
+            rows.append((label, "-", "-", "-", "-", note))
+            continue
+        tps[label[:3]] = timing.per_second(n_tok)
+        rows.append((label, tps[label[:3]], timing.median * 1e3, timing.spread,
+                     f"{tps[label[:3]] * fpt / peak:.0%}", note))
+    rows.append(("roofline (matmul peak / FLOPs)", peak / fpt, n_tok * fpt / peak * 1e3, "", "100%", ""))
+    print("\n" + table(["", "tok/s", "ms/batch", "min-max", "of peak", "notes"], rows) + "\n")
+
+    def check(name, value, target):
+        verdict = "" if target is None else (" (target ≥ %g: %s)" % (target, "met" if value >= target else "NOT met"))
+        print(f"{name:<26} {value:6.2f}{verdict}")
+
+    if "(d)" in tps:
+        check("(b) / (d)", tps["(b)"] / tps["(d)"], 1.5)
+    if "(c)" in tps:
+        check("(a) / (c)", tps["(a)"] / tps["(c)"], None)
+    check("(a) fraction of roofline", tps["(a)"] * fpt / peak, None)
+    check("(b) fraction of roofline", tps["(b)"] * fpt / peak, 0.8)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""Sweeps: a batch of interventions scored by a metric as one compiled program per prefix, on a device mesh.
+
+    effects = head_ablation(model, tokens, mask, LogitDiff(ok, bad), kind="mean")     # [layers, heads]
+    patched = activation_patching(model, (clean, clean_mask), (corrupt, corrupt_mask), metric)  # [layers, T]
+    approx = attribution_patching(model, (clean, clean_mask), (corrupt, corrupt_mask), metric)  # same, 1 backward
+
+Every sweep returns the change of the metric against the run without the swept intervention. The engine
+(`sweep`) groups the items by the first layer they can change and resumes each group from the cached
+residual entering that layer (`models.forward(..., start_layer=l, resid=...)`): ablating a head in layer l
+never recomputes layers < l. Within a group the items run under `jax.vmap` (or `lax.map` in chunks of
+`batch_size`), sharded over the `"sweep"` axis of a mesh (`interp.mesh.sweep_mesh`) with the prompt batch
+over its `"data"` axis.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from interp import mesh as meshlib
+from interp.interventions import AddVector, Replace, Where, first_layers, mean_ablation, resample_ablation, zero_ablation
+from interp.readout import Readout, readout, readout_with
+from models import transformer
+from models.errors import InputError
+from models.sharding import RULES
+from models.sites import SITES, check_site
+
+__all__ = [
+    "activation_patching", "attribution_patching", "baseline", "capture", "head_ablation",
+    "head_ablation_attribution", "rank_correlation", "sweep",
+]
+
+Metric = Callable[[Readout], jax.Array]
+
+
+def _inputs(tokens, mask):
+    tokens = jnp.asarray(tokens, jnp.int32)
+    mask = jnp.ones_like(tokens) if mask is None else jnp.asarray(mask, jnp.int32)
+    return tokens, mask
+
+
+@eqx.filter_jit
+def _capture(model, tokens, mask, site: str, base):
+    return transformer.forward(model.params, model.cfg, tokens, mask, None, (site,), base)[1][site]
+
+
+def capture(model, tokens, mask, site: str, base=()) -> jax.Array:
+    """One site's activations for every layer (`[L, B, T, ...]`, or `[B, T, ...]` for embed/final_norm)."""
+    check_site(site)
+    return _capture(model, *_inputs(tokens, mask), site, tuple(base))
+
+
+@eqx.filter_jit
+def _baseline(model, tokens, mask, metric, base, positions):
+    return metric(readout(model, tokens, mask, base, positions))
+
+
+def baseline(model, tokens, mask, metric: Metric, base=(), positions=(-1,)) -> float:
+    """The metric with only the `base` interventions."""
+    return float(_baseline(model, *_inputs(tokens, mask), metric, tuple(base), _positions(positions)))
+
+
+def _positions(positions):
+    return None if positions is None else tuple(int(p) for p in positions)
+
+
+@eqx.filter_jit
+def _run_group(model, tokens, mask, prefix, items, templates, base, metric, start, positions, batch_size, out_sharding):
+    resid = None if start == 0 else prefix[start - 1]
+
+    def one(item):
+        if templates is None:
+            ivs = tuple(item)
+        else:
+            ivs = tuple(eqx.tree_at(lambda t: t.where, t, item) for t in templates)
+        return metric(readout(model, tokens, mask, (*base, *ivs), positions, start_layer=start, resid=resid))
+
+    out = jax.vmap(one)(items) if batch_size is None else jax.lax.map(one, items, batch_size=batch_size)
+    return out if out_sharding is None else jax.lax.with_sharding_constraint(out, out_sharding)
+
+
+def _starts(first: np.ndarray, max_programs: int | None) -> np.ndarray:
+    """Each item's start layer: its first layer, or the start of its bucket when at most `max_programs` are wanted."""
+    uniq = np.unique(first)
+    if max_programs is None or max_programs >= len(uniq):
+        return first
+    if max_programs < 1:
+        raise InputError("max_programs must be >= 1")
+    lows = {int(v): int(chunk[0]) for chunk in np.array_split(uniq, max_programs) for v in chunk}
+    return np.asarray([lows[int(f)] for f in first])
+
+
+def sweep(model, tokens, mask, metric: Metric, interventions, *, where: Where | None = None, base=(),
+          positions: Sequence[int] | None = (-1,), mesh=None, batch_size: int | None = None,
+          max_programs: int | None = None, first: Sequence[int] | None = None, rules=None) -> np.ndarray:
+    """The metric under each of N interventions, `[N]` (not differenced).
+
+    Either `interventions` is a tuple of stacked interventions (every array leaf with a leading axis N, see
+    `interp.interventions.stack`) and item i applies the i-th of each, or `where` is a stacked `Where` [N]
+    and item i applies the (unstacked) `interventions` with their `where` replaced by its i-th entry (a
+    mean or a cache is then shared, not copied N times). `base` interventions apply to every item.
+
+    `positions` are the sequence indices the metric reads (`None`: all). `first[i]` (default: inferred from
+    the layers/heads selections) is the first layer item i can change; items are grouped by it and resume
+    from the cached residual, at most `max_programs` groups (fewer compilations, some recomputation).
+    With a `mesh` (`interp.mesh.sweep_mesh`), items are split over the mesh axis that `rules` (default
+    `models.sharding.RULES`) gives `"sweep"`, parameters by their logical axes, the prompt batch by `"batch"`.
+    """
+    tokens, mask = _inputs(tokens, mask)
+    base, positions, rules = tuple(base), _positions(positions), rules or RULES
+    L = model.cfg.n_layers
+    if where is None:
+        items, templates = tuple(interventions), None
+        n = int(jax.tree.leaves(items)[0].shape[0])
+        firsts = [first_layers(iv, n, L) for iv in items]
+    else:
+        items, templates = where, tuple(interventions)
+        n = int(jax.tree.leaves(where)[0].shape[0])
+        wf = first_layers(where, n, L)
+        firsts = [wf if SITES[t.site].per_layer else np.zeros(n, np.int64) for t in templates]
+    firsts = np.asarray(first) if first is not None else np.min(np.stack(firsts), 0)
+    starts = _starts(firsts.astype(np.int64), max_programs)
+
+    out_sharding, item_spec = None, None
+    k = meshlib.sweep_size(mesh, rules)
+    if mesh is not None:
+        item_spec = meshlib.spec(("sweep",), (k,), mesh, rules)
+        batch = meshlib.spec(("batch",), tokens.shape[:1], mesh, rules)
+        if set(batch) & set(item_spec) - {None}:
+            batch = P()  # the sweep already uses that mesh axis
+        model = model.replace_params(meshlib.place_params(model.params, mesh, rules))
+        base, metric, templates = meshlib.replicate((base, metric, templates), mesh)
+        tokens, mask = meshlib.put(tokens, mesh, batch), meshlib.put(mask, mesh, batch)
+        out_sharding = NamedSharding(mesh, P())
+    prefix = None
+    if starts.max() > 0:
+        prefix = _capture(model, tokens, mask, "resid_post", base)
+
+    values = np.zeros(n, np.float64)
+    for s in np.unique(starts):
+        idx = np.nonzero(starts == s)[0]
+        sel = np.concatenate([idx, np.repeat(idx[:1], (-len(idx)) % k)])
+        sub = jax.tree.map(lambda x: jnp.asarray(x)[sel], items)
+        if mesh is not None:
+            sub = jax.tree.map(lambda x: meshlib.put(x, mesh, item_spec), sub)
+        vals = _run_group(model, tokens, mask, prefix, sub, templates, base, metric, int(s), positions, batch_size,
+                          out_sharding)
+        values[idx] = np.asarray(vals)[: len(idx)]
+    return values
+
+
+# ----------------------------------------------------------------------------- head ablation
+
+
+def _one_hot_items(n_layers: int, n: int, field: str) -> Where:
+    """`n_layers * n` items, layer-major: item (l, j) selects layer l and index j of `field` (heads or tokens)."""
+    layers = np.repeat(np.arange(n_layers), n)[:, None]
+    return Where(layers=layers, **{field: np.tile(np.eye(n, dtype=bool), (n_layers, 1))})
+
+
+def _ablation(model, tokens, mask, kind: str, reference, key) -> tuple[Replace, jax.Array, jax.Array | float]:
+    """(the attn.z replacement, the clean z [L, B, T, H, d], what each head is replaced by)."""
+    z = capture(model, tokens, mask, "attn.z")
+    if kind == "zero":
+        iv = zero_ablation("attn.z")
+    elif kind == "mean":
+        ref_t, ref_m = (tokens, mask) if reference is None else _inputs(*reference)
+        ref_z = z if reference is None else capture(model, ref_t, ref_m, "attn.z")
+        iv = mean_ablation("attn.z", ref_z, ref_m, over_positions=ref_z.shape[2] != z.shape[2])
+    elif kind == "resample":
+        if reference is None:
+            iv = resample_ablation("attn.z", z, key)
+        else:
+            ref_z = capture(model, *_inputs(*reference), "attn.z")
+            if ref_z.shape != z.shape:
+                raise InputError(f"resample reference must match the prompts' shape: {ref_z.shape[1:3]} != {z.shape[1:3]}")
+            iv = Replace("attn.z", ref_z)
+    else:
+        raise InputError(f"kind must be 'zero', 'mean' or 'resample', got {kind!r}")
+    return iv, z, iv.source
+
+
+def head_ablation(model, tokens, mask, metric: Metric, kind: str = "zero", reference=None, *, key=None,
+                  positions=(-1,), mesh=None, batch_size=None, max_programs=None) -> np.ndarray:
+    """Change of `metric` when each head is ablated alone, `[layers, heads]`, in one call.
+
+    kind: "zero"; "mean" (the head's mean over the `reference` prompts, default these prompts, per position
+    when the lengths match); "resample" (the head's output on `reference` prompts of the same shape, default
+    another prompt of the batch, or a random one with `key`).
+    """
+    tokens, mask = _inputs(tokens, mask)
+    cfg = model.cfg
+    template, _, _ = _ablation(model, tokens, mask, kind, reference, key)
+    values = sweep(model, tokens, mask, metric, (template,), where=_one_hot_items(cfg.n_layers, cfg.n_heads, "heads"),
+                   positions=positions, mesh=mesh, batch_size=batch_size, max_programs=max_programs)
+    return values.reshape(cfg.n_layers, cfg.n_heads) - baseline(model, tokens, mask, metric, positions=positions)
+
+
+# ----------------------------------------------------------------------------- activation patching
+
+
+def _pair(clean, corrupt):
+    clean, corrupt = _inputs(*clean), _inputs(*corrupt)
+    if clean[0].shape != corrupt[0].shape:
+        raise InputError(f"clean and corrupt prompts must have the same shape: {clean[0].shape} != {corrupt[0].shape}")
+    return clean, corrupt
+
+
+def _per_axis(site: str, per: str) -> tuple[str, str]:
+    """(`Where` field, site axis) that one item selects."""
+    if not check_site(site).per_layer:
+        raise InputError(f"patching sweeps need a layer site, not {site!r}")
+    if per == "position":
+        return "tokens", "T"
+    if per == "head":
+        axes = SITES[site].axes
+        return "heads", "H" if "H" in axes else "K"
+    raise InputError(f"per must be 'position' or 'head', got {per!r}")
+
+
+def activation_patching(model, clean, corrupt, metric: Metric, *, site: str = "resid_pre", per: str = "position",
+                        positions=(-1,), mesh=None, batch_size=None, max_programs=None) -> np.ndarray:
+    """Patch `site` from the clean run into the corrupt run at each (layer, position) or (layer, head), one at
+    a time: the change of `metric` against the corrupt run, `[layers, T]` or `[layers, heads]`.
+    `clean` and `corrupt` are `(tokens, mask)` of the same shape."""
+    (ct, cm), (xt, xm) = _pair(clean, corrupt)
+    field, axis = _per_axis(site, per)
+    cache = capture(model, ct, cm, site)
+    n = cache.shape[1 + SITES[site].axes.index(axis)]
+    values = sweep(model, xt, xm, metric, (Replace(site, cache),), where=_one_hot_items(model.cfg.n_layers, n, field),
+                   positions=positions, mesh=mesh, batch_size=batch_size, max_programs=max_programs)
+    return values.reshape(model.cfg.n_layers, n) - baseline(model, xt, xm, metric, positions=positions)
+
+
+# ----------------------------------------------------------------------------- attribution patching
+
+
+@eqx.filter_jit
+def _site_grad(model, tokens, mask, metric, site: str, positions):
+    """(activation [L, B, T, ...], d metric / d activation) at every layer of `site`, one forward + backward."""
+
+    def run(delta):
+        r, acts = readout_with(model, tokens, mask, (AddVector(site, delta, per_layer=True),), positions, (site,))
+        return metric(r), acts[site]
+
+    shape = jax.eval_shape(lambda: transformer.forward(model.params, model.cfg, tokens, mask, None, (site,))[1][site])
+    return jax.grad(run, has_aux=True)(jnp.zeros(shape.shape, jnp.float32))[::-1]
+
+
+def _reduce(contrib: jax.Array, site: str, axis: str) -> np.ndarray:
+    """Sum a `[L, B, ...]` attribution over everything but the layer and the site's `axis`."""
+    names = ("L",) + SITES[site].axes
+    keep = names.index(axis)
+    other = tuple(i for i in range(contrib.ndim) if i not in (0, keep))
+    return np.asarray(jnp.sum(contrib, other))
+
+
+def attribution_patching(model, clean, corrupt, metric: Metric, *, site: str = "resid_pre", per: str = "position",
+                         positions=(-1,)) -> np.ndarray:
+    """Gradient estimate of `activation_patching`: `(clean - corrupt) . d metric / d act` at the corrupt run,
+    for every (layer, position) or (layer, head) from one clean forward and one corrupt forward + backward."""
+    (ct, cm), (xt, xm) = _pair(clean, corrupt)
+    _, axis = _per_axis(site, per)
+    act, grad = _site_grad(model, xt, xm, metric, site, _positions(positions))
+    return _reduce((capture(model, ct, cm, site) - act) * grad, site, axis)
+
+
+def head_ablation_attribution(model, tokens, mask, metric: Metric, kind: str = "zero", reference=None, *, key=None,
+                              positions=(-1,)) -> np.ndarray:
+    """Gradient estimate of `head_ablation`, `[layers, heads]`: `(replacement - z) . d metric / d z`."""
+    tokens, mask = _inputs(tokens, mask)
+    _, _, source = _ablation(model, tokens, mask, kind, reference, key)
+    z, grad = _site_grad(model, tokens, mask, metric, "attn.z", _positions(positions))
+    return _reduce((jnp.broadcast_to(source, z.shape) - z) * grad, "attn.z", "H")
+
+
+def rank_correlation(a, b) -> float:
+    """Spearman's rank correlation of two arrays (flattened; ties get their average rank)."""
+    def ranks(x):
+        _, inverse, counts = np.unique(np.asarray(x, np.float64).ravel(), return_inverse=True, return_counts=True)
+        ends = np.cumsum(counts)
+        return ((ends - counts + ends - 1) / 2)[inverse]
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra @ rb) / np.sqrt((ra @ ra) * (rb @ rb)))
