@@ -20,7 +20,8 @@ from models.errors import InputError
 from models.sites import SITES, check_site
 
 Params = dict[str, Any]
-NEG_INF = -1e30  # finite, so rows with no valid key give a uniform (then zeroed) pattern, never NaN
+NEG_INF = -1e30
+_Z_FOR_HEAD_OUT = "attn.z#for-head_out"  # internal record: z kept to derive a captured attn.head_out  # finite, so rows with no valid key give a uniform (then zeroed) pattern, never NaN
 
 
 class SiteContext(NamedTuple):
@@ -77,7 +78,15 @@ class _Sites:
         self.record: dict[str, Array] = {}
 
     def needs(self, name: str) -> bool:
+        """Whether a site's value must be materialised inside the layer (captured or intervened on)."""
+        if name == "attn.head_out" and self.head_out_from_z:
+            return False
         return name in self.capture or any(iv.site == name for iv in self.interventions)
+
+    @property
+    def head_out_from_z(self) -> bool:
+        """`attn.head_out` only captured: derive it after the scan from `attn.z` (much cheaper than stacking it)."""
+        return "attn.head_out" in self.capture and not any(iv.site == "attn.head_out" for iv in self.interventions)
 
     def visit(self, name: str, value: Array, layer=None) -> Array:
         ctx = self.ctx._replace(layer=layer)
@@ -85,13 +94,17 @@ class _Sites:
             if iv.site == name:
                 value = iv.apply(value, ctx)
         if name in self.capture:
-            kept = value
-            pos = self.capture[name].positions
-            if pos is not None:
-                axis = 2 if name in ("attn.scores", "attn.pattern") else 1
-                kept = jnp.take(kept, jnp.asarray(pos), axis=axis)
-            self.record[name] = kept
+            self.record[name] = self._select(name, value, self.capture[name].positions)
+        if name == "attn.z" and self.head_out_from_z:
+            self.record[_Z_FOR_HEAD_OUT] = self._select(name, value, self.capture["attn.head_out"].positions)
         return value
+
+    @staticmethod
+    def _select(name: str, value: Array, positions) -> Array:
+        if positions is None:
+            return value
+        axis = 2 if name in ("attn.scores", "attn.pattern") else 1
+        return jnp.take(value, jnp.asarray(positions), axis=axis)
 
 
 # ----------------------------------------------------------------------------- primitives
@@ -294,7 +307,7 @@ def run_layers(params: Params, cfg: Config, resid, sites: _Sites, kv, cache: KVC
         p, li = x
         layer_sites = _Sites(tuple(sites.capture.values()), sites.interventions, sites.ctx)
         resid, new_kv = block(p, resid, li, kv, layer_sites, cfg)
-        keep = {k: v for k, v in layer_sites.record.items() if SITES[k].per_layer}
+        keep = {k: v for k, v in layer_sites.record.items() if k == _Z_FOR_HEAD_OUT or SITES[k].per_layer}
         return resid, (keep, new_kv if cache is not None else None)
 
     if unroll:
@@ -371,9 +384,13 @@ def forward(
     resid, layer_acts, new_kv = run_layers(params, cfg, resid, sites, kv, cache, start_layer, stop, unroll)
 
     acts = dict(sites.record)
+    chosen = {c.site: slice(None) if c.layers is None else jnp.asarray(c.layers) - start_layer for c in captures}
+    if _Z_FOR_HEAD_OUT in layer_acts:
+        layers = chosen["attn.head_out"]
+        W_O = params["blocks"]["attn"]["W_O"][start_layer:stop][layers]
+        acts["attn.head_out"] = jnp.einsum("lbthe,lhed->lbthd", layer_acts.pop(_Z_FOR_HEAD_OUT)[layers], W_O)
     for name, value in layer_acts.items():
-        chosen = captures[[c.site for c in captures].index(name)].layers
-        acts[name] = value if chosen is None else value[jnp.asarray(chosen) - start_layer]
+        acts[name] = value[chosen[name]]
     logits = None
     if stop == cfg.n_layers:
         final = sites.visit("final_norm", norm(resid, params["ln_final"], cfg))

@@ -92,4 +92,24 @@ def test_unused_sites_are_not_computed():
     tokens = jnp.zeros((1, 6), jnp.int32)
     plain = jax.jit(lambda p: transformer.forward(p, cfg, tokens)).lower(params).compile().as_text()
     heads = jax.jit(lambda p: transformer.forward(p, cfg, tokens, capture=("attn.head_out",))).lower(params).compile().as_text()
-    assert "f32[1,6,4,32]" not in plain and "f32[1,6,4,32]" in heads
+    assert "f32[2,1,6,4,32]" not in plain and "f32[2,1,6,4,32]" in heads  # [L, B, T, H, D]
+
+
+class _Identity:
+    site = "attn.head_out"
+
+    def apply(self, value, ctx):
+        return value
+
+
+def test_head_out_derived_after_the_scan_equals_the_in_layer_value():
+    """A captured-only attn.head_out is rebuilt from attn.z after the scan; with an intervention on it, it is
+    computed inside the layer. Both give the same values (layers and positions selected alike)."""
+    cfg = models.Config(arch="llama", vocab_size=50, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=48, n_ctx=32)
+    params = models.init_params(cfg, jax.random.PRNGKey(1), scale=0.3)
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 7), 0, 50)
+    cap = (models.Capture("attn.head_out", layers=(0, 2), positions=(1, -1)),)
+    derived = transformer.forward(params, cfg, tokens, capture=cap)[1]["attn.head_out"]
+    in_layer = transformer.forward(params, cfg, tokens, capture=cap, interventions=(_Identity(),))[1]["attn.head_out"]
+    assert derived.shape == (2, 2, 2, 4, 32)
+    assert_close(derived, in_layer)
