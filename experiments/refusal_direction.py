@@ -1,0 +1,209 @@
+"""Refusal is mediated by a single direction (Arditi et al. 2024), reproduced with interp's transforms.
+
+    python -m experiments.refusal_direction [--model NAME_OR_DIR] [--n-train 64] [--system-prompt "..."]
+
+Candidates: harmful - harmless difference of means of `resid_pre` at every layer x post-instruction template
+position. All candidates are scored in vmapped sweeps on validation prompts (bypass: refusal score on harmful
+prompts with the direction ablated everywhere; induce: refusal score on harmless prompts with it added at its
+layer; KL on harmless prompts under ablation), filtered (layer < 0.8 L, KL < threshold, induce above the
+harmless baseline) and the lowest bypass score is selected. The selected direction is applied three ways
+(ablation hooks, orthogonalised weights, ActAdd) on test prompts, against a random-direction control.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import interp
+import models
+from experiments.common import (KLFromBase, RefusalScore, chat_batch, parse_config, refusal_rate, refusal_token_ids,
+                                run_dir, write_report)
+from interp import data
+from interp.directions import diff_of_means, normalize, score_directions
+from interp.interventions import RESID_SITES, AddVector, AlongDirection, directional_ablation
+from interp.positions import PostInstruction, post_instruction_ids
+from interp.readout import NextTokenLoss, readout
+from interp.sweeps import baseline, sweep
+from interp.weights import orthogonalize
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str = "smollm2-135m-instruct"
+    n_train: int = 64
+    n_val: int = 16
+    n_test: int = 32
+    system_prompt: str = ""
+    kl_threshold: float = 0.1
+    max_layer_fraction: float = 0.8
+    layer_stride: int = 1  # score every k-th layer's candidates (1 = all)
+    max_new_tokens: int = 48
+    sweep_batch: int = 16  # candidates per vmapped chunk (memory)
+    seed: int = 0
+    out: str = "runs"
+
+
+def _splits(cfg: Config):
+    sizes = (cfg.n_train, cfg.n_val, cfg.n_test)
+    out = []
+    for items in (data.harmful_instructions(), data.harmless_instructions()):
+        parts = data.split(items, (0.6, 0.2, 0.2), seed=cfg.seed)
+        out.append([p[:n] for p, n in zip(parts, sizes)])
+    return out  # [harmful [train, val, test], harmless [...]]
+
+
+def select_direction(m, cfg: Config, harmful, harmless, metric):
+    """Score every (layer, post-instruction position) candidate; returns the choice and the score grids."""
+    system = cfg.system_prompt or None
+    a, b = chat_batch(m, harmful[0], system), chat_batch(m, harmless[0], system)
+    cands = diff_of_means(m, a, b, PostInstruction(), "resid_pre")  # [L, P, D]
+    L, P, D = cands.shape
+    layers = np.arange(0, L, cfg.layer_stride)
+    dirs = cands[layers].reshape(-1, D)
+    cand_layers = np.repeat(layers, P)
+    harm_val, harmless_val = chat_batch(m, harmful[1], system), chat_batch(m, harmless[1], system)
+    bypass, induce = score_directions(m, dirs, cand_layers, metric, harm_val, harmless_val, batch_size=cfg.sweep_batch)
+    base_logp = jax.nn.log_softmax(readout(m, *map(jnp.asarray, harmless_val)).logits[:, -1], -1)
+    n = len(dirs)
+    zeros = jnp.zeros(n)
+    kl = sweep(m, *harmless_val, KLFromBase(base_logp), tuple(AlongDirection(s, dirs, zeros, zeros) for s in RESID_SITES),
+               first=np.zeros(n, np.int64), batch_size=cfg.sweep_batch)
+    base_harm = baseline(m, *harm_val, metric)
+    base_harmless = baseline(m, *harmless_val, metric)
+    # a candidate that is (numerically) zero, e.g. layer 0 at template tokens identical in every prompt, is no direction
+    norms = np.asarray(jnp.linalg.norm(dirs, axis=-1))
+    usable = (norms > 1e-3 * norms.max()) & (cand_layers < cfg.max_layer_fraction * L) & np.isfinite(bypass)
+    ok = usable & (kl < cfg.kl_threshold) & (induce > base_harmless)
+    relaxed = not ok.any()
+    pool = np.nonzero(ok if not relaxed else usable)[0]
+    best = int(pool[np.argmin(bypass[pool])])
+    grid = lambda v: v.reshape(len(layers), P)
+    return dict(direction=dirs[best], layer=int(cand_layers[best]), position=int(best % P) - P, index=best,
+                layers=layers, bypass=grid(bypass), induce=grid(induce), kl=grid(kl), n_pass=int(ok.sum()),
+                relaxed=relaxed, base_harmful=base_harm, base_harmless=base_harmless)
+
+
+def evaluate(m, cfg: Config, harmful_test, harmless_test, direction, layer, metric, key):
+    """Refusal rate (greedy generations), refusal score and CE on harmless text for each condition."""
+    system = cfg.system_prompt or None
+    harm, harmless = chat_batch(m, harmful_test, system), chat_batch(m, harmless_test, system)
+    rand = jax.random.normal(key, direction.shape)
+    rand = normalize(rand) * jnp.linalg.norm(direction)
+    ortho = orthogonalize(m, direction)
+    conditions = {  # name -> (model, interventions on harmful, interventions on harmless)
+        "base": (m, (), ()),
+        "ablation (hooks)": (m, directional_ablation(direction), directional_ablation(direction)),
+        "ablation (orthogonalised weights)": (ortho, (), ()),
+        "ActAdd +1 / -1": (m, (AddVector("resid_pre", direction, -1.0, layers=(layer,)),),
+                           (AddVector("resid_pre", direction, 1.0, layers=(layer,)),)),
+        "random direction ablation / ActAdd +1": (m, directional_ablation(rand),
+                                                  (AddVector("resid_pre", rand, 1.0, layers=(layer,)),)),
+    }
+    texts = [m.apply_chat_template(([{"role": "system", "content": system}] if system else [])
+                                   + [{"role": "user", "content": p}]) for p in harmful_test + harmless_test]
+    base_replies = models.generate(m, texts[len(harmful_test):], max_new_tokens=cfg.max_new_tokens)
+    ce_tokens, ce_mask = m.tokenize([t + r for t, r in zip(texts[len(harmful_test):], base_replies)])
+    rows, generations = {}, {}
+    for name, (model, on_harm, on_harmless) in conditions.items():
+        gen_harm = models.generate(model, texts[: len(harmful_test)], max_new_tokens=cfg.max_new_tokens, interventions=on_harm)
+        gen_harmless = models.generate(model, texts[len(harmful_test):], max_new_tokens=cfg.max_new_tokens,
+                                       interventions=on_harmless)
+        ce = float(NextTokenLoss(ce_tokens, ce_mask)(readout(model, jnp.asarray(ce_tokens), jnp.asarray(ce_mask), on_harmless,
+                                                             positions=None)))
+        rows[name] = dict(refusal_rate_harmful=refusal_rate(gen_harm), refusal_rate_harmless=refusal_rate(gen_harmless),
+                          refusal_score_harmful=baseline(model, *harm, metric, base=on_harm),
+                          refusal_score_harmless=baseline(model, *harmless, metric, base=on_harmless), ce_harmless=ce)
+        generations[name] = {"harmful": gen_harm[:3], "harmless": gen_harmless[:3]}
+    hook = readout(m, *map(jnp.asarray, harm), directional_ablation(direction), positions=None).logits
+    weights = readout(ortho, *map(jnp.asarray, harm), positions=None).logits
+    max_diff = float(jnp.abs(hook - weights)[jnp.asarray(harm[1]) > 0].max())
+    return rows, generations, max_diff
+
+
+def _figures(out, sel, rows, tokens_post):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 4.5))
+    FigureCanvasAgg(fig)
+    for i, (key, title) in enumerate([("bypass", "refusal score, direction ablated (harmful)"),
+                                      ("induce", "refusal score, direction added (harmless)"),
+                                      ("kl", "KL on harmless under ablation")]):
+        ax = fig.add_subplot(1, 3, i + 1)
+        im = ax.imshow(sel[key], aspect="auto", cmap="viridis")
+        ax.set(title=title, xlabel="post-instruction position", ylabel="layer")
+        ax.set_yticks(range(len(sel["layers"])), [str(l) for l in sel["layers"]], fontsize=6)
+        ax.set_xticks(range(len(tokens_post)), tokens_post, rotation=60, fontsize=7)
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out / "candidates.png", dpi=110)
+    fig = Figure(figsize=(9, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    names = list(rows)
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, [rows[n]["refusal_score_harmful"] for n in names], 0.4, label="harmful")
+    ax.bar(x + 0.2, [rows[n]["refusal_score_harmless"] for n in names], 0.4, label="harmless")
+    ax.set_xticks(x, names, rotation=15, fontsize=7)
+    ax.set(ylabel="refusal score (log-odds)", title="refusal score per condition (test prompts)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "refusal_scores.png", dpi=110)
+
+
+def main(argv=None, cfg: Config | None = None):
+    cfg = cfg or parse_config(Config, argv, __doc__)
+    out = run_dir("refusal_direction", cfg.out)
+    m = models.load(cfg.model)
+    metric = RefusalScore(jnp.asarray(refusal_token_ids(m)))
+    harmful, harmless = _splits(cfg)
+    sel = select_direction(m, cfg, harmful, harmless, metric)
+    rows, generations, max_diff = evaluate(m, cfg, harmful[2], harmless[2], sel["direction"], sel["layer"], metric,
+                                           jax.random.PRNGKey(cfg.seed))
+    post = [m.decode([t], skip_special=False) for t in post_instruction_ids(m)]
+    _figures(out, sel, rows, post)
+    base, abl = rows["base"], rows["ablation (hooks)"]
+    act = rows["ActAdd +1 / -1"]
+    effect = abs(base["refusal_rate_harmful"] - abl["refusal_rate_harmful"]) >= 0.1 or \
+        abs(act["refusal_rate_harmless"] - base["refusal_rate_harmless"]) >= 0.1
+    table = "| condition | refusal rate harmful | refusal rate harmless | refusal score harmful | refusal score harmless | CE harmless |\n|---|---|---|---|---|---|\n"
+    table += "\n".join(f"| {n} | {r['refusal_rate_harmful']:.2f} | {r['refusal_rate_harmless']:.2f} | "
+                       f"{r['refusal_score_harmful']:.2f} | {r['refusal_score_harmless']:.2f} | {r['ce_harmless']:.3f} |"
+                       for n, r in rows.items())
+    verdict = ("The intervention changes refusal behaviour by at least 10 points on test prompts." if effect else
+               "**No behavioural effect:** on this model the selected direction changes the refusal rate by less than "
+               "10 points (the model rarely refuses to begin with); the refusal-score changes above are the "
+               "representational effect.")
+    sections = [
+        ("Data", f"n = {len(harmful[0])}/{len(harmful[1])}/{len(harmful[2])} harmful (HarmBench + StrongREJECT) and "
+                 f"{len(harmless[0])}/{len(harmless[1])}/{len(harmless[2])} harmless (interp's own) train/val/test "
+                 f"prompts, seed {cfg.seed}, system prompt: {cfg.system_prompt or '(model default)'}."),
+        ("Selection", f"{sel['bypass'].size} candidates (layers {[int(l) for l in sel['layers']]} x {len(post)} post-instruction "
+                      f"positions {post}) scored in vmapped sweeps. Baseline refusal score on validation: harmful "
+                      f"{sel['base_harmful']:.2f}, harmless {sel['base_harmless']:.2f}. {sel['n_pass']} candidates "
+                      f"pass the filters (layer < {cfg.max_layer_fraction} L, KL < {cfg.kl_threshold}, induce > harmless "
+                      f"baseline){'; none did, so the filter was relaxed to the layer limit only' if sel['relaxed'] else ''}. "
+                      f"Selected: layer {sel['layer']}, position {sel['position']} ({post[sel['position']]!r}), bypass "
+                      f"{sel['bypass'].ravel()[sel['index']]:.2f}, induce {sel['induce'].ravel()[sel['index']]:.2f}, "
+                      f"KL {sel['kl'].ravel()[sel['index']]:.3f}.\n\n![candidates](candidates.png)"),
+        ("Test results", table + f"\n\nHook ablation vs orthogonalised weights: max |logit difference| {max_diff:.2e}. "
+                         "The ActAdd row subtracts the direction on harmful prompts and adds it on harmless ones; the "
+                         "random row uses a random direction of the same norm (ablation on harmful, +1 on harmless). "
+                         f"CE is on the base model's own greedy replies to the harmless test prompts.\n\n{verdict}\n\n"
+                         "![refusal scores](refusal_scores.png)"),
+        ("Sample generations", "\n".join(f"- **{n}**, harmful: {g['harmful'][:1]}; harmless: {g['harmless'][:1]}"
+                                        for n, g in generations.items())),
+    ]
+    metrics = dict(selected=dict(layer=sel["layer"], position=sel["position"], n_pass=sel["n_pass"], relaxed=sel["relaxed"]),
+                   conditions=rows, hook_vs_weights_max_logit_diff=max_diff, behavioural_effect=bool(effect))
+    report = write_report(out, "Refusal direction (Arditi et al. 2024)", cfg, sections, metrics)
+    print(f"wrote {report}")
+    return out, metrics
+
+
+if __name__ == "__main__":
+    main()
