@@ -10,19 +10,39 @@ Modules: `positions` (selectors), `interventions`, `weights` (orthogonalisation)
 (metrics), `sweeps`, `mesh`, `lens`, `plot`.
 """
 
-from interp import directions, interventions, lens, mesh, plot, positions, readout, sweeps, weights
-from interp.directions import diff_of_means, score_directions
-from interp.interventions import (
-    AddVector, AlongDirection, Function, Replace, ScaleHeads, Where, clamp_component, directional_ablation,
-    mean_ablation, patch, project_out, resample_ablation, set_component, stack, zero_ablation, zero_heads,
-)
-from interp.lens import direct_logit_attribution, logit_lens, residual_decomposition, unembed_direction
-from interp.plot import heatmap
-from interp.readout import LogitDiff, NextTokenLoss, Projection, Readout, TokenLogProb, readout as run_readout
-from interp.sweeps import (
-    activation_patching, attribution_patching, head_ablation, head_ablation_attribution, rank_correlation, sweep,
-)
-from interp.weights import orthogonalize
+import importlib
+
+# Submodules and names load on first use (PEP 562), so `from interp.mesh import initialize` can run
+# `jax.distributed.initialize()` before anything touches a device.
+_SUBMODULES = ("directions", "interventions", "lens", "mesh", "plot", "positions", "readout", "sweeps", "testing", "weights")
+_NAMES = {
+    "directions": ("diff_of_means", "score_directions"),
+    "interventions": ("AddVector", "AlongDirection", "Function", "Replace", "ScaleHeads", "Where", "clamp_component",
+                      "directional_ablation", "mean_ablation", "patch", "project_out", "resample_ablation",
+                      "set_component", "stack", "zero_ablation", "zero_heads"),
+    "lens": ("direct_logit_attribution", "logit_lens", "residual_decomposition", "unembed_direction"),
+    "plot": ("heatmap",),
+    "readout": ("LogitDiff", "NextTokenLoss", "Projection", "Readout", "TokenLogProb"),
+    "sweeps": ("activation_patching", "attribution_patching", "head_ablation", "head_ablation_attribution",
+               "rank_correlation", "sweep"),
+    "weights": ("orthogonalize",),
+}
+_WHERE = {name: module for module, names in _NAMES.items() for name in names}
+_WHERE["run_readout"] = "readout"
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"interp.{name}")
+    if name in _WHERE:
+        module = importlib.import_module(f"interp.{_WHERE[name]}")
+        return getattr(module, "readout" if name == "run_readout" else name)
+    raise AttributeError(f"module 'interp' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_SUBMODULES) | set(_WHERE))
+
 
 __all__ = [
     "AddVector", "AlongDirection", "Function", "LogitDiff", "NextTokenLoss", "Projection", "Readout", "Replace",
@@ -31,5 +51,5 @@ __all__ = [
     "head_ablation_attribution", "heatmap", "interventions", "lens", "logit_lens", "mean_ablation", "mesh",
     "orthogonalize", "patch", "plot", "positions", "project_out", "rank_correlation", "readout",
     "resample_ablation", "residual_decomposition", "run_readout", "score_directions", "set_component", "stack",
-    "sweep", "sweeps", "unembed_direction", "weights", "zero_ablation", "zero_heads",
+    "sweep", "sweeps", "testing", "unembed_direction", "weights", "zero_ablation", "zero_heads",
 ]

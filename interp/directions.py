@@ -148,7 +148,7 @@ def diff_of_means(model, a: tuple, b: tuple, selector: Selector, site: str = "re
 
 
 def score_directions(model, directions: Float[Array, "N D"], layers: Sequence[int], metric: Metric, ablate_on: tuple,
-                     add_on: tuple, *, positions=(-1,), mesh=None, batch_size=None,
+                     add_on: tuple, *, positions=(-1,), mesh=None, batch_size=None, max_programs=None,
                      ablation_sites: Sequence[str] = RESID_SITES) -> tuple[np.ndarray, np.ndarray]:
     """Score N candidate directions (e.g. `diff_of_means` at every (layer, position), flattened) as two sweeps:
 
@@ -156,7 +156,7 @@ def score_directions(model, directions: Float[Array, "N D"], layers: Sequence[in
       out of every residual site at every layer (e.g. refusal score on harmful prompts: should drop);
     addition: `metric` on the `add_on` prompts with the (raw) direction added to `resid_pre` of its layer
       `layers[i]` at every position (refusal score on harmless prompts: should rise).
-    Returns `(ablation [N], addition [N])` metric values.
+    Returns `(ablation [N], addition [N])` metric values. `batch_size` / `max_programs` as in `sweep`.
     """
     d = jnp.asarray(directions, jnp.float32)
     n = d.shape[0]
@@ -167,4 +167,4 @@ def score_directions(model, directions: Float[Array, "N D"], layers: Sequence[in
     add = AddVector("resid_pre", d, jnp.ones(n), where=Where(layers=np.asarray(layers)[:, None]))
     kw = dict(positions=positions, mesh=mesh, batch_size=batch_size)
     return (sweep(model, *ablate_on, metric, ablate, first=np.zeros(n, np.int64), **kw),
-            sweep(model, *add_on, metric, (add,), **kw))
+            sweep(model, *add_on, metric, (add,), max_programs=max_programs, **kw))

@@ -186,7 +186,7 @@ class AlongDirection(Intervention):
 
     def edit(self, value, ctx):
         d = _per_layer(self.direction, ctx, self.per_layer)
-        r = d / jnp.linalg.norm(d)
+        r = d / jnp.maximum(jnp.linalg.norm(d), 1e-30)  # a zero direction edits nothing
         x = value.astype(jnp.float32)
         p = x @ r
         lo = _per_layer(self.lo, ctx, self.lo.ndim == 1)

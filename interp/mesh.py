@@ -18,9 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from models.errors import InputError
-from models.params import logical_axes
-from models.sharding import RULES, partition_spec
+# models is imported inside the functions: importing it touches a device (see initialize).
 
 __all__ = ["P", "initialize", "place_params", "put", "replicate", "spec", "sweep_mesh", "sweep_size"]
 
@@ -31,7 +29,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
     On TPU pods and SLURM / Open MPI GPU clusters call it with no arguments (JAX reads the environment);
     elsewhere pass the coordinator `host:port`, the process count and this process's id (or set
-    `INTERP_COORDINATOR`, `INTERP_NUM_PROCESSES`, `INTERP_PROCESS_ID`).
+    `INTERP_COORDINATOR`, `INTERP_NUM_PROCESSES`, `INTERP_PROCESS_ID`). Call it first: before importing
+    `models` (which currently creates an array at import time) or running anything on a device.
     """
     env = os.environ
     coordinator_address = coordinator_address or env.get("INTERP_COORDINATOR")
@@ -49,18 +48,27 @@ def sweep_mesh(devices=None, model: int = 1) -> Mesh:
     tensor-parallel group; with the default rules sweeps split their items over `"data"`."""
     devices = np.asarray(jax.devices() if devices is None else devices)
     if devices.size % model:
-        raise InputError(f"{devices.size} devices cannot be split into tensor-parallel groups of {model}")
+        raise ValueError(f"{devices.size} devices cannot be split into tensor-parallel groups of {model}")
     return Mesh(devices.reshape(-1, model), ("data", "model"))
 
 
-def spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=RULES) -> P:
-    """The PartitionSpec of an array with these logical axes (`None`: never split) under `rules`."""
-    return partition_spec(tuple(a or "" for a in axes), shape, mesh, rules)
+def _rules(rules):
+    from models.sharding import RULES
+
+    return RULES if rules is None else rules
 
 
-def sweep_size(mesh: Mesh | None, rules=RULES) -> int:
+def spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=None) -> P:
+    """The PartitionSpec of an array with these logical axes (`None`: never split) under `rules`
+    (default `models.sharding.RULES`)."""
+    from models.sharding import partition_spec
+
+    return partition_spec(tuple(a or "" for a in axes), shape, mesh, _rules(rules))
+
+
+def sweep_size(mesh: Mesh | None, rules=None) -> int:
     """How many ways the sweep axis is split (1 without a mesh)."""
-    axis = dict(rules).get("sweep")
+    axis = dict(_rules(rules)).get("sweep")
     return 1 if mesh is None or axis not in mesh.shape else int(mesh.shape[axis])
 
 
@@ -80,6 +88,8 @@ def replicate(tree, mesh: Mesh):
     return jax.tree.map(lambda x: put(x, mesh, P()) if eqx.is_array(x) else x, tree)
 
 
-def place_params(params, mesh: Mesh, rules=RULES):
+def place_params(params, mesh: Mesh, rules=None):
     """Parameters placed by their logical axes (`models.params.logical_axes`), multi-process safe."""
+    from models.params import logical_axes
+
     return jax.tree.map(lambda a, ax: put(a, mesh, spec(ax, a.shape, mesh, rules)), params, logical_axes(params))

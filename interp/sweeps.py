@@ -8,8 +8,8 @@ Every sweep returns the change of the metric against the run without the swept i
 (`sweep`) groups the items by the first layer they can change and resumes each group from the cached
 residual entering that layer (`models.forward(..., start_layer=l, resid=...)`): ablating a head in layer l
 never recomputes layers < l. Within a group the items run under `jax.vmap` (or `lax.map` in chunks of
-`batch_size`), sharded over the `"sweep"` axis of a mesh (`interp.mesh.sweep_mesh`) with the prompt batch
-over its `"data"` axis.
+`batch_size`), split over a device mesh (`interp.mesh.sweep_mesh`) as `models.sharding.RULES` lays out the
+logical `"sweep"` and `"batch"` axes.
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def _ablation(model, tokens, mask, kind: str, reference, key) -> tuple[Replace, 
 
 
 def head_ablation(model, tokens, mask, metric: Metric, kind: str = "zero", reference=None, *, key=None,
-                  positions=(-1,), mesh=None, batch_size=None, max_programs=None) -> np.ndarray:
+                  positions=(-1,), mesh=None, batch_size=None, max_programs=None, rules=None) -> np.ndarray:
     """Change of `metric` when each head is ablated alone, `[layers, heads]`, in one call.
 
     kind: "zero"; "mean" (the head's mean over the `reference` prompts, default these prompts, per position
@@ -197,7 +197,7 @@ def head_ablation(model, tokens, mask, metric: Metric, kind: str = "zero", refer
     cfg = model.cfg
     template, _, _ = _ablation(model, tokens, mask, kind, reference, key)
     values = sweep(model, tokens, mask, metric, (template,), where=_one_hot_items(cfg.n_layers, cfg.n_heads, "heads"),
-                   positions=positions, mesh=mesh, batch_size=batch_size, max_programs=max_programs)
+                   positions=positions, mesh=mesh, batch_size=batch_size, max_programs=max_programs, rules=rules)
     return values.reshape(cfg.n_layers, cfg.n_heads) - baseline(model, tokens, mask, metric, positions=positions)
 
 
@@ -224,7 +224,7 @@ def _per_axis(site: str, per: str) -> tuple[str, str]:
 
 
 def activation_patching(model, clean, corrupt, metric: Metric, *, site: str = "resid_pre", per: str = "position",
-                        positions=(-1,), mesh=None, batch_size=None, max_programs=None) -> np.ndarray:
+                        positions=(-1,), mesh=None, batch_size=None, max_programs=None, rules=None) -> np.ndarray:
     """Patch `site` from the clean run into the corrupt run at each (layer, position) or (layer, head), one at
     a time: the change of `metric` against the corrupt run, `[layers, T]` or `[layers, heads]`.
     `clean` and `corrupt` are `(tokens, mask)` of the same shape."""
@@ -233,7 +233,7 @@ def activation_patching(model, clean, corrupt, metric: Metric, *, site: str = "r
     cache = capture(model, ct, cm, site)
     n = cache.shape[1 + SITES[site].axes.index(axis)]
     values = sweep(model, xt, xm, metric, (Replace(site, cache),), where=_one_hot_items(model.cfg.n_layers, n, field),
-                   positions=positions, mesh=mesh, batch_size=batch_size, max_programs=max_programs)
+                   positions=positions, mesh=mesh, batch_size=batch_size, max_programs=max_programs, rules=rules)
     return values.reshape(model.cfg.n_layers, n) - baseline(model, xt, xm, metric, positions=positions)
 
 
