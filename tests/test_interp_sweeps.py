@@ -1,0 +1,131 @@
+"""Sweeps on tiny random models: planted effects are found, the one-call sweeps equal loops of single runs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from interp import interventions as I
+from interp import sweeps
+from interp.readout import LogitDiff, NextTokenLoss, readout
+from interp.testing import random_model
+
+CFG = models.Config(arch="llama", vocab_size=40, d_model=32, n_layers=3, n_heads=4, n_kv_heads=4, d_head=8, d_mlp=48,
+                    n_ctx=64)
+PLANTED = (1, 2)  # (layer, head)
+A, B = 5, 9  # the planted head writes towards token A and away from token B
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """Rows alternate between tokens 10-24 and 25-39; embedding dimension 0 is +1 on the first set, -1 on the
+    second. Head PLANTED reads that sign through W_V and writes sign * (W_U[:, A] - W_U[:, B]) through W_O,
+    so with targets A (even rows) / B (odd rows) it carries the whole logit difference."""
+    m = random_model(CFG, jax.random.key(0), scale=0.1)
+    p = jax.tree.map(lambda x: x, m.params)
+    e = jnp.zeros(CFG.d_model).at[0].set(1.0)
+    p["embed"]["W_E"] = p["embed"]["W_E"].at[:, 0].set(jnp.where(jnp.arange(CFG.vocab_size) < 25, 1.0, -1.0))
+    layer, head = PLANTED
+    p["blocks"]["attn"]["W_V"] = p["blocks"]["attn"]["W_V"].at[layer, :, head].set(jnp.outer(e, jnp.ones(CFG.d_head)))
+    u = p["embed"]["W_E"][A] - p["embed"]["W_E"][B]
+    p["blocks"]["attn"]["W_O"] = p["blocks"]["attn"]["W_O"].at[layer, head].set(jnp.outer(jnp.ones(CFG.d_head), u))
+    m = m.replace_params(p)
+    rows = jax.random.randint(jax.random.key(1), (4, 8), 0, 15)
+    tokens = rows + jnp.asarray([10, 25, 10, 25])[:, None]
+    return m, tokens, jnp.ones_like(tokens)
+
+
+METRIC = LogitDiff(jnp.asarray([A, B, A, B]), jnp.asarray([B, A, B, A]))
+
+
+def loop(m, tokens, mask, metric, make, items):
+    base = float(metric(readout(m, tokens, mask)))
+    run = jax.jit(lambda iv: metric(readout(m, tokens, mask, (iv,))))
+    return np.asarray([float(run(make(*it))) for it in items]) - base
+
+
+@pytest.mark.parametrize("kind", ["zero", "mean", "resample"])
+def test_head_ablation_finds_planted_head_and_equals_loop(planted, kind):
+    m, t, k = planted
+    metric = METRIC
+    effects = sweeps.head_ablation(m, t, k, metric, kind=kind)
+    assert effects.shape == (CFG.n_layers, CFG.n_heads)
+    assert np.unravel_index(np.argmin(effects), effects.shape) == PLANTED
+    assert effects[PLANTED] < -5 * np.abs(np.delete(effects.ravel(), np.ravel_multi_index(PLANTED, effects.shape))).max()
+    _, _, source = sweeps._ablation(m, t, k, kind, None, None)
+    items = [(l, h) for l in range(CFG.n_layers) for h in range(CFG.n_heads)]
+    make = lambda l, h: I.Replace("attn.z", source, layers=(l,), heads=np.eye(CFG.n_heads, dtype=bool)[h])
+    np.testing.assert_allclose(effects.ravel(), loop(m, t, k, metric, make, items), atol=2e-5)
+
+
+def test_grouping_chunking_and_stacked_mode_agree(planted):
+    m, t, k = planted
+    metric = METRIC
+    exact = sweeps.head_ablation(m, t, k, metric)
+    np.testing.assert_allclose(sweeps.head_ablation(m, t, k, metric, max_programs=1), exact, atol=2e-5)
+    np.testing.assert_allclose(sweeps.head_ablation(m, t, k, metric, batch_size=5, max_programs=2), exact, atol=2e-5)
+    # the same sweep as a stack of ScaleHeads masks (stacked mode, first layers read from the masks)
+    masks = np.ones((12, CFG.n_layers, CFG.n_heads), np.float32)
+    masks[np.arange(12), np.arange(12) // 4, np.arange(12) % 4] = 0
+    stacked = I.ScaleHeads(masks)
+    assert list(I.first_layers(stacked, 12, CFG.n_layers)) == [0] * 4 + [1] * 4 + [2] * 4
+    base = float(metric(readout(m, t, k)))
+    np.testing.assert_allclose(sweeps.sweep(m, t, k, metric, (stacked,)) - base, exact.ravel(), atol=2e-5)
+
+
+def test_activation_patching_known_effect_and_loop(planted):
+    m, t, k = planted
+    corrupt = t.at[:, 3].set(t[:, 3] % 5 + 20)  # differs at position 3 only
+    metric = METRIC
+    clean_score = float(metric(readout(m, t, k)))
+    corrupt_score = float(metric(readout(m, corrupt, k)))
+    patched = sweeps.activation_patching(m, (t, k), (corrupt, k), metric)
+    assert patched.shape == (CFG.n_layers, 8)
+    np.testing.assert_allclose(patched[0, 3], clean_score - corrupt_score, atol=1e-5)  # restores the clean run
+    np.testing.assert_allclose(np.delete(patched[0], 3), 0.0, atol=1e-6)  # nothing else differs at layer 0
+    np.testing.assert_allclose(patched[:, :3], 0.0, atol=1e-6)  # causal: earlier positions never differ
+    _, clean_acts = models.forward(m, t, k, capture=["resid_pre", "attn.z"])
+    items = [(l, p) for l in range(CFG.n_layers) for p in range(8)]
+    make = lambda l, p: I.patch("resid_pre", clean_acts["resid_pre"], layers=(l,), tokens=np.arange(8) == p)
+    np.testing.assert_allclose(patched.ravel(), loop(m, corrupt, k, metric, make, items), atol=2e-5)
+    per_head = sweeps.activation_patching(m, (t, k), (corrupt, k), metric, site="attn.z", per="head")
+    items = [(l, h) for l in range(CFG.n_layers) for h in range(CFG.n_heads)]
+    make = lambda l, h: I.patch("attn.z", clean_acts["attn.z"], layers=(l,), heads=np.arange(4) == h)
+    np.testing.assert_allclose(per_head.ravel(), loop(m, corrupt, k, metric, make, items), atol=2e-5)
+
+
+def test_attribution_patching(planted):
+    m, t, k = planted
+    metric = METRIC
+    exact = sweeps.head_ablation(m, t, k, metric)
+    approx = sweeps.head_ablation_attribution(m, t, k, metric)
+    assert np.unravel_index(np.argmin(approx), approx.shape) == PLANTED
+    assert approx.shape == exact.shape and approx[PLANTED] < 0  # (the final norm makes the size non-linear)
+    corrupt = t.at[:, 3].set(t[:, 3] % 5 + 20)
+    est = sweeps.attribution_patching(m, (t, k), (corrupt, k), metric)
+    assert est.shape == (CFG.n_layers, 8)
+    np.testing.assert_allclose(est[:, :3], 0.0, atol=1e-6)
+    patched = sweeps.activation_patching(m, (t, k), (corrupt, k), metric)
+    assert sweeps.rank_correlation(patched[:, 3:], est[:, 3:]) > 0.5
+
+
+def test_metric_over_all_positions(planted):
+    m, t, k = planted
+    loss = NextTokenLoss(t, k)
+    effects = sweeps.head_ablation(m, t, k, loss, positions=None)
+    base = float(loss(readout(m, t, k, positions=None)))
+    want = float(loss(readout(m, t, k, (I.zero_heads(CFG, [(2, 1)]),), positions=None))) - base
+    np.testing.assert_allclose(effects[2, 1], want, atol=1e-5)
+
+
+def test_rank_correlation():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=50), rng.normal(size=50)
+    b[:10] = a[:10] = 1.0  # ties
+    np.testing.assert_allclose(sweeps.rank_correlation(a, b), spearmanr(a, b).statistic, atol=1e-12)
+    assert sweeps.rank_correlation(a, 2 * a + 1) == pytest.approx(1.0)
