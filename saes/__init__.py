@@ -1,1 +1,40 @@
-"""Sparse autoencoders (work in progress: see the issue notes)."""
+"""Sparse autoencoders (SAE dictionaries) in JAX: architectures, activation sources, a jitted mesh-sharded
+trainer with exact resume, SAELens / Gemma Scope formats, and feature inspection.
+
+    import saes
+    cfg = saes.TrainConfig(site=("resid_post",), layers=(10, 15), arch="topk", k=32, width=8192, tokens=2_000_000)
+    run = saes.fit(cfg)                        # or: python -m saes.train --site resid_post --layers 10,15 ...
+    sae = run.saes["L10.resid_post"]
+    f = sae.encode(x); x_hat = sae.decode(f)
+    saes.to_saelens(sae, "export/", model_name="smollm2-135m-instruct")
+
+Modules: `sae` (architectures), `data` (corpus, token rows, activation sources, cache), `train` (config,
+step, loop, CLI), `evaluate` (splicing, CE loss recovered), `formats`, `features` (top contexts, frequencies,
+logit effects, steering), `synthetic` (planted dictionaries), `report`.
+"""
+
+from saes import data, evaluate, features, formats, sae, synthetic
+from saes.data import ArraySource, CachedSource, ModelSource, TokenRows, cache_activations, default_corpus
+from saes.evaluate import Splice, ce_metrics, reconstruction_metrics
+from saes.features import feature_frequencies, frequency_histogram, logit_effects, steer, top_activations
+from saes.formats import from_saelens, load, load_gemma_scope, load_run, save, to_saelens
+from saes.sae import ARCHS, SAE, BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE, hook_name, init
+
+_FROM_TRAIN = {"TrainConfig": "TrainConfig", "TrainResult": "TrainResult", "TrainingDiverged": "TrainingDiverged",
+               "fit": "train"}
+
+
+def __getattr__(name):  # saes.train is imported on first use, so `python -m saes.train` runs it cleanly
+    if name in _FROM_TRAIN:
+        import importlib
+
+        return getattr(importlib.import_module("saes.train"), _FROM_TRAIN[name])
+    raise AttributeError(f"module 'saes' has no attribute {name!r}")
+
+__all__ = [
+    "ARCHS", "ArraySource", "BatchTopKSAE", "CachedSource", "GatedSAE", "JumpReLUSAE", "ModelSource", "ReLUSAE",
+    "SAE", "Splice", "TokenRows", "TopKSAE", "TrainConfig", "TrainResult", "TrainingDiverged", "cache_activations",
+    "ce_metrics", "data", "default_corpus", "evaluate", "feature_frequencies", "features", "formats",
+    "frequency_histogram", "logit_effects", "steer", "top_activations", "from_saelens", "hook_name", "init", "load",
+    "load_gemma_scope", "load_run", "reconstruction_metrics", "sae", "save", "synthetic", "to_saelens", "fit",
+]

@@ -1,0 +1,209 @@
+"""Feature inspection: top-activating contexts (streamed), firing frequencies, logit effects, steering.
+
+    top = top_activations(m, sae, rows, n_rows=256, k=10)        # streamed over batches, top-k kept per feature
+    top.contexts(m.tokenizer, feature=123)                        # [(activation, "…text «token» text…"), ...]
+    freq = feature_frequencies(m, sae, rows, n_rows=256)          # fraction of tokens each feature fires on
+    frequency_histogram(freq, "freq.png")
+    logit_effects(m, sae, feature=123)                            # top promoted / suppressed tokens
+    models.generate(m, prompts, 30, interventions=(steer(sae, 123, 8.0),))           # add 8 x the decoder row
+    models.generate(m, prompts, 30, interventions=(steer(sae, 123, 5.0, "clamp"),))  # clamp the feature to 5
+
+Steering uses the interventions protocol (`site`, `apply(value, ctx)`), so it runs on the prompt pass and
+at every decoding step of `models.generate`, and composes with any other intervention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from saes.evaluate import _at_layer
+from saes.sae import SAE
+
+__all__ = ["FeatureSteer", "TopActivations", "feature_frequencies", "frequency_histogram", "logit_effects", "steer",
+           "top_activations"]
+
+
+def _site_acts(model, sae: SAE, tokens, mask):
+    """[B, T, d_in] activations of the SAE's (site, layer) for a token batch (forward stopped after it)."""
+    import models
+
+    layer = sae.layer if sae.layer >= 0 else None
+    cap = models.Capture(sae.site, layers=(layer,) if layer is not None else None)
+    stop = layer + 1 if layer is not None else None
+    _, acts = models.forward(model, jnp.asarray(tokens), attention_mask=jnp.asarray(mask), capture=(cap,),
+                             stop_at_layer=stop)
+    a = acts[sae.site]
+    a = a[0] if layer is not None else a
+    return a.reshape(a.shape[0], a.shape[1], -1)
+
+
+@eqx.filter_jit
+def _encode_batch(sae, acts, valid):
+    f = sae.encode(acts.astype(jnp.float32))
+    return jnp.where(valid[..., None], f, 0.0)
+
+
+@dataclass
+class TopActivations:
+    """Per feature, the `k` largest activations seen (`values [width, k]`, descending) and where they were
+    (`row`, `pos` into `tokens [n_rows, T]`)."""
+
+    values: np.ndarray
+    row: np.ndarray
+    pos: np.ndarray
+    tokens: np.ndarray
+
+    def contexts(self, tokenizer, feature: int, window: int = 12) -> list[tuple[float, str]]:
+        """`(activation, text)` for each kept example of `feature`, the max token marked «like this»."""
+        out = []
+        for v, r, p in zip(self.values[feature], self.row[feature], self.pos[feature]):
+            if v <= 0:
+                continue
+            row = self.tokens[r]
+            left = tokenizer.decode(row[max(p - window, 0):p], skip_special=True)
+            mid = tokenizer.decode(row[p:p + 1], skip_special=True)
+            right = tokenizer.decode(row[p + 1:p + 1 + window // 3], skip_special=True)
+            out.append((float(v), f"{left}«{mid}»{right}"))
+        return out
+
+
+@jax.jit
+def _merge_topk(values, index, f_batch, offset):
+    """Merge a batch's activations `f_batch [N, width]` into the running top-k (`values`, `index`: flat
+    token ids) per feature."""
+    k = values.shape[1]
+    n = f_batch.shape[0]
+    kb = min(k, n)
+    bv, bi = jax.lax.top_k(f_batch.T, kb)  # [width, kb]
+    allv = jnp.concatenate([values, bv], 1)
+    alli = jnp.concatenate([index, bi + offset], 1)
+    v, sel = jax.lax.top_k(allv, k)
+    return v, jnp.take_along_axis(alli, sel, 1)
+
+
+def top_activations(model, sae: SAE, rows, n_rows: int = 256, k: int = 10, batch: int = 16,
+                    exclude_first: bool = True) -> TopActivations:
+    """Stream `n_rows` token rows (`rows`: a `TokenRows`, an iterator of int rows, or an array `[N, T]`)
+    through the model and the SAE, keeping each feature's `k` largest activations (BOS / first positions
+    excluded when `exclude_first`)."""
+    it = iter(rows.rows(0) if hasattr(rows, "rows") else rows)
+    kept = []
+    values = jnp.zeros((sae.width, k), jnp.float32)
+    index = jnp.zeros((sae.width, k), jnp.int32)
+    seen = 0
+    while seen < n_rows:
+        chunk = [r for _, r in zip(range(min(batch, n_rows - seen)), it)]
+        if not chunk:
+            break
+        tokens = np.stack(chunk).astype(np.int32)
+        mask = np.ones_like(tokens)
+        acts = _site_acts(model, sae, tokens, mask)
+        valid = jnp.ones(tokens.shape, bool).at[:, 0].set(not exclude_first)
+        f = _encode_batch(sae, acts, valid).reshape(-1, sae.width)
+        values, index = _merge_topk(values, index, f, seen * tokens.shape[1])
+        kept.append(tokens)
+        seen += len(chunk)
+    tokens = np.concatenate(kept)
+    T = tokens.shape[1]
+    index = np.asarray(index)
+    return TopActivations(np.asarray(values), index // T, index % T, tokens)
+
+
+def feature_frequencies(model, sae: SAE, rows, n_rows: int = 256, batch: int = 16) -> np.ndarray:
+    """Fraction of (non-BOS) tokens on which each feature fires, over `n_rows` rows."""
+    it = iter(rows.rows(0) if hasattr(rows, "rows") else rows)
+    counts = jnp.zeros((sae.width,), jnp.float32)
+    n_tok, seen = 0, 0
+    while seen < n_rows:
+        chunk = [r for _, r in zip(range(min(batch, n_rows - seen)), it)]
+        if not chunk:
+            break
+        tokens = np.stack(chunk).astype(np.int32)
+        acts = _site_acts(model, sae, tokens, np.ones_like(tokens))
+        valid = jnp.ones(tokens.shape, bool).at[:, 0].set(False)
+        f = _encode_batch(sae, acts, valid)
+        counts = counts + (f > 0).sum((0, 1))
+        n_tok += tokens.shape[0] * (tokens.shape[1] - 1)
+        seen += len(chunk)
+    return np.asarray(counts) / max(n_tok, 1)
+
+
+def frequency_histogram(freq, path=None, title: str = "feature firing frequency"):
+    """Histogram of log10 firing frequencies (dead features counted separately in the title)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    freq = np.asarray(freq)
+    dead = int((freq == 0).sum())
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(np.log10(freq[freq > 0]), bins=60)
+    ax.set_xlabel("log10 firing frequency")
+    ax.set_ylabel("features")
+    ax.set_title(f"{title} ({dead} of {freq.size} never fired)")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
+
+
+def logit_effects(model, sae: SAE, feature: int, n: int = 10) -> dict[str, list[tuple[str, float]]]:
+    """Direct effect of a feature's decoder direction on the logits (through the final norm's weights and
+    the unembedding, ignoring the norm's data-dependent scale): the `n` most promoted and suppressed tokens."""
+    params = model.params
+    direction = sae.W_dec[feature] / sae.act_scale
+    if direction.shape[0] != model.cfg.d_model:
+        raise ValueError(f"logit effects need a d_model-sized site, {sae.site} has width {direction.shape[0]}")
+    w = params["ln_final"]["w"].astype(jnp.float32)
+    W_U = params["unembed"]["W_U"] if "unembed" in params else params["embed"]["W_E"].T
+    effect = np.asarray((direction * w) @ W_U.astype(jnp.float32))
+    order = np.argsort(effect)
+    tok = model.tokenizer
+
+    def name(i):
+        return tok.decode([int(i)], skip_special=False)
+
+    return {"promoted": [(name(i), float(effect[i])) for i in order[::-1][:n]],
+            "suppressed": [(name(i), float(effect[i])) for i in order[:n]]}
+
+
+class FeatureSteer(eqx.Module):
+    """An intervention at the SAE's (site, layer): `mode="add"` adds `value` x the feature's (raw-space)
+    decoder direction to every real token; `"clamp"` re-encodes the activation and sets the feature to
+    `value`, keeping the SAE's reconstruction error (x + (value - f_i) d_i)."""
+
+    sae: SAE
+    feature: jax.Array
+    value: jax.Array
+    site: str = eqx.field(static=True)
+    layer: int = eqx.field(static=True)
+    mode: str = eqx.field(static=True)
+
+    def apply(self, value, ctx):
+        def edit(v):
+            B, T = v.shape[:2]
+            x = v.reshape(B, T, -1).astype(jnp.float32)
+            d = self.sae.W_dec[self.feature] / self.sae.act_scale
+            if self.mode == "add":
+                new = x + self.value * d
+            else:
+                f = self.sae.encode(x)[..., self.feature]
+                new = x + (self.value - f)[..., None] * d
+            real = (ctx.attention_mask > 0)[..., None]
+            return jnp.where(real, new, x).astype(v.dtype).reshape(v.shape)
+
+        return _at_layer(self.layer, ctx, edit, value)
+
+
+def steer(sae: SAE, feature: int, value: float, mode: str = "add") -> FeatureSteer:
+    """A `FeatureSteer` intervention for `models.forward` / `models.generate` (see the module docstring)."""
+    if mode not in ("add", "clamp"):
+        raise ValueError(f"mode must be 'add' or 'clamp', got {mode!r}")
+    return FeatureSteer(sae, jnp.asarray(feature, jnp.int32), jnp.asarray(value, jnp.float32), sae.site, sae.layer, mode)

@@ -1,0 +1,479 @@
+"""SAE architectures as equinox modules sharing one encode/decode plumbing.
+
+    sae = saes.init("topk", d_in=576, width=8192, key=jax.random.key(0), k=32, site="resid_post", layer=10)
+    f = sae.encode(x)            # [..., width] feature activations of raw activations x [..., d_in]
+    x_hat = sae.decode(f)        # [..., d_in]
+    x_hat = sae(x)               # both
+
+Every architecture has the same parameters `W_enc [d_in, width]`, `b_enc [width]`, `W_dec [width, d_in]`,
+`b_dec [d_in]` (SAELens/Gemma Scope layout and names), plus its own (`threshold`,
+`r_mag`/`b_mag`/`b_gate`), and a scalar `act_scale`: inputs are multiplied by it before encoding and
+reconstructions divided by it after decoding, so an SAE trained on activations normalised to a fixed mean
+norm is used on raw activations unchanged (`fold_scale()` bakes it into the weights for export).
+
+Training goes through `sae.loss(xn, coeff, dead)` on *normalised* inputs `xn = x * act_scale`:
+reconstruction `mean_batch(sum_d (xn - xn_hat)^2)` plus the architecture's sparsity term:
+
+| arch        | features                                        | sparsity term (coefficient `coeff`)              | decoder rows |
+|-------------|-------------------------------------------------|--------------------------------------------------|--------------|
+| `relu`      | relu(pre)                                       | L1 weighted by decoder norms: sum_i f_i ||d_i||   | free         |
+| `topk`      | k largest of relu(pre) per token                | none (AuxK on dead latents, `aux_coeff`)         | unit norm    |
+| `batchtopk` | k*batch largest over the batch; inference: pre > threshold (EMA of the smallest kept value) | AuxK | unit norm |
+| `jumprelu`  | pre * H(pre - theta), learned theta [width]      | L0 = sum_i H(pre_i - theta_i), rectangle-kernel STE | unit norm |
+| `gated`     | H(pi_gate) * relu(pi_mag), W_mag = W_enc*exp(r_mag) | L1 of relu(pi_gate) (times decoder norms) + aux reconstruction through the frozen decoder | unit norm |
+
+`pre = (x - b_dec) @ W_enc + b_enc`. "Unit norm" decoders are renormalised after every optimizer step and
+their gradient's component along each row is projected out first (`saes.train`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+__all__ = [
+    "ARCHS", "SAE", "BatchTopKSAE", "GatedSAE", "JumpReLUSAE", "ReLUSAE", "TopKSAE", "init", "jumprelu", "step",
+    "rectangle", "hook_name",
+]
+
+
+def hook_name(site: str, layer: int | None) -> str:
+    """The key of one SAE in a run: `"L10.resid_post"` (model sites without a layer: the site name)."""
+    return site if layer is None or layer < 0 else f"L{layer}.{site}"
+
+
+# ----------------------------------------------------------------------------- JumpReLU straight-through estimator
+
+
+def rectangle(u):
+    """The rectangle kernel K(u) = 1 on (-1/2, 1/2), else 0."""
+    return ((u > -0.5) & (u < 0.5)).astype(u.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def jumprelu(x, threshold, bandwidth: float):
+    """JumpReLU_theta(x) = x * H(x - theta). Pseudo-derivatives (Rajamanoharan et al. 2024, eq. 11):
+    d/dx = H(x - theta); d/dtheta = -(theta / eps) K((x - theta) / eps) with the rectangle kernel K."""
+    return x * (x > threshold).astype(x.dtype)
+
+
+def _jumprelu_fwd(x, threshold, bandwidth):
+    return jumprelu(x, threshold, bandwidth), (x, threshold)
+
+
+def _jumprelu_bwd(bandwidth, res, g):
+    x, threshold = res
+    dx = (x > threshold).astype(x.dtype) * g
+    dtheta = -(threshold / bandwidth) * rectangle((x - threshold) / bandwidth) * g
+    return dx, _sum_to(dtheta, threshold.shape)
+
+
+jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def step(x, threshold, bandwidth: float):
+    """Heaviside H(x - theta). Pseudo-derivatives: d/dx = 0; d/dtheta = -(1 / eps) K((x - theta) / eps)."""
+    return (x > threshold).astype(x.dtype)
+
+
+def _step_fwd(x, threshold, bandwidth):
+    return step(x, threshold, bandwidth), (x, threshold)
+
+
+def _step_bwd(bandwidth, res, g):
+    x, threshold = res
+    dtheta = -(1.0 / bandwidth) * rectangle((x - threshold) / bandwidth) * g
+    return jnp.zeros_like(x), _sum_to(dtheta, threshold.shape)
+
+
+step.defvjp(_step_fwd, _step_bwd)
+
+
+def _sum_to(x, shape):
+    """Sum the leading broadcast axes of `x` away so it has `shape` (the threshold's)."""
+    lead = x.ndim - len(shape)
+    return x.sum(tuple(range(lead))) if lead else x
+
+
+# ----------------------------------------------------------------------------- the shared plumbing
+
+
+class SAE(eqx.Module):
+    """Shared fields and plumbing; see the module docstring. Subclasses set `arch` and `activate`."""
+
+    W_enc: Float[Array, "d_in width"]
+    b_enc: Float[Array, " width"]
+    W_dec: Float[Array, "width d_in"]
+    b_dec: Float[Array, " d_in"]
+    act_scale: Float[Array, ""]
+    site: str = eqx.field(static=True)
+    layer: int = eqx.field(static=True)
+
+    arch: ClassVar[str] = ""
+    unit_norm_decoder: ClassVar[bool] = False
+    buffers: ClassVar[tuple[str, ...]] = ("act_scale",)  # arrays that the optimizer never touches
+    sparse_decode: ClassVar[bool] = False
+
+    @property
+    def d_in(self) -> int:
+        return self.W_enc.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.W_enc.shape[1]
+
+    @property
+    def hook(self) -> str:
+        return hook_name(self.site, self.layer)
+
+    # -- the public, raw-activation API
+    def pre_acts(self, xn: Float[Array, "... d_in"]) -> Float[Array, "... width"]:
+        """Encoder pre-activations of normalised inputs. Written as `xn @ W - b_dec @ W` so the gradient of
+        `b_dec` is a vector-matrix product, not a third batch-sized matmul."""
+        return xn @ self.W_enc - self.b_dec @ self.W_enc + self.b_enc
+
+    def activate(self, pre: Float[Array, "... width"], xn=None) -> Float[Array, "... width"]:
+        raise NotImplementedError
+
+    def encode(self, x: Float[Array, "... d_in"]) -> Float[Array, "... width"]:
+        """Feature activations of raw activations `x` (inference rule: BatchTopK uses its threshold)."""
+        xn = x * self.act_scale
+        return self.activate(self.pre_acts(xn), xn)
+
+    def decode(self, f: Float[Array, "... width"]) -> Float[Array, "... d_in"]:
+        return (f @ self.W_dec + self.b_dec) / self.act_scale
+
+    def __call__(self, x: Float[Array, "... d_in"]) -> Float[Array, "... d_in"]:
+        return self.decode(self.encode(x))
+
+    # -- training
+    def trainable(self):
+        """A pytree of bools like `self`: True on arrays the optimizer updates."""
+        return jax.tree_util.tree_map_with_path(
+            lambda path, leaf: eqx.is_array(leaf) and path[0].name not in self.buffers, self
+        )
+
+    def loss(self, xn, coeff, dead, aux_coeff: float = 1 / 32, aux_k: int = 0, aux_batch: int = 0):
+        """`(loss, aux)` on a normalised batch `xn [B, d_in]`; `dead [width]` marks latents for AuxK, which
+        uses the first `aux_batch` tokens of the (shuffled) batch (0: all of them).
+
+        `aux` holds `recon` (the reconstruction term), `sparsity`, `auxk`, `fires [width]` (tokens each
+        latent fired on), `l0`, `x_hat` (normalised), and for BatchTopK `min_kept`."""
+        f = self.activate(self.pre_acts(xn), xn)
+        x_hat = f @ self.W_dec + self.b_dec
+        recon = _sq(xn - x_hat)
+        return recon, self._aux(f, x_hat, recon, 0.0, 0.0)
+
+    @staticmethod
+    def _aux(f, x_hat, recon, sparsity, auxk, **extra):
+        active = f > 0
+        return dict(recon=recon, sparsity=sparsity, auxk=auxk, fires=active.sum(0, dtype=jnp.int32),
+                    l0=active.sum(-1).mean(), x_hat=x_hat, **extra)
+
+    def fold_scale(self) -> "SAE":
+        """The same function of raw activations with `act_scale` baked into the weights (`act_scale = 1`)."""
+        s = self.act_scale
+        return eqx.tree_at(lambda m: (m.W_enc, m.W_dec, m.b_dec, m.act_scale), self,
+                           (self.W_enc * s, self.W_dec / s, self.b_dec / s, jnp.ones_like(s)))
+
+    def constrain(self) -> "SAE":
+        """Re-impose the architecture's constraints after an optimizer step (unit-norm decoder rows)."""
+        if not self.unit_norm_decoder:
+            return self
+        return eqx.tree_at(lambda m: m.W_dec, self, self.W_dec / jnp.maximum(self.decoder_norms()[:, None], 1e-12))
+
+    def project_decoder_grad(self, grad_W_dec):
+        """Remove from the decoder gradient its component along each (unit-norm) row."""
+        if not self.unit_norm_decoder:
+            return grad_W_dec
+        w = self.W_dec / jnp.maximum(self.decoder_norms()[:, None], 1e-12)
+        return grad_W_dec - jnp.sum(grad_W_dec * w, -1, keepdims=True) * w
+
+    def decoder_norms(self) -> Float[Array, " width"]:
+        return jnp.linalg.norm(self.W_dec, axis=-1)
+
+    def config(self) -> dict:
+        """Static, JSON-able description (architecture-specific keys added by subclasses)."""
+        return dict(arch=self.arch, d_in=self.d_in, width=self.width, site=self.site, layer=self.layer)
+
+
+def _sq(err):
+    """mean over the batch of the squared error summed over the model dimension."""
+    return jnp.mean(jnp.sum(jnp.square(err), -1))
+
+
+def _auxk_loss(sae, pre, err, dead, aux_k: int, max_dead: int = 0):
+    """AuxK (Gao et al. 2024): reconstruct the residual error from the `aux_k` largest pre-activations of
+    dead latents, normalised by the error's variance. Zero (and skipped) when no latent is dead.
+
+    For speed the candidates are the `max_dead` dead latents (default max(4 aux_k, 1024)) with the largest
+    pre-activation in the batch, decoded with one dense matmul; when fewer latents are dead this is exact."""
+    width = pre.shape[-1]
+    M = min(width, max_dead or max(4 * aux_k, 1024))
+    kk = min(aux_k, M)
+
+    def compute(_):
+        score = jnp.where(dead, pre.max(0), -jnp.inf)
+        _, cand = jax.lax.top_k(score, M)  # the most promising dead latents
+        ok = jnp.take(dead, cand)
+        p = jnp.where(ok, jnp.take(pre, cand, axis=1), -jnp.inf)  # [B, M]
+        vals, idx = jax.lax.top_k(p, kk)
+        vals = jnp.where(jnp.isfinite(vals), jax.nn.relu(vals), 0.0)
+        err_hat = _scatter(vals, idx, M) @ jnp.take(sae.W_dec, cand, axis=0)
+        target = jax.lax.stop_gradient(err)
+        num = _sq(target - err_hat)
+        den = _sq(target - target.mean(0))
+        return num / jnp.maximum(den, 1e-12)
+
+    # rematerialised: otherwise the cond's backward keeps the taken branch's intermediates and materialises
+    # zeros of their size on the steps where no latent is dead
+    return jax.lax.cond(jnp.any(dead), jax.checkpoint(compute), lambda _: jnp.zeros((), pre.dtype), None)
+
+
+def _sparse_decode(vals, idx, W_dec):
+    """sum_j vals[b, j] * W_dec[idx[b, j]]: [B, k] values and indices -> [B, d_in] (no b_dec)."""
+    return jnp.einsum("bk,bkd->bd", vals, jnp.take(W_dec, idx, axis=0))
+
+
+def _scatter(vals, idx, width):
+    """Dense [B, width] from [B, k] values at indices."""
+    rows = jnp.arange(vals.shape[0])[:, None]
+    return jnp.zeros((vals.shape[0], width), vals.dtype).at[rows, idx].set(vals)
+
+
+# ----------------------------------------------------------------------------- the architectures
+
+
+class ReLUSAE(SAE):
+    """ReLU SAE, L1 penalty weighted by decoder norms (Anthropic's April 2024 update; SAELens 'standard')."""
+
+    arch: ClassVar[str] = "relu"
+
+    def activate(self, pre, xn=None):
+        return jax.nn.relu(pre)
+
+    def loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_batch=0):
+        f = jax.nn.relu(self.pre_acts(xn))
+        x_hat = f @ self.W_dec + self.b_dec
+        recon = _sq(xn - x_hat)
+        sparsity = jnp.mean(jnp.sum(f * self.decoder_norms(), -1))
+        return recon + coeff * sparsity, self._aux(f, x_hat, recon, sparsity, 0.0)
+
+
+class TopKSAE(SAE):
+    """TopK SAE (Gao et al. 2024): the k largest ReLU'd pre-activations per token; AuxK for dead latents."""
+
+    k: int = eqx.field(static=True)
+    arch: ClassVar[str] = "topk"
+    unit_norm_decoder: ClassVar[bool] = True
+
+    def select(self, pre):
+        vals, idx = jax.lax.top_k(pre, self.k)
+        return jax.nn.relu(vals), idx
+
+    def activate(self, pre, xn=None):
+        lead = pre.shape[:-1]
+        vals, idx = self.select(pre.reshape(-1, self.width))
+        return _scatter(vals, idx, self.width).reshape(*lead, self.width)
+
+    def loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_batch=0):
+        pre = self.pre_acts(xn)
+        vals, idx = self.select(pre)
+        x_hat = _sparse_decode(vals, idx, self.W_dec) + self.b_dec
+        recon = _sq(xn - x_hat)
+        n = aux_batch or xn.shape[0]
+        auxk = _auxk_loss(self, pre[:n], (xn - x_hat)[:n], dead, aux_k or self.d_in // 2) if aux_coeff else 0.0
+        fires = jnp.zeros((self.width,), jnp.int32).at[idx.reshape(-1)].add((vals > 0).reshape(-1).astype(jnp.int32))
+        l0 = (vals > 0).sum(-1).mean()
+        return recon + aux_coeff * auxk, dict(recon=recon, sparsity=0.0, auxk=auxk, fires=fires, l0=l0, x_hat=x_hat)
+
+    def config(self):
+        return {**super().config(), "k": self.k}
+
+
+class BatchTopKSAE(SAE):
+    """BatchTopK (Bussmann et al. 2024): in training the k*batch largest ReLU'd pre-activations over the whole
+    batch are kept; at inference a feature is active where its pre-activation exceeds `threshold`, the running
+    mean of the smallest value kept in training batches (estimated by `saes.train`)."""
+
+    threshold: Float[Array, ""]
+    k: int = eqx.field(static=True)
+    arch: ClassVar[str] = "batchtopk"
+    unit_norm_decoder: ClassVar[bool] = True
+    buffers: ClassVar[tuple[str, ...]] = ("act_scale", "threshold")
+
+    def activate(self, pre, xn=None):
+        return jnp.where(pre > self.threshold, pre, 0.0)
+
+    def select(self, pre, per_row: int = 0):
+        """Flat values and indices of the k*B largest ReLU'd pre-activations of a [B, width] batch.
+
+        Exact and fast: the global top k*B is taken among each row's `per_row` (default 4k) largest values;
+        if some row has all its candidates selected (it might hold more), the full flat top-k is used."""
+        B, W = pre.shape
+        n = self.k * B
+        c = min(W, per_row or 4 * self.k)
+        if c >= W:
+            vals, flat = jax.lax.top_k(pre.reshape(-1), n)
+            return jax.nn.relu(vals), flat
+        cv, ci = jax.lax.top_k(pre, c)  # [B, c] candidates per row
+        vals, pos = jax.lax.top_k(cv.reshape(-1), n)
+        rows = pos // c
+        flat = rows * W + jnp.take(ci.reshape(-1), pos)
+        saturated = jnp.any(jnp.bincount(rows, length=B) >= c)
+
+        def full(_):
+            v, f = jax.lax.top_k(pre.reshape(-1), n)
+            return v, f.astype(flat.dtype)
+
+        vals, flat = jax.lax.cond(saturated, full, lambda _: (vals, flat), None)
+        return jax.nn.relu(vals), flat
+
+    def loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_batch=0):
+        B = xn.shape[0]
+        pre = self.pre_acts(xn)
+        vals, flat = self.select(pre)
+        rows, cols = flat // self.width, flat % self.width
+        x_hat = jax.ops.segment_sum(vals[:, None] * jnp.take(self.W_dec, cols, axis=0), rows, B) + self.b_dec
+        recon = _sq(xn - x_hat)
+        n = aux_batch or B
+        auxk = _auxk_loss(self, pre[:n], (xn - x_hat)[:n], dead, aux_k or self.d_in // 2) if aux_coeff else 0.0
+        kept = vals > 0
+        fires = jnp.zeros((self.width,), jnp.int32).at[cols].add(kept.astype(jnp.int32))
+        min_kept = jnp.min(jnp.where(kept, vals, jnp.inf))
+        return recon + aux_coeff * auxk, dict(recon=recon, sparsity=0.0, auxk=auxk, fires=fires,
+                                              l0=kept.sum() / B, x_hat=x_hat, min_kept=min_kept)
+
+    def config(self):
+        return {**super().config(), "k": self.k}
+
+
+class JumpReLUSAE(SAE):
+    """JumpReLU (Rajamanoharan et al. 2024; Gemma Scope): f = pre * H(pre - theta) with learned per-feature
+    thresholds `threshold` (trained directly, clamped positive after each step, as SAELens does: a log
+    parameterisation barely moves a small initial threshold), through the rectangle-kernel straight-through
+    estimator with `bandwidth`, and an L0 penalty."""
+
+    threshold: Float[Array, " width"]
+    bandwidth: float = eqx.field(static=True)
+    arch: ClassVar[str] = "jumprelu"
+    unit_norm_decoder: ClassVar[bool] = True
+
+    def activate(self, pre, xn=None):
+        return jumprelu(pre, self.threshold, self.bandwidth)
+
+    def loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_batch=0):
+        pre = self.pre_acts(xn)
+        f = jumprelu(pre, self.threshold, self.bandwidth)
+        x_hat = f @ self.W_dec + self.b_dec
+        recon = _sq(xn - x_hat)
+        l0 = jnp.mean(jnp.sum(step(pre, self.threshold, self.bandwidth), -1))
+        return recon + coeff * l0, self._aux(f, x_hat, recon, l0, 0.0)
+
+    def constrain(self):
+        sae = super().constrain()
+        return eqx.tree_at(lambda m: m.threshold, sae, jnp.maximum(sae.threshold, 1e-6))
+
+    def config(self):
+        return {**super().config(), "bandwidth": self.bandwidth}
+
+
+class GatedSAE(SAE):
+    """Gated SAE (Rajamanoharan et al. 2024): a gate H(pi_gate) decides which features fire and a magnitude
+    path with the same directions (W_mag = W_enc * exp(r_mag)) sets their size. `b_enc` is the gate bias
+    (`b_gate` in SAELens files). Decoder rows are kept unit-norm as in the paper (with free norms the gate
+    and magnitude paths trade scale and training is unstable: measured on planted dictionaries)."""
+
+    r_mag: Float[Array, " width"]
+    b_mag: Float[Array, " width"]
+    arch: ClassVar[str] = "gated"
+    unit_norm_decoder: ClassVar[bool] = True
+
+    def _paths(self, xn):
+        centred = xn @ self.W_enc - self.b_dec @ self.W_enc
+        pi_gate = centred + self.b_enc
+        pi_mag = centred * jnp.exp(self.r_mag) + self.b_mag
+        return pi_gate, pi_mag
+
+    def activate(self, pre, xn=None):
+        pi_gate, pi_mag = self._paths(xn)
+        return jnp.where(pi_gate > 0, jax.nn.relu(pi_mag), 0.0)
+
+    def encode(self, x):
+        return self.activate(None, x * self.act_scale)
+
+    def loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_batch=0):
+        pi_gate, pi_mag = self._paths(xn)
+        f = jnp.where(pi_gate > 0, jax.nn.relu(pi_mag), 0.0)
+        x_hat = f @ self.W_dec + self.b_dec
+        recon = _sq(xn - x_hat)
+        gate = jax.nn.relu(pi_gate)
+        sparsity = jnp.mean(jnp.sum(gate * self.decoder_norms(), -1))
+        aux_hat = gate @ jax.lax.stop_gradient(self.W_dec) + jax.lax.stop_gradient(self.b_dec)
+        aux_recon = _sq(xn - aux_hat)
+        return recon + coeff * sparsity + aux_recon, self._aux(f, x_hat, recon, sparsity, aux_recon)
+
+
+ARCHS: dict[str, type[SAE]] = {
+    c.arch: c for c in (ReLUSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE, GatedSAE)
+}
+
+
+def init(arch: str, d_in: int, width: int, key, *, site: str = "", layer: int = -1, k: int = 32,
+         bandwidth: float = 0.05, threshold: float = 0.01, decoder_norm: float | None = None,
+         dtype=jnp.float32) -> SAE:
+    """A fresh SAE: decoder rows random directions (unit norm, or `decoder_norm`; ReLU/Gated default 0.1 as in
+    Anthropic's recipe), encoder initialised as the decoder's transpose, biases zero (set `b_dec` from the data
+    with `saes.train.init_b_dec`), `act_scale = 1`."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown SAE architecture {arch!r}; known: {', '.join(ARCHS)}")
+    cls = ARCHS[arch]
+    if decoder_norm is None:
+        decoder_norm = 1.0 if cls.unit_norm_decoder else 0.1
+    W_dec = jax.random.normal(key, (width, d_in), jnp.float32)
+    W_dec = W_dec / jnp.linalg.norm(W_dec, axis=-1, keepdims=True) * decoder_norm
+    common = dict(W_enc=W_dec.T.astype(dtype), b_enc=jnp.zeros((width,), dtype), W_dec=W_dec.astype(dtype),
+                  b_dec=jnp.zeros((d_in,), dtype), act_scale=jnp.ones((), jnp.float32), site=site, layer=int(layer))
+    if arch == "relu":
+        return ReLUSAE(**common)
+    if arch == "topk":
+        return TopKSAE(**common, k=int(k))
+    if arch == "batchtopk":
+        return BatchTopKSAE(**common, threshold=jnp.asarray(-1.0, jnp.float32), k=int(k))
+    if arch == "jumprelu":
+        return JumpReLUSAE(**common, threshold=jnp.full((width,), threshold, dtype), bandwidth=float(bandwidth))
+    return GatedSAE(**common, r_mag=jnp.zeros((width,), dtype), b_mag=jnp.zeros((width,), dtype))
+
+
+def from_arrays(arch: str, arrays: dict, *, site: str = "", layer: int = -1, k: int = 32,
+                bandwidth: float = 0.05) -> SAE:
+    """Build an SAE of `arch` from named arrays (our names; missing `act_scale` means 1)."""
+    a = {n: jnp.asarray(v) for n, v in arrays.items()}
+    width = a["W_enc"].shape[1]
+    common = dict(W_enc=a["W_enc"], b_enc=a.get("b_enc", jnp.zeros((width,), a["W_enc"].dtype)), W_dec=a["W_dec"],
+                  b_dec=a["b_dec"], act_scale=a.get("act_scale", jnp.ones((), jnp.float32)).astype(jnp.float32).reshape(()),
+                  site=site, layer=int(layer))
+    if arch == "relu":
+        return ReLUSAE(**common)
+    if arch == "topk":
+        return TopKSAE(**common, k=int(k))
+    if arch == "batchtopk":
+        return BatchTopKSAE(**common, threshold=a.get("threshold", jnp.asarray(-1.0)).reshape(()).astype(jnp.float32), k=int(k))
+    if arch == "jumprelu":
+        return JumpReLUSAE(**common, threshold=a["threshold"], bandwidth=float(bandwidth))
+    if arch == "gated":
+        return GatedSAE(**common, r_mag=a["r_mag"], b_mag=a["b_mag"])
+    raise ValueError(f"unknown SAE architecture {arch!r}; known: {', '.join(ARCHS)}")
+
+
+def arrays(sae: SAE) -> dict[str, np.ndarray]:
+    """Named numpy arrays of an SAE (our names, the inverse of `from_arrays`)."""
+    return {f.name: np.asarray(getattr(sae, f.name)) for f in sae.__dataclass_fields__.values()
+            if eqx.is_array(getattr(sae, f.name))}

@@ -1,0 +1,130 @@
+"""Activation sources: the default corpus, token rows, user corpora, model activations with exclusions."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from models.config import Config
+from saes import data
+
+
+def test_default_corpus_is_english_deterministic_and_shuffled():
+    a = list(itertools.islice(data.default_corpus(0), 40))
+    b = list(itertools.islice(data.default_corpus(0), 40))
+    c = list(itertools.islice(data.default_corpus(1), 40))
+    assert a == b and a != c
+    assert len(set(a)) == 40 and all(len(d) >= data.MIN_DOC_CHARS for d in a)
+    text = " ".join(a)
+    words = text.lower().split()
+    common = sum(w in {"the", "a", "of", "to", "is", "and", "in", "if", "for", "be"} for w in words)
+    assert common / len(words) > 0.08  # prose, not code
+    assert len(data.corpus_files(())) > 300  # the standard library alone, present on every installation
+
+
+class FakeTokenizer:
+    """Byte-level stand-in with the interface TokenRows uses (tokens = bytes + 3; 1 = BOS)."""
+
+    bos_id, pad_id = 1, 0
+
+    class backend:
+        class _Enc:
+            def __init__(self, ids):
+                self.ids = ids
+
+        @classmethod
+        def encode(cls, text, add_special_tokens=False):
+            return cls._Enc([b + 3 for b in text.encode()])
+
+        @classmethod
+        def encode_batch(cls, texts, add_special_tokens=False):
+            return [cls.encode(t) for t in texts]
+
+
+def test_token_rows_pack_restart_and_split():
+    docs = lambda seed=0: [f"document number {i} " * (i % 5 + 1) for i in range(400)]  # noqa: E731
+    rows = data.TokenRows(docs, FakeTokenizer(), context=16)
+    first = rows.take(30)
+    assert first.shape == (30, 16) and (first[:, 0] == 1).all() and (first[:, 1:] != 1).all()
+    np.testing.assert_array_equal(rows.take(10, start=20), first[20:])  # restart from a position
+    flat = bytes((first[:, 1:].ravel() - 3).astype(np.uint8)).decode()
+    assert flat.startswith("document number 0 \n\ndocument number 1 document number 1 \n\n")
+    ev = data.TokenRows(docs, FakeTokenizer(), context=16, split="eval").take(3)
+    text = bytes((ev[:, 1:].ravel() - 3).astype(np.uint8)).decode()
+    assert text.startswith("document number 49 ")  # every 50th document is held out
+    many = data.TokenRows(lambda: ["tiny doc"], FakeTokenizer(), context=8).take(5)  # cycles over a small corpus
+    assert many.shape == (5, 8)
+
+
+def test_user_corpora(tmp_path):
+    (tmp_path / "a.txt").write_text("first text file")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "line one"}) + "\n" + json.dumps({"text": "line two"}) + "\n")
+    assert list(data.iter_documents(tmp_path)) == ["first text file", "line one", "line two"]
+    assert list(data.iter_documents(tmp_path / "b.jsonl")) == ["line one", "line two"]
+    with pytest.raises(Exception, match="does not exist"):
+        list(data.iter_documents(tmp_path / "missing"))
+
+
+def test_parquet_and_saved_hf_dataset(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["p1", "p2"]}), tmp_path / "c.parquet")
+    assert list(data.iter_documents(tmp_path / "c.parquet")) == ["p1", "p2"]
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["h1", "h2", "h3"]}).save_to_disk(str(tmp_path / "hf"))
+    assert list(data.iter_documents(tmp_path / "hf")) == ["h1", "h2", "h3"]
+
+
+TINY = Config(arch="llama", vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=48, n_ctx=64)
+
+
+class IntRows:
+    """Deterministic rows [BOS=1, random tokens in 2..63], some with an extra BOS inside (must be excluded)."""
+
+    context = 12
+
+    def rows(self, start=0):
+        for i in itertools.count(start):
+            r = np.random.default_rng(i).integers(2, 64, size=self.context).astype(np.int32)
+            r[0] = 1
+            if i % 3 == 0:
+                r[5] = 1
+            yield r
+
+
+def test_model_source_several_hooks_one_pass_excluding_bos():
+    m = models.Model(models.init_params(TINY, jax.random.key(0), scale=0.2), TINY, None, "tiny")
+    hooks = [("resid_post", 1), ("resid_post", 2), ("mlp_out", 1), ("attn.z", 0)]
+    src = data.ModelSource(m, hooks, IntRows(), chunk_tokens=40, model_batch=4, exclude_ids=(1,))
+    assert src.stop_at_layer == 3 and src.hooks == ("L1.resid_post", "L2.resid_post", "L1.mlp_out", "L0.attn.z")
+    assert src.d_in == {"L1.resid_post": 32, "L2.resid_post": 32, "L1.mlp_out": 32, "L0.attn.z": 32}
+    it = src.chunks(0)
+    c0, p0 = next(it)
+    c1, p1 = next(it)
+    assert all(v.shape == (40, src.d_in[h]) for h, v in c0.items())
+    # reference: full forward of the same rows, every site captured, BOS positions dropped
+    rows = np.stack(list(itertools.islice(IntRows().rows(0), p0)))
+    _, acts = models.forward(m, rows, capture=("resid_post", "mlp_out", "attn.z"))
+    keep = (rows != 1).reshape(-1)
+    assert keep.sum() >= 40 and (~keep).sum() > p0  # extra BOS tokens were present
+    for hook, (site, layer) in zip(src.hooks, [(s, l) for s, l in hooks]):
+        ref = np.asarray(acts[site][layer]).reshape(rows.size, -1)[keep][:40]
+        np.testing.assert_allclose(c0[hook], ref, rtol=1e-5, atol=1e-5, err_msg=hook)
+    # restarting from the first chunk's end position gives the second chunk
+    c1b, p1b = next(src.chunks(p0))
+    assert p1b == p1
+    for h in src.hooks:
+        np.testing.assert_array_equal(c1[h], c1b[h])
+
+
+def test_parse_hooks():
+    assert data.parse_hooks(["resid_post", "embed"], (3, 5)) == [("resid_post", 3), ("resid_post", 5), ("embed", None)]
+    with pytest.raises(KeyError, match="unknown activation site"):
+        data.parse_hooks("resid", (1,))

@@ -1,0 +1,143 @@
+"""SAE files: ours, SAELens's (round trip through SAELens itself when its venv exists), Gemma Scope's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import textwrap
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import saes
+from saes import formats
+
+@pytest.fixture(autouse=True)
+def _exact_matmuls():
+    """float32 matmuls at full precision on accelerators too (GPUs default to TF32), so tolerances hold."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+# SAELens downgrades transformers/transformer-lens, so it lives in its own venv (see saes/README_SECTION.md):
+#   python3 -m venv /work/saelens_venv && /work/saelens_venv/bin/pip install torch==2.13.0 sae-lens
+SAELENS_PYTHON = Path(os.environ.get("SAELENS_PYTHON", "/work/saelens_venv/bin/python"))
+
+
+def random_sae(arch: str, d_in=12, width=40, seed=0, site="resid_post", layer=3):
+    """An SAE of `arch` with every parameter random (so a wrong name or transpose cannot go unnoticed)."""
+    k = jax.random.split(jax.random.key(seed), 8)
+    sae = saes.init(arch, d_in, width, k[0], k=5, site=site, layer=layer)
+    values = dict(b_enc=0.3 * jax.random.normal(k[1], (width,)), b_dec=jax.random.normal(k[2], (d_in,)),
+                  act_scale=jnp.asarray(2.5))
+    if arch == "jumprelu":
+        values["threshold"] = jax.random.uniform(k[3], (width,), minval=0.05, maxval=0.6)
+    if arch == "batchtopk":
+        values["threshold"] = jnp.asarray(0.4)
+    if arch == "gated":
+        values.update(r_mag=0.3 * jax.random.normal(k[4], (width,)), b_mag=0.2 * jax.random.normal(k[5], (width,)))
+    names = list(values)
+    return eqx.tree_at(lambda m: [getattr(m, n) for n in names], sae, [values[n] for n in names])
+
+
+def inputs(d_in=12, n=64, seed=9):
+    return 3.0 * jax.random.normal(jax.random.key(seed), (n, d_in)) + 0.5
+
+
+@pytest.mark.parametrize("arch", sorted(saes.ARCHS))
+def test_our_format_round_trip(arch, tmp_path):
+    sae = random_sae(arch)
+    saes.save(sae, tmp_path / "s", meta={"note": "x"})
+    back = saes.load(tmp_path / "s")
+    assert type(back) is type(sae) and back.site == "resid_post" and back.layer == 3
+    for name, a in saes.sae.arrays(sae).items():
+        np.testing.assert_array_equal(a, saes.sae.arrays(back)[name])
+    assert json.loads((tmp_path / "s" / "sae.json").read_text())["meta"] == {"note": "x"}
+
+
+@pytest.mark.parametrize("arch", sorted(saes.ARCHS))
+def test_saelens_export_import_is_the_same_function(arch, tmp_path):
+    sae = random_sae(arch)
+    saes.to_saelens(sae, tmp_path / "e", model_name="smollm2-135m-instruct", context_size=128)
+    cfg = json.loads((tmp_path / "e" / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
+    assert cfg["architecture"] == {"relu": "standard", "batchtopk": "jumprelu"}.get(arch, arch)
+    assert cfg["normalize_activations"] == "none" and cfg["d_sae"] == 40 and cfg["d_in"] == 12
+    back = saes.from_saelens(tmp_path / "e")
+    x = inputs()
+    np.testing.assert_allclose(back.encode(x), sae.encode(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(back(x), sae(x), rtol=1e-5, atol=1e-5)
+    assert (back.site, back.layer) == ("resid_post", 3)
+    assert saes.load(tmp_path / "e").arch == back.arch  # `load` recognises SAELens directories too
+
+
+def test_tl_hook_names_round_trip():
+    for site in formats.TL_HOOKS:
+        layer = -1 if site in ("embed", "final_norm") else 7
+        assert formats.parse_tl_hook(formats.tl_hook_name(site, layer)) == (site, layer)
+    assert formats.tl_hook_name("attn.z", 2) == "blocks.2.attn.hook_z"
+
+
+def test_gemma_scope_params_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    d, w = 10, 24
+    p = dict(W_enc=rng.normal(size=(d, w)).astype(np.float32), b_enc=rng.normal(size=w).astype(np.float32),
+             W_dec=rng.normal(size=(w, d)).astype(np.float32), b_dec=rng.normal(size=d).astype(np.float32),
+             threshold=rng.uniform(0.1, 1.0, size=w).astype(np.float32))
+    np.savez(tmp_path / "params.npz", **p)
+    sae = saes.load_gemma_scope(tmp_path, site="resid_post", layer=20)
+    assert isinstance(sae, saes.JumpReLUSAE) and sae.layer == 20
+    x = rng.normal(size=(16, d)).astype(np.float32)
+    pre = x @ p["W_enc"] + p["b_enc"]  # Gemma Scope's published encoder
+    f = (pre > p["threshold"]) * np.maximum(pre, 0)
+    np.testing.assert_allclose(sae.encode(x), f, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sae(x), f @ p["W_dec"] + p["b_dec"], rtol=1e-4, atol=1e-4)
+    from safetensors.numpy import save_file
+
+    save_file(p, str(tmp_path / "params.safetensors"))
+    np.testing.assert_allclose(saes.load_gemma_scope(tmp_path / "params.safetensors").encode(x), f, rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="lacks"):
+        np.savez(tmp_path / "bad.npz", W_enc=p["W_enc"])
+        saes.load_gemma_scope(tmp_path / "bad.npz")
+
+
+SAELENS_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np, torch
+    from sae_lens import SAE
+    root = sys.argv[1]
+    x = torch.tensor(np.load(f"{root}/x.npy"))
+    for name in sys.argv[2:]:
+        sae = SAE.load_from_disk(f"{root}/{name}/export")
+        with torch.no_grad():
+            f = sae.encode(x)
+            np.save(f"{root}/{name}/f.npy", f.numpy())
+            np.save(f"{root}/{name}/x_hat.npy", sae.decode(f).numpy())
+        sae.save_model(f"{root}/{name}/resaved")
+        print(name, type(sae).__name__)
+""")
+
+
+@pytest.mark.skipif(not SAELENS_PYTHON.exists(),
+                    reason=f"SAELens venv not found at {SAELENS_PYTHON} (set SAELENS_PYTHON; it cannot share .venv "
+                           "because sae-lens downgrades transformers)")
+def test_round_trip_through_saelens_itself(tmp_path):
+    x = np.asarray(inputs(n=32))
+    np.save(tmp_path / "x.npy", x)
+    ours = {arch: random_sae(arch, seed=i) for i, arch in enumerate(sorted(saes.ARCHS))}
+    for arch, sae in ours.items():
+        saes.to_saelens(sae, tmp_path / arch / "export", model_name="smollm2-135m-instruct")
+    proc = subprocess.run([str(SAELENS_PYTHON), "-c", SAELENS_SCRIPT, str(tmp_path), *ours], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for arch, sae in ours.items():
+        f_theirs = np.load(tmp_path / arch / "f.npy")
+        np.testing.assert_allclose(f_theirs, sae.encode(x), rtol=1e-4, atol=1e-4, err_msg=arch)
+        np.testing.assert_allclose(np.load(tmp_path / arch / "x_hat.npy"), sae(x), rtol=1e-4, atol=1e-4, err_msg=arch)
+        back = saes.from_saelens(tmp_path / arch / "resaved")  # SAELens's own file, read back by us
+        np.testing.assert_allclose(back.encode(x), f_theirs, rtol=1e-4, atol=1e-4, err_msg=arch)
