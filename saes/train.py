@@ -77,7 +77,7 @@ class TrainConfig:
     context: int = 128
     model_batch: int = 16
     chunk_tokens: int = 65536  # activations per shuffled on-device buffer
-    cache: str | None = None  # train from this activation cache (see `python -m saes.cache`)
+    cache: str | None = None  # train from this activation cache (written by `python -m saes.cache`)
     tokens: int = 2_000_000
     batch_size: int = 4096
     normalize: bool = True  # scale activations to mean norm sqrt(d_in); the factor is stored with the SAE

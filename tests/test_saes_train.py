@@ -156,3 +156,7 @@ def test_cli_help_runs():
     proc = subprocess.run([sys.executable, "-m", "saes.train", "--help"], capture_output=True, text=True, cwd=str(ROOT),
                           timeout=120)
     assert proc.returncode == 0 and "--sparsity-coeff" in proc.stdout and "--feature-parallel" in proc.stdout
+    assert "RuntimeWarning" not in proc.stderr  # `saes` does not import saes.train eagerly
+    proc = subprocess.run([sys.executable, "-m", "saes.cache", "--help"], capture_output=True, text=True, cwd=str(ROOT),
+                          timeout=120)
+    assert proc.returncode == 0 and "python -m saes.cache" in proc.stdout

@@ -1,0 +1,34 @@
+"""Cache model activations to disk for training later (`--cache DIR` in `python -m saes.train`).
+
+    python -m saes.cache --model smollm2-135m-instruct --site resid_post --layers 10,15 --tokens 1_000_000 \\
+        --out runs/cache/smollm2-L10-L15
+
+Takes the same flags as `saes.train` (those about the model, corpus and chunking matter here); `--out` is the
+cache directory. Chunks are written exactly as the trainer would see them live, so training from the cache
+with the same `--chunk-tokens` reproduces a live run batch for batch.
+"""
+
+from __future__ import annotations
+
+import json
+
+from saes.data import cache_activations
+from saes.train import TrainConfig, _parser, build_source
+
+
+def main(argv=None):
+    parser = _parser()
+    parser.prog = "python -m saes.cache"
+    parser.description = __doc__.split("\n\n")[0]
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    if cfg.cache:
+        raise SystemExit("--cache names a cache to read; give the directory to write as --out")
+    _, source, _ = build_source(cfg)
+    cache = cache_activations(source, cfg.out, cfg.tokens, progress=cfg.progress)
+    print(json.dumps(dict(directory=str(cache.dir), hooks=cache.hooks, chunks=cache.n_chunks,
+                          chunk_tokens=cache.chunk_tokens)))
+    return cache
+
+
+if __name__ == "__main__":
+    main()
