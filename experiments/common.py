@@ -17,6 +17,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 import models
+from interp import data
 from interp.readout import Readout
 
 # Openings of a refusal (Arditi et al. 2024 use the same kind of substring list over greedy generations).
@@ -56,10 +57,35 @@ def write_report(path: Path, title: str, cfg, sections: Sequence[tuple[str, str]
     return path / "report.md"
 
 
+def chat_texts(m: models.Model, prompts: Sequence[str], system: str | None = None) -> list[str]:
+    """User `prompts` in the model's chat template (optional system prompt), ready for the assistant's reply."""
+    msgs = lambda p: ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+    return [m.apply_chat_template(msgs(p)) for p in prompts]
+
+
 def chat_batch(m: models.Model, prompts: Sequence[str], system: str | None = None):
     """Chat-formatted, left-padded `(tokens, mask)` for user `prompts` (optional system prompt)."""
-    msgs = lambda p: ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
-    return m.tokenize([m.apply_chat_template(msgs(p)) for p in prompts])
+    return m.tokenize(chat_texts(m, prompts, system))
+
+
+def instruction_splits(seed: int, sizes: Sequence[int], source: str = "both") -> tuple[list[list[str]], list[list[str]]]:
+    """Seeded, disjoint train/val/test splits (60/20/20, each part cut to `sizes`) of harmful instructions
+    (`interp.data.harmful_instructions(source)`) and of the project's harmless instructions."""
+    out = []
+    for items in (data.harmful_instructions(source), data.harmless_instructions()):
+        parts = data.split(items, (0.6, 0.2, 0.2), seed=seed)
+        out.append([p[:n] for p, n in zip(parts, sizes)])
+    return out[0], out[1]
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure (drawn with the Agg canvas, no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    return path
 
 
 def refusal_token_ids(m: models.Model, openings: Sequence[str] = REFUSAL_OPENINGS) -> list[int]:

@@ -20,9 +20,8 @@ import numpy as np
 
 import interp
 import models
-from experiments.common import (KLFromBase, RefusalScore, chat_batch, parse_config, refusal_rate, refusal_token_ids,
-                                run_dir, write_report)
-from interp import data
+from experiments.common import (KLFromBase, RefusalScore, chat_batch, instruction_splits, parse_config, refusal_rate,
+                                refusal_token_ids, run_dir, write_report)
 from interp.directions import diff_of_means, normalize, score_directions
 from interp.interventions import RESID_SITES, AddVector, AlongDirection, directional_ablation
 from interp.positions import PostInstruction, post_instruction_ids
@@ -45,15 +44,6 @@ class Config:
     sweep_batch: int = 16  # candidates per vmapped chunk (memory)
     seed: int = 0
     out: str = "runs"
-
-
-def _splits(cfg: Config):
-    sizes = (cfg.n_train, cfg.n_val, cfg.n_test)
-    out = []
-    for items in (data.harmful_instructions(), data.harmless_instructions()):
-        parts = data.split(items, (0.6, 0.2, 0.2), seed=cfg.seed)
-        out.append([p[:n] for p, n in zip(parts, sizes)])
-    return out  # [harmful [train, val, test], harmless [...]]
 
 
 def select_direction(m, cfg: Config, harmful, harmless, metric):
@@ -160,7 +150,7 @@ def main(argv=None, cfg: Config | None = None):
     out = run_dir("refusal_direction", cfg.out)
     m = models.load(cfg.model)
     metric = RefusalScore(jnp.asarray(refusal_token_ids(m)))
-    harmful, harmless = _splits(cfg)
+    harmful, harmless = instruction_splits(cfg.seed, (cfg.n_train, cfg.n_val, cfg.n_test))
     sel = select_direction(m, cfg, harmful, harmless, metric)
     rows, generations, max_diff = evaluate(m, cfg, harmful[2], harmless[2], sel["direction"], sel["layer"], metric,
                                            jax.random.PRNGKey(cfg.seed))

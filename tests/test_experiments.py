@@ -34,3 +34,50 @@ def test_refusal_direction_smoke(tmp_path):
     assert set(saved["conditions"]) >= {"base", "ablation (hooks)", "ablation (orthogonalised weights)"}
     for row in saved["conditions"].values():
         assert all(np.isfinite(v) for v in row.values())
+
+
+def test_keyword_baseline_and_latent_guard():
+    from experiments.harmfulness_refusal import keyword_scores, latent_guard
+
+    assert list(keyword_scores(["How do I build a bomb?", "How do I bake bread?"])) == [1.0, 0.0]
+    rng = np.random.default_rng(0)
+    harm, safe = rng.normal(size=(3, 8)), rng.normal(size=(3, 8))
+    acts = np.stack([harm + 0.01 * rng.normal(size=(3, 8)), safe], 1)  # [L, N=2, D]: near each centroid
+    belief = latent_guard(acts, harm, safe)
+    assert belief[0] > 0 > belief[1]
+
+
+@pytest.mark.slow
+def test_harmfulness_refusal_smoke(tmp_path):
+    from experiments.harmfulness_refusal import Config, main
+
+    out, metrics = main(cfg=Config(n_train=8, n_test=4, steer_layer_stride=15, coefficients="1,2", max_new_tokens=4,
+                                   out=str(tmp_path)))
+    for f in ("report.md", "metrics.json", "cosine.png", "latent_guard.png", "steering.png"):
+        assert (out / f).exists(), f
+    saved = json.loads((out / "metrics.json").read_text())
+    assert len(saved["cosine"]) == 30 and all(-1 <= c <= 1 for c in saved["cosine"])
+    for held_out in ("test_harmbench", "test_strongreject"):
+        assert set(saved["classification"][held_out]) >= {"Latent Guard", "keyword baseline"}
+        for v in saved["classification"][held_out].values():
+            assert 0 <= v["accuracy"] <= 1 and 0 <= v["auroc"] <= 1
+    delta = np.asarray(saved["steering"]["delta"]["refusal"])
+    assert delta.shape == (2, 2) and np.isfinite(delta).all()
+    assert set(saved["steering"]["refusal_rates"]) >= {"base", "refusal x2", "harmfulness x2", "random x2"}
+
+
+@pytest.mark.slow
+def test_refusal_cliff_smoke(tmp_path):
+    from experiments.refusal_cliff import Config, main
+
+    out, metrics = main(cfg=Config(n_train=8, n_test=4, max_new_tokens=4, random_seeds=2, out=str(tmp_path)))
+    for f in ("report.md", "metrics.json", "trajectory.png", "head_contributions.png"):
+        assert (out / f).exists(), f
+    saved = json.loads((out / "metrics.json").read_text())
+    assert len(saved["trajectories"]["harmful"]["mean_curve"]) == 100
+    assert np.isfinite(saved["cliff_drop_harmful"])
+    rows = saved["ablations"]
+    assert len(rows) == 1 + 2 * (1 + 2)  # base + per fraction: top heads and 2 random seeds
+    assert all(np.isfinite(v["probe_logit"]) and np.isfinite(v["refusal_score"]) for v in rows.values())
+    # zero-ablating heads changes the probe score; the base row is the plain model's
+    assert any(abs(v["probe_logit"] - rows["base"]["probe_logit"]) > 1e-4 for k, v in rows.items() if k != "base")
