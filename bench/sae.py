@@ -56,7 +56,8 @@ SAELENS = textwrap.dedent("""
     batches = [acts[i * 4096:(i + 1) * 4096] for i in range(len(acts) // 4096)]
     cfg = TopKTrainingSAEConfig(d_in=acts.shape[1], d_sae=8192, k=32, dtype="float32", device="cpu")
     sae = TopKTrainingSAE(cfg)
-    tcfg = SAETrainerConfig(total_training_samples=4096 * 1000, train_batch_size_samples=4096, lr=3e-4, device="cpu")
+    tcfg = SAETrainerConfig(total_training_samples=4096 * 1000, train_batch_size_samples=4096, lr=3e-4,
+                           lr_end=3e-5, device="cpu")  # (lr_end is only defaulted by the runner config)
     trainer = SAETrainer(tcfg, sae, data_provider=iter(batches))
     def one(i):
         trainer.step(batches[i % len(batches)])

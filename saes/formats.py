@@ -154,6 +154,11 @@ def from_saelens(path: str | Path) -> SAE:
     site, layer = parse_tl_hook(hook) if hook else ("", -1)
     arch = _FROM_SAELENS[arch_name]
     arrays = {k: np.asarray(v, np.float32) for k, v in weights.items()}
+    if cfg.get("rescale_acts_by_decoder_norm", False):
+        # SAELens TopK: pre * |W_dec_i| before the top-k, f / |W_dec_i| before decoding; fold the norms in
+        # (as SAELens's fold_W_dec_norm does) so unit-norm decoder rows give the same function
+        n = np.linalg.norm(arrays["W_dec"], axis=-1)
+        arrays.update(W_enc=arrays["W_enc"] * n[None, :], b_enc=arrays["b_enc"] * n, W_dec=arrays["W_dec"] / n[:, None])
     if arch == "gated":
         arrays["b_enc"] = arrays.pop("b_gate")
     if arch == "batchtopk" and "threshold" not in arrays:

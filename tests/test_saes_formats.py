@@ -76,6 +76,33 @@ def test_saelens_export_import_is_the_same_function(arch, tmp_path):
     assert saes.load(tmp_path / "e").arch == back.arch  # `load` recognises SAELens directories too
 
 
+def test_saelens_topk_rescaled_by_decoder_norm(tmp_path):
+    """SAELens TopK files may say `rescale_acts_by_decoder_norm: true` (pre * |W_dec_i| before the top-k,
+    f / |W_dec_i| before decoding) with decoder rows of any norm; we fold the norms in on import."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(1)
+    d, w, k = 12, 40, 5
+    p = dict(W_enc=rng.normal(size=(d, w)), b_enc=0.3 * rng.normal(size=w), W_dec=rng.normal(size=(w, d)) * 3,
+             b_dec=0.3 * rng.normal(size=d))
+    p = {n: v.astype(np.float32) for n, v in p.items()}
+    (tmp_path / "s").mkdir()
+    save_file(p, str(tmp_path / "s" / "sae_weights.safetensors"))
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps(dict(
+        architecture="topk", d_in=d, d_sae=w, k=k, rescale_acts_by_decoder_norm=True, apply_b_dec_to_input=True,
+        normalize_activations="none", metadata=dict(hook_name="blocks.3.hook_resid_post"))))
+    x = np.asarray(inputs(), np.float64)
+    n = np.linalg.norm(p["W_dec"].astype(np.float64), axis=-1)
+    pre = ((x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]) * n  # SAELens TopKSAE.encode
+    keep = np.argsort(-pre, axis=-1)[:, :k]
+    f = np.zeros_like(pre)
+    np.put_along_axis(f, keep, np.maximum(np.take_along_axis(pre, keep, -1), 0), -1)
+    x_hat = (f / n) @ p["W_dec"] + p["b_dec"]  # SAELens TopKSAE.decode
+    sae = saes.from_saelens(tmp_path / "s")
+    np.testing.assert_allclose(sae.encode(x), f, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(sae(x), x_hat, rtol=1e-4, atol=1e-4)
+
+
 def test_tl_hook_names_round_trip():
     for site in formats.TL_HOOKS:
         layer = -1 if site in ("embed", "final_norm") else 7
@@ -109,17 +136,40 @@ def test_gemma_scope_params_npz(tmp_path):
 SAELENS_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np, torch
-    from sae_lens import SAE
+    from sae_lens import SAE, JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
     root = sys.argv[1]
     x = torch.tensor(np.load(f"{root}/x.npy"))
-    for name in sys.argv[2:]:
-        sae = SAE.load_from_disk(f"{root}/{name}/export")
+    loaded = {}
+    def outputs(sae, d):
         with torch.no_grad():
             f = sae.encode(x)
-            np.save(f"{root}/{name}/f.npy", f.numpy())
-            np.save(f"{root}/{name}/x_hat.npy", sae.decode(f).numpy())
+            np.save(f"{d}/f.npy", f.numpy())
+            np.save(f"{d}/x_hat.npy", sae.decode(f).numpy())
+    for name in sys.argv[2:]:
+        sae = SAE.load_from_disk(f"{root}/{name}/export")
+        outputs(sae, f"{root}/{name}")
         sae.save_model(f"{root}/{name}/resaved")
-        print(name, type(sae).__name__)
+        loaded[name] = type(sae).__name__
+    # SAEs made by SAELens itself, every parameter random, incl. options our exports never write
+    torch.manual_seed(0)
+    native = {
+        "standard": StandardSAE(StandardSAEConfig(d_in=12, d_sae=40)),
+        "standard_no_b_dec_in": StandardSAE(StandardSAEConfig(d_in=12, d_sae=40, apply_b_dec_to_input=False)),
+        "topk": TopKSAE(TopKSAEConfig(d_in=12, d_sae=40, k=5)),
+        "topk_rescaled": TopKSAE(TopKSAEConfig(d_in=12, d_sae=40, k=5, rescale_acts_by_decoder_norm=True)),
+        "jumprelu": JumpReLUSAE(JumpReLUSAEConfig(d_in=12, d_sae=40)),
+        "jumprelu_no_b_dec_in": JumpReLUSAE(JumpReLUSAEConfig(d_in=12, d_sae=40, apply_b_dec_to_input=False)),
+    }
+    for name, sae in native.items():
+        with torch.no_grad():
+            for pname, p in sae.named_parameters():
+                p.copy_(torch.randn_like(p) * (0.3 if pname.startswith("b_") else 1.0))
+            if hasattr(sae, "threshold"):
+                sae.threshold.copy_(torch.rand_like(sae.threshold) * 0.5 + 0.05)
+        sae.cfg.metadata.hook_name = "blocks.3.hook_resid_post"
+        sae.save_model(f"{root}/native/{name}")
+        outputs(sae, f"{root}/native/{name}")
+    print("LOADED" + json.dumps(loaded))
 """)
 
 
@@ -135,9 +185,20 @@ def test_round_trip_through_saelens_itself(tmp_path):
     proc = subprocess.run([str(SAELENS_PYTHON), "-c", SAELENS_SCRIPT, str(tmp_path), *ours], capture_output=True,
                           text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
+    loaded = json.loads(proc.stdout.split("LOADED", 1)[1])
+    assert {a: loaded[a] for a in ("relu", "topk", "jumprelu")} == {
+        "relu": "StandardSAE", "topk": "TopKSAE", "jumprelu": "JumpReLUSAE"}
+    tol = dict(rtol=1e-5, atol=1e-5)
     for arch, sae in ours.items():
         f_theirs = np.load(tmp_path / arch / "f.npy")
-        np.testing.assert_allclose(f_theirs, sae.encode(x), rtol=1e-4, atol=1e-4, err_msg=arch)
-        np.testing.assert_allclose(np.load(tmp_path / arch / "x_hat.npy"), sae(x), rtol=1e-4, atol=1e-4, err_msg=arch)
+        np.testing.assert_allclose(f_theirs, sae.encode(x), **tol, err_msg=arch)
+        np.testing.assert_allclose(np.load(tmp_path / arch / "x_hat.npy"), sae(x), **tol, err_msg=arch)
         back = saes.from_saelens(tmp_path / arch / "resaved")  # SAELens's own file, read back by us
-        np.testing.assert_allclose(back.encode(x), f_theirs, rtol=1e-4, atol=1e-4, err_msg=arch)
+        np.testing.assert_allclose(back.encode(x), f_theirs, **tol, err_msg=arch)
+    for d in sorted((tmp_path / "native").iterdir()):  # SAEs SAELens made and saved, loaded by us
+        back = saes.from_saelens(d)
+        assert back.arch == {"standard": "relu"}.get(d.name.split("_")[0], d.name.split("_")[0])
+        assert (back.site, back.layer) == ("resid_post", 3)
+        f_theirs = np.load(d / "f.npy")
+        np.testing.assert_allclose(back.encode(x), f_theirs, **tol, err_msg=d.name)
+        np.testing.assert_allclose(back(x), np.load(d / "x_hat.npy"), **tol, err_msg=d.name)
