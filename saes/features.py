@@ -135,14 +135,15 @@ def feature_frequencies(model, sae: SAE, rows, n_rows: int = 256, batch: int = 1
 
 def frequency_histogram(freq, path=None, title: str = "feature firing frequency"):
     """Histogram of log10 firing frequencies (dead features counted separately in the title)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a bare Agg figure, not pyplot: `matplotlib.use("Agg")` here switched a notebook's inline backend off
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     freq = np.asarray(freq)
     dead = int((freq == 0).sum())
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     ax.hist(np.log10(freq[freq > 0]), bins=60)
     ax.set_xlabel("log10 firing frequency")
     ax.set_ylabel("features")
@@ -150,7 +151,6 @@ def frequency_histogram(freq, path=None, title: str = "feature firing frequency"
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)
-    plt.close(fig)
     return fig
 
 

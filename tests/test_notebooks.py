@@ -13,7 +13,7 @@ NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 
 
 def test_there_are_notebooks():
-    assert {p.name for p in NOTEBOOKS} >= {"explore_heads.ipynb"}
+    assert {p.name for p in NOTEBOOKS} >= {"explore_heads.ipynb", "probes.ipynb", "sae_features.ipynb"}
 
 
 @pytest.mark.slow
