@@ -67,6 +67,8 @@ def test_grouping_chunking_and_stacked_mode_agree(planted):
     exact = sweeps.head_ablation(m, t, k, metric)
     np.testing.assert_allclose(sweeps.head_ablation(m, t, k, metric, max_programs=1), exact, atol=2e-5)
     np.testing.assert_allclose(sweeps.head_ablation(m, t, k, metric, batch_size=5, max_programs=2), exact, atol=2e-5)
+    np.testing.assert_allclose(sweeps.head_ablation(m, t, k, metric, batch_size=0), exact, atol=2e-5)  # one vmap
+    assert sweeps.default_batch_size(270, 512) == 8 and sweeps.default_batch_size(4, 512) is None
     # the same sweep as a stack of ScaleHeads masks (stacked mode, first layers read from the masks)
     masks = np.ones((12, CFG.n_layers, CFG.n_heads), np.float32)
     masks[np.arange(12), np.arange(12) // 4, np.arange(12) % 4] = 0
