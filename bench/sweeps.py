@@ -180,7 +180,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--max-programs", type=int, default=6, help="prefix groups of the exact sweep (30 = every layer)")
+    ap.add_argument("--max-programs", type=int, default=None, help="prefix groups of the exact sweep (default: one per layer)")
     ap.add_argument("--loop-sample", type=int, default=27)
     ap.add_argument("--tl-sample", type=int, default=18)
     ap.add_argument("--tl-python", default="/work/tlvenv/bin/python")
