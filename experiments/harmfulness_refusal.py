@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 import models
-from experiments.common import (RefusalScore, chat_batch, chat_texts, instruction_splits, parse_config, refusal_rate,
+from experiments.common import (RefusalScore, chat_texts, instruction_splits, parse_config, refusal_rate,
                                 refusal_token_ids, run_dir, save_figure, write_report)
 from interp import data, probes
 from interp.directions import cosine, normalize
@@ -102,7 +102,7 @@ def directions_and_classifiers(m, cfg: Config, sets: dict) -> dict:
         results[held_out] = {"Latent Guard": _classify(guard, y, 0.0), "keyword baseline": _classify(kw, y, 0.0),
                              f"linear probe (layer {grid.best[0]}, {probe.positions[0]})": _classify(probe_logit, y, 0.0),
                              "_guard_scores": guard, "_y": y}
-    return dict(harmfulness=harmfulness, refusal=refusal, cosine=cos, classification=results, probe_best=grid.best,
+    return dict(harmfulness=harmfulness, refusal=refusal, cosine=cos, classification=results,
                 probe_val_auroc=float(grid.metrics["val"]["auroc"][grid.best]))
 
 
@@ -123,14 +123,14 @@ def steering(m, cfg: Config, sets: dict, harmfulness: np.ndarray, refusal: np.nd
     vec = np.broadcast_to(vecs[:, :, None], (K, nL, C, D)).reshape(-1, D)
     scale = np.broadcast_to(coefs, (K, nL, C)).reshape(-1)
     item_layers = np.broadcast_to(layers[None, :, None], (K, nL, C)).reshape(-1)
-    tokens, mask = chat_batch(m, sets["test_harmless"], system)
+    texts = chat_texts(m, sets["test_harmless"], system)
+    tokens, mask = m.tokenize(texts)
     add = AddVector("resid_pre", vec, scale, where=Where(layers=item_layers[:, None]))
     base = baseline(m, tokens, mask, metric)
     scores = sweep(m, tokens, mask, metric, (add,), batch_size=cfg.batch_size).reshape(K, nL, C)
 
     best = int(np.argmax(scores[names.index("refusal"), :, -1]))
     layer = int(layers[best])
-    texts = chat_texts(m, sets["test_harmless"], system)
     rates = {"base": refusal_rate(models.generate(m, texts, cfg.max_new_tokens))}
     samples = {}
     for k, n in enumerate(names):

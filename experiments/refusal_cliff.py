@@ -68,7 +68,6 @@ def trajectories(m, cfg: Config, probe, prompts) -> dict:
     replies = models.generate(m, texts, cfg.max_new_tokens)
     scores, mask = probes.trajectory(probe, m, [t + r for t, r in zip(texts, replies)], batch_size=cfg.batch_size)
     n_prompt = m.tokenize(texts)[1].sum(1)
-    n_reply = mask.sum(1) - n_prompt
     rows = [s[k > 0] for s, k in zip(scores, mask)]  # real tokens of each row, in order
     prompt_rows = [r[:n] for r, n in zip(rows, n_prompt)]
     reply_rows = [r[n:] for r, n in zip(rows, n_prompt)]
@@ -81,8 +80,7 @@ def trajectories(m, cfg: Config, probe, prompts) -> dict:
     template = np.stack([r[-n_post:] for r in prompt_rows])  # [B, n_post]
     reply = np.array([r.mean() if len(r) else np.nan for r in reply_rows])
     return dict(resampled=resampled, tail=tail, plateau=plateau, final=final, template=template, reply=reply,
-                replies=replies,
-                refusal_rate=refusal_rate(replies), n_reply=n_reply)
+                replies=replies, refusal_rate=refusal_rate(replies))
 
 
 def _pad(rows) -> np.ndarray:
@@ -110,7 +108,6 @@ def _ablation_scores(model, tokens, mask, head_masks, probe_arrays, metric, laye
     head scale mask, vmapped: `([N], [N])`. `probe_arrays` = (w, b, mean, scale) of one probe."""
     T = tokens.shape[1]
     probe = probes.Probes(*probe_arrays)
-
     L = model.cfg.n_layers
 
     def one(hm):
@@ -144,7 +141,7 @@ def head_ablations(m, cfg: Config, contrib: np.ndarray, probe, tokens, mask, met
     arrays = tuple(jnp.asarray(a, jnp.float32) for a in (probe.w, probe.b, probe.mean, probe.scale))
     z, ref = _ablation_scores(m, jnp.asarray(tokens), jnp.asarray(mask), masks, arrays, metric, int(probe.layers[0]))
     rows = {n: dict(probe_logit=float(a), refusal_score=float(b)) for n, a, b in zip(names, np.asarray(z), np.asarray(ref))}
-    return dict(rows=rows, order=order, masks=conditions)
+    return dict(rows=rows, order=order)
 
 
 def _summarise(rows: dict, fractions) -> dict:
