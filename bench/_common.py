@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: median timing, the machine's matmul peak, a results table."""
+"""Helpers shared by the benchmarks: median timing, the machine's matmul peak, a results table, peers' environments."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -80,3 +83,30 @@ def _fmt(x: object) -> str:
     if isinstance(x, float):
         return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
     return str(x)
+
+
+def peer_python(env_var: str, venv: str) -> Path:
+    """A peer's interpreter (peers that pin each other's versions live in their own environments): `$env_var` if
+    set, else the repository's `venv` (built by `./run peers`, as .ci/run does). It may not exist: check."""
+    return Path(os.environ.get(env_var) or ROOT / venv / "bin" / "python")
+
+
+def export_hf_dir(path: Path) -> Path:
+    """SmolLM2 as a float32 Hugging Face directory (from the registry's GGUF), for TransformerLens."""
+    if (path / "model.safetensors").exists():
+        return path
+    import torch
+    import transformers
+
+    from models.loading import resolve
+
+    gguf = resolve("smollm2-135m-instruct")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    cfg = hf.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(hf.state_dict())
+    plain.save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(path)
+    return path

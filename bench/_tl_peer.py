@@ -1,19 +1,41 @@
-"""TransformerLens peer for bench/sweeps.py, run in its own venv (it needs torch + transformer-lens):
+"""TransformerLens peer for bench/sweeps.py, bench/forward.py and tests/test_tl_peer.py, run in its own venv
+(torch + transformer-lens; `./run peers` builds .venv-tl):
 
-    /work/tlvenv/bin/python bench/_tl_peer.py HF_DIR INPUTS.npz OUT.json
+    .venv-tl/bin/python bench/_tl_peer.py HF_DIR INPUTS.npz OUT.json
+    .venv-tl/bin/python bench/_tl_peer.py --cache REPEATS HF_DIR INPUTS.npz OUT.json
 
 Zero-ablates the heads listed in INPUTS (`heads` [N, 2]) one at a time with `TransformerBridge.run_with_hooks`
 on `tokens` [B, T], scoring mean(logit[correct] - logit[wrong]) at the last position; writes the effects and
-the wall-clock seconds of each hooked run.
+the wall-clock seconds of each hooked run. With `--cache`: times `run_with_cache` of every hook on `tokens`
+and `mask` (REPEATS timed calls after one warm-up), writes the seconds, the hook count, the cache's MiB and
+the logits (OUT with .npy).
 """
 
 import json
 import sys
 import time
+from importlib.metadata import version
 
 import numpy as np
 import torch
 from transformer_lens.model_bridge import TransformerBridge
+
+
+def cache(repeats: str, hf_dir: str, inputs: str, out: str) -> None:
+    torch.set_grad_enabled(False)
+    data = np.load(inputs)
+    tokens, mask = (torch.as_tensor(data[k], dtype=torch.long) for k in ("tokens", "mask"))
+    bridge = TransformerBridge.boot_transformers(hf_dir, device="cpu", dtype=torch.float32)
+    logits, kept = bridge.run_with_cache(tokens, attention_mask=mask)  # warm-up
+    seconds = []
+    for _ in range(int(repeats)):
+        t0 = time.perf_counter()
+        bridge.run_with_cache(tokens, attention_mask=mask)
+        seconds.append(time.perf_counter() - t0)
+    size = sum({v.data_ptr(): v.numel() * v.element_size() for v in kept.values()}.values()) / 2**20  # aliases once
+    np.save(out + ".npy", logits.float().numpy())
+    json.dump({"seconds": seconds, "hooks": len(kept), "mib": size, "torch": torch.__version__,
+               "tl": version("transformer-lens"), "threads": torch.get_num_threads()}, open(out, "w"))
 
 
 def main(hf_dir: str, inputs: str, out: str) -> None:
@@ -44,4 +66,4 @@ def main(hf_dir: str, inputs: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    cache(*sys.argv[2:6]) if sys.argv[1] == "--cache" else main(*sys.argv[1:4])

@@ -2,22 +2,27 @@
 
     python -m bench.forward [--batch 8] [--seq 128] [--repeats 5] [--skip-peers]
 
-All in this process, on the same `batch`×`seq` tokens (a public-domain text, tiled and cut into rows that
-start at different offsets; mask all ones), median of `repeats` timed calls after warm-up:
+On the same `batch`×`seq` tokens (a public-domain text, tiled and cut into rows that start at different
+offsets; mask all ones), median of `repeats` timed calls after warm-up, all in this process except (d):
   (a) `models.forward` (jitted), no capture, full logits
   (b) `models.forward` capturing every site (`models.ALL_SITES`); (b') all but `attn.head_out`, which has
       no counterpart among TransformerLens's cached hooks (no `hook_result` by default)
   (c) `transformers` forward of the same GGUF, dequantised to float32, under `torch.inference_mode`
-  (d) TransformerLens `TransformerBridge` (booted on (c)'s model) `run_with_cache` of all hooks, if installed
+  (d) TransformerLens `TransformerBridge` `run_with_cache` of all hooks, in its own environment (`$TL_PYTHON`,
+      else .venv-tl: `./run peers`; the same finder as bench.sweeps), on a float32 export of the GGUF
+  (e) penzai 0.2.5 (JAX, same backend as ours) converted from (c)'s model, jitted forward; (f) the same with
+      every intermediate saved (`saving_all_intermediates`), cross-checked against our `resid_post`
 and the float32 roofline: a jitted 2048³ matmul's FLOP/s divided by the model's matmul FLOPs per token.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
-from importlib.metadata import version
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a benchmark never downloads
@@ -29,9 +34,9 @@ import jax
 import numpy as np
 
 import models
-from bench._common import machine, matmul_peak, table, time_median
+from bench._common import Timing, export_hf_dir, machine, matmul_peak, peer_python, table, time_median
 
-MODEL, HF_NAME = "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"
+MODEL = "smollm2-135m-instruct"
 TEXT = (  # the Gettysburg Address (public domain)
     "Four score and seven years ago our fathers brought forth on this continent, a new nation, conceived in "
     "Liberty, and dedicated to the proposition that all men are created equal. Now we are engaged in a great "
@@ -73,10 +78,44 @@ def mib(tree) -> float:
     return sum(x.nbytes for x in jax.tree.leaves(tree)) / 2**20
 
 
-def bench_peers(tokens, mask, repeats: int):
-    """(c) transformers and (d) TransformerLens on the same GGUF; yields (label, Timing or None, note, logits)."""
+def bench_penzai(hf, tokens, repeats: int, resid_post: np.ndarray):
+    """(e) penzai forward and (f) forward saving every intermediate; yields (label, Timing, note, logits).
+    Every layer's `resid_post` of ours must appear among (f)'s `[batch, seq, embedding]` intermediates."""
+    import jax.numpy as jnp
+    from penzai import pz
+    from penzai.models.transformer.variants import llamalike_common
+    from penzai.toolshed import save_intermediates
+
+    # penzai 0.2.5's `llama_from_huggingface_model` refuses every config key it does not know, and transformers 5
+    # adds several (rope_parameters, dtype, the GGUF marker); SmolLM2 is a plain Llama, so call the converter it
+    # wraps. It reads `rope_theta`, which transformers 5 moved, and always uses lm_head.weight (here the tied one).
+    hf.config.rope_theta = hf.config.rope_parameters["rope_theta"]
+    unbound, params = pz.unbind_params(llamalike_common.llamalike_from_huggingface_model(hf), freeze=True)
+    named = pz.nx.wrap(jnp.asarray(tokens)).tag("batch", "seq")  # mask all ones: penzai's default positions
+    fwd = jax.jit(lambda p, t: unbound.stateless_call(p, t)[0].unwrap("batch", "seq", "vocabulary"))
+    logits = np.asarray(fwd(params, named))
+    yield "(e) penzai forward", time_median(lambda: jax.block_until_ready(fwd(params, named)), repeats), \
+        "converted from (c), jitted", logits
+
+    saving, states = pz.unbind_state_vars(save_intermediates.saving_all_intermediates(unbound), freeze=True)
+    fwd_all = jax.jit(lambda p, s, t: saving.stateless_call(tuple(p) + tuple(s), t))
+    out, values = fwd_all(params, states, named)
+    saved = [v.value for v in values if v.label in {s.label for s in states}]
+    residual_like = [np.asarray(v.unwrap("batch", "seq", "embedding")) for v in saved
+                     if isinstance(v, pz.nx.NamedArray) and set(v.named_shape) == {"batch", "seq", "embedding"}]
+    worst = max(min(np.abs(r - layer).max() for r in residual_like) for layer in resid_post)
+    size = sum(x.nbytes for x in jax.tree.leaves(saved)) / 2**20
+    note = (f"{len(saved)} intermediates, {size:,.0f} MiB; every resid_post of ours among them within {worst:.1e}")
+    yield "(f) penzai forward, every intermediate saved", \
+        time_median(lambda: jax.block_until_ready(fwd_all(params, states, named)), repeats), note, \
+        np.asarray(out.unwrap("batch", "seq", "vocabulary"))
+
+
+def bench_peers(tokens, mask, repeats: int, resid_post: np.ndarray):
+    """(c) transformers, (e, f) penzai and (d) TransformerLens on the same GGUF and batch; yields (label,
+    Timing or None, note, logits)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = models.loading.resolve(MODEL)
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
@@ -86,20 +125,25 @@ def bench_peers(tokens, mask, repeats: int):
         timing = time_median(lambda: hf(input_ids=t, attention_mask=mk).logits, repeats, warmup=1)
     note = f"{hf.config._attn_implementation} attention, torch {torch.__version__}, {torch.get_num_threads()} threads"
     yield "(c) transformers forward", timing, note, logits.numpy()
+    yield from bench_penzai(hf, tokens, repeats, resid_post)
 
-    try:
-        from transformer_lens.model_bridge import TransformerBridge
-    except ImportError as e:
-        yield "(d) TransformerLens run_with_cache", None, f"skipped: {e}", None
+    del hf  # (d) runs in its own process: leave it the memory
+    tl = peer_python("TL_PYTHON", ".venv-tl")
+    if not tl.exists():
+        yield "(d) TransformerLens run_with_cache", None, f"skipped: no TransformerLens environment at {tl}", None
         return
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    bridge = TransformerBridge.boot_transformers(HF_NAME, hf_model=hf, tokenizer=tok)  # after (c): it wraps hf
-    with torch.inference_mode():
-        _, cache = bridge.run_with_cache(t, attention_mask=mk)
-        timing = time_median(lambda: bridge.run_with_cache(t, attention_mask=mk), repeats, warmup=1)
-    size = sum({v.data_ptr(): v.numel() * v.element_size() for v in cache.values()}.values()) / 2**20  # aliases once
-    note = f"TL {version('transformer-lens')}, {len(cache)} hooks, {size:,.0f} MiB"
-    yield "(d) TransformerLens run_with_cache", timing, note, None
+    hf_dir = export_hf_dir(Path(tempfile.gettempdir()) / "smollm2_hf")
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs, out = Path(tmp) / "inputs.npz", Path(tmp) / "out.json"
+        np.savez(inputs, tokens=tokens, mask=mask)
+        run = subprocess.run([str(tl), str(Path(__file__).with_name("_tl_peer.py")), "--cache", str(repeats), str(hf_dir),
+                              str(inputs), str(out)], capture_output=True, text=True)
+        if run.returncode:
+            yield "(d) TransformerLens run_with_cache", None, "failed: " + run.stderr[-300:], None
+            return
+        res, logits = json.loads(out.read_text()), np.load(str(out) + ".npy")
+    note = f"TL {res['tl']}, {res['hooks']} hooks, {res['mib']:,.0f} MiB, torch {res['torch']}, {res['threads']} threads"
+    yield "(d) TransformerLens run_with_cache", Timing(tuple(res["seconds"])), note, logits
 
 
 def main():
@@ -140,7 +184,8 @@ def main():
     print("float32 2048³ matmul: " + " / ".join(f"{p / 1e9:.0f}" for p in peaks) + f" GFLOP/s (before / after ours)"
           f" ⇒ roofline {peak / fpt:,.0f} tok/s")
     if not args.skip_peers:
-        for label, timing, note, logits in bench_peers(tokens, mask, args.repeats):
+        resid_post = np.asarray(models.forward(m, jt, attention_mask=jm, capture=("resid_post",))[1]["resid_post"])
+        for label, timing, note, logits in bench_peers(tokens, mask, args.repeats, resid_post):
             if logits is not None:
                 note += f"; max |Δlogits| vs (a) {np.abs(logits - ours_logits).max():.1e}"
             results.append((label, timing, note))
@@ -166,6 +211,9 @@ def main():
         check("(b') / (d), like for like", tps["(b')"] / tps["(d)"], None)
     if "(c)" in tps:
         check("(a) / (c)", tps["(a)"] / tps["(c)"], None)
+    if "(e)" in tps:
+        check("(a) / (e), penzai", tps["(a)"] / tps["(e)"], None)
+        check("(b) / (f), penzai", tps["(b)"] / tps["(f)"], None)
     check("(a) fraction of roofline", tps["(a)"] * fpt / peak, None)
     check("(b) fraction of roofline", tps["(b)"] * fpt / peak, 0.8)
 

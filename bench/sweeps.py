@@ -1,13 +1,14 @@
 """Head-ablation sweeps and direction selection on SmolLM2-135M-Instruct: interp vs TransformerLens vs a loop.
 
     python -m bench.sweeps                 # batch 8 x 64, every one of the 270 heads
-    python -m bench.sweeps --loop-sample 27 --tl-sample 18 --tl-python /work/tlvenv/bin/python
+    python -m bench.sweeps --loop-sample 27 --tl-sample 18 [--tl-python PATH]
 
 1. Exact sweep: the change of mean(logit[top1] - logit[top2]) at the last position when each head is
    zero-ablated alone. interp: `head_ablation` (one call, prefix reuse, vmapped heads); a Python loop of our
    own jitted single-intervention forward; TransformerLens `TransformerBridge.run_with_hooks` in a loop (in
-   its own venv, `--tl-python`; skipped if absent). Loops are timed on a sample of heads and extrapolated to
-   all 270 (`--loop-sample`/`--tl-sample 270` for the full loops); the sampled effects are cross-checked.
+   its own venv: `--tl-python`, default $TL_PYTHON or .venv-tl; skipped if absent). Loops are timed on a
+   sample of heads and extrapolated to all 270 (`--loop-sample`/`--tl-sample 270` for the full loops); the
+   sampled effects are cross-checked.
 2. Attribution patching (`head_ablation_attribution`): time and rank correlation with the exact sweep.
 3. Choosing a refusal-style direction: diff-of-means candidates at every (post-instruction position, layer),
    each scored by ablation (on harmful prompts) and by addition (on harmless prompts) with a refusal score;
@@ -30,7 +31,7 @@ import numpy as np
 
 import interp
 import models
-from bench._common import machine, table
+from bench._common import export_hf_dir, machine, peer_python, table
 from interp import interventions as I
 from interp.readout import readout
 
@@ -56,27 +57,6 @@ def timed(fn):
     t0 = time.perf_counter()
     out = jax.block_until_ready(fn())
     return out, time.perf_counter() - t0
-
-
-def export_hf_dir(path: Path) -> Path:
-    """SmolLM2 as a float32 Hugging Face directory (from the registry's GGUF), for TransformerLens."""
-    if (path / "model.safetensors").exists():
-        return path
-    import torch
-    import transformers
-
-    from models.loading import resolve
-
-    gguf = resolve("smollm2-135m-instruct")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    cfg = hf.config
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    plain = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    plain.load_state_dict(hf.state_dict())
-    plain.save_pretrained(path)
-    transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(path)
-    return path
 
 
 def sample_heads(n: int, L: int, H: int) -> np.ndarray:
@@ -128,7 +108,7 @@ def head_sweeps(m, args) -> list[tuple]:
             rows.append((f"TransformerLens run_with_hooks loop (torch {tl['torch']})", len(heads_tl), per * len(heads_tl),
                          per * L * H, f"max |diff| vs interp {err:.1e}"))
     else:
-        print(f"TransformerLens skipped: no interpreter at {args.tl_python!r} (install transformer-lens in a separate venv)")
+        print(f"TransformerLens skipped: no interpreter at {args.tl_python!r} (build it with `./run peers`)")
 
     approx, _ = timed(lambda: interp.head_ablation_attribution(m, tokens, mask, metric))
     approx, t_attr = timed(lambda: interp.head_ablation_attribution(m, tokens, mask, metric))
@@ -151,7 +131,7 @@ def direction_selection(m, args) -> list[tuple]:
     diffs, t_diff = timed(lambda: interp.diff_of_means(m, harmful, harmless, interp.positions.PostInstruction()))
     L, P, D = diffs.shape
     cands, layers = diffs.reshape(-1, D), np.repeat(np.arange(L), P)
-    metric = interp.TokenLogProb([m.tokenizer.encode(w, add_bos=False)[0] for w in ("I", " I", "Sorry", "As")])
+    metric = interp.TokenLogProb([m.tokenizer.encode(w, add_bos=False)[0] for w in ("I", " I", "Sorry", "As")], any_of=True)
     kw = dict(batch_size=args.direction_chunk, max_programs=args.max_programs)
     (abl, add), first = timed(lambda: interp.score_directions(m, cands, layers, metric, val_harmful, val_harmless, **kw))
     (abl, add), steady = timed(lambda: interp.score_directions(m, cands, layers, metric, val_harmful, val_harmless, **kw))
@@ -159,7 +139,7 @@ def direction_selection(m, args) -> list[tuple]:
     h_t, h_m = (jnp.asarray(x) for x in val_harmful)
     s_t, s_m = (jnp.asarray(x) for x in val_harmless)
     ablate = jax.jit(lambda d: metric(readout(m, h_t, h_m, I.directional_ablation(d))))
-    add_one = jax.jit(lambda d, l: metric(readout(m, s_t, s_m, (I.AddVector("resid_pre", d, where=I.Where(layers=l)),))))
+    add_one = jax.jit(lambda d, l: metric(readout(m, s_t, s_m, (I.AddVector("resid_pre", d, where=I.StackedWhere(layers=l)),))))
     sample = np.linspace(0, len(cands) - 1, args.loop_sample).round().astype(int)
     jax.block_until_ready((ablate(cands[0]), add_one(cands[0], layers[0])))
     t0 = time.perf_counter()
@@ -183,7 +163,7 @@ def main() -> None:
     ap.add_argument("--max-programs", type=int, default=None, help="prefix groups of the exact sweep (default: one per layer)")
     ap.add_argument("--loop-sample", type=int, default=27)
     ap.add_argument("--tl-sample", type=int, default=18)
-    ap.add_argument("--tl-python", default="/work/tlvenv/bin/python")
+    ap.add_argument("--tl-python", default=str(peer_python("TL_PYTHON", ".venv-tl")), help="default: $TL_PYTHON, else .venv-tl")
     ap.add_argument("--hf-dir", default=str(Path(tempfile.gettempdir()) / "smollm2_hf"))
     ap.add_argument("--direction-chunk", type=int, default=12, help="lax.map chunk of the direction sweeps")
     ap.add_argument("--skip-directions", action="store_true")

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
-import typing
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +17,7 @@ from jaxtyping import Array, Float, Int
 import models
 from interp import data
 from interp.readout import Readout
+from models import cli
 
 # Openings of a refusal (Arditi et al. 2024 use the same kind of substring list over greedy generations).
 REFUSAL_SUBSTRINGS = (
@@ -31,14 +30,9 @@ REFUSAL_OPENINGS = ("I", "Sorry", "As", "Unfortunately", "I'm", "Apologies", "No
 
 
 def parse_config(cls, argv: Sequence[str] | None = None, description: str = ""):
-    """A frozen dataclass `cls` filled from `--field value` flags (types from the annotations)."""
-    ap = argparse.ArgumentParser(description=description)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        conv = {int: int, float: float, bool: lambda s: s.lower() in ("1", "true", "yes")}.get(kind, str)
-        ap.add_argument(f"--{f.name.replace('_', '-')}", type=conv, default=f.default, help=f"default: {f.default!r}")
-    return cls(**vars(ap.parse_args(argv)))
+    """A frozen dataclass `cls` filled from `--field value` flags: `models.cli.parse` (each flag's description
+    from its field's `#` comment, its default, tuples as comma-separated values)."""
+    return cli.parse(cls, argv, description=description)
 
 
 def run_dir(name: str, root: str = "runs") -> Path:
@@ -68,14 +62,89 @@ def chat_batch(m: models.Model, prompts: Sequence[str], system: str | None = Non
     return m.tokenize(chat_texts(m, prompts, system))
 
 
-def instruction_splits(seed: int, sizes: Sequence[int], source: str = "both") -> tuple[list[list[str]], list[list[str]]]:
+def instruction_splits(seed: int, sizes: Sequence[int], source: str = "both", harmless: str = "matched",
+                       normalise: bool = False) -> tuple[list[list[str]], list[list[str]]]:
     """Seeded, disjoint train/val/test splits (60/20/20, each part cut to `sizes`) of harmful instructions
-    (`interp.data.harmful_instructions(source)`) and of the project's harmless instructions."""
+    (`interp.data.harmful_instructions(source)`) and of the project's harmless instructions: `harmless="matched"`
+    takes the set matched to `source` on surface form (`interp.data.matched_pairs`), any other value is a
+    `harmless_instructions` style ("original" is the confounded set of the first runs). `normalise=True` strips
+    trailing punctuation from every prompt on both sides (`interp.data.normalise_punctuation`)."""
+    harmless_all = (data.matched_pairs(source)[1] if harmless == "matched" else data.harmless_instructions(harmless))
     out = []
-    for items in (data.harmful_instructions(source), data.harmless_instructions()):
+    for items in (data.harmful_instructions(source), harmless_all):
         parts = data.split(items, (0.6, 0.2, 0.2), seed=seed)
-        out.append([p[:n] for p, n in zip(parts, sizes)])
+        out.append([(data.normalise_punctuation(p[:n]) if normalise else p[:n]) for p, n in zip(parts, sizes)])
     return out[0], out[1]
+
+
+def surface_baseline(train_pos: Sequence[str], train_neg: Sequence[str], test_pos: Sequence[str],
+                     test_neg: Sequence[str], C: float = 1.0) -> dict:
+    """The form-only bar for a harmful/harmless result: a balanced logistic regression on
+    `interp.data.surface_features` (length, trailing punctuation, final token; vocabulary from the training texts)
+    fitted on `train_pos` (label 1) vs `train_neg`, scored on `test_pos` vs `test_neg`: `accuracy`, `auroc`."""
+    from interp import probes
+
+    x, vocab = data.surface_features(list(train_pos) + list(train_neg))
+    y = np.r_[np.ones(len(train_pos)), np.zeros(len(train_neg))]
+    w, b, mu, sd = (np.asarray(a, np.float64) for a in probes.fit_logistic(x, y, C=C))
+    xt, _ = data.surface_features(list(test_pos) + list(test_neg), vocab)
+    logit = ((xt - mu) / sd) @ w + b
+    yt = np.r_[np.ones(len(test_pos)), np.zeros(len(test_neg))]
+    return dict(accuracy=float(np.mean((logit > 0) == (yt == 1))), auroc=float(probes.auroc(logit, yt)))
+
+
+def surface_table(named_sets: dict[str, Sequence[str]]) -> str:
+    """Markdown table of the surface form of each named prompt set (`interp.data.surface_stats`)."""
+    rows = ["| set | n | ends in punctuation | ends in \"?\" | multi-sentence | mean words |", "|---|---|---|---|---|---|"]
+    for name, texts in named_sets.items():
+        s = data.surface_stats(texts)
+        rows.append(f"| {name} | {s['n']} | {s['punct_rate']:.2f} | {s['question_rate']:.2f} | "
+                    f"{s['multi_sentence_rate']:.2f} | {s['mean_words']:.1f} |")
+    return "\n".join(rows)
+
+
+def survives(name: str, score: float, normalised: float, surface: float, surface_normalised: float,
+             metric: str = "AUROC", margin: float = 0.05) -> tuple[bool, str]:
+    """Whether a harmful/harmless result `score` survives its controls: it must beat the surface baseline by
+    `margin` both on the matched sets and on the punctuation-normalised rerun (`normalised` vs
+    `surface_normalised`). Returns `(survives, one sentence for the report)`."""
+    ok = score - surface >= margin and normalised - surface_normalised >= margin
+    text = (f"{name}: {metric} {score:.3f} on the matched sets (surface baseline {surface:.3f}), {normalised:.3f} with "
+            f"trailing punctuation removed on both sides (surface baseline {surface_normalised:.3f}): "
+            + ("**survives** (above the surface-only baseline by >= "
+               f"{margin:g} in both)." if ok else
+               f"**does not survive** (less than {margin:g} above the surface-only baseline in at least one: "
+               "form explains it as well)."))
+    return ok, text
+
+
+def safe_cosine(a, b, rel_tol: float = 1e-4) -> np.ndarray:
+    """Cosine of `a` and `b` along the last axis, NaN (undefined) where either vector has (numerically) zero norm:
+    below `rel_tol` times the largest norm of its array, e.g. a harmful - harmless difference at layer 0 at a
+    template token that is the same in every prompt."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
+    zero = (na <= rel_tol * na.max()) | (nb <= rel_tol * nb.max())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.sum(a * b, -1) / (na * nb)
+    return np.where(zero, np.nan, cos)
+
+
+def undefined_to_none(x):
+    """`x` (nested dicts / lists / arrays of numbers) with NaN replaced by None, for strict JSON: an undefined
+    quantity is written as null, never as 0."""
+    if isinstance(x, dict):
+        return {k: undefined_to_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)) or (isinstance(x, np.ndarray) and x.ndim > 0):
+        return [undefined_to_none(v) for v in x]
+    if isinstance(x, (float, np.floating)) or (isinstance(x, np.ndarray) and x.ndim == 0):
+        return None if not np.isfinite(x) else float(x)
+    return x
+
+
+def fmt(x: float, spec: str = ".2f") -> str:
+    """`x` formatted with `spec`, or "undefined" for NaN (a degenerate quantity, never reported as 0)."""
+    return "undefined" if not np.isfinite(x) else format(x, spec)
 
 
 def save_figure(fig, path: Path, dpi: int = 110) -> Path:

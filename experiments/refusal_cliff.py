@@ -11,6 +11,11 @@ greedy response of held-out prompts; trajectories are tail-aligned to the end of
 (r the probe's unit direction, heads at layers <= the probe layer) comes from one forward; the top 1% / 3% most
 negative heads are zero-ablated, against the same number of random heads (several seeds), all conditions in
 one vmapped program, measuring the probe score and the refusal score at the last prompt token.
+
+Surface form (issue 21): the harmless prompts are matched to the harmful ones on surface form by default
+(`interp.data.matched_pairs("both")`); the probe's accuracy is reported beside a surface-only baseline (length,
+trailing punctuation, final token), and the probe and the prompt trajectories are rerun with trailing punctuation
+removed on both sides and on the original, confounded harmless set (prompt tokens only, no generation).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from matplotlib.figure import Figure
 
 import models
 from experiments.common import (RefusalScore, chat_batch, chat_texts, instruction_splits, parse_config, refusal_rate,
-                                refusal_token_ids, run_dir, save_figure, write_report)
+                                refusal_token_ids, run_dir, save_figure, surface_baseline, surface_table, survives,
+                                undefined_to_none, write_report)
 from interp import probes
 from interp.interventions import ScaleHeads
 from interp.positions import LastInstruction, post_instruction_ids
@@ -36,20 +42,21 @@ from models.transformer import Capture
 
 @dataclass(frozen=True)
 class Config:
-    model: str = "smollm2-135m-instruct"
-    n_train: int = 96  # per class
-    n_test: int = 32  # per class
-    probe_layer: int = -1  # -1: two thirds of the depth
-    system_prompt: str = ""
-    max_new_tokens: int = 48
-    n_points: int = 100
+    model: str = "smollm2-135m-instruct"  # any local instruct model: registered name, .gguf or HF directory
+    n_train: int = 96  # probe training prompts per class (harmful, harmless)
+    n_test: int = 32  # test prompts per class
+    probe_layer: int = -1  # layer of the probe; -1: two thirds of the depth
+    system_prompt: str = ""  # prepended as a system message ("" = none)
+    max_new_tokens: int = 48  # greedy response tokens scored by the probe
+    n_points: int = 100  # points each trajectory is resampled to
     plateau_tokens: int = 5  # instruction tokens (ending at t_inst) averaged for the plateau
     final_tokens: int = 1  # last prompt tokens averaged for the end of the cliff (1: where the reply starts)
-    fractions: str = "0.01,0.03"  # fractions of the eligible heads ablated
-    random_seeds: int = 5
-    batch_size: int = 16
-    seed: int = 0
-    out: str = "runs"
+    fractions: tuple[float, ...] = (0.01, 0.03)  # fractions of the eligible heads ablated
+    random_seeds: int = 5  # random-head controls per fraction
+    batch_size: int = 16  # prompts per forward
+    seed: int = 0  # data splits and random controls
+    harmless: str = "matched"  # harmless prompts: "matched" to the harmful ones on surface form, or "original" (confounded)
+    out: str = "runs"  # reports go to OUT/<experiment>/<timestamp>/
 
 
 def train_probe(m, cfg: Config, layer: int, harmful, harmless) -> tuple[probes.Probes, dict]:
@@ -58,14 +65,19 @@ def train_probe(m, cfg: Config, layer: int, harmful, harmless) -> tuple[probes.P
     acts = probes.collect(m, texts, LastInstruction(), site="resid_post", batch_size=cfg.batch_size)[layer:layer + 1]
     y = np.r_[np.ones(len(harmful)), np.zeros(len(harmless))]
     grid = probes.train(acts, y, seed=cfg.seed, layers=[layer], positions=["t_inst"], model=cfg.model)
-    return grid.probes.cell(0, 0), grid.best_metrics("test")
+    tr, _, te = probes.split_indices(y, seed=cfg.seed)  # the split `probes.train` used
+    texts_of = lambda idx, label: [(harmful + harmless)[i] for i in idx if y[i] == label]
+    surface = surface_baseline(texts_of(tr, 1), texts_of(tr, 0), texts_of(te, 1), texts_of(te, 0))
+    return grid.probes.cell(0, 0), dict(grid.best_metrics("test"), surface_accuracy=surface["accuracy"],
+                                        surface_auroc=surface["auroc"])
 
 
-def trajectories(m, cfg: Config, probe, prompts) -> dict:
-    """Probe P(harmful) on every token of prompt + greedy response; prompt-only views tail-aligned at its end."""
+def trajectories(m, cfg: Config, probe, prompts, generate: bool = True) -> dict:
+    """Probe P(harmful) on every token of prompt + greedy response (`generate=False`: the prompt only); prompt-only
+    views tail-aligned at its end; `t_inst` the score at the last instruction token."""
     system = cfg.system_prompt or None
     texts = chat_texts(m, prompts, system)
-    replies = models.generate(m, texts, cfg.max_new_tokens)
+    replies = models.generate(m, texts, cfg.max_new_tokens) if generate else [""] * len(texts)
     scores, mask = probes.trajectory(probe, m, [t + r for t, r in zip(texts, replies)], batch_size=cfg.batch_size)
     n_prompt = m.tokenize(texts)[1].sum(1)
     rows = [s[k > 0] for s, k in zip(scores, mask)]  # real tokens of each row, in order
@@ -79,8 +91,9 @@ def trajectories(m, cfg: Config, probe, prompts) -> dict:
     final = np.array([r[-cfg.final_tokens:].mean() for r in prompt_rows])
     template = np.stack([r[-n_post:] for r in prompt_rows])  # [B, n_post]
     reply = np.array([r.mean() if len(r) else np.nan for r in reply_rows])
+    t_inst = np.array([r[-n_post - 1] for r in prompt_rows])
     return dict(resampled=resampled, tail=tail, plateau=plateau, final=final, template=template, reply=reply,
-                replies=replies, refusal_rate=refusal_rate(replies))
+                t_inst=t_inst, replies=replies, refusal_rate=refusal_rate(replies) if generate else float("nan"))
 
 
 def _pad(rows) -> np.ndarray:
@@ -94,9 +107,8 @@ def _pad(rows) -> np.ndarray:
 
 def head_contributions(m, tokens, mask, direction, layer: int) -> np.ndarray:
     """`c[l, h] = sum_b head_out[l, b, last, h] . direction`, `[L, H]` from one forward (NaN above `layer`)."""
-    T = tokens.shape[1]
     _, acts = models.forward(m, jnp.asarray(tokens), attention_mask=jnp.asarray(mask),
-                             capture=(Capture("attn.head_out", positions=(T - 1,)),))
+                             capture=(Capture("attn.head_out", positions=(-1,)),))
     c = np.asarray(jnp.einsum("lbthd,d->lh", acts["attn.head_out"], jnp.asarray(direction)), np.float64)
     c[layer + 1:] = np.nan
     return c
@@ -106,12 +118,11 @@ def head_contributions(m, tokens, mask, direction, layer: int) -> np.ndarray:
 def _ablation_scores(model, tokens, mask, head_masks, probe_arrays, metric, layer: int):
     """Probe logit (mean over prompts, last token, `resid_post` at `layer`) and refusal score for each `[L, H]`
     head scale mask, vmapped: `([N], [N])`. `probe_arrays` = (w, b, mean, scale) of one probe."""
-    T = tokens.shape[1]
     probe = probes.Probes(*probe_arrays)
     L = model.cfg.n_layers
 
     def one(hm):
-        capture = (Capture("resid_post", layers=(layer, L - 1), positions=(T - 1,)), Capture("final_norm", positions=(T - 1,)))
+        capture = (Capture("resid_post", layers=(layer, L - 1), positions=(-1,)), Capture("final_norm", positions=(-1,)))
         _, acts = transformer.forward(model.params, model.cfg, tokens, mask, None, capture, (ScaleHeads(hm),))
         resid = acts["resid_post"]  # [2, B, 1, D]: the probe's layer and the last layer
         r = Readout(transformer.unembed(model.params, acts["final_norm"], model.cfg), resid[1])
@@ -127,7 +138,7 @@ def head_ablations(m, cfg: Config, contrib: np.ndarray, probe, tokens, mask, met
     order = eligible[np.argsort(contrib.ravel()[eligible])]  # most negative first
     rng = np.random.default_rng(cfg.seed)
     conditions = {"base": np.ones(L * H)}
-    for f in (float(x) for x in cfg.fractions.split(",")):
+    for f in cfg.fractions:
         k = max(1, int(np.ceil(f * len(eligible))))
         top = np.ones(L * H)
         top[order[:k]] = 0
@@ -184,9 +195,26 @@ def _figures(out, traj: dict, contrib: np.ndarray, post_labels, cfg: Config):
            title="the last tokens, tail-aligned", ylim=(-0.02, 1.02))
     save_figure(fig, out / "trajectory.png")
 
+    from matplotlib.colors import ListedColormap
+
     from interp.plot import heatmap
-    heatmap(np.nan_to_num(contrib), title="head contribution to the probe direction (last prompt token)",
-            path=str(out / "head_contributions.png"))
+    fig = heatmap(contrib, title="head contribution to the probe direction (last prompt token; grey: above the "
+                                 "probe layer, not defined)")
+    fig.axes[0].imshow(np.where(np.isnan(contrib), 1.0, np.nan), cmap=ListedColormap(["lightgrey"]), aspect="auto",
+                       interpolation="nearest")
+    save_figure(fig, out / "head_contributions.png")
+
+
+def _surface_variant(probe_metrics: dict, traj: dict, harmful, harmless) -> dict:
+    """Probe vs surface baseline on its own split and on the held-out test prompts (t_inst), and the cliff."""
+    h, s = traj["harmful"], traj["harmless"]
+    y = np.r_[np.ones(len(h["t_inst"])), np.zeros(len(s["t_inst"]))]
+    surface = surface_baseline(harmful[0], harmless[0], harmful[2], harmless[2])
+    return dict(probe_auroc=probe_metrics["auroc"], probe_surface_auroc=probe_metrics["surface_auroc"],
+                test_auroc=float(probes.auroc(np.r_[h["t_inst"], s["t_inst"]], y)), test_surface_auroc=surface["auroc"],
+                plateau_harmful=float(h["plateau"].mean()), final_harmful=float(h["final"].mean()),
+                drop_harmful=float(np.mean(h["plateau"] - h["final"])),
+                drop_harmless=float(np.mean(s["plateau"] - s["final"])))
 
 
 def main(argv=None, cfg: Config | None = None):
@@ -196,14 +224,24 @@ def main(argv=None, cfg: Config | None = None):
     L = m.cfg.n_layers
     layer = cfg.probe_layer if cfg.probe_layer >= 0 else (2 * L) // 3
     metric = RefusalScore(jnp.asarray(refusal_token_ids(m)))
-    harmful, harmless = instruction_splits(cfg.seed, (cfg.n_train, 0, cfg.n_test))
+    harmful, harmless = instruction_splits(cfg.seed, (cfg.n_train, 0, cfg.n_test), harmless=cfg.harmless)
     probe, probe_metrics = train_probe(m, cfg, layer, harmful[0], harmless[0])
     traj = {"harmful": trajectories(m, cfg, probe, harmful[2]), "harmless": trajectories(m, cfg, probe, harmless[2])}
+    variants = {f"{cfg.harmless} harmless": _surface_variant(probe_metrics, traj, harmful, harmless)}
+    # controls, prompt tokens only: punctuation removed on both sides; the original (confounded) harmless set
+    controls = {"punctuation normalised": (cfg.harmless, True)}
+    if cfg.harmless != "original":
+        controls["original harmless (confounded)"] = ("original", False)
+    for label, (style, normalise) in controls.items():
+        h2, s2 = instruction_splits(cfg.seed, (cfg.n_train, 0, cfg.n_test), harmless=style, normalise=normalise)
+        p2, pm2 = train_probe(m, cfg, layer, h2[0], s2[0])
+        t2 = {"harmful": trajectories(m, cfg, p2, h2[2], generate=False),
+              "harmless": trajectories(m, cfg, p2, s2[2], generate=False)}
+        variants[label] = _surface_variant(pm2, t2, h2, s2)
     tokens, mask = chat_batch(m, harmful[2], cfg.system_prompt or None)
     contrib = head_contributions(m, tokens, mask, probe.direction, layer)
     abl = head_ablations(m, cfg, contrib, probe, tokens, mask, metric)
-    fractions = [float(x) for x in cfg.fractions.split(",")]
-    summary = _summarise(abl["rows"], fractions)
+    summary = _summarise(abl["rows"], cfg.fractions)
     post_labels = [repr(m.decode([t], skip_special=False))[1:-1].replace("|", "¦") for t in post_instruction_ids(m)]
     _figures(out, traj, contrib, post_labels, cfg)
 
@@ -242,13 +280,31 @@ def main(argv=None, cfg: Config | None = None):
                    f"{', '.join(specific)}." if specific else
                    "**No head-specific effect**: ablating the most negative heads changes the probe score within 2 sd "
                    "of ablating as many random heads.")
+    v_table = ("| harmless set | probe AUROC (own split) | surface baseline (own split) | probe AUROC at t_inst (test "
+               "prompts) | surface baseline (test) | harmful plateau -> last token | drop harmful | drop harmless |\n"
+               "|---|---|---|---|---|---|---|---|\n")
+    v_table += "\n".join(f"| {k} | {v['probe_auroc']:.3f} | {v['probe_surface_auroc']:.3f} | {v['test_auroc']:.3f} | "
+                         f"{v['test_surface_auroc']:.3f} | {v['plateau_harmful']:.3f} -> {v['final_harmful']:.3f} | "
+                         f"{v['drop_harmful']:+.3f} | {v['drop_harmless']:+.3f} |" for k, v in variants.items())
+    main_v, norm_v = variants[f"{cfg.harmless} harmless"], variants["punctuation normalised"]
+    ok, survive_text = survives(f"The layer-{layer} probe on the held-out test prompts", main_v["test_auroc"],
+                                norm_v["test_auroc"], main_v["test_surface_auroc"], norm_v["test_surface_auroc"])
+    no_cliff_everywhere = all(v["drop_harmful"] < 0.1 for v in variants.values())
     sections = [
         ("Data and probe", f"n = {len(harmful[0])} harmful (HarmBench + StrongREJECT) and {len(harmless[0])} harmless "
                            f"training prompts; {len(harmful[2])} + {len(harmless[2])} held-out test prompts; seed "
                            f"{cfg.seed}; system prompt: {cfg.system_prompt or '(model default)'}. Logistic probe at "
                            f"layer {layer} (`resid_post`), t_inst, labels harmful vs harmless: it probes harmfulness, "
                            "not refusal intention (too few refusals to label). Its own held-out split: " +
-                           ", ".join(f"{k} {v:.3f}" for k, v in probe_metrics.items()) + "."),
+                           ", ".join(f"{k} {v:.3f}" for k, v in probe_metrics.items()) + ". Surface form "
+                           "(`interp.data.surface_stats`):\n\n"
+                           + surface_table({"train harmful": harmful[0], "train harmless": harmless[0]})),
+        ("Surface controls", "The probe beside a surface-only baseline (logistic regression on length, trailing "
+                             "punctuation and final token), and the probe retrained with trailing punctuation removed "
+                             "on both sides and on the original harmless set (controls score the prompt tokens only; "
+                             "drops are plateau minus last prompt token):\n\n" + v_table + f"\n\n{survive_text} "
+                             + ("No cliff in any variant (every harmful drop under 0.1)." if no_cliff_everywhere else
+                                "The harmful drop reaches 0.1 in at least one variant (see the table).")),
         ("The cliff", traj_table + "\n\n" + verdict + "\n\n![trajectory](trajectory.png)"),
         ("Heads that push against the probe direction",
          f"c_h summed over the {len(harmful[2])} harmful test prompts at the last prompt token, for the "
@@ -259,13 +315,14 @@ def main(argv=None, cfg: Config | None = None):
          f"{base['refusal_score']:.3f}):\n\n" + abl_table + f"\n\n{abl_verdict}\n\n![head contributions](head_contributions.png)"),
         ("Sample responses", "\n".join(f"- {n}: {t['replies'][:2]}" for n, t in traj.items())),
     ]
-    metrics = dict(probe_layer=layer, probe_test=probe_metrics,
+    metrics = dict(probe_layer=layer, probe_test=probe_metrics, variants=variants, probe_survives=bool(ok),
                    trajectories={n: dict(plateau=float(t["plateau"].mean()), final=float(t["final"].mean()),
                                          template=t["template"].mean(0).tolist(), response=float(np.nanmean(t["reply"])),
                                          refusal_rate=t["refusal_rate"], mean_curve=np.nanmean(t["resampled"], 0).tolist())
                                  for n, t in traj.items()},
                    cliff_drop_harmful=drop, cliff_drop_harmless=drop_harmless, cliff=bool(cliff), ablations=abl["rows"], ablation_summary=summary,
                    most_negative_heads=[list(x) for x in top_heads])
+    metrics = undefined_to_none(metrics)
     report = write_report(out, "Refusal falls off a cliff (Yin et al. 2025)", cfg, sections, metrics)
     print(f"wrote {report}")
     return out, metrics

@@ -8,6 +8,13 @@ prompts with the direction ablated everywhere; induce: refusal score on harmless
 layer; KL on harmless prompts under ablation), filtered (layer < 0.8 L, KL < threshold, induce above the
 harmless baseline) and the lowest bypass score is selected. The selected direction is applied three ways
 (ablation hooks, orthogonalised weights, ActAdd) on test prompts, against a random-direction control.
+
+Surface form (issue 21): the harmless prompts are matched to the harmful ones on surface form by default
+(`interp.data.matched_pairs("both")`). The report gives how well the selected direction separates held-out
+harmful from harmless prompts beside a surface-only baseline (length, trailing punctuation, final token), and
+the same direction recomputed with trailing punctuation removed on both sides and from the original, confounded
+harmless set. Candidates of zero norm (layer 0 at template tokens identical in every prompt) are undefined and
+marked in the figure.
 """
 
 from __future__ import annotations
@@ -20,8 +27,10 @@ import numpy as np
 
 import interp
 import models
-from experiments.common import (KLFromBase, RefusalScore, chat_batch, instruction_splits, parse_config, refusal_rate,
-                                refusal_token_ids, run_dir, write_report)
+from experiments.common import (KLFromBase, RefusalScore, chat_batch, chat_texts, instruction_splits, parse_config,
+                                refusal_rate, refusal_token_ids, run_dir, safe_cosine, surface_baseline, surface_table,
+                                survives, undefined_to_none, write_report)
+from interp import probes
 from interp.directions import diff_of_means, normalize, score_directions
 from interp.interventions import RESID_SITES, AddVector, AlongDirection, directional_ablation
 from interp.positions import PostInstruction, post_instruction_ids
@@ -32,18 +41,19 @@ from interp.weights import orthogonalize
 
 @dataclass(frozen=True)
 class Config:
-    model: str = "smollm2-135m-instruct"
-    n_train: int = 64
-    n_val: int = 16
-    n_test: int = 32
-    system_prompt: str = ""
-    kl_threshold: float = 0.1
-    max_layer_fraction: float = 0.8
+    model: str = "smollm2-135m-instruct"  # any local instruct model: registered name, .gguf or HF directory
+    n_train: int = 64  # prompts per class for the difference of means
+    n_val: int = 16  # prompts per class for scoring the candidates
+    n_test: int = 32  # prompts per class for the final evaluation
+    system_prompt: str = ""  # prepended as a system message ("" = none)
+    kl_threshold: float = 0.1  # candidates whose ablation moves harmless KL more are filtered out
+    max_layer_fraction: float = 0.8  # candidates only from layers below this fraction of the depth
     layer_stride: int = 1  # score every k-th layer's candidates (1 = all)
-    max_new_tokens: int = 48
+    max_new_tokens: int = 48  # greedy tokens per generation (refusal rates)
     sweep_batch: int = 16  # candidates per vmapped chunk (memory)
-    seed: int = 0
-    out: str = "runs"
+    seed: int = 0  # data splits and random controls
+    harmless: str = "matched"  # harmless prompts: "matched" to the harmful ones on surface form, or "original" (confounded)
+    out: str = "runs"  # reports go to OUT/<experiment>/<timestamp>/
 
 
 def select_direction(m, cfg: Config, harmful, harmless, metric):
@@ -73,8 +83,40 @@ def select_direction(m, cfg: Config, harmful, harmless, metric):
     best = int(pool[np.argmin(bypass[pool])])
     grid = lambda v: v.reshape(len(layers), P)
     return dict(direction=dirs[best], layer=int(cand_layers[best]), position=int(best % P) - P, index=best,
+                undefined=grid(norms <= 1e-3 * norms.max()),
                 layers=layers, bypass=grid(bypass), induce=grid(induce), kl=grid(kl), n_pass=int(ok.sum()),
                 relaxed=relaxed, base_harmful=base_harm, base_harmless=base_harmless)
+
+
+def surface_controls(m, cfg: Config, sel: dict, metric, harmful, harmless) -> dict:
+    """The selected direction beside a surface-only baseline: AUROC of the held-out prompts' projection on it
+    (`resid_pre` at the selected layer and position) vs `surface_baseline`; and the same difference of means
+    recomputed with trailing punctuation removed on both sides and from the original harmless set: its cosine
+    with the selected direction, its own projection AUROC, and its bypass / induce scores on the validation prompts."""
+    system = cfg.system_prompt or None
+    layer, pos = sel["layer"], sel["position"]
+    variants = {f"{cfg.harmless} harmless": (harmful, harmless, np.asarray(sel["direction"]))}
+    controls = {"punctuation normalised": (cfg.harmless, True)}
+    if cfg.harmless != "original":
+        controls["original harmless (confounded)"] = ("original", False)
+    for label, (style, normalise) in controls.items():
+        h, s = instruction_splits(cfg.seed, (cfg.n_train, cfg.n_val, cfg.n_test), harmless=style, normalise=normalise)
+        d = diff_of_means(m, chat_batch(m, h[0], system), chat_batch(m, s[0], system), PostInstruction(), "resid_pre")
+        variants[label] = (h, s, np.asarray(d[layer, pos]))
+    dirs = np.stack([v[2] for v in variants.values()])
+    harm_val, harmless_val = chat_batch(m, harmful[1], system), chat_batch(m, harmless[1], system)
+    bypass, induce = score_directions(m, dirs, [layer] * len(dirs), metric, harm_val, harmless_val,
+                                      batch_size=cfg.sweep_batch)
+    out = {}
+    for k, (label, (h, s, d)) in enumerate(variants.items()):
+        acts = probes.collect(m, chat_texts(m, h[2] + s[2], system), PostInstruction(), site="resid_pre")
+        proj = np.asarray(acts[layer, :, pos], np.float64) @ (d / np.linalg.norm(d))
+        y = np.r_[np.ones(len(h[2])), np.zeros(len(s[2]))]
+        surf = surface_baseline(h[0], s[0], h[2], s[2])
+        out[label] = dict(cosine_with_selected=float(safe_cosine(d, dirs[0])), test_auroc=float(probes.auroc(proj, y)),
+                          test_surface_auroc=surf["auroc"], test_surface_accuracy=surf["accuracy"],
+                          bypass=float(bypass[k]), induce=float(induce[k]))
+    return out
 
 
 def evaluate(m, cfg: Config, harmful_test, harmless_test, direction, layer, metric, key):
@@ -116,6 +158,7 @@ def evaluate(m, cfg: Config, harmful_test, harmless_test, direction, layer, metr
 
 def _figures(out, sel, rows, tokens_post):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(15, 4.5))
@@ -124,8 +167,10 @@ def _figures(out, sel, rows, tokens_post):
                                       ("induce", "refusal score, direction added (harmless)"),
                                       ("kl", "KL on harmless under ablation")]):
         ax = fig.add_subplot(1, 3, i + 1)
-        im = ax.imshow(sel[key], aspect="auto", cmap="viridis")
-        ax.set(title=title, xlabel="post-instruction position", ylabel="layer")
+        im = ax.imshow(np.where(sel["undefined"], np.nan, sel[key]), aspect="auto", cmap="viridis")
+        ax.imshow(np.where(sel["undefined"], 1.0, np.nan), aspect="auto", cmap=ListedColormap(["lightgrey"]))
+        ax.set(title=title + ("\n(grey: zero-norm candidate, undefined)" if sel["undefined"].any() else ""),
+               xlabel="post-instruction position", ylabel="layer")
         ax.set_yticks(range(len(sel["layers"])), [str(l) for l in sel["layers"]], fontsize=6)
         ax.set_xticks(range(len(tokens_post)), tokens_post, rotation=60, fontsize=7)
         fig.colorbar(im, ax=ax)
@@ -150,8 +195,9 @@ def main(argv=None, cfg: Config | None = None):
     out = run_dir("refusal_direction", cfg.out)
     m = models.load(cfg.model)
     metric = RefusalScore(jnp.asarray(refusal_token_ids(m)))
-    harmful, harmless = instruction_splits(cfg.seed, (cfg.n_train, cfg.n_val, cfg.n_test))
+    harmful, harmless = instruction_splits(cfg.seed, (cfg.n_train, cfg.n_val, cfg.n_test), harmless=cfg.harmless)
     sel = select_direction(m, cfg, harmful, harmless, metric)
+    controls = surface_controls(m, cfg, sel, metric, harmful, harmless)
     rows, generations, max_diff = evaluate(m, cfg, harmful[2], harmless[2], sel["direction"], sel["layer"], metric,
                                            jax.random.PRNGKey(cfg.seed))
     post = [m.decode([t], skip_special=False) for t in post_instruction_ids(m)]
@@ -168,10 +214,19 @@ def main(argv=None, cfg: Config | None = None):
                "**No behavioural effect:** on this model the selected direction changes the refusal rate by less than "
                "10 points (the model rarely refuses to begin with); the refusal-score changes above are the "
                "representational effect.")
+    c_table = ("| direction from | cosine with selected | projection AUROC (test) | surface baseline AUROC (test) | "
+               "bypass (val) | induce (val) |\n|---|---|---|---|---|---|\n")
+    c_table += "\n".join(f"| {k} | {v['cosine_with_selected']:.3f} | {v['test_auroc']:.3f} | {v['test_surface_auroc']:.3f} | "
+                         f"{v['bypass']:.2f} | {v['induce']:.2f} |" for k, v in controls.items())
+    main_c, norm_c = controls[f"{cfg.harmless} harmless"], controls["punctuation normalised"]
+    ok, survive_text = survives("Projection on the selected direction (held-out prompts)", main_c["test_auroc"],
+                                norm_c["test_auroc"], main_c["test_surface_auroc"], norm_c["test_surface_auroc"])
     sections = [
         ("Data", f"n = {len(harmful[0])}/{len(harmful[1])}/{len(harmful[2])} harmful (HarmBench + StrongREJECT) and "
-                 f"{len(harmless[0])}/{len(harmless[1])}/{len(harmless[2])} harmless (interp's own) train/val/test "
-                 f"prompts, seed {cfg.seed}, system prompt: {cfg.system_prompt or '(model default)'}."),
+                 f"{len(harmless[0])}/{len(harmless[1])}/{len(harmless[2])} harmless ({cfg.harmless} set) train/val/test "
+                 f"prompts, seed {cfg.seed}, system prompt: {cfg.system_prompt or '(model default)'}. Surface form "
+                 "(`interp.data.surface_stats`):\n\n" + surface_table({"train harmful": harmful[0],
+                                                                      "train harmless": harmless[0]})),
         ("Selection", f"{sel['bypass'].size} candidates (layers {[int(l) for l in sel['layers']]} x {len(post)} post-instruction "
                       f"positions {post}) scored in vmapped sweeps. Baseline refusal score on validation: harmful "
                       f"{sel['base_harmful']:.2f}, harmless {sel['base_harmless']:.2f}. {sel['n_pass']} candidates "
@@ -179,7 +234,15 @@ def main(argv=None, cfg: Config | None = None):
                       f"baseline){'; none did, so the filter was relaxed to the layer limit only' if sel['relaxed'] else ''}. "
                       f"Selected: layer {sel['layer']}, position {sel['position']} ({post[sel['position']]!r}), bypass "
                       f"{sel['bypass'].ravel()[sel['index']]:.2f}, induce {sel['induce'].ravel()[sel['index']]:.2f}, "
-                      f"KL {sel['kl'].ravel()[sel['index']]:.3f}.\n\n![candidates](candidates.png)"),
+                      f"KL {sel['kl'].ravel()[sel['index']]:.3f}. {int(sel['undefined'].sum())} candidates have zero "
+                      "norm (the same token in every prompt at layer 0): undefined, excluded, grey in the figure."
+                      "\n\n![candidates](candidates.png)"),
+        ("Surface controls", "The selected direction's separation of held-out harmful and harmless prompts beside a "
+                             "surface-only baseline (logistic regression on length, trailing punctuation and final "
+                             "token), and the same difference of means (same layer and position) recomputed with "
+                             "trailing punctuation removed on both sides and from the original harmless set; bypass / "
+                             "induce are scored on the same validation prompts for every row.\n\n" + c_table +
+                             f"\n\n{survive_text}"),
         ("Test results", table + f"\n\nHook ablation vs orthogonalised weights: max |logit difference| {max_diff:.2e}. "
                          "The ActAdd row subtracts the direction on harmful prompts and adds it on harmless ones; the "
                          "random row uses a random direction of the same norm (ablation on harmful, +1 on harmless). "
@@ -188,8 +251,11 @@ def main(argv=None, cfg: Config | None = None):
         ("Sample generations", "\n".join(f"- **{n}**, harmful: {g['harmful'][:1]}; harmless: {g['harmless'][:1]}"
                                         for n, g in generations.items())),
     ]
-    metrics = dict(selected=dict(layer=sel["layer"], position=sel["position"], n_pass=sel["n_pass"], relaxed=sel["relaxed"]),
-                   conditions=rows, hook_vs_weights_max_logit_diff=max_diff, behavioural_effect=bool(effect))
+    metrics = dict(selected=dict(layer=sel["layer"], position=sel["position"], n_pass=sel["n_pass"], relaxed=sel["relaxed"],
+                                 n_undefined=int(sel["undefined"].sum())),
+                   conditions=rows, hook_vs_weights_max_logit_diff=max_diff, behavioural_effect=bool(effect),
+                   surface_controls=controls, direction_survives=bool(ok))
+    metrics = undefined_to_none(metrics)
     report = write_report(out, "Refusal direction (Arditi et al. 2024)", cfg, sections, metrics)
     print(f"wrote {report}")
     return out, metrics

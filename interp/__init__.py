@@ -7,14 +7,17 @@
     interp.heatmap(effects, title="zero ablation", path="heads.png")
 
 Modules: `positions` (selectors), `interventions`, `weights` (orthogonalisation), `directions`, `readout`
-(metrics), `sweeps`, `mesh`, `lens`, `plot`.
+(metrics), `sweeps`, `mesh`, `lens`, `plot`, `probes` (linear probes over every layer x position), `heads`
+(head patterns and scores: induction, previous-token, sink), `data` (harmful / harmless instruction sets),
+`testing`.
 """
 
 import importlib
 
 # Submodules and names load on first use (PEP 562), so `from interp.mesh import initialize` can run
 # `jax.distributed.initialize()` before anything touches a device.
-_SUBMODULES = ("directions", "interventions", "lens", "mesh", "plot", "positions", "readout", "sweeps", "testing", "weights")
+_SUBMODULES = ("data", "directions", "heads", "interventions", "lens", "mesh", "plot", "positions", "probes", "readout",
+               "sweeps", "testing", "weights")
 _NAMES = {
     "directions": ("diff_of_means", "score_directions"),
     "interventions": ("AddVector", "AlongDirection", "Function", "Replace", "ScaleHeads", "Where", "clamp_component",
@@ -46,10 +49,10 @@ def __dir__():
 
 __all__ = [
     "AddVector", "AlongDirection", "Function", "LogitDiff", "NextTokenLoss", "Projection", "Readout", "Replace",
-    "ScaleHeads", "TokenLogProb", "Where", "activation_patching", "attribution_patching", "clamp_component",
+    "ScaleHeads", "TokenLogProb", "Where", "activation_patching", "attribution_patching", "clamp_component", "data",
     "diff_of_means", "direct_logit_attribution", "directional_ablation", "directions", "head_ablation",
-    "head_ablation_attribution", "heatmap", "interventions", "lens", "logit_lens", "mean_ablation", "mesh",
-    "orthogonalize", "patch", "plot", "positions", "project_out", "rank_correlation", "readout",
+    "head_ablation_attribution", "heads", "heatmap", "interventions", "lens", "logit_lens", "mean_ablation", "mesh",
+    "orthogonalize", "patch", "plot", "positions", "probes", "project_out", "rank_correlation", "readout",
     "resample_ablation", "residual_decomposition", "run_readout", "score_directions", "set_component", "stack",
     "sweep", "sweeps", "testing", "unembed_direction", "weights", "zero_ablation", "zero_heads",
 ]

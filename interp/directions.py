@@ -16,10 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from interp.interventions import RESID_SITES, AddVector, AlongDirection, Where
+from interp import progress as progresslib
+from interp.interventions import RESID_SITES, AddVector, AlongDirection, StackedWhere
 from interp.positions import Selector, gather
 from interp.sweeps import Metric, sweep
 from models import transformer
+from models.checks import check_call, check_index
 from models.errors import InputError
 from models.sites import SITES, check_site
 
@@ -106,21 +108,22 @@ def _left_pad(tokens: np.ndarray, mask: np.ndarray, width: int) -> tuple[np.ndar
 
 
 def mean_activations(model, tokens, mask, selector: Selector, site: str = "resid_pre", *,
-                     batch_size: int | None = None) -> Array:
+                     batch_size: int | None = None, progress: bool | None = None) -> Array:
     """Mean of `site` over the prompts at each selected position: `[L, P, ...]` (`[P, ...]` for model sites),
-    padding excluded."""
-    return _group_means(model, np.asarray(tokens), np.asarray(mask), selector, site, batch_size)[0]
+    padding excluded. `progress`: a bar over the batches (see `interp.progress`)."""
+    return _group_means(model, np.asarray(tokens), np.asarray(mask), selector, site, batch_size, progress=progress)[0]
 
 
-def _group_means(model, tokens, mask, selector, site, batch_size, groups=None) -> Array:
+def _group_means(model, tokens, mask, selector, site, batch_size, groups=None, progress=None) -> Array:
     """Mean of the selected activations for each group of rows, `[G, L, P, ...]`, in batches of `batch_size` rows."""
     check_site(site)
+    check_call(model.cfg, tokens, mask)
     groups = np.zeros(len(tokens), np.int64) if groups is None else groups
     eye = np.eye(int(groups.max()) + 1, dtype=np.float32)
     idx = np.asarray(selector(tokens, mask, model))
     step = batch_size or len(tokens)
     sums = counts = 0.0
-    for lo in range(0, len(tokens), step):
+    for lo in progresslib.iterate(range(0, len(tokens), step), f"{site} means", progress, unit="batch"):
         rows = slice(lo, lo + step)
         acts, valid = _selected(model, jnp.asarray(tokens[rows]), jnp.asarray(mask[rows]), jnp.asarray(idx[rows]), site)
         acts = jnp.moveaxis(acts, 1, 0) if SITES[site].per_layer else acts[:, None]  # [b, L, P, ...]
@@ -132,7 +135,7 @@ def _group_means(model, tokens, mask, selector, site, batch_size, groups=None) -
 
 
 def diff_of_means(model, a: tuple, b: tuple, selector: Selector, site: str = "resid_pre", *,
-                  batch_size: int | None = None) -> Array:
+                  batch_size: int | None = None, progress: bool | None = None) -> Array:
     """`mean(site | a) - mean(site | b)` at every layer and selected position, `[L, P, ...]`, from one forward
     over both prompt sets (`a`, `b` are `(tokens, mask)`, re-padded to a common length)."""
     (ta, ma), (tb, mb) = (tuple(np.asarray(x) for x in s) for s in (a, b))
@@ -140,7 +143,8 @@ def diff_of_means(model, a: tuple, b: tuple, selector: Selector, site: str = "re
     ta, ma = _left_pad(ta, ma, width)
     tb, mb = _left_pad(tb, mb, width)
     groups = np.r_[np.zeros(len(ta), np.int64), np.ones(len(tb), np.int64)]
-    means = _group_means(model, np.concatenate([ta, tb]), np.concatenate([ma, mb]), selector, site, batch_size, groups)
+    means = _group_means(model, np.concatenate([ta, tb]), np.concatenate([ma, mb]), selector, site, batch_size, groups,
+                         progress)
     return means[0] - means[1]
 
 
@@ -148,23 +152,25 @@ def diff_of_means(model, a: tuple, b: tuple, selector: Selector, site: str = "re
 
 
 def score_directions(model, directions: Float[Array, "N D"], layers: Sequence[int], metric: Metric, ablate_on: tuple,
-                     add_on: tuple, *, positions=(-1,), mesh=None, batch_size=None, max_programs=None,
-                     ablation_sites: Sequence[str] = RESID_SITES) -> tuple[np.ndarray, np.ndarray]:
+                     add_on: tuple, *, positions="metric", mesh=None, batch_size=None, max_programs="auto",
+                     ablation_sites: Sequence[str] = RESID_SITES, progress: bool | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Score N candidate directions (e.g. `diff_of_means` at every (layer, position), flattened) as two sweeps:
 
     ablation: `metric` on the `ablate_on` prompts `(tokens, mask)` with the (normalised) direction projected
       out of every residual site at every layer (e.g. refusal score on harmful prompts: should drop);
     addition: `metric` on the `add_on` prompts with the (raw) direction added to `resid_pre` of its layer
       `layers[i]` at every position (refusal score on harmless prompts: should rise).
-    Returns `(ablation [N], addition [N])` metric values. `batch_size` / `max_programs` as in `sweep`.
+    Returns `(ablation [N], addition [N])` metric values. `batch_size` / `max_programs` / `progress` as in `sweep`.
     """
     d = jnp.asarray(directions, jnp.float32)
     n = d.shape[0]
     if len(layers) != n:
         raise InputError(f"{n} directions but {len(layers)} layers")
+    check_index("score_directions layers", np.asarray(layers), model.cfg.n_layers, f"a model of {model.cfg.n_layers} layers")
     zeros = jnp.zeros(n)
     ablate = tuple(AlongDirection(s, d, zeros, zeros) for s in ablation_sites)
-    add = AddVector("resid_pre", d, jnp.ones(n), where=Where(layers=np.asarray(layers)[:, None]))
-    kw = dict(positions=positions, mesh=mesh, batch_size=batch_size)
+    add = AddVector("resid_pre", d, jnp.ones(n), where=StackedWhere(layers=np.asarray(layers)[:, None]))
+    kw = dict(positions=positions, mesh=mesh, batch_size=batch_size, progress=progress)
     return (sweep(model, *ablate_on, metric, ablate, first=np.zeros(n, np.int64), **kw),
             sweep(model, *add_on, metric, (add,), max_programs=max_programs, **kw))

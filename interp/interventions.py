@@ -1,19 +1,25 @@
 """Interventions as data: equinox pytrees applied inside `models.forward` at a named site.
 
 Every intervention has a static `site` (a name from `models.sites.SITES`), a `where` (`Where`: which layers,
-positions, heads and decoding steps it touches) and arrays as leaves, so a tuple of them composes (applied
-in order), `jax.vmap` runs a stacked batch of them as one program (`stack`), and `jax.grad` (or
-`eqx.filter_grad`, which skips the integer `Where` leaves) differentiates with respect to their arrays.
+positions, heads and decoding steps it touches; static, so it is compiled in) and float arrays as leaves, so a
+tuple of them composes (applied in order), `jax.grad` differentiates with respect to their arrays as is, and
+`jax.vmap` runs a stacked batch of them as one program (`stack`: the selections become a `StackedWhere` of
+integer arrays, so differentiate a stacked batch with `eqx.filter_grad`).
 
     steer = AddVector("resid_pre", v, scale=4.0, layers=(6,))               # ActAdd at layer 6
+    last = AddVector("resid_pre", v, layers=(6,), positions=(-1,))            # each row's last real token
     ablate = directional_ablation(r)                                         # project r out everywhere
     heads = zero_heads(cfg, [(3, 1), (5, 0)])                                # [layers, heads] mask at attn.z
     logits, _ = models.forward(m, tokens, mask, interventions=(steer, *ablate, heads))
     models.generate(m, prompts, 20, interventions=(AddVector("resid_pre", v, 4.0, layers=(6,), steps="generated"),))
 
 Selections are computed from the traced `SiteContext`, never from Python state: `layers` compares with
-`ctx.layer` (inside the layer scan), `positions` with the position ids (so they keep their meaning during
-generation), `tokens` is a sequence-index mask for full passes, `steps` tells the prompt pass from decode steps.
+`ctx.layer` (inside the layer scan); `positions` counts each row's real tokens (0 = first, -1 = last: the
+meaning of `Capture(positions=)` and the readouts), continuing through the position ids during generation;
+`position_ids` matches the ids as given; `tokens` is a sequence-index mask for full passes; `steps` tells the
+prompt pass from decode steps. When an intervention meets a model (`models.forward`, `models.generate`, the
+sweeps) `validate` checks it against the config and the input: a layer, head or position outside the model
+or the prompt, or a selection that matches nothing, is an InputError naming it and the valid range.
 """
 
 from __future__ import annotations
@@ -26,12 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from models.checks import Extent, check_index, check_positions, concrete, show_values
 from models.errors import InputError
 from models.sites import SITES, check_site
 from models.transformer import SiteContext
 
 __all__ = [
-    "AddVector", "AlongDirection", "Function", "Intervention", "RESID_SITES", "Replace", "ScaleHeads", "Where",
+    "AddVector", "AlongDirection", "Function", "Intervention", "RESID_SITES", "Replace", "ScaleHeads", "StackedWhere",
+    "Where",
     "clamp_component", "directional_ablation", "first_layers", "mean_ablation", "patch", "project_out",
     "resample_ablation", "set_component", "stack", "unstack", "zero_ablation", "zero_heads",
 ]
@@ -52,51 +60,66 @@ def _head_axis(axes: tuple[str, ...]) -> str:
     raise InputError(f"site with axes {axes} has no head axis; heads= needs a per-head site such as attn.z")
 
 
-def _index(x, dtype=jnp.int32):
-    return None if x is None else jnp.atleast_1d(jnp.asarray(x, dtype))
+def _static(x, name: str, kind: str):
+    """A selection as a hashable tuple (nested for a 2-D mask): part of the compiled program, not a leaf."""
+    if x is None:
+        return None
+    if isinstance(x, jax.core.Tracer):
+        raise InputError(f"Where({name}=...) is static (compiled into the program) and cannot be traced; a batch of "
+                         "selections to vmap over is a StackedWhere (interventions.stack)")
+    a = np.asarray(x)
+    if kind == "int":
+        a = np.atleast_1d(a)
+        if a.size and not np.issubdtype(a.dtype, np.integer):
+            raise InputError(f"Where({name}={x!r}) takes integers, got dtype {a.dtype}")
+        ok = a.ndim == 1
+    else:
+        if a.size and a.dtype != bool and not np.isin(a, (0, 1)).all():
+            raise InputError(f"Where({name}=...) is a boolean mask, got values other than 0/1")
+        a, ok = a.astype(bool), a.ndim in (1, 2)
+    if not ok:
+        raise InputError(f"Where({name}=...) got shape {a.shape}; a batch of selections (one per sweep item) is a "
+                         "StackedWhere (interventions.stack([Where(...), ...]))")
+    return tuple(tuple(r) for r in a.tolist()) if a.ndim == 2 else tuple(a.tolist())
 
 
-class Where(eqx.Module):
-    """Where an intervention applies; `None` means everywhere.
+def _array(x, dtype):
+    return None if x is None else jnp.asarray(x, dtype)
 
-    layers:    layer indices `[n]` (compared with the traced `ctx.layer`; not for `embed`/`final_norm`).
-    positions: position ids `[n]` (0 = each row's first real token), also meaningful during generation.
-    tokens:    `[T]` or `[B, T]` mask over the sequence axis of a full pass; passes of another length
-               (decode steps) are left untouched.
-    heads:     `[H]` or `[L, H]` (indexed by layer) mask over the head axis of per-head sites.
-    steps:     "all", "prompt" (`ctx.step == 0`) or "generated" (decode steps of `models.generate`).
-    """
 
-    layers: Int[Array, "n"] | None = eqx.field(default=None, converter=_index)
-    positions: Int[Array, "n"] | None = eqx.field(default=None, converter=_index)
-    tokens: Bool[Array, "*B T"] | None = eqx.field(default=None, converter=lambda x: None if x is None else jnp.asarray(x, bool))
-    heads: Bool[Array, "*L H"] | None = eqx.field(default=None, converter=lambda x: None if x is None else jnp.asarray(x, bool))
-    steps: str = eqx.field(default="all", static=True)
-
-    def __check_init__(self):
-        if self.steps not in STEPS:
-            raise InputError(f"steps must be one of {STEPS}, got {self.steps!r}")
+class _Selection(eqx.Module):
+    """What `Where` and `StackedWhere` share: the gate and its validation against the model."""
 
     def gate(self, site: str, value: Array, ctx: SiteContext):
         """Boolean array broadcastable to `value` (True where to apply), `None` for everywhere, `False` for nowhere."""
         axes = SITES[site].axes
         conds = []
         if self.layers is not None and ctx.layer is not None:
-            conds.append(jnp.any(ctx.layer == self.layers))
+            conds.append(jnp.any(ctx.layer == _array(self.layers, jnp.int32)))
         if self.steps != "all":
             conds.append(ctx.step == 0 if self.steps == "prompt" else ctx.step > 0)
         tok = None
-        if self.positions is not None:
-            tok = jnp.any(ctx.positions[..., None] == self.positions, axis=-1)
+        real = ctx.attention_mask > 0
+        if self.positions is not None:  # the p-th real token: counted in the pass, or by position id when decoding
+            index = jnp.where(ctx.step == 0, jnp.cumsum(real, 1) - 1, ctx.positions)
+            n = jnp.max(jnp.where(real, index, -1), 1, keepdims=True) + 1  # real tokens so far, [B, 1]
+            p = _array(self.positions, jnp.int32)
+            want = jnp.where(p < 0, n[..., None] + p, p)  # [B, 1, n]
+            tok = jnp.any(index[..., None] == want, -1) & real
+        if self.position_ids is not None:
+            sel = jnp.any(ctx.positions[..., None] == _array(self.position_ids, jnp.int32), -1) & real
+            tok = sel if tok is None else tok & sel
         if self.tokens is not None:
-            if self.tokens.shape[-1] != value.shape[axes.index("T")]:
+            tokens = _array(self.tokens, bool)
+            if tokens.shape[-1] != value.shape[axes.index("T")]:
                 return False
-            sel = jnp.broadcast_to(self.tokens, ctx.positions.shape)
+            sel = jnp.broadcast_to(tokens, ctx.positions.shape)
             tok = sel if tok is None else tok & sel
         if tok is not None:
             conds.append(_place(tok, ("B", "T"), axes))
         if self.heads is not None:
-            h = self.heads[ctx.layer] if self.heads.ndim == 2 else self.heads
+            heads = _array(self.heads, bool)
+            h = heads[ctx.layer] if heads.ndim == 2 else heads
             conds.append(_place(h, (_head_axis(axes),), axes))
         if not conds:
             return None
@@ -105,8 +128,123 @@ class Where(eqx.Module):
             g = g & c
         return g
 
+    def validate(self, site: str, ext: Extent, name: str = "Where: ") -> None:
+        """Raise InputError if a selection is out of range for the model or selects nothing (concrete values;
+        `ext.stacked`: the arrays have a leading sweep axis)."""
+        cfg, lead = ext.cfg, int(ext.stacked)
+        check_index(f"{name}layers", self.layers, cfg.n_layers, f"a model of {cfg.n_layers} layers")
+        if self.heads is not None:
+            axis = _head_axis(SITES[site].axes)
+            n = cfg.n_heads if axis == "H" else cfg.n_kv_heads
+            shape = np.shape(self.heads)[lead:]
+            want = ((n,), (cfg.n_layers, n))
+            if shape not in want:
+                raise InputError(f"{name}heads=... has shape {shape}; at {site} it is a mask [{n}] or "
+                                 f"[{cfg.n_layers} layers, {n} heads]")
+            _nonempty(f"{name}heads", self.heads, lead)
+        if self.tokens is not None:
+            shape = np.shape(self.tokens)[lead:]
+            batch = None if ext.lengths is None else len(ext.lengths)
+            if shape[-1] != ext.seq_len or (len(shape) == 2 and batch is not None and shape[0] != batch):
+                raise InputError(f"{name}tokens=... has shape {shape}; it is a mask over this input's sequence "
+                                 f"axis, [{ext.seq_len}] or [{batch}, {ext.seq_len}]")
+            if self.steps == "generated":
+                raise InputError(f"{name}tokens=..., steps='generated') selects nothing: tokens= masks the prompt pass "
+                                 "only; select generated tokens with positions=")
+            _nonempty(f"{name}tokens", self.tokens, lead)
+        if self.position_ids is not None:
+            top = ext.seq_len + ext.new_tokens if ext.lengths is None else int(np.max(ext.lengths)) + ext.new_tokens
+            check_index(f"{name}position_ids", self.position_ids, top, f"position ids up to {top - 1} in this call")
+        if self.positions is not None:
+            _check_where_positions(f"{name}positions", self.positions, self.steps, ext)
 
-def _where(site: str, where: Where | None, kwargs: dict) -> Where:
+
+def _nonempty(name: str, mask, lead: int) -> None:
+    m = concrete(mask)
+    if m is None:
+        return
+    m = np.asarray(m, bool).reshape((m.shape[0], -1) if lead else (1, -1))
+    if not m.any(1).all():
+        raise InputError(f"{name}=... selects nothing (the mask is all False{' for some item' if lead else ''})")
+
+
+def _check_where_positions(name: str, positions, steps: str, ext: Extent) -> None:
+    """Positions that exist in every row: on the prompt pass, and with `models.generate` at a decode step
+    (where only the newest token, -1, or a position id reached by generation can be edited)."""
+    p = concrete(positions)
+    if p is None or p.size == 0:
+        return
+    lengths = np.full(1, ext.seq_len) if ext.lengths is None else ext.lengths
+    lo, hi, new = int(np.min(lengths)), int(np.max(lengths)), ext.new_tokens
+    if steps == "prompt" or new == 0:
+        check_positions(name, p, ext.lengths, ext.seq_len)
+        return
+    last = lo + new - 2  # the last position id a decode step feeds, in the shortest row
+    neg, pos = p[p < 0], p[p >= 0]
+    if steps == "generated":
+        bad = neg[neg != -1].tolist() + pos[(pos < hi) | (pos > last)].tolist()
+        valid = f"-1 (each newest token) or {hi}..{last} (tokens generated in every row)"
+    else:
+        bad = neg[neg < -lo].tolist() + pos[pos > last].tolist()
+        valid = f"{-lo}..{last} (the prompt's shortest row has {lo} tokens, then {new} are generated)"
+    if bad:
+        raise InputError(f"{name}={show_values(p)} selects nothing for position {bad[0]} with steps={steps!r} "
+                         f"(valid: {valid})")
+
+
+class Where(_Selection):
+    """Where an intervention applies; `None` means everywhere. Selections are static (hashable tuples, part of
+    the compiled program), so `jax.grad` applies to an intervention as is; a batch of selections to vmap over
+    is a `StackedWhere` (`stack`). Checked against the model when it meets one (InputError naming the bound).
+
+    layers:       layer indices `[n]` (compared with the traced `ctx.layer`; not for `embed`/`final_norm`).
+    positions:    the `p`-th real token of each row, `[n]`: 0 = first real token, -1 = last (the same meaning as
+                  `Capture(positions=)` and the readouts). During generation a decode step's token counts on
+                  from the prompt (its position id), so `-1` is each newest token.
+    position_ids: `[n]` position ids as given to the model (`cumsum(mask) - 1` unless `positions=` was passed).
+    tokens:       `[T]` or `[B, T]` mask over the sequence axis of a full pass; passes of another length
+                  (decode steps) are left untouched.
+    heads:        `[H]` or `[L, H]` (indexed by layer) mask over the head axis of per-head sites.
+    steps:        "all", "prompt" (`ctx.step == 0`) or "generated" (decode steps of `models.generate`).
+    """
+
+    layers: tuple[int, ...] | None = eqx.field(default=None, static=True, converter=lambda x: _static(x, "layers", "int"))
+    positions: tuple[int, ...] | None = eqx.field(default=None, static=True,
+                                                  converter=lambda x: _static(x, "positions", "int"))
+    position_ids: tuple[int, ...] | None = eqx.field(default=None, static=True,
+                                                     converter=lambda x: _static(x, "position_ids", "int"))
+    tokens: tuple | None = eqx.field(default=None, static=True, converter=lambda x: _static(x, "tokens", "bool"))
+    heads: tuple | None = eqx.field(default=None, static=True, converter=lambda x: _static(x, "heads", "bool"))
+    steps: str = eqx.field(default="all", static=True)
+
+    def __check_init__(self):
+        if self.steps not in STEPS:
+            raise InputError(f"steps must be one of {STEPS}, got {self.steps!r}")
+
+
+class StackedWhere(_Selection):
+    """A batch of `Where` selections with a leading sweep axis `[N, ...]` on every field, as arrays (leaves), for
+    `jax.vmap` and the sweeps; `stack([Where(...), ...])` builds one. Integer leaves: differentiate a stacked
+    intervention with `eqx.filter_grad`."""
+
+    layers: Int[Array, "N n"] | None = eqx.field(default=None, converter=lambda x: _array(x, jnp.int32))
+    positions: Int[Array, "N n"] | None = eqx.field(default=None, converter=lambda x: _array(x, jnp.int32))
+    position_ids: Int[Array, "N n"] | None = eqx.field(default=None, converter=lambda x: _array(x, jnp.int32))
+    tokens: Bool[Array, "N *B T"] | None = eqx.field(default=None, converter=lambda x: _array(x, bool))
+    heads: Bool[Array, "N *L H"] | None = eqx.field(default=None, converter=lambda x: _array(x, bool))
+    steps: str = eqx.field(default="all", static=True)
+
+    def __check_init__(self):
+        if self.steps not in STEPS:
+            raise InputError(f"steps must be one of {STEPS}, got {self.steps!r}")
+
+    @classmethod
+    def of(cls, where: Where) -> "StackedWhere":
+        """One item (no sweep axis yet) holding `where`'s selections as arrays."""
+        return cls(where.layers, where.positions, where.position_ids, where.tokens, where.heads, where.steps)
+
+
+def _where(site: str, where: _Selection | None, kwargs: dict) -> _Selection:
     check_site(site)
     if where is not None and kwargs:
         raise InputError("pass either where= or its fields (layers=, positions=, ...), not both")
@@ -145,6 +283,22 @@ class Intervention(eqx.Module):
         new = jnp.broadcast_to(new.astype(value.dtype), value.shape)
         return new if g is None else jnp.where(g, new, value)
 
+    def validate(self, ext: Extent) -> None:
+        """InputError if the selection (`Where.validate`) or an array indexed by layer does not fit the model;
+        `models.forward`, `models.generate` and the sweeps call this before tracing."""
+        name = f"{type(self).__name__}({self.site!r}): "
+        self.where.validate(self.site, ext, name)
+        lead = int(ext.stacked)
+        for field, x, by_layer in self._layer_indexed(lead):
+            shape = np.shape(x)[lead:]
+            if by_layer and shape[0] != ext.cfg.n_layers:
+                raise InputError(f"{name}{field} has shape {shape}: its leading axis is indexed by layer and must be "
+                                 f"the model's {ext.cfg.n_layers} layers")
+
+    def _layer_indexed(self, lead: int) -> tuple[tuple[str, Array, bool], ...]:
+        """(field name, array, whether `edit` indexes its leading axis by `ctx.layer`)."""
+        return ()
+
 
 class AddVector(Intervention):
     """`value + scale * vector` (ActAdd / steering). `vector` has the site's trailing shape (`[D]` for residual
@@ -164,6 +318,9 @@ class AddVector(Intervention):
     def edit(self, value, ctx):
         scale = _per_layer(self.scale, ctx, self.scale.ndim == 1)
         return value + scale * _per_layer(self.vector, ctx, self.per_layer)
+
+    def _layer_indexed(self, lead):
+        return ("vector", self.vector, self.per_layer), ("scale", self.scale, self.scale.ndim - lead == 1)
 
 
 class AlongDirection(Intervention):
@@ -192,6 +349,10 @@ class AlongDirection(Intervention):
         lo = _per_layer(self.lo, ctx, self.lo.ndim == 1)
         hi = _per_layer(self.hi, ctx, self.hi.ndim == 1)
         return x + (jnp.clip(p, lo, hi) - p)[..., None] * r
+
+    def _layer_indexed(self, lead):
+        return (("direction", self.direction, self.per_layer), ("lo", self.lo, self.lo.ndim - lead == 1),
+                ("hi", self.hi, self.hi.ndim - lead == 1))
 
 
 def project_out(site: str, direction, **kw) -> AlongDirection:
@@ -231,11 +392,25 @@ class ScaleHeads(Intervention):
         m = _per_layer(self.mask, ctx, self.mask.ndim == 2)
         return value * _place(m, (_head_axis(SITES[self.site].axes),), SITES[self.site].axes).astype(value.dtype)
 
+    def validate(self, ext):
+        super().validate(ext)
+        n = ext.cfg.n_heads if _head_axis(SITES[self.site].axes) == "H" else ext.cfg.n_kv_heads
+        shape = np.shape(self.mask)[int(ext.stacked):]
+        if shape[-1:] != (n,):
+            raise InputError(f"ScaleHeads({self.site!r}): mask has shape {shape}; its last axis must be the {n} "
+                             f"heads of {self.site}")
+
+    def _layer_indexed(self, lead):
+        return (("mask", self.mask, self.mask.ndim - lead == 2),)
+
 
 def zero_heads(cfg, heads: Iterable[tuple[int, int]], site: str = "attn.z", **kw) -> ScaleHeads:
-    """Zero-ablate the `(layer, head)` pairs in `heads`."""
-    mask = np.ones((cfg.n_layers, cfg.n_heads), np.float32)
+    """Zero-ablate the `(layer, head)` pairs in `heads` (InputError for a pair outside the model)."""
+    n = cfg.n_heads if _head_axis(check_site(site).axes) == "H" else cfg.n_kv_heads
+    mask = np.ones((cfg.n_layers, n), np.float32)
     for layer, head in heads:
+        check_index("zero_heads: layer", np.asarray([layer]), cfg.n_layers, f"a model of {cfg.n_layers} layers")
+        check_index(f"zero_heads: head (of layer {layer})", np.asarray([head]), n, f"the {n} heads of {site}")
         mask[layer, head] = 0.0
     return ScaleHeads(mask, site, **kw)
 
@@ -268,6 +443,19 @@ class Replace(Intervention):
                         return None
                     raise InputError(f"{self.site}: source axis {a} has size {have}, the activation {want}")
         return src
+
+    def validate(self, ext):
+        super().validate(ext)
+        axes = SITES[self.site].axes
+        shape = np.shape(self.source)[int(ext.stacked):]
+        if len(shape) in (len(axes), len(axes) + 1) and "T" in axes:
+            t = shape[len(shape) - len(axes) + axes.index("T")]
+            if t not in (1, ext.seq_len):
+                raise InputError(f"Replace({self.site!r}): source has {t} positions and this input {ext.seq_len}: it "
+                                 "would replace nothing (a source of another length applies only to decode steps)")
+
+    def _layer_indexed(self, lead):
+        return (("source", self.source, self.source.ndim - lead == len(SITES[self.site].axes) + 1),)
 
 
 def patch(site: str, cache, **kw) -> Replace:
@@ -327,11 +515,25 @@ class Function(Intervention):
 # ----------------------------------------------------------------------------- batches of interventions
 
 
-def stack(interventions: Sequence[Intervention]) -> Intervention:
-    """A batch of same-kind interventions as one pytree with a leading sweep axis (for `jax.vmap`)."""
+def _as_item(x):
+    """An intervention (or a `Where`) with its static selection turned into arrays, ready to stack."""
+    if isinstance(x, Where):
+        return StackedWhere.of(x)
+    if isinstance(getattr(x, "where", None), Where):
+        return eqx.tree_at(lambda t: t.where, x, StackedWhere.of(x.where))
+    return x
+
+
+def stack(interventions: Sequence[Intervention | Where]) -> Intervention | StackedWhere:
+    """A batch of same-kind interventions (or `Where`s) as one pytree with a leading sweep axis on every array
+    (for `jax.vmap` and `interp.sweeps.sweep`); their selections become a `StackedWhere`."""
     if not interventions:
         raise InputError("stack() needs at least one intervention")
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *interventions)
+    items = [_as_item(x) for x in interventions]
+    try:
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *items)
+    except ValueError as e:
+        raise InputError(f"stack() needs items of one kind with the same fields set and the same shapes: {e}") from None
 
 
 def unstack(stacked, i: int):
@@ -339,20 +541,70 @@ def unstack(stacked, i: int):
     return jax.tree.map(lambda x: x[i], stacked)
 
 
-def first_layers(stacked: Intervention | Where, n: int, n_layers: int) -> np.ndarray:
-    """For each of the `n` items of a stacked intervention (or `Where`), the first layer it can change: layers
-    below it need not be recomputed. Needs concrete (not traced) arrays."""
-    w = stacked if isinstance(stacked, Where) else stacked.where
-    site = None if isinstance(stacked, Where) else stacked.site
+def first_layers(stacked: Intervention | StackedWhere, n: int, n_layers: int) -> np.ndarray:
+    """For each of the `n` items of a stacked intervention (or `StackedWhere`), the first layer it can change:
+    layers below it need not be recomputed. Needs concrete (not traced) arrays."""
+    w = stacked if isinstance(stacked, _Selection) else stacked.where
+    site = None if isinstance(stacked, _Selection) else stacked.site
     if site is not None and not SITES[site].per_layer:
         return np.zeros(n, np.int64)
+    lead = isinstance(w, StackedWhere)  # a plain Where is one selection shared by every item
     out = np.zeros(n, np.int64)
     if w.layers is not None:
-        out = np.asarray(w.layers).reshape(n, -1).min(1)
-    if w.heads is not None and np.ndim(w.heads) == 3:  # [n, L, H]
-        used = np.asarray(w.heads).reshape(n, n_layers, -1).any(-1)
+        out = np.broadcast_to(np.asarray(w.layers).reshape(n if lead else 1, -1).min(1), (n,))
+    if w.heads is not None and np.ndim(w.heads) == 2 + lead:  # [n, L, H] or a shared [L, H]
+        used = np.asarray(w.heads).reshape(n if lead else 1, n_layers, -1).any(-1)
         out = np.maximum(out, np.where(used.any(1), used.argmax(1), n_layers - 1))
     if isinstance(stacked, ScaleHeads) and np.ndim(stacked.mask) == 3:  # [n, L, H]: heads not scaled by 1
         changed = (np.asarray(stacked.mask) != 1).any(-1)
         out = np.maximum(out, np.where(changed.any(1), changed.argmax(1), n_layers - 1))
     return out
+
+
+# ----------------------------------------------------------------------------- per-example steering
+
+
+class AddVectorPerExample(Intervention):
+    """`value + scale[b, layer] * vector`: a steering scale per example and per layer, `scale [B, n_layers]`
+    (e.g. a controller's output for each prompt), so one batch steers every row by its own amount. `vector` has
+    the site's trailing shape (`[D]` at residual sites), or a leading batch axis as well (`[B, D]`: a vector
+    per row). `models.generate` keeps the rows in order, so the same scales apply on the prompt pass and at
+    every decode step; `where` narrows it (`layers=(L - 1,), positions=(-1,)`: the last layer, each row's
+    newest token)."""
+
+    site: str = eqx.field(static=True)
+    vector: Float[Array, "*B ..."]
+    scale: Float[Array, "B L"]
+    where: Where
+
+    def __init__(self, site: str, vector, scale, *, where: Where | None = None, **kw):
+        self.site, self.where = site, _where(site, where, kw)
+        if not SITES[site].per_layer:
+            raise InputError(f"AddVectorPerExample: site {site!r} is not a layer site; scale is [batch, n_layers]")
+        self.vector, self.scale = _f32(vector), _f32(scale)
+        if self.scale.ndim != 2:
+            raise InputError(f"AddVectorPerExample: scale has shape {self.scale.shape}; it is [batch, n_layers]")
+
+    def _per_row(self) -> bool:
+        return self.vector.ndim == len(SITES[self.site].axes) - 1
+
+    def edit(self, value, ctx):
+        B = value.shape[0]
+        if self.scale.shape[0] != B or (self._per_row() and self.vector.shape[0] != B):
+            raise InputError(f"AddVectorPerExample({self.site!r}): scale {self.scale.shape} / vector "
+                             f"{self.vector.shape} have a batch axis that is not this input's {B} rows")
+        s = self.scale[:, ctx.layer].reshape((B,) + (1,) * (value.ndim - 1))
+        return value + s * (self.vector[:, None] if self._per_row() else self.vector)
+
+    def validate(self, ext: Extent) -> None:
+        super().validate(ext)
+        lead = int(ext.stacked)
+        shape, vec = np.shape(self.scale)[lead:], np.shape(self.vector)[lead:]
+        batch = None if ext.lengths is None else len(ext.lengths)
+        rows = "batch" if batch is None else f"{batch} rows"
+        if shape[1] != ext.cfg.n_layers or (batch is not None and shape[0] != batch):
+            raise InputError(f"AddVectorPerExample({self.site!r}): scale has shape {shape}; it is "
+                             f"[{rows}, the model's {ext.cfg.n_layers} layers]")
+        if len(vec) == len(SITES[self.site].axes) - 1 and batch is not None and vec[0] != batch:
+            raise InputError(f"AddVectorPerExample({self.site!r}): vector has shape {vec}; a vector per row has "
+                             f"a leading axis of {rows}")

@@ -13,13 +13,22 @@ from typing import NamedTuple, Sequence
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
-from interp.readout import logits_from_resid, normalize_positions
+from interp.readout import as_positions, logits_from_resid
 from models import transformer
+from models.checks import check_call, check_positions, check_tokens, row_lengths
 from models.transformer import Capture
 
 __all__ = ["DLA", "Decomposition", "direct_logit_attribution", "logit_lens", "residual_decomposition", "unembed_direction"]
+
+
+def _check(model, tokens, mask, positions) -> None:
+    """Token ids and the read `positions` (in every row) checked before anything is traced."""
+    check_call(model.cfg, tokens, mask)
+    if positions is not None:
+        check_positions("positions", np.asarray(positions), row_lengths(mask), int(tokens.shape[1]))
 
 
 @eqx.filter_jit
@@ -30,9 +39,11 @@ def _lens(model, tokens, mask, site: str, positions):
 
 def logit_lens(model, tokens, mask=None, *, site: str = "resid_post", positions: Sequence[int] | None = (-1,)):
     """Each layer's residual (`site`: resid_pre, resid_mid or resid_post) through the final norm and the
-    unembedding: `[L, B, P, V]` logits at the sequence indices `positions` (`None`: all, memory L*B*T*V)."""
-    tokens = jnp.asarray(tokens)
-    return _lens(model, tokens, mask, site, normalize_positions(positions, tokens.shape[1]))
+    unembedding: `[L, B, P, V]` logits at `positions`, the `p`-th real token of each row (-1 = each row's last;
+    `None`: every sequence index, memory L*B*T*V)."""
+    tokens, positions = jnp.asarray(tokens), as_positions(positions)
+    _check(model, tokens, mask, positions)
+    return _lens(model, tokens, mask, site, positions)
 
 
 class Decomposition(NamedTuple):
@@ -64,17 +75,22 @@ def _decompose(model, tokens, mask, positions):
 
 
 def residual_decomposition(model, tokens, mask=None, *, positions: Sequence[int] | None = (-1,)) -> Decomposition:
-    """Every component writing into the residual stream at the sequence indices `positions` (`None`: all)."""
-    tokens = jnp.asarray(tokens)
-    return _decompose(model, tokens, mask, normalize_positions(positions, tokens.shape[1]))
+    """Every component writing into the residual stream at `positions`, the `p`-th real token of each row
+    (-1 = each row's last; `None`: every sequence index)."""
+    tokens, positions = jnp.asarray(tokens), as_positions(positions)
+    _check(model, tokens, mask, positions)
+    return _decompose(model, tokens, mask, positions)
 
 
 def unembed_direction(model, correct, wrong=None) -> Array:
-    """Unembedding column(s) `W_U[:, correct] - W_U[:, wrong]`: `[D]` or `[B, D]` for per-row ids."""
+    """Unembedding column(s) `W_U[:, correct] - W_U[:, wrong]`: `[D]` or `[B, D]` for per-row ids (one id each:
+    `model.to_single_token(" Paris")`). Ids outside the vocabulary raise InputError."""
     p = model.params
     W_U = p["unembed"]["W_U"] if "unembed" in p else p["embed"]["W_E"].T
+    check_tokens(correct, W_U.shape[1], "unembed_direction correct")
     d = jnp.take(W_U, jnp.asarray(correct), axis=1)
     if wrong is not None:
+        check_tokens(wrong, W_U.shape[1], "unembed_direction wrong")
         d = d - jnp.take(W_U, jnp.asarray(wrong), axis=1)
     return jnp.moveaxis(d, 0, -1).astype(jnp.float32)
 
@@ -97,7 +113,8 @@ class DLA(NamedTuple):
 
 def direct_logit_attribution(model, tokens, mask, direction: Float[Array, "*B D"], *, position: int = -1) -> DLA:
     """Attribute `resid . W_U`-style logits along `direction` (`[D]` or `[B, D]`, see `unembed_direction`) at
-    sequence index `position` to the embedding, every head (and `b_O`) and every MLP."""
+    `position` (the `position`-th real token of each row; -1 = each row's last) to the embedding, every head
+    (and `b_O`) and every MLP."""
     cfg, p = model.cfg, model.params
     dec = residual_decomposition(model, tokens, mask, positions=(position,))
     d = jnp.broadcast_to(jnp.asarray(direction, jnp.float32), (dec.resid.shape[0], cfg.d_model))  # [B, D]

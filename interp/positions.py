@@ -26,7 +26,7 @@ from models.errors import InputError
 
 __all__ = [
     "Absolute", "AllTokens", "FromEnd", "LastInstruction", "PostInstruction", "Selector",
-    "gather", "post_instruction_ids", "to_mask",
+    "gather", "labels", "post_instruction_ids", "to_mask",
 ]
 
 _PLACEHOLDER = "Zq7Placeholder"
@@ -168,3 +168,14 @@ def gather(x: Array, idx: Int[Array, "B P"], seq_axis: int = 1) -> Array:
 def to_mask(idx: Int[Array, "B P"], seq_len: int) -> Array:
     """`[B, T]` boolean mask, true at the selected indices."""
     return jnp.any(jnp.asarray(idx)[:, :, None] == jnp.arange(seq_len)[None, None, :], axis=1)
+
+
+def labels(selector, n: int) -> list[str]:
+    """Names of the `n` positions `selector` gives, with its arguments: `Absolute(0)`, `FromEnd(1)` (one per
+    index or offset), `LastInstruction`, `PostInstruction[2]` (its third position)."""
+    args = {Absolute: "indices", FromEnd: "offsets"}.get(type(selector))
+    args = getattr(selector, args) if args else None
+    name = getattr(selector, "__name__", type(selector).__name__)
+    if args is not None and len(args) == n:
+        return [f"{name}({a})" for a in args]
+    return [name] if n == 1 else [f"{name}[{i}]" for i in range(n)]

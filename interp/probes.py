@@ -20,6 +20,7 @@ minimised by `optax.lbfgs` for a fixed number of steps in a `lax.scan`, vmapped 
 from __future__ import annotations
 
 import json
+import zipfile
 from functools import partial
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +35,7 @@ from matplotlib.figure import Figure
 
 import models
 from interp import positions as _positions
+from interp import progress
 from interp.plot import heatmap as _heatmap
 from models.errors import InputError
 
@@ -54,11 +56,7 @@ def _as_selectors(positions) -> tuple:
 
 
 def _position_labels(selectors, n_per: Sequence[int]) -> list[str]:
-    labels = []
-    for sel, n in zip(selectors, n_per):
-        name = type(sel).__name__
-        labels += [name] if n == 1 else [f"{name}[{i}]" for i in range(n)]
-    return labels
+    return [label for sel, n in zip(selectors, n_per) for label in _positions.labels(sel, n)]
 
 
 def collect(model, texts: Sequence[str], positions=None, site: str = "resid_post", batch_size: int = 16,
@@ -71,7 +69,8 @@ def collect(model, texts: Sequence[str], positions=None, site: str = "resid_post
     the `[L, B, P, D]` slice of each batch is kept, so memory is bounded by one batch of activations.
     With `mesh` (a `("data", ...)` mesh, e.g. `interp.mesh.sweep_mesh()`), each batch is sharded over its
     `"data"` axis (`models.sharding.shard_batch`); the batch is padded to a multiple of the data size.
-    With `return_labels=True` also returns the position labels (`["LastInstruction", "PostInstruction[0]", ...]`).
+    With `return_labels=True` also returns the position labels, the selectors' arguments kept
+    (`interp.positions.labels`: `["FromEnd(0)", "FromEnd(1)", "LastInstruction", "PostInstruction[0]", ...]`).
     """
     selectors = _as_selectors(positions)
     texts = list(texts)
@@ -83,7 +82,7 @@ def collect(model, texts: Sequence[str], positions=None, site: str = "resid_post
         n_data = int(mesh.shape.get("data", 1))
         batch_size = -(-batch_size // n_data) * n_data
     out, n_per = [], None
-    for start in range(0, len(texts), batch_size):
+    for start in progress.iterate(range(0, len(texts), batch_size), f"collect {site}", unit="batch"):
         chunk = texts[start:start + batch_size]
         n_real = len(chunk)
         if mesh is not None and n_real % n_data:
@@ -528,12 +527,72 @@ def save(path: str | Path, probes: Probes) -> tuple[Path, Path]:
     return npz, meta
 
 
-def load(path: str | Path) -> Probes:
-    """Inverse of `save` (give the base path, or either file)."""
+def load(path: str | Path, model=None) -> Probes:
+    """Inverse of `save` (give the base path, or either file).
+
+    Checks the arrays against each other (`w`, `mean`, `scale` `[*cells, D]`, `b` `[*cells]`, finite, `scale > 0`)
+    and against the JSON (kind, shape, one layer / position label per grid cell); with `model` (a `models.Model`
+    or `models.Config`) also the site, the layers and `D` against the model. Anything else is an InputError
+    naming the file."""
     path = Path(path)
     base = path.with_suffix("") if path.suffix in (".npz", ".json") else path
-    info = json.loads(base.with_name(base.name + ".json").read_text())
-    with np.load(base.with_name(base.name + ".npz")) as z:
-        arrays = {k: z[k] for k in ("w", "b", "mean", "scale")}
-    return Probes(**arrays, kind=info["kind"], model=info["model"], site=info["site"], layers=tuple(info["layers"]),
-                  positions=tuple(info["positions"]), extra=info.get("extra", {}))
+    meta, npz = base.with_name(base.name + ".json"), base.with_name(base.name + ".npz")
+    try:
+        info = json.loads(meta.read_text(encoding="utf-8"))
+        kind, model_name, site = info["kind"], info["model"], info["site"]
+        layers, labels = tuple(int(x) for x in info["layers"]), tuple(str(x) for x in info["positions"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{meta} is not a probe description ({type(e).__name__}: {e}); expected the JSON that "
+                         "probes.save writes (kind, model, site, layers, positions)") from None
+    try:
+        with np.load(npz, allow_pickle=False) as z:
+            arrays = {k: np.asarray(z[k]) for k in ("w", "b", "mean", "scale")}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise InputError(f"{npz} is not a readable probe file with w, b, mean, scale (truncated or corrupt?): "
+                         f"{type(e).__name__}: {e}") from None
+    _check_probe(npz, arrays, kind, info.get("shape"), layers, labels)
+    if model is not None:
+        _check_probe_model(npz, model, site, layers, arrays["w"].shape[-1])
+    return Probes(**arrays, kind=kind, model=model_name, site=site, layers=layers, positions=labels,
+                  extra=info.get("extra", {}))
+
+
+def _check_probe(where, a: dict, kind: str, shape, layers, labels):
+    w = a["w"]
+    if kind not in ("logistic", "diff_of_means"):
+        raise InputError(f"{where}: unknown probe kind {kind!r} (logistic, diff_of_means)")
+    if w.ndim < 1 or w.shape[-1] < 1:
+        raise InputError(f"{where}: w must be [*cells, D], got shape {w.shape}")
+    want = {"w": w.shape, "mean": w.shape, "scale": w.shape, "b": w.shape[:-1]}
+    for name, expected in want.items():
+        if a[name].shape != expected:
+            raise InputError(f"{where}: {name} has shape {a[name].shape}, expected {expected} for w {w.shape}")
+        if not np.all(np.isfinite(a[name])):
+            raise InputError(f"{where}: {name} holds non-finite values (NaN or Inf)")
+    if not np.all(a["scale"] > 0):
+        raise InputError(f"{where}: scale must be > 0 everywhere (it divides the activations)")
+    if shape is not None and tuple(shape) != w.shape:
+        raise InputError(f"{where}: the JSON says shape {tuple(shape)} but w has shape {w.shape}")
+    cells = w.shape[:-1]
+    n = cells if len(cells) == 2 else (1, 1) if not cells else None  # labels per cell axis (if labelled)
+    if n is not None and (len(layers) not in (0, n[0]) or len(labels) not in (0, n[1])):
+        raise InputError(f"{where}: {cells or 'one'} cell(s) need {n[0]} layer and {n[1]} position labels, the JSON "
+                         f"has layers {list(layers)} and positions {list(labels)}")
+
+
+def _check_probe_model(where, model, site: str, layers, d: int):
+    from models.sites import check_site
+
+    cfg = getattr(model, "cfg", model)
+    try:
+        info = check_site(site)
+    except KeyError as e:
+        raise InputError(f"{where}: {e.args[0]}") from None
+    width = {"D": cfg.d_model, "F": cfg.d_mlp}.get(info.axes[-1]) if info.per_layer and len(info.axes) == 3 else None
+    if width is None:
+        raise InputError(f"{where}: site {site!r} is not a [layers, batch, seq, d] site that probes read")
+    if d != width:
+        raise InputError(f"{where}: probes have D={d} but the model's {site!r} has width {width}")
+    bad = [layer for layer in layers if not 0 <= layer < cfg.n_layers]
+    if bad:
+        raise InputError(f"{where}: layers {bad} are outside the model's {cfg.n_layers} layers")

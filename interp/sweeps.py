@@ -7,8 +7,9 @@
 Every sweep returns the change of the metric against the run without the swept intervention. The engine
 (`sweep`) groups the items by the first layer they can change and resumes each group from the cached
 residual entering that layer (`models.forward(..., start_layer=l, resid=...)`): ablating a head in layer l
-never recomputes layers < l. Within a group the items run in chunks of `batch_size` under `jax.vmap` (a
-`lax.map` over the chunks), split over a device mesh (`interp.mesh.sweep_mesh`) as `models.sharding.RULES`
+never recomputes layers < l; by default the groups are merged into the number of compiled programs that
+minimises compile + run time for the call (`max_programs="auto"`). Within a group the items run in calls of
+`batch_size` under `jax.vmap` (one program per group; a progress bar counts them), split over a device mesh (`interp.mesh.sweep_mesh`) as `models.sharding.RULES`
 lays out the logical `"sweep"` and `"batch"` axes. The default chunk holds about `CHUNK_TOKENS` tokens of the
 platform: vmapping hundreds of forwards at once is memory-bound on a CPU (measured 1.9x slower per item than
 chunks of 9 on SmolLM2, 8 x 64 tokens).
@@ -25,9 +26,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from interp import mesh as meshlib
-from interp.interventions import AddVector, Replace, Where, first_layers, mean_ablation, resample_ablation, zero_ablation
-from interp.readout import Readout, readout, readout_with
+from interp import progress as progresslib
+from interp.interventions import (AddVector, Replace, StackedWhere, first_layers, mean_ablation, resample_ablation,
+                                  zero_ablation)
+from interp.readout import Readout, check_metric, metric_positions, readout, readout_with
 from models import transformer
+from models.checks import Extent, check_call, check_interventions, check_positions, row_lengths
 from models.errors import InputError
 from models.sharding import RULES
 from models.sites import SITES, check_site
@@ -55,6 +59,16 @@ def _inputs(tokens, mask):
     return tokens, mask
 
 
+def _check(model, tokens, mask, metric=None, positions=None, base=()) -> None:
+    """Concrete checks before anything is traced: token ids, the read positions in every row, the `base`
+    interventions and the metric's targets (`models.checks`)."""
+    check_call(model.cfg, tokens, mask, (), tuple(base))
+    if positions is not None:
+        check_positions("positions", np.asarray(positions), row_lengths(mask), int(np.shape(tokens)[1]))
+    if metric is not None:
+        check_metric(metric, model.cfg, int(np.shape(tokens)[0]))
+
+
 @eqx.filter_jit
 def _capture(model, tokens, mask, site: str, base):
     return transformer.forward(model.params, model.cfg, tokens, mask, None, (site,), base)[1][site]
@@ -63,7 +77,9 @@ def _capture(model, tokens, mask, site: str, base):
 def capture(model, tokens, mask, site: str, base=()) -> jax.Array:
     """One site's activations for every layer (`[L, B, T, ...]`, or `[B, T, ...]` for embed/final_norm)."""
     check_site(site)
-    return _capture(model, *_inputs(tokens, mask), site, tuple(base))
+    tokens, mask = _inputs(tokens, mask)
+    _check(model, tokens, mask, base=base)
+    return _capture(model, tokens, mask, site, tuple(base))
 
 
 @eqx.filter_jit
@@ -71,17 +87,17 @@ def _baseline(model, tokens, mask, metric, base, positions):
     return metric(readout(model, tokens, mask, base, positions))
 
 
-def baseline(model, tokens, mask, metric: Metric, base=(), positions=(-1,)) -> float:
-    """The metric with only the `base` interventions."""
-    return float(_baseline(model, *_inputs(tokens, mask), metric, tuple(base), _positions(positions)))
-
-
-def _positions(positions):
-    return None if positions is None else tuple(int(p) for p in positions)
+def baseline(model, tokens, mask, metric: Metric, base=(), positions="metric") -> float:
+    """The metric with only the `base` interventions, read at `positions` (default: the metric's own, see
+    `interp.readout.metric_positions`)."""
+    tokens, mask = _inputs(tokens, mask)
+    positions = metric_positions(metric, positions)
+    _check(model, tokens, mask, metric, positions, base)
+    return float(_baseline(model, tokens, mask, metric, tuple(base), positions))
 
 
 @eqx.filter_jit
-def _run_group(model, tokens, mask, prefix, items, templates, base, metric, start, positions, batch_size, out_sharding):
+def _run_group(model, tokens, mask, prefix, items, templates, base, metric, start, positions, out_sharding):
     resid = None if start == 0 else prefix[start - 1]
 
     def one(item):
@@ -91,52 +107,97 @@ def _run_group(model, tokens, mask, prefix, items, templates, base, metric, star
             ivs = tuple(eqx.tree_at(lambda t: t.where, t, item) for t in templates)
         return metric(readout(model, tokens, mask, (*base, *ivs), positions, start_layer=start, resid=resid))
 
-    out = jax.vmap(one)(items) if batch_size is None else jax.lax.map(one, items, batch_size=batch_size)
+    out = jax.vmap(one)(items)
     return out if out_sharding is None else jax.lax.with_sharding_constraint(out, out_sharding)
 
 
-def _starts(first: np.ndarray, max_programs: int | None) -> np.ndarray:
-    """Each item's start layer: its first layer, or the start of its bucket when at most `max_programs` are wanted."""
+# Cost model of one sweep call on each platform (measured on SmolLM2, see the README's interp section):
+# seconds to compile one group's program, and layer-token-items run per second.
+COMPILE_S = {"cpu": 2.0, "gpu": 3.0, "tpu": 3.0}
+LAYER_TOKENS_PER_S = {"cpu": 2.0e4, "gpu": 2.0e6, "tpu": 2.0e6}
+
+
+def _bucket_starts(first: np.ndarray, groups: int) -> np.ndarray:
     uniq = np.unique(first)
-    if max_programs is None or max_programs >= len(uniq):
-        return first
-    if max_programs < 1:
-        raise InputError("max_programs must be >= 1")
-    lows = {int(v): int(chunk[0]) for chunk in np.array_split(uniq, max_programs) for v in chunk}
+    lows = {int(v): int(chunk[0]) for chunk in np.array_split(uniq, groups) for v in chunk}
     return np.asarray([lows[int(f)] for f in first])
 
 
-def sweep(model, tokens, mask, metric: Metric, interventions, *, where: Where | None = None, base=(),
-          positions: Sequence[int] | None = (-1,), mesh=None, batch_size: int | None = None,
-          max_programs: int | None = None, first: Sequence[int] | None = None, rules=None) -> np.ndarray:
-    """The metric under each of N interventions, `[N]` (not differenced).
+def _starts(first: np.ndarray, max_programs: int | str | None, n_layers: int = 1, n_tokens: int = 1,
+            scale: float = 1.0) -> np.ndarray:
+    """Each item's start layer: its first layer (`max_programs=None`: one program per distinct first layer),
+    the start of its bucket when at most `max_programs` programs are wanted, or with `"auto"` the number of
+    programs that minimises the estimated compile + run time (`COMPILE_S`, `LAYER_TOKENS_PER_S`; `scale`
+    is the model's per-layer cost relative to SmolLM2-135M)."""
+    uniq = np.unique(first)
+    if max_programs == "auto":
+        backend = jax.default_backend()
+        compile_s, rate = COMPILE_S.get(backend, 3.0), LAYER_TOKENS_PER_S.get(backend, 2.0e6) / scale
+
+        def cost(g):
+            return g * compile_s + np.sum(n_layers - _bucket_starts(first, g)) * n_tokens / rate
+
+        max_programs = min(range(1, len(uniq) + 1), key=cost)
+    if max_programs is None or max_programs >= len(uniq):
+        return first
+    if isinstance(max_programs, bool) or not isinstance(max_programs, (int, np.integer)) or max_programs < 1:
+        raise InputError(f"max_programs must be an integer >= 1, None (one per first layer) or 'auto', "
+                         f"got {max_programs!r}")
+    return _bucket_starts(first, int(max_programs))
+
+
+def _layer_scale(cfg) -> float:
+    """Parameters of one layer relative to SmolLM2-135M's (the cost model's unit)."""
+    attn = cfg.d_model * cfg.d_head * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    return (attn + (3 if cfg.gated_mlp else 2) * cfg.d_model * cfg.d_mlp) / 3.54e6
+
+
+def sweep(model, tokens, mask, metric: Metric, interventions, *, where: StackedWhere | None = None, base=(),
+          positions: Sequence[int] | None | str = "metric", mesh=None, batch_size: int | None = None,
+          max_programs: int | str | None = "auto", first: Sequence[int] | None = None, rules=None,
+          progress: bool | None = None) -> np.ndarray:
+    """The metric under each of N interventions, `[N]` (`[N, ...]` for a metric returning an array; not differenced).
 
     Either `interventions` is a tuple of stacked interventions (every array leaf with a leading axis N, see
-    `interp.interventions.stack`) and item i applies the i-th of each, or `where` is a stacked `Where` [N]
-    and item i applies the (unstacked) `interventions` with their `where` replaced by its i-th entry (a
-    mean or a cache is then shared, not copied N times). `base` interventions apply to every item.
+    `interp.interventions.stack`) and item i applies the i-th of each, or `where` is a `StackedWhere` [N]
+    (`stack([Where(...), ...])`) and item i applies the (unstacked) `interventions` with their `where` replaced
+    by its i-th entry (a mean or a cache is then shared, not copied N times). `base` interventions apply to
+    every item. Every item is checked against the model first (InputError naming a bad layer, head, position).
 
-    `positions` are the sequence indices the metric reads (`None`: all). `first[i]` (default: inferred from
-    the layers/heads selections) is the first layer item i can change; items are grouped by it and resume
-    from the cached residual, at most `max_programs` groups (fewer compilations, some recomputation).
+    `positions` are what the metric reads: the `p`-th real token of each row (`None`: all; default `"metric"`:
+    the metric's own `positions`, e.g. every position for `NextTokenLoss`, else the last token). `first[i]`
+    (default: inferred from the layers/heads selections) is the first layer item i can change; items are
+    grouped by it and resume from the cached residual. Each group is one compiled program: `max_programs`
+    caps their number (fewer compilations, some recomputation; `None`: one per distinct first layer; the
+    default `"auto"` picks the number that minimises the estimated compile + run time, see `_starts`).
     With a `mesh` (`interp.mesh.sweep_mesh`), items are split over the mesh axis that `rules` (default
     `models.sharding.RULES`) gives `"sweep"`, parameters by their logical axes, the prompt batch by `"batch"`.
-    `batch_size`: items per vmapped chunk (default `default_batch_size`; `0` vmaps every item of a group at once).
+    `batch_size`: items per vmapped call (default `default_batch_size`; `0` vmaps every item of a group at once).
+    `progress`: a tqdm bar over the items (default on unless `INTERP_PROGRESS=0`; shown after a few seconds).
     """
     tokens, mask = _inputs(tokens, mask)
-    base, positions, rules = tuple(base), _positions(positions), rules or RULES
-    L = model.cfg.n_layers
+    base, positions, rules = tuple(base), metric_positions(metric, positions), rules or RULES
+    _check(model, tokens, mask, metric, positions, base)
+    cfg, L = model.cfg, model.cfg.n_layers
+    ext = Extent(cfg, tokens.shape[1], row_lengths(mask), stacked=True)
     if where is None:
         items, templates = tuple(interventions), None
         n = int(jax.tree.leaves(items)[0].shape[0])
+        check_interventions(items, ext)
         firsts = [first_layers(iv, n, L) for iv in items]
     else:
+        if not isinstance(where, StackedWhere):
+            raise InputError(f"sweep(where=...) takes a StackedWhere (interp.interventions.stack([Where(...), ...])), "
+                             f"got {type(where).__name__}")
         items, templates = where, tuple(interventions)
         n = int(jax.tree.leaves(where)[0].shape[0])
+        check_interventions(templates, ext._replace(stacked=False))
+        for t in templates:
+            where.validate(t.site, ext, f"sweep(where=...) for {type(t).__name__}({t.site!r}): ")
         wf = first_layers(where, n, L)
         firsts = [wf if SITES[t.site].per_layer else np.zeros(n, np.int64) for t in templates]
     firsts = np.asarray(first) if first is not None else np.min(np.stack(firsts), 0)
-    starts = _starts(firsts.astype(np.int64), max_programs)
+    starts = _starts(firsts.astype(np.int64), max_programs, L, tokens.size, _layer_scale(cfg))
 
     out_sharding, item_spec = None, None
     k = meshlib.sweep_size(mesh, rules)
@@ -153,27 +214,35 @@ def sweep(model, tokens, mask, metric: Metric, interventions, *, where: Where | 
     if starts.max() > 0:
         prefix = _capture(model, tokens, mask, "resid_post", base)
 
-    values = np.zeros(n, np.float64)
-    for s in np.unique(starts):
-        idx = np.nonzero(starts == s)[0]
-        sel = np.concatenate([idx, np.repeat(idx[:1], (-len(idx)) % k)])
-        sub = jax.tree.map(lambda x: jnp.asarray(x)[sel], items)
-        if mesh is not None:
-            sub = jax.tree.map(lambda x: meshlib.put(x, mesh, item_spec), sub)
-        chunk = default_batch_size(len(sel), tokens.size, mesh) if batch_size is None else (batch_size or None)
-        vals = _run_group(model, tokens, mask, prefix, sub, templates, base, metric, int(s), positions, chunk,
-                          out_sharding)
-        values[idx] = np.asarray(vals)[: len(idx)]
+    values = None
+    groups = np.unique(starts)
+    with progresslib.bar(n, f"sweep ({len(groups)} program{'s' * (len(groups) > 1)})", progress) as bar:
+        for s in groups:
+            idx = np.nonzero(starts == s)[0]
+            chunk = default_batch_size(len(idx), tokens.size, mesh) if batch_size is None else (batch_size or None)
+            size = -(-min(chunk or len(idx), len(idx)) // k) * k  # every call of a group has one shape: one program
+            for lo in range(0, len(idx), size):
+                part = idx[lo:lo + size]
+                sel = np.concatenate([part, np.repeat(part[:1], size - len(part))])
+                sub = jax.tree.map(lambda x: jnp.asarray(x)[sel], items)
+                if mesh is not None:
+                    sub = jax.tree.map(lambda x: meshlib.put(x, mesh, item_spec), sub)
+                vals = _run_group(model, tokens, mask, prefix, sub, templates, base, metric, int(s), positions,
+                                  out_sharding)
+                vals = np.asarray(vals)[: len(part)]
+                values = np.zeros((n, *vals.shape[1:]), np.float64) if values is None else values
+                values[part] = vals
+                bar.update(len(part))
     return values
 
 
 # ----------------------------------------------------------------------------- head ablation
 
 
-def _one_hot_items(n_layers: int, n: int, field: str) -> Where:
+def _one_hot_items(n_layers: int, n: int, field: str) -> StackedWhere:
     """`n_layers * n` items, layer-major: item (l, j) selects layer l and index j of `field` (heads or tokens)."""
     layers = np.repeat(np.arange(n_layers), n)[:, None]
-    return Where(layers=layers, **{field: np.tile(np.eye(n, dtype=bool), (n_layers, 1))})
+    return StackedWhere(layers=layers, **{field: np.tile(np.eye(n, dtype=bool), (n_layers, 1))})
 
 
 def _ablation(model, tokens, mask, kind: str, reference, key) -> tuple[Replace, jax.Array, jax.Array | float]:
@@ -199,8 +268,9 @@ def _ablation(model, tokens, mask, kind: str, reference, key) -> tuple[Replace, 
 
 
 def head_ablation(model, tokens, mask, metric: Metric, kind: str = "zero", reference=None, *, key=None,
-                  positions=(-1,), mesh=None, batch_size=None, max_programs=None, rules=None) -> np.ndarray:
-    """Change of `metric` when each head is ablated alone, `[layers, heads]`, in one call.
+                  positions="metric", mesh=None, batch_size=None, max_programs="auto", rules=None,
+                  progress=None) -> np.ndarray:
+    """Change of `metric` when each head is ablated alone, `[layers, heads]`, in one call (`sweep` options).
 
     kind: "zero"; "mean" (the head's mean over the `reference` prompts, default these prompts, per position
     when the lengths match); "resample" (the head's output on `reference` prompts of the same shape, default
@@ -208,9 +278,12 @@ def head_ablation(model, tokens, mask, metric: Metric, kind: str = "zero", refer
     """
     tokens, mask = _inputs(tokens, mask)
     cfg = model.cfg
+    positions = metric_positions(metric, positions)
+    _check(model, tokens, mask, metric, positions)
     template, _, _ = _ablation(model, tokens, mask, kind, reference, key)
     values = sweep(model, tokens, mask, metric, (template,), where=_one_hot_items(cfg.n_layers, cfg.n_heads, "heads"),
-                   positions=positions, mesh=mesh, batch_size=batch_size, max_programs=max_programs, rules=rules)
+                   positions=positions, mesh=mesh, batch_size=batch_size, max_programs=max_programs, rules=rules,
+                   progress=progress)
     return values.reshape(cfg.n_layers, cfg.n_heads) - baseline(model, tokens, mask, metric, positions=positions)
 
 
@@ -237,7 +310,8 @@ def _per_axis(site: str, per: str) -> tuple[str, str]:
 
 
 def activation_patching(model, clean, corrupt, metric: Metric, *, site: str = "resid_pre", per: str = "position",
-                        positions=(-1,), mesh=None, batch_size=None, max_programs=None, rules=None) -> np.ndarray:
+                        positions="metric", mesh=None, batch_size=None, max_programs="auto", rules=None,
+                        progress=None) -> np.ndarray:
     """Patch `site` from the clean run into the corrupt run at each (layer, position) or (layer, head), one at
     a time: the change of `metric` against the corrupt run, `[layers, T]` or `[layers, heads]`.
     `clean` and `corrupt` are `(tokens, mask)` of the same shape."""
@@ -246,7 +320,8 @@ def activation_patching(model, clean, corrupt, metric: Metric, *, site: str = "r
     cache = capture(model, ct, cm, site)
     n = cache.shape[1 + SITES[site].axes.index(axis)]
     values = sweep(model, xt, xm, metric, (Replace(site, cache),), where=_one_hot_items(model.cfg.n_layers, n, field),
-                   positions=positions, mesh=mesh, batch_size=batch_size, max_programs=max_programs, rules=rules)
+                   positions=positions, mesh=mesh, batch_size=batch_size, max_programs=max_programs, rules=rules,
+                   progress=progress)
     return values.reshape(model.cfg.n_layers, n) - baseline(model, xt, xm, metric, positions=positions)
 
 
@@ -274,21 +349,25 @@ def _reduce(contrib: jax.Array, site: str, axis: str) -> np.ndarray:
 
 
 def attribution_patching(model, clean, corrupt, metric: Metric, *, site: str = "resid_pre", per: str = "position",
-                         positions=(-1,)) -> np.ndarray:
+                         positions="metric") -> np.ndarray:
     """Gradient estimate of `activation_patching`: `(clean - corrupt) . d metric / d act` at the corrupt run,
     for every (layer, position) or (layer, head) from one clean forward and one corrupt forward + backward."""
     (ct, cm), (xt, xm) = _pair(clean, corrupt)
     _, axis = _per_axis(site, per)
-    act, grad = _site_grad(model, xt, xm, metric, site, _positions(positions))
+    positions = metric_positions(metric, positions)
+    _check(model, xt, xm, metric, positions)
+    act, grad = _site_grad(model, xt, xm, metric, site, positions)
     return _reduce((capture(model, ct, cm, site) - act) * grad, site, axis)
 
 
 def head_ablation_attribution(model, tokens, mask, metric: Metric, kind: str = "zero", reference=None, *, key=None,
-                              positions=(-1,)) -> np.ndarray:
+                              positions="metric") -> np.ndarray:
     """Gradient estimate of `head_ablation`, `[layers, heads]`: `(replacement - z) . d metric / d z`."""
     tokens, mask = _inputs(tokens, mask)
+    positions = metric_positions(metric, positions)
+    _check(model, tokens, mask, metric, positions)
     _, _, source = _ablation(model, tokens, mask, kind, reference, key)
-    z, grad = _site_grad(model, tokens, mask, metric, "attn.z", _positions(positions))
+    z, grad = _site_grad(model, tokens, mask, metric, "attn.z", positions)
     return _reduce((jnp.broadcast_to(source, z.shape) - z) * grad, "attn.z", "H")
 
 

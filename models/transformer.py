@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from models.checks import check_call, real_index
 from models.config import Config
 from models.errors import InputError
 from models.sites import SITES, check_site
@@ -43,11 +44,18 @@ class Intervention(Protocol):
 
 @dataclass(frozen=True)
 class Capture:
-    """Keep `site`, optionally only some layers and positions (indices into the sequence axis)."""
+    """Keep `site`, optionally only some `layers` and `positions`: the `p`-th real token of each row (0 = first
+    real token, -1 = last, for left- or right-padded batches; see `models.checks`). `seq_indices` selects
+    sequence-axis indices instead (negative from the end of the axis). Out-of-range values raise InputError."""
 
     site: str
     layers: tuple[int, ...] | None = None
     positions: tuple[int, ...] | None = None
+    seq_indices: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.positions is not None and self.seq_indices is not None:
+            raise InputError(f"Capture({self.site!r}): pass positions= or seq_indices=, not both")
 
 
 class KVCache(NamedTuple):
@@ -94,17 +102,20 @@ class _Sites:
             if iv.site == name:
                 value = iv.apply(value, ctx)
         if name in self.capture:
-            self.record[name] = self._select(name, value, self.capture[name].positions)
+            self.record[name] = self._select(name, value, self.capture[name])
         if name == "attn.z" and self.head_out_from_z:
-            self.record[_Z_FOR_HEAD_OUT] = self._select(name, value, self.capture["attn.head_out"].positions)
+            self.record[_Z_FOR_HEAD_OUT] = self._select(name, value, self.capture["attn.head_out"])
         return value
 
-    @staticmethod
-    def _select(name: str, value: Array, positions) -> Array:
-        if positions is None:
-            return value
+    def _select(self, name: str, value: Array, c: Capture) -> Array:
         axis = 2 if name in ("attn.scores", "attn.pattern") else 1
-        return jnp.take(value, jnp.asarray(positions), axis=axis)
+        if c.seq_indices is not None:
+            return jnp.take(value, jnp.asarray(c.seq_indices) % value.shape[axis], axis=axis)
+        if c.positions is None:
+            return value
+        idx = real_index(self.ctx.attention_mask, c.positions)  # [B, P]; T (-> NaN) where a row lacks it
+        idx = idx.reshape(idx.shape[:1] + (1,) * (axis - 1) + idx.shape[1:] + (1,) * (value.ndim - axis - 1))
+        return jnp.take_along_axis(value, idx, axis=axis, mode="fill", fill_value=jnp.nan)
 
 
 # ----------------------------------------------------------------------------- primitives
@@ -349,6 +360,8 @@ def forward(
     if tokens.ndim != 2:
         raise InputError(f"tokens must be [batch, seq], got shape {tokens.shape}")
     B, T = tokens.shape
+    if B == 0 or T == 0:
+        raise InputError(f"tokens of shape {tokens.shape} hold no token: need at least one row of at least one token")
     if attention_mask is None:
         attention_mask = jnp.ones((B, T), jnp.int32)
     attention_mask = jnp.asarray(attention_mask).astype(jnp.int32)
@@ -364,6 +377,8 @@ def forward(
         raise InputError(f"need 0 <= start_layer ({start_layer}) <= stop_at_layer ({stop}) <= {cfg.n_layers}")
 
     captures = tuple(_as_capture(c) for c in capture)
+    if cache is None:  # generate checks its prompt with the tokens it will add
+        check_call(cfg, tokens, attention_mask, captures, interventions, start_layer=start_layer, stop_layer=stop)
     ctx = SiteContext(None, positions, attention_mask, jnp.asarray(step, jnp.int32))
     sites = _Sites(captures, interventions, ctx)
 

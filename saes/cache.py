@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import json
 
+from models import cli
 from saes.data import cache_activations
-from saes.train import TrainConfig, _parser, build_source
+from saes.train import TrainConfig, build_source
 
 
 def main(argv=None):
-    parser = _parser()
-    parser.prog = "python -m saes.cache"
-    parser.description = __doc__.split("\n\n")[0]
-    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    cfg = cli.parse(TrainConfig, argv, prog="python -m saes.cache", description=__doc__.split("\n\n")[0],
+                    docs={"out": "the cache directory to write", "cache": "(not used here: give the directory to "
+                          "write as --out)"})
     if cfg.cache:
         raise SystemExit("--cache names a cache to read; give the directory to write as --out")
     _, source, _ = build_source(cfg)

@@ -38,6 +38,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,7 @@ from saes.sae import hook_name
 
 __all__ = [
     "ArraySource", "CachedSource", "DEFAULT_PACKAGES", "ModelSource", "TokenRows", "cache_activations",
-    "corpus_stats", "default_corpus", "iter_documents", "parse_hooks",
+    "corpus_stats", "default_corpus", "hook_dir", "iter_documents", "parse_hook", "parse_hooks", "site_width",
 ]
 
 DEFAULT_PACKAGES = ("numpy", "scipy", "jax", "flax", "optax", "orbax", "equinox", "matplotlib", "torch",
@@ -180,18 +181,63 @@ def iter_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
             yield from iter_documents(f, text_field)
         return
     if path.suffix in (".txt", ".md"):
-        yield path.read_text(encoding="utf-8", errors="replace")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if "\x00" in text:
+            raise InputError(f"{path} holds NUL bytes: a binary file, not text; remove it from the corpus")
+        yield text
     elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    yield json.loads(line)[text_field]
+        yield from _jsonl_documents(path, text_field)
     elif path.suffix == ".parquet":
         pq = _pyarrow("parquet")
-        table = pq.read_table(path, columns=[text_field])
-        yield from (t for t in table.column(text_field).to_pylist() if t)
+        names = pq.read_schema(path).names
+        _check_column(path, names, text_field)
+        yield from _column_texts(path, pq.read_table(path, columns=[text_field]).column(text_field), text_field)
     else:
         raise InputError(f"unsupported corpus file {path} (use .txt, .md, .jsonl, .parquet or a saved HF dataset)")
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    """`text_field` of each line of a .jsonl file; an InputError names the file, the line and the fix."""
+    hint = "choose the field with --text-field (TrainConfig.text_field)"
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}, line {n}: not UTF-8 text ({e.reason} at byte {e.start} of the line); a "
+                                 ".jsonl corpus holds one JSON object per line in UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                cut = "; the file ends inside this line: it was cut off (re-export it or drop the last line)" \
+                    if not raw.endswith(b"\n") else "; fix or remove the line"
+                raise InputError(f"{path}, line {n}: invalid JSON ({e.msg} at column {e.colno}){cut}") from None
+            if not isinstance(record, dict) or text_field not in record:
+                fields = sorted(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
+                raise InputError(f"{path}, line {n}: no field {text_field!r} (has: {fields}); {hint}")
+            text = record[text_field]
+            if not isinstance(text, str):
+                raise InputError(f"{path}, line {n}: field {text_field!r} is a {type(text).__name__}, not a string; "
+                                 f"{hint}")
+            yield text
+
+
+def _check_column(path: Path, names: Sequence[str], text_field: str):
+    if text_field not in names:
+        raise InputError(f"{path} has no column {text_field!r} (has: {list(names)}); choose the column with "
+                         "--text-field (TrainConfig.text_field)")
+
+
+def _column_texts(path: Path, column, text_field: str) -> Iterator[str]:
+    """The non-empty strings of an arrow column; a column of another type is an InputError naming it."""
+    import pyarrow as pa
+
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise InputError(f"{path}: column {text_field!r} holds {column.type}, not strings; choose the text column "
+                         "with --text-field (TrainConfig.text_field)")
+    yield from (t for t in column.to_pylist() if t)
 
 
 def _pyarrow(module: str):
@@ -213,7 +259,8 @@ def _arrow_dataset(path: Path, text_field: str) -> Iterator[str]:
             except pa.ArrowInvalid:
                 reader = pa.ipc.open_file(source)
             table = reader.read_all()
-        yield from (t for t in table.column(text_field).to_pylist() if t)
+        _check_column(f, table.column_names, text_field)
+        yield from _column_texts(f, table.column(text_field), text_field)
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -309,6 +356,38 @@ def parse_hooks(sites: Sequence[str] | str, layers: Sequence[int] | None) -> lis
     return out
 
 
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def parse_hook(name: str) -> tuple[str, int | None]:
+    """The typed identity `(site, layer)` of a hook name: `"L10.resid_post"` -> `("resid_post", 10)`, a model
+    site (`"embed"`) -> `(site, None)`. Sources not made from a model (synthetic data) may name their one
+    stream with a plain identifier (`"synthetic"` -> `("synthetic", None)`). Anything else, in particular a name
+    with path separators or `..`, is an InputError: hook names come from files (a cache's manifest) and
+    become directory names only through `hook_dir`."""
+    from models.sites import SITES
+
+    m = re.fullmatch(r"L(0|[1-9][0-9]{0,5})\.(.+)", name) if isinstance(name, str) else None
+    if m and m.group(2) in SITES and SITES[m.group(2)].per_layer:
+        return m.group(2), int(m.group(1))
+    if isinstance(name, str) and name in SITES and not SITES[name].per_layer:
+        return name, None
+    if isinstance(name, str) and _IDENTIFIER.fullmatch(name) and name not in SITES:
+        return name, None
+    raise InputError(f"invalid hook name {name!r}: expected 'L<layer>.<site>' for a per-layer site of "
+                     f"models.sites, a model-level site, or a plain identifier for non-model data")
+
+
+def hook_dir(root: str | Path, name: str) -> Path:
+    """`root / name` for a hook name, built from its parsed identity; never leaves `root`."""
+    site, layer = parse_hook(name)
+    root = Path(root)
+    path = root / hook_name(site, layer)
+    if not path.resolve().is_relative_to(root.resolve()):  # a symlink inside root may still point elsewhere
+        raise InputError(f"{path} leads outside {root} (a symlink?); hook files stay under their root")
+    return path
+
+
 # ----------------------------------------------------------------------------- sources
 
 
@@ -327,6 +406,17 @@ class ArraySource:
         while True:
             yield {h: jnp.asarray(v, jnp.float32) for h, v in self.make(i).items()}, i + 1
             i += 1
+
+
+def site_width(cfg, site: str) -> int:
+    """Width of one token's activation at `site` for a `models.Config` (per-head sites flattened: H * d)."""
+    from models.sites import check_site
+
+    axes = check_site(site).axes
+    if "S" in axes:
+        raise InputError(f"site {site!r} (attention scores/patterns) has no fixed width for an SAE")
+    size = dict(D=cfg.d_model, H=cfg.n_heads, K=cfg.n_kv_heads, d=cfg.d_head, F=cfg.d_mlp)
+    return int(np.prod([size[a] for a in axes[2:]]))
 
 
 def _write_fn(hooks_spec):
@@ -386,17 +476,7 @@ class ModelSource:
         self.d_in = self._probe_dims()
 
     def _probe_dims(self) -> dict[str, int]:
-        from models.sites import SITES
-
-        cfg = self.model.cfg
-        size = dict(B=1, T=1, D=cfg.d_model, H=cfg.n_heads, K=cfg.n_kv_heads, d=cfg.d_head, F=cfg.d_mlp, S=1)
-        out = {}
-        for hook, (site, _) in self.spec.items():
-            axes = SITES[site].axes
-            if "S" in axes:
-                raise InputError(f"site {site!r} (attention scores/patterns) has no fixed width for an SAE")
-            out[hook] = int(np.prod([size[a] for a in axes[2:]]))
-        return out
+        return {hook: site_width(self.model.cfg, site) for hook, (site, _) in self.spec.items()}
 
     def forward(self, tokens, mask):
         """{site: activations} of one model batch (stopped after the deepest hook)."""
@@ -442,16 +522,35 @@ class CachedSource:
         manifest = self.dir / "manifest.json"
         if not manifest.exists():
             raise InputError(f"{self.dir} is not an activation cache (no manifest.json)")
-        self.manifest = json.loads(manifest.read_text())
-        self.hooks = tuple(self.manifest["hooks"])
-        self.d_in = {h: int(d) for h, d in self.manifest["d_in"].items()}
-        self.n_chunks = int(self.manifest["chunks"])
-        self.chunk_tokens = int(self.manifest["chunk_tokens"])
-        self.meta = self.manifest.get("meta", {})
+        try:
+            self.manifest = m = json.loads(manifest.read_text(encoding="utf-8"))
+            hooks, d_in = list(m["hooks"]), dict(m["d_in"])
+            self.n_chunks, self.chunk_tokens = int(m["chunks"]), int(m["chunk_tokens"])
+            self.d_in = {h: int(d_in[h]) for h in hooks}
+            self.meta = dict(m.get("meta") or {})
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{manifest} is not a valid cache manifest ({type(e).__name__}: {e}); expected hooks, "
+                             "d_in, chunks, chunk_tokens as written by saes.cache_activations") from None
+        self.dirs = {h: hook_dir(self.dir, h) for h in hooks}  # hook names from the file, parsed, never raw paths
+        self.hooks = tuple(hooks)
+        if not hooks or self.n_chunks < 1 or self.chunk_tokens < 1 or min(self.d_in.values()) < 1:
+            raise InputError(f"{manifest}: needs at least one hook, chunk, token and dimension, got hooks={hooks}, "
+                             f"chunks={self.n_chunks}, chunk_tokens={self.chunk_tokens}, d_in={self.d_in}")
 
     def load(self, index: int) -> dict:
         i = index % self.n_chunks
-        return {h: np.load(self.dir / h / f"{i:06d}.npy", mmap_mode="r") for h in self.hooks}
+        out = {}
+        for h, d in self.dirs.items():
+            f = d / f"{i:06d}.npy"
+            try:
+                a = np.load(f, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise InputError(f"cannot read cache chunk {f}: {e}") from None
+            if a.shape != (self.chunk_tokens, self.d_in[h]):
+                raise InputError(f"cache chunk {f} has shape {a.shape}; the manifest says "
+                                 f"({self.chunk_tokens}, {self.d_in[h]})")
+            out[h] = a
+        return out
 
     def chunks(self, position: int = 0) -> Iterator[tuple[dict, int]]:
         i = position
@@ -472,8 +571,9 @@ def cache_activations(source, directory: str | Path, tokens: int, *, dtype: str 
     first, pos = next(it)
     chunk_tokens = next(iter(first.values())).shape[0]
     n = max(1, math.ceil(tokens / chunk_tokens))
-    for h in first:
-        (directory / h).mkdir(parents=True, exist_ok=True)
+    dirs = {h: hook_dir(directory, h) for h in first}
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
     positions = []
     bar = tqdm(total=n * chunk_tokens, unit="tok", desc="caching activations", disable=not progress)
     chunk = first
@@ -481,7 +581,7 @@ def cache_activations(source, directory: str | Path, tokens: int, *, dtype: str 
         if i:
             chunk, pos = next(it)
         for h, a in chunk.items():
-            np.save(directory / h / f"{i:06d}.npy", np.asarray(a).astype(dtype))
+            np.save(dirs[h] / f"{i:06d}.npy", np.asarray(a).astype(dtype))
         positions.append(pos)
         bar.update(chunk_tokens)
     bar.close()

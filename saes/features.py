@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.checks import check_index
 from saes.evaluate import _at_layer
 from saes.sae import SAE
 
@@ -158,6 +159,8 @@ def logit_effects(model, sae: SAE, feature: int, n: int = 10) -> dict[str, list[
     """Direct effect of a feature's decoder direction on the logits (through the final norm's weights and
     the unembedding, ignoring the norm's data-dependent scale): the `n` most promoted and suppressed tokens."""
     params = model.params
+    check_index("logit_effects feature", np.asarray([feature]), sae.W_dec.shape[0],
+                f"an SAE of {sae.W_dec.shape[0]} features")
     direction = sae.W_dec[feature] / sae.act_scale
     if direction.shape[0] != model.cfg.d_model:
         raise ValueError(f"logit effects need a d_model-sized site, {sae.site} has width {direction.shape[0]}")
@@ -201,9 +204,16 @@ class FeatureSteer(eqx.Module):
 
         return _at_layer(self.layer, ctx, edit, value)
 
+    def validate(self, ext) -> None:
+        """The SAE's layer (negative: every layer) must exist in the model it meets (`models.checks`)."""
+        if self.layer is not None and self.layer >= 0:
+            check_index(f"FeatureSteer({self.site!r}) layer", np.asarray([self.layer]), ext.cfg.n_layers,
+                        f"a model of {ext.cfg.n_layers} layers")
+
 
 def steer(sae: SAE, feature: int, value: float, mode: str = "add") -> FeatureSteer:
     """A `FeatureSteer` intervention for `models.forward` / `models.generate` (see the module docstring)."""
     if mode not in ("add", "clamp"):
         raise ValueError(f"mode must be 'add' or 'clamp', got {mode!r}")
+    check_index("steer feature", np.asarray([feature]), sae.W_dec.shape[0], f"an SAE of {sae.W_dec.shape[0]} features")
     return FeatureSteer(sae, jnp.asarray(feature, jnp.int32), jnp.asarray(value, jnp.float32), sae.site, sae.layer, mode)

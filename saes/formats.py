@@ -10,55 +10,47 @@ layer, k / bandwidth, free-form `meta`). SAELens: the normalisation factor is fo
 (`normalize_activations: "none"`), names are SAELens's (`W_enc [d_in, d_sae]`, `b_enc`, `W_dec [d_sae, d_in]`,
 `b_dec`, `threshold` for JumpReLU, `b_gate`/`r_mag`/`b_mag` for Gated), our `relu` is SAELens's `standard`,
 and BatchTopK is written as a JumpReLU with its inference threshold on every feature (as SAELens does).
-Sites map to TransformerLens hook names (`resid_post` at layer 10 -> `blocks.10.hook_resid_post`).
+Sites map to TransformerLens hook names through the site registry (`models.to_tl_name`: `resid_post` at
+layer 10 -> `blocks.10.hook_resid_post`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import zipfile
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from models.activations import from_tl_name, to_tl_name
 from models.errors import InputError
+from models.sites import SITES
 from saes import sae as sae_lib
 from saes.sae import SAE
 
-__all__ = ["TL_HOOKS", "from_saelens", "load", "load_gemma_scope", "load_run", "save", "tl_hook_name", "to_saelens"]
+__all__ = ["TL_HOOKS", "check_arrays", "from_saelens", "load", "load_gemma_scope", "load_run", "save", "tl_hook_name", "to_saelens"]
 
 FORMAT = "interp-sae"
 
-# our site name -> TransformerLens hook (inside `blocks.{layer}.` for layer sites)
-TL_HOOKS = {
-    "embed": "hook_embed", "resid_pre": "hook_resid_pre", "ln1.normalized": "ln1.hook_normalized",
-    "attn.q": "attn.hook_q", "attn.k": "attn.hook_k", "attn.v": "attn.hook_v", "attn.scores": "attn.hook_attn_scores",
-    "attn.pattern": "attn.hook_pattern", "attn.z": "attn.hook_z", "attn.head_out": "attn.hook_result",
-    "attn_out": "hook_attn_out", "resid_mid": "hook_resid_mid", "ln2.normalized": "ln2.hook_normalized",
-    "mlp.pre": "mlp.hook_pre", "mlp.post": "mlp.hook_post", "mlp_out": "hook_mlp_out",
-    "resid_post": "hook_resid_post", "final_norm": "ln_final.hook_normalized",
-}
-_TL_TO_SITE = {v: k for k, v in TL_HOOKS.items()}
+# our site name -> TransformerLens hook (inside `blocks.{layer}.` for layer sites), from the site registry
+TL_HOOKS = {name: site.tl for name, site in SITES.items()}
 _TO_SAELENS = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "gated": "gated"}
 _FROM_SAELENS = {"standard": "relu", "topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu", "gated": "gated"}
 
 
 def tl_hook_name(site: str, layer: int) -> str:
-    hook = TL_HOOKS[site]
-    return hook if site in ("embed", "final_norm") or layer < 0 else f"blocks.{layer}.{hook}"
+    """`models.to_tl_name` with layer -1 for model-level sites (`embed`, `final_norm`), as `SAE.layer` holds."""
+    s = SITES.get(site)
+    return to_tl_name(site, None if s is not None and not s.per_layer else layer)
 
 
 def parse_tl_hook(name: str) -> tuple[str, int]:
     """(site, layer) of a TransformerLens hook name (layer -1 for model-level hooks)."""
-    parts = name.split(".")
-    if parts[0] == "blocks" and len(parts) > 2 and parts[1].isdigit():
-        rest = ".".join(parts[2:])
-        if rest in _TL_TO_SITE:
-            return _TL_TO_SITE[rest], int(parts[1])
-    if name in _TL_TO_SITE:
-        return _TL_TO_SITE[name], -1
-    raise InputError(f"no site corresponds to the TransformerLens hook {name!r}")
+    site, layer = from_tl_name(name)
+    return site, -1 if layer is None else layer
 
 
 # ----------------------------------------------------------------------------- ours
@@ -74,36 +66,126 @@ def save(sae: SAE, path: str | Path, meta: dict | None = None) -> Path:
     return path
 
 
-def load(path: str | Path) -> SAE:
-    """An SAE from a directory written by `save` (or SAELens's format, recognised by its `cfg.json`)."""
+def load(path: str | Path, model=None) -> SAE:
+    """An SAE from a directory written by `save` (or SAELens's format, recognised by its `cfg.json`).
+
+    Shapes are checked against each other (`check_arrays`) and, given `model` (a `models.Model` or
+    `models.Config`), against the width of the SAE's site and the model's layers; any mismatch, missing
+    array, non-finite value, unreadable or truncated file is an InputError naming the file."""
     path = Path(path)
     if (path / "cfg.json").exists() and not (path / "sae.json").exists():
-        return from_saelens(path)
+        return from_saelens(path, model)
     info_path = path / "sae.json"
     if not info_path.exists():
         raise InputError(f"{path} holds no SAE (no sae.json or cfg.json)")
-    info = json.loads(info_path.read_text())
+    info = _read_json(info_path)
     if info.get("format") != FORMAT:
         raise InputError(f"{info_path} is not an {FORMAT} file")
-    arrays = load_file(str(path / "sae.safetensors"))
-    return sae_lib.from_arrays(info["arch"], arrays, site=info.get("site", ""), layer=info.get("layer", -1),
-                               k=info.get("k", 32), bandwidth=info.get("bandwidth", 0.05))
+    if info.get("arch") not in sae_lib.ARCHS:
+        raise InputError(f"{info_path}: arch {info.get('arch')!r} is not one of {', '.join(sae_lib.ARCHS)}")
+    weights = path / "sae.safetensors"
+    arrays = _read_safetensors(weights)
+    site, layer, k = info.get("site", ""), info.get("layer", -1), info.get("k", 32)
+    check_arrays(weights, info["arch"], arrays, k=k, site=site, layer=layer, model=model, d_in=info.get("d_in"),
+                 width=info.get("width"))
+    return sae_lib.from_arrays(info["arch"], arrays, site=site, layer=layer, k=k, bandwidth=info.get("bandwidth", 0.05))
 
 
-def load_run(out: str | Path) -> dict[str, SAE]:
-    """Every SAE a training run wrote (`out/saes/<hook>/`), by hook name."""
+# arrays of each architecture (our names) and their shapes in terms of d = d_in and w = width; () = scalar
+_SHAPES = {"W_enc": ("d", "w"), "W_dec": ("w", "d"), "b_enc": ("w",), "b_dec": ("d",), "act_scale": (),
+           "r_mag": ("w",), "b_mag": ("w",)}
+_REQUIRED = {"relu": (), "topk": (), "batchtopk": (), "jumprelu": ("threshold",), "gated": ("r_mag", "b_mag")}
+
+
+def check_arrays(where, arch: str, arrays: dict, *, k=32, site: str = "", layer=-1, model=None, d_in=None,
+                 width=None) -> None:
+    """Raise an InputError naming `where` unless `arrays` (our names) make a consistent SAE of `arch`:
+    `W_enc [d_in, width]`, `W_dec [width, d_in]`, `b_dec [d_in]`, `b_enc`/`threshold` (JumpReLU)/`r_mag`/`b_mag`
+    `[width]`, scalar `act_scale` and BatchTopK `threshold`, all finite; `k` in [1, width] for TopK/BatchTopK;
+    `d_in`/`width` (from the file's metadata) equal to the arrays'; with `model`, `site` a site of
+    `models.sites` whose width is `d_in` and `layer` inside the model."""
+    missing = sorted({"W_enc", "W_dec", "b_dec", *_REQUIRED[arch]} - set(arrays))
+    if missing:
+        raise InputError(f"{where}: a {arch} SAE needs arrays {missing}, which the file lacks (has {sorted(arrays)})")
+    enc = np.shape(arrays["W_enc"])
+    if len(enc) != 2:
+        raise InputError(f"{where}: W_enc must be [d_in, width], got shape {enc}")
+    dims = {"d": enc[0], "w": enc[1]}
+    shapes = {**_SHAPES, "threshold": () if arch == "batchtopk" else ("w",)}
+    for name, a in arrays.items():
+        if name not in shapes:
+            continue
+        want = tuple(dims[x] for x in shapes[name])
+        got = np.shape(a)
+        if got != want and not (want == () and int(np.prod(got)) == 1):
+            raise InputError(f"{where}: {name} has shape {got}, expected {want} for W_enc {enc} "
+                             f"([d_in, width]); the arrays do not belong to one SAE")
+        if not np.all(np.isfinite(np.asarray(a, np.float32))):
+            raise InputError(f"{where}: {name} holds non-finite values (NaN or Inf)")
+    for name, value, have in (("d_in", d_in, enc[0]), ("width", width, enc[1])):
+        if value is not None and value != have:
+            raise InputError(f"{where}: the metadata says {name}={value} but the arrays have {name}={have}")
+    if arch in ("topk", "batchtopk") and not (isinstance(k, int) and 1 <= k <= enc[1]):
+        raise InputError(f"{where}: k={k!r} must be an integer in [1, width={enc[1]}]")
+    if model is None:
+        return
+    from models.sites import SITES
+    from saes.data import site_width
+
+    cfg = getattr(model, "cfg", model)
+    if site not in SITES:
+        raise InputError(f"{where}: the SAE's site {site!r} is not a model site, so it cannot be checked against "
+                         "the model")
+    if site_width(cfg, site) != enc[0]:
+        raise InputError(f"{where}: d_in={enc[0]} but the model's {site!r} has width {site_width(cfg, site)}")
+    if SITES[site].per_layer and not (isinstance(layer, int) and 0 <= layer < cfg.n_layers):
+        raise InputError(f"{where}: layer {layer!r} is outside the model's {cfg.n_layers} layers")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        out = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(out, dict):
+        raise InputError(f"{path} must hold a JSON object, got a {type(out).__name__}")
+    return out
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise InputError(f"{path} is missing") from None
+    except (OSError, SafetensorError) as e:
+        raise InputError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def load_run(out: str | Path, model=None) -> dict[str, SAE]:
+    """Every SAE a training run wrote (`out/saes/<hook>/`), by hook name (each checked as `load` does)."""
     root = Path(out) / "saes"
     if not root.is_dir():
         raise InputError(f"{out} has no saes/ directory (has the run finished?)")
-    return {p.name: load(p) for p in sorted(root.iterdir()) if (p / "sae.json").exists()}
+    return {p.name: load(p, model) for p in sorted(root.iterdir()) if (p / "sae.json").exists()}
 
 
 # ----------------------------------------------------------------------------- SAELens
 
 
 def to_saelens(sae: SAE, path: str | Path, *, model_name: str = "", context_size: int | None = None,
-               dataset_path: str | None = None, dtype: str = "float32") -> Path:
-    """Write `sae` in SAELens's on-disk format (loadable with `sae_lens.SAE.load_from_disk(path)`)."""
+               dataset_path: str | None = None, dtype: str = "float32", prepend_bos: bool | None = None) -> Path:
+    """Write `sae` in SAELens's on-disk format (loadable with `sae_lens.SAE.load_from_disk(path)`).
+
+    `prepend_bos` (SAELens metadata) says whether the training rows began with the tokenizer's BOS. None:
+    what `saes.train` did for `model_name`, whose rows (`saes.data.TokenRows`) start with BOS when the
+    tokenizer has one (SmolLM2: `<|im_start|>`, id 1, although its own prompts get none) and with the pad
+    token otherwise. Give it explicitly for SAEs trained on other activations."""
+    if prepend_bos is None:
+        prepend_bos = _rows_start_with_bos(model_name)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     s = sae.fold_scale()
@@ -119,7 +201,7 @@ def to_saelens(sae: SAE, path: str | Path, *, model_name: str = "", context_size
         w["threshold"] = jnp.full((s.width,), jnp.maximum(s.threshold, 0.0))
     save_file({k: np.ascontiguousarray(np.asarray(v, dtype)) for k, v in w.items()}, str(path / "sae_weights.safetensors"))
     metadata = dict(model_name=model_name, hook_name=tl_hook_name(s.site, s.layer) if s.site else "",
-                    hook_head_index=None, prepend_bos=True, exclude_special_tokens=True,
+                    hook_head_index=None, prepend_bos=bool(prepend_bos), exclude_special_tokens=True,
                     exported_from="interp", interp_arch=s.arch)
     if context_size is not None:
         metadata["context_size"] = context_size
@@ -134,42 +216,61 @@ def to_saelens(sae: SAE, path: str | Path, *, model_name: str = "", context_size
     return path
 
 
-def from_saelens(path: str | Path) -> SAE:
-    """An SAE from SAELens's on-disk format (`cfg.json` + `sae_weights.safetensors`)."""
+@functools.lru_cache(maxsize=8)
+def _rows_start_with_bos(model_name: str) -> bool:
+    """Whether `saes.data.TokenRows` starts rows for `model_name` with BOS (its tokenizer has one)."""
+    from models.loading import resolve
+    from models.tokenizer import from_gguf, from_hf_dir
+
+    if not model_name:
+        raise InputError("to_saelens needs model_name (to read its tokenizer's BOS) or prepend_bos=True/False")
+    path = resolve(model_name)
+    tok = from_hf_dir(path) if path.is_dir() else from_gguf(path)
+    return tok.bos_id is not None
+
+
+def from_saelens(path: str | Path, model=None) -> SAE:
+    """An SAE from SAELens's on-disk format (`cfg.json` + `sae_weights.safetensors`), checked as `load` does."""
     path = Path(path)
-    cfg = json.loads((path / "cfg.json").read_text())
-    weights = load_file(str(path / "sae_weights.safetensors"))
+    cfg = _read_json(path / "cfg.json")
+    weights_path = path / "sae_weights.safetensors"
+    weights = _read_safetensors(weights_path)
     arch_name = cfg.get("architecture", "standard")
     if arch_name not in _FROM_SAELENS:
-        raise InputError(f"SAELens architecture {arch_name!r} is not supported (known: {', '.join(_FROM_SAELENS)})")
+        raise InputError(f"{path / 'cfg.json'}: SAELens architecture {arch_name!r} is not supported (known: {', '.join(_FROM_SAELENS)})")
     if cfg.get("normalize_activations", "none") not in ("none", None):
-        raise InputError(f"SAELens SAE with normalize_activations={cfg['normalize_activations']!r}: fold the "
+        raise InputError(f"{path / 'cfg.json'}: SAELens SAE with normalize_activations={cfg['normalize_activations']!r}: fold the "
                          "normalisation into the weights first (sae.fold_activation_norm_scaling_factor)")
-    if not cfg.get("apply_b_dec_to_input", True):
-        weights = dict(weights)  # pre = x W_enc + b_enc: fold b_dec W_enc into b_enc, ours subtracts b_dec first
-        key = "b_gate" if arch_name == "gated" else "b_enc"
-        weights[key] = weights[key] + weights["b_dec"] @ weights["W_enc"]
+    arch = _FROM_SAELENS[arch_name]
     meta = cfg.get("metadata") or {}
     hook = meta.get("hook_name") or cfg.get("hook_name") or ""
-    site, layer = parse_tl_hook(hook) if hook else ("", -1)
-    arch = _FROM_SAELENS[arch_name]
-    arrays = {k: np.asarray(v, np.float32) for k, v in weights.items()}
+    try:
+        site, layer = parse_tl_hook(hook) if hook else ("", -1)
+    except InputError as e:
+        raise InputError(f"{path / 'cfg.json'}: {e}") from None
+    arrays = {("b_enc" if k == "b_gate" and arch == "gated" else k): np.asarray(v, np.float32) for k, v in weights.items()}
+    if arch == "batchtopk" and "threshold" not in arrays:
+        arrays["threshold"] = np.asarray(arrays.pop("topk_threshold", -1.0), np.float32)
+    k = cfg.get("k", 32)
+    check_arrays(weights_path, arch, arrays, k=k, site=site, layer=layer, model=model, d_in=cfg.get("d_in"),
+                 width=cfg.get("d_sae"))
+    if "b_enc" not in arrays:
+        raise InputError(f"{weights_path}: lacks {'b_gate' if arch == 'gated' else 'b_enc'}")
+    if not cfg.get("apply_b_dec_to_input", True):
+        # pre = x W_enc + b_enc: fold b_dec W_enc into b_enc (b_gate for Gated), ours subtracts b_dec first
+        arrays["b_enc"] = arrays["b_enc"] + arrays["b_dec"] @ arrays["W_enc"]
     if cfg.get("rescale_acts_by_decoder_norm", False):
         # SAELens TopK: pre * |W_dec_i| before the top-k, f / |W_dec_i| before decoding; fold the norms in
         # (as SAELens's fold_W_dec_norm does) so unit-norm decoder rows give the same function
         n = np.linalg.norm(arrays["W_dec"], axis=-1)
         arrays.update(W_enc=arrays["W_enc"] * n[None, :], b_enc=arrays["b_enc"] * n, W_dec=arrays["W_dec"] / n[:, None])
-    if arch == "gated":
-        arrays["b_enc"] = arrays.pop("b_gate")
-    if arch == "batchtopk" and "threshold" not in arrays:
-        arrays["threshold"] = np.asarray(arrays.pop("topk_threshold", -1.0), np.float32)
-    return sae_lib.from_arrays(arch, arrays, site=site, layer=layer, k=int(cfg.get("k", 32)))
+    return sae_lib.from_arrays(arch, arrays, site=site, layer=layer, k=k)
 
 
 # ----------------------------------------------------------------------------- Gemma Scope
 
 
-def load_gemma_scope(path: str | Path, *, site: str = "resid_post", layer: int = -1) -> SAE:
+def load_gemma_scope(path: str | Path, *, site: str = "resid_post", layer: int = -1, model=None) -> SAE:
     """A Gemma Scope JumpReLU SAE from its `params.npz` (or a safetensors file with the same names:
     `W_enc [d_model, width]`, `b_enc`, `W_dec [width, d_model]`, `b_dec`, `threshold`), computing exactly
     Gemma Scope's `f = relu(x W_enc + b_enc) * (x W_enc + b_enc > threshold)`, `x_hat = f W_dec + b_dec`.
@@ -183,15 +284,21 @@ def load_gemma_scope(path: str | Path, *, site: str = "resid_post", layer: int =
         else:
             raise InputError(f"no params.npz or .safetensors file in {path}")
     if path.suffix == ".npz":
-        with np.load(path) as z:
-            arrays = {k: np.asarray(z[k], np.float32) for k in z.files}
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: np.asarray(z[k], np.float32) for k in z.files}
+        except FileNotFoundError:
+            raise InputError(f"{path} is missing") from None
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise InputError(f"{path} is not a readable .npz file (truncated or corrupt?): {e}") from None
     elif path.suffix == ".safetensors":
-        arrays = {k: np.asarray(v, np.float32) for k, v in load_file(str(path)).items()}
+        arrays = {k: np.asarray(v, np.float32) for k, v in _read_safetensors(path).items()}
     else:
         raise InputError(f"{path}: expected a .npz or .safetensors file")
     missing = {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"} - set(arrays)
     if missing:
         raise InputError(f"{path} lacks {sorted(missing)} (Gemma Scope files hold W_enc, b_enc, W_dec, b_dec, threshold)")
+    check_arrays(path, "jumprelu", arrays, site=site, layer=layer, model=model)
     # Gemma Scope encodes x @ W_enc + b_enc (b_dec is not subtracted first); ours subtracts b_dec, so fold it in
     arrays["b_enc"] = arrays["b_enc"] + arrays["b_dec"] @ arrays["W_enc"]
     return sae_lib.from_arrays("jumprelu", arrays, site=site, layer=layer)

@@ -22,16 +22,23 @@ config runs on one CPU or a mesh.
 Outputs under `out/`: `config.json`, `metrics.jsonl` (one line per `log_every` steps and per evaluation),
 `checkpoints/` (orbax: SAE params, optimizer state, feature statistics, step; with the data-stream
 position and seed as JSON), `saes/<hook>/` (our format), `report.json` and `training_curves.png`. A run
-restarted with the same `out` resumes from its latest checkpoint and ends with bit-identical weights. A
-non-finite loss or parameter stops training with `TrainingDiverged`, naming the step; checkpoints are
-only written from finite states, so the last one is good.
+restarted with the same `out` resumes from its newest valid checkpoint and ends with bit-identical weights:
+each checkpoint stores a SHA-256 of its contents, verified on restore; one that does not restore or verify is
+reported, moved to `checkpoints.damaged/` and the previous one is used. Rerunning a finished run is a no-op.
+A non-finite loss or parameter stops training with `TrainingDiverged`, naming the step; checkpoints are
+only written from finite states, so the last one is good. The config is validated when it is built
+(`TrainConfig.__post_init__`, every flag) and against the model as soon as it is known (`validate`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import hashlib
 import json
+import math
+import os
 import shutil
 import sys
 import time
@@ -46,11 +53,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from models import cli
 from models.errors import InputError
 from saes import sae as sae_lib
 from saes.sae import SAE
 
-__all__ = ["TrainConfig", "TrainResult", "TrainState", "TrainingDiverged", "main", "train"]
+__all__ = ["CheckpointCorrupt", "TrainConfig", "TrainResult", "TrainState", "TrainingDiverged", "main", "train",
+           "validate"]
 
 DEFAULT_SPARSITY = {"relu": 5.0, "gated": 2.0, "jumprelu": 1.0, "topk": 0.0, "batchtopk": 0.0}
 
@@ -64,32 +73,32 @@ class TrainConfig:
     """Everything that defines a run (the CLI's flags are these fields)."""
 
     # what to train
-    model: str = "smollm2-135m-instruct"
-    site: tuple[str, ...] = ("resid_post",)
-    layers: tuple[int, ...] = (10,)
-    arch: str = "topk"
-    width: int = 8192
-    k: int = 32
+    model: str = "smollm2-135m-instruct"  # registered name (models.REGISTRY), .gguf file or Hugging Face directory
+    site: tuple[str, ...] = ("resid_post",)  # activation sites (models.SITES), one SAE per site x layer
+    layers: tuple[int, ...] = (10,)  # layers of the layer sites
+    arch: str = "topk"  # relu, topk, batchtopk, jumprelu or gated
+    width: int = 8192  # dictionary size (latents per SAE)
+    k: int = 32  # active latents per token (topk, batchtopk)
     sparsity_coeff: float | None = None  # L1 (relu, gated) or L0 (jumprelu); None = the arch's default
     # data
     corpus: str | None = None  # a text/jsonl/parquet file or directory, or a saved HF dataset; None = default corpus
-    text_field: str = "text"
-    context: int = 128
-    model_batch: int = 16
+    text_field: str = "text"  # the text column of .jsonl / .parquet / dataset corpora
+    context: int = 128  # tokens per packed row (BOS + context-1 text tokens)
+    model_batch: int = 16  # rows per model forward
     chunk_tokens: int = 65536  # activations per shuffled on-device buffer
     cache: str | None = None  # train from this activation cache (written by `python -m saes.cache`)
-    tokens: int = 2_000_000
-    batch_size: int = 4096
+    tokens: int = 2_000_000  # training tokens (at least one batch); steps = tokens // batch_size
+    batch_size: int = 4096  # activations per SAE step (at most chunk_tokens)
     normalize: bool = True  # scale activations to mean norm sqrt(d_in); the factor is stored with the SAE
     b_dec_init: str = "geometric_median"  # or "mean", "zeros"
     # optimisation
-    lr: float = 4e-4
-    lr_warmup_steps: int = 50
-    lr_decay_frac: float = 0.2
-    sparsity_warmup_frac: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0
+    lr: float = 4e-4  # Adam learning rate after warm-up
+    lr_warmup_steps: int = 50  # linear learning-rate warm-up
+    lr_decay_frac: float = 0.2  # linear decay to 0 over this last fraction of the steps
+    sparsity_warmup_frac: float = 0.05  # sparsity coefficient rises linearly over this first fraction
+    beta1: float = 0.9  # Adam beta1
+    beta2: float = 0.999  # Adam beta2
+    grad_clip: float = 1.0  # global gradient-norm clip
     aux_coeff: float = 1 / 32  # AuxK (topk, batchtopk)
     aux_k: int = 0  # 0 = d_in // 2
     aux_batch: int = 1024  # AuxK on this many tokens of each (shuffled) batch; 0 = all
@@ -99,30 +108,41 @@ class TrainConfig:
     bandwidth: float = 0.05  # JumpReLU STE
     threshold_init: float = 0.01  # JumpReLU
     threshold_lr: float = 0.01  # BatchTopK inference-threshold moving average
-    decoder_init_norm: float | None = None
+    decoder_init_norm: float | None = None  # initial decoder row norm; None = 1 (unit-norm archs) or 0.1
     # runtime
-    seed: int = 0
-    out: str = "runs/saes/default"
-    log_every: int = 20
+    seed: int = 0  # initialisation, shuffling and document order
+    out: str = "runs/saes/default"  # run directory (rerunning with it resumes)
+    log_every: int = 20  # steps per metrics.jsonl line
     eval_every: int = 250  # CE loss recovered / KL every this many steps (0: at the end only)
-    eval_rows: int = 8
-    checkpoint_every: int = 250
-    keep_checkpoints: int = 2
-    resume: bool = True
+    eval_rows: int = 8  # held-out rows for the CE / KL evaluation
+    checkpoint_every: int = 250  # steps between orbax checkpoints
+    keep_checkpoints: int = 2  # checkpoints kept on disk
+    resume: bool = True  # resume from the latest checkpoint in out
     data_parallel: int = 0  # 0: every device not used for feature parallelism
-    feature_parallel: int = 1
+    feature_parallel: int = 1  # devices the dictionary is split over ("model" mesh axis)
     dtype: str | None = None  # model dtype (default: models.default_dtype())
-    progress: bool = True
+    progress: bool = True  # tqdm progress bar
 
     def __post_init__(self):
+        """Check every field before anything is loaded: an InputError names the flag, its value and the rule."""
+        _check_types(self)
         if self.arch not in sae_lib.ARCHS:
             raise InputError(f"unknown --arch {self.arch!r}; known: {', '.join(sae_lib.ARCHS)}")
         if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
-            raise InputError(f"b_dec_init must be geometric_median, mean or zeros, got {self.b_dec_init!r}")
+            raise InputError(f"--b-dec-init must be geometric_median, mean or zeros, got {self.b_dec_init!r}")
+        if self.cache is None:  # (a cache fixes its own hooks)
+            _check_hooks(self.site, self.layers)
+        for name, ok, rule in _RULES:
+            if not ok(getattr(self, name)):
+                raise InputError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)!r}")
+        if self.arch in ("topk", "batchtopk") and self.k > self.width:
+            raise InputError(f"--k ({self.k}) must be at most --width ({self.width})")
+        if self.aux_k > self.width:
+            raise InputError(f"--aux-k ({self.aux_k}) must be at most --width ({self.width})")
         if self.batch_size > self.chunk_tokens:
-            raise InputError(f"batch_size {self.batch_size} is larger than chunk_tokens {self.chunk_tokens}")
+            raise InputError(f"--batch-size ({self.batch_size}) must be at most --chunk-tokens ({self.chunk_tokens})")
         if self.tokens < self.batch_size:
-            raise InputError(f"tokens ({self.tokens}) must be at least one batch ({self.batch_size})")
+            raise InputError(f"--tokens ({self.tokens}) must be at least one batch (--batch-size {self.batch_size})")
 
     @property
     def steps(self) -> int:
@@ -140,6 +160,95 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
         return cls(**d)
+
+
+def _finite(lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
+    def ok(x):
+        return x is None or (math.isfinite(x) and (lo < x if lo_open else lo <= x) and (x < hi if hi_open else x <= hi))
+    return ok
+
+
+_positive = _finite(0, lo_open=True)
+_unit = _finite(0, 1)
+# (field, check, rule): the range each numeric field must lie in (None passes where the field is optional)
+_RULES = (
+    ("width", _finite(1), ">= 1"), ("k", _finite(1), ">= 1"), ("sparsity_coeff", _finite(0), "finite and >= 0"),
+    ("context", _finite(2), ">= 2 (BOS + one token)"), ("model_batch", _finite(1), ">= 1"),
+    ("chunk_tokens", _finite(1), ">= 1"), ("tokens", _finite(1), ">= 1"), ("batch_size", _finite(1), ">= 1"),
+    ("lr", _positive, "finite and > 0"), ("lr_warmup_steps", _finite(0), ">= 0"), ("lr_decay_frac", _unit, "in [0, 1]"),
+    ("sparsity_warmup_frac", _unit, "in [0, 1]"), ("beta1", _finite(0, 1, hi_open=True), "in [0, 1)"),
+    ("beta2", _finite(0, 1, hi_open=True), "in [0, 1)"), ("grad_clip", _positive, "finite and > 0"),
+    ("aux_coeff", _finite(0), "finite and >= 0"), ("aux_k", _finite(0), ">= 0"), ("aux_batch", _finite(0), ">= 0"),
+    ("dead_tokens", _finite(1), ">= 1"), ("dense_freq", _finite(0, 1, lo_open=True), "in (0, 1]"),
+    ("freq_window_steps", _finite(1), ">= 1"), ("bandwidth", _positive, "finite and > 0"),
+    ("threshold_init", _finite(), "finite"), ("threshold_lr", _finite(0, 1, lo_open=True), "in (0, 1]"),
+    ("decoder_init_norm", _positive, "finite and > 0"), ("log_every", _finite(1), ">= 1"),
+    ("eval_rows", _finite(1), ">= 1"), ("checkpoint_every", _finite(1), ">= 1"), ("keep_checkpoints", _finite(1), ">= 1"),
+    ("data_parallel", _finite(0), ">= 0"), ("feature_parallel", _finite(1), ">= 1"),
+)
+
+
+def _check_types(cfg: TrainConfig):
+    """Each field holds its annotated type (int fields no floats or bools; tuples of the element type)."""
+    for f in dataclasses.fields(cfg):
+        value, hint = getattr(cfg, f.name), _hints()[f.name]
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            continue
+        base = next((a for a in args if a is not type(None)), hint) if type(None) in args else hint
+        if typing.get_origin(base) is tuple:
+            inner = typing.get_args(base)[0]
+            if isinstance(value, list):  # a list from Python or JSON is taken as the tuple
+                value = tuple(value)
+                object.__setattr__(cfg, f.name, value)
+            ok = isinstance(value, tuple) and all(_is(v, inner) for v in value)
+            what = f"a tuple of {inner.__name__}s"
+        else:
+            if base is str and isinstance(value, os.PathLike):  # out / corpus / cache given as a Path
+                value = os.fspath(value)
+                object.__setattr__(cfg, f.name, value)
+            ok, what = _is(value, base), base.__name__
+        if not ok:
+            raise InputError(f"--{f.name.replace('_', '-')} must be {what}, got {value!r}")
+
+
+def _check_hooks(sites, layers):
+    from models.sites import SITES
+    from saes.data import parse_hooks
+
+    try:
+        parse_hooks(sites, layers)
+    except KeyError as e:
+        raise InputError(f"--site: {e.args[0]}") from None
+    unfit = [s for s in sites if "S" in SITES[s].axes]
+    if unfit:
+        raise InputError(f"--site {unfit}: attention scores/patterns have no fixed width for an SAE")
+    if any(layer < 0 for layer in layers):
+        raise InputError(f"--layers must be >= 0, got {layers}")
+
+
+def _is(value, t) -> bool:
+    if t is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, t)
+
+
+@functools.cache
+def _hints() -> dict:
+    return typing.get_type_hints(TrainConfig)
+
+
+def validate(cfg: TrainConfig, model_cfg) -> None:
+    """Checks that need the model's config (`models.Config`): layers inside the model, context within its
+    context. Called as soon as the model's config is known, before any data is read."""
+    if cfg.context > model_cfg.n_ctx:
+        raise InputError(f"--context ({cfg.context}) is longer than the model's context of {model_cfg.n_ctx}")
+    bad = [layer for layer in cfg.layers if not 0 <= layer < model_cfg.n_layers]
+    if bad and not cfg.cache:
+        raise InputError(f"--layers {bad} out of range for a {model_cfg.n_layers}-layer model (valid: 0 to "
+                         f"{model_cfg.n_layers - 1})")
 
 
 class TrainState(eqx.Module):
@@ -400,8 +509,27 @@ def _slice_fn(batch_size: int, mesh):
 # ----------------------------------------------------------------------------- checkpoints
 
 
+class CheckpointCorrupt(RuntimeError):
+    """A checkpoint that does not restore, or whose contents do not match the checksum stored with it."""
+
+
+def state_digest(leaves, meta: dict) -> str:
+    """SHA-256 over every leaf's dtype, shape and bytes (in order) and the JSON metadata."""
+    h = hashlib.sha256()
+    for x in leaves:
+        a = np.asarray(jax.device_get(x))
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    return h.hexdigest()
+
+
 class Checkpointer:
-    """Orbax checkpoints of the state's leaves plus a JSON record of the data-stream position and seed."""
+    """Orbax checkpoints of the state's leaves plus a JSON record of the data-stream position and seed.
+
+    Each checkpoint carries the `state_digest` of what was saved in orbax's step metadata (written with the
+    checkpoint, atomically); `restore` recomputes it and raises `CheckpointCorrupt` on any difference, and
+    `restore_valid` falls back to the newest checkpoint that restores and verifies."""
 
     def __init__(self, directory: Path, keep: int):
         import orbax.checkpoint as ocp
@@ -418,16 +546,42 @@ class Checkpointer:
         ocp = self.ocp
         leaves = jax.tree.leaves(state)
         self.mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(leaves), meta=ocp.args.JsonSave(meta)),
-                      force=True)
+                      force=True, custom_metadata={"sha256": state_digest(leaves, meta)})
         self.mgr.wait_until_finished()
 
     def restore(self, abstract: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+        """The state and metadata of checkpoint `step` (default: the latest), verified against its checksum."""
         ocp = self.ocp
         step = self.latest() if step is None else step
         leaves, treedef = jax.tree.flatten(abstract)
-        got = self.mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(leaves),
-                                                             meta=ocp.args.JsonRestore()))
-        return jax.tree.unflatten(treedef, list(got["state"])), dict(got["meta"])
+        where = self.dir / str(step)
+        try:
+            want = (self.mgr.metadata(step).custom_metadata or {}).get("sha256")
+            got = self.mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(leaves),
+                                                                 meta=ocp.args.JsonRestore()))
+            restored, meta = list(got["state"]), dict(got["meta"])
+        except Exception as e:  # orbax/tensorstore raise many types for damaged files; all mean "unusable"
+            raise CheckpointCorrupt(f"checkpoint {where} does not restore: {type(e).__name__}: {e}") from e
+        if want is None:
+            raise CheckpointCorrupt(f"checkpoint {where} has no checksum (sha256 in its step metadata)")
+        if state_digest(restored, meta) != want:
+            raise CheckpointCorrupt(f"checkpoint {where} restores different bytes than were saved (checksum mismatch)")
+        return jax.tree.unflatten(treedef, restored), meta
+
+    def restore_valid(self, abstract: TrainState) -> tuple[TrainState, dict, int] | None:
+        """(state, meta, step) of the newest checkpoint that restores and verifies, or None if there is none.
+        Damaged newer ones are reported on stderr and moved to `<dir>.damaged/` (kept for inspection)."""
+        for step in sorted(self.mgr.all_steps(), reverse=True):
+            try:
+                return (*self.restore(abstract, step), step)
+            except CheckpointCorrupt as e:
+                aside = self.dir.with_name(self.dir.name + ".damaged") / str(step)
+                print(f"{e}; moved to {aside}, falling back to the previous checkpoint", file=sys.stderr)
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(aside, ignore_errors=True)
+                shutil.move(str(self.dir / str(step)), str(aside))
+                self.mgr.reload()
+        return None
 
     def close(self):
         self.mgr.close()
@@ -459,9 +613,12 @@ def build_source(cfg: TrainConfig, model=None):
         source = data.CachedSource(cfg.cache)
         if model is None and cfg.eval_every >= 0 and source.meta.get("model"):
             model = _load_model(source.meta["model"], cfg.dtype)
+        if model is not None:
+            validate(cfg, model.cfg)
         eval_tokens = _eval_rows(cfg, model) if model is not None else None
         return model, source, eval_tokens
     model = model if model is not None else _load_model(cfg.model, cfg.dtype)
+    validate(cfg, model.cfg)
     hooks = data.parse_hooks(cfg.site, cfg.layers)
     rows = _token_rows(cfg, model, "train")
     source = data.ModelSource(model, hooks, rows, chunk_tokens=cfg.chunk_tokens, model_batch=cfg.model_batch)
@@ -495,15 +652,10 @@ def _token_rows(cfg, model, split):
 
 
 def _hook_info(source) -> dict[str, tuple[str, int | None, int]]:
-    """{hook: (site, layer, d_in)} from a source's hook names (`L10.resid_post` or a bare site)."""
-    out = {}
-    for h in source.hooks:
-        if h.startswith("L") and "." in h and h[1:h.index(".")].isdigit():
-            layer, site = int(h[1:h.index(".")]), h[h.index(".") + 1:]
-        else:
-            layer, site = None, h
-        out[h] = (site, layer, int(source.d_in[h]))
-    return out
+    """{hook: (site, layer, d_in)} from a source's hook names (`saes.data.parse_hook`: validated identities)."""
+    from saes.data import parse_hook
+
+    return {h: (*parse_hook(h), int(source.d_in[h])) for h in source.hooks}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -521,6 +673,14 @@ def train(cfg: TrainConfig, *, source=None, model=None, eval_tokens=None, stop_a
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    finished = _finished(cfg, out)
+    if finished is not None:
+        from saes import formats
+
+        print(f"{out} is already finished ({cfg.steps} steps, report.json written): nothing to do (another --out or "
+              "--resume false trains again)", file=sys.stderr)
+        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        return TrainResult(formats.load_run(out), finished, out, None, history)
     if source is None:
         model, source, built_eval = build_source(cfg, model)
         eval_tokens = built_eval if eval_tokens is None else eval_tokens
@@ -538,9 +698,13 @@ def train(cfg: TrainConfig, *, source=None, model=None, eval_tokens=None, stop_a
     metrics_path = out / "metrics.jsonl"
 
     template = jax.eval_shape(lambda: fresh_state(cfg, hooks, key))
-    latest = ckpt.latest() if cfg.resume else None
-    if latest is not None:
-        state, meta = ckpt.restore(_abstract(template, mesh, widths), latest)
+    had_checkpoints = bool(ckpt.mgr.all_steps())
+    restored = ckpt.restore_valid(_abstract(template, mesh, widths)) if cfg.resume else None
+    latest = None if restored is None else restored[2]
+    if restored is None and had_checkpoints and cfg.resume:
+        print(f"no checkpoint in {ckpt.dir} is usable: training {out} from the start", file=sys.stderr)
+    if restored is not None:
+        state, meta, _ = restored
         _check_same_run(cfg, meta.get("config"), out)
         position, chunk_index, batch_in_chunk = meta["position"], meta["chunk_index"], meta["batch_in_chunk"]
         history = _read_history(metrics_path, latest)
@@ -616,8 +780,10 @@ def train(cfg: TrainConfig, *, source=None, model=None, eval_tokens=None, stop_a
     from saes import formats, report
 
     model_name = getattr(model, "name", None) or (getattr(source, "meta", None) or {}).get("model")
+    from saes.data import hook_dir
+
     for h, sae in saes.items():
-        formats.save(sae, out / "saes" / h, meta=dict(model=model_name, training=cfg.to_json(), step=step))
+        formats.save(sae, hook_dir(out / "saes", h), meta=dict(model=model_name, training=cfg.to_json(), step=step))
     summary = report.write(out, cfg, history, final)
     return TrainResult(saes, summary, out, state, history)
 
@@ -636,6 +802,19 @@ def _check_same_run(cfg: TrainConfig, saved: dict | None, out: Path):
     if diff:
         changes = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in diff)
         raise InputError(f"{out} holds checkpoints of a different run ({changes}); use another --out or --resume false")
+
+
+def _finished(cfg: TrainConfig, out: Path) -> dict | None:
+    """The report of a finished run of `cfg` in `out` (None if it has not finished, or `cfg.resume` is off)."""
+    path = out / "report.json"
+    if not cfg.resume or not path.exists():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # a damaged report: the run is resumed from its checkpoints and writes it again
+    _check_same_run(cfg, summary.get("config"), out)
+    return summary if summary.get("steps") == cfg.steps and (out / "saes").is_dir() else None
 
 
 def _check_finite(state: TrainState, last_good, directory):
@@ -681,51 +860,12 @@ def _postfix(rec: dict) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m saes.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        t = hints[f.name]
-        args = typing.get_args(t)
-        base = next((a for a in args if a is not type(None)), t) if args and type(None) in args else t
-        if base is bool:
-            p.add_argument(flag, type=_bool, default=f.default, metavar="BOOL")
-        elif typing.get_origin(base) is tuple:
-            inner = typing.get_args(base)[0]
-            p.add_argument(flag, type=_tuple_of(inner), default=f.default, metavar="A,B")
-        else:
-            p.add_argument(flag, type=_number(base) if base in (int, float) else base, default=f.default)
-    return p
-
-
-def _bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
-
-
-def _number(t):
-    def parse(s: str):
-        return t(float(s)) if t is int and ("e" in s.lower() or "." in s) else t(s)
-
-    parse.__name__ = t.__name__
-    return parse
-
-
-def _tuple_of(t):
-    def parse(s: str):
-        return tuple(t(x) for x in s.split(",") if x.strip())
-
-    parse.__name__ = f"comma-separated {t.__name__}s"
-    return parse
+    """The CLI of `TrainConfig` (`models.cli`): each flag with its description and default."""
+    return cli.parser(TrainConfig, prog="python -m saes.train", description=__doc__.split("\n\n")[0])
 
 
 def main(argv=None) -> TrainResult:
-    ns = _parser().parse_args(argv)
-    cfg = TrainConfig(**vars(ns))
+    cfg = cli.parse(TrainConfig, argv, prog="python -m saes.train", description=__doc__.split("\n\n")[0])
     result = train(cfg)
     print(json.dumps(result.metrics, indent=1))
     return result

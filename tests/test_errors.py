@@ -85,3 +85,76 @@ def test_bad_input_shapes_and_too_long_input(smollm2):
         models.generate(smollm2, ["hi " * 8190], max_new_tokens=5)
     with pytest.raises(KeyError, match="unknown activation site 'resid'"):
         models.forward(smollm2, np.zeros((1, 3), np.int32), capture=("resid",))
+
+
+# ----------------------------------------------------------------------------- loaders reject files that do not match
+
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k)
+        else:
+            cfg[k] = v
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_every_tensor_is_consumed_exactly_once(tmp_path):
+    """More layers in the file than in config.json, a GGUF whose block_count or vocab_size is smaller than its
+    tensors, and a stray extra *.safetensors holding the same tensors: each fails naming the tensors and shapes."""
+    from tests.test_loading import save_tiny, write_gguf
+
+    hf = save_tiny(tmp_path / "hf", "llama", layers=2)
+    short = shutil.copytree(hf, tmp_path / "short")
+    _edit_config(short, num_hidden_layers=1)
+    with pytest.raises(models.ModelFileError, match=rf"{short}.*1 layers.*unexpected: model\.layers\.1\.\S+ \[\d+"):
+        load_hf_dir(short)
+    g = write_gguf(tmp_path / "blocks.gguf", hf, block_count=1)
+    with pytest.raises(models.ModelFileError, match=rf"{g}.*unexpected: blk\.1\.\S+ \(model\.layers\.1\.\S+\) \["):
+        load_gguf(g)
+    g = write_gguf(tmp_path / "vocab.gguf", hf, vocab_size=40)
+    with pytest.raises(models.ModelFileError, match=r"token_embd\.weight \(model\.embed_tokens\.weight\) is \[64, 32\], "
+                                                    r"the config implies \[40, 32\]"):
+        load_gguf(g)
+    stray = shutil.copytree(hf, tmp_path / "stray")
+    shutil.copy(stray / "model.safetensors", stray / "model-old.safetensors")
+    with pytest.raises(models.ModelFileError, match=r"in both model-old\.safetensors and model\.safetensors .*stray"):
+        load_hf_dir(stray)
+
+
+def test_bad_config_json_names_the_file_and_the_cause(tmp_path):
+    from tests.test_loading import save_tiny
+
+    hf = save_tiny(tmp_path / "hf", "llama", layers=1)
+    cases = {
+        "json": (lambda p: (p / "config.json").write_text('{"model_type": "llama",'), models.ModelFileError, "is not valid JSON"),
+        "act": (lambda p: _edit_config(p, hidden_act="swiglu_9000"), models.UnsupportedModelError,
+                "hidden_act 'swiglu_9000' is not supported"),
+        "mlp": (lambda p: _edit_config(p, intermediate_size=None), models.ModelFileError,
+                "lacks the required key 'intermediate_size'"),
+        "heads": (lambda p: _edit_config(p, num_key_value_heads=3), models.ModelFileError, "not a multiple of n_kv_heads 3"),
+    }
+    for name, (damage, error, cause) in cases.items():
+        path = shutil.copytree(hf, tmp_path / name)
+        damage(path)
+        with pytest.raises(error, match=rf"{path / 'config.json'}.*{cause}"):
+            load_hf_dir(path)
+
+
+def test_tokenizer_paths_and_special_files(tmp_path):
+    """A directory without tokenizer.json fails at load unless tokenizer=False, which then says so when a
+    tokenizer is needed; "" is not the current directory; /dev/null is not "file not found"."""
+    from tests.test_loading import save_tiny
+
+    hf = save_tiny(tmp_path / "hf", "llama", layers=1)
+    with pytest.raises(models.ModelFileError, match=rf"{hf} has no tokenizer.json.*tokenizer=False"):
+        models.load(str(hf), "float32")
+    m = models.load(str(hf), "float32", tokenizer=False)
+    assert m.tokenizer is None
+    with pytest.raises(models.InputError, match="no tokenizer"):
+        m.tokenize(["hello"])
+    with pytest.raises(models.UnknownModelError, match="empty model name"):
+        models.load("")
+    with pytest.raises(models.ModelFileError, match="/dev/null is neither a regular file nor a directory"):
+        models.load("/dev/null")

@@ -34,6 +34,11 @@ def test_refusal_direction_smoke(tmp_path):
     assert set(saved["conditions"]) >= {"base", "ablation (hooks)", "ablation (orthogonalised weights)"}
     for row in saved["conditions"].values():
         assert all(np.isfinite(v) for v in row.values())
+    assert saved["selected"]["n_undefined"] > 0  # layer 0 at template tokens: zero-norm candidates, undefined
+    c = saved["surface_controls"]
+    assert set(c) == {"matched harmless", "punctuation normalised", "original harmless (confounded)"}
+    assert c["matched harmless"]["cosine_with_selected"] == pytest.approx(1.0, abs=1e-5)
+    assert all(0 <= v["test_auroc"] <= 1 and 0 <= v["test_surface_auroc"] <= 1 for v in c.values())
 
 
 def test_keyword_baseline_and_latent_guard():
@@ -51,18 +56,27 @@ def test_keyword_baseline_and_latent_guard():
 def test_harmfulness_refusal_smoke(tmp_path):
     from experiments.harmfulness_refusal import Config, main
 
-    out, metrics = main(cfg=Config(n_train=8, n_test=4, steer_layer_stride=15, coefficients="1,2", max_new_tokens=4,
+    out, metrics = main(cfg=Config(n_train=8, n_test=4, steer_layer_stride=15, coefficients=(1.0, 2.0), max_new_tokens=4,
                                    out=str(tmp_path)))
     for f in ("report.md", "metrics.json", "cosine.png", "latent_guard.png", "steering.png"):
         assert (out / f).exists(), f
     saved = json.loads((out / "metrics.json").read_text())
-    assert len(saved["cosine"]) == 30 and all(-1 <= c <= 1 for c in saved["cosine"])
+    # layer 0 at the last prompt token: the same token in every prompt, a zero refusal direction, cosine undefined
+    assert len(saved["cosine"]) == 30 and saved["cosine"][0] is None
+    assert all(-1 <= c <= 1 for c in saved["cosine"][1:])
+    assert set(saved["variants"]) == {"matched harmless", "punctuation normalised", "original harmless (confounded)"}
     for held_out in ("test_harmbench", "test_strongreject"):
-        assert set(saved["classification"][held_out]) >= {"Latent Guard", "keyword baseline"}
+        assert set(saved["classification"][held_out]) >= {"Latent Guard", "keyword baseline", "linear probe",
+                                                         "surface baseline"}
         for v in saved["classification"][held_out].values():
             assert 0 <= v["accuracy"] <= 1 and 0 <= v["auroc"] <= 1
-    delta = np.asarray(saved["steering"]["delta"]["refusal"])
-    assert delta.shape == (2, 2) and np.isfinite(delta).all()
+    # the StrongREJECT test is scored against harmless prompts of its own form; the original set is confounded
+    assert saved["surface"]["test_harmless_strongreject"]["question_rate"] > 0.2
+    assert saved["surface"]["train_harmless"]["punct_rate"] == 0 == saved["surface"]["train_harmful"]["punct_rate"]
+    assert len(saved["survives"]) == 4
+    delta = saved["steering"]["delta"]["refusal"]
+    assert saved["steering"]["undefined_layers"] == [0] and delta[0] == [None, None]  # undefined, not 0
+    assert len(delta) == 2 and np.isfinite(delta[1]).all()
     assert set(saved["steering"]["refusal_rates"]) >= {"base", "refusal x2", "harmfulness x2", "random x2"}
 
 
@@ -76,6 +90,11 @@ def test_refusal_cliff_smoke(tmp_path):
     saved = json.loads((out / "metrics.json").read_text())
     assert len(saved["trajectories"]["harmful"]["mean_curve"]) == 100
     assert np.isfinite(saved["cliff_drop_harmful"])
+    assert set(saved["variants"]) == {"matched harmless", "punctuation normalised", "original harmless (confounded)"}
+    for v in saved["variants"].values():
+        assert all(0 <= v[k] <= 1 for k in ("probe_auroc", "probe_surface_auroc", "test_auroc", "test_surface_auroc"))
+        assert np.isfinite(v["drop_harmful"]) and np.isfinite(v["drop_harmless"])
+    assert {"surface_auroc", "surface_accuracy"} <= set(saved["probe_test"])
     rows = saved["ablations"]
     assert len(rows) == 1 + 2 * (1 + 2)  # base + per fraction: top heads and 2 random seeds
     assert all(np.isfinite(v["probe_logit"]) and np.isfinite(v["refusal_score"]) for v in rows.values())

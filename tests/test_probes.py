@@ -153,7 +153,7 @@ def test_collect_and_trajectory_tiny():
     texts = ["hello there", "a b c d e f", "x", "one two three four"]
     acts, labels = probes.collect(m, texts, (pos.FromEnd(0, 1), pos.Absolute(0)), batch_size=3, return_labels=True)
     L, D = m.cfg.n_layers, m.cfg.d_model
-    assert acts.shape == (L, 4, 3, D) and labels == ["FromEnd[0]", "FromEnd[1]", "Absolute"]
+    assert acts.shape == (L, 4, 3, D) and labels == ["FromEnd(0)", "FromEnd(1)", "Absolute(0)"]
     tokens, mask = m.tokenize(texts[1:2])
     _, cache = models.forward(m, tokens, attention_mask=mask, capture=("resid_post",))
     np.testing.assert_allclose(acts[:, 1, 0], np.asarray(cache["resid_post"])[:, 0, -1], atol=1e-4)

@@ -69,7 +69,7 @@ def test_capture_is_selective(smollm2, smol_batch):
     assert_close(l2, logits)
     _, a3 = models.forward(smollm2, tokens, attention_mask=mask,
                            capture=(models.Capture("resid_post", layers=(3, 17), positions=(-1,)),
-                                    models.Capture("attn.pattern", layers=(5,), positions=(0, 2))))
+                                    models.Capture("attn.pattern", layers=(5,), seq_indices=(0, 2))))
     assert_close(a3["resid_post"], acts["resid_post"][jnp.array([3, 17])][:, :, -1:])
     assert_close(a3["attn.pattern"], acts["attn.pattern"][5:6][:, :, :, jnp.array([0, 2])])
 

@@ -69,7 +69,7 @@ def pair(request):
 def test_ids_match_transformers(pair):
     ours, hf = pair
     for text in TEXTS:
-        assert ours.encode(text) == hf(text)["input_ids"], text
+        assert ours.encode(text, add_bos=None) == hf(text)["input_ids"], text
         assert ours.encode(text, add_bos=False) == hf(text, add_special_tokens=False)["input_ids"], text
 
 
@@ -88,7 +88,7 @@ def test_special_ids(smol, gemma):
     assert s.stop_ids[0] == 2 and s.backend.token_to_id("<|endoftext|>") in s.stop_ids
     assert (g.bos_id, g.eos_id, g.pad_id, g.add_bos) == (2, 1, 0, True)
     assert g.stop_ids == (1, g.backend.token_to_id("<end_of_turn>"))
-    assert g.encode("hi")[0] == 2 and g.encode("hi", add_bos=False)[0] != 2
+    assert g.encode("hi", add_bos=None)[0] == 2 and g.encode("hi", add_bos=True)[0] == 2 and g.encode("hi")[0] != 2
     assert s.encode("<|im_start|>user") == [1, s.encode("user")[0]]
 
 
@@ -113,7 +113,7 @@ def test_batch_left_pads(pair):
     ours, _ = pair
     texts = ["short", "a somewhat longer piece of text, with punctuation!", "", "mid length"]
     tokens, mask = ours.batch(texts)
-    rows = [ours.encode(t) for t in texts]
+    rows = [ours.encode(t, add_bos=None) for t in texts]
     width = max(map(len, rows))
     assert tokens.shape == mask.shape == (len(texts), width)
     assert tokens.dtype == mask.dtype == np.int32
@@ -129,7 +129,7 @@ def test_batch_left_pads(pair):
 def test_batch_max_len(smol):
     ours, _ = smol
     assert ours.batch(["hello"], max_len=5)[0].shape == (1, 1)
-    n = len(ours.encode("a much longer text than the limit"))
+    n = len(ours.encode("a much longer text than the limit", add_bos=None))
     with pytest.raises(InputError, match=rf"text 1 is {n} tokens long.*max_len=3"):
         ours.batch(["hi", "a much longer text than the limit"], max_len=3)
 
@@ -141,7 +141,7 @@ def test_hf_dir_from_transformers_save(smol, tmp_path):
     assert (loaded.bos_id, loaded.eos_id, loaded.pad_id, loaded.add_bos) == (1, 2, 2, False)
     assert loaded.chat_template == hf.chat_template
     for text in TEXTS:
-        assert loaded.encode(text) == hf(text)["input_ids"], text
+        assert loaded.encode(text, add_bos=None) == hf(text)["input_ids"], text
     messages = [{"role": "user", "content": "hi"}]
     assert loaded.apply_chat_template(messages) == hf.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True
@@ -159,7 +159,7 @@ def test_hf_dir_reads_bos_from_post_processor(gemma, tmp_path):
     assert loaded.stop_ids == (1, 106)
     assert loaded.chat_template is None
     for text in TEXTS[:6]:
-        assert loaded.encode(text) == hf(text)["input_ids"]
+        assert loaded.encode(text, add_bos=None) == hf(text)["input_ids"]
 
 
 def test_errors(tmp_path):
