@@ -25,7 +25,9 @@ SCRIPT = textwrap.dedent("""
     err = float(np.abs(np.asarray(out) - np.asarray(ref)).max() / np.abs(np.asarray(ref)).max())
     rerr = float(np.abs(np.asarray(acts["resid_post"]) - np.asarray(ref_acts["resid_post"])).max() / np.abs(np.asarray(ref_acts["resid_post"])).max())
     print("ERR", err, rerr)
-    assert err < 1e-5 and rerr < 1e-5
+    # Sharded matmuls reduce in another order: measured 1.7e-5 on the logits (relative to their max, ~35) and
+    # 6e-7 on the residuals with jax 0.10.2; the bound leaves 3x headroom on the logits.
+    assert err < 5e-5 and rerr < 1e-5
 """)
 
 
