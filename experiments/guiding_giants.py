@@ -46,27 +46,27 @@ class Config:
     n_train: int = 64  # per class: HarmBench train split and its surface-matched harmless set
     n_val: int = 16  # per class: validation split (Arditi direction selection only)
     n_test: int = 16  # per class and test source (HarmBench test split; StrongREJECT, never trained on)
-    system_prompt: str = ""
+    system_prompt: str = ""  # system message for the chat template (empty: the model's default)
     # controller (the authors' configuration)
     feature_layers: int = 4  # last layers whose resid_post at the last prompt token the controller reads
-    hidden: int = 1024
-    lr: float = 5e-5
-    epochs: int = 10
-    batch: int = 8
+    hidden: int = 1024  # controller hidden width
+    lr: float = 5e-5  # AdamW learning rate of the BCE controller
+    epochs: int = 10  # BCE training epochs
+    batch: int = 8  # BCE training batch size
     # steering
     alphas: tuple[float, ...] = (4.0, 16.0, 64.0)  # patch scales (the authors use 4 with a unit direction)
     arditi_layer_stride: int = 6  # Arditi candidates at every k-th layer
     # end to end (paper mode)
-    e2e_steps: int = 16
-    e2e_lr: float = 1e-3
+    e2e_steps: int = 16  # end-to-end optimisation steps (jax.grad through the steered forward)
+    e2e_lr: float = 1e-3  # end-to-end Adam learning rate
     e2e_lambda: float = 1.0  # weight of KL(base || steered) on harmless prompts
     e2e_alpha: float = 4.0  # patch scale during end-to-end training
     e2e_train_s: bool = False  # also train the global scale s (else only the w path)
     # evaluation
-    max_new_tokens: int = 12
+    max_new_tokens: int = 12  # greedy tokens per evaluated generation
     batch_size: int = 32  # rows per forward chunk
-    seed: int = 0
-    out: str = "runs"
+    seed: int = 0  # splits, controller initialisation, random direction, label shuffle
+    out: str = "runs"  # reports go to <out>/guiding_giants/<timestamp>/
 
 
 def _group_metrics(logp, base_logp, groups: dict[str, np.ndarray], ids) -> dict:

