@@ -35,6 +35,7 @@ import numpy as np
 
 import models
 from bench._common import Timing, export_hf_dir, machine, matmul_peak, peer_python, table, time_median
+from bench._penzai import penzai_llama, worst_match
 
 MODEL = "smollm2-135m-instruct"
 TEXT = (  # the Gettysburg Address (public domain)
@@ -81,34 +82,17 @@ def mib(tree) -> float:
 def bench_penzai(hf, tokens, repeats: int, resid_post: np.ndarray):
     """(e) penzai forward and (f) forward saving every intermediate; yields (label, Timing, note, logits).
     Every layer's `resid_post` of ours must appear among (f)'s `[batch, seq, embedding]` intermediates."""
-    import jax.numpy as jnp
-    from penzai import pz
-    from penzai.models.transformer.variants import llamalike_common
-    from penzai.toolshed import save_intermediates
-
-    # penzai 0.2.5's `llama_from_huggingface_model` refuses every config key it does not know, and transformers 5
-    # adds several (rope_parameters, dtype, the GGUF marker); SmolLM2 is a plain Llama, so call the converter it
-    # wraps. It reads `rope_theta`, which transformers 5 moved, and always uses lm_head.weight (here the tied one).
-    hf.config.rope_theta = hf.config.rope_parameters["rope_theta"]
-    unbound, params = pz.unbind_params(llamalike_common.llamalike_from_huggingface_model(hf), freeze=True)
-    named = pz.nx.wrap(jnp.asarray(tokens)).tag("batch", "seq")  # mask all ones: penzai's default positions
-    fwd = jax.jit(lambda p, t: unbound.stateless_call(p, t)[0].unwrap("batch", "seq", "vocabulary"))
-    logits = np.asarray(fwd(params, named))
-    yield "(e) penzai forward", time_median(lambda: jax.block_until_ready(fwd(params, named)), repeats), \
+    forward, forward_saving = penzai_llama(hf)
+    logits = np.asarray(forward(tokens))
+    yield "(e) penzai forward", time_median(lambda: jax.block_until_ready(forward(tokens)), repeats), \
         "converted from (c), jitted", logits
 
-    saving, states = pz.unbind_state_vars(save_intermediates.saving_all_intermediates(unbound), freeze=True)
-    fwd_all = jax.jit(lambda p, s, t: saving.stateless_call(tuple(p) + tuple(s), t))
-    out, values = fwd_all(params, states, named)
-    saved = [v.value for v in values if v.label in {s.label for s in states}]
-    residual_like = [np.asarray(v.unwrap("batch", "seq", "embedding")) for v in saved
-                     if isinstance(v, pz.nx.NamedArray) and set(v.named_shape) == {"batch", "seq", "embedding"}]
-    worst = max(min(np.abs(r - layer).max() for r in residual_like) for layer in resid_post)
+    out, residual, saved = forward_saving(tokens)
     size = sum(x.nbytes for x in jax.tree.leaves(saved)) / 2**20
-    note = (f"{len(saved)} intermediates, {size:,.0f} MiB; every resid_post of ours among them within {worst:.1e}")
+    note = (f"{len(saved)} intermediates, {size:,.0f} MiB; every resid_post of ours among them within "
+            f"{worst_match(resid_post, residual):.1e}")
     yield "(f) penzai forward, every intermediate saved", \
-        time_median(lambda: jax.block_until_ready(fwd_all(params, states, named)), repeats), note, \
-        np.asarray(out.unwrap("batch", "seq", "vocabulary"))
+        time_median(lambda: jax.block_until_ready(forward_saving(tokens)), repeats), note, np.asarray(out)
 
 
 def bench_peers(tokens, mask, repeats: int, resid_post: np.ndarray):
