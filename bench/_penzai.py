@@ -10,8 +10,9 @@ import numpy as np
 
 def penzai_llama(hf):
     """Jitted penzai forwards of a transformers Llama: `forward(tokens) -> logits` and
-    `forward_saving(tokens) -> (logits, residual-shaped intermediates)`, tokens int [batch, seq] (no padding:
-    penzai's default positions), logits float [batch, seq, vocab], intermediates a list of [batch, seq, d_model]."""
+    `forward_saving(tokens) -> (logits, residual, saved)`, tokens int [batch, seq] (no padding: penzai's default
+    positions), logits float [batch, seq, vocab], `residual` the saved intermediates shaped [batch, seq, d_model]
+    (a list), `saved` every saved intermediate."""
     from penzai import pz
     from penzai.models.transformer.variants import llamalike_common
     from penzai.toolshed import save_intermediates
