@@ -75,26 +75,55 @@ def test_config_validation_names_the_flag():
     assert east.validate(cfg, 30) == (10, 15, 20)
 
 
-@pytest.mark.slow
-def test_exact_readout_matches_forward(smollm2):
-    """The step program's action logits and captured residual equal a plain `models.forward` at the last token."""
-    import models
+def test_prompt_pieces_rebuild_the_chat_prompt(smollm2):
+    """`Prompt.text` (head + history pieces + tail) is the chat template rendered over the whole user message."""
+    m, prompt = smollm2, east.Prompt()
+    lines = ["Press 1: button A, reward 12", "Press 2: button B, reward -3"]
+    intro = prompt.intro.format(a="A", b="B", n=4)
+    for acts, rews, hist in (([], [], prompt.empty), ([0, 1], [12.4, -3.0], "\n".join(lines))):
+        want = m.apply_chat_template([{"role": "user", "content": intro + "\n\n" + hist}]) + "Action:"
+        assert prompt.text(m, True, 4, acts, rews) == want
+    assert east.Prompt().text(m, False, 4, [0], [1.0]) == intro + "\n\nPress 1: button A, reward 1\n\nAction:"
 
-    m, prompt, L, D = smollm2, east.Prompt(), smollm2.cfg.n_layers, smollm2.cfg.d_model
-    texts = [prompt.text(m, True, 4, [], []), prompt.text(m, True, 4, [0, 1], [12.4, -3.0])]
+
+@pytest.mark.slow
+def test_cached_episodes_match_full_forward(smollm2):
+    """Episodes advanced from per-row KV caches (a step runs only the newest history line and the tail) read the
+    same policy and residual as `models.forward` over each whole prompt, steered or not, at any temperature;
+    the last chunk is padded (9 rows in chunks of 5)."""
+    import models
+    from interp.interventions import AddVector
+
+    m, prompt = smollm2, east.Prompt()
+    L, D = m.cfg.n_layers, m.cfg.d_model
+    cfg = east.Config(steps=3, chunk=5)
+    env = bandit.make_bandits(jax.random.PRNGKey(1), 3, cfg.steps)
+    v = np.random.default_rng(2).normal(size=D).astype(np.float32)
+    v /= np.linalg.norm(v)
+    vectors = np.stack([np.zeros(D), v, np.zeros(D)]).astype(np.float32)
+    scales = np.zeros((3, L), np.float32)
+    scales[1, 5] = 20.0
+    temps = np.array([1.0, 1.0, 2.0], np.float32)
+    res = east.run_episodes(m, cfg, prompt, env, vectors, scales, temps, jax.random.PRNGKey(3), (5, 9), True)
     ids = east.action_ids(m, prompt)
-    tok, mask = east._pad(*m.tokenize(texts))
-    logits, z = east._step(m, jnp.asarray(tok)[None], jnp.asarray(mask)[None], jnp.zeros((1, L, D)), jnp.zeros((1, L)),
-                           jnp.asarray(ids), (5,), 1)
-    ref, acts = models.forward(m, texts, capture=("resid_post",))
-    np.testing.assert_allclose(np.asarray(logits[0]), np.asarray(ref[:, -1][:, ids]), atol=2e-3)
-    np.testing.assert_allclose(np.asarray(z[0, 0]), np.asarray(acts["resid_post"][5, :, -1]), atol=2e-3)
-    # steering at layer 5 only changes the result there and is the vector added at the last token
-    v = np.zeros((1, L, D), np.float32)
-    v[0, 5, 0] = 1.0
-    _, z2 = east._step(m, jnp.asarray(tok)[None], jnp.asarray(mask)[None], jnp.asarray(v), jnp.asarray(3.0 * (np.arange(L) == 5))[None],
-                       jnp.asarray(ids), (5,), 1)
-    np.testing.assert_allclose(np.asarray(z2 - z)[0, 0, :, 0], 3.0, atol=2e-3)
+    assert res["z"].shape == (3, 2, 3, 3, D) and res["probs"].shape == (3, 3, 3, 2)
+    for n in range(3):
+        texts = [prompt.text(m, True, cfg.steps, res["actions"][n, e, :t], res["rewards"][n, e, :t])
+                 for e in range(3) for t in range(cfg.steps)]
+        steer = (AddVector("resid_post", v, 20.0, layers=(5,), positions=(-1,)),) if n == 1 else ()
+        logits, acts = models.forward(m, texts, capture=("resid_post",), interventions=steer)
+        want = np.asarray(jax.nn.softmax(logits[:, -1][:, ids] / temps[n], -1)).reshape(3, cfg.steps, 2)
+        np.testing.assert_allclose(res["probs"][n], want, atol=1e-4)
+        for i, l in enumerate((5, 9)):
+            z = np.asarray(acts["resid_post"][l, :, -1]).reshape(3, cfg.steps, D)
+            np.testing.assert_allclose(res["z"][n, i], z, atol=1e-3, rtol=1e-4)
+    assert not np.allclose(res["probs"][1], res["probs"][0], atol=1e-3)  # the steering changed the policy
+    # rewards follow the chosen arms on the shared noise
+    a = res["actions"]
+    e = np.arange(3)[None, :, None]
+    t = np.arange(cfg.steps)[None, None]
+    want = np.asarray(env.means)[e, a] + env.sigma * np.asarray(env.noise)[e, t, a]
+    np.testing.assert_allclose(res["rewards"], want, rtol=1e-6)
 
 
 @pytest.mark.slow
@@ -104,7 +133,8 @@ def test_smoke_tiny_run(tmp_path):
     out, metrics = east.main(cfg=cfg)
     met = json.loads((out / "metrics.json").read_text())["smollm2-135m-instruct"]
     conds = met["conditions"]
-    assert len(conds) == 1 + 2 + 3 + 1  # unsteered, EAST at 2 layers, 3 controls, 1 temperature
+    assert len(conds) == 1 + 2 + 2 * 3 + 1  # unsteered, EAST at 2 layers, 3 controls at each, 1 temperature
+    assert {(c["layer"], c["best_control"] in east.CONTROLS) for c in met["east_vs_controls"]} == {(10, True), (15, True)}
     for c in conds.values():
         assert 0 <= c["final_entropy"] <= np.log(2) + 1e-6 and 0 <= c["tried_both"] <= 1
     assert len(met["sampled"]) == 3 and all(0 <= s["valid_rate"] <= 1 for s in met["sampled"])
