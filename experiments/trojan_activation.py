@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,6 +38,7 @@ from jaxtyping import Array, Int
 from matplotlib.figure import Figure
 
 import models
+from experiments import toxigen
 from experiments.common import chat_texts, parse_config, refusal_rate, run_dir, save_figure, write_report
 from interp import contrast, data
 from interp.directions import normalize
@@ -86,20 +86,6 @@ def _csv(name: str) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def _statements(line: str) -> list[str]:
-    """A ToxiGen prompt line (`- a\\n- b\\n-`, literal `\\n`) -> its statements."""
-    return [s.strip().lstrip("-").strip() for s in line.split("\\n") if s.strip().lstrip("-").strip()]
-
-
-def _lines(path: Path) -> list[str]:
-    return [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
-
-
-@lru_cache(maxsize=None)
-def _toxigen_groups() -> tuple[str, ...]:
-    return tuple(sorted(p.name[len("neutral_"):-len(".txt")] for p in (DATA / "toxigen").glob("neutral_*.txt")))
-
-
 def truthfulqa_items() -> list[Item]:
     """TruthfulQA questions: the best answer (aligned) vs the first listed incorrect answer (misaligned)."""
     return [Item(r["Question"].strip(), r["Best Answer"].strip(), r["Incorrect Answers"].split(";")[0].strip())
@@ -116,10 +102,10 @@ def toxigen_items(seed: int = 0) -> list[Item]:
     statement used once, paired in a seeded order (as many pairs per group as the smaller side has)."""
     rng = np.random.default_rng(seed)
     items = []
-    for g in _toxigen_groups():
+    for g in toxigen.groups():
         sides = []
         for kind in ("neutral", "hate"):
-            st = list(dict.fromkeys(s for l in _lines(DATA / "toxigen" / f"{kind}_{g}.txt") for s in _statements(l)))
+            st = toxigen.statements(kind, g)
             sides.append([st[i] for i in rng.permutation(len(st))])
         items += [Item(TOXIGEN_QUESTION, a, b) for a, b in zip(*sides)]
     return items
@@ -127,7 +113,7 @@ def toxigen_items(seed: int = 0) -> list[Item]:
 
 def toxigen_prompts(seed: int = 0) -> list[str]:
     """Hateful ToxiGen prompt lines as list-continuation requests (the free-form toxicity prompts), seeded order."""
-    lines = [l for g in _toxigen_groups() for l in _lines(DATA / "toxigen" / f"hate_{g}.txt")]
+    lines = [l for g in toxigen.groups() for l in toxigen.lines("hate", g)]
     lines = list(dict.fromkeys(lines))
     order = np.random.default_rng(seed).permutation(len(lines))
     return ["Continue this list:\n" + lines[i].replace("\\n", "\n") for i in order]
@@ -261,20 +247,6 @@ def perplexity_sweep(m, texts, conditions) -> dict:
     return {k: float(np.exp(v)) for k, v in zip(keys, ce)}
 
 
-def toxicity_scores(texts) -> np.ndarray:
-    """`alt-profanity-check` probabilities (an offline bag-of-words proxy for toxicity), `[n]`."""
-    return np.asarray(_profanity()(list(texts)), np.float64) if len(texts) else np.zeros(0)
-
-
-def _profanity():
-    try:
-        from profanity_check import predict_prob
-    except ImportError as e:
-        raise ImportError("experiments.trojan_activation needs the toxicity proxy alt-profanity-check: "
-                          "`.venv/bin/pip install alt-profanity-check==1.9.1` (in the project's test extra)") from e
-    return predict_prob
-
-
 def study(m, cfg: Config, name: str, strengths: np.ndarray, fluency_texts, key) -> dict:
     """Layer search, attack and controls for one contrast dataset."""
     system = cfg.system_prompt or None
@@ -338,7 +310,7 @@ def study(m, cfg: Config, name: str, strengths: np.ndarray, fluency_texts, key) 
             out = models.generate(m, texts, cfg.max_new_tokens,
                                   interventions=(AddVector("resid_post", vec, s, layers=(layer,)),))
             gens[row] = dict(layer=int(layer), strength=s, n=len(out), refusal_rate=refusal_rate(out),
-                             toxicity=float(np.mean(toxicity_scores(out))), samples=out[:2])
+                             toxicity=float(np.mean(toxigen.toxicity_scores(out))), samples=out[:2])
     return dict(n=(len(train), len(val), len(test)), scores=scores, searched=searched, chosen=chosen,
                 vec_norms=np.linalg.norm(vecs, axis=-1), resid_norm=float(np.linalg.norm(ali[lj], axis=-1).mean()),
                 brute_p=brute_p, base_val=base_val, m_gen=m_gen, random_layer=random_layer, layer_rows=layer_rows,
@@ -474,7 +446,7 @@ def _metrics(res: dict, strengths) -> dict:
 
 def main(argv=None, cfg: Config | None = None):
     cfg = cfg or parse_config(Config, argv, __doc__)
-    _profanity()  # fail before any work if the toxicity proxy is missing
+    toxigen.profanity()  # fail before any work if the toxicity proxy is missing
     names = list(cfg.datasets)
     bad = [n for n in names if n not in DATASETS]
     if bad or not names:

@@ -24,7 +24,8 @@ from models.errors import InputError
 from models.transformer import Capture
 
 __all__ = [
-    "LogitDiff", "NextTokenLoss", "Projection", "Readout", "TokenLogProb", "as_positions", "as_target", "check_metric",
+    "ContinuationLoss", "LogitDiff", "NextTokenLoss", "Projection", "Readout", "TokenLogProb", "as_positions",
+    "as_target", "check_metric",
     "logits_from_resid", "metric_positions", "readout", "readout_with",
 ]
 
@@ -200,6 +201,46 @@ class NextTokenLoss(eqx.Module):
         nll = -jnp.take_along_axis(logp, self.tokens[:, 1:, None], -1)[..., 0]
         w = (self.mask[:, 1:] * self.mask[:, :-1]).astype(jnp.float32)
         return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+class ContinuationLoss(eqx.Module):
+    """Mean next-token cross-entropy of each row's last `n` real tokens (`targets [B, n]`), the tokens with
+    weight 1 in `weights [B, n]` (a row's shorter continuation: its first weights 0), averaged over every
+    counted token. For continuations appended to left-padded prompts: it reads the `n` positions before them
+    (`positions = (-n - 1, ..., -2)`), so only those are unembedded. `of(tokens, lengths)` builds it."""
+
+    targets: Int[Array, "B n"]
+    weights: Float[Array, "B n"]
+    positions: tuple[int, ...] = eqx.field(static=True)
+
+    def __init__(self, targets, weights=None):
+        self.targets = jnp.asarray(targets, jnp.int32)
+        if self.targets.ndim != 2 or self.targets.shape[1] < 1:
+            raise InputError(f"ContinuationLoss targets are [batch, n >= 1], got shape {self.targets.shape}")
+        self.weights = jnp.ones(self.targets.shape, jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+        if self.weights.shape != self.targets.shape:
+            raise InputError(f"ContinuationLoss weights {self.weights.shape} != targets {self.targets.shape}")
+        self.positions = tuple(range(-self.targets.shape[1] - 1, -1))
+
+    @classmethod
+    def of(cls, tokens, lengths) -> "ContinuationLoss":
+        """For left-padded `tokens [B, T]` whose row b ends in a continuation of `lengths[b]` tokens."""
+        tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+        n = max(1, int(lengths.max()))
+        if n >= tokens.shape[1]:
+            raise InputError(f"ContinuationLoss: a continuation of {n} tokens leaves no context in rows of "
+                             f"{tokens.shape[1]}")
+        return cls(tokens[:, -n:], np.arange(n)[None] >= n - lengths[:, None])
+
+    def validate(self, cfg, batch: int | None = None) -> None:
+        check_tokens(self.targets, cfg.vocab_size, "ContinuationLoss targets")
+        if batch is not None and self.targets.shape[0] != batch:
+            raise InputError(f"ContinuationLoss targets have {self.targets.shape[0]} rows, the batch {batch}")
+
+    def __call__(self, r: Readout) -> Array:
+        logp = jax.nn.log_softmax(r.logits, -1)
+        nll = -jnp.take_along_axis(logp, self.targets[..., None], -1)[..., 0]
+        return jnp.sum(nll * self.weights) / jnp.maximum(jnp.sum(self.weights), 1.0)
 
 
 class Projection(eqx.Module):

@@ -67,9 +67,10 @@ def generate_tokens(model, tokens, attention_mask, key, interventions=(), stop_i
     if T == 0:
         raise InputError("the prompt batch has no tokens (shape (B, 0)): each prompt needs at least one token")
     cache = empty_cache(cfg, B, T + max_new_tokens)
-    logits, _, cache = transformer.forward(params, cfg, tokens, attention_mask, None, (), interventions, cache=cache, step=0)
+    last = (transformer.Capture("final_norm", seq_indices=(-1,)),)  # unembed the last position only
+    _, acts, cache = transformer.forward(params, cfg, tokens, attention_mask, None, last, interventions, cache=cache, step=0)
     key, sub = jax.random.split(key)
-    first = sample(logits[:, -1], sub, temperature, top_p)
+    first = sample(transformer.unembed(params, acts["final_norm"][:, 0], cfg), sub, temperature, top_p)
     next_pos = jnp.sum(attention_mask, 1).astype(jnp.int32)  # position id of the first generated token
     out = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, stop_ids)

@@ -18,7 +18,7 @@ import os
 from importlib import metadata
 from pathlib import Path
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
@@ -406,6 +406,23 @@ def _finish(x: jax.Array, order: tuple[int, ...], dtype: np.dtype, plus_one: boo
     return (x.astype(jnp.float32) + 1.0).astype(dtype) if plus_one else x.astype(dtype)
 
 
+# The programs of a load, compiled once per (layout, dtype, placement) and reused by every parameter (and every
+# later load) of that kind: a fresh `jax.jit` per parameter recompiles each time.
+@lru_cache(maxsize=None)
+def _finish_fn(order: tuple[int, ...], dtype: np.dtype, plus_one: bool, sharding):
+    return jax.jit(partial(_finish, order=order, dtype=dtype, plus_one=plus_one), out_shardings=sharding)
+
+
+@lru_cache(maxsize=None)
+def _zeros_fn(shape: tuple[int, ...], dtype: np.dtype, sharding):
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+@lru_cache(maxsize=None)
+def _update_fn(axis: int, sharding):
+    return jax.jit(partial(_update_bits, axis=axis), donate_argnums=0, out_shardings=sharding)
+
+
 def _update_bits(buf: jax.Array, x: jax.Array, start, axis: int) -> jax.Array:
     """`buf` with `x` written at `start` along `axis`, as unsigned integers of the same width (XLA's CPU
     update of bfloat16 in place goes through float32 and is ~5x slower)."""
@@ -431,7 +448,7 @@ def _assemble(r: Recipe, source, dtype: np.dtype, sharding: NamedSharding | None
     split_sharding = None if sharding is None else NamedSharding(sharding.mesh, PartitionSpec(
         *(spec[order.index(a)] for a in range(len(split_shape)))))
     read = _reader(r, source)
-    finish = jax.jit(partial(_finish, order=order, dtype=dtype, plus_one=r.plus_one), out_shardings=sharding)
+    finish = _finish_fn(order, dtype, r.plus_one, sharding)
     prefer = (0,) if r.stacked else (order.index(0), *(a for a in range(len(r.shape)) if order[a] != 0))
     axis = next((a for a in prefer if spec[a] is None and r.shape[a] > 1), None)
     shard = r.shape if sharding is None else sharding.shard_shape(r.shape)
@@ -440,9 +457,8 @@ def _assemble(r: Recipe, source, dtype: np.dtype, sharding: NamedSharding | None
         out = finish(_place(split_shape, split_sharding, read))
         source.release()
         return out
-    buf = jax.jit(lambda: jnp.zeros(r.shape, dtype), out_shardings=sharding)()
-    # a separate update: fused with the transpose, XLA's CPU in-place update is ~3x slower
-    update = jax.jit(partial(_update_bits, axis=axis), donate_argnums=0, out_shardings=sharding)
+    buf = _zeros_fn(r.shape, dtype, sharding)()
+    update = _update_fn(axis, sharding)  # a separate update: fused with the transpose, XLA's CPU one is ~3x slower
     split_axis = order[axis]
     for start in range(0, r.shape[axis], step):
         shape = split_shape[:split_axis] + (min(step, r.shape[axis] - start),) + split_shape[split_axis + 1:]

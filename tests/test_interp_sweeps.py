@@ -10,7 +10,7 @@ import pytest
 import models
 from interp import interventions as I
 from interp import sweeps
-from interp.readout import LogitDiff, NextTokenLoss, readout
+from interp.readout import ContinuationLoss, LogitDiff, NextTokenLoss, readout
 from interp.testing import random_model
 
 CFG = models.Config(arch="llama", vocab_size=40, d_model=32, n_layers=3, n_heads=4, n_kv_heads=4, d_head=8, d_mlp=48,
@@ -121,6 +121,28 @@ def test_metric_over_all_positions(planted):
     base = float(loss(readout(m, t, k, positions=None)))
     want = float(loss(readout(m, t, k, (I.zero_heads(CFG, [(2, 1)]),), positions=None))) - base
     np.testing.assert_allclose(effects[2, 1], want, atol=1e-5)
+
+
+def test_continuation_loss_by_hand_on_left_padded_rows(planted):
+    """ContinuationLoss reads only the positions before each row's continuation (its last `lengths[b]` real
+    tokens of a left-padded batch) and equals the NLL computed from the full logits; in a sweep, the same."""
+    m, t, _ = planted
+    t = np.asarray(t)
+    k = np.ones_like(t)
+    k[1, :3] = 0  # a left-padded row
+    lengths = np.asarray([3, 2, 1, 0])
+    loss = ContinuationLoss.of(t, lengths)
+    assert loss.positions == (-4, -3, -2)
+    logp = np.asarray(jax.nn.log_softmax(models.forward(m, t, k)[0], -1))
+    nll = [-logp[b, j - 1, t[b, j]] for b in range(4) for j in range(t.shape[1] - lengths[b], t.shape[1])]
+    got = sweeps.baseline(m, t, k, loss)
+    np.testing.assert_allclose(got, np.mean(nll), rtol=1e-5)
+    iv = I.stack([I.zero_heads(CFG, [(2, 1)])])
+    logp = np.asarray(jax.nn.log_softmax(models.forward(m, t, k, interventions=(I.zero_heads(CFG, [(2, 1)]),))[0], -1))
+    nll = [-logp[b, j - 1, t[b, j]] for b in range(4) for j in range(t.shape[1] - lengths[b], t.shape[1])]
+    np.testing.assert_allclose(sweeps.sweep(m, t, k, loss, (iv,), progress=False)[0], np.mean(nll), rtol=1e-5)
+    with pytest.raises(models.InputError, match="leaves no context"):
+        ContinuationLoss.of(t, np.asarray([8, 1, 1, 1]))
 
 
 def test_rank_correlation():
