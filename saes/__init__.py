@@ -10,13 +10,17 @@ trainer with exact resume, SAELens / Gemma Scope formats, and feature inspection
 
 Modules: `sae` (architectures), `data` (corpus, token rows, activation sources, cache), `train` (config,
 step, loop, CLI), `evaluate` (splicing, CE loss recovered), `formats`, `features` (top contexts, frequencies,
-logit effects, steering), `synthetic` (planted dictionaries), `report`.
+two-set contrasts, logit effects, steering), `detox` (feature ablation and gated decoder steering),
+`synthetic` (planted dictionaries), `report`.
 """
 
-from saes import data, evaluate, features, formats, sae, synthetic
-from saes.data import ArraySource, CachedSource, ModelSource, TokenRows, cache_activations, default_corpus
+from saes import data, detox, evaluate, features, formats, sae, synthetic
+from saes.data import (ArraySource, CachedSource, ModelSource, TokenRows, cache_activations, default_corpus,
+                       mix_corpora)
+from saes.detox import DecoderSteer, FeatureAblation, fires_anywhere
 from saes.evaluate import Splice, ce_metrics, reconstruction_metrics
-from saes.features import feature_frequencies, frequency_histogram, logit_effects, steer, top_activations
+from saes.features import (FeatureContrast, contrast, feature_frequencies, frequency_histogram, logit_effects, steer,
+                           top_activations)
 from saes.formats import from_saelens, load, load_gemma_scope, load_run, save, to_saelens
 from saes.sae import ARCHS, SAE, BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE, hook_name, init
 
@@ -32,9 +36,10 @@ def __getattr__(name):  # saes.train is imported on first use, so `python -m sae
     raise AttributeError(f"module 'saes' has no attribute {name!r}")
 
 __all__ = [
-    "ARCHS", "ArraySource", "BatchTopKSAE", "CachedSource", "GatedSAE", "JumpReLUSAE", "ModelSource", "ReLUSAE",
-    "SAE", "Splice", "TokenRows", "TopKSAE", "TrainConfig", "TrainResult", "TrainingDiverged", "cache_activations",
-    "ce_metrics", "data", "default_corpus", "evaluate", "feature_frequencies", "features", "formats",
+    "ARCHS", "ArraySource", "BatchTopKSAE", "CachedSource", "DecoderSteer", "FeatureAblation", "FeatureContrast",
+    "GatedSAE", "JumpReLUSAE", "ModelSource", "ReLUSAE", "SAE", "Splice", "TokenRows", "TopKSAE", "TrainConfig",
+    "TrainResult", "TrainingDiverged", "cache_activations", "ce_metrics", "contrast", "data", "default_corpus",
+    "detox", "evaluate", "feature_frequencies", "features", "fires_anywhere", "formats", "mix_corpora",
     "frequency_histogram", "logit_effects", "steer", "top_activations", "from_saelens", "hook_name", "init", "load",
     "load_gemma_scope", "load_run", "reconstruction_metrics", "sae", "save", "synthetic", "to_saelens", "fit",
 ]

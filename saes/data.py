@@ -26,7 +26,7 @@ BSD, Apache), and holds several million tokens of human-written technical Englis
 Docstrings are extracted with `ast` (no package is imported), de-duplicated, and visited in a fixed
 shuffled order of files, so the stream is reproducible on a given installation. Any user corpus works too:
 `iter_documents(path)` reads .txt/.md files, .jsonl (`text` field), .parquet and Hugging Face datasets saved
-with `save_to_disk` (both through pyarrow).
+with `save_to_disk` (both through pyarrow); `mix_corpora` interleaves several corpora by character share.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import importlib
 import importlib.util
 import json
 import math
+import numbers
 import os
 import re
 import sysconfig
@@ -53,7 +54,8 @@ from saes.sae import hook_name
 
 __all__ = [
     "ArraySource", "CachedSource", "DEFAULT_PACKAGES", "ModelSource", "TokenRows", "cache_activations",
-    "corpus_stats", "default_corpus", "hook_dir", "iter_documents", "parse_hook", "parse_hooks", "site_width",
+    "corpus_stats", "default_corpus", "hook_dir", "iter_documents", "mix_corpora", "parse_hook", "parse_hooks",
+    "site_width",
 ]
 
 DEFAULT_PACKAGES = ("numpy", "scipy", "jax", "flax", "optax", "orbax", "equinox", "matplotlib", "torch",
@@ -261,6 +263,46 @@ def _arrow_dataset(path: Path, text_field: str) -> Iterator[str]:
             table = reader.read_all()
         _check_column(f, table.column_names, text_field)
         yield from _column_texts(f, table.column(text_field), text_field)
+
+
+def mix_corpora(corpora: Sequence[Callable[[], Iterable[str]] | Iterable[str]], weights: Sequence[float],
+                seed: int = 0) -> Iterator[str]:
+    """Documents of several corpora (each a document iterable or a no-argument function returning one),
+    interleaved so that each corpus' share of the *characters* yielded tracks its weight (normalised): each
+    document comes from a corpus not ahead of its share, drawn with probability proportional to its weight
+    by a generator seeded with `seed` (so the stream is deterministic). No corpus gets more than one document
+    beyond its share; with two corpora neither falls more than one document behind. The mix ends as soon as
+    the corpus drawn has no document left (a weight-0 corpus is never read). Arguments are checked on the call
+    (InputError naming the one at fault); for `TokenRows`/`saes.fit(docs=...)` pass
+    `lambda seed=0: mix_corpora(corpora, weights, seed)`."""
+    corpora = list(corpora)
+    weights = list(weights)
+    if not corpora:
+        raise InputError("mix_corpora: corpora is empty; give at least one corpus")
+    if len(weights) != len(corpora):
+        raise InputError(f"mix_corpora: weights has {len(weights)} entries for {len(corpora)} corpora; give one "
+                         "weight per corpus")
+    for i, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not (math.isfinite(w) and w >= 0):
+            raise InputError(f"mix_corpora: weights[{i}]={w!r} must be a finite number >= 0")
+    if sum(weights) == 0:
+        raise InputError("mix_corpora: weights are all zero; give at least one corpus a positive weight")
+    share = np.asarray(weights, np.float64) / sum(weights)
+    its = [iter(c() if callable(c) else c) for c in corpora]
+    return _mixed(its, share, np.random.default_rng(seed))
+
+
+def _mixed(its: list[Iterator[str]], share: np.ndarray, rng: np.random.Generator) -> Iterator[str]:
+    chars = np.zeros(len(its), np.float64)
+    while True:
+        deficit = np.where(share > 0, share * chars.sum() - chars, -np.inf)  # sums to 0 over the weighted ones
+        behind = np.where(deficit >= min(deficit.max(), 0.0), share, 0.0)  # (max: when rounding leaves none >= 0)
+        i = int(rng.choice(len(its), p=behind / behind.sum()))
+        doc = next(its[i], None)
+        if doc is None:
+            return
+        chars[i] += len(doc)
+        yield doc
 
 
 # ----------------------------------------------------------------------------- tokens

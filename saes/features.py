@@ -1,8 +1,11 @@
-"""Feature inspection: top-activating contexts (streamed), firing frequencies, logit effects, steering.
+"""Feature inspection: top-activating contexts (streamed), firing frequencies, two-set contrasts, logit effects,
+steering.
 
     top = top_activations(m, sae, rows, n_rows=256, k=10)        # streamed over batches, top-k kept per feature
     top.contexts(m.tokenizer, feature=123)                        # [(activation, "…text «token» text…"), ...]
     freq = feature_frequencies(m, sae, rows, n_rows=256)          # fraction of tokens each feature fires on
+    c = contrast(m, sae, toxic_texts, benign_texts)               # per-feature max / freq / mean on two text sets
+    c.top(20, by="freq")                                          # features firing more on the first set
     frequency_histogram(freq, "freq.png")
     logit_effects(m, sae, feature=123)                            # top promoted / suppressed tokens
     models.generate(m, prompts, 30, interventions=(steer(sae, 123, 8.0),))           # add 8 x the decoder row
@@ -15,6 +18,7 @@ at every decoding step of `models.generate`, and composes with any other interve
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import equinox as eqx
 import jax
@@ -22,11 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.checks import check_index
+from models.errors import InputError
 from saes.evaluate import _at_layer
 from saes.sae import SAE
 
-__all__ = ["FeatureSteer", "TopActivations", "feature_frequencies", "frequency_histogram", "logit_effects", "steer",
-           "top_activations"]
+__all__ = ["FeatureContrast", "FeatureSteer", "TopActivations", "contrast", "feature_frequencies",
+           "frequency_histogram", "logit_effects", "steer", "top_activations"]
 
 
 def _site_acts(model, sae: SAE, tokens, mask):
@@ -132,6 +137,85 @@ def feature_frequencies(model, sae: SAE, rows, n_rows: int = 256, batch: int = 1
         n_tok += tokens.shape[0] * (tokens.shape[1] - 1)
         seen += len(chunk)
     return np.asarray(counts) / max(n_tok, 1)
+
+
+def _after_first(mask) -> np.ndarray:
+    """[B, T] bool: the real tokens of left-padded rows other than each row's first (BOS / first position)."""
+    mask = np.asarray(mask) > 0
+    return mask & (np.cumsum(mask, 1) > 1)
+
+
+@eqx.filter_jit
+def _set_stats(sae, acts, valid):
+    """Per feature over the valid tokens of a batch: max, count of tokens firing (> 0), sum."""
+    f = _encode_batch(sae, acts, valid)
+    return jnp.where(valid[..., None], f, -jnp.inf).max((0, 1)), (f > 0).sum((0, 1)), f.sum((0, 1))
+
+
+def _text_stats(model, sae: SAE, texts: Sequence[str], batch: int, name: str):
+    """(max, freq, mean) `[width]` and the token count over the real tokens after the first of `texts`."""
+    if isinstance(texts, str) or not len(texts):
+        raise InputError(f"contrast: {name} must be a non-empty sequence of texts, got {texts!r:.60}")
+    tokens, mask = model.tokenize(list(texts))  # one padded width for every batch: one compiled forward
+    valid = _after_first(mask)
+    top = jnp.full((sae.width,), -jnp.inf)
+    fires = jnp.zeros((sae.width,), jnp.int32)
+    total = jnp.zeros((sae.width,), jnp.float32)
+    for i in range(0, len(tokens), batch):
+        acts = _site_acts(model, sae, tokens[i:i + batch], mask[i:i + batch])
+        m, c, t = _set_stats(sae, acts, jnp.asarray(valid[i:i + batch]))
+        top, fires, total = jnp.maximum(top, m), fires + c, total + t
+    n = int(valid.sum())
+    if n == 0:
+        raise InputError(f"contrast: {name} has no tokens after the first of each text (single-token texts?)")
+    return np.asarray(top), np.asarray(fires) / n, np.asarray(total) / n, n
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureContrast:
+    """Per-feature statistics `[width]` of an SAE on two text sets `a` (e.g. toxic) and `b` (e.g. benign), over
+    the real tokens after each text's first: `max_*` activation, `freq_*` (fraction of tokens where the feature
+    is > 0), `mean_*` activation; `n_tokens_*` tokens counted."""
+
+    max_a: np.ndarray
+    max_b: np.ndarray
+    freq_a: np.ndarray
+    freq_b: np.ndarray
+    mean_a: np.ndarray
+    mean_b: np.ndarray
+    n_tokens_a: int
+    n_tokens_b: int
+
+    def top(self, k: int, by: str = "max") -> np.ndarray:
+        """The `k` features (int indices, best first) ranked by `max_a - max_b` (`by="max"`), `freq_a - freq_b`
+        (`"freq"`), `mean_a - mean_b` (`"mean_diff"`) or the add-one-smoothed firing-rate ratio
+        `((c_a + 1) / (n_a + 1)) / ((c_b + 1) / (n_b + 1))` of the firing counts `c` (`"ratio"`: specific to set
+        a, with the smoothing discounting features seen a few times only), among the features that fire on set a."""
+        if by not in ("max", "freq", "mean_diff", "ratio"):
+            raise InputError(f"FeatureContrast.top: by={by!r} is not one of 'max', 'freq', 'mean_diff', 'ratio'")
+        fire = np.flatnonzero(self.freq_a > 0)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= len(fire):
+            raise InputError(f"FeatureContrast.top: k={k!r} out of range: {len(fire)} features fire on set a "
+                             f"(valid: 1..{len(fire)})")
+        if by == "ratio":
+            rate = lambda f, n: (f * n + 1) / (n + 1)  # noqa: E731
+            score = np.log(rate(self.freq_a, self.n_tokens_a)) - np.log(rate(self.freq_b, self.n_tokens_b))
+        else:
+            a, b = {"max": (self.max_a, self.max_b), "freq": (self.freq_a, self.freq_b),
+                    "mean_diff": (self.mean_a, self.mean_b)}[by]
+            score = a - b
+        order = np.argsort(-score[fire], kind="stable")
+        return fire[order[:k]]
+
+
+def contrast(model, sae: SAE, texts_a: Sequence[str], texts_b: Sequence[str], batch: int = 16) -> FeatureContrast:
+    """`FeatureContrast` of `sae` on two text sets (each tokenized as `model.tokenize` does, left-padded, run in
+    batches of `batch` texts through a forward stopped after the SAE's layer)."""
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise InputError(f"contrast: batch={batch!r} must be a positive integer")
+    a = _text_stats(model, sae, texts_a, batch, "texts_a")
+    b = _text_stats(model, sae, texts_b, batch, "texts_b")
+    return FeatureContrast(a[0], b[0], a[1], b[1], a[2], b[2], a[3], b[3])
 
 
 def frequency_histogram(freq, path=None, title: str = "feature firing frequency"):

@@ -45,7 +45,7 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import equinox as eqx
 import jax
@@ -604,35 +604,38 @@ def _abstract(state, mesh, widths):
 # ----------------------------------------------------------------------------- sources from a config
 
 
-def build_source(cfg: TrainConfig, model=None):
+def build_source(cfg: TrainConfig, model=None, docs: Callable[..., Iterable[str]] | None = None):
     """(model or None, source, eval tokens or None) for a config: an activation cache if `cfg.cache`, else
-    the model on the corpus."""
+    the model on the corpus (`docs`, a document function as `TokenRows` takes, replaces `cfg.corpus`)."""
     from saes import data
 
+    if docs is not None and cfg.corpus:
+        raise InputError(f"give either docs (a document function) or corpus={cfg.corpus!r}, not both")
     if cfg.cache:
         source = data.CachedSource(cfg.cache)
         if model is None and cfg.eval_every >= 0 and source.meta.get("model"):
             model = _load_model(source.meta["model"], cfg.dtype)
         if model is not None:
             validate(cfg, model.cfg)
-        eval_tokens = _eval_rows(cfg, model) if model is not None else None
+        eval_tokens = _eval_rows(cfg, model, docs) if model is not None else None
         return model, source, eval_tokens
     model = model if model is not None else _load_model(cfg.model, cfg.dtype)
     validate(cfg, model.cfg)
     hooks = data.parse_hooks(cfg.site, cfg.layers)
-    rows = _token_rows(cfg, model, "train")
+    rows = _token_rows(cfg, model, "train", docs)
     source = data.ModelSource(model, hooks, rows, chunk_tokens=cfg.chunk_tokens, model_batch=cfg.model_batch)
-    source.meta.update(corpus=cfg.corpus or "default (Python + package docstrings)")
-    return model, source, _eval_rows(cfg, model)
+    source.meta.update(corpus=cfg.corpus or ("the caller's docs" if docs is not None else
+                                             "default (Python + package docstrings)"))
+    return model, source, _eval_rows(cfg, model, docs)
 
 
-def _eval_rows(cfg, model):
+def _eval_rows(cfg, model, docs=None):
     """Held-out rows for CE evaluation (every 50th document); a corpus too small for that uses its first rows."""
     try:
-        return _token_rows(cfg, model, "eval").take(cfg.eval_rows)
+        return _token_rows(cfg, model, "eval", docs).take(cfg.eval_rows)
     except InputError:
         print("corpus too small for a held-out split: evaluating on its first rows", file=sys.stderr)
-        return _token_rows(cfg, model, "all").take(cfg.eval_rows)
+        return _token_rows(cfg, model, "all", docs).take(cfg.eval_rows)
 
 
 def _load_model(name, dtype):
@@ -641,12 +644,12 @@ def _load_model(name, dtype):
     return models.load(name, dtype=dtype)
 
 
-def _token_rows(cfg, model, split):
+def _token_rows(cfg, model, split, docs=None):
     from saes import data
 
-    if cfg.corpus:
+    if docs is None and cfg.corpus:
         docs = lambda: data.iter_documents(cfg.corpus, cfg.text_field)  # noqa: E731
-    else:
+    elif docs is None:
         docs = data.default_corpus
     return data.TokenRows(docs, model.tokenizer, cfg.context, split=split, seed=cfg.seed)
 
@@ -665,10 +668,14 @@ def _to_host(tree):
     return jax.tree.map(lambda x: float(np.asarray(x)), jax.device_get(tree))
 
 
-def train(cfg: TrainConfig, *, source=None, model=None, eval_tokens=None, stop_after: int | None = None) -> TrainResult:
+def train(cfg: TrainConfig, *, source=None, model=None, eval_tokens=None, stop_after: int | None = None,
+          docs: Callable[..., Iterable[str]] | None = None) -> TrainResult:
     """Train (or resume) the run `cfg` describes; see the module docstring. `source`/`model`/`eval_tokens`
-    override what the config would build (tests, notebooks). `stop_after` ends the loop early after that many
-    steps in this call (the run can be resumed)."""
+    override what the config would build (tests, notebooks). `docs` is the document function for the token
+    rows instead of `cfg.corpus` (called with a seed per epoch if it takes one, as `TokenRows` does; e.g.
+    `lambda seed=0: saes.data.mix_corpora(corpora, weights, seed)`); it is not part of the saved config, so
+    resume a run with the same `docs`. `stop_after` ends the loop early after that many steps in this call
+    (the run can be resumed)."""
     from tqdm.auto import tqdm
 
     out = Path(cfg.out)
@@ -682,7 +689,7 @@ def train(cfg: TrainConfig, *, source=None, model=None, eval_tokens=None, stop_a
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
         return TrainResult(formats.load_run(out), finished, out, None, history)
     if source is None:
-        model, source, built_eval = build_source(cfg, model)
+        model, source, built_eval = build_source(cfg, model, docs)
         eval_tokens = built_eval if eval_tokens is None else eval_tokens
     (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=1))
 

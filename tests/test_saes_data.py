@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -12,6 +13,7 @@ import pytest
 
 import models
 from models.config import Config
+from models.errors import InputError
 from saes import data
 
 
@@ -69,6 +71,63 @@ def test_user_corpora(tmp_path):
     assert list(data.iter_documents(tmp_path / "b.jsonl")) == ["line one", "line two"]
     with pytest.raises(Exception, match="does not exist"):
         list(data.iter_documents(tmp_path / "missing"))
+
+
+def test_mix_corpora_tracks_character_shares():
+    # docs of 3 chars (a) and 1 char (b) at weights 3:1: a tie (both at their share) is drawn at random, then the
+    # other corpus is the only one behind, so every pair of documents is one of each and shares are exact per pair
+    mix = lambda seed: list(data.mix_corpora([lambda: iter(["aaa"] * 100), ["b"] * 100], [3, 1], seed))  # noqa: E731
+    docs = mix(0)
+    assert len(docs) in (200, 199) and docs.count("aaa") == 100  # ends when the corpus drawn is exhausted
+    pairs = [tuple(sorted(docs[i:i + 2])) for i in range(0, 198, 2)]
+    assert set(pairs) == {("aaa", "b")}
+    assert {docs[0], docs[2], docs[4], docs[6], docs[8], docs[10]} == {"aaa", "b"}  # both orders occur
+    assert mix(0) == docs and mix(1) != docs  # deterministic given the seed
+    # uneven lengths, three corpora (each document starts with its corpus' digit): after every document no
+    # corpus is more than one document over its share of the characters
+    rng = np.random.default_rng(0)
+    corpora = [[str(k) * int(n) for n in rng.integers(1, 40, 500)] for k in range(3)]
+    share = np.asarray([0.5, 0.3, 0.2])
+    chars = np.zeros(3)
+    for doc in itertools.islice(data.mix_corpora(corpora, [5, 3, 2], seed=4), 600):
+        chars[int(doc[0])] += len(doc)
+        assert np.all(chars - share * chars.sum() <= 39), chars
+    assert np.abs(chars / chars.sum() - share).max() < 0.01
+
+    def never():
+        raise AssertionError("read")
+        yield
+
+    assert len(list(itertools.islice(data.mix_corpora([["a"] * 5, never], [1, 0]), 10))) == 5  # weight 0: never read
+
+
+def test_mix_corpora_errors():
+    cases = [(([], []), "corpora is empty"), ((["a"], [1, 2]), "weights has 2 entries for 1 corpora"),
+             ((["a", "b"], [1, -1]), "weights[1]=-1"), ((["a", "b"], [1, float("nan")]), "weights[1]=nan"),
+             ((["a", "b"], [0, 0.0]), "weights are all zero")]
+    for args, words in cases:
+        with pytest.raises(InputError) as e:
+            data.mix_corpora(*args)  # checked on the call, before any document is drawn
+        assert words in str(e.value), (words, str(e.value))
+
+
+def test_fit_takes_a_document_function():
+    """`saes.fit(cfg, docs=...)` builds its token rows (train and held-out) from the caller's documents."""
+    from saes.train import TrainConfig, build_source
+
+    cfg = models.Config(arch="llama", vocab_size=300, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_head=8,
+                        d_mlp=48, n_ctx=64)
+    m = models.Model(models.init_params(cfg, jax.random.key(0)), cfg, FakeTokenizer(), "tiny")
+    tc = TrainConfig(site=("resid_post",), layers=(0,), context=16, eval_rows=2, chunk_tokens=64, batch_size=32,
+                     progress=False)
+    docs = lambda seed=0: data.mix_corpora([["alpha " * 9] * 60, ["beta " * 11] * 60], [1, 1], seed)  # noqa: E731
+    _, source, eval_tokens = build_source(tc, m, docs)
+    text = lambda rows: bytes((np.asarray(rows)[:, 1:].ravel() - 3).astype(np.uint8)).decode()  # noqa: E731
+    train_text = text(source.rows.take(40))
+    assert "alpha" in train_text and "beta" in train_text and eval_tokens.shape == (2, 16)
+    assert source.meta["corpus"] == "the caller's docs"
+    with pytest.raises(InputError, match="not both"):
+        build_source(dataclasses.replace(tc, corpus="x.txt"), m, docs)
 
 
 def test_parquet_and_saved_hf_dataset(tmp_path):
