@@ -51,6 +51,25 @@ def write_report(path: Path, title: str, cfg, sections: Sequence[tuple[str, str]
     return path / "report.md"
 
 
+def run_models(experiment: str, title: str, cfg, runs, prefix: str, subdir: str = "second_model"):
+    """One report over several models: `runs` are `(model name, study)` pairs, `study(model, folder) ->
+    (sections, metrics)`; the first writes its figures into the run folder, the others into `folder/subdir`
+    (their `](prefix...` figure links rewritten). Returns the run folder and `{model name: metrics}`."""
+    out = run_dir(experiment, cfg.out)
+    sections, metrics = [], {}
+    for i, (name, study) in enumerate(runs):
+        sub = out if i == 0 else out / subdir
+        sub.mkdir(exist_ok=True)
+        s, met = study(models.load(name), sub)
+        if i:
+            s = [(h, b.replace(f"]({prefix}", f"]({subdir}/{prefix}")) for h, b in s]
+        sections += s
+        metrics[name] = met
+    report = write_report(out, title, cfg, sections, undefined_to_none(metrics))
+    print(f"wrote {report}")
+    return out, metrics
+
+
 def chat_texts(m: models.Model, prompts: Sequence[str], system: str | None = None) -> list[str]:
     """User `prompts` in the model's chat template (optional system prompt), ready for the assistant's reply."""
     msgs = lambda p: ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]

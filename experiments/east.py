@@ -38,7 +38,6 @@ import time
 from dataclasses import dataclass
 from functools import partial
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,7 +45,7 @@ from matplotlib.figure import Figure
 
 import models
 from experiments import bandit
-from experiments.common import fmt, parse_config, run_dir, save_figure, undefined_to_none, write_report
+from experiments.common import fmt, parse_config, run_models, save_figure
 from interp.interventions import AddVector, AddVectorPerExample
 from models import transformer
 from models.errors import InputError
@@ -370,7 +369,7 @@ def _figures(out, tag: str, names, kinds, summ, sampled, layers, main, cfg: Conf
 
     n = len(layers)
     fig = Figure(figsize=(4.2 * (n + 1), 7.5))
-    panels = [(f"final_entropy", f"L{l}", f"layer {l}: entropy, last {cfg.window} steps") for l in layers]
+    panels = [("final_entropy", f"L{l}", f"layer {l}: entropy, last {cfg.window} steps") for l in layers]
     panels += [("tried_both", f"L{main}", f"layer {main}: tried both arms in first {cfg.first_k}"),
                ("regret", f"L{main}", f"layer {main}: cumulative regret after {T} steps")]
     for j, (key, layer, title) in enumerate(panels):
@@ -512,22 +511,10 @@ def study(m, cfg: Config, chat: bool, tag: str, out) -> tuple[list, dict]:
 
 def main(argv=None, cfg: Config | None = None):
     cfg = cfg or parse_config(Config, argv, __doc__)
-    out = run_dir("east", cfg.out)
     agents = [(cfg.model, cfg.chat)] + ([(cfg.second_model, False)] if cfg.second_model else [])
-    sections, metrics = [], {}
-    for i, (name, chat) in enumerate(agents):
-        m = models.load(name)
-        sub = out if i == 0 else out / "second_agent"
-        sub.mkdir(exist_ok=True)
-        s, met = study(m, cfg, chat, name, sub)
-        if i:
-            s = [(h, b.replace("](east_", "](second_agent/east_")) for h, b in s]
-        sections += s
-        metrics[name] = met
-    report = write_report(out, "Entropic activation steering of an LLM bandit agent (Rahn et al. 2024)", cfg, sections,
-                          undefined_to_none(metrics))
-    print(f"wrote {report}")
-    return out, metrics
+    return run_models("east", "Entropic activation steering of an LLM bandit agent (Rahn et al. 2024)", cfg,
+                      [(n, lambda m, sub, n=n, chat=chat: study(m, cfg, chat, n, sub)) for n, chat in agents], "east_",
+                      "second_agent")
 
 
 if __name__ == "__main__":
