@@ -467,6 +467,14 @@ def _report(m, cfg, tag, layer, rows, found, sae_metrics, x_norm, seconds, promp
     plain = (f"At alpha {strongest:g}: " + ", ".join(f"{t} gap {r['logprob_gap']:+.3f} / toxicity {r['toxicity']:.3f}"
                                                     for t, r in vs + ctrl if r is not None)
              + f" (unsteered gap {base['logprob_gap']:+.3f} / toxicity {base['toxicity']:.3f}).")
+    ablation = next(r for r in rows if r["tier"] == "ablation")
+    floor = min([r["logprob_gap"] for _, r in ctrl if r is not None] + [base["logprob_gap"]])
+    specific = [t for t, r in vs if r is not None and r["logprob_gap"] < floor]
+    verdict = (f"Ablation changes the gap by {ablation['logprob_gap'] - base['logprob_gap']:+.3f} and the held-out CE by "
+               f"{ablation['ce'] - base['ce']:+.3f}. At alpha {strongest:g}, "
+               + (f"{', '.join(specific)} lower the gap below the unsteered run and both controls (held-out CE "
+                  + ", ".join(f"{t} {r['ce']:.2f}" for t, r in vs if t in specific) + f" vs {base['ce']:.2f} unsteered)."
+                  if specific else "**no tier lowers the gap below both random controls**: no specific effect."))
     sections = [
         (f"{tag}: setup", f"Model {m.name}, SAEs at L{layer}.{SITE} (mean |x| = {x_norm:.1f} on the prompts), TopK k = "
                           f"{cfg.k}, widths {', '.join(f'{w}x' for w in cfg.widths)} d_model, {cfg.sae_tokens:,} training "
@@ -477,11 +485,12 @@ def _report(m, cfg, tag, layer, rows, found, sae_metrics, x_norm, seconds, promp
                           "held-out corpus tokens for CE. Wall time (s): "
                           + ", ".join(f"{k} {v:g}" for k, v in seconds.items()) + "."),
         (f"{tag}: toxicity features", "\n\n".join(feats)),
-        (f"{tag}: tiers, controls and widths", table + "\n\n" + matched + " " + plain +
+        (f"{tag}: tiers, controls and widths", table + "\n\n" + verdict + " " + matched + " " + plain +
          " The toxicity proxy is lexical (profanity), so implicit hate scores low whatever the condition; the "
          "log-probability gap needs no classifier.\n\n![trade-off](sae_detox_tradeoff.png)"),
     ]
-    metrics = dict(layer=layer, x_norm=x_norm, conditions=rows, features={str(w): f for w, f in found.items()},
+    metrics = dict(layer=layer, x_norm=x_norm, conditions=rows, specific_tiers=specific,
+                   features={str(w): f for w, f in found.items()},
                    sae={str(w): s for w, s in sae_metrics.items()}, seconds=seconds)
     return sections, metrics
 
