@@ -13,6 +13,8 @@ offsets; mask all ones), median of `repeats` timed calls after warm-up, all in t
   (e) penzai 0.2.5 (JAX, same backend as ours) converted from (c)'s model, jitted forward; (f) the same with
       every intermediate saved (`saving_all_intermediates`), cross-checked against our `resid_post`
 and the float32 roofline: a jitted 2048³ matmul's FLOP/s divided by the model's matmul FLOPs per token.
+Then the compiled memory of a `batch`×`--memory-seq` forward capturing nothing, one layer's `attn.pattern`
+and every layer's (the scan keeps only the chosen layers).
 """
 
 from __future__ import annotations
@@ -130,12 +132,29 @@ def bench_peers(tokens, mask, repeats: int, resid_post: np.ndarray):
     yield "(d) TransformerLens run_with_cache", Timing(tuple(res["seconds"])), note, logits
 
 
+def capture_memory(m: models.Model, batch: int, seq: int) -> None:
+    """Compiled memory (XLA's buffer assignment: temporaries + outputs) of a forward on `batch`×`seq` tokens
+    that captures nothing, one layer's `attn.pattern`, or every layer's: capture costs what it writes."""
+    tokens, mask = make_batch(m, batch, seq)
+    layer = m.cfg.n_layers // 2
+    rows = []
+    for label, capture in [("no capture", ()), (f"attn.pattern of layer {layer}", (models.Capture("attn.pattern", layers=(layer,)),)),
+                           ("attn.pattern of every layer", ("attn.pattern",))]:
+        fn = jax.jit(lambda mm, t, k, capture=capture: models.forward(mm, t, attention_mask=k, capture=capture))
+        stats = fn.lower(m, tokens, mask).compile().memory_analysis()
+        rows.append((label, (stats.temp_size_in_bytes + stats.output_size_in_bytes) / 2**20,
+                     stats.output_size_in_bytes / 2**20))
+    print(f"\ncompiled memory of one forward, {batch}×{seq} tokens (temporaries + outputs; parameters excluded)")
+    print(table(["capture", "MiB", "of which outputs"], rows))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-peers", action="store_true", help="only our forward and the roofline")
+    ap.add_argument("--memory-seq", type=int, default=512, help="sequence length of the capture-memory table")
     args = ap.parse_args()
     n_tok = args.batch * args.seq
     print(machine())
@@ -165,6 +184,7 @@ def main():
         del logits, acts  # the 2 GB of (b) should not crowd the next measurements
     peaks.append(matmul_peak())
     peak = max(peaks)
+    capture_memory(m, args.batch, args.memory_seq)
     print("float32 2048³ matmul: " + " / ".join(f"{p / 1e9:.0f}" for p in peaks) + f" GFLOP/s (before / after ours)"
           f" ⇒ roofline {peak / fpt:,.0f} tok/s")
     if not args.skip_peers:

@@ -193,7 +193,7 @@ def _advance(params, cfg, cache, tokens, mask, positions, keep, vector, scale, i
     `keep` slots (the tail is dropped: the next step's piece overwrites it)."""
     steer = AddVectorPerExample(SITE, vector, scale, positions=(-1,))
     capture = (Capture(SITE, layers=layers, seq_indices=(-1,)), Capture("final_norm", seq_indices=(-1,)))
-    _, acts, cache = transformer.forward(params, cfg, tokens, mask, positions, capture, (steer,), cache=cache)
+    (_, acts), cache = transformer.forward_cached(params, cfg, tokens, mask, positions, capture, (steer,), cache=cache)
     logits = transformer.unembed(params, acts["final_norm"][:, 0], cfg)  # logits at the last token only
     slots = jnp.arange(cache.mask.shape[1])[None]
     cache = cache._replace(index=jnp.asarray(keep, jnp.int32), mask=jnp.where(slots < keep, cache.mask, 0))
@@ -203,7 +203,7 @@ def _advance(params, cfg, cache, tokens, mask, positions, keep, vector, scale, i
 @partial(jax.jit, static_argnames=("cfg", "rows", "slots"))
 def _head_cache(params, cfg, head, rows: int, slots: int):
     """The KV cache of the shared prompt head `[len]` (unsteered: steering is at the last token) for `rows` rows."""
-    _, _, cache = transformer.forward(params, cfg, head[None], cache=empty_cache(cfg, 1, slots))
+    _, cache = transformer.forward_cached(params, cfg, head[None], None, None, (), (), cache=empty_cache(cfg, 1, slots))
     wide = lambda x: jnp.repeat(x, rows, axis=1 if x.ndim == 5 else 0) if x.ndim else x
     return jax.tree_util.tree_map(wide, cache)
 

@@ -25,6 +25,7 @@ from experiments.common import KLFromBase, RefusalScore
 from interp.directions import normalize
 from interp.interventions import AddVectorPerExample, Where
 from interp.readout import Readout, logits_from_resid, readout
+import models
 from models import transformer
 from models.transformer import Capture
 
@@ -49,7 +50,7 @@ def phrase_direction(m, refusal: Sequence[str] = REFUSAL_PHRASES,
 @eqx.filter_jit
 def _prompt_pass(model, tokens, mask, interventions, layers: tuple[int, ...]):
     caps = (Capture("resid_post", layers=layers, positions=(-1,)), Capture("final_norm", positions=(-1,)))
-    _, acts = transformer.forward(model.params, model.cfg, tokens, mask, None, caps, interventions)
+    _, acts = models.forward(model, tokens, mask, None, caps, interventions)
     logits = transformer.unembed(model.params, acts["final_norm"][:, 0], model.cfg)
     feats = jnp.moveaxis(acts["resid_post"][:, :, 0], 0, 1)  # [B, k, D]
     return feats.reshape(feats.shape[0], -1), jax.nn.log_softmax(logits.astype(jnp.float32), -1)

@@ -123,7 +123,7 @@ def _ablation_scores(model, tokens, mask, head_masks, probe_arrays, metric, laye
 
     def one(hm):
         capture = (Capture("resid_post", layers=(layer, L - 1), positions=(-1,)), Capture("final_norm", positions=(-1,)))
-        _, acts = transformer.forward(model.params, model.cfg, tokens, mask, None, capture, (ScaleHeads(hm),))
+        _, acts = models.forward(model, tokens, mask, None, capture, (ScaleHeads(hm),))
         resid = acts["resid_post"]  # [2, B, 1, D]: the probe's layer and the last layer
         r = Readout(transformer.unembed(model.params, acts["final_norm"], model.cfg), resid[1])
         return jnp.mean(probe.logits(resid[0, :, 0])), metric(r)

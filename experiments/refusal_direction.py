@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import interp
 import models
 from experiments.common import (KLFromBase, RefusalScore, chat_batch, chat_texts, instruction_splits, parse_config,
                                 refusal_rate, refusal_token_ids, run_dir, safe_cosine, surface_baseline, surface_table,

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
@@ -20,7 +19,7 @@ from interp import progress as progresslib
 from interp.interventions import RESID_SITES, AddVector, AlongDirection, StackedWhere
 from interp.positions import Selector, gather
 from interp.sweeps import Metric, sweep
-from models import transformer
+import models
 from models.checks import check_call, check_index
 from models.errors import InputError
 from models.sites import SITES, check_site
@@ -97,7 +96,7 @@ def pca(x: Float[Array, "N D"], k: int, center: bool = True) -> tuple[Float[Arra
 @eqx.filter_jit
 def _selected(model, tokens, mask, idx, site: str):
     """The site at the selected positions: `[L, B, P, ...]` (or `[B, P, ...]` for model sites)."""
-    act = transformer.forward(model.params, model.cfg, tokens, mask, None, (site,))[1][site]
+    act = models.forward(model, tokens, mask, None, (site,)).acts[site]
     seq_axis = 2 if SITES[site].per_layer else 1
     return gather(act, idx, seq_axis), gather(mask, idx)
 

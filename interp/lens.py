@@ -17,7 +17,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from interp.readout import as_positions, logits_from_resid
-from models import transformer
+import models
 from models.checks import check_call, check_positions, check_tokens, row_lengths
 from models.transformer import Capture
 
@@ -33,7 +33,7 @@ def _check(model, tokens, mask, positions) -> None:
 
 @eqx.filter_jit
 def _lens(model, tokens, mask, site: str, positions):
-    acts = transformer.forward(model.params, model.cfg, tokens, mask, None, (Capture(site, positions=positions),))[1]
+    acts = models.forward(model, tokens, mask, None, (Capture(site, positions=positions),)).acts
     return logits_from_resid(model.params, model.cfg, acts[site])
 
 
@@ -66,7 +66,7 @@ def _decompose(model, tokens, mask, positions):
     cfg = model.cfg
     sites = ["embed", "attn_out", "mlp_out", "resid_post"] + ([] if cfg.post_norms else ["attn.head_out"])
     caps = tuple(Capture(s, layers=(cfg.n_layers - 1,) if s == "resid_post" else None, positions=positions) for s in sites)
-    acts = transformer.forward(model.params, cfg, tokens, mask, None, caps)[1]
+    acts = models.forward(model, tokens, mask, None, caps).acts
     bias = model.params["blocks"]["attn"].get("b_O") if not cfg.post_norms else None
     if bias is None and not cfg.post_norms:
         bias = jnp.zeros((cfg.n_layers, cfg.d_model), acts["embed"].dtype)

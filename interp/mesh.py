@@ -18,7 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-# models is imported inside the functions: importing it touches a device (see initialize).
+from models.params import logical_axes
+from models.sharding import RULES, partition_spec
 
 __all__ = ["P", "initialize", "place_params", "put", "replicate", "spec", "sweep_mesh", "sweep_size"]
 
@@ -29,8 +30,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
     On TPU pods and SLURM / Open MPI GPU clusters call it with no arguments (JAX reads the environment);
     elsewhere pass the coordinator `host:port`, the process count and this process's id (or set
-    `INTERP_COORDINATOR`, `INTERP_NUM_PROCESSES`, `INTERP_PROCESS_ID`). Call it first: before importing
-    `models` (which currently creates an array at import time) or running anything on a device.
+    `INTERP_COORDINATOR`, `INTERP_NUM_PROCESSES`, `INTERP_PROCESS_ID`). Call it before anything runs on a
+    device (importing `models`, `interp` or `saes` does not).
     """
     env = os.environ
     coordinator_address = coordinator_address or env.get("INTERP_COORDINATOR")
@@ -53,16 +54,12 @@ def sweep_mesh(devices=None, model: int = 1) -> Mesh:
 
 
 def _rules(rules):
-    from models.sharding import RULES
-
     return RULES if rules is None else rules
 
 
 def spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=None) -> P:
     """The PartitionSpec of an array with these logical axes (`None`: never split) under `rules`
     (default `models.sharding.RULES`)."""
-    from models.sharding import partition_spec
-
     return partition_spec(tuple(a or "" for a in axes), shape, mesh, _rules(rules))
 
 
@@ -90,6 +87,4 @@ def replicate(tree, mesh: Mesh):
 
 def place_params(params, mesh: Mesh, rules=None):
     """Parameters placed by their logical axes (`models.params.logical_axes`), multi-process safe."""
-    from models.params import logical_axes
-
     return jax.tree.map(lambda a, ax: put(a, mesh, spec(ax, a.shape, mesh, rules)), params, logical_axes(params))

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+import models
 from models import transformer
 from models.checks import check_tokens
 from models.errors import InputError
@@ -79,8 +80,8 @@ def readout_with(model, tokens, mask=None, interventions=(), positions: Sequence
     extra = tuple(c for c in capture if (c.site if isinstance(c, Capture) else c) not in ("resid_post", "final_norm"))
     if len(extra) != len(capture):
         raise ValueError("readout_with captures resid_post/final_norm itself; capture them with models.forward")
-    _, acts = transformer.forward(model.params, cfg, tokens, mask, None, final + extra, tuple(interventions),
-                                  start_layer=start_layer, resid=resid)
+    _, acts = models.forward(model, tokens, mask, None, final + extra, tuple(interventions), start_layer=start_layer,
+                             resid=resid)
     logits = transformer.unembed(model.params, acts.pop("final_norm"), cfg)
     return Readout(logits, acts.pop("resid_post")[0]), acts
 

@@ -30,7 +30,7 @@ from interp import progress as progresslib
 from interp.interventions import (AddVector, Replace, StackedWhere, first_layers, mean_ablation, resample_ablation,
                                   zero_ablation)
 from interp.readout import Readout, check_metric, metric_positions, readout, readout_with
-from models import transformer
+import models
 from models.checks import Extent, check_call, check_interventions, check_positions, row_lengths
 from models.errors import InputError
 from models.sharding import RULES
@@ -71,7 +71,7 @@ def _check(model, tokens, mask, metric=None, positions=None, base=()) -> None:
 
 @eqx.filter_jit
 def _capture(model, tokens, mask, site: str, base):
-    return transformer.forward(model.params, model.cfg, tokens, mask, None, (site,), base)[1][site]
+    return models.forward(model, tokens, mask, None, (site,), base).acts[site]
 
 
 def capture(model, tokens, mask, site: str, base=()) -> jax.Array:
@@ -336,7 +336,7 @@ def _site_grad(model, tokens, mask, metric, site: str, positions):
         r, acts = readout_with(model, tokens, mask, (AddVector(site, delta, per_layer=True),), positions, (site,))
         return metric(r), acts[site]
 
-    shape = jax.eval_shape(lambda: transformer.forward(model.params, model.cfg, tokens, mask, None, (site,))[1][site])
+    shape = jax.eval_shape(lambda: models.forward(model, tokens, mask, None, (site,)).acts[site])
     return jax.grad(run, has_aux=True)(jnp.zeros(shape.shape, jnp.float32))[::-1]
 
 

@@ -68,7 +68,8 @@ def generate_tokens(model, tokens, attention_mask, key, interventions=(), stop_i
         raise InputError("the prompt batch has no tokens (shape (B, 0)): each prompt needs at least one token")
     cache = empty_cache(cfg, B, T + max_new_tokens)
     last = (transformer.Capture("final_norm", seq_indices=(-1,)),)  # unembed the last position only
-    _, acts, cache = transformer.forward(params, cfg, tokens, attention_mask, None, last, interventions, cache=cache, step=0)
+    (_, acts), cache = transformer.forward_cached(params, cfg, tokens, attention_mask, None, last, interventions,
+                                                  cache=cache, step=0)
     key, sub = jax.random.split(key)
     first = sample(transformer.unembed(params, acts["final_norm"][:, 0], cfg), sub, temperature, top_p)
     next_pos = jnp.sum(attention_mask, 1).astype(jnp.int32)  # position id of the first generated token
@@ -82,8 +83,8 @@ def generate_tokens(model, tokens, attention_mask, key, interventions=(), stop_i
     def body(state):
         i, cache, last, done, out, key = state
         pos = (next_pos + i - 1)[:, None]
-        logits, _, cache = transformer.forward(params, cfg, last[:, None], jnp.ones((B, 1), jnp.int32), pos, (),
-                                               interventions, cache=cache, step=i)
+        (logits, _), cache = transformer.forward_cached(params, cfg, last[:, None], jnp.ones((B, 1), jnp.int32), pos,
+                                                        (), interventions, cache=cache, step=i)
         key, sub = jax.random.split(key)
         tok = jnp.where(done, last, sample(logits[:, -1], sub, temperature, top_p))
         done = done | jnp.isin(tok, stop_ids)

@@ -150,8 +150,10 @@ def _forward(model, tokens, attention_mask, positions, interventions, resid, cap
 
 
 def forward(model: Model, tokens, attention_mask=None, positions=None, capture: Sequence = (), interventions: Sequence = (),
-            *, start_layer: int = 0, stop_at_layer: int | None = None, resid=None, unroll: bool = False):
-    """Jitted `models.transformer.forward` on a `Model`: `(logits [B, T, V], {site: activation})`.
+            *, start_layer: int = 0, stop_at_layer: int | None = None, resid=None, unroll: bool = False
+            ) -> transformer.Output:
+    """Jitted `models.transformer.forward` on a `Model`: `Output(logits [B, T, V], acts {site: activation})`,
+    a NamedTuple, so `logits, acts = models.forward(...)` unpacks it.
 
     `tokens` is int `[B, T]`, or a text / list of texts, tokenised as `model.tokenize` does (the model's BOS
     convention, left-padded, the mask supplied; `model.tokenize(texts)` gives the same tokens and mask).

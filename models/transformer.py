@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Protocol, Sequence
+from typing import Any, NamedTuple, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -303,9 +303,18 @@ def unembed(params: Params, x, cfg: Config) -> Float[Array, "... V"]:
     return softcap(logits, cfg.final_softcap)
 
 
+def _layer_slots(captures: Sequence[Capture]) -> dict[str, tuple[int, ...]]:
+    """For each site captured at chosen layers, the distinct layers in order: the scan keeps only those."""
+    return {c.site: tuple(sorted(set(c.layers))) for c in captures if c.layers is not None}
+
+
 def run_layers(params: Params, cfg: Config, resid, sites: _Sites, kv, cache: KVCache | None,
                start: int, stop: int, unroll: bool):
-    """Layers [start, stop) on the residual; returns it, the stacked captures and the new cache k/v."""
+    """Layers [start, stop) on the residual; returns it, the captures and the new cache k/v.
+
+    A site captured at every layer is stacked by the scan `[n, ...]`; one captured at chosen layers is
+    written into a buffer of those layers plus one scratch slot that the other layers overwrite, so memory
+    follows what was asked for (`[len(set(layers)), ...]`, in sorted layer order)."""
     blocks = jax.tree.map(lambda a: a[start:stop], params["blocks"])
     n = stop - start
     is_local = jnp.asarray([t == "local" for t in cfg.layer_types[start:stop]])
@@ -313,23 +322,48 @@ def run_layers(params: Params, cfg: Config, resid, sites: _Sites, kv, cache: KVC
     if cache is not None:
         ck, cv = cache.k[start:stop], cache.v[start:stop]
     xs = (blocks, LayerInputs(jnp.arange(start, stop, dtype=jnp.int32), is_local, ck, cv))
+    chosen = _layer_slots(sites.capture.values())
+    if sites.head_out_from_z and "attn.head_out" in chosen:  # the scan keeps z; head_out follows from it
+        chosen[_Z_FOR_HEAD_OUT] = chosen.pop("attn.head_out")
+    # slot of each run layer in a site's buffer; the last slot is scratch for the layers not asked for
+    slots = {k: jnp.asarray([ls.index(start + i) if start + i in ls else len(ls) for i in range(n)], jnp.int32)
+             for k, ls in chosen.items()}
 
-    def body(resid, x):
+    def layer(resid, x):
         p, li = x
         layer_sites = _Sites(tuple(sites.capture.values()), sites.interventions, sites.ctx)
         resid, new_kv = block(p, resid, li, kv, layer_sites, cfg)
         keep = {k: v for k, v in layer_sites.record.items() if k == _Z_FOR_HEAD_OUT or SITES[k].per_layer}
-        return resid, (keep, new_kv if cache is not None else None)
+        return resid, keep, new_kv if cache is not None else None
+
+    x0 = jax.tree.map(lambda a: a[0], xs)
+    shapes = jax.eval_shape(lambda r: layer(r, x0)[1], resid) if chosen and n else {}
+    buffers = {k: jnp.zeros((len(chosen[k]) + 1, *shapes[k].shape), shapes[k].dtype) for k in chosen}
+
+    def body(carry, x):
+        resid, buffers = carry
+        resid, keep, new_kv = layer(resid, x)
+        i = x[1].index - start
+        buffers = {k: jax.lax.dynamic_update_index_in_dim(b, keep.pop(k), slots[k][i], 0) for k, b in buffers.items()}
+        return (resid, buffers), (keep, new_kv)
 
     if unroll:
         ys = []
         for i in range(n):
-            resid, y = body(resid, jax.tree.map(lambda a: a[i], xs))
+            (resid, buffers), y = body((resid, buffers), jax.tree.map(lambda a: a[i], xs))
             ys.append(y)
-        stacked = jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys else ({}, None)
-        return resid, stacked[0], stacked[1]
-    resid, (rec, new_kv) = jax.lax.scan(body, resid, xs)
+        rec, new_kv = jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys else ({}, None)
+    else:
+        (resid, buffers), (rec, new_kv) = jax.lax.scan(body, (resid, buffers), xs)
+    rec.update({k: b[:-1] for k, b in buffers.items()})
     return resid, rec, new_kv
+
+
+class Output(NamedTuple):
+    """What a forward returns: logits (None when it stops before the last layer) and the captures."""
+
+    logits: Float[Array, "B T V"] | None
+    acts: dict[str, Array]  # site -> array, layer sites stacked `[layers, ...]` (see `models.sites`)
 
 
 def forward(
@@ -344,18 +378,39 @@ def forward(
     start_layer: int = 0,
     stop_at_layer: int | None = None,
     resid: Float[Array, "B T D"] | None = None,
-    cache: KVCache | None = None,
-    step: int | Array = 0,
     unroll: bool = False,
-):
-    """Logits `[B, T, V]` (float32) and a dict of captured activations (site -> array).
+) -> Output:
+    """`Output(logits [B, T, V] float32, {site: activation})`.
 
     `capture` names sites from `models.sites` (or `Capture` objects selecting layers/positions); nothing is
     kept by default. `stop_at_layer=n` runs layers [0, n) and returns `None` logits. `start_layer=l` with
-    `resid` (the `resid_pre` of layer l) resumes a forward without recomputing layers < l. With a `cache`,
-    keys/values are written at `cache.index` and attention reads every valid cache slot; the updated cache
-    is returned as a third value.
+    `resid` (the `resid_pre` of layer l) resumes a forward without recomputing layers < l.
     """
+    return _forward(params, cfg, tokens, attention_mask, positions, capture, interventions, start_layer=start_layer,
+                    stop_at_layer=stop_at_layer, resid=resid, unroll=unroll)[0]
+
+
+def forward_cached(
+    params: Params,
+    cfg: Config,
+    tokens: Int[Array, "B T"],
+    attention_mask: Int[Array, "B T"] | None,
+    positions: Int[Array, "B T"] | None,
+    capture: Sequence[str | Capture],
+    interventions: Sequence[Intervention],
+    *,
+    cache: KVCache,
+    step: int | Array = 0,
+) -> tuple[Output, KVCache]:
+    """A forward of new tokens after those in `cache`: keys/values are written at `cache.index`, attention
+    reads every valid cache slot, and the updated cache comes back beside the `Output`. `step` is what
+    interventions see as `ctx.step` (0 on the prompt, then 1, 2, ... per generated token). Positions and
+    captures are not checked here: `models.generate` checks its prompt with the tokens it will add."""
+    return _forward(params, cfg, tokens, attention_mask, positions, capture, interventions, cache=cache, step=step)
+
+
+def _forward(params, cfg, tokens, attention_mask, positions, capture, interventions, *, start_layer=0,
+             stop_at_layer=None, resid=None, cache=None, step=0, unroll=False) -> tuple[Output, KVCache | None]:
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
         raise InputError(f"tokens must be [batch, seq], got shape {tokens.shape}")
@@ -399,24 +454,27 @@ def forward(
     resid, layer_acts, new_kv = run_layers(params, cfg, resid, sites, kv, cache, start_layer, stop, unroll)
 
     acts = dict(sites.record)
-    chosen = {c.site: slice(None) if c.layers is None else jnp.asarray(c.layers) - start_layer for c in captures}
+    # the scan kept every run layer, or a chosen site's distinct layers in sorted order: reorder as asked
+    kept = _layer_slots(captures)
     if _Z_FOR_HEAD_OUT in layer_acts:
-        layers = chosen["attn.head_out"]
-        W_O = params["blocks"]["attn"]["W_O"][start_layer:stop][layers]
-        acts["attn.head_out"] = jnp.einsum("lbthe,lhed->lbthd", layer_acts.pop(_Z_FOR_HEAD_OUT)[layers], W_O)
-    for name, value in layer_acts.items():
-        acts[name] = value[chosen[name]]
+        W_O = params["blocks"]["attn"]["W_O"]
+        W_O = W_O[jnp.asarray(kept["attn.head_out"])] if "attn.head_out" in kept else W_O[start_layer:stop]
+        layer_acts["attn.head_out"] = jnp.einsum("lbthe,lhed->lbthd", layer_acts.pop(_Z_FOR_HEAD_OUT), W_O)
+    for c in captures:
+        if c.site in layer_acts and c.site in kept and tuple(c.layers) != kept[c.site]:
+            layer_acts[c.site] = layer_acts[c.site][jnp.asarray([kept[c.site].index(l) for l in c.layers])]
+    acts.update(layer_acts)
     logits = None
     if stop == cfg.n_layers:
         final = sites.visit("final_norm", norm(resid, params["ln_final"], cfg))
         acts.update({k: v for k, v in sites.record.items() if k == "final_norm"})
         logits = unembed(params, final, cfg)
-    acts = {c.site: acts[c.site] for c in captures if c.site in acts}
+    out = Output(logits, {c.site: acts[c.site] for c in captures if c.site in acts})
     if cache is None:
-        return logits, acts
+        return out, None
     k, v = new_kv
     new_cache = KVCache(
         cache.k.at[start_layer:stop].set(k), cache.v.at[start_layer:stop].set(v),
         kv["positions"], kv["mask"], cache.index + T,
     )
-    return logits, acts, new_cache
+    return out, new_cache

@@ -49,6 +49,7 @@ print("RESULT" + json.dumps(out))
 
 WORKER = """
 import sys
+import models, interp, saes  # importing touches no device, so initialize may follow
 from interp import mesh as meshlib
 meshlib.initialize(sys.argv[1], 2, int(sys.argv[2]))  # before any computation
 """ + COMMON + """

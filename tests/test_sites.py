@@ -95,6 +95,32 @@ def test_unused_sites_are_not_computed():
     assert "f32[2,1,6,4,32]" not in plain and "f32[2,1,6,4,32]" in heads  # [L, B, T, H, D]
 
 
+@pytest.mark.parametrize("unroll", [False, True])
+def test_capture_at_chosen_layers_keeps_only_those_inside_the_scan(unroll):
+    """Layers chosen in any order (repeats allowed) give the full capture's values at those layers, also when
+    resuming at a later layer; the program never holds the stack of every layer's pattern, only a buffer of
+    the distinct chosen layers plus one scratch slot."""
+    cfg = models.Config(arch="llama", vocab_size=50, d_model=32, n_layers=6, n_heads=4, n_kv_heads=2, d_head=8,
+                        d_mlp=48, n_ctx=32)
+    params = models.init_params(cfg, jax.random.PRNGKey(3), scale=0.3)
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 5), 0, 50)
+    _, full = transformer.forward(params, cfg, tokens, capture=("attn.pattern", "resid_pre", "attn.head_out"))
+    cap = (models.Capture("attn.pattern", layers=(4, 1, 4)), models.Capture("resid_pre", layers=(5, 2)),
+           models.Capture("attn.head_out", layers=(3, 0), positions=(-1,)))
+    _, some = transformer.forward(params, cfg, tokens, capture=cap, unroll=unroll)
+    assert_close(some["attn.pattern"], full["attn.pattern"][jnp.array([4, 1, 4])])
+    assert_close(some["resid_pre"], full["resid_pre"][jnp.array([5, 2])])
+    assert_close(some["attn.head_out"], full["attn.head_out"][jnp.array([3, 0])][:, :, -1:])
+    _, late = transformer.forward(params, cfg, tokens, capture=cap[1:2], start_layer=2, resid=full["resid_pre"][2],
+                                  unroll=unroll)
+    assert_close(late["resid_pre"], full["resid_pre"][jnp.array([5, 2])])
+
+    hlo = jax.jit(lambda p: transformer.forward(p, cfg, tokens, capture=(models.Capture("attn.pattern", layers=(4,)),),
+                                                unroll=unroll)).lower(params).compile().as_text()
+    assert "f32[6,2,4,5,5]" not in hlo  # [L, B, H, T, S]: every layer's pattern
+    assert unroll or "f32[2,2,4,5,5]" in hlo  # the scan's buffer: layer 4 and the scratch slot
+
+
 class _Identity:
     site = "attn.head_out"
 
