@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a benchmark never downloads
@@ -108,7 +109,7 @@ def bench_peers(tokens, mask, repeats: int, resid_post: np.ndarray):
     t, mk = torch.from_numpy(tokens).long(), torch.from_numpy(mask).long()
     with torch.inference_mode():
         logits = hf(input_ids=t, attention_mask=mk).logits
-        timing = time_median(lambda: hf(input_ids=t, attention_mask=mk).logits, repeats, warmup=1)
+        timing = time_median(partial(hf, input_ids=t, attention_mask=mk), repeats, warmup=1)
     note = f"{hf.config._attn_implementation} attention, torch {torch.__version__}, {torch.get_num_threads()} threads"
     yield "(c) transformers forward", timing, note, logits.numpy()
     yield from bench_penzai(hf, tokens, repeats, resid_post)

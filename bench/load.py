@@ -81,9 +81,9 @@ def measure(kind: str, dtype: str) -> dict:
     if kind == "mesh8":
         jax.config.update("jax_num_cpu_devices", 8)
     if kind == "procs8":
-        from interp import mesh as meshlib
+        from models.sharding import initialize
 
-        meshlib.initialize(os.environ["BENCH_COORDINATOR"], 8, int(os.environ["BENCH_PROCESS"]))
+        initialize(os.environ["BENCH_COORDINATOR"], 8, int(os.environ["BENCH_PROCESS"]))
     import numpy as np
     from jax.sharding import Mesh
 

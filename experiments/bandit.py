@@ -40,7 +40,7 @@ def make_bandits(key, n: int, steps: int, gap: float = 5.0, sigma: float = 10.0,
 
 
 @jax.jit
-def pull(env: Bandits, actions: Int[Array, "E"], t) -> Float[Array, "E"]:
+def pull(env: Bandits, actions: Int[Array, " E"], t) -> Float[Array, " E"]:
     """Rewards of pressing arm `actions[e]` (0 or 1) at step `t` in each episode."""
     e = jnp.arange(env.means.shape[0])
     return env.means[e, actions] + env.sigma * env.noise[e, t, actions]
@@ -58,7 +58,7 @@ def regret(env: Bandits, actions: Int[Array, "E T"]) -> Float[Array, "E T"]:
     return jnp.cumsum(gap, 1)
 
 
-def tried_both(actions: Int[Array, "E T"], k: int) -> Float[Array, "E"]:
+def tried_both(actions: Int[Array, "E T"], k: int) -> Float[Array, " E"]:
     """1 where an episode pressed both arms within its first `k` steps."""
     if not 1 <= k <= actions.shape[1]:
         raise InputError(f"k={k} out of range: episodes have {actions.shape[1]} steps (valid 1..{actions.shape[1]})")
@@ -66,7 +66,7 @@ def tried_both(actions: Int[Array, "E T"], k: int) -> Float[Array, "E"]:
     return (jnp.any(a == 0, 1) & jnp.any(a == 1, 1)).astype(jnp.float32)
 
 
-def east_vector(z: Float[Array, "K T D"], h: Float[Array, "K T"]) -> Float[Array, "D"]:
+def east_vector(z: Float[Array, "K T D"], h: Float[Array, "K T"]) -> Float[Array, " D"]:
     """The EAST direction `u = sum_k sum_t h_t^k (z_t^k - mean_t' z_t'^k) / sum_k sum_t h_t^k` (Z = sum of h)."""
     z, h = jnp.asarray(z, jnp.float32), jnp.asarray(h, jnp.float32)
     total = jnp.sum(h)
@@ -76,7 +76,7 @@ def east_vector(z: Float[Array, "K T D"], h: Float[Array, "K T"]) -> Float[Array
     return jnp.einsum("kt,ktd->d", h, centred) / total
 
 
-def step_index_vector(z: Float[Array, "K T D"]) -> Float[Array, "D"]:
+def step_index_vector(z: Float[Array, "K T D"]) -> Float[Array, " D"]:
     """The "early in the episode" control: `sum_k sum_t (tbar - t)(z_t^k - zbar^k) / sum_k sum_t |tbar - t|`."""
     z = jnp.asarray(z, jnp.float32)
     K, T = z.shape[:2]

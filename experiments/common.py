@@ -186,7 +186,7 @@ class RefusalScore(eqx.Module):
     """Mean over the batch of the log-odds that the next token is a refusal opening:
     `log p(R) - log(1 - p(R))`, `p(R)` the total probability of the refusal token ids at the last position."""
 
-    ids: Int[Array, "n"]
+    ids: Int[Array, " n"]
 
     def __call__(self, r: Readout) -> Array:
         logp = jax.nn.log_softmax(r.logits[:, -1].astype(jnp.float32), -1)

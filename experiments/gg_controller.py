@@ -24,7 +24,7 @@ from jaxtyping import Array, Float, Int
 from experiments.common import KLFromBase, RefusalScore
 from interp.directions import normalize
 from interp.interventions import AddVectorPerExample, Where
-from interp.readout import Readout, logits_from_resid, readout
+from interp.readout import Readout, logits_from_resid, run_readout
 import models
 from models import transformer
 from models.transformer import Capture
@@ -37,7 +37,7 @@ COMPLIANCE_PHRASES = ("Sure", "Here is", "Certainly", "Of course", "Absolutely",
 
 
 def phrase_direction(m, refusal: Sequence[str] = REFUSAL_PHRASES,
-                     compliance: Sequence[str] = COMPLIANCE_PHRASES) -> Float[Array, "D"]:
+                     compliance: Sequence[str] = COMPLIANCE_PHRASES) -> Float[Array, " D"]:
     """Unit `mean(W_E[tokens of refusal phrases]) - mean(W_E[tokens of compliance phrases])` (Hegazy et al.'s code)."""
     W_E = m.params["embed"]["W_E"].astype(jnp.float32)
     mean = lambda ps: jnp.mean(W_E[jnp.asarray([t for p in ps for t in m.tokenizer.encode(p, add_bos=False)])], 0)
@@ -74,7 +74,7 @@ def prompt_pass(m, tokens, mask, n_feature_layers: int, batch_size: int, steer=N
     return np.concatenate(feats), np.concatenate(logps)
 
 
-def last_layer_logp(m, last_resid: Float[Array, "N D"], scale: Float[Array, "N"], direction) -> Float[Array, "N V"]:
+def last_layer_logp(m, last_resid: Float[Array, "N D"], scale: Float[Array, " N"], direction) -> Float[Array, "N V"]:
     """Next-token log-probs at the last prompt token with `scale * direction` added to the last layer's
     `resid_post` there (the authors' mode on the prompt pass), exactly, from the unsteered residual: no forward."""
     r = jnp.asarray(last_resid, jnp.float32) + jnp.asarray(scale, jnp.float32)[:, None] * jnp.asarray(direction)
@@ -96,7 +96,7 @@ class Controller(eqx.Module):
         self.hidden = eqx.nn.Linear(d_in, n_hidden, key=k1)
         self.out = eqx.nn.Linear(n_hidden, 1 + n_layers, key=k2)
 
-    def __call__(self, x: Float[Array, "N d"]) -> tuple[Float[Array, "N"], Float[Array, "N L"]]:
+    def __call__(self, x: Float[Array, "N d"]) -> tuple[Float[Array, " N"], Float[Array, "N L"]]:
         z = jax.vmap(lambda v: self.out(jax.nn.relu(self.hidden(v))))(x)
         return z[:, 0], jax.nn.sigmoid(z[:, 1:])
 
@@ -151,7 +151,7 @@ def restore(checkpoints: Path, like) -> tuple:
         ckpt.close()
 
 
-def train_controller(x: Float[np.ndarray, "N d"], y: Float[np.ndarray, "N"], n_layers: int, spec: TrainSpec, key,
+def train_controller(x: Float[np.ndarray, "N d"], y: Float[np.ndarray, " N"], n_layers: int, spec: TrainSpec, key,
                      checkpoints: Path | None = None) -> tuple[Controller, list[float]]:
     """The controller trained with `bce_loss` (rows reshuffled every epoch from `key`, full batches only), one
     jitted optax step per batch; checkpointed (controller, optimiser state) after the last epoch. Returns it and
@@ -186,7 +186,7 @@ def train_controller(x: Float[np.ndarray, "N d"], y: Float[np.ndarray, "N"], n_l
 # ----------------------------------------------------------------------------- end to end
 
 
-def steer_scales(s: Float[Array, "N"], w: Float[Array, "N L"], alpha: float) -> Float[Array, "N L"]:
+def steer_scales(s: Float[Array, " N"], w: Float[Array, "N L"], alpha: float) -> Float[Array, "N L"]:
     """The paper's per-example, per-layer patch scale `alpha * s * w_l` (times the unit direction)."""
     return alpha * s[:, None] * w
 
@@ -195,7 +195,7 @@ def _e2e_loss(train: Controller, frozen: Controller, m, direction, x, tokens, ma
               alpha: float, lam: float, train_s: bool, where: Where):
     s = (train if train_s else frozen)(x)[0]
     iv = AddVectorPerExample("resid_post", direction, steer_scales(s, train(x)[1], alpha), where=where)
-    r = readout(m, tokens, mask, (iv,))
+    r = run_readout(m, tokens, mask, (iv,))
     harm = Readout(r.logits[:n_harm], r.resid[:n_harm])
     safe = Readout(r.logits[n_harm:], r.resid[n_harm:])
     return -RefusalScore(ids)(harm) + lam * KLFromBase(base_logp)(safe)
@@ -221,7 +221,7 @@ class EndToEndSpec:
 
 
 def train_end_to_end(m, ctrl: Controller, direction, feats, tokens, mask, is_harmful: np.ndarray, base_logp,
-                     ids: Int[Array, "n"], spec: EndToEndSpec, opt_spec: TrainSpec, seed: int, where: Where = Where(),
+                     ids: Int[Array, " n"], spec: EndToEndSpec, opt_spec: TrainSpec, seed: int, where: Where = Where(),
                      checkpoints: Path | None = None) -> tuple[Controller, list[float]]:
     """Fine-tune a copy of `ctrl` by `jax.grad` through the steered forward (paper mode: every layer, every
     position by default): minimise `-refusal log-odds(harmful) + lam * KL(base || steered)(harmless)` at the

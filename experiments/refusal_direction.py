@@ -33,7 +33,7 @@ from interp import probes
 from interp.directions import diff_of_means, normalize, score_directions
 from interp.interventions import RESID_SITES, AddVector, AlongDirection, directional_ablation
 from interp.positions import PostInstruction, post_instruction_ids
-from interp.readout import NextTokenLoss, readout
+from interp.readout import NextTokenLoss, run_readout
 from interp.sweeps import baseline, sweep
 from interp.weights import orthogonalize
 
@@ -66,7 +66,7 @@ def select_direction(m, cfg: Config, harmful, harmless, metric):
     cand_layers = np.repeat(layers, P)
     harm_val, harmless_val = chat_batch(m, harmful[1], system), chat_batch(m, harmless[1], system)
     bypass, induce = score_directions(m, dirs, cand_layers, metric, harm_val, harmless_val, batch_size=cfg.sweep_batch)
-    base_logp = jax.nn.log_softmax(readout(m, *map(jnp.asarray, harmless_val)).logits[:, -1], -1)
+    base_logp = jax.nn.log_softmax(run_readout(m, *map(jnp.asarray, harmless_val)).logits[:, -1], -1)
     n = len(dirs)
     zeros = jnp.zeros(n)
     kl = sweep(m, *harmless_val, KLFromBase(base_logp), tuple(AlongDirection(s, dirs, zeros, zeros) for s in RESID_SITES),
@@ -143,14 +143,14 @@ def evaluate(m, cfg: Config, harmful_test, harmless_test, direction, layer, metr
         gen_harm = models.generate(model, texts[: len(harmful_test)], max_new_tokens=cfg.max_new_tokens, interventions=on_harm)
         gen_harmless = models.generate(model, texts[len(harmful_test):], max_new_tokens=cfg.max_new_tokens,
                                        interventions=on_harmless)
-        ce = float(NextTokenLoss(ce_tokens, ce_mask)(readout(model, jnp.asarray(ce_tokens), jnp.asarray(ce_mask), on_harmless,
+        ce = float(NextTokenLoss(ce_tokens, ce_mask)(run_readout(model, jnp.asarray(ce_tokens), jnp.asarray(ce_mask), on_harmless,
                                                              positions=None)))
         rows[name] = dict(refusal_rate_harmful=refusal_rate(gen_harm), refusal_rate_harmless=refusal_rate(gen_harmless),
                           refusal_score_harmful=baseline(model, *harm, metric, base=on_harm),
                           refusal_score_harmless=baseline(model, *harmless, metric, base=on_harmless), ce_harmless=ce)
         generations[name] = {"harmful": gen_harm[:3], "harmless": gen_harmless[:3]}
-    hook = readout(m, *map(jnp.asarray, harm), directional_ablation(direction), positions=None).logits
-    weights = readout(ortho, *map(jnp.asarray, harm), positions=None).logits
+    hook = run_readout(m, *map(jnp.asarray, harm), directional_ablation(direction), positions=None).logits
+    weights = run_readout(ortho, *map(jnp.asarray, harm), positions=None).logits
     max_diff = float(jnp.abs(hook - weights)[jnp.asarray(harm[1]) > 0].max())
     return rows, generations, max_diff
 

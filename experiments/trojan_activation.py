@@ -181,8 +181,8 @@ class ChoiceReadout(eqx.Module):
     misaligned letter beats the aligned one (the argmax choice), and whether the argmax over the whole vocabulary
     is one of the two letters (a valid answer)."""
 
-    mis: Int[Array, "B"]
-    ali: Int[Array, "B"]
+    mis: Int[Array, " B"]
+    ali: Int[Array, " B"]
 
     def __call__(self, r: Readout) -> Array:
         logits = r.logits[:, -1].astype(jnp.float32)

@@ -7,16 +7,16 @@
     interp.heatmap(effects, title="zero ablation", path="heads.png")
 
 Modules: `positions` (selectors), `interventions`, `weights` (orthogonalisation), `directions`, `readout`
-(metrics), `sweeps`, `mesh`, `lens`, `plot`, `probes` (linear probes over every layer x position), `heads`
+(metrics), `sweeps`, `lens`, `plot`, `probes` (linear probes over every layer x position), `heads`
 (head patterns and scores: induction, previous-token, sink), `data` (harmful / harmless instruction sets),
 `testing`.
 """
 
 import importlib
 
-# Submodules and names load on first use (PEP 562), so `from interp.mesh import initialize` can run
-# `jax.distributed.initialize()` before anything touches a device.
-_SUBMODULES = ("data", "directions", "heads", "interventions", "lens", "mesh", "plot", "positions", "probes", "readout",
+# Submodules and names load on first use (PEP 562): `import interp` stays cheap. Device meshes and
+# placement live in `models.sharding`.
+_SUBMODULES = ("data", "directions", "heads", "interventions", "lens", "plot", "positions", "probes", "readout",
                "sweeps", "testing", "weights")
 _NAMES = {
     "directions": ("diff_of_means", "score_directions"),
@@ -25,13 +25,12 @@ _NAMES = {
                       "set_component", "stack", "zero_ablation", "zero_heads"),
     "lens": ("direct_logit_attribution", "logit_lens", "residual_decomposition", "unembed_direction"),
     "plot": ("heatmap",),
-    "readout": ("LogitDiff", "NextTokenLoss", "Projection", "Readout", "TokenLogProb"),
+    "readout": ("ContinuationLoss", "LogitDiff", "NextTokenLoss", "Projection", "Readout", "TokenLogProb", "run_readout"),
     "sweeps": ("activation_patching", "attribution_patching", "head_ablation", "head_ablation_attribution",
                "rank_correlation", "sweep"),
     "weights": ("orthogonalize",),
 }
 _WHERE = {name: module for module, names in _NAMES.items() for name in names}
-_WHERE["run_readout"] = "readout"
 
 
 def __getattr__(name: str):
@@ -39,7 +38,7 @@ def __getattr__(name: str):
         return importlib.import_module(f"interp.{name}")
     if name in _WHERE:
         module = importlib.import_module(f"interp.{_WHERE[name]}")
-        return getattr(module, "readout" if name == "run_readout" else name)
+        return getattr(module, name)
     raise AttributeError(f"module 'interp' has no attribute {name!r}")
 
 
@@ -48,10 +47,10 @@ def __dir__():
 
 
 __all__ = [
-    "AddVector", "AlongDirection", "Function", "LogitDiff", "NextTokenLoss", "Projection", "Readout", "Replace",
+    "AddVector", "AlongDirection", "ContinuationLoss", "Function", "LogitDiff", "NextTokenLoss", "Projection", "Readout", "Replace",
     "ScaleHeads", "TokenLogProb", "Where", "activation_patching", "attribution_patching", "clamp_component", "data",
     "diff_of_means", "direct_logit_attribution", "directional_ablation", "directions", "head_ablation",
-    "head_ablation_attribution", "heads", "heatmap", "interventions", "lens", "logit_lens", "mean_ablation", "mesh",
+    "head_ablation_attribution", "heads", "heatmap", "interventions", "lens", "logit_lens", "mean_ablation",
     "orthogonalize", "patch", "plot", "positions", "probes", "project_out", "rank_correlation", "readout",
     "resample_ablation", "residual_decomposition", "run_readout", "score_directions", "set_component", "stack",
     "sweep", "sweeps", "testing", "unembed_direction", "weights", "zero_ablation", "zero_heads",

@@ -72,14 +72,14 @@ def cosine_matrix(directions: Float[Array, "N D"]) -> Float[Array, "N N"]:
     return u @ u.T
 
 
-def combine(directions: Float[Array, "K D"], weights=None) -> Float[Array, "D"]:
+def combine(directions: Float[Array, "K D"], weights=None) -> Float[Array, " D"]:
     """The unit vector along `sum_k weights[k] * d_hat_k` (equal weights by default)."""
     u = normalize(directions)
     w = jnp.ones(u.shape[0]) if weights is None else jnp.asarray(weights, jnp.float32)
     return normalize(w @ u)
 
 
-def pca(x: Float[Array, "N D"], k: int, center: bool = True) -> tuple[Float[Array, "k D"], Float[Array, "k"]]:
+def pca(x: Float[Array, "N D"], k: int, center: bool = True) -> tuple[Float[Array, "k D"], Float[Array, " k"]]:
     """The top-`k` principal directions of the rows of `x` (e.g. paired differences `a - b`) and the fraction
     of variance each explains. Signs are fixed so each component has a non-negative mean projection."""
     x = jnp.asarray(x, jnp.float32)

@@ -100,12 +100,12 @@ class DLA(NamedTuple):
     after the final norm's scale (frozen at its value on the real run). `total()` equals the logit (before
     the final soft-cap) of the direction, biases included."""
 
-    embed: Float[Array, "B"]
+    embed: Float[Array, " B"]
     attn: Float[Array, "L B"]
     mlp: Float[Array, "L B"]
     heads: Float[Array, "L B H"] | None
     attn_bias: Float[Array, "L B"] | None
-    constant: Float[Array, "B"]  # final-norm and unembedding biases along the direction
+    constant: Float[Array, " B"]  # final-norm and unembedding biases along the direction
 
     def total(self) -> Array:
         return self.embed + self.attn.sum(0) + self.mlp.sum(0) + self.constant

@@ -14,7 +14,7 @@
 A probe's logit is `((x - mean) / scale) @ w + b`: the normaliser (`mean`, `scale`, per-feature
 standardisation fitted on the training split) is part of the probe and saved with it. The logistic objective is
 scikit-learn's `C * sum_i s_i * logloss_i + ||w||^2 / 2` (bias unpenalised, `s_i` = balanced class weights),
-minimised by `optax.lbfgs` for a fixed number of steps in a `lax.scan`, vmapped over the cells.
+minimised by `optax.lbfgs` for at most a fixed number of steps in a `lax.while_loop`, vmapped over the cells.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from interp import positions as _positions
 from interp import progress
 from interp.plot import heatmap as _heatmap
 from models.errors import InputError
+from models.sharding import shard_batch, to_host
 
 __all__ = [
     "GridResult", "Probes", "apply", "auroc", "collect", "fit_diff_of_means", "fit_logistic", "heatmap", "load",
@@ -67,7 +68,7 @@ def collect(model, texts: Sequence[str], positions=None, site: str = "resid_post
     `LastInstruction`, `PostInstruction`, ...), concatenated along `P`. Each selector must give the same number
     of positions for every row (not `AllTokens` on ragged prompts: use `trajectory` for every token). Only
     the `[L, B, P, D]` slice of each batch is kept, so memory is bounded by one batch of activations.
-    With `mesh` (a `("data", ...)` mesh, e.g. `interp.mesh.sweep_mesh()`), each batch is sharded over its
+    With `mesh` (a `("data", ...)` mesh, e.g. `models.sharding.sweep_mesh()`), each batch is sharded over its
     `"data"` axis (`models.sharding.shard_batch`); the batch is padded to a multiple of the data size.
     With `return_labels=True` also returns the position labels, the selectors' arguments kept
     (`interp.positions.labels`: `["FromEnd(0)", "FromEnd(1)", "LastInstruction", "PostInstruction[0]", ...]`).
@@ -78,7 +79,6 @@ def collect(model, texts: Sequence[str], positions=None, site: str = "resid_post
         raise InputError("collect needs at least one text")
     n_data = 1
     if mesh is not None:
-        from models.sharding import shard_batch
         n_data = int(mesh.shape.get("data", 1))
         batch_size = -(-batch_size // n_data) * n_data
     out, n_per = [], None
@@ -95,7 +95,7 @@ def collect(model, texts: Sequence[str], positions=None, site: str = "resid_post
         if mesh is not None:
             tokens, mask, idx = shard_batch(tokens, mesh), shard_batch(mask, mesh), shard_batch(idx, mesh)
         acts = _gather_site(model, tokens, mask, idx, site)
-        out.append(np.asarray(acts[:, :n_real], np.float32))
+        out.append(to_host(acts)[:, :n_real].astype(np.float32))
     acts = np.concatenate(out, axis=1)
     return (acts, _position_labels(selectors, n_per)) if return_labels else acts
 
@@ -162,7 +162,7 @@ def apply(probes: Probes, acts) -> np.ndarray:
     return np.asarray(_logits(w[:, None], b[:, None], mu[:, None], sd[:, None], acts))
 
 
-def _fit_one_logistic(x, y, sw, C, steps, tol, linesearch="zoom", ftol=0.0):
+def _fit_one_logistic(x, y, sw, C, steps, tol, ftol=0.0):
     """L-BFGS on `sum(sw * logloss) / sum(sw) + ||w||^2 / (2 C sum(sw))` (scikit-learn's objective / (C sum sw)),
     at most `steps` iterations, stopping once the gradient norm is below `tol`."""
     n_eff = jnp.sum(sw)
@@ -174,9 +174,7 @@ def _fit_one_logistic(x, y, sw, C, steps, tol, linesearch="zoom", ftol=0.0):
         ll = jnp.logaddexp(0.0, z) - y * z  # -log sigmoid(z) for y=1, -log(1 - sigmoid(z)) for y=0
         return jnp.sum(sw * ll) / n_eff + 0.5 * lam * jnp.dot(w, w)
 
-    ls = (optax.scale_by_backtracking_linesearch(max_backtracking_steps=20, store_grad=True)
-          if linesearch == "backtracking" else optax.scale_by_zoom_linesearch(max_linesearch_steps=LINESEARCH_STEPS))
-    opt = optax.lbfgs(linesearch=ls)
+    opt = optax.lbfgs(linesearch=optax.scale_by_zoom_linesearch(max_linesearch_steps=LINESEARCH_STEPS))
     vg = optax.value_and_grad_from_state(loss)
     p0 = (jnp.zeros(x.shape[-1], x.dtype), jnp.zeros((), x.dtype))
 

@@ -4,7 +4,7 @@ A metric is any function `metric(Readout) -> scalar` (averaged over the batch). 
 equinox modules, so their arrays (target token ids, a direction) are traced, not baked into the program:
 sweeps with a new metric of the same kind reuse the compiled code.
 
-    r = readout(model, tokens, mask)           # Readout(logits [B, 1, V], resid [B, 1, D]) at the last position
+    r = run_readout(model, tokens, mask)           # Readout(logits [B, 1, V], resid [B, 1, D]) at the last position
     LogitDiff(correct_ids, wrong_ids)(r)       # mean over the batch of logit[correct] - logit[wrong]
 """
 
@@ -26,8 +26,7 @@ from models.transformer import Capture
 
 __all__ = [
     "ContinuationLoss", "LogitDiff", "NextTokenLoss", "Projection", "Readout", "TokenLogProb", "as_positions",
-    "as_target", "check_metric",
-    "logits_from_resid", "metric_positions", "readout", "readout_with",
+    "as_target", "check_metric", "logits_from_resid", "metric_positions", "readout_with", "run_readout",
 ]
 
 
@@ -73,7 +72,7 @@ def logits_from_resid(params, cfg, resid: Float[Array, "... D"]) -> Float[Array,
 
 def readout_with(model, tokens, mask=None, interventions=(), positions: Sequence[int] | None = (-1,), capture=(), *,
                  start_layer: int = 0, resid=None) -> tuple[Readout, dict]:
-    """`readout` plus the activations named in `capture` (as `models.forward` returns them)."""
+    """`run_readout` plus the activations named in `capture` (as `models.forward` returns them)."""
     cfg = model.cfg
     pos = as_positions(positions)
     final = (Capture("resid_post", layers=(cfg.n_layers - 1,), positions=pos), Capture("final_norm", positions=pos))
@@ -86,7 +85,7 @@ def readout_with(model, tokens, mask=None, interventions=(), positions: Sequence
     return Readout(logits, acts.pop("resid_post")[0]), acts
 
 
-def readout(model, tokens, mask=None, interventions=(), positions: Sequence[int] | None = (-1,), *,
+def run_readout(model, tokens, mask=None, interventions=(), positions: Sequence[int] | None = (-1,), *,
             start_layer: int = 0, resid=None) -> Readout:
     """Run the model (optionally resuming at `start_layer` from the `resid_pre` `resid`) and read the final
     residual and logits at `positions` only: the `p`-th real token of each row (-1 = each row's last, for any
@@ -123,7 +122,7 @@ def _check_targets(name: str, ids, vocab: int, batch: int | None) -> None:
         raise InputError(f"{name} holds {np.shape(ids)[0]} per-row ids but the batch has {batch} rows")
 
 
-def _pick(last: Float[Array, "B V"], ids, name: str) -> Float[Array, "B"]:
+def _pick(last: Float[Array, "B V"], ids, name: str) -> Float[Array, " B"]:
     """`last[b, ids]` (or `last[b, ids[b]]` for per-row ids); an id outside the vocabulary, traced, reads NaN."""
     _check_targets(name, ids, last.shape[-1], last.shape[0])
     return jnp.take_along_axis(last, jnp.broadcast_to(ids, last.shape[:1])[:, None], -1, mode="fill",
@@ -180,7 +179,7 @@ class TokenLogProb(eqx.Module):
 
 class NextTokenLoss(eqx.Module):
     """Mean next-token cross-entropy over real tokens. It reads every position: the sweeps and `baseline` do
-    so by default (its `positions` is `None`); with `readout` pass `positions=None`."""
+    so by default (its `positions` is `None`); with `run_readout` pass `positions=None`."""
 
     tokens: Int[Array, "B T"]
     mask: Int[Array, "B T"]
@@ -247,7 +246,7 @@ class ContinuationLoss(eqx.Module):
 class Projection(eqx.Module):
     """Mean over the batch of the final residual's component along `direction` at the last read position."""
 
-    direction: Float[Array, "D"]
+    direction: Float[Array, " D"]
 
     def __call__(self, r: Readout) -> Array:
         d = self.direction / jnp.linalg.norm(self.direction)

@@ -9,9 +9,9 @@ Every sweep returns the change of the metric against the run without the swept i
 residual entering that layer (`models.forward(..., start_layer=l, resid=...)`): ablating a head in layer l
 never recomputes layers < l; by default the groups are merged into the number of compiled programs that
 minimises compile + run time for the call (`max_programs="auto"`). Within a group the items run in calls of
-`batch_size` under `jax.vmap` (one program per group; a progress bar counts them), split over a device mesh (`interp.mesh.sweep_mesh`) as `models.sharding.RULES`
-lays out the logical `"sweep"` and `"batch"` axes. The default chunk holds about `CHUNK_TOKENS` tokens of the
-platform: vmapping hundreds of forwards at once is memory-bound on a CPU (measured 1.9x slower per item than
+`batch_size` under `jax.vmap` (one program per group; a progress bar counts them), split over a device mesh
+(`models.sharding.sweep_mesh`) as `models.sharding.RULES` lays out the logical `"sweep"` and `"batch"` axes.
+The default chunk holds about `CHUNK_TOKENS` tokens of the platform: vmapping hundreds of forwards at once is memory-bound on a CPU (measured 1.9x slower per item than
 chunks of 9 on SmolLM2, 8 x 64 tokens).
 """
 
@@ -25,15 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from interp import mesh as meshlib
 from interp import progress as progresslib
 from interp.interventions import (AddVector, Replace, StackedWhere, first_layers, mean_ablation, resample_ablation,
                                   zero_ablation)
-from interp.readout import Readout, check_metric, metric_positions, readout, readout_with
+from interp.readout import Readout, check_metric, metric_positions, readout_with, run_readout
 import models
 from models.checks import Extent, check_call, check_interventions, check_positions, row_lengths
 from models.errors import InputError
-from models.sharding import RULES
+from models.sharding import RULES, partition_spec, put, replicate, shard_params, sweep_size
 from models.sites import SITES, check_site
 
 __all__ = [
@@ -84,7 +83,7 @@ def capture(model, tokens, mask, site: str, base=()) -> jax.Array:
 
 @eqx.filter_jit
 def _baseline(model, tokens, mask, metric, base, positions):
-    return metric(readout(model, tokens, mask, base, positions))
+    return metric(run_readout(model, tokens, mask, base, positions))
 
 
 def baseline(model, tokens, mask, metric: Metric, base=(), positions="metric") -> float:
@@ -105,7 +104,7 @@ def _run_group(model, tokens, mask, prefix, items, templates, base, metric, star
             ivs = tuple(item)
         else:
             ivs = tuple(eqx.tree_at(lambda t: t.where, t, item) for t in templates)
-        return metric(readout(model, tokens, mask, (*base, *ivs), positions, start_layer=start, resid=resid))
+        return metric(run_readout(model, tokens, mask, (*base, *ivs), positions, start_layer=start, resid=resid))
 
     out = jax.vmap(one)(items)
     return out if out_sharding is None else jax.lax.with_sharding_constraint(out, out_sharding)
@@ -170,7 +169,7 @@ def sweep(model, tokens, mask, metric: Metric, interventions, *, where: StackedW
     grouped by it and resume from the cached residual. Each group is one compiled program: `max_programs`
     caps their number (fewer compilations, some recomputation; `None`: one per distinct first layer; the
     default `"auto"` picks the number that minimises the estimated compile + run time, see `_starts`).
-    With a `mesh` (`interp.mesh.sweep_mesh`), items are split over the mesh axis that `rules` (default
+    With a `mesh` (`models.sharding.sweep_mesh`), items are split over the mesh axis that `rules` (default
     `models.sharding.RULES`) gives `"sweep"`, parameters by their logical axes, the prompt batch by `"batch"`.
     `batch_size`: items per vmapped call (default `default_batch_size`; `0` vmaps every item of a group at once).
     `progress`: a tqdm bar over the items (default on unless `INTERP_PROGRESS=0`; shown after a few seconds).
@@ -200,15 +199,15 @@ def sweep(model, tokens, mask, metric: Metric, interventions, *, where: StackedW
     starts = _starts(firsts.astype(np.int64), max_programs, L, tokens.size, _layer_scale(cfg))
 
     out_sharding, item_spec = None, None
-    k = meshlib.sweep_size(mesh, rules)
+    k = sweep_size(mesh, rules)
     if mesh is not None:
-        item_spec = meshlib.spec(("sweep",), (k,), mesh, rules)
-        batch = meshlib.spec(("batch",), tokens.shape[:1], mesh, rules)
+        item_spec = partition_spec(("sweep",), (k,), mesh, rules)
+        batch = partition_spec(("batch",), tokens.shape[:1], mesh, rules)
         if set(batch) & set(item_spec) - {None}:
             batch = P()  # the sweep already uses that mesh axis
-        model = model.replace_params(meshlib.place_params(model.params, mesh, rules))
-        base, metric, templates = meshlib.replicate((base, metric, templates), mesh)
-        tokens, mask = meshlib.put(tokens, mesh, batch), meshlib.put(mask, mesh, batch)
+        model = model.replace_params(shard_params(model.params, mesh, rules))
+        base, metric, templates = replicate((base, metric, templates), mesh)
+        tokens, mask = put(tokens, mesh, batch), put(mask, mesh, batch)
         out_sharding = NamedSharding(mesh, P())
     prefix = None
     if starts.max() > 0:
@@ -226,7 +225,7 @@ def sweep(model, tokens, mask, metric: Metric, interventions, *, where: StackedW
                 sel = np.concatenate([part, np.repeat(part[:1], size - len(part))])
                 sub = jax.tree.map(lambda x: jnp.asarray(x)[sel], items)
                 if mesh is not None:
-                    sub = jax.tree.map(lambda x: meshlib.put(x, mesh, item_spec), sub)
+                    sub = jax.tree.map(lambda x: put(x, mesh, item_spec), sub)
                 vals = _run_group(model, tokens, mask, prefix, sub, templates, base, metric, int(s), positions,
                                   out_sharding)
                 vals = np.asarray(vals)[: len(part)]

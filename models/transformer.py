@@ -21,8 +21,8 @@ from models.errors import InputError
 from models.sites import SITES, check_site
 
 Params = dict[str, Any]
-NEG_INF = -1e30
-_Z_FOR_HEAD_OUT = "attn.z#for-head_out"  # internal record: z kept to derive a captured attn.head_out  # finite, so rows with no valid key give a uniform (then zeroed) pattern, never NaN
+NEG_INF = -1e30  # finite, so rows with no valid key give a uniform (then zeroed) pattern, never NaN
+_Z_FOR_HEAD_OUT = "attn.z#for-head_out"  # internal record: z kept to derive a captured attn.head_out
 
 
 class SiteContext(NamedTuple):
@@ -142,7 +142,7 @@ def activation(x: Array, cfg: Config) -> Array:
     }[cfg.act](x)
 
 
-def rope_inv_freq(cfg: Config, local: bool) -> Float[Array, "half"]:
+def rope_inv_freq(cfg: Config, local: bool) -> Float[Array, " half"]:
     """Inverse frequencies of RoPE for global or local layers (scaling applies to global layers only)."""
     theta = cfg.rope_local_theta if (local and cfg.rope_local_theta is not None) else cfg.rope_theta
     inv = 1.0 / (theta ** (jnp.arange(0, cfg.d_head, 2, dtype=jnp.float32) / cfg.d_head))

@@ -28,15 +28,16 @@ def summarise(history: list[dict], final_eval: dict | None = None) -> dict:
 
 
 def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a bare Agg figure, not pyplot: `matplotlib.use("Agg")` would switch a notebook's inline backend off
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     train = [r for r in history if "eval" not in r]
     evals = [r for r in history if "eval" in r]
     hooks = sorted({h for r in train for h, v in r.items() if isinstance(v, dict)})
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    fig = Figure(figsize=(13, 7))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 3)
     for ax, (key, label) in zip(axes.flat, CURVES):
         for h in hooks:
             xs = [r["tokens"] for r in train if h in r]
@@ -58,7 +59,6 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

@@ -9,6 +9,12 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(items):
+    """Longest first, so that pytest-xdist's workers do not end on one long test: the studies' smoke runs
+    (minutes each), then the other `slow` tests, then the rest (a stable sort: the same order on every worker)."""
+    items.sort(key=lambda item: 0 if "smoke" in item.name else 1 if item.get_closest_marker("slow") else 2)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     import models

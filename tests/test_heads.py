@@ -12,13 +12,15 @@ from interp.heads import first_token_scores, induction_scores, previous_token_sc
 
 def test_scores_on_planted_patterns():
     half, T = 4, 9  # [bos] + 4 + 4
-    prev = np.zeros((T, T)); prev[0, 0] = 1
+    prev = np.zeros((T, T))
+    prev[0, 0] = 1
     prev[np.arange(1, T), np.arange(T - 1)] = 1
     induct = np.eye(T)
     for q in range(1 + half, T):
         induct[q] = 0
         induct[q, q - half + 1] = 1
-    sink = np.zeros((T, T)); sink[:, 0] = 1
+    sink = np.zeros((T, T))
+    sink[:, 0] = 1
     p = jnp.asarray(np.stack([prev, induct, sink])[None, None])  # [L=1, B=1, H=3, T, T]
     np.testing.assert_allclose(previous_token_scores(p)[0], [1, 0, 1 / 8], atol=1e-6)  # query 1 -> key 0 is both
     np.testing.assert_allclose(induction_scores(p, half)[0], [0, 1, 0], atol=1e-6)

@@ -9,7 +9,7 @@ import pytest
 
 import models
 from interp import interventions as I
-from interp.readout import TokenLogProb, readout
+from interp.readout import TokenLogProb, run_readout
 from interp.testing import random_model
 from interp.weights import orthogonalize
 from models.errors import InputError
@@ -122,7 +122,7 @@ def test_grad_matches_finite_differences(tiny):
 
     @jax.jit
     def score(scales):  # a per-layer scale
-        return metric(readout(m, t, k, (I.AddVector("resid_pre", v, scales),)))
+        return metric(run_readout(m, t, k, (I.AddVector("resid_pre", v, scales),)))
 
     s0 = jnp.asarray([0.3, -0.2, 0.5])
     g = jax.grad(score)(s0)
@@ -130,7 +130,7 @@ def test_grad_matches_finite_differences(tiny):
     fd = [(score(s0.at[i].add(eps)) - score(s0.at[i].add(-eps))) / (2 * eps) for i in range(3)]
     np.testing.assert_allclose(np.asarray(g), np.asarray(fd), rtol=2e-2, atol=1e-4)
     # the head mask is differentiable too
-    gm = jax.grad(lambda mk: metric(readout(m, t, k, (I.ScaleHeads(mk),))))(jnp.ones((3, 4)))
+    gm = jax.grad(lambda mk: metric(run_readout(m, t, k, (I.ScaleHeads(mk),))))(jnp.ones((3, 4)))
     assert gm.shape == (3, 4) and np.all(np.isfinite(np.asarray(gm))) and np.abs(np.asarray(gm)).max() > 0
 
 

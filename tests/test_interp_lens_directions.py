@@ -10,8 +10,8 @@ import pytest
 import models
 from interp import directions as Dn
 from interp import interventions as I
-from interp import lens, plot, positions, sweeps
-from interp.readout import Projection, readout
+from interp import lens, plot, positions
+from interp.readout import Projection, run_readout
 from interp.testing import random_model
 
 LLAMA = models.Config(arch="llama", vocab_size=40, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=48,
@@ -84,8 +84,8 @@ def test_diff_of_means_one_pass_and_score_directions():
     metric = Projection(cands[0])
     abl, add = Dn.score_directions(m, cands, layers, metric, (ta, ma), (tb, mb))
     for i in (0, 3, 5):
-        one_abl = metric(readout(m, ta, ma, I.directional_ablation(cands[i])))
-        one_add = metric(readout(m, tb, mb, (I.AddVector("resid_pre", cands[i], layers=(int(layers[i]),)),)))
+        one_abl = metric(run_readout(m, ta, ma, I.directional_ablation(cands[i])))
+        one_add = metric(run_readout(m, tb, mb, (I.AddVector("resid_pre", cands[i], layers=(int(layers[i]),)),)))
         np.testing.assert_allclose([abl[i], add[i]], [float(one_abl), float(one_add)], atol=2e-5)
     assert abs(abl[0]) < 1e-4  # ablating the metric's own direction zeroes it
 

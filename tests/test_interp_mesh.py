@@ -12,7 +12,6 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +37,7 @@ def run(mesh=None, rules=None):
 """
 
 EIGHT = COMMON + """
-from interp.mesh import sweep_mesh
+from models.sharding import sweep_mesh
 assert jax.device_count() == 8
 out = {"single": run()}
 out["data8"] = run(sweep_mesh())
@@ -50,7 +49,7 @@ print("RESULT" + json.dumps(out))
 WORKER = """
 import sys
 import models, interp, saes  # importing touches no device, so initialize may follow
-from interp import mesh as meshlib
+from models import sharding as meshlib
 meshlib.initialize(sys.argv[1], 2, int(sys.argv[2]))  # before any computation
 """ + COMMON + """
 assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2

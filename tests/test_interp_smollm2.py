@@ -11,7 +11,7 @@ import pytest
 import models
 from interp import directions, positions, sweeps
 from interp import interventions as I
-from interp.readout import LogitDiff, TokenLogProb, readout
+from interp.readout import LogitDiff, TokenLogProb, run_readout
 from interp.weights import orthogonalize
 
 pytestmark = pytest.mark.slow
@@ -71,8 +71,8 @@ def test_vmapped_sweep_equals_python_loop(smol):
     metric = LogitDiff(top[:, -1], top[:, -2])
     effects = sweeps.head_ablation(m, tokens, mask, metric, max_programs=1)
     assert effects.shape == (30, 9)
-    base = float(metric(readout(m, tokens, mask)))
-    single = jax.jit(lambda iv: metric(readout(m, tokens, mask, (iv,))))
+    base = float(metric(run_readout(m, tokens, mask)))
+    single = jax.jit(lambda iv: metric(run_readout(m, tokens, mask, (iv,))))
     rng = np.random.default_rng(0)
     for layer, head in zip(rng.integers(0, 30, 12), rng.integers(0, 9, 12)):
         want = float(single(I.zero_heads(m.cfg, [(int(layer), int(head))]))) - base
@@ -84,7 +84,7 @@ def test_gradient_through_intervention_matches_finite_differences(smol, refusal_
     metric = TokenLogProb(m.tokenizer.encode("I", add_bos=False))
 
     def score(scale):
-        return metric(readout(m, tokens, mask, (I.AddVector("resid_pre", refusal_dir, scale, layers=(12,)),)))
+        return metric(run_readout(m, tokens, mask, (I.AddVector("resid_pre", refusal_dir, scale, layers=(12,)),)))
 
     value_and_grad = jax.jit(jax.value_and_grad(score))  # one compilation for the values and the gradient
     s0, eps = jnp.asarray(1.5), 0.05

@@ -10,7 +10,7 @@ import pytest
 import models
 from interp import interventions as I
 from interp import sweeps
-from interp.readout import ContinuationLoss, LogitDiff, NextTokenLoss, readout
+from interp.readout import ContinuationLoss, LogitDiff, NextTokenLoss, run_readout
 from interp.testing import random_model
 
 CFG = models.Config(arch="llama", vocab_size=40, d_model=32, n_layers=3, n_heads=4, n_kv_heads=4, d_head=8, d_mlp=48,
@@ -42,8 +42,8 @@ METRIC = LogitDiff(jnp.asarray([A, B, A, B]), jnp.asarray([B, A, B, A]))
 
 
 def loop(m, tokens, mask, metric, make, items):
-    base = float(metric(readout(m, tokens, mask)))
-    run = jax.jit(lambda iv: metric(readout(m, tokens, mask, (iv,))))
+    base = float(metric(run_readout(m, tokens, mask)))
+    run = jax.jit(lambda iv: metric(run_readout(m, tokens, mask, (iv,))))
     return np.asarray([float(run(make(*it))) for it in items]) - base
 
 
@@ -74,7 +74,7 @@ def test_grouping_chunking_and_stacked_mode_agree(planted):
     masks[np.arange(12), np.arange(12) // 4, np.arange(12) % 4] = 0
     stacked = I.ScaleHeads(masks)
     assert list(I.first_layers(stacked, 12, CFG.n_layers)) == [0] * 4 + [1] * 4 + [2] * 4
-    base = float(metric(readout(m, t, k)))
+    base = float(metric(run_readout(m, t, k)))
     np.testing.assert_allclose(sweeps.sweep(m, t, k, metric, (stacked,)) - base, exact.ravel(), atol=2e-5)
 
 
@@ -82,8 +82,8 @@ def test_activation_patching_known_effect_and_loop(planted):
     m, t, k = planted
     corrupt = t.at[:, 3].set(t[:, 3] % 5 + 20)  # differs at position 3 only
     metric = METRIC
-    clean_score = float(metric(readout(m, t, k)))
-    corrupt_score = float(metric(readout(m, corrupt, k)))
+    clean_score = float(metric(run_readout(m, t, k)))
+    corrupt_score = float(metric(run_readout(m, corrupt, k)))
     patched = sweeps.activation_patching(m, (t, k), (corrupt, k), metric)
     assert patched.shape == (CFG.n_layers, 8)
     np.testing.assert_allclose(patched[0, 3], clean_score - corrupt_score, atol=1e-5)  # restores the clean run
@@ -118,8 +118,8 @@ def test_metric_over_all_positions(planted):
     m, t, k = planted
     loss = NextTokenLoss(t, k)
     effects = sweeps.head_ablation(m, t, k, loss, positions=None)
-    base = float(loss(readout(m, t, k, positions=None)))
-    want = float(loss(readout(m, t, k, (I.zero_heads(CFG, [(2, 1)]),), positions=None))) - base
+    base = float(loss(run_readout(m, t, k, positions=None)))
+    want = float(loss(run_readout(m, t, k, (I.zero_heads(CFG, [(2, 1)]),), positions=None))) - base
     np.testing.assert_allclose(effects[2, 1], want, atol=1e-5)
 
 

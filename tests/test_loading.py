@@ -212,7 +212,7 @@ def test_sharded_load_equals_unsharded(tmp_path):
 
 WORKER = textwrap.dedent("""
     import sys
-    from interp import mesh as meshlib
+    from models import sharding as meshlib
     meshlib.initialize(sys.argv[1], 2, int(sys.argv[2]))
     import json, jax, numpy as np
     import models

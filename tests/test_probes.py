@@ -170,14 +170,15 @@ def test_mesh_collect_8_devices():
         import jax
         jax.config.update("jax_num_cpu_devices", 8)
         import numpy as np
-        from interp import probes, mesh, positions as pos
+        from interp import probes, positions as pos
+        from models.sharding import sweep_mesh
         sys.path.insert(0, TESTS)
         from test_probes import tiny_model
         assert len(jax.devices()) == 8
         m = tiny_model()
         texts = [f"prompt number {i} " + "w " * (i % 5) for i in range(13)]
         ref = probes.collect(m, texts, pos.FromEnd(0, 2), batch_size=16)
-        got = probes.collect(m, texts, pos.FromEnd(0, 2), batch_size=5, mesh=mesh.sweep_mesh())
+        got = probes.collect(m, texts, pos.FromEnd(0, 2), batch_size=5, mesh=sweep_mesh())
         np.testing.assert_allclose(got, ref, atol=1e-4)
         print("OK", got.shape)
     """)

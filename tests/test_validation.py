@@ -12,7 +12,7 @@ import pytest
 import models
 from interp import interventions as I
 from interp import lens, progress, sweeps
-from interp.readout import LogitDiff, NextTokenLoss, TokenLogProb, readout
+from interp.readout import LogitDiff, NextTokenLoss, TokenLogProb, run_readout
 from interp.testing import random_model
 from models.checks import check_call
 from models.errors import InputError
@@ -61,7 +61,7 @@ def test_capture_layers_positions_and_token_ids_are_checked(tiny):
     raises(lambda: fwd(m, t.at[1, 3].set(-1), k), "token id -1")
     # the pure forward checks eagerly too; the readouts and lenses name their own argument
     raises(lambda: models.transformer.forward(m.params, CFG, t.at[0, 0].set(99), k), "token id 99")
-    raises(lambda: readout(m, t, k, positions=(7,)), "positions=(7,)")
+    raises(lambda: run_readout(m, t, k, positions=(7,)), "positions=(7,)")
     raises(lambda: lens.logit_lens(m, t, k, positions=(5,)), "positions=(5,)", "-5..4")
     raises(lambda: lens.direct_logit_attribution(m, t, k, lens.unembed_direction(m, 3), position=-6), "-5..4")
     raises(lambda: lens.unembed_direction(m, 41), "token id 41")
@@ -125,7 +125,7 @@ def test_position_means_the_same_everywhere_on_a_padded_batch(tiny):
     left and right padding, and match the explicit sequence-index / position-id spellings."""
     m, t, _ = tiny
     v = jax.random.normal(jax.random.key(2), (CFG.d_model,))
-    read = jax.jit(lambda t, k: readout(m, t, k, positions=(-1,)).logits[:, 0])
+    read = jax.jit(lambda t, k: run_readout(m, t, k, positions=(-1,)).logits[:, 0])
     alone = jax.jit(lambda row: models.forward(m, row)[0][0, -1])
     for pad in ("left", "right"):
         k = jnp.asarray([[0] * (9 - n) + [1] * n if pad == "left" else [1] * n + [0] * (9 - n) for n in LENGTHS])
@@ -167,9 +167,9 @@ def test_metric_targets_are_one_token(tiny):
     raises(lambda: LogitDiff(5, [2, 6]), "LogitDiff wrong")  # e.g. an encode() with BOS first
     raises(lambda: TokenLogProb([2, 6]), "TokenLogProb ids", "2 token ids")
     raises(lambda: LogitDiff(np.ones((3, 2), int), 7), "shape (3, 2)")
-    raises(lambda: LogitDiff(jnp.asarray([1, 2]), 7)(readout(m, t, k)), "2 per-row ids", "3 rows")
+    raises(lambda: LogitDiff(jnp.asarray([1, 2]), 7)(run_readout(m, t, k)), "2 per-row ids", "3 rows")
     raises(lambda: sweeps.baseline(m, t, k, LogitDiff(40, 7)), "token id 40")
-    r = readout(m, t, k)
+    r = run_readout(m, t, k)
     logits = np.asarray(r.logits[:, -1])
     np.testing.assert_allclose(float(LogitDiff([5], 7)(r)), np.mean(logits[:, 5] - logits[:, 7]), rtol=1e-5)
     per_row = LogitDiff(np.asarray([1, 2, 3]), 7)(r)
@@ -183,16 +183,16 @@ def test_metric_targets_are_one_token(tiny):
 def test_next_token_loss_with_default_positions(tiny):
     m, t, k = tiny
     loss = NextTokenLoss(t, k)
-    want = float(loss(readout(m, t, k, positions=None)))
-    logp = np.asarray(jax.nn.log_softmax(readout(m, t, k, positions=None).logits, -1))
+    want = float(loss(run_readout(m, t, k, positions=None)))
+    logp = np.asarray(jax.nn.log_softmax(run_readout(m, t, k, positions=None).logits, -1))
     w = np.asarray(k[:, 1:] * k[:, :-1])
     by_hand = -(np.take_along_axis(logp[:, :-1], np.asarray(t)[:, 1:, None], -1)[..., 0] * w).sum() / w.sum()
     np.testing.assert_allclose(want, by_hand, rtol=1e-5)
     np.testing.assert_allclose(sweeps.baseline(m, t, k, loss), want, rtol=1e-5)
     effects = sweeps.head_ablation(m, t, k, loss, progress=False)
-    one = float(loss(readout(m, t, k, (I.zero_heads(CFG, [(2, 1)]),), positions=None))) - want
+    one = float(loss(run_readout(m, t, k, (I.zero_heads(CFG, [(2, 1)]),), positions=None))) - want
     np.testing.assert_allclose(effects[2, 1], one, atol=1e-5)
-    raises(lambda: loss(readout(m, t, k)), "positions=None")
+    raises(lambda: loss(run_readout(m, t, k)), "positions=None")
 
 
 # ----------------------------------------------------------------------------- grad, stacks, sweep defaults
@@ -203,7 +203,7 @@ def test_jax_grad_through_an_intervention_pytree(tiny):
     metric = TokenLogProb(7)
     v = jax.random.normal(jax.random.key(3), (CFG.d_model,))
     iv = I.AddVector("resid_pre", v, scale=0.5, layers=(1,), positions=(-1,))
-    f = lambda iv: metric(readout(m, t, k, (iv,)))
+    f = lambda iv: metric(run_readout(m, t, k, (iv,)))
     g = jax.grad(f)(iv)  # the selection is static: no integer leaf
     assert isinstance(g, I.AddVector) and g.where == iv.where
     gv = jax.grad(lambda v: f(I.AddVector("resid_pre", v, scale=0.5, layers=(1,), positions=(-1,))))(v)
