@@ -428,31 +428,25 @@ def make_step(cfg: TrainConfig, mesh=None, widths=frozenset()):
             total, aux = 0.0, {}
             for h, sae in models.items():
                 xn = batch[h].astype(jnp.float32) * sae.act_scale
-                loss, a = sae.loss(xn, coeff, dead[h], cfg.aux_coeff if sae.arch in ("topk", "batchtopk") else 0.0,
-                                   cfg.aux_k, cfg.aux_batch)
+                loss, a = sae.loss(xn, coeff, dead[h], cfg.aux_coeff, cfg.aux_k, cfg.aux_batch)
                 a["xn"] = xn
                 aux[h] = (loss, a)
                 total = total + loss
             return total, aux
 
         (total, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        grads = {h: eqx.tree_at(lambda m: m.W_dec, g, saes[h].project_decoder_grad(g.W_dec))
-                 if saes[h].unit_norm_decoder else g for h, g in grads.items()}
+        grads = {h: eqx.tree_at(lambda m: m.W_dec, g, saes[h].project_decoder_grad(g.W_dec)) for h, g in grads.items()}
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = opt.update(grads, state.opt_state, params)
         params = eqx.apply_updates(params, updates)
-        new_saes = {h: s.constrain() for h, s in eqx.combine(params, rest).items()}
+        new_saes = {h: s.constrain().update_buffers(aux[h][1], cfg.threshold_lr)
+                    for h, s in eqx.combine(params, rest).items()}
 
         metrics = {"loss": total, "lr": schedule(state.step), "sparsity_coeff": coeff, "grad_norm": grad_norm}
         since, freq = {}, {}
         for h, sae in new_saes.items():
             loss, a = aux[h]
             B = a["xn"].shape[0]
-            if sae.arch == "batchtopk":
-                old = sae.threshold
-                new = jnp.where(old < 0, a["min_kept"], (1 - cfg.threshold_lr) * old + cfg.threshold_lr * a["min_kept"])
-                new = jnp.where(jnp.isfinite(new), new, old)
-                new_saes[h] = eqx.tree_at(lambda m: m.threshold, sae, new.astype(old.dtype))
             fires = a["fires"]
             since[h] = jnp.where(fires > 0, 0, jnp.minimum(state.since_fired[h] + B, 2**30))
             freq[h] = (1 - alpha) * state.freq[h] + alpha * fires.astype(jnp.float32) / B
@@ -464,9 +458,8 @@ def make_step(cfg: TrainConfig, mesh=None, widths=frozenset()):
                 "loss": loss, "mse": err / xn.size, "fvu": fvu, "explained_variance": 1 - fvu, "l0": a["l0"],
                 "sparsity": a["sparsity"], "auxk": a["auxk"],
                 "dead_frac": jnp.mean(since[h] >= cfg.dead_tokens), "dense_frac": jnp.mean(freq[h] > cfg.dense_freq),
+                **sae.train_metrics(),
             }
-            if sae.arch == "batchtopk":
-                metrics[h]["threshold"] = new_saes[h].threshold
 
         finite = jnp.isfinite(total) & jnp.all(jnp.asarray(
             [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(eqx.filter(new_saes, eqx.is_inexact_array))]))
