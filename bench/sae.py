@@ -131,7 +131,8 @@ def pipeline(steps: int):
     """Tokens/s of live activations (forward stopped after layer 15) + the SAE step, after warm-up."""
     import models
     from saes import data
-    from saes.train import TrainConfig, _permute_fn, _slice_fn, calibrate, fresh_state, make_step
+    from saes.train import TrainConfig, calibrate, fresh_state, make_step
+    from saes.train_step import make_permute, make_slice
 
     m = models.load(MODEL)
     rows = data.TokenRows(data.default_corpus, m.tokenizer, 128)
@@ -140,7 +141,7 @@ def pipeline(steps: int):
     it = src.chunks(0)
     chunk, _ = next(it)
     state = calibrate(fresh_state(cfg, {HOOK: ("resid_post", LAYER, 576)}, jax.random.key(0)), chunk, cfg)
-    step, permute, slice_ = make_step(cfg), _permute_fn(None), _slice_fn(BATCH, None)
+    step, permute, slice_ = make_step(cfg), make_permute(), make_slice(BATCH, None)
     state, _ = step(state, slice_(permute(chunk, jax.random.key(0)), 0))  # compile
     jax.block_until_ready(state)
     t0, done = time.perf_counter(), 0
