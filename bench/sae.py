@@ -14,7 +14,8 @@ peak, and the full pipeline (model forward + SAE step) on SmolLM2.
 4. The float32 matmul peak (a jitted 2048^3 matmul, `bench._common.matmul_peak`) measured in this run, and
    our step's useful FLOPs per second as a fraction of it. Useful FLOPs: encoder forward 2BdW, encoder
    weight gradient 2BdW, sparse decoder (forward, value gradient, weight gradient) 3 x 2Bkd; AuxK and
-   elementwise work are not counted.
+   elementwise work are not counted. The step computes the encoder weight gradient at the selected entries
+   only (`saes.sae.sparse_encode`, 2Bkd), so this is a dense-equivalent rate: XLA's count is lower.
 5. Full pipeline: live activations from the model (forward stopped after layer 15) feeding the same step;
    tokens per second end to end after warm-up.
 """
