@@ -14,7 +14,8 @@ peak, and the full pipeline (model forward + SAE step) on SmolLM2.
 4. The float32 matmul peak (a jitted 2048^3 matmul, `bench._common.matmul_peak`) measured in this run, and
    our step's useful FLOPs per second as a fraction of it. Useful FLOPs: encoder forward 2BdW, encoder
    weight gradient 2BdW, sparse decoder (forward, value gradient, weight gradient) 3 x 2Bkd; AuxK and
-   elementwise work are not counted.
+   elementwise work are not counted. The step computes the encoder weight gradient at the selected entries
+   only (`saes.sae.sparse_encode`, 2Bkd), so this is a dense-equivalent rate: XLA's count is lower.
 5. Full pipeline: live activations from the model (forward stopped after layer 15) feeding the same step;
    tokens per second end to end after warm-up.
 """
@@ -131,7 +132,8 @@ def pipeline(steps: int):
     """Tokens/s of live activations (forward stopped after layer 15) + the SAE step, after warm-up."""
     import models
     from saes import data
-    from saes.train import TrainConfig, _permute_fn, _slice_fn, calibrate, fresh_state, make_step
+    from saes.train import TrainConfig, calibrate, fresh_state, make_step
+    from saes.train_step import make_permute, make_slice
 
     m = models.load(MODEL)
     rows = data.TokenRows(data.default_corpus, m.tokenizer, 128)
@@ -140,7 +142,7 @@ def pipeline(steps: int):
     it = src.chunks(0)
     chunk, _ = next(it)
     state = calibrate(fresh_state(cfg, {HOOK: ("resid_post", LAYER, 576)}, jax.random.key(0)), chunk, cfg)
-    step, permute, slice_ = make_step(cfg), _permute_fn(None), _slice_fn(BATCH, None)
+    step, permute, slice_ = make_step(cfg), make_permute(), make_slice(BATCH, None)
     state, _ = step(state, slice_(permute(chunk, jax.random.key(0)), 0))  # compile
     jax.block_until_ready(state)
     t0, done = time.perf_counter(), 0

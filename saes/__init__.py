@@ -8,10 +8,11 @@ trainer with exact resume, SAELens / Gemma Scope formats, and feature inspection
     f = sae.encode(x); x_hat = sae.decode(f)
     saes.to_saelens(sae, "export/", model_name="smollm2-135m-instruct")
 
-Modules: `sae` (architectures), `data` (corpus, token rows, activation sources, cache), `train` (config,
-step, loop, CLI), `evaluate` (splicing, CE loss recovered), `formats`, `features` (top contexts, frequencies,
-two-set contrasts, logit effects, steering), `detox` (feature ablation and gated decoder steering),
-`synthetic` (planted dictionaries), `report`.
+Modules: `sae` (architectures), `data` (corpus, token rows, activation sources, cache), `train` (the loop
+and CLI, over `train_config`, `optim`, `train_state` (state, sharding), `train_step`, `checkpoints`),
+`evaluate` (splicing, CE loss recovered), `formats`, `features` (top contexts, frequencies, two-set
+contrasts, logit effects, steering), `detox` (feature ablation and gated decoder steering), `synthetic`
+(planted dictionaries), `report`.
 """
 
 from saes import data, detox, evaluate, features, formats, sae, synthetic

@@ -23,7 +23,8 @@ reconstruction `mean_batch(sum_d (xn - xn_hat)^2)` plus the architecture's spars
 | `gated`     | H(pi_gate) * relu(pi_mag), W_mag = W_enc*exp(r_mag) | L1 of relu(pi_gate) (times decoder norms) + aux reconstruction through the frozen decoder | unit norm |
 
 `pre = (x - b_dec) @ W_enc + b_enc`. "Unit norm" decoders are renormalised after every optimizer step and
-their gradient's component along each row is projected out first (`saes.train`).
+their gradient's component along each row is projected out first (`saes.train_step`). Each class declares
+the logical axes of its arrays (`axes`), by which `saes.train_state` shards them.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from jaxtyping import Array, Float
 
 __all__ = [
     "ARCHS", "SAE", "BatchTopKSAE", "GatedSAE", "JumpReLUSAE", "ReLUSAE", "TopKSAE", "init", "jumprelu", "step",
-    "rectangle", "hook_name",
+    "rectangle", "hook_name", "sparse_decode", "sparse_encode",
 ]
 
 
@@ -119,7 +120,11 @@ class SAE(eqx.Module):
     arch: ClassVar[str] = ""
     unit_norm_decoder: ClassVar[bool] = False
     buffers: ClassVar[tuple[str, ...]] = ("act_scale",)  # arrays that the optimizer never touches
-    sparse_decode: ClassVar[bool] = False
+    # logical axes of each array field (`models.sharding.RULES`: "features" is the dictionary, "embed" the input)
+    axes: ClassVar[dict[str, tuple[str, ...]]] = {
+        "W_enc": ("embed", "features"), "b_enc": ("features",), "W_dec": ("features", "embed"), "b_dec": ("embed",),
+        "act_scale": (),
+    }
 
     @property
     def d_in(self) -> int:
@@ -141,6 +146,11 @@ class SAE(eqx.Module):
 
     def activate(self, pre: Float[Array, "... width"], xn=None) -> Float[Array, "... width"]:
         raise NotImplementedError
+
+    def pre_acts_at(self, xn: Float[Array, "B d_in"], cols, rows=None) -> Float[Array, "m c"]:
+        """`pre_acts(xn)` at entries `(rows, cols)` ([m, c] each; see `sparse_encode`), with gradients only
+        through them: the sparse architectures select on the dense pre-activations under stop_gradient."""
+        return sparse_encode(self.W_enc.T, xn, cols, rows) + _take(self.b_enc - self.b_dec @ self.W_enc, cols)
 
     def encode(self, x: Float[Array, "... d_in"]) -> Float[Array, "... width"]:
         """Feature activations of raw activations `x` (inference rule: BatchTopK uses its threshold)."""
@@ -196,6 +206,14 @@ class SAE(eqx.Module):
         w = self.W_dec / jnp.maximum(self.decoder_norms()[:, None], 1e-12)
         return grad_W_dec - jnp.sum(grad_W_dec * w, -1, keepdims=True) * w
 
+    def update_buffers(self, aux: dict, threshold_lr: float) -> "SAE":
+        """Buffers estimated from a training batch's `loss` aux (BatchTopK's inference threshold); else self."""
+        return self
+
+    def train_metrics(self) -> dict:
+        """Architecture-specific scalars logged after each step (BatchTopK: its threshold)."""
+        return {}
+
     def decoder_norms(self) -> Float[Array, " width"]:
         return jnp.linalg.norm(self.W_dec, axis=-1)
 
@@ -209,12 +227,13 @@ def _sq(err):
     return jnp.mean(jnp.sum(jnp.square(err), -1))
 
 
-def _auxk_loss(sae, pre, err, dead, aux_k: int, max_dead: int = 0):
+def _auxk_loss(sae, xn, pre, err, dead, aux_k: int, max_dead: int = 0):
     """AuxK (Gao et al. 2024): reconstruct the residual error from the `aux_k` largest pre-activations of
     dead latents, normalised by the error's variance. Zero (and skipped) when no latent is dead.
 
     For speed the candidates are the `max_dead` dead latents (default max(4 aux_k, 1024)) with the largest
-    pre-activation in the batch, decoded with one dense matmul; when fewer latents are dead this is exact."""
+    pre-activation in the batch, encoded and decoded with one dense [n, M] matmul each; when fewer latents are
+    dead this is exact. `pre` (stop-gradient) selects; the values, and so the gradients, come from `xn`."""
     width = pre.shape[-1]
     M = min(width, max_dead or max(4 * aux_k, 1024))
     kk = min(aux_k, M)
@@ -224,8 +243,10 @@ def _auxk_loss(sae, pre, err, dead, aux_k: int, max_dead: int = 0):
         _, cand = jax.lax.top_k(score, M)  # the most promising dead latents
         ok = jnp.take(dead, cand)
         p = jnp.where(ok, jnp.take(pre, cand, axis=1), -jnp.inf)  # [B, M]
-        vals, idx = jax.lax.top_k(p, kk)
-        vals = jnp.where(jnp.isfinite(vals), jax.nn.relu(vals), 0.0)
+        picked, idx = jax.lax.top_k(p, kk)
+        values = (xn @ jnp.take(sae.W_enc, cand, axis=1)
+                  + jnp.take(sae.b_enc - sae.b_dec @ sae.W_enc, cand))  # the candidates' pre-activations [B, M]
+        vals = jnp.where(jnp.isfinite(picked), jax.nn.relu(jnp.take_along_axis(values, idx, 1)), 0.0)
         err_hat = _scatter(vals, idx, M) @ jnp.take(sae.W_dec, cand, axis=0)
         target = jax.lax.stop_gradient(err)
         num = _sq(target - err_hat)
@@ -237,9 +258,76 @@ def _auxk_loss(sae, pre, err, dead, aux_k: int, max_dead: int = 0):
     return jax.lax.cond(jnp.any(dead), jax.checkpoint(compute), lambda _: jnp.zeros((), pre.dtype), None)
 
 
-def _sparse_decode(vals, idx, W_dec):
-    """sum_j vals[b, j] * W_dec[idx[b, j]]: [B, k] values and indices -> [B, d_in] (no b_dec)."""
-    return jnp.einsum("bk,bkd->bd", vals, jnp.take(W_dec, idx, axis=0))
+# ----------------------------------------------------------------------------- sparse encode / decode (TopK, BatchTopK)
+#
+# Entries come in `m` slots of `c` (arrays [m, c]): entry (j, e) pairs latent `cols[j, e]` with batch row
+# `rows[j, e]`; `rows=None` means row e (TopK: slot j holds every token's j-th latent). The loops below touch
+# [c, d_in] rows of a table per slot: a one-shot gather would materialise [m, c, d_in] (on CPU that costs far
+# more than the arithmetic), and its autodiff transpose is a scatter fused with the products, slower still.
+
+_UNROLL = 8  # slots per loop iteration (measured on CPU: 2.5x faster than 1, nothing gained beyond)
+
+
+def _take(a, idx):
+    """`a[idx]` along the first axis, for indices known to be in range (from top_k or `flat % width`)."""
+    return a.at[idx].get(mode="promise_in_bounds")
+
+
+def _slots(body, init, m: int):
+    return jax.lax.fori_loop(0, m, body, init, unroll=min(_UNROLL, m))
+
+
+def _combine(table, vals, cols, rows, n_rows: int):
+    """`out[rows[j, e]] += vals[j, e] * table[cols[j, e]]` -> [n_rows, d_in]."""
+    def body(j, acc):
+        contrib = vals[j][:, None] * _take(table, cols[j])
+        return acc + contrib if rows is None else acc.at[rows[j]].add(contrib, mode="promise_in_bounds")
+
+    return _slots(body, jnp.zeros((n_rows, table.shape[1]), table.dtype), vals.shape[0])
+
+
+def _dots(table, x, cols, rows):
+    """`out[j, e] = x[rows[j, e]] . table[cols[j, e]]` -> [m, c]."""
+    def body(j, acc):
+        xj = x if rows is None else _take(x, rows[j])
+        return acc.at[j].set(jnp.sum(xj * _take(table, cols[j]), -1))
+
+    return _slots(body, jnp.zeros(cols.shape, table.dtype), cols.shape[0])
+
+
+def _outer(vals, x, cols, rows, n_table: int):
+    """`out[cols[j, e]] += vals[j, e] * x[rows[j, e]]` -> [n_table, d_in] (a table's gradient)."""
+    def body(j, acc):
+        xj = x if rows is None else _take(x, rows[j])
+        return acc.at[cols[j]].add(vals[j][:, None] * xj, mode="promise_in_bounds")
+
+    return _slots(body, jnp.zeros((n_table, x.shape[1]), x.dtype), vals.shape[0])
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def sparse_decode(W_dec, vals, cols, rows, n_rows: int):
+    """Decode entries: `out[rows[j, e]] += vals[j, e] * W_dec[cols[j, e]]`, [m, c] -> [n_rows, d_in] (no b_dec)."""
+    return _combine(W_dec, vals, cols, rows, n_rows)
+
+
+sparse_decode.defvjp(
+    lambda W_dec, vals, cols, rows, n_rows: (_combine(W_dec, vals, cols, rows, n_rows), (W_dec, vals, cols, rows)),
+    lambda n_rows, res, g: (_outer(res[1], g, res[2], res[3], res[0].shape[0]), _dots(res[0], g, res[2], res[3]),
+                            None, None))
+
+
+@jax.custom_vjp
+def sparse_encode(W_enc_t, x, cols, rows):
+    """Encoder pre-activations at entries only: `out[j, e] = x[rows[j, e]] . W_enc_t[cols[j, e]]` with the
+    transposed encoder `W_enc_t [width, d_in]`, -> [m, c] (no biases). Its weight gradient touches only the
+    entries' latents, instead of the [d_in, width] matmul the dense pre-activations' gradient costs."""
+    return _dots(W_enc_t, x, cols, rows)
+
+
+sparse_encode.defvjp(
+    lambda W_enc_t, x, cols, rows: (_dots(W_enc_t, x, cols, rows), (W_enc_t, x, cols, rows)),
+    lambda res, g: (_outer(g, res[1], res[2], res[3], res[0].shape[0]),
+                    _combine(res[0], g, res[2], res[3], res[1].shape[0]), None, None))
 
 
 def _scatter(vals, idx, width):
@@ -284,14 +372,16 @@ class TopKSAE(SAE):
         return _scatter(vals, idx, self.width).reshape(*lead, self.width)
 
     def loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_batch=0):
-        pre = self.pre_acts(xn)
-        vals, idx = self.select(pre)
-        x_hat = _sparse_decode(vals, idx, self.W_dec) + self.b_dec
+        pre = jax.lax.stop_gradient(self.pre_acts(xn))
+        cols = self.select(pre)[1].T  # [k, B]: slot j holds each token's j-th latent
+        vals = jax.nn.relu(self.pre_acts_at(xn, cols))
+        x_hat = sparse_decode(self.W_dec, vals, cols, None, xn.shape[0]) + self.b_dec
         recon = _sq(xn - x_hat)
         n = aux_batch or xn.shape[0]
-        auxk = _auxk_loss(self, pre[:n], (xn - x_hat)[:n], dead, aux_k or self.d_in // 2) if aux_coeff else 0.0
-        fires = jnp.zeros((self.width,), jnp.int32).at[idx.reshape(-1)].add((vals > 0).reshape(-1).astype(jnp.int32))
-        l0 = (vals > 0).sum(-1).mean()
+        auxk = (_auxk_loss(self, xn[:n], pre[:n], (xn - x_hat)[:n], dead, aux_k or self.d_in // 2)
+                if aux_coeff else 0.0)
+        fires = jnp.zeros((self.width,), jnp.int32).at[cols.reshape(-1)].add((vals > 0).reshape(-1).astype(jnp.int32))
+        l0 = (vals > 0).sum(0).mean()
         return recon + aux_coeff * auxk, dict(recon=recon, sparsity=0.0, auxk=auxk, fires=fires, l0=l0, x_hat=x_hat)
 
     def config(self):
@@ -301,13 +391,14 @@ class TopKSAE(SAE):
 class BatchTopKSAE(SAE):
     """BatchTopK (Bussmann et al. 2024): in training the k*batch largest ReLU'd pre-activations over the whole
     batch are kept; at inference a feature is active where its pre-activation exceeds `threshold`, the running
-    mean of the smallest value kept in training batches (estimated by `saes.train`)."""
+    mean of the smallest value kept in training batches (`update_buffers`, after each training step)."""
 
     threshold: Float[Array, ""]
     k: int = eqx.field(static=True)
     arch: ClassVar[str] = "batchtopk"
     unit_norm_decoder: ClassVar[bool] = True
     buffers: ClassVar[tuple[str, ...]] = ("act_scale", "threshold")
+    axes: ClassVar[dict[str, tuple[str, ...]]] = {**SAE.axes, "threshold": ()}
 
     def activate(self, pre, xn=None):
         return jnp.where(pre > self.threshold, pre, 0.0)
@@ -338,18 +429,29 @@ class BatchTopKSAE(SAE):
 
     def loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_batch=0):
         B = xn.shape[0]
-        pre = self.pre_acts(xn)
-        vals, flat = self.select(pre)
+        pre = jax.lax.stop_gradient(self.pre_acts(xn))
+        flat = self.select(pre)[1].reshape(self.k, B)  # k*B entries in k slots of B
         rows, cols = flat // self.width, flat % self.width
-        x_hat = jax.ops.segment_sum(vals[:, None] * jnp.take(self.W_dec, cols, axis=0), rows, B) + self.b_dec
+        vals = jax.nn.relu(self.pre_acts_at(xn, cols, rows))
+        x_hat = sparse_decode(self.W_dec, vals, cols, rows, B) + self.b_dec
         recon = _sq(xn - x_hat)
         n = aux_batch or B
-        auxk = _auxk_loss(self, pre[:n], (xn - x_hat)[:n], dead, aux_k or self.d_in // 2) if aux_coeff else 0.0
+        auxk = _auxk_loss(self, xn[:n], pre[:n], (xn - x_hat)[:n], dead, aux_k or self.d_in // 2) if aux_coeff else 0.0
         kept = vals > 0
         fires = jnp.zeros((self.width,), jnp.int32).at[cols].add(kept.astype(jnp.int32))
         min_kept = jnp.min(jnp.where(kept, vals, jnp.inf))
         return recon + aux_coeff * auxk, dict(recon=recon, sparsity=0.0, auxk=auxk, fires=fires,
                                               l0=kept.sum() / B, x_hat=x_hat, min_kept=min_kept)
+
+    def update_buffers(self, aux, threshold_lr):
+        """The threshold moves to `aux["min_kept"]` by `threshold_lr` (set to it on the first step)."""
+        old = self.threshold
+        new = jnp.where(old < 0, aux["min_kept"], (1 - threshold_lr) * old + threshold_lr * aux["min_kept"])
+        new = jnp.where(jnp.isfinite(new), new, old)
+        return eqx.tree_at(lambda m: m.threshold, self, new.astype(old.dtype))
+
+    def train_metrics(self):
+        return {"threshold": self.threshold}
 
     def config(self):
         return {**super().config(), "k": self.k}
@@ -364,6 +466,7 @@ class JumpReLUSAE(SAE):
     threshold: Float[Array, " width"]
     bandwidth: float = eqx.field(static=True)
     arch: ClassVar[str] = "jumprelu"
+    axes: ClassVar[dict[str, tuple[str, ...]]] = {**SAE.axes, "threshold": ("features",)}
     unit_norm_decoder: ClassVar[bool] = True
 
     def activate(self, pre, xn=None):
@@ -394,6 +497,7 @@ class GatedSAE(SAE):
     r_mag: Float[Array, " width"]
     b_mag: Float[Array, " width"]
     arch: ClassVar[str] = "gated"
+    axes: ClassVar[dict[str, tuple[str, ...]]] = {**SAE.axes, "r_mag": ("features",), "b_mag": ("features",)}
     unit_norm_decoder: ClassVar[bool] = True
 
     def _paths(self, xn):
@@ -431,7 +535,7 @@ def init(arch: str, d_in: int, width: int, key, *, site: str = "", layer: int = 
          dtype=jnp.float32) -> SAE:
     """A fresh SAE: decoder rows random directions (unit norm, or `decoder_norm`; ReLU/Gated default 0.1 as in
     Anthropic's recipe), encoder initialised as the decoder's transpose, biases zero (set `b_dec` from the data
-    with `saes.train.init_b_dec`), `act_scale = 1`."""
+    with `saes.train_state.calibrate`), `act_scale = 1`."""
     if arch not in ARCHS:
         raise ValueError(f"unknown SAE architecture {arch!r}; known: {', '.join(ARCHS)}")
     cls = ARCHS[arch]

@@ -21,7 +21,8 @@ from saes import formats
 from saes import sae as sae_lib
 from saes.data import ArraySource, CachedSource, cache_activations, hook_dir, iter_documents, parse_hook
 from saes.synthetic import planted_source
-from saes.train import CheckpointCorrupt, Checkpointer, TrainConfig, _abstract, fresh_state, validate
+from saes.train import CheckpointCorrupt, Checkpointer, TrainConfig, fresh_state, validate
+from saes.train_state import abstract_state
 
 TINY = models.Config(arch="llama", vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_head=8, d_mlp=24,
                      n_ctx=16)
@@ -358,7 +359,7 @@ def test_a_checkpoint_that_differs_from_its_checksum_never_restores(tmp_path):
     saes.fit(cfg, source=src, stop_after=10)
     template = jax.eval_shape(lambda: fresh_state(cfg, {"synthetic": ("synthetic", None, 16)}, jax.random.key(0)))
     ck = Checkpointer(tmp_path / "checkpoints", 3)
-    abstract = _abstract(template, None, {64})
+    abstract = abstract_state(template, None)
     assert int(ck.restore(abstract, 10)[0].step) == 10
     meta = tmp_path / "checkpoints" / "10" / "_CHECKPOINT_METADATA"  # the stored checksum no longer matches
     record = json.loads(meta.read_text())

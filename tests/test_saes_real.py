@@ -13,7 +13,8 @@ import models
 import saes
 from saes import features
 from saes.evaluate import Splice, ce_metrics
-from saes.train import Checkpointer, TrainConfig, _abstract, _hook_info, fresh_state
+from saes.train import Checkpointer, TrainConfig, _hook_info, fresh_state
+from saes.train_state import abstract_state
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +47,7 @@ def test_short_real_run_has_finite_metrics_and_a_checkpoint_that_reloads(run, sm
     assert ck.latest() == 48
     hooks = {h: ("resid_post", int(h[1]), 576) for h in result.saes}
     template = jax.eval_shape(lambda: fresh_state(cfg, hooks, jax.random.key(0)))
-    state, meta = ck.restore(_abstract(template, None, {cfg.width}))
+    state, meta = ck.restore(abstract_state(template, None))
     assert meta["step"] == 48 and meta["config"]["arch"] == "topk"
     for h, sae in result.saes.items():
         np.testing.assert_array_equal(state.saes[h].W_enc, sae.W_enc)

@@ -75,3 +75,55 @@ def test_mesh_training_equals_single_device(tmp_path):
         assert r["W_enc_shard"] == [16, 16] and r["W_dec_shard"] == [16, 16], (run, r)  # 64 features / 4 devices
         # every dictionary-sized array (params, Adam moments, feature statistics) is split 4 ways
         assert abs(r["per_device_fraction"] - 0.25) < 1e-9 and r["n_dict_leaves"] >= 6, (run, r)
+
+
+AXES_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    jax.config.update("jax_num_cpu_devices", 8)
+    import numpy as np
+    import saes
+    from saes.synthetic import planted_source
+    from saes.train import TrainConfig
+    from saes.train_state import state_specs
+    tmp = sys.argv[1]
+    report = {}
+    for arch in sorted(saes.ARCHS):
+        src, _ = planted_source(d_in=32, n_atoms=48, chunk_tokens=1024, seed=0)
+        base = dict(arch=arch, width=32, k=3, tokens=256, batch_size=256, chunk_tokens=1024, lr=2e-3,
+                    progress=False, eval_every=0)
+        one = saes.fit(TrainConfig(out=f"{tmp}/{arch}-1", data_parallel=1, feature_parallel=1, **base), source=src)
+        run = saes.fit(TrainConfig(out=f"{tmp}/{arch}-8", data_parallel=2, feature_parallel=4, **base), source=src)
+        sae, state = run.saes["synthetic"], run.state
+        moment = state.opt_state[1][0].mu["synthetic"]  # Adam's first moment of the SAE
+        specs = state_specs(state, run.state.saes["synthetic"].W_enc.sharding.mesh).saes["synthetic"]
+        report[arch] = dict(
+            shards={n: list(getattr(sae, n).addressable_shards[0].data.shape) for n in type(sae).axes},
+            moment_shards={n: list(getattr(moment, n).addressable_shards[0].data.shape) for n in type(sae).axes
+                           if getattr(moment, n) is not None},
+            specs={n: [a for a in getattr(specs, n)] for n in type(sae).axes},
+            weight_err=max(float(np.abs(np.asarray(getattr(one.saes["synthetic"], n)) - np.asarray(getattr(sae, n))).max())
+                           for n in type(sae).axes))
+    print("REPORT" + json.dumps(report))
+""")
+
+
+def test_square_dictionary_is_sharded_by_declared_axes(tmp_path):
+    """d_in == width (32 latents of 32 dims): the dictionary axis is found from each field's declared logical
+    axes, not from its size, so `W_enc [d_in, width]` is split along width and `b_dec [d_in]` replicated (the
+    old rule split the first axis of dictionary size: W_enc's d_in, b_dec). A step still equals one device's."""
+    proc = subprocess.run([sys.executable, "-c", AXES_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          timeout=600, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    report = json.loads(proc.stdout.split("REPORT", 1)[1])
+    assert sorted(report) == ["batchtopk", "gated", "jumprelu", "relu", "topk"]
+    for arch, r in report.items():
+        shards, specs = r["shards"], r["specs"]
+        assert shards["W_enc"] == [32, 8] and shards["W_dec"] == [8, 32], (arch, shards)  # 32 features / 4 devices
+        assert shards["b_enc"] == [8] and shards["b_dec"] == [32] and shards["act_scale"] == [], (arch, shards)
+        assert specs["W_enc"] == [None, "model"] and specs["b_dec"] == [None], (arch, specs)
+        assert r["moment_shards"]["W_enc"] == [32, 8] and r["moment_shards"]["b_dec"] == [32], (arch, r)
+        for name in ("threshold", "r_mag", "b_mag"):  # per-feature vectors split, BatchTopK's scalar threshold not
+            if name in shards:
+                assert shards[name] == ([] if arch == "batchtopk" else [8]), (arch, name, shards)
+        assert r["weight_err"] < 1e-5, (arch, r)

@@ -98,13 +98,14 @@ def test_nan_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path):
                       progress=False, log_every=5, checkpoint_every=5, eval_every=0, keep_checkpoints=2)
     with pytest.raises(TrainingDiverged, match=r"non-finite loss or parameters at step 17.*Last good checkpoint: step 15"):
         saes.fit(cfg, source=poisoned)
-    from saes.train import Checkpointer, _abstract, fresh_state
+    from saes.train import Checkpointer, fresh_state
+    from saes.train_state import abstract_state
     import jax
 
     ck = Checkpointer(tmp_path / "checkpoints", 2)
     assert ck.latest() == 15
     template = jax.eval_shape(lambda: fresh_state(cfg, {"synthetic": ("synthetic", None, 16)}, jax.random.key(0)))
-    state, meta = ck.restore(_abstract(template, None, {64}))
+    state, meta = ck.restore(abstract_state(template, None))
     assert int(state.step) == 15 and meta["chunk_index"] == 1 and int(state.bad_step) == -1
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.saes))
 

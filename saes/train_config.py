@@ -1,0 +1,201 @@
+"""The configuration of an SAE training run (`TrainConfig`, whose fields are `python -m saes.train`'s flags),
+checked field by field when it is built and against the model once that is known (`validate`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import typing
+from dataclasses import dataclass
+
+from models.errors import InputError
+from saes import sae as sae_lib
+
+__all__ = ["DEFAULT_SPARSITY", "TrainConfig", "validate"]
+
+DEFAULT_SPARSITY = {"relu": 5.0, "gated": 2.0, "jumprelu": 1.0, "topk": 0.0, "batchtopk": 0.0}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run (the CLI's flags are these fields)."""
+
+    # what to train
+    model: str = "smollm2-135m-instruct"  # registered name (models.REGISTRY), .gguf file or Hugging Face directory
+    site: tuple[str, ...] = ("resid_post",)  # activation sites (models.SITES), one SAE per site x layer
+    layers: tuple[int, ...] = (10,)  # layers of the layer sites
+    arch: str = "topk"  # relu, topk, batchtopk, jumprelu or gated
+    width: int = 8192  # dictionary size (latents per SAE)
+    k: int = 32  # active latents per token (topk, batchtopk)
+    sparsity_coeff: float | None = None  # L1 (relu, gated) or L0 (jumprelu); None = the arch's default
+    # data
+    corpus: str | None = None  # a text/jsonl/parquet file or directory, or a saved HF dataset; None = default corpus
+    text_field: str = "text"  # the text column of .jsonl / .parquet / dataset corpora
+    context: int = 128  # tokens per packed row (BOS + context-1 text tokens)
+    model_batch: int = 16  # rows per model forward
+    chunk_tokens: int = 65536  # activations per shuffled on-device buffer
+    cache: str | None = None  # train from this activation cache (written by `python -m saes.cache`)
+    tokens: int = 2_000_000  # training tokens (at least one batch); steps = tokens // batch_size
+    batch_size: int = 4096  # activations per SAE step (at most chunk_tokens)
+    normalize: bool = True  # scale activations to mean norm sqrt(d_in); the factor is stored with the SAE
+    b_dec_init: str = "geometric_median"  # or "mean", "zeros"
+    # optimisation
+    lr: float = 4e-4  # Adam learning rate after warm-up
+    lr_warmup_steps: int = 50  # linear learning-rate warm-up
+    lr_decay_frac: float = 0.2  # linear decay to 0 over this last fraction of the steps
+    sparsity_warmup_frac: float = 0.05  # sparsity coefficient rises linearly over this first fraction
+    beta1: float = 0.9  # Adam beta1
+    beta2: float = 0.999  # Adam beta2
+    grad_clip: float = 1.0  # global gradient-norm clip
+    aux_coeff: float = 1 / 32  # AuxK (topk, batchtopk)
+    aux_k: int = 0  # 0 = d_in // 2
+    aux_batch: int = 1024  # AuxK on this many tokens of each (shuffled) batch; 0 = all
+    dead_tokens: int = 1_000_000  # a latent is dead after this many tokens without firing
+    dense_freq: float = 0.1  # a latent is dense when it fires on more than this fraction of tokens
+    freq_window_steps: int = 100  # horizon of the firing-frequency moving average
+    bandwidth: float = 0.05  # JumpReLU STE
+    threshold_init: float = 0.01  # JumpReLU
+    threshold_lr: float = 0.01  # BatchTopK inference-threshold moving average
+    decoder_init_norm: float | None = None  # initial decoder row norm; None = 1 (unit-norm archs) or 0.1
+    # runtime
+    seed: int = 0  # initialisation, shuffling and document order
+    out: str = "runs/saes/default"  # run directory (rerunning with it resumes)
+    log_every: int = 20  # steps per metrics.jsonl line
+    eval_every: int = 250  # CE loss recovered / KL every this many steps (0: at the end only)
+    eval_rows: int = 8  # held-out rows for the CE / KL evaluation
+    checkpoint_every: int = 250  # steps between orbax checkpoints
+    keep_checkpoints: int = 2  # checkpoints kept on disk
+    resume: bool = True  # resume from the latest checkpoint in out
+    data_parallel: int = 0  # 0: every device not used for feature parallelism
+    feature_parallel: int = 1  # devices the dictionary is split over ("model" mesh axis)
+    dtype: str | None = None  # model dtype (default: models.default_dtype())
+    progress: bool = True  # tqdm progress bar
+
+    def __post_init__(self):
+        """Check every field before anything is loaded: an InputError names the flag, its value and the rule."""
+        _check_types(self)
+        if self.arch not in sae_lib.ARCHS:
+            raise InputError(f"unknown --arch {self.arch!r}; known: {', '.join(sae_lib.ARCHS)}")
+        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
+            raise InputError(f"--b-dec-init must be geometric_median, mean or zeros, got {self.b_dec_init!r}")
+        if self.cache is None:  # (a cache fixes its own hooks)
+            _check_hooks(self.site, self.layers)
+        for name, ok, rule in _RULES:
+            if not ok(getattr(self, name)):
+                raise InputError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)!r}")
+        if self.arch in ("topk", "batchtopk") and self.k > self.width:
+            raise InputError(f"--k ({self.k}) must be at most --width ({self.width})")
+        if self.aux_k > self.width:
+            raise InputError(f"--aux-k ({self.aux_k}) must be at most --width ({self.width})")
+        if self.batch_size > self.chunk_tokens:
+            raise InputError(f"--batch-size ({self.batch_size}) must be at most --chunk-tokens ({self.chunk_tokens})")
+        if self.tokens < self.batch_size:
+            raise InputError(f"--tokens ({self.tokens}) must be at least one batch (--batch-size {self.batch_size})")
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_size
+
+    @property
+    def coeff(self) -> float:
+        return DEFAULT_SPARSITY[self.arch] if self.sparsity_coeff is None else float(self.sparsity_coeff)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+        return cls(**d)
+
+
+def _finite(lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
+    def ok(x):
+        return x is None or (math.isfinite(x) and (lo < x if lo_open else lo <= x) and (x < hi if hi_open else x <= hi))
+    return ok
+
+
+_positive = _finite(0, lo_open=True)
+_unit = _finite(0, 1)
+# (field, check, rule): the range each numeric field must lie in (None passes where the field is optional)
+_RULES = (
+    ("width", _finite(1), ">= 1"), ("k", _finite(1), ">= 1"), ("sparsity_coeff", _finite(0), "finite and >= 0"),
+    ("context", _finite(2), ">= 2 (BOS + one token)"), ("model_batch", _finite(1), ">= 1"),
+    ("chunk_tokens", _finite(1), ">= 1"), ("tokens", _finite(1), ">= 1"), ("batch_size", _finite(1), ">= 1"),
+    ("lr", _positive, "finite and > 0"), ("lr_warmup_steps", _finite(0), ">= 0"), ("lr_decay_frac", _unit, "in [0, 1]"),
+    ("sparsity_warmup_frac", _unit, "in [0, 1]"), ("beta1", _finite(0, 1, hi_open=True), "in [0, 1)"),
+    ("beta2", _finite(0, 1, hi_open=True), "in [0, 1)"), ("grad_clip", _positive, "finite and > 0"),
+    ("aux_coeff", _finite(0), "finite and >= 0"), ("aux_k", _finite(0), ">= 0"), ("aux_batch", _finite(0), ">= 0"),
+    ("dead_tokens", _finite(1), ">= 1"), ("dense_freq", _finite(0, 1, lo_open=True), "in (0, 1]"),
+    ("freq_window_steps", _finite(1), ">= 1"), ("bandwidth", _positive, "finite and > 0"),
+    ("threshold_init", _finite(), "finite"), ("threshold_lr", _finite(0, 1, lo_open=True), "in (0, 1]"),
+    ("decoder_init_norm", _positive, "finite and > 0"), ("log_every", _finite(1), ">= 1"),
+    ("eval_rows", _finite(1), ">= 1"), ("checkpoint_every", _finite(1), ">= 1"), ("keep_checkpoints", _finite(1), ">= 1"),
+    ("data_parallel", _finite(0), ">= 0"), ("feature_parallel", _finite(1), ">= 1"),
+)
+
+
+def _check_types(cfg: TrainConfig):
+    """Each field holds its annotated type (int fields no floats or bools; tuples of the element type)."""
+    for f in dataclasses.fields(cfg):
+        value, hint = getattr(cfg, f.name), _hints()[f.name]
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            continue
+        base = next((a for a in args if a is not type(None)), hint) if type(None) in args else hint
+        if typing.get_origin(base) is tuple:
+            inner = typing.get_args(base)[0]
+            if isinstance(value, list):  # a list from Python or JSON is taken as the tuple
+                value = tuple(value)
+                object.__setattr__(cfg, f.name, value)
+            ok = isinstance(value, tuple) and all(_is(v, inner) for v in value)
+            what = f"a tuple of {inner.__name__}s"
+        else:
+            if base is str and isinstance(value, os.PathLike):  # out / corpus / cache given as a Path
+                value = os.fspath(value)
+                object.__setattr__(cfg, f.name, value)
+            ok, what = _is(value, base), base.__name__
+        if not ok:
+            raise InputError(f"--{f.name.replace('_', '-')} must be {what}, got {value!r}")
+
+
+def _check_hooks(sites, layers):
+    from models.sites import SITES
+    from saes.data import parse_hooks
+
+    try:
+        parse_hooks(sites, layers)
+    except KeyError as e:
+        raise InputError(f"--site: {e.args[0]}") from None
+    unfit = [s for s in sites if "S" in SITES[s].axes]
+    if unfit:
+        raise InputError(f"--site {unfit}: attention scores/patterns have no fixed width for an SAE")
+    if any(layer < 0 for layer in layers):
+        raise InputError(f"--layers must be >= 0, got {layers}")
+
+
+def _is(value, t) -> bool:
+    if t is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, t)
+
+
+@functools.cache
+def _hints() -> dict:
+    return typing.get_type_hints(TrainConfig)
+
+
+def validate(cfg: TrainConfig, model_cfg) -> None:
+    """Checks that need the model's config (`models.Config`): layers inside the model, context within its
+    context. Called as soon as the model's config is known, before any data is read."""
+    if cfg.context > model_cfg.n_ctx:
+        raise InputError(f"--context ({cfg.context}) is longer than the model's context of {model_cfg.n_ctx}")
+    bad = [layer for layer in cfg.layers if not 0 <= layer < model_cfg.n_layers]
+    if bad and not cfg.cache:
+        raise InputError(f"--layers {bad} out of range for a {model_cfg.n_layers}-layer model (valid: 0 to "
+                         f"{model_cfg.n_layers - 1})")
