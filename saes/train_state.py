@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from models.errors import InputError
-from models.sharding import RULES, partition_spec
+from models.sharding import RULES, partition_spec, put
 from saes import sae as sae_lib
 from saes.optim import make_optimizer
 from saes.sae import SAE
@@ -125,10 +125,10 @@ def state_specs(state: TrainState, mesh: Mesh | None) -> TrainState:
 
 
 def place_state(state: TrainState, mesh: Mesh | None) -> TrainState:
-    """The state's arrays put on `mesh` by `state_specs` (unchanged without a mesh)."""
+    """The state's arrays put on `mesh` by `state_specs` (unchanged without a mesh); multi-process safe."""
     if mesh is None:
         return state
-    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), state, state_specs(state, mesh))
+    return jax.tree.map(lambda x, s: put(x, mesh, s), state, state_specs(state, mesh))
 
 
 def abstract_state(state: TrainState, mesh: Mesh | None) -> TrainState:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -13,7 +12,7 @@ import models
 import saes
 from saes import features
 from saes.evaluate import Splice, ce_metrics
-from saes.train import Checkpointer, TrainConfig, _hook_info, fresh_state
+from saes.train import Checkpointer, TrainConfig, fresh_state
 from saes.train_state import abstract_state
 
 pytestmark = pytest.mark.slow
