@@ -19,8 +19,8 @@ COMMON = """
 import json, os, sys
 import jax, jax.numpy as jnp, numpy as np
 import models, interp
-from interp.testing import random_model
-cfg = models.Config(arch="llama", vocab_size=40, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=48, n_ctx=64)
+from interp.testing import random_model, tiny_config
+cfg = tiny_config(vocab_size=40)
 m = random_model(cfg, jax.random.key(0))
 tokens = jax.random.randint(jax.random.key(1), (4, 6), 0, 40)
 mask = jnp.ones_like(tokens)

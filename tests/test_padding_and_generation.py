@@ -10,18 +10,9 @@ from hypothesis import given, settings, strategies as st
 import models
 from models import transformer
 from models.generate import generate_tokens
+from interp.testing import tiny_config
 
-CFGS = {
-    "llama": models.Config(arch="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_head=8,
-                           d_mlp=48, n_ctx=64),
-    "gemma3": models.Config(arch="gemma3", vocab_size=64, d_model=32, n_layers=3, n_heads=2, n_kv_heads=1, d_head=16,
-                            d_mlp=48, n_ctx=64, act="gelu_tanh", post_norms=True, qk_norm=True, embed_scale=32**0.5,
-                            rope_local_theta=10_000.0, rope_theta=1e6, sliding_window=4,
-                            layer_types=("local", "local", "global")),
-    "gpt2": models.Config(arch="gpt2", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, d_head=8, d_mlp=64,
-                          n_ctx=64, norm="layer", act="gelu_tanh", gated_mlp=False, positional="learned", qkv_bias=True,
-                          o_bias=True, mlp_bias=True),
-}
+CFGS = {"llama": tiny_config("llama", n_layers=2), "gemma3": tiny_config("gemma3"), "gpt2": tiny_config("gpt2")}
 PARAMS = {k: models.init_params(c, jax.random.PRNGKey(i), scale=0.3) for i, (k, c) in enumerate(CFGS.items())}
 _fwd = jax.jit(transformer.forward, static_argnums=1, static_argnames=("capture",))
 

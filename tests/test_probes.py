@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from interp import probes
+from interp.testing import tiny_config
 
 
 class CharTokenizer:
@@ -32,8 +33,7 @@ def tiny_model():
     import models
     from interp.testing import random_model
 
-    cfg = models.Config(arch="llama", vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_head=8,
-                        d_mlp=48, n_ctx=64)
+    cfg = tiny_config()
     m = random_model(cfg, jax.random.key(0))
     return models.Model(m.params, cfg, CharTokenizer(), "tiny")
 

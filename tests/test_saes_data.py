@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import models
-from models.config import Config
+from interp.testing import tiny_config
 from models.errors import InputError
 from saes import data
 
@@ -114,8 +114,7 @@ def test_fit_takes_a_document_function():
     """`saes.fit(cfg, docs=...)` builds its token rows (train and held-out) from the caller's documents."""
     from saes.train import TrainConfig, build_source
 
-    cfg = models.Config(arch="llama", vocab_size=300, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_head=8,
-                        d_mlp=48, n_ctx=64)
+    cfg = tiny_config(vocab_size=300, n_layers=2)
     m = models.Model(models.init_params(cfg, jax.random.key(0)), cfg, FakeTokenizer(), "tiny")
     tc = TrainConfig(site=("resid_post",), layers=(0,), context=16, eval_rows=2, chunk_tokens=64, batch_size=32,
                      progress=False)
@@ -140,7 +139,7 @@ def test_parquet_and_saved_hf_dataset(tmp_path):
     assert list(data.iter_documents(tmp_path / "hf")) == ["h1", "h2", "h3"]
 
 
-TINY = Config(arch="llama", vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=48, n_ctx=64)
+TINY = tiny_config(n_layers=4)
 
 
 class IntRows:

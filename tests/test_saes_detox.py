@@ -11,7 +11,7 @@ import pytest
 
 import models
 from interp import interventions as I
-from interp.testing import random_model
+from interp.testing import random_model, tiny_config
 from models.errors import InputError
 from saes import sae as S
 from saes.detox import DecoderSteer, FeatureAblation, fires_anywhere
@@ -29,8 +29,7 @@ def tiny():
     """A 3-layer random llama with a byte-level tokenizer (BOS first) and a ReLU SAE at L1.resid_post whose
     features fire on about a third of the tokens (feature 0 never), with a non-zero b_dec and act_scale 2."""
     tok = byte_level_tokenizer()
-    cfg = models.Config(arch="llama", vocab_size=tok.vocab_size, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2,
-                        d_head=8, d_mlp=48, n_ctx=64)
+    cfg = tiny_config(vocab_size=tok.vocab_size)
     m = models.Model(random_model(cfg, jax.random.key(0)).params, cfg, tok, "tiny")
     sae = S.init("relu", cfg.d_model, WIDTH, jax.random.key(1), site="resid_post", layer=LAYER)
     sae = eqx.tree_at(lambda s: (s.b_dec, s.act_scale), sae,

@@ -43,7 +43,7 @@ MAXTEXT_SCRIPT = textwrap.dedent("""
     jax.config.update("jax_num_cpu_devices", 8)
     import flax.linen as nn
     from jax.sharding import Mesh
-    from models.config import Config
+    from interp.testing import tiny_config
     from models.params import init_params
     from models.sharding import shard_params
     from models.transformer import forward
@@ -58,7 +58,7 @@ MAXTEXT_SCRIPT = textwrap.dedent("""
     RULES = [(name, tuple(t) if isinstance(t, list) else t) for name, t in RULES]
     AXES = ("data", "stage", "fsdp", "fsdp_transpose", "sequence", "tensor", "expert", "autoregressive")
     mesh = Mesh(np.array(jax.devices()).reshape(1, 1, 2, 1, 1, 4, 1, 1), AXES)
-    cfg = Config(arch="llama", vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=64, n_ctx=32)
+    cfg = tiny_config(vocab_size=128, n_layers=2, d_mlp=64, n_ctx=32)
     params = init_params(cfg, jax.random.key(0), scale=0.2)
     with nn.logical_axis_rules(RULES):  # the Flax context, as MaxText sets it
         sharded = shard_params(params, mesh)

@@ -10,6 +10,7 @@ import pytest
 import models
 from models import transformer
 from models.sites import ALL_SITES, SITES
+from interp.testing import tiny_config
 
 
 def assert_close(a, b, rel=1e-5):
@@ -87,7 +88,7 @@ def test_stop_at_layer_and_resume_from_resid(smollm2, smol_batch):
 
 def test_unused_sites_are_not_computed():
     """Only requested sites survive compilation: per-head outputs are absent from a plain forward's HLO."""
-    cfg = models.Config(arch="llama", vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=48, n_ctx=32)
+    cfg = tiny_config(vocab_size=50, n_layers=2, n_ctx=32)
     params = models.init_params(cfg, jax.random.PRNGKey(0))
     tokens = jnp.zeros((1, 6), jnp.int32)
     plain = jax.jit(lambda p: transformer.forward(p, cfg, tokens)).lower(params).compile().as_text()
@@ -100,8 +101,7 @@ def test_capture_at_chosen_layers_keeps_only_those_inside_the_scan(unroll):
     """Layers chosen in any order (repeats allowed) give the full capture's values at those layers, also when
     resuming at a later layer; the program never holds the stack of every layer's pattern, only a buffer of
     the distinct chosen layers plus one scratch slot."""
-    cfg = models.Config(arch="llama", vocab_size=50, d_model=32, n_layers=6, n_heads=4, n_kv_heads=2, d_head=8,
-                        d_mlp=48, n_ctx=32)
+    cfg = tiny_config(vocab_size=50, n_layers=6, n_ctx=32)
     params = models.init_params(cfg, jax.random.PRNGKey(3), scale=0.3)
     tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 5), 0, 50)
     _, full = transformer.forward(params, cfg, tokens, capture=("attn.pattern", "resid_pre", "attn.head_out"))
@@ -131,7 +131,7 @@ class _Identity:
 def test_head_out_derived_after_the_scan_equals_the_in_layer_value():
     """A captured-only attn.head_out is rebuilt from attn.z after the scan; with an intervention on it, it is
     computed inside the layer. Both give the same values (layers and positions selected alike)."""
-    cfg = models.Config(arch="llama", vocab_size=50, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=48, n_ctx=32)
+    cfg = tiny_config(vocab_size=50, n_ctx=32)
     params = models.init_params(cfg, jax.random.PRNGKey(1), scale=0.3)
     tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 7), 0, 50)
     cap = (models.Capture("attn.head_out", layers=(0, 2), positions=(1, -1)),)
