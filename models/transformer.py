@@ -336,8 +336,8 @@ def run_layers(params: Params, cfg: Config, resid, sites: _Sites, kv, cache: KVC
         keep = {k: v for k, v in layer_sites.record.items() if k == _Z_FOR_HEAD_OUT or SITES[k].per_layer}
         return resid, keep, new_kv if cache is not None else None
 
-    x0 = jax.tree.map(lambda a: a[0], xs)
-    shapes = jax.eval_shape(lambda r: layer(r, x0)[1], resid) if chosen and n else {}
+    first = lambda r: layer(r, jax.tree.map(lambda a: a[0], xs))[1]  # chosen layers imply n > 0
+    shapes = jax.eval_shape(first, resid) if chosen else {}
     buffers = {k: jnp.zeros((len(chosen[k]) + 1, *shapes[k].shape), shapes[k].dtype) for k in chosen}
 
     def body(carry, x):
