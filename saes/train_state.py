@@ -15,11 +15,10 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from models.errors import InputError
-from models.sharding import RULES, partition_spec, put
+from models.sharding import RULES, partition_spec, put, sweep_mesh
 from saes import sae as sae_lib
 from saes.optim import make_optimizer
 from saes.sae import SAE
@@ -101,7 +100,7 @@ def make_mesh(cfg: TrainConfig) -> Mesh | None:
         return None
     if dp * fp > n:
         raise InputError(f"data_parallel {dp} x feature_parallel {fp} needs {dp * fp} devices, have {n}")
-    return Mesh(np.asarray(jax.devices()[: dp * fp]).reshape(dp, fp), ("data", "model"))
+    return sweep_mesh(jax.devices()[: dp * fp], model=fp)
 
 
 def sae_specs(sae: SAE, mesh: Mesh) -> SAE:
