@@ -104,11 +104,14 @@ def measure(kind: str, dtype: str) -> dict:
 def _largest_tensor(dtype: str) -> int:
     """Bytes of the file's largest tensor in `dtype` (the embedding)."""
     import numpy as np
-
-    from models.loading import _hf_entries
+    from safetensors import safe_open
 
     itemsize = 4 if dtype == "float32" else 2
-    return max(int(np.prod(e.shape)) * itemsize for e in _hf_entries(CHECKPOINT).values())
+    shapes = []
+    for f in sorted(CHECKPOINT.glob("*.safetensors")):
+        with safe_open(str(f), "np") as st:
+            shapes += [st.get_slice(k).get_shape() for k in st.keys()]
+    return max(int(np.prod(shape)) * itemsize for shape in shapes)
 
 
 def _child(kind: str, dtype: str, env=None) -> subprocess.Popen:

@@ -123,7 +123,7 @@ def bce_loss(ctrl: Controller, x, y, reg: float) -> Array:
 
 
 @lru_cache(maxsize=None)
-def _optimizer(spec: TrainSpec, lr: float | None = None):
+def optimizer(spec: TrainSpec, lr: float | None = None):
     """One optimiser object per setting (a static argument of the jitted steps: the same object reuses their compilation)."""
     return optax.chain(optax.clip_by_global_norm(spec.clip), optax.adamw(spec.lr if lr is None else lr,
                                                                          weight_decay=spec.weight_decay))
@@ -158,7 +158,7 @@ def train_controller(x: Float[np.ndarray, "N d"], y: Float[np.ndarray, " N"], n_
     the mean loss of each epoch."""
     k_init, k_data = jax.random.split(key)
     ctrl = Controller(x.shape[1], spec.n_hidden, n_layers, k_init)
-    opt = _optimizer(spec)
+    opt = optimizer(spec)
     state = opt.init(eqx.filter(ctrl, eqx.is_array))
 
     @eqx.filter_jit
@@ -229,7 +229,7 @@ def train_end_to_end(m, ctrl: Controller, direction, feats, tokens, mask, is_har
     `spec.train_s` (then `s` too); `s` else comes from `ctrl`, and so must at evaluation (the copy's own `s`
     drifts with the shared hidden layer). Returns the trained copy and the objective at each step."""
     harm, safe = np.flatnonzero(is_harmful), np.flatnonzero(~is_harmful)
-    opt = _optimizer(opt_spec, spec.lr)
+    opt = optimizer(opt_spec, spec.lr)
     train = ctrl
     state = opt.init(eqx.filter(train, eqx.is_array))
     direction = jnp.asarray(direction, jnp.float32)

@@ -1,12 +1,13 @@
 """Interventions as data: equinox pytrees applied inside `models.forward` at a named site.
 
-Every intervention has a static `site` (a name from `models.sites.SITES`), a `where` (`Where`: which layers,
-positions, heads and decoding steps it touches; static, so it is compiled in) and float arrays as leaves, so a
-tuple of them composes (applied in order), `jax.grad` differentiates with respect to their arrays as is, and
+Every intervention has a static `site` (a name from `models.sites.SITES`; a `models.Hook` names one layer), a
+`where` (`Where`: which layers, positions, heads and decoding steps it touches; static, so it is compiled in)
+and float arrays as leaves, so a tuple of them composes (applied in order), `jax.grad` differentiates with respect to their arrays as is, and
 `jax.vmap` runs a stacked batch of them as one program (`stack`: the selections become a `StackedWhere` of
 integer arrays, so differentiate a stacked batch with `eqx.filter_grad`).
 
     steer = AddVector("resid_pre", v, scale=4.0, layers=(6,))               # ActAdd at layer 6
+    same = AddVector(Hook("resid_pre", 6), v, scale=4.0)                     # the same, by its hook
     last = AddVector("resid_pre", v, layers=(6,), positions=(-1,))            # each row's last real token
     ablate = directional_ablation(r)                                         # project r out everywhere
     heads = zero_heads(cfg, [(3, 1), (5, 0)])                                # [layers, heads] mask at attn.z
@@ -34,12 +35,12 @@ from jaxtyping import Array, Bool, Float, Int
 
 from models.checks import Extent, check_index, check_positions, concrete, show_values
 from models.errors import InputError
-from models.sites import SITES, check_site
+from models.sites import SITES, Hook, check_site
 from models.transformer import SiteContext
 
 __all__ = [
     "AddVector", "AlongDirection", "Function", "Intervention", "RESID_SITES", "Replace", "ScaleHeads", "StackedWhere",
-    "Where",
+    "Where", "at",
     "clamp_component", "directional_ablation", "first_layers", "mean_ablation", "patch", "project_out",
     "resample_ablation", "set_component", "stack", "unstack", "zero_ablation", "zero_heads",
 ]
@@ -54,7 +55,7 @@ def _place(x: Array, names: tuple[str, ...], axes: tuple[str, ...]) -> Array:
 
 
 def _head_axis(axes: tuple[str, ...]) -> str:
-    for a in ("H", "K"):
+    for a in ("heads", "kv_heads"):
         if a in axes:
             return a
     raise InputError(f"site with axes {axes} has no head axis; heads= needs a per-head site such as attn.z")
@@ -90,11 +91,12 @@ def _array(x, dtype):
 class _Selection(eqx.Module):
     """What `Where` and `StackedWhere` share: the gate and its validation against the model."""
 
-    def gate(self, site: str, value: Array, ctx: SiteContext):
-        """Boolean array broadcastable to `value` (True where to apply), `None` for everywhere, `False` for nowhere."""
+    def gate(self, site: str, value: Array, ctx: SiteContext, layers: bool = True):
+        """Boolean array broadcastable to `value` (True where to apply), `None` for everywhere, `False` for nowhere
+        (`layers=False`: leave the layer test out, for a caller that has made it)."""
         axes = SITES[site].axes
         conds = []
-        if self.layers is not None and ctx.layer is not None:
+        if layers and self.layers is not None and ctx.layer is not None:
             conds.append(jnp.any(ctx.layer == _array(self.layers, jnp.int32)))
         if self.steps != "all":
             conds.append(ctx.step == 0 if self.steps == "prompt" else ctx.step > 0)
@@ -111,12 +113,12 @@ class _Selection(eqx.Module):
             tok = sel if tok is None else tok & sel
         if self.tokens is not None:
             tokens = _array(self.tokens, bool)
-            if tokens.shape[-1] != value.shape[axes.index("T")]:
+            if tokens.shape[-1] != value.shape[axes.index("seq")]:
                 return False
             sel = jnp.broadcast_to(tokens, ctx.positions.shape)
             tok = sel if tok is None else tok & sel
         if tok is not None:
-            conds.append(_place(tok, ("B", "T"), axes))
+            conds.append(_place(tok, ("batch", "seq"), axes))
         if self.heads is not None:
             heads = _array(self.heads, bool)
             h = heads[ctx.layer] if heads.ndim == 2 else heads
@@ -135,7 +137,7 @@ class _Selection(eqx.Module):
         check_index(f"{name}layers", self.layers, cfg.n_layers, f"a model of {cfg.n_layers} layers")
         if self.heads is not None:
             axis = _head_axis(SITES[site].axes)
-            n = cfg.n_heads if axis == "H" else cfg.n_kv_heads
+            n = cfg.n_heads if axis == "heads" else cfg.n_kv_heads
             shape = np.shape(self.heads)[lead:]
             want = ((n,), (cfg.n_layers, n))
             if shape not in want:
@@ -244,14 +246,29 @@ class StackedWhere(_Selection):
         return cls(where.layers, where.positions, where.position_ids, where.tokens, where.heads, where.steps)
 
 
-def _where(site: str, where: _Selection | None, kwargs: dict) -> _Selection:
+def _where(site: "str | Hook", where: _Selection | None, kwargs: dict) -> tuple[str, _Selection]:
+    """`(site name, selection)` of an intervention's arguments: a `Hook` site selects its layer."""
+    if isinstance(site, Hook):
+        if site.layer is not None:
+            if where is not None or "layers" in kwargs:
+                raise InputError(f"{site.key}: the Hook names the layer; pass layers= with a site name instead")
+            kwargs = dict(kwargs, layers=(site.layer,))
+        site = site.site
     check_site(site)
     if where is not None and kwargs:
         raise InputError("pass either where= or its fields (layers=, positions=, ...), not both")
     w = where if where is not None else Where(**kwargs)
     if w.layers is not None and not SITES[site].per_layer:
         raise InputError(f"site {site!r} is not a layer site; layers= does not apply")
-    return w
+    return site, w
+
+
+def at(site: "str | Hook", layer: int | None = None) -> Where:
+    """The `Where` of one hook: `layer` of a layer site, every layer when it is None; a model site: everywhere.
+    `at(Hook("resid_post", 6))` is `at("resid_post", 6)` is `Where(layers=(6,))`."""
+    if isinstance(site, Hook):
+        site, layer = site
+    return _where(site, None, {} if layer is None else dict(layers=(layer,)))[1]
 
 
 def _per_layer(x: Array, ctx: SiteContext, per_layer: bool) -> Array:
@@ -267,14 +284,23 @@ def _f32(x) -> Array:
 
 
 class Intervention(eqx.Module):
-    """Base class: subclasses hold `site`, `where` and define `edit(value, ctx)`; `apply` restricts the edit
-    to `where` (exactly: untouched elements are the input values)."""
+    """Base class of every intervention (what `models.forward` takes as a `models.transformer.SiteEdit`):
+    subclasses hold `site`, `where` and define `edit(value, ctx)`; `apply` restricts the edit to `where`
+    (exactly: untouched elements are the input values). With `where.layers` set, the edit is evaluated only at
+    those layers (`lax.cond` inside the layer scan), so an expensive edit (an SAE splice) costs one layer."""
 
     def edit(self, value: Array, ctx: SiteContext) -> Array | None:
         raise NotImplementedError
 
     def apply(self, value: Array, ctx: SiteContext) -> Array:
-        g = self.where.gate(self.site, value, ctx)
+        w = self.where
+        if w.layers is None or ctx.layer is None:
+            return self._gated(value, ctx)
+        hit = jnp.any(ctx.layer == _array(w.layers, jnp.int32))
+        return jax.lax.cond(hit, lambda v: self._gated(v, ctx), lambda v: v, value)
+
+    def _gated(self, value: Array, ctx: SiteContext) -> Array:
+        g = self.where.gate(self.site, value, ctx, layers=False)
         if g is False:
             return value
         new = self.edit(value, ctx)
@@ -311,8 +337,8 @@ class AddVector(Intervention):
     where: Where
     per_layer: bool = eqx.field(static=True)
 
-    def __init__(self, site: str, vector, scale=1.0, *, per_layer: bool = False, where: Where | None = None, **kw):
-        self.site, self.where, self.per_layer = site, _where(site, where, kw), per_layer
+    def __init__(self, site: "str | Hook", vector, scale=1.0, *, per_layer: bool = False, where: Where | None = None, **kw):
+        (self.site, self.where), self.per_layer = _where(site, where, kw), per_layer
         self.vector, self.scale = _f32(vector), _f32(scale)
 
     def edit(self, value, ctx):
@@ -337,8 +363,8 @@ class AlongDirection(Intervention):
     where: Where
     per_layer: bool = eqx.field(static=True)
 
-    def __init__(self, site: str, direction, lo=0.0, hi=0.0, *, per_layer: bool = False, where: Where | None = None, **kw):
-        self.site, self.where, self.per_layer = site, _where(site, where, kw), per_layer
+    def __init__(self, site: "str | Hook", direction, lo=0.0, hi=0.0, *, per_layer: bool = False, where: Where | None = None, **kw):
+        (self.site, self.where), self.per_layer = _where(site, where, kw), per_layer
         self.direction, self.lo, self.hi = _f32(direction), _f32(lo), _f32(hi)
 
     def edit(self, value, ctx):
@@ -385,8 +411,8 @@ class ScaleHeads(Intervention):
     where: Where
 
     def __init__(self, mask, site: str = "attn.z", *, where: Where | None = None, **kw):
-        self.site, self.where, self.mask = site, _where(site, where, kw), _f32(mask)
-        _head_axis(SITES[site].axes)
+        (self.site, self.where), self.mask = _where(site, where, kw), _f32(mask)
+        _head_axis(SITES[self.site].axes)
 
     def edit(self, value, ctx):
         m = _per_layer(self.mask, ctx, self.mask.ndim == 2)
@@ -394,7 +420,7 @@ class ScaleHeads(Intervention):
 
     def validate(self, ext):
         super().validate(ext)
-        n = ext.cfg.n_heads if _head_axis(SITES[self.site].axes) == "H" else ext.cfg.n_kv_heads
+        n = ext.cfg.n_heads if _head_axis(SITES[self.site].axes) == "heads" else ext.cfg.n_kv_heads
         shape = np.shape(self.mask)[int(ext.stacked):]
         if shape[-1:] != (n,):
             raise InputError(f"ScaleHeads({self.site!r}): mask has shape {shape}; its last axis must be the {n} "
@@ -406,7 +432,7 @@ class ScaleHeads(Intervention):
 
 def zero_heads(cfg, heads: Iterable[tuple[int, int]], site: str = "attn.z", **kw) -> ScaleHeads:
     """Zero-ablate the `(layer, head)` pairs in `heads` (InputError for a pair outside the model)."""
-    n = cfg.n_heads if _head_axis(check_site(site).axes) == "H" else cfg.n_kv_heads
+    n = cfg.n_heads if _head_axis(check_site(site).axes) == "heads" else cfg.n_kv_heads
     mask = np.ones((cfg.n_layers, n), np.float32)
     for layer, head in heads:
         check_index("zero_heads: layer", np.asarray([layer]), cfg.n_layers, f"a model of {cfg.n_layers} layers")
@@ -427,8 +453,8 @@ class Replace(Intervention):
     source: Float[Array, "..."]
     where: Where
 
-    def __init__(self, site: str, source, *, where: Where | None = None, **kw):
-        self.site, self.where = site, _where(site, where, kw)
+    def __init__(self, site: "str | Hook", source, *, where: Where | None = None, **kw):
+        self.site, self.where = _where(site, where, kw)
         self.source = jnp.asarray(source)
 
     def edit(self, value, ctx):
@@ -439,7 +465,7 @@ class Replace(Intervention):
         if src.ndim == len(axes):
             for a, have, want in zip(axes, src.shape, value.shape):
                 if have not in (1, want):
-                    if a in ("T", "S"):
+                    if a in ("seq", "kv_seq"):
                         return None
                     raise InputError(f"{self.site}: source axis {a} has size {have}, the activation {want}")
         return src
@@ -448,8 +474,8 @@ class Replace(Intervention):
         super().validate(ext)
         axes = SITES[self.site].axes
         shape = np.shape(self.source)[int(ext.stacked):]
-        if len(shape) in (len(axes), len(axes) + 1) and "T" in axes:
-            t = shape[len(shape) - len(axes) + axes.index("T")]
+        if len(shape) in (len(axes), len(axes) + 1) and "seq" in axes:
+            t = shape[len(shape) - len(axes) + axes.index("seq")]
             if t not in (1, ext.seq_len):
                 raise InputError(f"Replace({self.site!r}): source has {t} positions and this input {ext.seq_len}: it "
                                  "would replace nothing (a source of another length applies only to decode steps)")
@@ -477,9 +503,9 @@ def mean_ablation(site: str, cache, mask=None, *, over_positions: bool = False, 
     cache = jnp.asarray(cache, jnp.float32)
     axes = SITES[site].axes
     lead = _batch_axis(site, cache)
-    names = ("L",) * lead + axes
-    w = jnp.ones((1,) * cache.ndim) if mask is None else _place(jnp.asarray(mask, jnp.float32), ("B", "T"), names)
-    over = tuple(i for i, a in enumerate(names) if a == "B" or (over_positions and a == "T"))
+    names = ("layers",) * lead + axes
+    w = jnp.ones((1,) * cache.ndim) if mask is None else _place(jnp.asarray(mask, jnp.float32), ("batch", "seq"), names)
+    over = tuple(i for i, a in enumerate(names) if a == "batch" or (over_positions and a == "seq"))
     w = jnp.broadcast_to(w, cache.shape)
     mean = jnp.sum(cache * w, over, keepdims=True) / jnp.maximum(jnp.sum(w, over, keepdims=True), 1e-9)
     return Replace(site, mean, **kw)
@@ -505,8 +531,8 @@ class Function(Intervention):
     params: Any
     where: Where
 
-    def __init__(self, site: str, fn: Callable, params=None, *, where: Where | None = None, **kw):
-        self.site, self.fn, self.params, self.where = site, fn, params, _where(site, where, kw)
+    def __init__(self, site: "str | Hook", fn: Callable, params=None, *, where: Where | None = None, **kw):
+        (self.site, self.where), self.fn, self.params = _where(site, where, kw), fn, params
 
     def edit(self, value, ctx):
         return self.fn(value, ctx) if self.params is None else self.fn(value, ctx, self.params)
@@ -577,10 +603,10 @@ class AddVectorPerExample(Intervention):
     scale: Float[Array, "B L"]
     where: Where
 
-    def __init__(self, site: str, vector, scale, *, where: Where | None = None, **kw):
-        self.site, self.where = site, _where(site, where, kw)
-        if not SITES[site].per_layer:
-            raise InputError(f"AddVectorPerExample: site {site!r} is not a layer site; scale is [batch, n_layers]")
+    def __init__(self, site: "str | Hook", vector, scale, *, where: Where | None = None, **kw):
+        self.site, self.where = _where(site, where, kw)
+        if not SITES[self.site].per_layer:
+            raise InputError(f"AddVectorPerExample: site {self.site!r} is not a layer site; scale is [batch, n_layers]")
         self.vector, self.scale = _f32(vector), _f32(scale)
         if self.scale.ndim != 2:
             raise InputError(f"AddVectorPerExample: scale has shape {self.scale.shape}; it is [batch, n_layers]")

@@ -586,7 +586,7 @@ def _check_probe_model(where, model, site: str, layers, d: int):
         info = check_site(site)
     except KeyError as e:
         raise InputError(f"{where}: {e.args[0]}") from None
-    width = {"D": cfg.d_model, "F": cfg.d_mlp}.get(info.axes[-1]) if info.per_layer and len(info.axes) == 3 else None
+    width = {"embed": cfg.d_model, "mlp": cfg.d_mlp}.get(info.axes[-1]) if info.per_layer and len(info.axes) == 3 else None
     if width is None:
         raise InputError(f"{where}: site {site!r} is not a [layers, batch, seq, d] site that probes read")
     if d != width:

@@ -37,7 +37,7 @@ from models.sites import SITES, check_site
 
 __all__ = [
     "CHUNK_TOKENS", "activation_patching", "attribution_patching", "baseline", "capture", "default_batch_size", "head_ablation",
-    "head_ablation_attribution", "rank_correlation", "sweep",
+    "ablation_replacement", "head_ablation_attribution", "one_hot_items", "program_starts", "rank_correlation", "sweep",
 ]
 
 Metric = Callable[[Readout], jax.Array]
@@ -122,7 +122,7 @@ def _bucket_starts(first: np.ndarray, groups: int) -> np.ndarray:
     return np.asarray([lows[int(f)] for f in first])
 
 
-def _starts(first: np.ndarray, max_programs: int | str | None, n_layers: int = 1, n_tokens: int = 1,
+def program_starts(first: np.ndarray, max_programs: int | str | None, n_layers: int = 1, n_tokens: int = 1,
             scale: float = 1.0) -> np.ndarray:
     """Each item's start layer: its first layer (`max_programs=None`: one program per distinct first layer),
     the start of its bucket when at most `max_programs` programs are wanted, or with `"auto"` the number of
@@ -168,7 +168,7 @@ def sweep(model, tokens, mask, metric: Metric, interventions, *, where: StackedW
     (default: inferred from the layers/heads selections) is the first layer item i can change; items are
     grouped by it and resume from the cached residual. Each group is one compiled program: `max_programs`
     caps their number (fewer compilations, some recomputation; `None`: one per distinct first layer; the
-    default `"auto"` picks the number that minimises the estimated compile + run time, see `_starts`).
+    default `"auto"` picks the number that minimises the estimated compile + run time, see `program_starts`).
     With a `mesh` (`models.sharding.sweep_mesh`), items are split over the mesh axis that `rules` (default
     `models.sharding.RULES`) gives `"sweep"`, parameters by their logical axes, the prompt batch by `"batch"`.
     `batch_size`: items per vmapped call (default `default_batch_size`; `0` vmaps every item of a group at once).
@@ -196,7 +196,7 @@ def sweep(model, tokens, mask, metric: Metric, interventions, *, where: StackedW
         wf = first_layers(where, n, L)
         firsts = [wf if SITES[t.site].per_layer else np.zeros(n, np.int64) for t in templates]
     firsts = np.asarray(first) if first is not None else np.min(np.stack(firsts), 0)
-    starts = _starts(firsts.astype(np.int64), max_programs, L, tokens.size, _layer_scale(cfg))
+    starts = program_starts(firsts.astype(np.int64), max_programs, L, tokens.size, _layer_scale(cfg))
 
     out_sharding, item_spec = None, None
     k = sweep_size(mesh, rules)
@@ -238,13 +238,13 @@ def sweep(model, tokens, mask, metric: Metric, interventions, *, where: StackedW
 # ----------------------------------------------------------------------------- head ablation
 
 
-def _one_hot_items(n_layers: int, n: int, field: str) -> StackedWhere:
+def one_hot_items(n_layers: int, n: int, field: str) -> StackedWhere:
     """`n_layers * n` items, layer-major: item (l, j) selects layer l and index j of `field` (heads or tokens)."""
     layers = np.repeat(np.arange(n_layers), n)[:, None]
     return StackedWhere(layers=layers, **{field: np.tile(np.eye(n, dtype=bool), (n_layers, 1))})
 
 
-def _ablation(model, tokens, mask, kind: str, reference, key) -> tuple[Replace, jax.Array, jax.Array | float]:
+def ablation_replacement(model, tokens, mask, kind: str, reference, key) -> tuple[Replace, jax.Array, jax.Array | float]:
     """(the attn.z replacement, the clean z [L, B, T, H, d], what each head is replaced by)."""
     z = capture(model, tokens, mask, "attn.z")
     if kind == "zero":
@@ -279,8 +279,8 @@ def head_ablation(model, tokens, mask, metric: Metric, kind: str = "zero", refer
     cfg = model.cfg
     positions = metric_positions(metric, positions)
     _check(model, tokens, mask, metric, positions)
-    template, _, _ = _ablation(model, tokens, mask, kind, reference, key)
-    values = sweep(model, tokens, mask, metric, (template,), where=_one_hot_items(cfg.n_layers, cfg.n_heads, "heads"),
+    template, _, _ = ablation_replacement(model, tokens, mask, kind, reference, key)
+    values = sweep(model, tokens, mask, metric, (template,), where=one_hot_items(cfg.n_layers, cfg.n_heads, "heads"),
                    positions=positions, mesh=mesh, batch_size=batch_size, max_programs=max_programs, rules=rules,
                    progress=progress)
     return values.reshape(cfg.n_layers, cfg.n_heads) - baseline(model, tokens, mask, metric, positions=positions)
@@ -301,10 +301,10 @@ def _per_axis(site: str, per: str) -> tuple[str, str]:
     if not check_site(site).per_layer:
         raise InputError(f"patching sweeps need a layer site, not {site!r}")
     if per == "position":
-        return "tokens", "T"
+        return "tokens", "seq"
     if per == "head":
         axes = SITES[site].axes
-        return "heads", "H" if "H" in axes else "K"
+        return "heads", "heads" if "heads" in axes else "kv_heads"
     raise InputError(f"per must be 'position' or 'head', got {per!r}")
 
 
@@ -318,7 +318,7 @@ def activation_patching(model, clean, corrupt, metric: Metric, *, site: str = "r
     field, axis = _per_axis(site, per)
     cache = capture(model, ct, cm, site)
     n = cache.shape[1 + SITES[site].axes.index(axis)]
-    values = sweep(model, xt, xm, metric, (Replace(site, cache),), where=_one_hot_items(model.cfg.n_layers, n, field),
+    values = sweep(model, xt, xm, metric, (Replace(site, cache),), where=one_hot_items(model.cfg.n_layers, n, field),
                    positions=positions, mesh=mesh, batch_size=batch_size, max_programs=max_programs, rules=rules,
                    progress=progress)
     return values.reshape(model.cfg.n_layers, n) - baseline(model, xt, xm, metric, positions=positions)
@@ -341,7 +341,7 @@ def _site_grad(model, tokens, mask, metric, site: str, positions):
 
 def _reduce(contrib: jax.Array, site: str, axis: str) -> np.ndarray:
     """Sum a `[L, B, ...]` attribution over everything but the layer and the site's `axis`."""
-    names = ("L",) + SITES[site].axes
+    names = ("layers",) + SITES[site].axes
     keep = names.index(axis)
     other = tuple(i for i in range(contrib.ndim) if i not in (0, keep))
     return np.asarray(jnp.sum(contrib, other))
@@ -365,9 +365,9 @@ def head_ablation_attribution(model, tokens, mask, metric: Metric, kind: str = "
     tokens, mask = _inputs(tokens, mask)
     positions = metric_positions(metric, positions)
     _check(model, tokens, mask, metric, positions)
-    _, _, source = _ablation(model, tokens, mask, kind, reference, key)
+    _, _, source = ablation_replacement(model, tokens, mask, kind, reference, key)
     z, grad = _site_grad(model, tokens, mask, metric, "attn.z", positions)
-    return _reduce((jnp.broadcast_to(source, z.shape) - z) * grad, "attn.z", "H")
+    return _reduce((jnp.broadcast_to(source, z.shape) - z) * grad, "attn.z", "heads")
 
 
 def rank_correlation(a, b) -> float:

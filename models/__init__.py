@@ -13,11 +13,11 @@ from models.generate import generate
 from models.loading import REGISTRY
 from models.model import Model, default_dtype, forward, load
 from models.params import init_params, logical_axes
-from models.sites import ALL_SITES, LAYER_SITES, SITES, Site
+from models.sites import ALL_SITES, LAYER_SITES, SITES, Hook, Site
 from models.transformer import Capture, KVCache, Output, SiteContext
 
 __all__ = [
-    "ALL_SITES", "Activations", "Capture", "Config", "InputError", "KVCache", "LAYER_SITES", "Model", "ModelError",
+    "ALL_SITES", "Activations", "Capture", "Config", "Hook", "InputError", "KVCache", "LAYER_SITES", "Model", "ModelError",
     "ModelFileError", "Output", "REGISTRY", "RopeScaling", "SITES", "Site", "SiteContext", "UnknownModelError",
     "UnsupportedModelError", "default_dtype", "forward", "from_tl_name", "generate", "init_params", "load",
     "logical_axes", "run_with_cache", "to_tl_name",

@@ -9,8 +9,8 @@
     a.rows("resid_post", 10)                           # one [T_b, D] per row, left padding removed
     logits, a = models.run_with_cache(m, ["a text", "another text"], capture=("resid_post",))
 
-Names map both ways through the site registry (`models.sites.Site.tl`): `to_tl_name("attn.z", 3) ==
-"blocks.3.attn.hook_z"`, `from_tl_name("blocks.3.attn.hook_z") == ("attn.z", 3)`. Layer sites live inside
+Names map both ways through the site registry (`models.sites.Site.tl`, `models.Hook`): `Hook("attn.z", 3).tl
+== to_tl_name("attn.z", 3) == "blocks.3.attn.hook_z"`, `from_tl_name("blocks.3.attn.hook_z") == ("attn.z", 3)`. Layer sites live inside
 `blocks.{layer}.`; `embed` is `hook_embed` and `final_norm` is `ln_final.hook_normalized`. Where the values
 differ from TransformerLens's: `attn.scores` is before masking (TL's `hook_attn_scores` has -inf on masked
 keys), `embed` includes GPT-2's learned position embedding (TL: `hook_embed` + `hook_pos_embed`), and norms
@@ -28,47 +28,26 @@ from jaxtyping import Array, Int
 
 from models.errors import InputError
 from models.model import forward, tokens_and_mask
-from models.sites import ALL_SITES, SITES
-from models.transformer import Capture
+from models.sites import ALL_SITES, SITES, TL_NAMES, Hook
+from models.transformer import Capture, as_capture
 
 __all__ = ["Activations", "TL_NAMES", "from_tl_name", "run_with_cache", "to_tl_name"]
 
-TL_NAMES: dict[str, str] = {s.tl: s.name for s in SITES.values()}  # TL hook (without `blocks.{l}.`) -> site
 # TL's short names (`cache["pattern", 3]`): the hook's last part without `hook_`, where it names one site only
 _short = [(s.tl.rsplit(".", 1)[-1].removeprefix("hook_"), s.name) for s in SITES.values() if s.per_layer]
 _SHORT = {k: v for k, v in _short if [a for a, _ in _short].count(k) == 1}
 
 
 def to_tl_name(site: str, layer: int | None = None) -> str:
-    """The TransformerLens hook name of `site` (at `layer`, for layer sites): `blocks.10.hook_resid_post`."""
-    s = _site(site)
-    if not s.per_layer:
-        if layer not in (None, -1):
-            raise InputError(f"site {site!r} is not per layer, so it takes no layer (got {layer})")
-        return s.tl
-    if layer is None or isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or layer < 0:
-        raise InputError(f"site {site!r} is per layer: give a layer >= 0, got {layer!r}")
-    return f"blocks.{int(layer)}.{s.tl}"
+    """The TransformerLens hook name of `site` (at `layer`, for layer sites): `blocks.10.hook_resid_post`
+    (`Hook(site, layer).tl`)."""
+    return Hook(site, layer).tl
 
 
 def from_tl_name(name: str) -> tuple[str, int | None]:
-    """`(site, layer)` of a TransformerLens hook name (`layer` None for `hook_embed`, `ln_final.hook_normalized`)."""
-    parts = name.split(".") if isinstance(name, str) else []
-    if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit():
-        site = TL_NAMES.get(".".join(parts[2:]))
-        if site is not None and SITES[site].per_layer:
-            return site, int(parts[1])
-    elif name in TL_NAMES and not SITES[TL_NAMES[name]].per_layer:
-        return TL_NAMES[name], None
-    layer_hooks = ", ".join(f"blocks.{{l}}.{s.tl}" for s in SITES.values() if s.per_layer)
-    raise InputError(f"no activation site corresponds to the TransformerLens hook {name!r}; supported: "
-                     f"{layer_hooks}, " + ", ".join(s.tl for s in SITES.values() if not s.per_layer))
-
-
-def _site(name: str):
-    if name not in SITES:
-        raise InputError(f"unknown activation site {name!r}; known sites: {', '.join(ALL_SITES)}")
-    return SITES[name]
+    """`(site, layer)` of a TransformerLens hook name (`layer` None for `hook_embed`, `ln_final.hook_normalized`;
+    `tuple(Hook.from_tl(name))`)."""
+    return tuple(Hook.from_tl(name))
 
 
 class Activations:
@@ -79,8 +58,8 @@ class Activations:
 
     def __init__(self, acts: Mapping[str, Array], mask: Int[Array, "B T"] | None, capture: Sequence,
                  start_layer: int = 0):
-        capture = (capture,) if isinstance(capture, (str, Capture)) else tuple(capture)
-        caps = {c.site: c for c in (c if isinstance(c, Capture) else Capture(c) for c in capture)}
+        capture = (capture,) if isinstance(capture, (str, Capture, Hook)) else tuple(capture)
+        caps = {c.site: c for c in map(as_capture, capture)}
         missing = sorted(set(acts) - set(caps))
         if missing:
             raise InputError(f"Activations: sites {missing} are in acts but not in capture; pass the capture= "
@@ -117,8 +96,10 @@ class Activations:
         return self._layers[self._resolve(site)[0]]
 
     def _resolve(self, key) -> tuple[str, int | None]:
-        """`(site, layer)` of a key: a site, a TL hook name, or `(site or TL short name, layer)`."""
-        if isinstance(key, tuple):
+        """`(site, layer)` of a key: a site, a `Hook`, a TL hook name, or `(site or TL short name, layer)`."""
+        if isinstance(key, Hook):
+            site, layer = key
+        elif isinstance(key, tuple):
             if len(key) != 2:
                 raise InputError(f"index with [site, layer], got {key!r}")
             name, layer = key
@@ -133,7 +114,7 @@ class Activations:
         elif key in SITES:
             site, layer = key, None
         elif isinstance(key, str) and key.startswith(("blocks.", "hook_", "ln_final.")):
-            site, layer = from_tl_name(key)
+            site, layer = Hook.from_tl(key)
         else:
             raise InputError(f"unknown activation {key!r}: use a site ({', '.join(ALL_SITES)}), [site, layer] or a "
                              "TransformerLens hook name such as blocks.3.hook_resid_post")
@@ -144,7 +125,7 @@ class Activations:
 
     def __getitem__(self, key) -> Array:
         """`a[site]`: the array as captured (layer sites stacked `[layers, B, ...]`); `a[site, layer]`,
-        `a["blocks.{layer}.hook_..."]`: that layer's `[B, ...]`."""
+        `a[Hook(site, layer)]`, `a["blocks.{layer}.hook_..."]`: that layer's `[B, ...]`."""
         site, layer = self._resolve(key)
         x = self.acts[site]
         if layer is None:
@@ -166,9 +147,9 @@ class Activations:
             raise InputError(f"{site!r} was captured at positions {self._positions[site]}, not the whole "
                              "sequence; its padding cannot be located")
         mask = np.asarray(self.mask) > 0
-        axes = ("L",) * (SITES[site].per_layer and layer is None) + SITES[site].axes
-        b_axis = axes.index("B")
-        seq_axes = [i - 1 for i, a in enumerate(axes) if a in ("T", "S")]  # after the batch axis is taken
+        axes = ("layers",) * (SITES[site].per_layer and layer is None) + SITES[site].axes
+        b_axis = axes.index("batch")
+        seq_axes = [i - 1 for i, a in enumerate(axes) if a in ("seq", "kv_seq")]  # after the batch axis is taken
         if any(np.shape(x)[i + 1] != mask.shape[1] for i in seq_axes):
             raise InputError(f"{site!r} has shape {np.shape(x)} but the mask is {mask.shape}")
         out = []

@@ -16,6 +16,7 @@ from models.checks import check_call
 from models.config import Config
 from models.errors import InputError, ModelFileError
 from models.loading import load_gguf, load_hf_dir, resolve
+from models.sites import Hook
 from models.tokenizer import Tokenizer, from_gguf_metadata, from_hf_dir
 
 
@@ -157,12 +158,13 @@ def forward(model: Model, tokens, attention_mask=None, positions=None, capture: 
 
     `tokens` is int `[B, T]`, or a text / list of texts, tokenised as `model.tokenize` does (the model's BOS
     convention, left-padded, the mask supplied; `model.tokenize(texts)` gives the same tokens and mask).
-    Capture nothing by default; `capture=("resid_post", Capture("attn.pattern", layers=(3,)))` keeps those
+    Capture nothing by default; `capture=("resid_post", Capture("attn.pattern", layers=(3,)), Hook("attn.z", 5))`
+    keeps those
     (`models.Activations(acts, mask, capture)` indexes them by `[site, layer]` or TransformerLens hook name).
     Interventions are pytrees (see `interp`), so this is vmappable and differentiable in them.
     """
     tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask)
-    capture = tuple(capture) if not isinstance(capture, str) else (capture,)
+    capture = tuple(map(transformer.as_capture, (capture,) if isinstance(capture, (str, Hook)) else capture))
     # concrete checks (token ids, positions per row, selections) before anything is traced
     check_call(model.cfg, tokens, attention_mask, capture, tuple(interventions), start_layer=start_layer,
                stop_layer=stop_at_layer)

@@ -39,6 +39,8 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ("head_dim", None),
     ("layers", None),
     ("ctx", None),
+    ("seq", None),
+    ("kv_seq", None),
 )
 
 
@@ -76,6 +78,16 @@ def partition_spec(axes: Sequence[str], shape: Sequence[int] | None = None, mesh
     if mesh is not None:
         table = _fitting(table, axes, shape, mesh)
     return nn.logical_to_mesh_axes(axes, table)
+
+
+def constrain(x: jax.Array, axes: Sequence[str], rules=None) -> jax.Array:
+    """`x` constrained to the sharding of its logical `axes` when a mesh is set (`with jax.set_mesh(mesh):`),
+    else `x` unchanged. The forward calls it at every activation site with the site's registry axes, so a
+    mesh-sharded forward does not rely on XLA's propagation for its activations."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, partition_spec(axes, x.shape, mesh, rules))
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -204,7 +204,7 @@ def _compile_template(source: str):
 # ---------------------------------------------------------------- GGUF
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's printable spelling of each byte."""
     bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
@@ -235,7 +235,7 @@ def _file_merges(meta: Mapping[str, Any]) -> list[tuple[str, ...]] | None:
 
 
 def _byte_level(meta: Mapping[str, Any], tokens: list[str]) -> tokenizers.Tokenizer:
-    spelling = _bytes_to_unicode()
+    spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
     vocab = {
         t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)
@@ -337,7 +337,7 @@ def from_gguf_metadata(meta: Mapping[str, Any]) -> Tokenizer:
     # Control tokens are special and matched whole; in a byte-level vocabulary one spelled outside the byte
     # alphabet is a llama.cpp mislabel and is skipped, as transformers does.
     types = list(meta.get("tokenizer.ggml.token_type") or ())
-    alphabet = set(_bytes_to_unicode().values()) if kind == "gpt2" else None
+    alphabet = set(bytes_to_unicode().values()) if kind == "gpt2" else None
     special = [t for t, ty in zip(tokens, types) if ty == CONTROL and (alphabet is None or set(t) <= alphabet)]
     named = [tokens[i] for i in (bos, eos, unk, pad) if i is not None]
     if architecture.startswith("gemma") and "<mask>" in tokens:

@@ -18,7 +18,8 @@ from jaxtyping import Array, Float, Int
 from models.checks import check_call, real_index
 from models.config import Config
 from models.errors import InputError
-from models.sites import SITES, check_site
+from models.sharding import constrain
+from models.sites import SITES, Hook, check_site
 
 Params = dict[str, Any]
 NEG_INF = -1e30  # finite, so rows with no valid key give a uniform (then zeroed) pattern, never NaN
@@ -34,8 +35,9 @@ class SiteContext(NamedTuple):
     step: Int[Array, ""]  # 0 on the prompt pass, then 1, 2, ... for each generated token
 
 
-class Intervention(Protocol):
-    """Anything with a `site` name and `apply(value, ctx) -> value` (interp provides pytree implementations)."""
+class SiteEdit(Protocol):
+    """What the forward calls at a site: a `site` name and `apply(value, ctx) -> value`. Interventions are
+    `interp.interventions.Intervention`s (equinox pytrees implementing this); the forward needs no more."""
 
     site: str
 
@@ -68,7 +70,10 @@ class KVCache(NamedTuple):
     index: Int[Array, ""]  # next slot to write
 
 
-def _as_capture(c) -> Capture:
+def as_capture(c: "Capture | Hook | str") -> Capture:
+    """A capture spec as a `Capture`: a site name (every layer), a `Hook` (that layer), or a `Capture`."""
+    if isinstance(c, Hook):
+        c = Capture(c.site, layers=None if c.layer is None else (c.layer,))
     c = c if isinstance(c, Capture) else Capture(c)
     check_site(c.site)
     return c
@@ -77,7 +82,7 @@ def _as_capture(c) -> Capture:
 class _Sites:
     """Applies interventions and records captures at each site, inside or outside the layer scan."""
 
-    def __init__(self, capture: Sequence[Capture], interventions: Sequence[Intervention], ctx: SiteContext):
+    def __init__(self, capture: Sequence[Capture], interventions: Sequence[SiteEdit], ctx: SiteContext):
         self.capture = {c.site: c for c in capture}
         self.interventions = tuple(interventions)
         for iv in self.interventions:
@@ -97,6 +102,7 @@ class _Sites:
         return "attn.head_out" in self.capture and not any(iv.site == "attn.head_out" for iv in self.interventions)
 
     def visit(self, name: str, value: Array, layer=None) -> Array:
+        value = constrain(value, SITES[name].axes)
         ctx = self.ctx._replace(layer=layer)
         for iv in self.interventions:
             if iv.site == name:
@@ -373,7 +379,7 @@ def forward(
     attention_mask: Int[Array, "B T"] | None = None,
     positions: Int[Array, "B T"] | None = None,
     capture: Sequence[str | Capture] = (),
-    interventions: Sequence[Intervention] = (),
+    interventions: Sequence[SiteEdit] = (),
     *,
     start_layer: int = 0,
     stop_at_layer: int | None = None,
@@ -397,7 +403,7 @@ def forward_cached(
     attention_mask: Int[Array, "B T"] | None,
     positions: Int[Array, "B T"] | None,
     capture: Sequence[str | Capture],
-    interventions: Sequence[Intervention],
+    interventions: Sequence[SiteEdit],
     *,
     cache: KVCache,
     step: int | Array = 0,
@@ -431,7 +437,7 @@ def _forward(params, cfg, tokens, attention_mask, positions, capture, interventi
     if not 0 <= start_layer <= stop <= cfg.n_layers:
         raise InputError(f"need 0 <= start_layer ({start_layer}) <= stop_at_layer ({stop}) <= {cfg.n_layers}")
 
-    captures = tuple(_as_capture(c) for c in capture)
+    captures = tuple(as_capture(c) for c in capture)
     if cache is None:  # generate checks its prompt with the tokens it will add
         check_call(cfg, tokens, attention_mask, captures, interventions, start_layer=start_layer, stop_layer=stop)
     ctx = SiteContext(None, positions, attention_mask, jnp.asarray(step, jnp.int32))

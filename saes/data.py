@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.errors import InputError
+from models.sites import SITES, Hook, check_site
 from saes.sae import hook_name
 
 __all__ = [
@@ -381,43 +382,36 @@ class TokenRows:
         return np.stack([next(it) for _ in range(n)])
 
 
-def parse_hooks(sites: Sequence[str] | str, layers: Sequence[int] | None) -> list[tuple[str, int | None]]:
-    """(site, layer) pairs: every site at every layer (model-level sites like `embed` take no layer)."""
-    from models.sites import check_site
-
+def parse_hooks(sites: Sequence[str] | str, layers: Sequence[int] | None) -> list[Hook]:
+    """Every site at every layer, as `models.Hook`s (model-level sites like `embed` take no layer)."""
     sites = [sites] if isinstance(sites, str) else list(sites)
     out = []
     for s in sites:
-        info = check_site(s)
-        if not info.per_layer:
-            out.append((s, None))
+        if not check_site(s).per_layer:
+            out.append(Hook(s))
             continue
         if not layers:
             raise InputError(f"site {s!r} is per layer: give --layers")
-        out.extend((s, int(layer)) for layer in layers)
+        out.extend(Hook(s, int(layer)) for layer in layers)
     return out
 
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def parse_hook(name: str) -> tuple[str, int | None]:
-    """The typed identity `(site, layer)` of a hook name: `"L10.resid_post"` -> `("resid_post", 10)`, a model
-    site (`"embed"`) -> `(site, None)`. Sources not made from a model (synthetic data) may name their one
-    stream with a plain identifier (`"synthetic"` -> `("synthetic", None)`). Anything else, in particular a name
-    with path separators or `..`, is an InputError: hook names come from files (a cache's manifest) and
-    become directory names only through `hook_dir`."""
-    from models.sites import SITES
-
-    m = re.fullmatch(r"L(0|[1-9][0-9]{0,5})\.(.+)", name) if isinstance(name, str) else None
-    if m and m.group(2) in SITES and SITES[m.group(2)].per_layer:
-        return m.group(2), int(m.group(1))
-    if isinstance(name, str) and name in SITES and not SITES[name].per_layer:
-        return name, None
+def parse_hook(name: str) -> Hook | tuple[str, None]:
+    """The typed identity of a stream name: `"L10.resid_post"` -> `Hook("resid_post", 10)`, a model site
+    (`"embed"`) -> `Hook("embed")` (`models.Hook.parse`; a layer site needs its layer). Sources not made from a
+    model (synthetic data) may name their one stream with a plain identifier (`"synthetic"` ->
+    `("synthetic", None)`). Anything else, in particular a name with path separators or `..`, is an InputError:
+    stream names come from files (a cache's manifest) and become directory names only through `hook_dir`."""
     if isinstance(name, str) and _IDENTIFIER.fullmatch(name) and name not in SITES:
         return name, None
-    raise InputError(f"invalid hook name {name!r}: expected 'L<layer>.<site>' for a per-layer site of "
-                     f"models.sites, a model-level site, or a plain identifier for non-model data")
+    hook = Hook.parse(name) if isinstance(name, str) and not (name in SITES and SITES[name].per_layer) else None
+    if hook is None:
+        raise InputError(f"invalid hook name {name!r}: expected 'L<layer>.<site>' for a per-layer site of "
+                         f"models.sites, a model-level site, or a plain identifier for non-model data")
+    return hook
 
 
 def hook_dir(root: str | Path, name: str) -> Path:
@@ -452,12 +446,10 @@ class ArraySource:
 
 def site_width(cfg, site: str) -> int:
     """Width of one token's activation at `site` for a `models.Config` (per-head sites flattened: H * d)."""
-    from models.sites import check_site
-
     axes = check_site(site).axes
-    if "S" in axes:
+    if "kv_seq" in axes:
         raise InputError(f"site {site!r} (attention scores/patterns) has no fixed width for an SAE")
-    size = dict(D=cfg.d_model, H=cfg.n_heads, K=cfg.n_kv_heads, d=cfg.d_head, F=cfg.d_mlp)
+    size = dict(embed=cfg.d_model, heads=cfg.n_heads, kv_heads=cfg.n_kv_heads, head_dim=cfg.d_head, mlp=cfg.d_mlp)
     return int(np.prod([size[a] for a in axes[2:]]))
 
 

@@ -26,11 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from interp.interventions import Intervention, Where, _where
+from interp.interventions import Intervention, Where, at
 from models.checks import Extent, check_index
 from models.errors import InputError
-from saes.evaluate import _at_layer, _real
-from saes.features import _after_first, _encode_batch, _site_acts
+from saes.evaluate import _real
+from saes.features import _after_first, _encode_batch, site_acts
 from saes.sae import SAE
 
 __all__ = ["DecoderSteer", "FeatureAblation", "GATES", "fires_anywhere"]
@@ -62,7 +62,7 @@ class _AtSAE(Intervention):
     def _setup(self, sae: SAE, features) -> None:
         self.sae, self.site = sae, sae.site
         self.features = _feature_set(sae, features, f"{type(self).__name__} features")
-        self.where = _where(sae.site, None, dict(layers=(sae.layer,)) if sae.layer >= 0 else {})
+        self.where = at(sae.site, sae.layer)
 
     def _edit(self, x, ctx):
         raise NotImplementedError
@@ -76,9 +76,6 @@ class _AtSAE(Intervention):
         x = value.reshape(B, T, -1).astype(jnp.float32)
         new = jnp.where((ctx.attention_mask > 0)[..., None], self._edit(x, ctx), x)
         return new.astype(value.dtype).reshape(value.shape)
-
-    def apply(self, value, ctx):
-        return _at_layer(self.sae.layer, ctx, lambda v: Intervention.apply(self, v, ctx), value)
 
 
 class FeatureAblation(_AtSAE):
@@ -142,6 +139,6 @@ def fires_anywhere(model, sae: SAE, features, tokens, mask) -> np.ndarray:
     """[B] bool: some f in `features` fires (> 0) on some real token after the first of each row of the unsteered
     forward of `tokens`, `mask` `[B, T]` (left-padded, as `model.tokenize` gives): `DecoderSteer`'s per-input gate."""
     f = _feature_set(sae, features, "fires_anywhere features")
-    acts = _site_acts(model, sae, tokens, mask)
+    acts = site_acts(model, sae, tokens, mask)
     h = _encode_batch(sae, acts, jnp.asarray(_after_first(mask)))
     return np.asarray(jnp.any(h[..., f] > 0, (1, 2)))

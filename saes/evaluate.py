@@ -1,6 +1,6 @@
 """Downstream evaluation: splice an SAE into the forward and measure the CE loss recovered and the KL.
 
-    iv = Splice(sae)                                   # an intervention (static `site`, `apply(value, ctx)`)
+    iv = Splice(sae)                                   # an interp.interventions.Intervention
     logits, _ = models.forward(m, tokens, mask, interventions=(iv,))
     ce_metrics(m, {"L10.resid_post": sae}, tokens, mask)
     # {"L10.resid_post": {"ce_clean", "ce_sae", "ce_zero", "ce_recovered", "kl"}}
@@ -18,17 +18,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from interp.interventions import Intervention, StackedWhere, at
 from saes.sae import SAE
 
 __all__ = ["Splice", "ce_metrics", "next_token_ce", "reconstruction_metrics"]
-
-
-def _at_layer(layer, ctx, fn, value):
-    """`fn(value)` at `layer` only (an int or an int array; negative: any), evaluated only there
-    (lax.cond inside the layer scan)."""
-    if ctx.layer is None or (isinstance(layer, int) and layer < 0):
-        return fn(value)
-    return jax.lax.cond((ctx.layer == layer) | (jnp.asarray(layer) < 0), fn, lambda v: v, value)
 
 
 def _real(ctx):
@@ -36,17 +29,18 @@ def _real(ctx):
     return (ctx.attention_mask > 0) & (ctx.positions > 0)
 
 
-class Splice(eqx.Module):
+class Splice(Intervention):
     """Replace the activation at the SAE's (site, layer) by its reconstruction (`mode="sae"`), by zeros
     (`"zero"`), or by the reconstruction plus the SAE's error (`"sae+error"`, identity up to rounding).
 
-    The layer and the mode are arrays, not static fields, so every hook and mode of one SAE shape shares a
-    single compiled forward."""
+    An ordinary intervention whose layer selection and mode are arrays (a `StackedWhere` item and two weights),
+    not static fields, so every hook and mode of one SAE shape shares a single compiled forward; the SAE is
+    evaluated at its layer only."""
 
     sae: SAE
-    layer: jax.Array
     recon_weight: jax.Array
     error_weight: jax.Array
+    where: StackedWhere
     site: str = eqx.field(static=True)
 
     def __init__(self, sae: SAE, mode: str = "sae", site: str | None = None, layer: int | None = None):
@@ -54,20 +48,16 @@ class Splice(eqx.Module):
         if mode not in weights:
             raise ValueError(f"mode must be 'sae', 'zero' or 'sae+error', got {mode!r}")
         self.site = site if site is not None else sae.site
-        self.layer = jnp.asarray(layer if layer is not None else sae.layer, jnp.int32)
-        self.sae = dataclasses.replace(sae, site="", layer=-1)  # static metadata out of the compiled signature
+        self.where = StackedWhere.of(at(self.site, layer if layer is not None else sae.layer))
+        self.sae = dataclasses.replace(sae, site="", layer=None)  # static metadata out of the compiled signature
         self.recon_weight, self.error_weight = (jnp.asarray(w, jnp.float32) for w in weights[mode])
 
-    def apply(self, value, ctx):
-        def replace(v):
-            B, T = v.shape[:2]
-            x = v.reshape(B, T, -1).astype(jnp.float32)
-            x_hat = self.sae(x)
-            new = self.recon_weight * x_hat + self.error_weight * (x - x_hat)
-            out = jnp.where(_real(ctx)[..., None], new, x)
-            return out.astype(v.dtype).reshape(v.shape)
-
-        return _at_layer(self.layer, ctx, replace, value)
+    def edit(self, value, ctx):
+        B, T = value.shape[:2]
+        x = value.reshape(B, T, -1).astype(jnp.float32)
+        x_hat = self.sae(x)
+        new = self.recon_weight * x_hat + self.error_weight * (x - x_hat)
+        return jnp.where(_real(ctx)[..., None], new, x).astype(value.dtype).reshape(value.shape)
 
 
 def next_token_ce(logits, tokens, mask):

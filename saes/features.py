@@ -11,8 +11,9 @@ steering.
     models.generate(m, prompts, 30, interventions=(steer(sae, 123, 8.0),))           # add 8 x the decoder row
     models.generate(m, prompts, 30, interventions=(steer(sae, 123, 5.0, "clamp"),))  # clamp the feature to 5
 
-Steering uses the interventions protocol (`site`, `apply(value, ctx)`), so it runs on the prompt pass and
-at every decoding step of `models.generate`, and composes with any other intervention.
+Steering is an ordinary `interp.interventions.Intervention` at the SAE's (site, layer), so it runs on the
+prompt pass and at every decoding step of `models.generate`, composes with any other intervention, and is
+checked against the model it meets (a layer outside it is an InputError).
 """
 
 from __future__ import annotations
@@ -27,18 +28,18 @@ import numpy as np
 
 from models.checks import check_index
 from models.errors import InputError
-from saes.evaluate import _at_layer
+from interp.interventions import Intervention, Where, at
 from saes.sae import SAE
 
 __all__ = ["FeatureContrast", "FeatureSteer", "TopActivations", "contrast", "feature_frequencies",
-           "frequency_histogram", "logit_effects", "steer", "top_activations"]
+           "frequency_histogram", "logit_effects", "site_acts", "steer", "top_activations"]
 
 
-def _site_acts(model, sae: SAE, tokens, mask):
+def site_acts(model, sae: SAE, tokens, mask):
     """[B, T, d_in] activations of the SAE's (site, layer) for a token batch (forward stopped after it)."""
     import models
 
-    layer = sae.layer if sae.layer >= 0 else None
+    layer = sae.layer
     cap = models.Capture(sae.site, layers=(layer,) if layer is not None else None)
     stop = layer + 1 if layer is not None else None
     _, acts = models.forward(model, jnp.asarray(tokens), attention_mask=jnp.asarray(mask), capture=(cap,),
@@ -108,7 +109,7 @@ def top_activations(model, sae: SAE, rows, n_rows: int = 256, k: int = 10, batch
             break
         tokens = np.stack(chunk).astype(np.int32)
         mask = np.ones_like(tokens)
-        acts = _site_acts(model, sae, tokens, mask)
+        acts = site_acts(model, sae, tokens, mask)
         valid = jnp.ones(tokens.shape, bool).at[:, 0].set(not exclude_first)
         f = _encode_batch(sae, acts, valid).reshape(-1, sae.width)
         values, index = _merge_topk(values, index, f, seen * tokens.shape[1])
@@ -130,7 +131,7 @@ def feature_frequencies(model, sae: SAE, rows, n_rows: int = 256, batch: int = 1
         if not chunk:
             break
         tokens = np.stack(chunk).astype(np.int32)
-        acts = _site_acts(model, sae, tokens, np.ones_like(tokens))
+        acts = site_acts(model, sae, tokens, np.ones_like(tokens))
         valid = jnp.ones(tokens.shape, bool).at[:, 0].set(False)
         f = _encode_batch(sae, acts, valid)
         counts = counts + (f > 0).sum((0, 1))
@@ -162,7 +163,7 @@ def _text_stats(model, sae: SAE, texts: Sequence[str], batch: int, name: str):
     fires = jnp.zeros((sae.width,), jnp.int32)
     total = jnp.zeros((sae.width,), jnp.float32)
     for i in range(0, len(tokens), batch):
-        acts = _site_acts(model, sae, tokens[i:i + batch], mask[i:i + batch])
+        acts = site_acts(model, sae, tokens[i:i + batch], mask[i:i + batch])
         m, c, t = _set_stats(sae, acts, jnp.asarray(valid[i:i + batch]))
         top, fires, total = jnp.maximum(top, m), fires + c, total + t
     n = int(valid.sum())
@@ -261,43 +262,40 @@ def logit_effects(model, sae: SAE, feature: int, n: int = 10) -> dict[str, list[
             "suppressed": [(name(i), float(effect[i])) for i in order[:n]]}
 
 
-class FeatureSteer(eqx.Module):
+class FeatureSteer(Intervention):
     """An intervention at the SAE's (site, layer): `mode="add"` adds `value` x the feature's (raw-space)
     decoder direction to every real token; `"clamp"` re-encodes the activation and sets the feature to
-    `value`, keeping the SAE's reconstruction error (x + (value - f_i) d_i)."""
+    `value`, keeping the SAE's reconstruction error (x + (value - f_i) d_i). The feature and the value are
+    array leaves (vmap over them for a sweep)."""
 
     sae: SAE
     feature: jax.Array
     value: jax.Array
+    where: Where
     site: str = eqx.field(static=True)
-    layer: int = eqx.field(static=True)
     mode: str = eqx.field(static=True)
 
-    def apply(self, value, ctx):
-        def edit(v):
-            B, T = v.shape[:2]
-            x = v.reshape(B, T, -1).astype(jnp.float32)
-            d = self.sae.W_dec[self.feature] / self.sae.act_scale
-            if self.mode == "add":
-                new = x + self.value * d
-            else:
-                f = self.sae.encode(x)[..., self.feature]
-                new = x + (self.value - f)[..., None] * d
-            real = (ctx.attention_mask > 0)[..., None]
-            return jnp.where(real, new, x).astype(v.dtype).reshape(v.shape)
+    def __init__(self, sae: SAE, feature, value, mode: str = "add"):
+        if mode not in ("add", "clamp"):
+            raise ValueError(f"mode must be 'add' or 'clamp', got {mode!r}")
+        self.sae, self.site, self.mode = sae, sae.site, mode
+        self.feature, self.value = jnp.asarray(feature, jnp.int32), jnp.asarray(value, jnp.float32)
+        self.where = at(sae.site, sae.layer)
 
-        return _at_layer(self.layer, ctx, edit, value)
-
-    def validate(self, ext) -> None:
-        """The SAE's layer (negative: every layer) must exist in the model it meets (`models.checks`)."""
-        if self.layer is not None and self.layer >= 0:
-            check_index(f"FeatureSteer({self.site!r}) layer", np.asarray([self.layer]), ext.cfg.n_layers,
-                        f"a model of {ext.cfg.n_layers} layers")
+    def edit(self, value, ctx):
+        B, T = value.shape[:2]
+        x = value.reshape(B, T, -1).astype(jnp.float32)
+        d = self.sae.W_dec[self.feature] / self.sae.act_scale
+        if self.mode == "add":
+            new = x + self.value * d
+        else:
+            f = self.sae.encode(x)[..., self.feature]
+            new = x + (self.value - f)[..., None] * d
+        real = (ctx.attention_mask > 0)[..., None]
+        return jnp.where(real, new, x).astype(value.dtype).reshape(value.shape)
 
 
 def steer(sae: SAE, feature: int, value: float, mode: str = "add") -> FeatureSteer:
     """A `FeatureSteer` intervention for `models.forward` / `models.generate` (see the module docstring)."""
-    if mode not in ("add", "clamp"):
-        raise ValueError(f"mode must be 'add' or 'clamp', got {mode!r}")
     check_index("steer feature", np.asarray([feature]), sae.W_dec.shape[0], f"an SAE of {sae.W_dec.shape[0]} features")
-    return FeatureSteer(sae, jnp.asarray(feature, jnp.int32), jnp.asarray(value, jnp.float32), sae.site, sae.layer, mode)
+    return FeatureSteer(sae, feature, value, mode)

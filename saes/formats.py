@@ -10,8 +10,8 @@ layer, k / bandwidth, free-form `meta`). SAELens: the normalisation factor is fo
 (`normalize_activations: "none"`), names are SAELens's (`W_enc [d_in, d_sae]`, `b_enc`, `W_dec [d_sae, d_in]`,
 `b_dec`, `threshold` for JumpReLU, `b_gate`/`r_mag`/`b_mag` for Gated), our `relu` is SAELens's `standard`,
 and BatchTopK is written as a JumpReLU with its inference threshold on every feature (as SAELens does).
-Sites map to TransformerLens hook names through the site registry (`models.to_tl_name`: `resid_post` at
-layer 10 -> `blocks.10.hook_resid_post`).
+An SAE's (site, layer) is a `models.Hook` (layer `None` for model sites); its TransformerLens name is
+`Hook.tl` (`Hook("resid_post", 10).tl == "blocks.10.hook_resid_post"`).
 """
 
 from __future__ import annotations
@@ -25,13 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from models.activations import from_tl_name, to_tl_name
 from models.errors import InputError
-from models.sites import SITES
+from models.sites import SITES, Hook
 from saes import sae as sae_lib
 from saes.sae import SAE
 
-__all__ = ["TL_HOOKS", "check_arrays", "from_saelens", "load", "load_gemma_scope", "load_run", "save", "tl_hook_name", "to_saelens"]
+__all__ = ["TL_HOOKS", "check_arrays", "from_saelens", "load", "load_gemma_scope", "load_run", "save", "to_saelens"]
 
 FORMAT = "interp-sae"
 
@@ -39,18 +38,6 @@ FORMAT = "interp-sae"
 TL_HOOKS = {name: site.tl for name, site in SITES.items()}
 _TO_SAELENS = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "gated": "gated"}
 _FROM_SAELENS = {"standard": "relu", "topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu", "gated": "gated"}
-
-
-def tl_hook_name(site: str, layer: int) -> str:
-    """`models.to_tl_name` with layer -1 for model-level sites (`embed`, `final_norm`), as `SAE.layer` holds."""
-    s = SITES.get(site)
-    return to_tl_name(site, None if s is not None and not s.per_layer else layer)
-
-
-def parse_tl_hook(name: str) -> tuple[str, int]:
-    """(site, layer) of a TransformerLens hook name (layer -1 for model-level hooks)."""
-    site, layer = from_tl_name(name)
-    return site, -1 if layer is None else layer
 
 
 # ----------------------------------------------------------------------------- ours
@@ -85,7 +72,8 @@ def load(path: str | Path, model=None) -> SAE:
         raise InputError(f"{info_path}: arch {info.get('arch')!r} is not one of {', '.join(sae_lib.ARCHS)}")
     weights = path / "sae.safetensors"
     arrays = _read_safetensors(weights)
-    site, layer, k = info.get("site", ""), info.get("layer", -1), info.get("k", 32)
+    site, layer, k = info.get("site", ""), info.get("layer"), info.get("k", 32)
+    layer = None if layer is None or layer == -1 else layer  # -1: "no layer" in files before models.Hook
     check_arrays(weights, info["arch"], arrays, k=k, site=site, layer=layer, model=model, d_in=info.get("d_in"),
                  width=info.get("width"))
     return sae_lib.from_arrays(info["arch"], arrays, site=site, layer=layer, k=k, bandwidth=info.get("bandwidth", 0.05))
@@ -97,7 +85,7 @@ _SHAPES = {"W_enc": ("d", "w"), "W_dec": ("w", "d"), "b_enc": ("w",), "b_dec": (
 _REQUIRED = {"relu": (), "topk": (), "batchtopk": (), "jumprelu": ("threshold",), "gated": ("r_mag", "b_mag")}
 
 
-def check_arrays(where, arch: str, arrays: dict, *, k=32, site: str = "", layer=-1, model=None, d_in=None,
+def check_arrays(where, arch: str, arrays: dict, *, k=32, site: str = "", layer=None, model=None, d_in=None,
                  width=None) -> None:
     """Raise an InputError naming `where` unless `arrays` (our names) make a consistent SAE of `arch`:
     `W_enc [d_in, width]`, `W_dec [width, d_in]`, `b_dec [d_in]`, `b_enc`/`threshold` (JumpReLU)/`r_mag`/`b_mag`
@@ -129,7 +117,6 @@ def check_arrays(where, arch: str, arrays: dict, *, k=32, site: str = "", layer=
         raise InputError(f"{where}: k={k!r} must be an integer in [1, width={enc[1]}]")
     if model is None:
         return
-    from models.sites import SITES
     from saes.data import site_width
 
     cfg = getattr(model, "cfg", model)
@@ -200,7 +187,7 @@ def to_saelens(sae: SAE, path: str | Path, *, model_name: str = "", context_size
     if s.arch == "batchtopk":
         w["threshold"] = jnp.full((s.width,), jnp.maximum(s.threshold, 0.0))
     save_file({k: np.ascontiguousarray(np.asarray(v, dtype)) for k, v in w.items()}, str(path / "sae_weights.safetensors"))
-    metadata = dict(model_name=model_name, hook_name=tl_hook_name(s.site, s.layer) if s.site else "",
+    metadata = dict(model_name=model_name, hook_name=Hook(s.site, s.layer).tl if s.site else "",
                     hook_head_index=None, prepend_bos=bool(prepend_bos), exclude_special_tokens=True,
                     exported_from="interp", interp_arch=s.arch)
     if context_size is not None:
@@ -245,7 +232,7 @@ def from_saelens(path: str | Path, model=None) -> SAE:
     meta = cfg.get("metadata") or {}
     hook = meta.get("hook_name") or cfg.get("hook_name") or ""
     try:
-        site, layer = parse_tl_hook(hook) if hook else ("", -1)
+        site, layer = Hook.from_tl(hook) if hook else ("", None)
     except InputError as e:
         raise InputError(f"{path / 'cfg.json'}: {e}") from None
     arrays = {("b_enc" if k == "b_gate" and arch == "gated" else k): np.asarray(v, np.float32) for k, v in weights.items()}
@@ -270,7 +257,7 @@ def from_saelens(path: str | Path, model=None) -> SAE:
 # ----------------------------------------------------------------------------- Gemma Scope
 
 
-def load_gemma_scope(path: str | Path, *, site: str = "resid_post", layer: int = -1, model=None) -> SAE:
+def load_gemma_scope(path: str | Path, *, site: str = "resid_post", layer: int | None = None, model=None) -> SAE:
     """A Gemma Scope JumpReLU SAE from its `params.npz` (or a safetensors file with the same names:
     `W_enc [d_model, width]`, `b_enc`, `W_dec [width, d_model]`, `b_dec`, `threshold`), computing exactly
     Gemma Scope's `f = relu(x W_enc + b_enc) * (x W_enc + b_enc > threshold)`, `x_hat = f W_dec + b_dec`.

@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from models.sites import SITES, Hook
+
 __all__ = [
     "ARCHS", "SAE", "BatchTopKSAE", "GatedSAE", "JumpReLUSAE", "ReLUSAE", "TopKSAE", "init", "jumprelu", "step",
     "rectangle", "hook_name", "sparse_decode", "sparse_encode",
@@ -45,8 +47,9 @@ __all__ = [
 
 
 def hook_name(site: str, layer: int | None) -> str:
-    """The key of one SAE in a run: `"L10.resid_post"` (model sites without a layer: the site name)."""
-    return site if layer is None or layer < 0 else f"L{layer}.{site}"
+    """The key of one SAE in a run: `models.Hook(site, layer).key` (`"L10.resid_post"`; a model site: its name);
+    a stream not read from a model (synthetic data) keeps its plain name."""
+    return Hook(site, layer).key if site in SITES else site
 
 
 # ----------------------------------------------------------------------------- JumpReLU straight-through estimator
@@ -114,8 +117,8 @@ class SAE(eqx.Module):
     W_dec: Float[Array, "width d_in"]
     b_dec: Float[Array, " d_in"]
     act_scale: Float[Array, ""]
-    site: str = eqx.field(static=True)
-    layer: int = eqx.field(static=True)
+    site: str = eqx.field(static=True)  # a `models.sites` name ("" or a plain name: not read from a model)
+    layer: int | None = eqx.field(static=True)  # None: a model site, or not tied to one layer
 
     arch: ClassVar[str] = ""
     unit_norm_decoder: ClassVar[bool] = False
@@ -525,12 +528,17 @@ class GatedSAE(SAE):
         return recon + coeff * sparsity + aux_recon, self._aux(f, x_hat, recon, sparsity, aux_recon)
 
 
+def _layer(layer) -> int | None:
+    """`None` for no layer; files written before `models.Hook` hold -1 for it."""
+    return None if layer is None or int(layer) < 0 else int(layer)
+
+
 ARCHS: dict[str, type[SAE]] = {
     c.arch: c for c in (ReLUSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE, GatedSAE)
 }
 
 
-def init(arch: str, d_in: int, width: int, key, *, site: str = "", layer: int = -1, k: int = 32,
+def init(arch: str, d_in: int, width: int, key, *, site: str = "", layer: int | None = None, k: int = 32,
          bandwidth: float = 0.05, threshold: float = 0.01, decoder_norm: float | None = None,
          dtype=jnp.float32) -> SAE:
     """A fresh SAE: decoder rows random directions (unit norm, or `decoder_norm`; ReLU/Gated default 0.1 as in
@@ -544,7 +552,7 @@ def init(arch: str, d_in: int, width: int, key, *, site: str = "", layer: int = 
     W_dec = jax.random.normal(key, (width, d_in), jnp.float32)
     W_dec = W_dec / jnp.linalg.norm(W_dec, axis=-1, keepdims=True) * decoder_norm
     common = dict(W_enc=W_dec.T.astype(dtype), b_enc=jnp.zeros((width,), dtype), W_dec=W_dec.astype(dtype),
-                  b_dec=jnp.zeros((d_in,), dtype), act_scale=jnp.ones((), jnp.float32), site=site, layer=int(layer))
+                  b_dec=jnp.zeros((d_in,), dtype), act_scale=jnp.ones((), jnp.float32), site=site, layer=_layer(layer))
     if arch == "relu":
         return ReLUSAE(**common)
     if arch == "topk":
@@ -556,14 +564,14 @@ def init(arch: str, d_in: int, width: int, key, *, site: str = "", layer: int = 
     return GatedSAE(**common, r_mag=jnp.zeros((width,), dtype), b_mag=jnp.zeros((width,), dtype))
 
 
-def from_arrays(arch: str, arrays: dict, *, site: str = "", layer: int = -1, k: int = 32,
+def from_arrays(arch: str, arrays: dict, *, site: str = "", layer: int | None = None, k: int = 32,
                 bandwidth: float = 0.05) -> SAE:
     """Build an SAE of `arch` from named arrays (our names; missing `act_scale` means 1)."""
     a = {n: jnp.asarray(v) for n, v in arrays.items()}
     width = a["W_enc"].shape[1]
     common = dict(W_enc=a["W_enc"], b_enc=a.get("b_enc", jnp.zeros((width,), a["W_enc"].dtype)), W_dec=a["W_dec"],
                   b_dec=a["b_dec"], act_scale=a.get("act_scale", jnp.ones((), jnp.float32)).astype(jnp.float32).reshape(()),
-                  site=site, layer=int(layer))
+                  site=site, layer=_layer(layer))
     if arch == "relu":
         return ReLUSAE(**common)
     if arch == "topk":

@@ -49,7 +49,7 @@ from saes.train_state import TrainState, abstract_state, calibrate, fresh_state,
 from saes.train_step import make_permute, make_slice, make_step
 
 __all__ = ["CheckpointCorrupt", "Checkpointer", "TrainConfig", "TrainResult", "TrainState", "TrainingDiverged",
-           "build_source", "calibrate", "fresh_state", "main", "make_step", "train", "validate"]
+           "build_source", "calibrate", "cli_parser", "fresh_state", "main", "make_step", "train", "validate"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -329,7 +329,7 @@ def _postfix(rec: dict) -> dict:
 # ----------------------------------------------------------------------------- CLI
 
 
-def _parser() -> argparse.ArgumentParser:
+def cli_parser() -> argparse.ArgumentParser:
     """The CLI of `TrainConfig` (`models.cli`): each flag with its description and default."""
     return cli.parser(TrainConfig, prog="python -m saes.train", description=__doc__.split("\n\n")[0])
 

@@ -166,15 +166,15 @@ def _check_hooks(sites, layers):
     from models.sites import SITES
     from saes.data import parse_hooks
 
+    if any(layer < 0 for layer in layers):
+        raise InputError(f"--layers must be >= 0, got {layers}")
     try:
         parse_hooks(sites, layers)
     except KeyError as e:
         raise InputError(f"--site: {e.args[0]}") from None
-    unfit = [s for s in sites if "S" in SITES[s].axes]
+    unfit = [s for s in sites if "kv_seq" in SITES[s].axes]
     if unfit:
         raise InputError(f"--site {unfit}: attention scores/patterns have no fixed width for an SAE")
-    if any(layer < 0 for layer in layers):
-        raise InputError(f"--layers must be >= 0, got {layers}")
 
 
 def _is(value, t) -> bool:

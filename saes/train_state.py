@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from models.errors import InputError
-from models.sharding import RULES, partition_spec, put, sweep_mesh
+from models.sharding import partition_spec, put, sweep_mesh
 from saes import sae as sae_lib
 from saes.optim import make_optimizer
 from saes.sae import SAE
@@ -50,7 +50,7 @@ def fresh_state(cfg: TrainConfig, hooks: dict[str, tuple[str, int | None, int]],
     saes = {}
     for i, (hook, (site, layer, d_in)) in enumerate(sorted(hooks.items())):
         saes[hook] = sae_lib.init(cfg.arch, d_in, cfg.width, jax.random.fold_in(key, i), site=site,
-                                  layer=-1 if layer is None else layer, k=cfg.k, bandwidth=cfg.bandwidth,
+                                  layer=layer, k=cfg.k, bandwidth=cfg.bandwidth,
                                   threshold=cfg.threshold_init, decoder_norm=cfg.decoder_init_norm)
     opt = make_optimizer(cfg)
     params = eqx.filter(saes, trainable(saes))
@@ -142,6 +142,6 @@ def abstract_state(state: TrainState, mesh: Mesh | None) -> TrainState:
 
 
 def batch_spec(mesh: Mesh | None) -> P:
-    """The PartitionSpec of a [B, d_in] batch: B over the mesh axis of "batch" (`models.sharding.RULES`)."""
-    axis = dict(RULES).get("batch")
-    return P(axis if mesh is not None and axis in mesh.shape else None, None)
+    """The PartitionSpec of a [B, d_in] batch: logical axes ("batch", "embed") resolved by
+    `models.sharding.partition_spec` (the batch over the data axis with the default rules)."""
+    return P(None, None) if mesh is None else partition_spec(("batch", "embed"), None, mesh)

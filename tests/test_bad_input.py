@@ -291,7 +291,7 @@ def test_hostile_hook_names_never_become_paths(tmp_path, name):
 def test_valid_hook_names_stay_under_their_root(tmp_path):
     for name, identity in {"L10.resid_post": ("resid_post", 10), "L0.attn.z": ("attn.z", 0), "embed": ("embed", None),
                            "synthetic": ("synthetic", None)}.items():
-        assert parse_hook(name) == identity
+        assert tuple(parse_hook(name)) == identity
         assert hook_dir(tmp_path, name).parent == tmp_path and hook_dir(tmp_path, name).name == name
     (tmp_path / "root").mkdir()
     (tmp_path / "root" / "L1.resid_post").symlink_to(tmp_path)  # a planted link out of the root

@@ -99,7 +99,7 @@ def test_authors_mode_prompt_pass_is_exact_from_the_cached_residual(tiny):
 
 
 def test_controller_learns_labels_and_checkpoint_restores(tmp_path):
-    from experiments.gg_controller import Controller, TrainSpec, _optimizer, bce_loss, restore, train_controller
+    from experiments.gg_controller import Controller, TrainSpec, optimizer, bce_loss, restore, train_controller
 
     rng = np.random.default_rng(0)
     y = np.r_[np.ones(16), np.zeros(16)]
@@ -112,7 +112,7 @@ def test_controller_learns_labels_and_checkpoint_restores(tmp_path):
     again, _ = train_controller(x, y, 5, spec, jax.random.key(0))  # seeded: the same controller
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ctrl), jax.tree.leaves(again)))
     init = Controller(12, 16, 5, jax.random.key(1))
-    like = (init, _optimizer(spec).init(eqx.filter(init, eqx.is_array)))
+    like = (init, optimizer(spec).init(eqx.filter(init, eqx.is_array)))
     (got, _), meta = restore(tmp_path / "ckpt", like)
     assert meta["kind"] == "bce" and all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ctrl)))
     # the regulariser is the only gradient on the layer weights: with reg = 0 the w rows get none

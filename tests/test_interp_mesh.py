@@ -32,7 +32,7 @@ def run(mesh=None, rules=None):
         "heads": interp.head_ablation(m, tokens, mask, metric, kind="mean", mesh=mesh).tolist(),
         "patch": interp.sweep(m, corrupt, mask, metric, (interp.Replace("resid_pre",
                  models.forward(m, tokens, mask, capture=["resid_pre"])[1]["resid_pre"]),),
-                 where=interp.sweeps._one_hot_items(3, 6, "tokens"), mesh=mesh, rules=rules).tolist(),
+                 where=interp.sweeps.one_hot_items(3, 6, "tokens"), mesh=mesh, rules=rules).tolist(),
     }
 """
 

@@ -55,7 +55,7 @@ def test_head_ablation_finds_planted_head_and_equals_loop(planted, kind):
     assert effects.shape == (CFG.n_layers, CFG.n_heads)
     assert np.unravel_index(np.argmin(effects), effects.shape) == PLANTED
     assert effects[PLANTED] < -5 * np.abs(np.delete(effects.ravel(), np.ravel_multi_index(PLANTED, effects.shape))).max()
-    _, _, source = sweeps._ablation(m, t, k, kind, None, None)
+    _, _, source = sweeps.ablation_replacement(m, t, k, kind, None, None)
     items = [(l, h) for l in range(CFG.n_layers) for h in range(CFG.n_heads)]
     make = lambda l, h: I.Replace("attn.z", source, layers=(l,), heads=np.eye(CFG.n_heads, dtype=bool)[h])
     np.testing.assert_allclose(effects.ravel(), loop(m, t, k, metric, make, items), atol=2e-5)

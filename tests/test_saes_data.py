@@ -13,6 +13,7 @@ import pytest
 import models
 from interp.testing import tiny_config
 from models.errors import InputError
+from models.sites import Hook
 from saes import data
 
 
@@ -182,6 +183,6 @@ def test_model_source_several_hooks_one_pass_excluding_bos():
 
 
 def test_parse_hooks():
-    assert data.parse_hooks(["resid_post", "embed"], (3, 5)) == [("resid_post", 3), ("resid_post", 5), ("embed", None)]
+    assert data.parse_hooks(["resid_post", "embed"], (3, 5)) == [Hook("resid_post", 3), Hook("resid_post", 5), Hook("embed")]
     with pytest.raises(KeyError, match="unknown activation site"):
         data.parse_hooks("resid", (1,))

@@ -22,6 +22,16 @@ def _exact_matmuls():
         yield
 
 
+def sq(err):
+    """The reconstruction loss's form: mean over the batch of the squared error summed over d_in."""
+    return jnp.mean(jnp.sum(jnp.square(err), -1))
+
+
+def dense(vals, idx, width):
+    """Dense [B, width] from [B, k] values at indices."""
+    return jnp.zeros((vals.shape[0], width), vals.dtype).at[jnp.arange(vals.shape[0])[:, None], idx].set(vals)
+
+
 def reference_decode(W_dec, vals, cols, rows, n_rows):
     """The decode before `sparse_decode`: TopK an einsum over the [B, k, d_in] gather of decoder rows,
     BatchTopK a segment sum of the gathered rows (here in the slot layout `sparse_decode` takes)."""
@@ -40,9 +50,9 @@ def reference_auxk(sae, pre, err, dead, aux_k):
         p = jnp.where(jnp.take(dead, cand), jnp.take(pre, cand, axis=1), -jnp.inf)
         vals, idx = jax.lax.top_k(p, min(aux_k, M))
         vals = jnp.where(jnp.isfinite(vals), jax.nn.relu(vals), 0.0)
-        err_hat = sae_lib._scatter(vals, idx, M) @ jnp.take(sae.W_dec, cand, axis=0)
+        err_hat = dense(vals, idx, M) @ jnp.take(sae.W_dec, cand, axis=0)
         target = jax.lax.stop_gradient(err)
-        return sae_lib._sq(target - err_hat) / jnp.maximum(sae_lib._sq(target - target.mean(0)), 1e-12)
+        return sq(target - err_hat) / jnp.maximum(sq(target - target.mean(0)), 1e-12)
 
     return jax.lax.cond(jnp.any(dead), jax.checkpoint(compute), lambda _: jnp.zeros((), pre.dtype), None)
 
@@ -52,7 +62,7 @@ def reference_topk_loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_ba
     pre = self.pre_acts(xn)
     vals, idx = self.select(pre)
     x_hat = reference_decode(self.W_dec, vals.T, idx.T, None, xn.shape[0]) + self.b_dec
-    recon = sae_lib._sq(xn - x_hat)
+    recon = sq(xn - x_hat)
     n = aux_batch or xn.shape[0]
     auxk = reference_auxk(self, pre[:n], (xn - x_hat)[:n], dead, aux_k or self.d_in // 2) if aux_coeff else 0.0
     fires = jnp.zeros((self.width,), jnp.int32).at[idx.reshape(-1)].add((vals > 0).reshape(-1).astype(jnp.int32))
@@ -67,7 +77,7 @@ def reference_batchtopk_loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, a
     vals, flat = self.select(pre)
     rows, cols = flat // self.width, flat % self.width
     x_hat = reference_decode(self.W_dec, *(a.reshape(self.k, B) for a in (vals, cols, rows)), B) + self.b_dec
-    recon = sae_lib._sq(xn - x_hat)
+    recon = sq(xn - x_hat)
     n = aux_batch or B
     auxk = reference_auxk(self, pre[:n], (xn - x_hat)[:n], dead, aux_k or self.d_in // 2) if aux_coeff else 0.0
     kept = vals > 0

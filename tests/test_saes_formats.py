@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import models
 import saes
 from saes import formats
 
@@ -105,9 +106,21 @@ def test_saelens_topk_rescaled_by_decoder_norm(tmp_path):
 
 def test_tl_hook_names_round_trip():
     for site in formats.TL_HOOKS:
-        layer = -1 if site in ("embed", "final_norm") else 7
-        assert formats.parse_tl_hook(formats.tl_hook_name(site, layer)) == (site, layer)
-    assert formats.tl_hook_name("attn.z", 2) == "blocks.2.attn.hook_z"
+        hook = models.Hook(site, None if site in ("embed", "final_norm") else 7)
+        assert models.Hook.from_tl(hook.tl) == hook and models.Hook.parse(hook.key) == hook
+    assert models.Hook("attn.z", 2).tl == "blocks.2.attn.hook_z"
+
+
+def test_files_written_with_layer_minus_one_for_no_layer_still_load(tmp_path):
+    """Before `models.Hook`, "no layer" was -1 in sae.json; such files load with layer None."""
+    sae = saes.init("relu", 8, 16, jax.random.key(0), site="embed")
+    assert sae.layer is None and sae.hook == "embed"
+    path = formats.save(sae, tmp_path / "s")
+    info = json.loads((path / "sae.json").read_text())
+    assert info["layer"] is None
+    (path / "sae.json").write_text(json.dumps(dict(info, layer=-1)))
+    back = saes.load(path)
+    assert back.layer is None and back.site == "embed"
 
 
 def test_gemma_scope_params_npz(tmp_path):

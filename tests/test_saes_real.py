@@ -78,7 +78,7 @@ def test_feature_inspection_and_steering(run, smollm2):
     assert ctx and "«" in ctx[0][1] and ctx[0][0] == pytest.approx(float(top.values[best, 0]))
     # the kept maximum is the feature's true activation at that place
     r, p = top.row[best, 0], top.pos[best, 0]
-    acts = features._site_acts(smollm2, sae, top.tokens[r:r + 1], np.ones_like(top.tokens[r:r + 1]))
+    acts = features.site_acts(smollm2, sae, top.tokens[r:r + 1], np.ones_like(top.tokens[r:r + 1]))
     assert float(sae.encode(acts)[0, p, best]) == pytest.approx(float(top.values[best, 0]), rel=1e-4)
     freq = features.feature_frequencies(smollm2, sae, rows, n_rows=16, batch=8)
     assert freq.shape == (512,) and abs(freq.sum() - 16) < 1e-3  # TopK: exactly k=16 features per token
@@ -92,7 +92,7 @@ def test_feature_inspection_and_steering(run, smollm2):
     steered = models.generate(smollm2, [prompt], 4, interventions=(features.steer(sae, best, 200.0),),
                               return_tokens=True)
     assert steered[0][0] != int(np.argmax(logits[0, -1]))  # steering changed the greedy continuation
-    x = features._site_acts(smollm2, sae, tokens, mask)  # layer 4 resid_post without intervention
+    x = features.site_acts(smollm2, sae, tokens, mask)  # layer 4 resid_post without intervention
     f0 = sae.encode(x)[..., best]
     clamp = features.steer(sae, best, 7.0, "clamp")
     _, acts = models.forward(smollm2, tokens, attention_mask=mask, interventions=(clamp,),

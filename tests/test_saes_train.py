@@ -18,7 +18,7 @@ import pytest
 import saes
 from saes.data import ArraySource
 from saes.synthetic import planted_source
-from saes.train import TrainConfig, TrainingDiverged, _parser
+from saes.train import TrainConfig, TrainingDiverged, cli_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,13 +144,13 @@ def test_outputs_metrics_and_report(tmp_path):
 
 
 def test_cli_is_typed_from_the_config():
-    ns = _parser().parse_args(["--site", "resid_post,mlp_out", "--layers", "10,15", "--arch", "topk", "--k", "32",
+    ns = cli_parser().parse_args(["--site", "resid_post,mlp_out", "--layers", "10,15", "--arch", "topk", "--k", "32",
                                "--width", "8192", "--tokens", "2_000_000", "--normalize", "false", "--lr", "1e-4"])
     cfg = TrainConfig(**vars(ns))
     assert cfg.site == ("resid_post", "mlp_out") and cfg.layers == (10, 15) and cfg.tokens == 2_000_000
     assert cfg.normalize is False and cfg.lr == 1e-4 and cfg.width == 8192 and cfg.steps == 2_000_000 // 4096
     with pytest.raises(SystemExit):
-        _parser().parse_args(["--width", "lots"])
+        cli_parser().parse_args(["--width", "lots"])
 
 
 def test_cli_help_runs():

@@ -28,6 +28,18 @@ SCRIPT = textwrap.dedent("""
     # Sharded matmuls reduce in another order: measured 1.7e-5 on the logits (relative to their max, ~35) and
     # 6e-7 on the residuals with jax 0.10.2; the bound leaves 3x headroom on the logits.
     assert err < 5e-5 and rerr < 1e-5
+    # with the mesh set, every activation site is constrained by its registry axes (models.sharding.constrain):
+    # the program carries the constraints, the captured MLP hidden is split over heads/mlp -> "model"
+    fwd = lambda p, t, k: models.transformer.forward(p, m.cfg, t, k, capture=("mlp.post",))
+    with jax.set_mesh(mesh):
+        text = jax.jit(fwd).lower(sharded.params, shard_batch(tokens, mesh), shard_batch(mask, mesh)).as_text()
+        out2, acts2 = jax.jit(fwd)(sharded.params, shard_batch(tokens, mesh), shard_batch(mask, mesh))
+    n_constraints = text.count("sharding_constraint")
+    assert n_constraints >= 15, n_constraints  # the per-layer sites inside the scan, embed and final_norm
+    assert acts2["mlp.post"].sharding.spec[-1] == "model", acts2["mlp.post"].sharding
+    err2 = float(np.abs(np.asarray(out2) - np.asarray(ref)).max() / np.abs(np.asarray(ref)).max())
+    print("ERR constrained", err2, n_constraints)
+    assert err2 < 5e-5
 """)
 
 

@@ -55,8 +55,8 @@ def test_pattern_is_causal_normalised_and_zero_on_padding(smol_batch):
 def test_every_site_has_its_registered_shape(smollm2, smol_batch):
     tokens, _, _, acts = smol_batch
     c = smollm2.cfg
-    sizes = {"B": tokens.shape[0], "T": tokens.shape[1], "S": tokens.shape[1], "D": c.d_model, "H": c.n_heads,
-             "K": c.n_kv_heads, "d": c.d_head, "F": c.d_mlp}
+    sizes = {"batch": tokens.shape[0], "seq": tokens.shape[1], "kv_seq": tokens.shape[1], "embed": c.d_model,
+             "heads": c.n_heads, "kv_heads": c.n_kv_heads, "head_dim": c.d_head, "mlp": c.d_mlp}
     assert set(acts) == set(ALL_SITES)
     for name, site in SITES.items():
         want = ((c.n_layers,) if site.per_layer else ()) + tuple(sizes[a] for a in site.axes)
@@ -139,3 +139,36 @@ def test_head_out_derived_after_the_scan_equals_the_in_layer_value():
     in_layer = transformer.forward(params, cfg, tokens, capture=cap, interventions=(_Identity(),))[1]["attn.head_out"]
     assert derived.shape == (2, 2, 2, 4, 32)
     assert_close(derived, in_layer)
+
+
+def test_one_hook_type_names_a_stream_for_capture_interventions_and_activations():
+    """`models.Hook(site, layer)`: its key and TransformerLens name round-trip; as a capture it is that layer's
+    `Capture`, as an intervention site it selects that layer (`interp.interventions.at`), and `Activations`
+    indexes by it. Invalid identities are InputErrors naming the cause."""
+    from interp.interventions import AddVector, Where, at
+
+    h = models.Hook("resid_pre", 2)
+    assert (h.key, h.tl) == ("L2.resid_pre", "blocks.2.hook_resid_pre") and tuple(h) == ("resid_pre", 2)
+    assert models.Hook.parse(h.key) == h == models.Hook.from_tl(h.tl) and models.Hook("embed").key == "embed"
+    for bad, msg in [(("resid_pre", -1), "layer must be an integer >= 0"), (("embed", 0), "not per layer"),
+                     (("resid", 1), "unknown activation site 'resid'")]:
+        with pytest.raises(models.InputError, match=msg):
+            models.Hook(*bad)
+    with pytest.raises(models.InputError, match="invalid hook name 'L2.embed'"):
+        models.Hook.parse("L2.embed")
+
+    cfg = tiny_config(vocab_size=50, n_layers=4, n_ctx=32)
+    params = models.init_params(cfg, jax.random.PRNGKey(5), scale=0.3)
+    tokens = jax.random.randint(jax.random.PRNGKey(6), (2, 5), 0, 50)
+    _, by_hook = transformer.forward(params, cfg, tokens, capture=(h,))
+    _, by_capture = transformer.forward(params, cfg, tokens, capture=(models.Capture("resid_pre", layers=(2,)),))
+    np.testing.assert_array_equal(by_hook["resid_pre"], by_capture["resid_pre"])
+    assert models.Activations(by_hook, None, (h,))[h].shape == (2, 5, cfg.d_model)
+
+    v = jax.random.normal(jax.random.PRNGKey(7), (cfg.d_model,))
+    assert at(h) == Where(layers=(2,)) == at("resid_pre", 2) and at("embed") == Where()
+    by_hook = transformer.forward(params, cfg, tokens, interventions=(AddVector(h, v, 3.0),)).logits
+    by_where = transformer.forward(params, cfg, tokens, interventions=(AddVector("resid_pre", v, 3.0, layers=(2,)),)).logits
+    np.testing.assert_array_equal(by_hook, by_where)
+    with pytest.raises(models.InputError, match="the Hook names the layer"):
+        AddVector(h, v, layers=(1,))

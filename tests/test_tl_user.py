@@ -27,9 +27,9 @@ def byte_level_tokenizer(add_bos: bool = True):
     from tokenizers import AddedToken, decoders, pre_tokenizers
     from tokenizers.models import BPE
 
-    from models.tokenizer import Tokenizer, _bytes_to_unicode
+    from models.tokenizer import Tokenizer, bytes_to_unicode
 
-    vocab = {c: i for i, c in enumerate(_bytes_to_unicode().values())}
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
     merges = []
     for word in ("ĠParis", "Mary", "Ġwent"):
         for j in range(2, len(word) + 1):
@@ -159,7 +159,7 @@ def test_tl_names_both_ways():
                 "hook_resid_post"):
         with pytest.raises(InputError, match=rf"TransformerLens hook {bad!r}"):
             from_tl_name(bad)
-    with pytest.raises(InputError, match="per layer: give a layer"):
+    with pytest.raises(InputError, match="per layer: its TransformerLens name needs a layer"):
         to_tl_name("resid_post")
     with pytest.raises(InputError, match="unknown activation site 'resid'"):
         to_tl_name("resid", 1)
@@ -169,8 +169,8 @@ def test_saes_formats_use_the_registry():
     from saes import formats
 
     assert formats.TL_HOOKS == {s.name: s.tl for s in models.SITES.values()}
-    assert formats.tl_hook_name("final_norm", -1) == "ln_final.hook_normalized"
-    assert formats.parse_tl_hook("hook_embed") == ("embed", -1)
+    assert models.Hook("final_norm").tl == "ln_final.hook_normalized"
+    assert models.Hook.from_tl("hook_embed") == models.Hook("embed") and tuple(models.Hook("embed")) == ("embed", None)
 
 
 def test_activations_index_and_strip_padding(tiny):
@@ -293,7 +293,7 @@ def _undescribed(parser) -> list[str]:
 def test_every_cli_describes_every_flag(capsys):
     from saes import cache, train
 
-    p = train._parser()
+    p = train.cli_parser()
     fields = [f.name for f in dataclasses.fields(train.TrainConfig)]
     assert len(fields) >= 40 and _undescribed(p) == []
     text = " ".join(p.format_help().split())
@@ -341,7 +341,7 @@ def test_probe_labels_keep_arguments(tmp_path):
     assert pos.labels(pos.Absolute(-1), 1) == ["Absolute(-1)"]
     assert pos.labels(pos.PostInstruction(), 3) == ["PostInstruction[0]", "PostInstruction[1]", "PostInstruction[2]"]
     assert pos.labels(pos.LastInstruction(), 1) == ["LastInstruction"]
-    labels = probes._position_labels((pos.FromEnd(1), pos.FromEnd(0)), (1, 1))
+    labels = pos.labels(pos.FromEnd(1), 1) + pos.labels(pos.FromEnd(0), 1)
     assert labels == ["FromEnd(1)", "FromEnd(0)"]
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 60)

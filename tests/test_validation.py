@@ -223,10 +223,10 @@ def test_sweep_defaults_and_progress(tiny, monkeypatch):
     m, t, k = tiny
     first = np.repeat(np.arange(30), 9)
     monkeypatch.setitem(sweeps.COMPILE_S, "cpu", 1e9)  # compiling dominates: one program
-    assert len(np.unique(sweeps._starts(first, "auto", 30, 28))) == 1
+    assert len(np.unique(sweeps.program_starts(first, "auto", 30, 28))) == 1
     monkeypatch.setitem(sweeps.COMPILE_S, "cpu", 0.0)  # free compiles: one program per first layer
-    assert len(np.unique(sweeps._starts(first, "auto", 30, 28))) == 30
-    raises(lambda: sweeps._starts(first, 0), "max_programs")
+    assert len(np.unique(sweeps.program_starts(first, "auto", 30, 28))) == 30
+    raises(lambda: sweeps.program_starts(first, 0), "max_programs")
     monkeypatch.setenv("INTERP_PROGRESS", "0")
     assert not progress.enabled() and progress.enabled(True)
     monkeypatch.setenv("INTERP_PROGRESS", "1")
