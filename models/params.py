@@ -1,5 +1,6 @@
-"""The parameter pytree: layout, logical axis names, random init, and where each parameter comes from in
-Hugging Face weights (`hf_recipes`; the streaming itself is in `models.loading`).
+"""The parameter pytree: one table of every parameter's logical axes (`PARAMS`, from which shapes,
+initialisation and sharding are read), and where each parameter comes from in Hugging Face weights
+(`hf_recipes`; the streaming itself is in `models.loading`).
 
 Layout (layer weights stacked on a leading `layers` axis; TransformerLens-style einsum shapes):
     embed.W_E [V, D]             pos_embed.W_pos [n_ctx, D] (learned positions only)
@@ -7,7 +8,7 @@ Layout (layer weights stacked on a leading `layers` axis; TransformerLens-style 
     blocks.attn.W_Q [L, D, H, d] W_K, W_V [L, D, K, d]  W_O [L, H, d, D]  b_Q [L, H, d]  b_K, b_V  b_O [L, D]
     blocks.attn.q_norm.w, k_norm.w [L, d] (Gemma 3)
     blocks.mlp.W_in [L, D, F] (up)  W_gate [L, D, F] (gated only)  W_out [L, F, D]  b_in, b_gate, b_out
-    ln_final.{w,b} [D]           unembed.W_U [D, V], unembed.b_U [V] (absent when embeddings are tied)
+    ln_final.{w,b} [D]           unembed.W_U [D, V] (absent when embeddings are tied)
 """
 
 from __future__ import annotations
@@ -22,68 +23,88 @@ from models.config import Config
 
 Params = dict[str, Any]
 
-# Logical axis names of every parameter, by the last key of its path (see models.sharding for the mesh table).
-LOGICAL_AXES: dict[str, tuple[str, ...]] = {
-    "W_E": ("vocab", "embed"),
-    "W_pos": ("ctx", "embed"),
-    "W_Q": ("layers", "embed", "heads", "head_dim"),
-    "W_K": ("layers", "embed", "kv_heads", "head_dim"),
-    "W_V": ("layers", "embed", "kv_heads", "head_dim"),
-    "W_O": ("layers", "heads", "head_dim", "embed"),
-    "b_Q": ("layers", "heads", "head_dim"),
-    "b_K": ("layers", "kv_heads", "head_dim"),
-    "b_V": ("layers", "kv_heads", "head_dim"),
-    "b_O": ("layers", "embed"),
-    "W_in": ("layers", "embed", "mlp"),
-    "W_gate": ("layers", "embed", "mlp"),
-    "W_out": ("layers", "mlp", "embed"),
-    "b_in": ("layers", "mlp"),
-    "b_gate": ("layers", "mlp"),
-    "b_out": ("layers", "embed"),
-    "W_U": ("embed", "vocab"),
-    "b_U": ("vocab",),
+# The one table of parameters: every parameter's dotted path and its logical axis names, one per dimension.
+# Shapes are the config's size of each axis (`param_shapes`), `init_params` initialises from it, and
+# `models.sharding` maps the names to mesh axes (`RULES`). Which entries a model has is `param_axes(cfg)`.
+_NORM = {"w": ("embed",), "b": ("embed",)}
+PARAMS: dict[str, tuple[str, ...]] = {
+    "embed.W_E": ("vocab", "embed"),
+    "pos_embed.W_pos": ("ctx", "embed"),
+    **{f"blocks.{n}.{k}": ("layers", *ax) for n in ("ln1", "ln2", "ln1_post", "ln2_post") for k, ax in _NORM.items()},
+    "blocks.attn.W_Q": ("layers", "embed", "heads", "head_dim"),
+    "blocks.attn.W_K": ("layers", "embed", "kv_heads", "head_dim"),
+    "blocks.attn.W_V": ("layers", "embed", "kv_heads", "head_dim"),
+    "blocks.attn.W_O": ("layers", "heads", "head_dim", "embed"),
+    "blocks.attn.b_Q": ("layers", "heads", "head_dim"),
+    "blocks.attn.b_K": ("layers", "kv_heads", "head_dim"),
+    "blocks.attn.b_V": ("layers", "kv_heads", "head_dim"),
+    "blocks.attn.b_O": ("layers", "embed"),
+    "blocks.attn.q_norm.w": ("layers", "head_dim"),
+    "blocks.attn.k_norm.w": ("layers", "head_dim"),
+    "blocks.mlp.W_in": ("layers", "embed", "mlp"),
+    "blocks.mlp.W_gate": ("layers", "embed", "mlp"),
+    "blocks.mlp.W_out": ("layers", "mlp", "embed"),
+    "blocks.mlp.b_in": ("layers", "mlp"),
+    "blocks.mlp.b_gate": ("layers", "mlp"),
+    "blocks.mlp.b_out": ("layers", "embed"),
+    **{f"ln_final.{k}": ax for k, ax in _NORM.items()},
+    "unembed.W_U": ("embed", "vocab"),
 }
 
 
+def _dotted(path) -> str:
+    return ".".join(str(getattr(k, "key", k)) for k in path)
+
+
+def param_axes(cfg: Config) -> Params:
+    """The parameter pytree of `cfg` with each leaf its logical axes (entries of `PARAMS`)."""
+    norm = ["w", "b"] if cfg.norm == "layer" else ["w"]
+    names = ["embed.W_E", *(["pos_embed.W_pos"] if cfg.positional == "learned" else [])]
+    for n in ("ln1", "ln2", *(("ln1_post", "ln2_post") if cfg.post_norms else ())):
+        names += [f"blocks.{n}.{k}" for k in norm]
+    names += [f"blocks.attn.{w}" for w in ("W_Q", "W_K", "W_V", "W_O")]
+    names += [f"blocks.attn.{b}" for b in ("b_Q", "b_K", "b_V") if cfg.qkv_bias] + ["blocks.attn.b_O"] * cfg.o_bias
+    names += ["blocks.attn.q_norm.w", "blocks.attn.k_norm.w"] * cfg.qk_norm
+    mlp = ["W_in", "W_out", *(["W_gate"] if cfg.gated_mlp else [])]
+    mlp += ["b_in", "b_out", *(["b_gate"] if cfg.gated_mlp else [])] if cfg.mlp_bias else []
+    names += [f"blocks.mlp.{w}" for w in mlp] + [f"ln_final.{k}" for k in norm]
+    names += [] if cfg.tie_embeddings else ["unembed.W_U"]
+    tree: Params = {}
+    for name in names:
+        *groups, leaf = name.split(".")
+        node = tree
+        for g in groups:
+            node = node.setdefault(g, {})
+        node[leaf] = PARAMS[name]
+    return tree
+
+
+def axis_sizes(cfg: Config) -> dict[str, int]:
+    """The size of each logical axis in `cfg`."""
+    return {"layers": cfg.n_layers, "embed": cfg.d_model, "heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads,
+            "head_dim": cfg.d_head, "mlp": cfg.d_mlp, "vocab": cfg.vocab_size, "ctx": cfg.n_ctx}
+
+
 def logical_axes(params: Params) -> Params:
-    """A pytree like `params` whose leaves are tuples of logical axis names."""
+    """A pytree like `params` whose leaves are tuples of logical axis names (looked up in `PARAMS`)."""
 
     def axes(path, leaf):
-        keys = [p.key for p in path]
-        name = keys[-1]
-        if name in LOGICAL_AXES:
-            return LOGICAL_AXES[name]
-        per_layer = keys[0] == "blocks"  # norm weights and biases
-        return (("layers",) if per_layer else ()) + ("head_dim" if keys[-2] in ("q_norm", "k_norm") else "embed",)
+        name = _dotted(path)
+        if name not in PARAMS:
+            raise KeyError(f"parameter {name!r} is not in models.params.PARAMS")
+        return PARAMS[name]
 
     return jax.tree_util.tree_map_with_path(axes, params)
 
 
 def param_shapes(cfg: Config) -> Params:
-    """Shapes of every parameter for `cfg`."""
-    L, D, H, K, d, F, V = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp, cfg.vocab_size
-    norm = lambda *lead: {"w": (*lead, D), **({"b": (*lead, D)} if cfg.norm == "layer" else {})}
-    attn = {"W_Q": (L, D, H, d), "W_K": (L, D, K, d), "W_V": (L, D, K, d), "W_O": (L, H, d, D)}
-    if cfg.qkv_bias:
-        attn.update(b_Q=(L, H, d), b_K=(L, K, d), b_V=(L, K, d))
-    if cfg.o_bias:
-        attn["b_O"] = (L, D)
-    if cfg.qk_norm:
-        attn.update(q_norm={"w": (L, d)}, k_norm={"w": (L, d)})
-    mlp = {"W_in": (L, D, F), "W_out": (L, F, D)}
-    if cfg.gated_mlp:
-        mlp["W_gate"] = (L, D, F)
-    if cfg.mlp_bias:
-        mlp.update(b_in=(L, F), b_out=(L, D), **({"b_gate": (L, F)} if cfg.gated_mlp else {}))
-    blocks = {"ln1": norm(L), "attn": attn, "ln2": norm(L), "mlp": mlp}
-    if cfg.post_norms:
-        blocks.update(ln1_post=norm(L), ln2_post=norm(L))
-    shapes = {"embed": {"W_E": (V, D)}, "blocks": blocks, "ln_final": norm()}
-    if cfg.positional == "learned":
-        shapes["pos_embed"] = {"W_pos": (cfg.n_ctx, D)}
-    if not cfg.tie_embeddings:
-        shapes["unembed"] = {"W_U": (D, V)}
-    return shapes
+    """Shapes of every parameter for `cfg`: the size of each of its logical axes."""
+    sizes = axis_sizes(cfg)
+    return jax.tree.map(lambda axes: tuple(sizes[a] for a in axes), param_axes(cfg), is_leaf=_is_axes)
+
+
+def _is_axes(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(a, str) for a in x)
 
 
 def _is_shape(x) -> bool:
@@ -91,7 +112,8 @@ def _is_shape(x) -> bool:
 
 
 def init_params(cfg: Config, key: jax.Array, scale: float = 0.02) -> Params:
-    """Random parameters (normal(0, scale) weights, unit norm scales, zero biases), for tests and toys."""
+    """Random parameters of the shapes `PARAMS` gives (normal(0, scale) weights, unit norm scales, zero
+    biases), for tests and toys."""
     shapes = param_shapes(cfg)
     leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_shape)
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)[0]]

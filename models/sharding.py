@@ -142,7 +142,7 @@ def replicate(tree, mesh: Mesh):
 
 
 def shard_params(params: Any, mesh: Mesh, rules=None) -> Any:
-    """Every parameter placed on `mesh` by its logical axes (`models.params.LOGICAL_AXES`); multi-process safe."""
+    """Every parameter placed on `mesh` by its logical axes (`models.params.PARAMS`); multi-process safe."""
     return jax.tree.map(lambda a, ax: put(a, mesh, partition_spec(ax, a.shape, mesh, rules)), params,
                         logical_axes(params))
 

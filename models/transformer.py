@@ -194,8 +194,10 @@ class LayerInputs(NamedTuple):
     cache_v: Array | None
 
 
-def attention(p: Params, x, li: LayerInputs, kv, sites: _Sites, cfg: Config):
-    """Multi-head (grouped-query) attention. `kv` holds key positions and validity (and cache slots)."""
+def attention(p: Params, x: Float[Array, "B T D"], li: LayerInputs, kv: dict, sites: _Sites, cfg: Config
+              ) -> tuple[Float[Array, "B T D"], tuple[Float[Array, "B S K d"], Float[Array, "B S K d"]]]:
+    """Multi-head (grouped-query) attention. `kv` holds key positions and validity (`[B, S]`, and the cache
+    slot index); returns the output and this layer's keys and values (the cache's S slots when decoding)."""
     B, T, _ = x.shape
     layer = li.index
     q = jnp.einsum("btd,dhe->bthe", x, p["W_Q"])
@@ -250,7 +252,8 @@ def attention(p: Params, x, li: LayerInputs, kv, sites: _Sites, cfg: Config):
     return out, new_kv
 
 
-def mlp(p: Params, x, layer, sites: _Sites, cfg: Config):
+def mlp(p: Params, x: Float[Array, "B T D"], layer, sites: _Sites, cfg: Config) -> Float[Array, "B T D"]:
+    """The MLP (gated when `cfg.gated_mlp`: act(x W_gate) * (x W_in)), its hidden `[B, T, F]` visited as sites."""
     pre = jnp.einsum("btd,df->btf", x, p["W_gate"] if cfg.gated_mlp else p["W_in"])
     if cfg.mlp_bias:
         pre = pre + (p["b_gate"] if cfg.gated_mlp else p["b_in"])
@@ -264,7 +267,8 @@ def mlp(p: Params, x, layer, sites: _Sites, cfg: Config):
     return out + p["b_out"] if cfg.mlp_bias else out
 
 
-def block(p: Params, resid, li: LayerInputs, kv, sites: _Sites, cfg: Config):
+def block(p: Params, resid: Float[Array, "B T D"], li: LayerInputs, kv: dict, sites: _Sites, cfg: Config
+          ) -> tuple[Float[Array, "B T D"], tuple[Float[Array, "B S K d"], Float[Array, "B S K d"]]]:
     """One transformer layer; returns the new residual and this layer's (keys, values)."""
     layer = li.index
     resid = sites.visit("resid_pre", resid, layer)
@@ -291,7 +295,8 @@ def default_positions(attention_mask: Int[Array, "B T"]) -> Int[Array, "B T"]:
     return jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0).astype(jnp.int32)
 
 
-def embed(params: Params, tokens, positions, cfg: Config):
+def embed(params: Params, tokens: Int[Array, "B T"], positions: Int[Array, "B T"], cfg: Config) -> Float[Array, "B T D"]:
+    """Token (+ learned position) embeddings, times Gemma's sqrt(d) scale."""
     x = jnp.take(params["embed"]["W_E"], tokens, axis=0)
     if cfg.positional == "learned":
         x = x + jnp.take(params["pos_embed"]["W_pos"], positions, axis=0)
@@ -304,8 +309,6 @@ def unembed(params: Params, x, cfg: Config) -> Float[Array, "... V"]:
     """Logits (float32, soft-capped) from the final-normed residual `[..., D]`."""
     W_U = params["unembed"]["W_U"] if "unembed" in params else params["embed"]["W_E"].T
     logits = jnp.einsum("...d,dv->...v", x, W_U, preferred_element_type=jnp.float32)
-    if "unembed" in params and "b_U" in params["unembed"]:
-        logits = logits + params["unembed"]["b_U"]
     return softcap(logits, cfg.final_softcap)
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import jax
 import jax.numpy as jnp
 import torch
 import transformers
 
+import models
+from interp.testing import tiny_config
 from models import transformer
 from models.loading import load_hf_dir
 
@@ -95,3 +98,21 @@ def test_scan_and_unrolled_agree(tiny):
     np.testing.assert_allclose(a[0], b[0], atol=1e-5, rtol=1e-5)
     for k in a[1]:
         np.testing.assert_allclose(a[1][k], b[1][k], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+def test_one_parameter_table_gives_shapes_init_and_sharding_axes(arch):
+    """`models.params.PARAMS` is the one table: each parameter's shape is its axes' sizes, `init_params` makes
+    exactly those arrays, and sharding reads the same axes back (`logical_axes`)."""
+    from models.params import axis_sizes, logical_axes, param_axes
+
+    cfg = tiny_config(arch, qkv_bias=True, mlp_bias=arch == "gpt2")
+    params = models.init_params(cfg, jax.random.key(0))
+    axes = param_axes(cfg)
+    assert logical_axes(params) == axes
+    sizes = axis_sizes(cfg)
+    flat = jax.tree_util.tree_leaves_with_path(params)
+    assert flat and all(a.shape == tuple(sizes[n] for n in ax) for (_, a), ax in
+                        zip(flat, jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))))
+    with pytest.raises(KeyError, match="not in models.params.PARAMS"):
+        logical_axes({"blocks": {"attn": {"W_X": params["blocks"]["attn"]["W_Q"]}}})
