@@ -7,16 +7,6 @@ import os
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# JAX's persistent compilation cache, shared by the xdist workers, the tests' subprocesses and notebook kernels
-# (they inherit the environment) and kept between runs: the same SmolLM2 programs are compiled once, not in each
-# process. Keyed by the program, JAX version and flags, so it never serves a stale executable;
-# INTERP_JAX_CACHE=0 turns it off, INTERP_JAX_CACHE=DIR moves it.
-_cache = os.environ.get("INTERP_JAX_CACHE", "")
-if _cache != "0":
-    _cache = _cache or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "interp", "jax")
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache)
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-
 
 def pytest_collection_modifyitems(items):
     """Longest first, so that pytest-xdist's workers do not end on one long test: the studies' smoke runs
