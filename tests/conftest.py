@@ -8,6 +8,7 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
 def pytest_collection_modifyitems(items):
     """Longest first, so that pytest-xdist's workers do not end on one long test: the studies' smoke runs
     (minutes each), then the other `slow` tests, then the rest (a stable sort: the same order on every worker)."""
