@@ -91,13 +91,11 @@ def _array(x, dtype):
 class _Selection(eqx.Module):
     """What `Where` and `StackedWhere` share: the gate and its validation against the model."""
 
-    def gate(self, site: str, value: Array, ctx: SiteContext, layers: bool = True):
-        """Boolean array broadcastable to `value` (True where to apply), `None` for everywhere, `False` for nowhere
-        (`layers=False`: leave the layer test out, for a caller that has made it)."""
+    def gate(self, site: str, value: Array, ctx: SiteContext):
+        """Boolean array broadcastable to `value` (True where to apply), `None` for everywhere, `False` for nowhere,
+        within the selected layers (`Intervention.apply` tests `layers`, so the edit runs only at those)."""
         axes = SITES[site].axes
         conds = []
-        if layers and self.layers is not None and ctx.layer is not None:
-            conds.append(jnp.any(ctx.layer == _array(self.layers, jnp.int32)))
         if self.steps != "all":
             conds.append(ctx.step == 0 if self.steps == "prompt" else ctx.step > 0)
         tok = None
@@ -266,8 +264,6 @@ def _where(site: "str | Hook", where: _Selection | None, kwargs: dict) -> tuple[
 def at(site: "str | Hook", layer: int | None = None) -> Where:
     """The `Where` of one hook: `layer` of a layer site, every layer when it is None; a model site: everywhere.
     `at(Hook("resid_post", 6))` is `at("resid_post", 6)` is `Where(layers=(6,))`."""
-    if isinstance(site, Hook):
-        site, layer = site
     return _where(site, None, {} if layer is None else dict(layers=(layer,)))[1]
 
 
@@ -300,7 +296,7 @@ class Intervention(eqx.Module):
         return jax.lax.cond(hit, lambda v: self._gated(v, ctx), lambda v: v, value)
 
     def _gated(self, value: Array, ctx: SiteContext) -> Array:
-        g = self.where.gate(self.site, value, ctx, layers=False)
+        g = self.where.gate(self.site, value, ctx)
         if g is False:
             return value
         new = self.edit(value, ctx)

@@ -407,11 +407,10 @@ def parse_hook(name: str) -> Hook | tuple[str, None]:
     stream names come from files (a cache's manifest) and become directory names only through `hook_dir`."""
     if isinstance(name, str) and _IDENTIFIER.fullmatch(name) and name not in SITES:
         return name, None
-    hook = Hook.parse(name) if isinstance(name, str) and not (name in SITES and SITES[name].per_layer) else None
-    if hook is None:
+    if not isinstance(name, str) or (name in SITES and SITES[name].per_layer):  # a layer site needs its layer
         raise InputError(f"invalid hook name {name!r}: expected 'L<layer>.<site>' for a per-layer site of "
                          f"models.sites, a model-level site, or a plain identifier for non-model data")
-    return hook
+    return Hook.parse(name)
 
 
 def hook_dir(root: str | Path, name: str) -> Path:
