@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -76,6 +77,12 @@ def flops_per_token(cfg: models.Config, seq: int) -> dict[str, int]:
     mlp = 2 * d * cfg.d_mlp * (3 if cfg.gated_mlp else 2)  # gate, up, down
     attn = 2 * 2 * cfg.n_heads * hd * seq  # q·k and pattern·v over all `seq` keys (masked, not skipped)
     return {"projections+MLP": L * (proj + mlp), "attention": L * attn, "unembedding": 2 * d * cfg.vocab_size}
+
+
+def first_touch_rate(mib_: int = 512) -> float:
+    """Bytes per second at which a jitted program fills newly allocated memory (`jnp.ones`, median of 5)."""
+    fill = jax.jit(lambda: jax.numpy.ones((mib_ << 18,), np.float32))
+    return (mib_ << 20) / time_median(lambda: jax.block_until_ready(fill()), 5).median
 
 
 def mib(tree) -> float:
@@ -179,12 +186,17 @@ def main():
         logits, acts = run()
         ours_logits = ours_logits if ours_logits is not None else np.asarray(logits)
         timing = time_median(run, args.repeats, warmup=2)
-        note = f"{len(acts)} sites, {mib(acts):,.0f} MiB" if acts else "full logits"
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        run()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        note = (f"{len(acts)} sites, {mib(acts):,.0f} MiB" if acts else "full logits") + f"; {faults:,} page faults/call"
         results.append((label, timing, note))
         print(f"{label}: {timing.median * 1e3:.0f} ms", flush=True)
         del logits, acts  # the 2 GB of (b) should not crowd the next measurements
     peaks.append(matmul_peak())
     peak = max(peaks)
+    print(f"fresh memory (first touch of newly allocated pages): {first_touch_rate() / 2**30:.2f} GiB/s: every call's "
+          "outputs land in new pages, so the captures' bytes alone cost their size at this rate")
     capture_memory(m, args.batch, args.memory_seq)
     print("float32 2048³ matmul: " + " / ".join(f"{p / 1e9:.0f}" for p in peaks) + f" GFLOP/s (before / after ours)"
           f" ⇒ roofline {peak / fpt:,.0f} tok/s")
@@ -212,8 +224,8 @@ def main():
         print(f"{name:<26} {value:6.2f}{verdict}")
 
     if "(d)" in tps:
-        check("(b) / (d)", tps["(b)"] / tps["(d)"], 1.5)
-        check("(b') / (d), like for like", tps["(b')"] / tps["(d)"], None)
+        check("(b) / (d)", tps["(b)"] / tps["(d)"], 1.0)
+        check("(b') / (d), like for like", tps["(b')"] / tps["(d)"], 1.4)
     if "(c)" in tps:
         check("(a) / (c)", tps["(a)"] / tps["(c)"], None)
     if "(e)" in tps:

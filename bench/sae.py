@@ -1,7 +1,7 @@
 """SAE training throughput: ours vs SAELens on the same cached activations, fraction of the float32 matmul
 peak, and the full pipeline (model forward + SAE step) on SmolLM2.
 
-    python -m bench.sae [--tokens 65536] [--steps 5] [--saelens-python /work/saelens_venv/bin/python]
+    python -m bench.sae [--tokens 65536] [--steps 5] [--saelens-python PATH]
 
 1. Caches SmolLM2-135M-Instruct layer-15 `resid_post` activations of the default corpus (BOS excluded) to
    `runs/bench_sae/cache` with `saes.cache_activations` (reused when present).
@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench._common import machine, matmul_peak, table, time_median
+from bench._common import machine, matmul_peak, peer_python, table, time_median
 
 MODEL, LAYER, K, WIDTH, BATCH, LR = "smollm2-135m-instruct", 15, 32, 8192, 4096, 3e-4
 HOOK = f"L{LAYER}.resid_post"
@@ -161,7 +161,8 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=65536, help="activations to cache")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--pipeline-steps", type=int, default=4)
-    p.add_argument("--saelens-python", type=Path, default=Path(os.environ.get("SAELENS_PYTHON", "/work/saelens_venv/bin/python")))
+    p.add_argument("--saelens-python", type=Path, default=peer_python("SAELENS_PYTHON", ".venv-saelens"),
+                   help="default: $SAELENS_PYTHON, else .venv-saelens (`./run peers`)")
     p.add_argument("--out", type=Path, default=Path("runs/bench_sae"))
     p.add_argument("--skip-pipeline", action="store_true")
     args = p.parse_args(argv)

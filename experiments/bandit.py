@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from models.errors import InputError
 
@@ -46,7 +46,7 @@ def pull(env: Bandits, actions: Int[Array, " E"], t) -> Float[Array, " E"]:
     return env.means[e, actions] + env.sigma * env.noise[e, t, actions]
 
 
-def entropy(p: Float[Array, "... A"]) -> Float[Array, "..."]:
+def entropy(p: Float[ArrayLike, "... A"]) -> Float[Array, "..."]:
     """`-sum_a p log p` in nats (0 log 0 = 0)."""
     p = jnp.asarray(p, jnp.float32)
     return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), -1)
@@ -66,7 +66,7 @@ def tried_both(actions: Int[Array, "E T"], k: int) -> Float[Array, " E"]:
     return (jnp.any(a == 0, 1) & jnp.any(a == 1, 1)).astype(jnp.float32)
 
 
-def east_vector(z: Float[Array, "K T D"], h: Float[Array, "K T"]) -> Float[Array, " D"]:
+def east_vector(z: Float[ArrayLike, "K T D"], h: Float[ArrayLike, "K T"]) -> Float[Array, " D"]:
     """The EAST direction `u = sum_k sum_t h_t^k (z_t^k - mean_t' z_t'^k) / sum_k sum_t h_t^k` (Z = sum of h)."""
     z, h = jnp.asarray(z, jnp.float32), jnp.asarray(h, jnp.float32)
     total = jnp.sum(h)
@@ -76,7 +76,7 @@ def east_vector(z: Float[Array, "K T D"], h: Float[Array, "K T"]) -> Float[Array
     return jnp.einsum("kt,ktd->d", h, centred) / total
 
 
-def step_index_vector(z: Float[Array, "K T D"]) -> Float[Array, " D"]:
+def step_index_vector(z: Float[ArrayLike, "K T D"]) -> Float[Array, " D"]:
     """The "early in the episode" control: `sum_k sum_t (tbar - t)(z_t^k - zbar^k) / sum_k sum_t |tbar - t|`."""
     z = jnp.asarray(z, jnp.float32)
     K, T = z.shape[:2]

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.special
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float
 
 from interp import probes
 from models.errors import InputError
@@ -67,17 +67,17 @@ def _js_authors(a, b):
     return jnp.mean(0.5 * (jnp.mean(kl_div(p), -1) + jnp.mean(kl_div(q), -1)), -1)
 
 
-def softmax_js(a: Float[Array, "L n D"], b: Float[Array, "L n D"]) -> np.ndarray:
+def softmax_js(a: Float[ArrayLike, "L n D"], b: Float[ArrayLike, "L n D"]) -> np.ndarray:
     """Mean over pairs of JS(softmax(a[l, i]) || softmax(b[l, i])) per layer, `[L]` (nats)."""
     return np.asarray(_js(*_check(a, b)), np.float64)
 
 
-def authors_js(a: Float[Array, "L n D"], b: Float[Array, "L n D"]) -> np.ndarray:
+def authors_js(a: Float[ArrayLike, "L n D"], b: Float[ArrayLike, "L n D"]) -> np.ndarray:
     """The authors' "JS" score per layer, `[L]` (probabilities passed to `kl_div` as log-probabilities)."""
     return np.asarray(_js_authors(*_check(a, b)), np.float64)
 
 
-def layer_scores(a: Float[Array, "L n D"], b: Float[Array, "L n D"], *, seed: int = 0, C: float = 1.0,
+def layer_scores(a: Float[ArrayLike, "L n D"], b: Float[ArrayLike, "L n D"], *, seed: int = 0, C: float = 1.0,
                  fractions=(0.6, 0.2, 0.2)) -> LayerScores:
     """Every criterion for every layer in one call: `a` and `b` are paired activations `[L, n, D]` (label 1 for `b`
     in the probes, so a probe AUROC above 0.5 means `b` scores higher). The probes use a stratified seeded split

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,7 @@ __all__ = [
 _PLACEHOLDER = "Zq7Placeholder"
 
 
+@runtime_checkable
 class Selector(Protocol):
     def __call__(self, tokens, mask, tokenizer=None) -> Int[Array, "B P"]: ...
 

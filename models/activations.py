@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Int
+from jaxtyping import Array, ArrayLike, Int
 
 from models.errors import InputError
 from models.model import forward, tokens_and_mask
@@ -56,7 +56,7 @@ class Activations:
     layers and positions each site holds; `start_layer` too when the forward started later). A pytree whose
     leaves are the arrays of `acts` and `mask`."""
 
-    def __init__(self, acts: Mapping[str, Array], mask: Int[Array, "B T"] | None, capture: Sequence,
+    def __init__(self, acts: Mapping[str, Array], mask: Int[ArrayLike, "B T"] | None, capture: Sequence,
                  start_layer: int = 0):
         capture = (capture,) if isinstance(capture, (str, Capture, Hook)) else tuple(capture)
         caps = {c.site: c for c in map(as_capture, capture)}

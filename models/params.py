@@ -183,7 +183,7 @@ class Recipe:
     (per layer). Our layout is the source reshaped to `split`, with `take = (axis, j)` keeping part `j` of a
     fused tensor along that axis (GPT-2's c_attn), then its axes permuted by `perm` (our axis k is split axis
     `perm[k]`). So a block of the parameter is a block of the reshaped source (`models.loading` reads just that,
-    and transposes and converts it on the device). `plus_one`: Gemma's `(1 + w)` norm weight.
+    and transposes and converts it on the host as it copies it). `plus_one`: Gemma's `(1 + w)` norm weight.
     """
 
     path: tuple[str, ...]

@@ -217,7 +217,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def _generate_merges(vocab: Mapping[str, int], scores: Mapping[str, float]) -> list[tuple[str, str]]:
+def _generate_merges(vocab: Mapping[str, int], scores: Mapping[str, int | float]) -> list[tuple[str, str]]:
     """BPE merges implied by a vocabulary, best score first (transformers' `generate_merges`)."""
     merges = []
     for piece, score in scores.items():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, Sequence
+from typing import Any, Iterable, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,7 @@ class SiteContext(NamedTuple):
     step: Int[Array, ""]  # 0 on the prompt pass, then 1, 2, ... for each generated token
 
 
+@runtime_checkable
 class SiteEdit(Protocol):
     """What the forward calls at a site: a `site` name and `apply(value, ctx) -> value`. Interventions are
     `interp.interventions.Intervention`s (equinox pytrees implementing this); the forward needs no more."""
@@ -312,7 +313,7 @@ def unembed(params: Params, x, cfg: Config) -> Float[Array, "... V"]:
     return softcap(logits, cfg.final_softcap)
 
 
-def _layer_slots(captures: Sequence[Capture]) -> dict[str, tuple[int, ...]]:
+def _layer_slots(captures: Iterable[Capture]) -> dict[str, tuple[int, ...]]:
     """For each site captured at chosen layers, the distinct layers in order: the scan keeps only those."""
     return {c.site: tuple(sorted(set(c.layers))) for c in captures if c.layers is not None}
 
@@ -381,7 +382,7 @@ def forward(
     tokens: Int[Array, "B T"],
     attention_mask: Int[Array, "B T"] | None = None,
     positions: Int[Array, "B T"] | None = None,
-    capture: Sequence[str | Capture] = (),
+    capture: Sequence[str | Capture | Hook] = (),
     interventions: Sequence[SiteEdit] = (),
     *,
     start_layer: int = 0,
@@ -405,7 +406,7 @@ def forward_cached(
     tokens: Int[Array, "B T"],
     attention_mask: Int[Array, "B T"] | None,
     positions: Int[Array, "B T"] | None,
-    capture: Sequence[str | Capture],
+    capture: Sequence[str | Capture | Hook],
     interventions: Sequence[SiteEdit],
     *,
     cache: KVCache,

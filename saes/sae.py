@@ -36,7 +36,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float
 
 from models.sites import SITES, Hook
 
@@ -150,20 +150,23 @@ class SAE(eqx.Module):
     def activate(self, pre: Float[Array, "... width"], xn=None) -> Float[Array, "... width"]:
         raise NotImplementedError
 
-    def pre_acts_at(self, xn: Float[Array, "B d_in"], cols, rows=None) -> Float[Array, "m c"]:
+    def pre_acts_at(self, xn: Float[Array, "B d_in"], cols, rows=None, known=None) -> Float[Array, "m c"]:
         """`pre_acts(xn)` at entries `(rows, cols)` ([m, c] each; see `sparse_encode`), with gradients only
-        through them: the sparse architectures select on the dense pre-activations under stop_gradient."""
-        return sparse_encode(self.W_enc.T, xn, cols, rows) + _take(self.b_enc - self.b_dec @ self.W_enc, cols)
+        through them: the sparse architectures select on the dense pre-activations under stop_gradient, and
+        pass those values as `known` ([m, c]) so only the gradient is computed here."""
+        bias = _take(self.b_enc - self.b_dec @ self.W_enc, cols)
+        known = None if known is None else known - jax.lax.stop_gradient(bias)
+        return sparse_encode(self.W_enc.T, xn, cols, rows, known) + bias
 
-    def encode(self, x: Float[Array, "... d_in"]) -> Float[Array, "... width"]:
+    def encode(self, x: Float[ArrayLike, "... d_in"]) -> Float[Array, "... width"]:
         """Feature activations of raw activations `x` (inference rule: BatchTopK uses its threshold)."""
         xn = x * self.act_scale
         return self.activate(self.pre_acts(xn), xn)
 
-    def decode(self, f: Float[Array, "... width"]) -> Float[Array, "... d_in"]:
+    def decode(self, f: Float[ArrayLike, "... width"]) -> Float[Array, "... d_in"]:
         return (f @ self.W_dec + self.b_dec) / self.act_scale
 
-    def __call__(self, x: Float[Array, "... d_in"]) -> Float[Array, "... d_in"]:
+    def __call__(self, x: Float[ArrayLike, "... d_in"]) -> Float[Array, "... d_in"]:
         return self.decode(self.encode(x))
 
     # -- training
@@ -319,17 +322,24 @@ sparse_decode.defvjp(
                             None, None))
 
 
-@jax.custom_vjp
-def sparse_encode(W_enc_t, x, cols, rows):
+def sparse_encode(W_enc_t, x, cols, rows, known=None):
     """Encoder pre-activations at entries only: `out[j, e] = x[rows[j, e]] . W_enc_t[cols[j, e]]` with the
     transposed encoder `W_enc_t [width, d_in]`, -> [m, c] (no biases). Its weight gradient touches only the
-    entries' latents, instead of the [d_in, width] matmul the dense pre-activations' gradient costs."""
-    return _dots(W_enc_t, x, cols, rows)
+    entries' latents, instead of the [d_in, width] matmul the dense pre-activations' gradient costs.
+    `known`: these values when the caller has them (from the dense pre-activations it selected on): returned
+    as they are, with the same gradients, so the forward costs nothing."""
+    known = _dots(W_enc_t, x, cols, rows) if known is None else known
+    return _with_encoder_grad(jax.lax.stop_gradient(known), W_enc_t, x, cols, rows)
 
 
-sparse_encode.defvjp(
-    lambda W_enc_t, x, cols, rows: (_dots(W_enc_t, x, cols, rows), (W_enc_t, x, cols, rows)),
-    lambda res, g: (_outer(g, res[1], res[2], res[3], res[0].shape[0]),
+@jax.custom_vjp
+def _with_encoder_grad(values, W_enc_t, x, cols, rows):
+    return values
+
+
+_with_encoder_grad.defvjp(
+    lambda values, W_enc_t, x, cols, rows: (values, (W_enc_t, x, cols, rows)),
+    lambda res, g: (None, _outer(g, res[1], res[2], res[3], res[0].shape[0]),
                     _combine(res[0], g, res[2], res[3], res[1].shape[0]), None, None))
 
 
@@ -376,8 +386,9 @@ class TopKSAE(SAE):
 
     def loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_batch=0):
         pre = jax.lax.stop_gradient(self.pre_acts(xn))
-        cols = self.select(pre)[1].T  # [k, B]: slot j holds each token's j-th latent
-        vals = jax.nn.relu(self.pre_acts_at(xn, cols))
+        idx = self.select(pre)[1]
+        cols = idx.T  # [k, B]: slot j holds each token's j-th latent
+        vals = jax.nn.relu(self.pre_acts_at(xn, cols, known=jnp.take_along_axis(pre, idx, 1).T))
         x_hat = sparse_decode(self.W_dec, vals, cols, None, xn.shape[0]) + self.b_dec
         recon = _sq(xn - x_hat)
         n = aux_batch or xn.shape[0]
@@ -435,7 +446,7 @@ class BatchTopKSAE(SAE):
         pre = jax.lax.stop_gradient(self.pre_acts(xn))
         flat = self.select(pre)[1].reshape(self.k, B)  # k*B entries in k slots of B
         rows, cols = flat // self.width, flat % self.width
-        vals = jax.nn.relu(self.pre_acts_at(xn, cols, rows))
+        vals = jax.nn.relu(self.pre_acts_at(xn, cols, rows, known=_take(pre.reshape(-1), flat)))
         x_hat = sparse_decode(self.W_dec, vals, cols, rows, B) + self.b_dec
         recon = _sq(xn - x_hat)
         n = aux_batch or B

@@ -25,9 +25,9 @@ def _exact_matmuls():
         yield
 
 
-# SAELens downgrades transformers/transformer-lens, so it lives in its own venv (see saes/README_SECTION.md):
-#   python3 -m venv /work/saelens_venv && /work/saelens_venv/bin/pip install torch==2.13.0 sae-lens
-SAELENS_PYTHON = Path(os.environ.get("SAELENS_PYTHON", "/work/saelens_venv/bin/python"))
+# SAELens pins other transformers/transformer-lens versions, so it lives in its own venv: `./run peers` builds
+# .venv-saelens (and exports $SAELENS_PYTHON for `./run test`)
+SAELENS_PYTHON = Path(os.environ.get("SAELENS_PYTHON", Path(__file__).resolve().parents[1] / ".venv-saelens/bin/python"))
 
 
 def random_sae(arch: str, d_in=12, width=40, seed=0, site="resid_post", layer=3):
