@@ -1,7 +1,7 @@
 """The jaxtyping shape annotations are true: the core paths run with every annotated function of `models`,
 `interp` and `saes` checked at call time (jaxtyping's import hook with beartype), in a fresh process so the
 hook sees the modules imported for the first time. A wrong annotation (a shape, a dtype kind, a type) fails
-here. The whole suite once ran this way too (README, "Tests"); this keeps the core honest cheaply."""
+here. The whole suite can run this way too (README, "Two commands"); this keeps the core honest cheaply."""
 
 from __future__ import annotations
 
