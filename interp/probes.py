@@ -139,7 +139,7 @@ class Probes:
     def cell(self, layer_index: int, position_index: int) -> "Probes":
         """One probe out of an `[L, P]` grid (indices into the grid's axes)."""
         i, j = layer_index, position_index
-        return replace(self, w=np.asarray(self.w)[i, j], b=np.asarray(np.asarray(self.b)[i, j]),
+        return replace(self, w=np.asarray(self.w)[i, j], b=np.asarray(self.b)[i, j, ...],
                        mean=np.asarray(self.mean)[i, j], scale=np.asarray(self.scale)[i, j],
                        layers=(self.layers[i],) if self.layers else (i,),
                        positions=(self.positions[j],) if self.positions else (str(j),))
