@@ -144,15 +144,17 @@ def tokens_and_mask(model: Model, tokens, attention_mask=None):
     return tokens, attention_mask
 
 
-@partial(jax.jit, static_argnames=("capture", "start_layer", "stop_at_layer", "unroll"))
-def _forward(model, tokens, attention_mask, positions, interventions, resid, capture, start_layer, stop_at_layer, unroll):
+@partial(jax.jit, static_argnames=("capture", "start_layer", "stop_at_layer", "unroll", "frozen"))
+def _forward(model, tokens, attention_mask, positions, interventions, resid, capture, start_layer, stop_at_layer, unroll,
+             frozen):
     return transformer.forward(model.params, model.cfg, tokens, attention_mask, positions, capture, interventions,
-                               start_layer=start_layer, stop_at_layer=stop_at_layer, resid=resid, unroll=unroll)
+                               start_layer=start_layer, stop_at_layer=stop_at_layer, resid=resid, unroll=unroll,
+                               frozen=frozen)
 
 
 def forward(model: Model, tokens, attention_mask=None, positions=None, capture: Sequence = (), interventions: Sequence = (),
-            *, start_layer: int = 0, stop_at_layer: int | None = None, resid=None, unroll: bool = False
-            ) -> transformer.Output:
+            *, start_layer: int = 0, stop_at_layer: int | None = None, resid=None, unroll: bool = False,
+            frozen: bool = False) -> transformer.Output:
     """Jitted `models.transformer.forward` on a `Model`: `Output(logits [B, T, V], acts {site: activation})`,
     a NamedTuple, so `logits, acts = models.forward(...)` unpacks it.
 
@@ -161,7 +163,8 @@ def forward(model: Model, tokens, attention_mask=None, positions=None, capture: 
     Capture nothing by default; `capture=("resid_post", Capture("attn.pattern", layers=(3,)), Hook("attn.z", 5))`
     keeps those
     (`models.Activations(acts, mask, capture)` indexes them by `[site, layer]` or TransformerLens hook name).
-    Interventions are pytrees (see `interp`), so this is vmappable and differentiable in them.
+    Interventions are pytrees (see `interp`), so this is vmappable and differentiable in them; `frozen=True`
+    stops gradients through attention patterns and norm scales (`models.transformer.forward`).
     """
     tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask)
     capture = tuple(map(transformer.as_capture, (capture,) if isinstance(capture, (str, Hook)) else capture))
@@ -169,4 +172,4 @@ def forward(model: Model, tokens, attention_mask=None, positions=None, capture: 
     check_call(model.cfg, tokens, attention_mask, capture, tuple(interventions), start_layer=start_layer,
                stop_layer=stop_at_layer)
     return _forward(model, tokens, attention_mask, positions, tuple(interventions), resid, capture, start_layer,
-                    stop_at_layer, unroll)
+                    stop_at_layer, unroll, frozen)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, NamedTuple, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterable, Mapping, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +27,15 @@ _Z_FOR_HEAD_OUT = "attn.z#for-head_out"  # internal record: z kept to derive a c
 
 
 class SiteContext(NamedTuple):
-    """What an intervention may read besides the activation: the layer and where each token sits."""
+    """What an intervention may read besides the activation: the layer, where each token sits, and the values
+    of the sites already visited in this layer (`seen`, after their interventions: a transcoder replacing
+    `mlp_out` reads `seen["ln2.normalized"]`)."""
 
     layer: Int[Array, ""] | None  # None at model sites (embed, final_norm)
     positions: Int[Array, "B T"]  # position ids of the current tokens
     attention_mask: Int[Array, "B T"]  # 1 on real tokens of the current input
     step: Int[Array, ""]  # 0 on the prompt pass, then 1, 2, ... for each generated token
+    seen: Mapping[str, Array] = {}  # site -> value, for the sites visited before this one in the same layer
 
 
 @runtime_checkable
@@ -83,13 +86,16 @@ def as_capture(c: "Capture | Hook | str") -> Capture:
 class _Sites:
     """Applies interventions and records captures at each site, inside or outside the layer scan."""
 
-    def __init__(self, capture: Sequence[Capture], interventions: Sequence[SiteEdit], ctx: SiteContext):
+    def __init__(self, capture: Sequence[Capture], interventions: Sequence[SiteEdit], ctx: SiteContext,
+                 frozen: bool = False):
         self.capture = {c.site: c for c in capture}
         self.interventions = tuple(interventions)
         for iv in self.interventions:
             check_site(iv.site)
         self.ctx = ctx
+        self.frozen = frozen  # see `forward(frozen=)`
         self.record: dict[str, Array] = {}
+        self.seen: dict[str, Array] = {}
 
     def needs(self, name: str) -> bool:
         """Whether a site's value must be materialised inside the layer (captured or intervened on)."""
@@ -104,10 +110,11 @@ class _Sites:
 
     def visit(self, name: str, value: Array, layer=None) -> Array:
         value = constrain(value, SITES[name].axes)
-        ctx = self.ctx._replace(layer=layer)
+        ctx = self.ctx._replace(layer=layer, seen=dict(self.seen))
         for iv in self.interventions:
             if iv.site == name:
                 value = iv.apply(value, ctx)
+        self.seen[name] = value
         if name in self.capture:
             self.record[name] = self._select(name, value, self.capture[name])
         if name == "attn.z" and self.head_out_from_z:
@@ -128,12 +135,14 @@ class _Sites:
 # ----------------------------------------------------------------------------- primitives
 
 
-def norm(x: Float[Array, "... D"], p: Params, cfg: Config) -> Float[Array, "... D"]:
-    """RMSNorm or LayerNorm in float32, cast back to the input dtype."""
+def norm(x: Float[Array, "... D"], p: Params, cfg: Config, frozen: bool = False) -> Float[Array, "... D"]:
+    """RMSNorm or LayerNorm in float32, cast back to the input dtype. `frozen`: no gradient through the
+    scale 1/rms (the norm is then linear in `x`; values unchanged)."""
     h = x.astype(jnp.float32)
     if cfg.norm == "layer":
         h = h - h.mean(-1, keepdims=True)
-    h = h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + cfg.norm_eps)
+    scale = jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + cfg.norm_eps)
+    h = h * (jax.lax.stop_gradient(scale) if frozen else scale)
     h = h * p["w"].astype(jnp.float32)
     if "b" in p:
         h = h + p["b"].astype(jnp.float32)
@@ -237,6 +246,8 @@ def attention(p: Params, x: Float[Array, "B T D"], li: LayerInputs, kv: dict, si
         allowed &= (qpos - kpos) < window
     pattern = jax.nn.softmax(jnp.where(allowed, scores, NEG_INF), axis=-1)
     pattern = pattern * (allowed & (sites.ctx.attention_mask[:, None, :, None] > 0))
+    if sites.frozen:
+        pattern = jax.lax.stop_gradient(pattern)
     pattern = sites.visit("attn.pattern", pattern, layer)
 
     vg = v.astype(pattern.dtype)
@@ -272,17 +283,18 @@ def block(p: Params, resid: Float[Array, "B T D"], li: LayerInputs, kv: dict, si
           ) -> tuple[Float[Array, "B T D"], tuple[Float[Array, "B S K d"], Float[Array, "B S K d"]]]:
     """One transformer layer; returns the new residual and this layer's (keys, values)."""
     layer = li.index
+    frozen = sites.frozen
     resid = sites.visit("resid_pre", resid, layer)
-    h = sites.visit("ln1.normalized", norm(resid, p["ln1"], cfg), layer)
+    h = sites.visit("ln1.normalized", norm(resid, p["ln1"], cfg, frozen), layer)
     attn_out, new_kv = attention(p["attn"], h, li, kv, sites, cfg)
     if cfg.post_norms:
-        attn_out = norm(attn_out, p["ln1_post"], cfg)
+        attn_out = norm(attn_out, p["ln1_post"], cfg, frozen)
     attn_out = sites.visit("attn_out", attn_out, layer)
     resid = sites.visit("resid_mid", resid + attn_out, layer)
-    h = sites.visit("ln2.normalized", norm(resid, p["ln2"], cfg), layer)
+    h = sites.visit("ln2.normalized", norm(resid, p["ln2"], cfg, frozen), layer)
     mlp_out = mlp(p["mlp"], h, layer, sites, cfg)
     if cfg.post_norms:
-        mlp_out = norm(mlp_out, p["ln2_post"], cfg)
+        mlp_out = norm(mlp_out, p["ln2_post"], cfg, frozen)
     mlp_out = sites.visit("mlp_out", mlp_out, layer)
     resid = sites.visit("resid_post", resid + mlp_out, layer)
     return resid, new_kv
@@ -341,7 +353,7 @@ def run_layers(params: Params, cfg: Config, resid, sites: _Sites, kv, cache: KVC
 
     def layer(resid, x):
         p, li = x
-        layer_sites = _Sites(tuple(sites.capture.values()), sites.interventions, sites.ctx)
+        layer_sites = _Sites(tuple(sites.capture.values()), sites.interventions, sites.ctx, sites.frozen)
         resid, new_kv = block(p, resid, li, kv, layer_sites, cfg)
         keep = {k: v for k, v in layer_sites.record.items() if k == _Z_FOR_HEAD_OUT or SITES[k].per_layer}
         return resid, keep, new_kv if cache is not None else None
@@ -389,15 +401,19 @@ def forward(
     stop_at_layer: int | None = None,
     resid: Float[Array, "B T D"] | None = None,
     unroll: bool = False,
+    frozen: bool = False,
 ) -> Output:
     """`Output(logits [B, T, V] float32, {site: activation})`.
 
     `capture` names sites from `models.sites` (or `Capture` objects selecting layers/positions); nothing is
     kept by default. `stop_at_layer=n` runs layers [0, n) and returns `None` logits. `start_layer=l` with
     `resid` (the `resid_pre` of layer l) resumes a forward without recomputing layers < l.
+    `frozen=True` stops gradients through every attention pattern and norm scale (values unchanged): the
+    forward is then linear in the residual stream apart from the MLPs, the local replacement model of
+    attribution graphs (`interp.attribution`).
     """
     return _forward(params, cfg, tokens, attention_mask, positions, capture, interventions, start_layer=start_layer,
-                    stop_at_layer=stop_at_layer, resid=resid, unroll=unroll)[0]
+                    stop_at_layer=stop_at_layer, resid=resid, unroll=unroll, frozen=frozen)[0]
 
 
 def forward_cached(
@@ -420,7 +436,7 @@ def forward_cached(
 
 
 def _forward(params, cfg, tokens, attention_mask, positions, capture, interventions, *, start_layer=0,
-             stop_at_layer=None, resid=None, cache=None, step=0, unroll=False) -> tuple[Output, KVCache | None]:
+             stop_at_layer=None, resid=None, cache=None, step=0, unroll=False, frozen=False) -> tuple[Output, KVCache | None]:
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
         raise InputError(f"tokens must be [batch, seq], got shape {tokens.shape}")
@@ -445,7 +461,7 @@ def _forward(params, cfg, tokens, attention_mask, positions, capture, interventi
     if cache is None:  # generate checks its prompt with the tokens it will add
         check_call(cfg, tokens, attention_mask, captures, interventions, start_layer=start_layer, stop_layer=stop)
     ctx = SiteContext(None, positions, attention_mask, jnp.asarray(step, jnp.int32))
-    sites = _Sites(captures, interventions, ctx)
+    sites = _Sites(captures, interventions, ctx, frozen)
 
     if cache is None:
         kv = {"positions": positions, "mask": attention_mask, "index": 0}
@@ -476,7 +492,7 @@ def _forward(params, cfg, tokens, attention_mask, positions, capture, interventi
     acts.update(layer_acts)
     logits = None
     if stop == cfg.n_layers:
-        final = sites.visit("final_norm", norm(resid, params["ln_final"], cfg))
+        final = sites.visit("final_norm", norm(resid, params["ln_final"], cfg, frozen))
         acts.update({k: v for k, v in sites.record.items() if k == "final_norm"})
         logits = unembed(params, final, cfg)
     out = Output(logits, {c.site: acts[c.site] for c in captures if c.site in acts})

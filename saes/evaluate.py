@@ -32,6 +32,8 @@ def _real(ctx):
 class Splice(Intervention):
     """Replace the activation at the SAE's (site, layer) by its reconstruction (`mode="sae"`), by zeros
     (`"zero"`), or by the reconstruction plus the SAE's error (`"sae+error"`, identity up to rounding).
+    A transcoder is spliced at its target (`mlp_out`), predicting it from its input site's value in the same
+    layer (`SiteContext.seen`), so "sae" replaces the MLP by the transcoder and "zero" ablates the MLP.
 
     An ordinary intervention whose layer selection and mode are arrays (a `StackedWhere` item and two weights),
     not static fields, so every hook and mode of one SAE shape shares a single compiled forward; the SAE is
@@ -42,20 +44,23 @@ class Splice(Intervention):
     error_weight: jax.Array
     where: StackedWhere
     site: str = eqx.field(static=True)
+    source: str | None = eqx.field(static=True)  # a transcoder's input site (read from ctx.seen); None: the site
 
     def __init__(self, sae: SAE, mode: str = "sae", site: str | None = None, layer: int | None = None):
         weights = {"sae": (1.0, 0.0), "zero": (0.0, 0.0), "sae+error": (1.0, 1.0)}
         if mode not in weights:
             raise ValueError(f"mode must be 'sae', 'zero' or 'sae+error', got {mode!r}")
-        self.site = site if site is not None else sae.site
+        self.site = site if site is not None else (sae.target or sae.site)
+        self.source = sae.site if sae.target else None
         self.where = StackedWhere.of(at(self.site, layer if layer is not None else sae.layer))
-        self.sae = dataclasses.replace(sae, site="", layer=None)  # static metadata out of the compiled signature
+        # static metadata out of the compiled signature
+        self.sae = dataclasses.replace(sae, site="", layer=None, target="tc" if sae.target else None)
         self.recon_weight, self.error_weight = (jnp.asarray(w, jnp.float32) for w in weights[mode])
 
     def edit(self, value, ctx):
         B, T = value.shape[:2]
         x = value.reshape(B, T, -1).astype(jnp.float32)
-        x_hat = self.sae(x)
+        x_hat = self.sae(x if self.source is None else ctx.seen[self.source].reshape(B, T, -1).astype(jnp.float32))
         new = self.recon_weight * x_hat + self.error_weight * (x - x_hat)
         return jnp.where(_real(ctx)[..., None], new, x).astype(value.dtype).reshape(value.shape)
 

@@ -74,9 +74,13 @@ def load(path: str | Path, model=None) -> SAE:
     arrays = _read_safetensors(weights)
     site, layer, k = info.get("site", ""), info.get("layer"), info.get("k", 32)
     layer = None if layer is None or layer == -1 else layer  # -1: "no layer" in files before models.Hook
+    target = info.get("target")
+    if target is not None and (target not in SITES or not SITES[target].per_layer):
+        raise InputError(f"{info_path}: target {target!r} (a transcoder's output) is not a layer site of models.sites")
     check_arrays(weights, info["arch"], arrays, k=k, site=site, layer=layer, model=model, d_in=info.get("d_in"),
                  width=info.get("width"))
-    return sae_lib.from_arrays(info["arch"], arrays, site=site, layer=layer, k=k, bandwidth=info.get("bandwidth", 0.05))
+    return sae_lib.from_arrays(info["arch"], arrays, site=site, layer=layer, k=k, bandwidth=info.get("bandwidth", 0.05),
+                               target=target)
 
 
 # arrays of each architecture (our names) and their shapes in terms of d = d_in and w = width; () = scalar
@@ -171,6 +175,9 @@ def to_saelens(sae: SAE, path: str | Path, *, model_name: str = "", context_size
     what `saes.train` did for `model_name`, whose rows (`saes.data.TokenRows`) start with BOS when the
     tokenizer has one (SmolLM2: `<|im_start|>`, id 1, although its own prompts get none) and with the pad
     token otherwise. Give it explicitly for SAEs trained on other activations."""
+    if sae.target:
+        raise InputError(f"to_saelens: {sae.hook} is a transcoder (predicts {sae.target}); SAELens's SAE format would "
+                         "centre its input by the output bias. Write it with saes.to_circuit_tracer")
     if prepend_bos is None:
         prepend_bos = _rows_start_with_bos(model_name)
     path = Path(path)

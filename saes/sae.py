@@ -119,6 +119,7 @@ class SAE(eqx.Module):
     act_scale: Float[Array, ""]
     site: str = eqx.field(static=True)  # a `models.sites` name ("" or a plain name: not read from a model)
     layer: int | None = eqx.field(static=True)  # None: a model site, or not tied to one layer
+    target: str | None = eqx.field(static=True)  # a transcoder: the site (same layer) it predicts; None: an SAE
 
     arch: ClassVar[str] = ""
     unit_norm_decoder: ClassVar[bool] = False
@@ -142,10 +143,15 @@ class SAE(eqx.Module):
         return hook_name(self.site, self.layer)
 
     # -- the public, raw-activation API
+    def enc_bias(self) -> Float[Array, " width"]:
+        """The encoder's total bias: `b_enc - b_dec @ W_enc` for an SAE (inputs are centred by `b_dec`);
+        a transcoder's `b_dec` lives in its target's space, so its inputs are not centred: `b_enc`."""
+        return self.b_enc if self.target else self.b_enc - self.b_dec @ self.W_enc
+
     def pre_acts(self, xn: Float[Array, "... d_in"]) -> Float[Array, "... width"]:
-        """Encoder pre-activations of normalised inputs. Written as `xn @ W - b_dec @ W` so the gradient of
-        `b_dec` is a vector-matrix product, not a third batch-sized matmul."""
-        return xn @ self.W_enc - self.b_dec @ self.W_enc + self.b_enc
+        """Encoder pre-activations of normalised inputs, `xn @ W_enc + enc_bias()` (so the gradient of `b_dec`
+        is a vector-matrix product, not a third batch-sized matmul)."""
+        return xn @ self.W_enc + self.enc_bias()
 
     def activate(self, pre: Float[Array, "... width"], xn=None) -> Float[Array, "... width"]:
         raise NotImplementedError
@@ -154,7 +160,7 @@ class SAE(eqx.Module):
         """`pre_acts(xn)` at entries `(rows, cols)` ([m, c] each; see `sparse_encode`), with gradients only
         through them: the sparse architectures select on the dense pre-activations under stop_gradient, and
         pass those values as `known` ([m, c]) so only the gradient is computed here."""
-        bias = _take(self.b_enc - self.b_dec @ self.W_enc, cols)
+        bias = _take(self.enc_bias(), cols)
         known = None if known is None else known - jax.lax.stop_gradient(bias)
         return sparse_encode(self.W_enc.T, xn, cols, rows, known) + bias
 
@@ -164,10 +170,16 @@ class SAE(eqx.Module):
         return self.activate(self.pre_acts(xn), xn)
 
     def decode(self, f: Float[ArrayLike, "... width"]) -> Float[Array, "... d_in"]:
+        """The reconstruction (a transcoder: the prediction of its target) of feature activations, raw scale."""
         return (f @ self.W_dec + self.b_dec) / self.act_scale
 
     def __call__(self, x: Float[ArrayLike, "... d_in"]) -> Float[Array, "... d_in"]:
         return self.decode(self.encode(x))
+
+    @property
+    def target_hook(self) -> Hook | None:
+        """A transcoder's output stream `Hook(target, layer)`; None for an SAE."""
+        return Hook(self.target, self.layer) if self.target else None
 
     # -- training
     def trainable(self):
@@ -176,15 +188,16 @@ class SAE(eqx.Module):
             lambda path, leaf: eqx.is_array(leaf) and path[0].name not in self.buffers, self
         )
 
-    def loss(self, xn, coeff, dead, aux_coeff: float = 1 / 32, aux_k: int = 0, aux_batch: int = 0):
+    def loss(self, xn, coeff, dead, aux_coeff: float = 1 / 32, aux_k: int = 0, aux_batch: int = 0, yn=None):
         """`(loss, aux)` on a normalised batch `xn [B, d_in]`; `dead [width]` marks latents for AuxK, which
-        uses the first `aux_batch` tokens of the (shuffled) batch (0: all of them).
+        uses the first `aux_batch` tokens of the (shuffled) batch (0: all of them). A transcoder is trained to
+        predict `yn [B, d_in]` (its target site, normalised by the same `act_scale`); an SAE reconstructs `xn`.
 
         `aux` holds `recon` (the reconstruction term), `sparsity`, `auxk`, `fires [width]` (tokens each
         latent fired on), `l0`, `x_hat` (normalised), and for BatchTopK `min_kept`."""
         f = self.activate(self.pre_acts(xn), xn)
         x_hat = f @ self.W_dec + self.b_dec
-        recon = _sq(xn - x_hat)
+        recon = _sq(_goal(xn, yn) - x_hat)
         return recon, self._aux(f, x_hat, recon, 0.0, 0.0)
 
     @staticmethod
@@ -225,12 +238,18 @@ class SAE(eqx.Module):
 
     def config(self) -> dict:
         """Static, JSON-able description (architecture-specific keys added by subclasses)."""
-        return dict(arch=self.arch, d_in=self.d_in, width=self.width, site=self.site, layer=self.layer)
+        return dict(arch=self.arch, d_in=self.d_in, width=self.width, site=self.site, layer=self.layer,
+                    target=self.target)
 
 
 def _sq(err):
     """mean over the batch of the squared error summed over the model dimension."""
     return jnp.mean(jnp.sum(jnp.square(err), -1))
+
+
+def _goal(xn, yn):
+    """What the decoder must produce: the input (an SAE) or the target (a transcoder)."""
+    return xn if yn is None else yn
 
 
 def _auxk_loss(sae, xn, pre, err, dead, aux_k: int, max_dead: int = 0):
@@ -250,8 +269,7 @@ def _auxk_loss(sae, xn, pre, err, dead, aux_k: int, max_dead: int = 0):
         ok = jnp.take(dead, cand)
         p = jnp.where(ok, jnp.take(pre, cand, axis=1), -jnp.inf)  # [B, M]
         picked, idx = jax.lax.top_k(p, kk)
-        values = (xn @ jnp.take(sae.W_enc, cand, axis=1)
-                  + jnp.take(sae.b_enc - sae.b_dec @ sae.W_enc, cand))  # the candidates' pre-activations [B, M]
+        values = xn @ jnp.take(sae.W_enc, cand, axis=1) + jnp.take(sae.enc_bias(), cand)  # the candidates' pre-activations [B, M]
         vals = jnp.where(jnp.isfinite(picked), jax.nn.relu(jnp.take_along_axis(values, idx, 1)), 0.0)
         err_hat = _scatter(vals, idx, M) @ jnp.take(sae.W_dec, cand, axis=0)
         target = jax.lax.stop_gradient(err)
@@ -360,10 +378,10 @@ class ReLUSAE(SAE):
     def activate(self, pre, xn=None):
         return jax.nn.relu(pre)
 
-    def loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_batch=0):
+    def loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_batch=0, yn=None):
         f = jax.nn.relu(self.pre_acts(xn))
         x_hat = f @ self.W_dec + self.b_dec
-        recon = _sq(xn - x_hat)
+        recon = _sq(_goal(xn, yn) - x_hat)
         sparsity = jnp.mean(jnp.sum(f * self.decoder_norms(), -1))
         return recon + coeff * sparsity, self._aux(f, x_hat, recon, sparsity, 0.0)
 
@@ -384,15 +402,16 @@ class TopKSAE(SAE):
         vals, idx = self.select(pre.reshape(-1, self.width))
         return _scatter(vals, idx, self.width).reshape(*lead, self.width)
 
-    def loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_batch=0):
+    def loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_batch=0, yn=None):
         pre = jax.lax.stop_gradient(self.pre_acts(xn))
         idx = self.select(pre)[1]
         cols = idx.T  # [k, B]: slot j holds each token's j-th latent
         vals = jax.nn.relu(self.pre_acts_at(xn, cols, known=jnp.take_along_axis(pre, idx, 1).T))
         x_hat = sparse_decode(self.W_dec, vals, cols, None, xn.shape[0]) + self.b_dec
-        recon = _sq(xn - x_hat)
+        err = _goal(xn, yn) - x_hat
+        recon = _sq(err)
         n = aux_batch or xn.shape[0]
-        auxk = (_auxk_loss(self, xn[:n], pre[:n], (xn - x_hat)[:n], dead, aux_k or self.d_in // 2)
+        auxk = (_auxk_loss(self, xn[:n], pre[:n], err[:n], dead, aux_k or self.d_in // 2)
                 if aux_coeff else 0.0)
         fires = jnp.zeros((self.width,), jnp.int32).at[cols.reshape(-1)].add((vals > 0).reshape(-1).astype(jnp.int32))
         l0 = (vals > 0).sum(0).mean()
@@ -441,16 +460,17 @@ class BatchTopKSAE(SAE):
         vals, flat = jax.lax.cond(saturated, full, lambda _: (vals, flat), None)
         return jax.nn.relu(vals), flat
 
-    def loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_batch=0):
+    def loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_batch=0, yn=None):
         B = xn.shape[0]
         pre = jax.lax.stop_gradient(self.pre_acts(xn))
         flat = self.select(pre)[1].reshape(self.k, B)  # k*B entries in k slots of B
         rows, cols = flat // self.width, flat % self.width
         vals = jax.nn.relu(self.pre_acts_at(xn, cols, rows, known=_take(pre.reshape(-1), flat)))
         x_hat = sparse_decode(self.W_dec, vals, cols, rows, B) + self.b_dec
-        recon = _sq(xn - x_hat)
+        err = _goal(xn, yn) - x_hat
+        recon = _sq(err)
         n = aux_batch or B
-        auxk = _auxk_loss(self, xn[:n], pre[:n], (xn - x_hat)[:n], dead, aux_k or self.d_in // 2) if aux_coeff else 0.0
+        auxk = _auxk_loss(self, xn[:n], pre[:n], err[:n], dead, aux_k or self.d_in // 2) if aux_coeff else 0.0
         kept = vals > 0
         fires = jnp.zeros((self.width,), jnp.int32).at[cols].add(kept.astype(jnp.int32))
         min_kept = jnp.min(jnp.where(kept, vals, jnp.inf))
@@ -486,11 +506,11 @@ class JumpReLUSAE(SAE):
     def activate(self, pre, xn=None):
         return jumprelu(pre, self.threshold, self.bandwidth)
 
-    def loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_batch=0):
+    def loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_batch=0, yn=None):
         pre = self.pre_acts(xn)
         f = jumprelu(pre, self.threshold, self.bandwidth)
         x_hat = f @ self.W_dec + self.b_dec
-        recon = _sq(xn - x_hat)
+        recon = _sq(_goal(xn, yn) - x_hat)
         l0 = jnp.mean(jnp.sum(step(pre, self.threshold, self.bandwidth), -1))
         return recon + coeff * l0, self._aux(f, x_hat, recon, l0, 0.0)
 
@@ -515,7 +535,7 @@ class GatedSAE(SAE):
     unit_norm_decoder: ClassVar[bool] = True
 
     def _paths(self, xn):
-        centred = xn @ self.W_enc - self.b_dec @ self.W_enc
+        centred = xn @ self.W_enc + (self.enc_bias() - self.b_enc)
         pi_gate = centred + self.b_enc
         pi_mag = centred * jnp.exp(self.r_mag) + self.b_mag
         return pi_gate, pi_mag
@@ -527,15 +547,16 @@ class GatedSAE(SAE):
     def encode(self, x):
         return self.activate(None, x * self.act_scale)
 
-    def loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_batch=0):
+    def loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_batch=0, yn=None):
         pi_gate, pi_mag = self._paths(xn)
         f = jnp.where(pi_gate > 0, jax.nn.relu(pi_mag), 0.0)
         x_hat = f @ self.W_dec + self.b_dec
-        recon = _sq(xn - x_hat)
+        goal = _goal(xn, yn)
+        recon = _sq(goal - x_hat)
         gate = jax.nn.relu(pi_gate)
         sparsity = jnp.mean(jnp.sum(gate * self.decoder_norms(), -1))
         aux_hat = gate @ jax.lax.stop_gradient(self.W_dec) + jax.lax.stop_gradient(self.b_dec)
-        aux_recon = _sq(xn - aux_hat)
+        aux_recon = _sq(goal - aux_hat)
         return recon + coeff * sparsity + aux_recon, self._aux(f, x_hat, recon, sparsity, aux_recon)
 
 
@@ -551,10 +572,11 @@ ARCHS: dict[str, type[SAE]] = {
 
 def init(arch: str, d_in: int, width: int, key, *, site: str = "", layer: int | None = None, k: int = 32,
          bandwidth: float = 0.05, threshold: float = 0.01, decoder_norm: float | None = None,
-         dtype=jnp.float32) -> SAE:
-    """A fresh SAE: decoder rows random directions (unit norm, or `decoder_norm`; ReLU/Gated default 0.1 as in
-    Anthropic's recipe), encoder initialised as the decoder's transpose, biases zero (set `b_dec` from the data
-    with `saes.train_state.calibrate`), `act_scale = 1`."""
+         dtype=jnp.float32, target: str | None = None) -> SAE:
+    """A fresh SAE (a transcoder predicting site `target` of the same layer, when given): decoder rows random
+    directions (unit norm, or `decoder_norm`; ReLU/Gated default 0.1 as in Anthropic's recipe), encoder
+    initialised as the decoder's transpose, biases zero (set `b_dec` from the data with
+    `saes.train_state.calibrate`), `act_scale = 1`."""
     if arch not in ARCHS:
         raise ValueError(f"unknown SAE architecture {arch!r}; known: {', '.join(ARCHS)}")
     cls = ARCHS[arch]
@@ -563,7 +585,8 @@ def init(arch: str, d_in: int, width: int, key, *, site: str = "", layer: int | 
     W_dec = jax.random.normal(key, (width, d_in), jnp.float32)
     W_dec = W_dec / jnp.linalg.norm(W_dec, axis=-1, keepdims=True) * decoder_norm
     common = dict(W_enc=W_dec.T.astype(dtype), b_enc=jnp.zeros((width,), dtype), W_dec=W_dec.astype(dtype),
-                  b_dec=jnp.zeros((d_in,), dtype), act_scale=jnp.ones((), jnp.float32), site=site, layer=_layer(layer))
+                  b_dec=jnp.zeros((d_in,), dtype), act_scale=jnp.ones((), jnp.float32), site=site, layer=_layer(layer),
+                  target=target or None)
     if arch == "relu":
         return ReLUSAE(**common)
     if arch == "topk":
@@ -576,13 +599,13 @@ def init(arch: str, d_in: int, width: int, key, *, site: str = "", layer: int | 
 
 
 def from_arrays(arch: str, arrays: dict, *, site: str = "", layer: int | None = None, k: int = 32,
-                bandwidth: float = 0.05) -> SAE:
+                bandwidth: float = 0.05, target: str | None = None) -> SAE:
     """Build an SAE of `arch` from named arrays (our names; missing `act_scale` means 1)."""
     a = {n: jnp.asarray(v) for n, v in arrays.items()}
     width = a["W_enc"].shape[1]
     common = dict(W_enc=a["W_enc"], b_enc=a.get("b_enc", jnp.zeros((width,), a["W_enc"].dtype)), W_dec=a["W_dec"],
                   b_dec=a["b_dec"], act_scale=a.get("act_scale", jnp.ones((), jnp.float32)).astype(jnp.float32).reshape(()),
-                  site=site, layer=_layer(layer))
+                  site=site, layer=_layer(layer), target=target or None)
     if arch == "relu":
         return ReLUSAE(**common)
     if arch == "topk":

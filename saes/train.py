@@ -44,7 +44,7 @@ from models import cli
 from models.errors import InputError
 from saes.checkpoints import CheckpointCorrupt, Checkpointer
 from saes.sae import SAE
-from saes.train_config import TrainConfig, validate
+from saes.train_config import TrainConfig, transcoder_hooks, validate
 from saes.train_state import TrainState, abstract_state, calibrate, fresh_state, make_mesh, place_state
 from saes.train_step import make_permute, make_slice, make_step
 
@@ -86,6 +86,7 @@ def build_source(cfg: TrainConfig, model=None, docs: Callable[..., Iterable[str]
     model = model if model is not None else _load_model(cfg.model, cfg.dtype)
     validate(cfg, model.cfg)
     hooks = data.parse_hooks(cfg.site, cfg.layers)
+    hooks += [data.parse_hook(t) for t in transcoder_hooks(cfg).values()]  # a transcoder's targets stream too
     rows = _token_rows(cfg, model, "train", docs)
     source = data.ModelSource(model, hooks, rows, chunk_tokens=cfg.chunk_tokens, model_batch=cfg.model_batch)
     source.meta.update(corpus=cfg.corpus or ("the caller's docs" if docs is not None else
@@ -118,11 +119,16 @@ def _token_rows(cfg, model, split, docs=None):
     return data.TokenRows(docs, model.tokenizer, cfg.context, split=split, seed=cfg.seed)
 
 
-def _hook_info(source) -> dict[str, tuple[str, int | None, int]]:
-    """{hook: (site, layer, d_in)} from a source's hook names (`saes.data.parse_hook`: validated identities)."""
+def _hook_info(source, cfg: TrainConfig) -> dict[str, tuple[str, int | None, int]]:
+    """{hook: (site, layer, d_in)} of the dictionaries to train, from a source's hook names (`saes.data.parse_hook`:
+    validated identities); a transcoder run's target streams get none. Each target must be in the source."""
     from saes.data import parse_hook
 
-    return {h: (*parse_hook(h), int(source.d_in[h])) for h in source.hooks}
+    targets = transcoder_hooks(cfg)
+    missing = sorted(set(targets.values()) - set(source.hooks))
+    if missing:
+        raise InputError(f"--target {cfg.target}: the activation source lacks {missing} (has {list(source.hooks)})")
+    return {h: (*parse_hook(h), int(source.d_in[h])) for h in source.hooks if h not in set(targets.values())}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -158,7 +164,7 @@ def train(cfg: TrainConfig, *, source=None, model=None, eval_tokens=None, stop_a
     (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=1))
 
     mesh = make_mesh(cfg)
-    hooks = _hook_info(source)
+    hooks = _hook_info(source, cfg)
     key = jax.random.key(cfg.seed)
     step_fn = make_step(cfg, mesh)
     permute, slice_ = make_permute(), make_slice(cfg.batch_size, mesh)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from models.errors import InputError
 from saes import sae as sae_lib
 
-__all__ = ["DEFAULT_SPARSITY", "TrainConfig", "validate"]
+__all__ = ["DEFAULT_SPARSITY", "TrainConfig", "transcoder_hooks", "validate"]
 
 DEFAULT_SPARSITY = {"relu": 5.0, "gated": 2.0, "jumprelu": 1.0, "topk": 0.0, "batchtopk": 0.0}
 
@@ -27,6 +27,7 @@ class TrainConfig:
     site: tuple[str, ...] = ("resid_post",)  # activation sites (models.SITES), one SAE per site x layer
     layers: tuple[int, ...] = (10,)  # layers of the layer sites
     arch: str = "topk"  # relu, topk, batchtopk, jumprelu or gated
+    target: str | None = None  # transcoders: each dictionary predicts this site at its layer (e.g. mlp_out)
     width: int = 8192  # dictionary size (latents per SAE)
     k: int = 32  # active latents per token (topk, batchtopk)
     sparsity_coeff: float | None = None  # L1 (relu, gated) or L0 (jumprelu); None = the arch's default
@@ -82,6 +83,8 @@ class TrainConfig:
             raise InputError(f"--b-dec-init must be geometric_median, mean or zeros, got {self.b_dec_init!r}")
         if self.cache is None:  # (a cache fixes its own hooks)
             _check_hooks(self.site, self.layers)
+        if self.target is not None:
+            _check_target(self.site, self.target)
         for name, ok, rule in _RULES:
             if not ok(getattr(self, name)):
                 raise InputError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)!r}")
@@ -177,6 +180,37 @@ def _check_hooks(sites, layers):
         raise InputError(f"--site {unfit}: attention scores/patterns have no fixed width for an SAE")
 
 
+def _check_target(sites, target):
+    from models.sites import SITES
+
+    if target not in SITES or not SITES[target].per_layer:
+        raise InputError(f"--target {target!r} must be a layer site of models.sites (a transcoder predicts the "
+                         "target at its input's layer), e.g. mlp_out")
+    order = list(SITES)
+    bad = [s for s in sites if s not in SITES or not SITES[s].per_layer or order.index(s) >= order.index(target)]
+    if bad:
+        raise InputError(f"--site {bad}: a transcoder's input must be a layer site computed before --target "
+                         f"{target!r} in the layer (e.g. ln2.normalized or resid_mid for mlp_out)")
+
+
+def transcoder_hooks(cfg: TrainConfig) -> dict[str, str]:
+    """`{input hook: target hook}` of a transcoder run (empty for SAEs): each input's target at its layer."""
+    from models.sites import Hook
+    from saes.data import parse_hook
+
+    if cfg.target is None:
+        return {}
+    if cfg.cache:
+        from saes.data import CachedSource
+
+        inputs = [h for h in CachedSource(cfg.cache).hooks if tuple(parse_hook(h))[0] != cfg.target]
+    else:
+        from saes.data import parse_hooks
+
+        inputs = [h.key for h in parse_hooks(cfg.site, cfg.layers)]
+    return {h: Hook(cfg.target, tuple(parse_hook(h))[1]).key for h in inputs}
+
+
 def _is(value, t) -> bool:
     if t is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -199,3 +233,10 @@ def validate(cfg: TrainConfig, model_cfg) -> None:
     if bad and not cfg.cache:
         raise InputError(f"--layers {bad} out of range for a {model_cfg.n_layers}-layer model (valid: 0 to "
                          f"{model_cfg.n_layers - 1})")
+    if cfg.target is not None:
+        from saes.data import site_width
+
+        widths = {s: site_width(model_cfg, s) for s in (*cfg.site, cfg.target)}
+        if len(set(widths.values())) > 1:
+            raise InputError(f"--site/--target widths differ ({widths}): a transcoder here maps a site to one of the "
+                             "same width (e.g. ln2.normalized or resid_mid -> mlp_out)")

@@ -51,7 +51,8 @@ def fresh_state(cfg: TrainConfig, hooks: dict[str, tuple[str, int | None, int]],
     for i, (hook, (site, layer, d_in)) in enumerate(sorted(hooks.items())):
         saes[hook] = sae_lib.init(cfg.arch, d_in, cfg.width, jax.random.fold_in(key, i), site=site,
                                   layer=layer, k=cfg.k, bandwidth=cfg.bandwidth,
-                                  threshold=cfg.threshold_init, decoder_norm=cfg.decoder_init_norm)
+                                  threshold=cfg.threshold_init, decoder_norm=cfg.decoder_init_norm,
+                                  target=cfg.target)
     opt = make_optimizer(cfg)
     params = eqx.filter(saes, trainable(saes))
     return TrainState(
@@ -73,13 +74,14 @@ def geometric_median(x, iters: int = 30, eps: float = 1e-6):
 
 
 def calibrate(state: TrainState, chunk: dict, cfg: TrainConfig) -> TrainState:
-    """Set each SAE's `act_scale` (mean norm -> sqrt(d_in)) and `b_dec` (geometric median / mean of the
-    normalised data) from the first chunk."""
+    """Set each SAE's `act_scale` (mean norm of its input -> sqrt(d_in)) and `b_dec` (geometric median / mean
+    of the normalised data: a transcoder's target) from the first chunk."""
     saes = dict(state.saes)
     for hook, sae in saes.items():
-        x = jnp.asarray(chunk[hook][: min(chunk[hook].shape[0], 16384)], jnp.float32)
+        n = min(chunk[hook].shape[0], 16384)
+        x = jnp.asarray(chunk[hook][:n], jnp.float32)
         scale = jnp.sqrt(sae.d_in) / jnp.mean(jnp.linalg.norm(x, axis=-1)) if cfg.normalize else jnp.ones(())
-        xn = x * scale
+        xn = (x if sae.target is None else jnp.asarray(chunk[sae.target_hook.key][:n], jnp.float32)) * scale
         if cfg.b_dec_init == "geometric_median":
             b = geometric_median(xn)
         elif cfg.b_dec_init == "mean":

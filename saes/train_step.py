@@ -1,6 +1,7 @@
 """The jitted training step, one for every hook's SAE on the same token batch, and the batch feeding.
 
-Per step: each SAE's `loss` on its normalised batch (`xn = x * act_scale`), one optimizer over the dict of
+Per step: each SAE's `loss` on its normalised batch (`xn = x * act_scale`; a transcoder's target `yn` is
+normalised by the same factor), one optimizer over the dict of
 SAEs (`saes.optim`), the decoder gradient's radial component projected out (`SAE.project_decoder_grad`),
 then `constrain` and `update_buffers` on each SAE, firing statistics for dead/dense latents, and metrics. The
 step is the same for every architecture: what differs is in the SAE classes (`saes.sae`).
@@ -40,8 +41,9 @@ def make_step(cfg: TrainConfig, mesh: Mesh | None = None):
             total, aux = 0.0, {}
             for h, sae in models.items():
                 xn = batch[h].astype(jnp.float32) * sae.act_scale
-                loss, a = sae.loss(xn, coeff, dead[h], cfg.aux_coeff, cfg.aux_k, cfg.aux_batch)
-                a["xn"] = xn
+                yn = None if sae.target is None else batch[sae.target_hook.key].astype(jnp.float32) * sae.act_scale
+                loss, a = sae.loss(xn, coeff, dead[h], cfg.aux_coeff, cfg.aux_k, cfg.aux_batch, yn=yn)
+                a["xn"] = xn if yn is None else yn  # what the decoder reconstructs
                 aux[h] = (loss, a)
                 total = total + loss
             return total, aux

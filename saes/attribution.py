@@ -1,0 +1,445 @@
+"""Attribution graphs (Ameisen et al. 2025, "Circuit Tracing"): the direct, linear effects between transcoder
+features, error nodes, token embeddings and output logits of one prompt, through the local replacement model.
+
+    tcs = saes.transcoders.TranscoderSet.of(run.saes.values())
+    graph = saes.attribution.attribute(m, tcs, m.to_tokens("The capital of France is")[0])
+    pruned = graph.prune(node_threshold=0.8, edge_threshold=0.98)
+    graph.to_json("graph.json", slug="france")       # circuit-tracer / Neuronpedia graph-file schema
+    graph.plot("graph.png")
+
+The local replacement model is the real forward with every attention pattern and norm scale frozen
+(`models.forward(frozen=True)`: no gradient through them, values unchanged) and every MLP output held
+constant (transcoder features plus the error node: real output minus the transcoders' prediction), so it
+reproduces the model's logits exactly and is linear in the residual stream. An edge `A[t, s]` is the change
+of target `t` (a feature's pre-activation at its input site, or a demeaned logit at the last position) per
+unit of source `s` (a feature's decoder vector times its activation at `mlp_out`, an error vector, a token
+embedding), all else frozen. Rows come from batched backward passes: `jax.vjp` of the frozen forward once,
+then its pullback `vmap`ped over a chunk of targets and `lax.map`ped over the chunks, in one jitted program.
+
+Nodes are ordered as circuit-tracer orders them: active features (by layer, position, feature), error nodes
+`[layer, position]`, token nodes `[position]`, logit nodes; the first `skip_first` positions (the BOS sink)
+have no feature or error nodes. Skip connections (W_skip) are not supported.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from models.errors import InputError
+from saes.transcoders import TranscoderSet
+
+__all__ = ["Graph", "attribute"]
+
+
+class _Perturb(eqx.Module):
+    """A `models.transformer.SiteEdit` adding `delta` at a site (`[L, B, T, D]` indexed by layer at layer
+    sites); `hold`: the site's own value gets no gradient (an MLP output held constant)."""
+
+    delta: Array
+    site: str = eqx.field(static=True)
+    hold: bool = eqx.field(static=True)
+
+    def apply(self, value, ctx):
+        v = jax.lax.stop_gradient(value) if self.hold else value
+        d = self.delta if ctx.layer is None else self.delta[ctx.layer]
+        return v + d.astype(v.dtype)
+
+
+def _readout_fn(model, tokens, site: str, target: str):
+    """The frozen replacement model as a function of perturbations `(mlp [L, T, D], embed [T, D])` at every
+    layer's `target` and at the embedding -> every layer's `site` value and the final norm, `[L + 1, T, D]`."""
+    from models.model import forward
+
+    def readout(deltas):
+        d_mlp, d_embed = deltas
+        ivs = (_Perturb(d_embed[None], "embed", False), _Perturb(d_mlp[:, None], target, True))
+        out = forward(model, tokens[None], capture=(site, "final_norm"), interventions=ivs, frozen=True)
+        return jnp.concatenate([out.acts[site][:, 0], out.acts["final_norm"]], 0).astype(jnp.float32)
+
+    return readout
+
+
+@eqx.filter_jit
+def _setup(model, stacked, tokens, site: str, target: str, skip_first: int):
+    """Feature activations `[L, T, W]` (zero at the first `skip_first` positions), error vectors `[L, T, D]`
+    (zero there too), token embeddings `[T, D]` and the last position's logits `[V]`."""
+    from models.model import forward
+
+    out = forward(model, tokens[None], capture=(site, target, "embed"))
+    x = out.acts[site][:, 0].astype(jnp.float32)
+    y = out.acts[target][:, 0].astype(jnp.float32)
+
+    def layer(tc, x):
+        xn = x * tc.act_scale
+        return tc.activate(tc.pre_acts(xn), xn)
+
+    acts = jax.vmap(layer)(stacked, x)
+    real = (jnp.arange(tokens.shape[0]) >= skip_first)[None, :, None]
+    acts = jnp.where(real, acts, 0.0)
+    recon = jax.vmap(lambda tc, f: tc.decode(f))(stacked, acts)
+    err = jnp.where(real, y - recon, 0.0)
+    return acts, err, out.acts["embed"][0].astype(jnp.float32), out.logits[0, -1]
+
+
+@eqx.filter_jit
+def _rows(model, tokens, tgt_layer, tgt_pos, tgt_vec, src_flat, src_vec, err, emb, *, site: str, target: str,
+          chunk: int, block: int):
+    """Edge rows `[n_targets, S + L*T + T]` for targets injected at (layer, position) with vectors (layer L: the
+    final norm), against sources: features (flat index layer*T + position, scaled decoder vector), errors,
+    tokens. Targets and sources come padded to multiples of `chunk` and `block`."""
+    L, T, D = err.shape
+    readout = _readout_fn(model, tokens, site, target)
+    zeros = (jnp.zeros((L, T, D), jnp.float32), jnp.zeros((T, D), jnp.float32))
+    _, pull = jax.vjp(readout, zeros)
+    err_flat = err.reshape(L * T, D)
+    src_idx = src_flat.reshape(-1, block)
+    src_blocks = src_vec.reshape(-1, block, D)
+
+    def one_chunk(args):
+        layer, pos, vec = args
+        ct = jnp.zeros((chunk, L + 1, T, D), jnp.float32).at[jnp.arange(chunk), layer, pos].set(vec)
+        g_mlp, g_emb = jax.vmap(pull)(ct)[0]  # [c, L, T, D], [c, T, D]
+        g = g_mlp.reshape(chunk, L * T, D)
+        feats = jax.lax.map(lambda b: jnp.einsum("csd,sd->cs", jnp.take(g, b[0], axis=1), b[1]), (src_idx, src_blocks))
+        feats = jnp.moveaxis(feats, 0, 1).reshape(chunk, -1)
+        errs = jnp.einsum("cnd,nd->cn", g, err_flat)
+        toks = jnp.einsum("ctd,td->ct", g_emb, emb)
+        return jnp.concatenate([feats, errs, toks], 1)
+
+    rows = jax.lax.map(one_chunk, (tgt_layer.reshape(-1, chunk), tgt_pos.reshape(-1, chunk),
+                                   tgt_vec.reshape(-1, chunk, D)))
+    return rows.reshape(-1, rows.shape[-1])
+
+
+def _pad(a, multiple: int):
+    n = -len(a) % multiple
+    return np.concatenate([a, np.zeros((n, *a.shape[1:]), a.dtype)]) if n else a
+
+
+def _logit_targets(logits, max_n_logits: int, desired_logit_prob: float, tokens=None):
+    """Token ids and probabilities of the logit nodes: `tokens` if given, else the most probable until their
+    cumulative probability reaches `desired_logit_prob` (at most `max_n_logits`)."""
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32)))
+    if tokens is not None:
+        ids = np.asarray(tokens, np.int64).reshape(-1)
+        bad = ids[(ids < 0) | (ids >= probs.shape[0])]
+        if bad.size:
+            raise InputError(f"attribute: logit tokens {bad.tolist()} are outside the vocabulary [0, {probs.shape[0]})")
+        return ids, probs[ids]
+    order = np.argsort(-probs, kind="stable")[:max_n_logits]
+    cum = np.cumsum(probs[order])
+    n = int(np.searchsorted(cum, desired_logit_prob) + 1)
+    ids = order[: min(n, len(order))]
+    return ids, probs[ids]
+
+
+def attribute(model, transcoders: TranscoderSet, tokens, *, max_n_logits: int = 10, desired_logit_prob: float = 0.95,
+              logit_tokens=None, skip_first: int = 1, chunk: int = 32, block: int = 512) -> "Graph":
+    """The attribution graph of one prompt (`tokens [T]` ids, or a text tokenised by `model.to_tokens`).
+
+    Logit nodes: `logit_tokens`, or the most probable next tokens up to `desired_logit_prob` cumulative
+    probability (at most `max_n_logits`), each a demeaned unembedding column read at the last position.
+    `chunk` targets share one vmapped backward pass; `block` sources are contracted at a time."""
+    cfg = model.cfg
+    transcoders.check(cfg)
+    if transcoders.transcoders[0].arch == "gated":
+        raise InputError("attribute: a gated transcoder's activation is not a function of one pre-activation; "
+                         "use relu, topk, batchtopk or jumprelu transcoders")
+    if isinstance(tokens, str):
+        tokens = model.to_tokens(tokens)[0]
+    tokens = np.asarray(tokens)
+    if tokens.ndim == 2 and tokens.shape[0] == 1:
+        tokens = tokens[0]
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer) or tokens.size == 0:
+        raise InputError(f"attribute: tokens must be one prompt of integer ids [T], got shape {tokens.shape} "
+                         f"dtype {tokens.dtype}")
+    from models.checks import check_tokens
+
+    check_tokens(tokens[None], cfg.vocab_size)
+    if tokens.size > cfg.n_ctx:
+        raise InputError(f"attribute: the prompt has {tokens.size} tokens, more than the model's context of {cfg.n_ctx}")
+    if not 0 <= skip_first < tokens.size:
+        raise InputError(f"attribute: skip_first={skip_first} must be in [0, {tokens.size}) for a {tokens.size}-token prompt")
+    if chunk < 1 or block < 1:
+        raise InputError(f"attribute: chunk ({chunk}) and block ({block}) must be >= 1")
+    site, target = transcoders.site, transcoders.target
+    stacked = transcoders.stacked
+    t = jnp.asarray(tokens, jnp.int32)
+    acts, err, emb, last_logits = _setup(model, stacked, t, site=site, target=target, skip_first=skip_first)
+    acts = np.asarray(acts)
+    L, T, _ = acts.shape
+    layer, pos, feat = np.nonzero(acts)  # C order: sorted by (layer, position, feature)
+    values = acts[layer, pos, feat]
+    scale = np.asarray(stacked.act_scale)[layer][:, None]
+    W_enc, W_dec = np.asarray(stacked.W_enc), np.asarray(stacked.W_dec)
+    enc = W_enc[layer, :, feat] * scale  # d pre-activation / d raw input
+    dec = W_dec[layer, feat] * (values[:, None] / scale)  # the feature's contribution to the raw output
+    logit_ids, probs = _logit_targets(last_logits, max_n_logits, desired_logit_prob, logit_tokens)
+    W_U = np.asarray(model.params["unembed"]["W_U"] if "unembed" in model.params else model.params["embed"]["W_E"].T,
+                     np.float32)
+    logit_vecs = W_U[:, logit_ids].T - W_U.mean(1)[None]
+
+    S, K = len(values), len(logit_ids)
+    tgt_layer = np.concatenate([layer, np.full(K, L)]).astype(np.int32)
+    tgt_pos = np.concatenate([pos, np.full(K, T - 1)]).astype(np.int32)
+    tgt_vec = np.concatenate([enc, logit_vecs]).astype(np.float32)
+    n_tgt = S + K
+    rows = _rows(model, t, jnp.asarray(_pad(tgt_layer, chunk)), jnp.asarray(_pad(tgt_pos, chunk)),
+                 jnp.asarray(_pad(tgt_vec, chunk)), jnp.asarray(_pad((layer * T + pos).astype(np.int32), block)),
+                 jnp.asarray(_pad(dec.astype(np.float32), block)), err, emb, site=site, target=target, chunk=chunk,
+                 block=block)
+    rows = np.asarray(rows)[:n_tgt]
+    S_pad = len(_pad(np.zeros(S), block))
+    cols = np.concatenate([rows[:, :S], rows[:, S_pad:]], 1)  # features, errors, tokens
+    N = S + L * T + T + K
+    adjacency = np.zeros((N, N), np.float32)
+    adjacency[:S, : cols.shape[1]] = cols[:S]
+    adjacency[N - K:, : cols.shape[1]] = cols[S:]
+    return Graph(tokens=tokens.astype(np.int64), active_features=np.stack([layer, pos, feat], 1).astype(np.int64),
+                 activation_values=values.astype(np.float32), logit_tokens=logit_ids.astype(np.int64),
+                 logit_probabilities=probs.astype(np.float32), adjacency=adjacency, n_layers=L,
+                 errors=np.asarray(err), site=site, target=target, skip_first=skip_first)
+
+
+@dataclass(frozen=True)
+class Graph:
+    """An attribution graph: `adjacency[target, source]` over nodes ordered features `[S]` (`active_features`
+    rows: layer, position, feature), errors `[n_layers * T]`, tokens `[T]`, logits `[K]`."""
+
+    tokens: Int[np.ndarray, " T"]
+    active_features: Int[np.ndarray, "S 3"]
+    activation_values: Float[np.ndarray, " S"]
+    logit_tokens: Int[np.ndarray, " K"]
+    logit_probabilities: Float[np.ndarray, " K"]
+    adjacency: Float[np.ndarray, "N N"]
+    n_layers: int
+    errors: Float[np.ndarray, "L T D"]
+    site: str
+    target: str
+    skip_first: int
+
+    @property
+    def n_features(self) -> int:
+        return len(self.activation_values)
+
+    @property
+    def n_pos(self) -> int:
+        return len(self.tokens)
+
+    def node_offsets(self) -> dict[str, int]:
+        """Index of the first node of each kind."""
+        S, L, T = self.n_features, self.n_layers, self.n_pos
+        return {"feature": 0, "error": S, "token": S + L * T, "logit": S + L * T + T}
+
+    def feature_node(self, layer: int, pos: int, feature: int) -> int:
+        """The node index of an active feature; InputError if it is not active in this graph."""
+        hit = np.nonzero((self.active_features == (layer, pos, feature)).all(1))[0]
+        if not hit.size:
+            raise InputError(f"feature {feature} at layer {layer}, position {pos} is not active in this graph")
+        return int(hit[0])
+
+    def node_influence(self) -> Float[np.ndarray, " N"]:
+        """Each node's total (all path lengths) influence on the logits, weighted by their probabilities, through
+        the row-normalised absolute adjacency (circuit-tracer's `compute_node_influence`)."""
+        return _influence(_normalise(self.adjacency), self._logit_weights())
+
+    def _logit_weights(self):
+        w = np.zeros(self.adjacency.shape[0], np.float64)
+        w[len(w) - len(self.logit_tokens):] = self.logit_probabilities
+        return w
+
+    def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> "Pruned":
+        """Keep the nodes holding `node_threshold` of the influence on the logits and the edges holding
+        `edge_threshold` of it; then drop feature/error nodes left without outgoing edges (features also without
+        incoming), repeatedly. Tokens and logits are always kept (circuit-tracer's `prune_graph`)."""
+        for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+            if not 0.0 <= v <= 1.0:
+                raise InputError(f"prune: {name} must be in [0, 1], got {v}")
+        A, w = self.adjacency.astype(np.float64), self._logit_weights()
+        K, T, S = len(self.logit_tokens), self.n_pos, self.n_features
+        influence = _influence(_normalise(A), w)
+        node_mask = influence >= _threshold(influence, node_threshold)
+        node_mask[len(node_mask) - K - T:] = True
+        pruned = A.copy()
+        pruned[~node_mask] = 0
+        pruned[:, ~node_mask] = 0
+        norm = _normalise(pruned)
+        edge_scores = norm * (_influence(norm, w) + w)[:, None]
+        edge_mask = edge_scores >= _threshold(edge_scores.ravel(), edge_threshold)
+        inner = len(node_mask) - K - T
+        while True:
+            old = node_mask.copy()
+            node_mask[:inner] &= edge_mask[:, :inner].any(0)
+            node_mask[:S] &= edge_mask[:S].any(1)
+            edge_mask[~node_mask] = False
+            edge_mask[:, ~node_mask] = False
+            if (old == node_mask).all():
+                break
+        order = np.argsort(-influence, kind="stable")
+        cumulative = np.zeros_like(influence)
+        cumulative[order] = np.cumsum(influence[order]) / max(influence.sum(), 1e-30)
+        return Pruned(node_mask, edge_mask, cumulative)
+
+    def scores(self) -> dict[str, float]:
+        """circuit-tracer's replacement score (share of token -> logit influence not through error nodes) and
+        completeness score (influence-weighted share of each node's inputs not from error nodes)."""
+        off = self.node_offsets()
+        norm = _normalise(self.adjacency.astype(np.float64))
+        w = self._logit_weights()
+        influence = _influence(norm, w)
+        tok = influence[off["token"]:off["logit"]].sum()
+        err = influence[off["error"]:off["token"]].sum()
+        non_error = 1 - norm[:, off["error"]:off["token"]].sum(1)
+        out_influence = influence + w
+        return {"replacement": float(tok / (tok + err)),
+                "completeness": float((non_error * out_influence).sum() / out_influence.sum())}
+
+    def node_ids(self) -> list[str]:
+        """Neuronpedia node ids: `layer_feature_pos` (features), `0_layer_pos` (errors), `E_token_pos`,
+        `{L+1}_token_pos` (logits)."""
+        L, T = self.n_layers, self.n_pos
+        ids = [f"{l}_{f}_{p}" for l, p, f in self.active_features.tolist()]
+        ids += [f"0_{l}_{p}" for l in range(L) for p in range(T)]
+        ids += [f"E_{int(t)}_{p}" for p, t in enumerate(self.tokens)]
+        ids += [f"{L + 1}_{int(t)}_{T - 1}" for t in self.logit_tokens]
+        return ids
+
+    def to_json(self, path: str | Path, *, slug: str = "graph", scan: str = "interp", tokenizer=None,
+                node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Path:
+        """Write the pruned graph in circuit-tracer's graph-file schema (what Neuronpedia's and circuit-tracer's
+        viewers open): `metadata`, `qParams`, `nodes`, `links`."""
+        pr = self.prune(node_threshold, edge_threshold)
+        off = self.node_offsets()
+        ids = self.node_ids()
+        L, T = self.n_layers, self.n_pos
+        text = (lambda i: tokenizer.decode([int(i)], skip_special=False)) if tokenizer is not None else str
+        nodes = {}
+        for i in np.nonzero(pr.node_mask)[0].tolist():
+            node = dict(node_id=ids[i], jsNodeId=ids[i], influence=float(pr.cumulative_scores[i]), token_prob=0.0,
+                        is_target_logit=False, run_idx=0, reverse_ctx_idx=0, clerp="", activation=None)
+            if i < off["error"]:
+                l, p, f = self.active_features[i].tolist()
+                node.update(feature=(l + f) * (l + f + 1) // 2 + f, layer=str(l), ctx_idx=p,
+                            feature_type="cross layer transcoder", jsNodeId=f"{l}_{f}-0",
+                            activation=float(self.activation_values[i]))
+            elif i < off["token"]:
+                l, p = divmod(i - off["error"], T)
+                node.update(feature=-1, layer=str(l), ctx_idx=p, feature_type="mlp reconstruction error",
+                            jsNodeId=f"{l}_{p}-0")
+            elif i < off["logit"]:
+                p = i - off["token"]
+                node.update(feature=p, layer="E", ctx_idx=p, feature_type="embedding",
+                            jsNodeId=f"E_{int(self.tokens[p])}-{p}")
+            else:
+                k = i - off["logit"]
+                tok, prob = int(self.logit_tokens[k]), float(self.logit_probabilities[k])
+                node.update(feature=tok, layer=str(L + 1), ctx_idx=T - 1, feature_type="logit", token_prob=prob,
+                            is_target_logit=k == 0, jsNodeId=f"L_{tok}-{T - 1}", influence=None,
+                            clerp=f'Output "{text(tok)}" (p={prob:.3f})')
+            nodes[i] = node
+        dst, src = np.nonzero(pr.edge_mask)
+        links = [dict(source=ids[s], target=ids[d], weight=float(self.adjacency[d, s]))
+                 for d, s in zip(dst.tolist(), src.tolist()) if s in nodes and d in nodes]
+        linked = {x for link in links for x in (link["source"], link["target"])}
+        used = [n for n in nodes.values() if n["node_id"] in linked or n["feature_type"] in ("embedding", "logit")]
+        doc = dict(metadata=dict(slug=slug, scan=scan, transcoder_list=[], prompt_tokens=[text(t) for t in self.tokens],
+                                 prompt="".join(text(t) for t in self.tokens), node_threshold=node_threshold,
+                                 schema_version=1),
+                   qParams=dict(pinnedIds=[], supernodes=[], linkType="both", clickedId="", sg_pos=""),
+                   nodes=used, links=links)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=1))
+        return path
+
+    def plot(self, path: str | Path | None = None, *, tokenizer=None, node_threshold: float = 0.8,
+             edge_threshold: float = 0.98, max_edges: int = 60, title: str = ""):
+        """The pruned graph drawn as layers (rows: embeddings at the bottom, logits at the top) x positions,
+        features as dots sized by influence, its `max_edges` strongest edges (blue positive, red negative)."""
+        import matplotlib.pyplot as plt
+
+        pr = self.prune(node_threshold, edge_threshold)
+        off = self.node_offsets()
+        L, T = self.n_layers, self.n_pos
+        xy = {}
+        rng = np.random.default_rng(0)
+        for i in np.nonzero(pr.node_mask)[0].tolist():
+            if i < off["error"]:
+                l, p, _ = self.active_features[i].tolist()
+                xy[i] = (p + rng.uniform(-0.3, 0.3), l + 1)
+            elif i < off["token"]:
+                l, p = divmod(i - off["error"], T)
+                xy[i] = (p + 0.35, l + 1)
+            elif i < off["logit"]:
+                xy[i] = (i - off["token"], 0)
+            else:
+                k = i - off["logit"]
+                xy[i] = (T - 1 + 0.25 * (k - (len(self.logit_tokens) - 1) / 2), L + 1)
+        dst, src = np.nonzero(pr.edge_mask)
+        w = self.adjacency[dst, src]
+        keep = [j for j in np.argsort(-np.abs(w))[:max_edges] if src[j] in xy and dst[j] in xy]
+        fig, ax = plt.subplots(figsize=(max(6, 0.6 * T + 2), max(5, 0.25 * L + 3)))
+        wmax = max(float(np.abs(w[keep]).max()) if keep else 1.0, 1e-12)
+        for j in keep:
+            (x0, y0), (x1, y1) = xy[src[j]], xy[dst[j]]
+            ax.plot([x0, x1], [y0, y1], color="tab:blue" if w[j] > 0 else "tab:red", alpha=0.7,
+                    linewidth=0.3 + 2.5 * abs(w[j]) / wmax, zorder=1)
+        kinds = [("feature", "k", "o"), ("error", "tab:gray", "s"), ("token", "tab:green", "^"), ("logit", "tab:orange", "*")]
+        bounds = [off["feature"], off["error"], off["token"], off["logit"], self.adjacency.shape[0]]
+        for (name, color, marker), lo, hi in zip(kinds, bounds, bounds[1:]):
+            pts = [xy[i] for i in xy if lo <= i < hi]
+            if pts:
+                ax.scatter(*zip(*pts), c=color, marker=marker, s=28, label=name, zorder=2)
+        labels = [tokenizer.decode([int(t)], skip_special=False) if tokenizer is not None else str(int(t)) for t in self.tokens]
+        ax.set_xticks(range(T), labels, rotation=60, fontsize=7)
+        ax.set_yticks([0, *range(1, L + 1, max(1, L // 10)), L + 1], ["emb", *map(str, range(0, L, max(1, L // 10))), "logit"])
+        ax.set_ylabel("layer")
+        ax.set_title(title or f"attribution graph ({int(pr.node_mask.sum())} nodes, {len(keep)} strongest edges)")
+        ax.legend(loc="upper left", fontsize=7)
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+        return fig
+
+
+@dataclass(frozen=True)
+class Pruned:
+    node_mask: np.ndarray  # [N] bool
+    edge_mask: np.ndarray  # [N, N] bool, [target, source]
+    cumulative_scores: np.ndarray  # [N] each node's cumulative share of influence in descending order
+
+
+def _normalise(A):
+    a = np.abs(A)
+    return a / np.maximum(a.sum(1, keepdims=True), 1e-10)
+
+
+def _influence(A, w, max_iter: int = 1000):
+    """`w @ (A + A^2 + ...)` for a nilpotent `A` (the graph is acyclic: features only feed later ones)."""
+    current = w @ A
+    total = current.copy()
+    for _ in range(max_iter):
+        if not current.any():
+            return total
+        current = current @ A
+        total += current
+    raise RuntimeError(f"influence did not converge in {max_iter} steps: the adjacency has a cycle")
+
+
+def _threshold(scores, fraction: float):
+    s = np.sort(scores)[::-1]
+    total = s.sum()
+    if total <= 0:
+        return s[-1] if s.size else 0.0
+    i = int(np.searchsorted(np.cumsum(s) / total, fraction))
+    return s[min(i, len(s) - 1)]
+

@@ -1,0 +1,252 @@
+"""Transcoders: dictionaries that read one site and predict another (an MLP's input -> its output).
+
+A transcoder is an `SAE` whose `target` names the site it predicts at its layer (`sae.target == "mlp_out"`,
+reading `sae.site`, e.g. `ln2.normalized`): every architecture of `saes.sae` works as one, trained by the
+same jitted step (`TrainConfig(site=("ln2.normalized",), target="mlp_out", layers=all)`: one transcoder per
+layer, all in the same pass). This module holds what a set of per-layer transcoders adds:
+
+    tcs = saes.transcoders.TranscoderSet.of(run.saes.values())    # layers 0..L-1, one each
+    logits, _ = models.forward(m, tokens, interventions=(tcs.replace_mlps(),))   # every MLP replaced
+    tcs.ce_metrics(m, tokens)                  # CE loss recovered with every MLP replaced at once
+    tcs.to_circuit_tracer("export/")           # circuit-tracer's per-layer safetensors + config.yaml
+    tcs = TranscoderSet.from_circuit_tracer("export/")
+
+Inputs and targets are normalised by the input's `act_scale` in training; `fold_scale` bakes it in for export.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from interp.interventions import Intervention, Where
+from models.errors import InputError
+from models.sites import SITES
+from saes import sae as sae_lib
+from saes.sae import SAE
+
+__all__ = ["ReplaceMLPs", "TranscoderSet"]
+
+# circuit-tracer's activation functions by our architecture: BatchTopK infers with a threshold (JumpReLU);
+# TopK and Gated have no circuit-tracer loader
+_CT_ARCHS = ("relu", "jumprelu", "batchtopk")
+# circuit-tracer's hook names for our sites (its TransformerLens/nnsight mapping; with fold_ln=False
+# TransformerLens's ln2.hook_normalized is before the norm weight, so the MLP input is mlp.hook_in)
+_CT_HOOKS = {"ln2.normalized": "mlp.hook_in", "resid_mid": "hook_resid_mid", "mlp_out": "mlp.hook_out"}
+
+
+class ReplaceMLPs(Intervention):
+    """At `target` (mlp_out) of every layer: the transcoder of that layer applied to the layer's `source`
+    value (`SiteContext.seen`), plus `error [L, B, T, D]` when given (the real output minus the prediction:
+    with it the replacement reproduces the model exactly). Positions where `keep [B, T]` is True keep the real
+    output (the first token, which transcoders are not trained on)."""
+
+    stacked: SAE  # the layers' transcoders stacked on a leading axis
+    error: Float[Array, "L B T D"] | None
+    keep: Array | None
+    where: Where
+    site: str = eqx.field(static=True)
+    source: str = eqx.field(static=True)
+
+    def edit(self, value, ctx):
+        tc = jax.tree.map(lambda a: a[ctx.layer], self.stacked)
+        x = ctx.seen[self.source].astype(jnp.float32)
+        new = tc(x)
+        if self.error is not None:
+            new = new + self.error[ctx.layer]
+        if self.keep is not None:
+            new = jnp.where(self.keep[..., None], value.astype(jnp.float32), new)
+        return new.astype(value.dtype)
+
+
+@dataclass(frozen=True)
+class TranscoderSet:
+    """One transcoder per layer 0..L-1, all reading `site` and predicting `target` with one architecture and
+    width; `stacked` holds them with a leading layer axis (the form the replacement model and attribution use)."""
+
+    transcoders: tuple[SAE, ...]
+
+    @classmethod
+    def of(cls, transcoders: Iterable[SAE]) -> "TranscoderSet":
+        tcs = sorted(transcoders, key=lambda t: -1 if t.layer is None else t.layer)
+        if not tcs:
+            raise InputError("TranscoderSet.of: no transcoders given")
+        first = tcs[0]
+        if first.target is None:
+            raise InputError(f"TranscoderSet.of: {first.hook} is an SAE (no target), not a transcoder")
+        layers = [t.layer for t in tcs]
+        if layers != list(range(len(tcs))):
+            raise InputError(f"TranscoderSet.of: need one transcoder for each layer 0..{len(tcs) - 1}, got layers {layers}")
+        for t in tcs:
+            same = (t.arch, t.site, t.target, t.width, t.d_in, t.config().get("k"))
+            want = (first.arch, first.site, first.target, first.width, first.d_in, first.config().get("k"))
+            if same != want:
+                raise InputError(f"TranscoderSet.of: layer {t.layer} is (arch, site, target, width, d_in, k) = {same}, "
+                                 f"layer 0 is {want}: a set shares them")
+        return cls(tuple(tcs))
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.transcoders)
+
+    @property
+    def site(self) -> str:
+        return self.transcoders[0].site
+
+    @property
+    def target(self) -> str:
+        return self.transcoders[0].target
+
+    @property
+    def width(self) -> int:
+        return self.transcoders[0].width
+
+    @property
+    def stacked(self) -> SAE:
+        """The transcoders as one SAE pytree with arrays `[L, ...]` (static layer dropped)."""
+        import dataclasses
+
+        plain = [dataclasses.replace(t, layer=None) for t in self.transcoders]
+        return jax.tree.map(lambda *a: jnp.stack(a), *plain)
+
+    def check(self, cfg) -> None:
+        """InputError unless the set fits the model config: one transcoder per layer, widths the sites'."""
+        from saes.data import site_width
+
+        if self.n_layers != cfg.n_layers:
+            raise InputError(f"the transcoder set has {self.n_layers} layers, the model {cfg.n_layers}")
+        for name in (self.site, self.target):
+            if site_width(cfg, name) != self.transcoders[0].d_in:
+                raise InputError(f"transcoders have d_in {self.transcoders[0].d_in}, the model's {name!r} has width "
+                                 f"{site_width(cfg, name)}")
+
+    def replace_mlps(self, error=None, keep=None) -> ReplaceMLPs:
+        """The intervention replacing every layer's `target` by its transcoder (see `ReplaceMLPs`)."""
+        return ReplaceMLPs(self.stacked, error, keep, Where(), self.target, self.site)
+
+    def ce_metrics(self, model, tokens, mask=None) -> dict[str, float]:
+        """Next-token CE clean, with every MLP replaced by its transcoder (the first token keeps its real
+        output), and with every MLP zero-ablated; CE recovered, KL(clean || replaced) and KL(clean || zero)."""
+        from models.model import forward
+        from saes.evaluate import next_token_ce
+
+        self.check(model.cfg)
+        tokens = jnp.asarray(tokens)
+        mask = jnp.ones_like(tokens) if mask is None else jnp.asarray(mask)
+        first = jnp.cumsum(mask, 1) == 1
+        nothing = eqx.tree_at(lambda t: t.act_scale, jax.tree.map(jnp.zeros_like, self.stacked),
+                              jnp.ones((self.n_layers,), jnp.float32))  # predicts 0 everywhere
+        zero = ReplaceMLPs(nothing, None, first, Where(), self.target, self.site)
+        out = {}
+        clean_logp = None
+        for name, ivs in (("clean", ()), ("replaced", (self.replace_mlps(keep=first),)), ("zero", (zero,))):
+            logits, _ = forward(model, tokens, attention_mask=mask, interventions=ivs)
+            ce, valid, logp = next_token_ce(logits, tokens, mask)
+            n = jnp.maximum(valid.sum(), 1)
+            out[f"ce_{name}"] = float(jnp.sum(ce * valid) / n)
+            if clean_logp is None:
+                clean_logp = logp
+            else:
+                kl = float(jnp.sum(jnp.sum(jnp.exp(clean_logp) * (clean_logp - logp), -1) * valid) / n)
+                out["kl" if name == "replaced" else "kl_zero"] = kl
+        denom = out["ce_zero"] - out["ce_clean"]
+        out["ce_recovered"] = (out["ce_zero"] - out["ce_replaced"]) / denom if abs(denom) > 1e-9 else float("nan")
+        return out
+
+    # -- circuit-tracer's format
+    def to_circuit_tracer(self, path: str | Path, *, scan: str = "interp", dtype: str = "float32") -> Path:
+        """Write the set as circuit-tracer reads a local transcoder set: `layer_{i}.safetensors` (`W_enc`
+        [width, d_in], `W_dec` [width, d_out], `b_enc`, `b_dec`, JumpReLU `activation_function.threshold`) and
+        `config.yaml` naming circuit-tracer's hooks (`mlp.hook_in` for ln2.normalized, `mlp.hook_out` for mlp_out). The
+        input scale is folded in; BatchTopK is written as the JumpReLU of its inference threshold."""
+        from safetensors.numpy import save_file
+
+        if self.transcoders[0].arch not in _CT_ARCHS:
+            raise InputError(f"circuit-tracer reads ReLU and JumpReLU transcoders; a {self.transcoders[0].arch!r} set "
+                             f"has no equivalent there (architectures that export: {', '.join(_CT_ARCHS)})")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        files = []
+        for t in self.transcoders:
+            s = t.fold_scale()
+            w = {"W_enc": s.W_enc.T, "W_dec": s.W_dec, "b_enc": s.enc_bias(), "b_dec": s.b_dec}
+            if s.arch == "jumprelu":
+                w["activation_function.threshold"] = s.threshold
+            elif s.arch == "batchtopk":
+                w["activation_function.threshold"] = jnp.full((s.width,), jnp.maximum(s.threshold, 0.0))
+            name = f"layer_{t.layer}.safetensors"
+            save_file({k: np.ascontiguousarray(np.asarray(v, dtype)) for k, v in w.items()}, str(path / name))
+            files.append(str((path / name).resolve()))
+        missing = [x for x in (self.site, self.target) if x not in _CT_HOOKS]
+        if missing:
+            raise InputError(f"circuit-tracer has no hook for {missing}; transcoders it reads map "
+                             f"{' or '.join(k for k in _CT_HOOKS if k != 'mlp_out')} to mlp_out")
+        config = dict(model_kind="transcoder_set", scan=scan, feature_input_hook=_CT_HOOKS[self.site],
+                      feature_output_hook=_CT_HOOKS[self.target], transcoders=files)
+        # YAML is a superset of JSON: one JSON object per line keeps this free of a YAML writer
+        (path / "config.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in config.items()) + "\n")
+        return path
+
+    @classmethod
+    def from_circuit_tracer(cls, path: str | Path) -> "TranscoderSet":
+        """Read a set written by `to_circuit_tracer` (or any local circuit-tracer ReLU/JumpReLU set whose
+        config names hooks of `models.sites`: its TransformerLens names or circuit-tracer's MLP hooks)."""
+        from safetensors.numpy import load_file
+
+        path = Path(path)
+        config_path = path / "config.yaml"
+        if not config_path.is_file():
+            raise InputError(f"{path} holds no circuit-tracer transcoder set (no config.yaml)")
+        config = _read_simple_yaml(config_path)
+        by_tl = {**{s.tl: name for name, s in SITES.items()}, **{v: k for k, v in _CT_HOOKS.items()},
+                 "hook_mlp_out": "mlp_out"}
+        try:
+            site, target = by_tl[config["feature_input_hook"]], by_tl[config["feature_output_hook"]]
+        except KeyError as e:
+            raise InputError(f"{config_path}: hook {e.args[0]!r} is not a TransformerLens hook of models.sites") from None
+        tcs = []
+        for layer, f in enumerate(config.get("transcoders") or sorted(path.glob("layer_*.safetensors"),
+                                                                       key=lambda p: int(p.stem.split("_")[1]))):
+            f = Path(f) if Path(f).is_absolute() else path / Path(f).name
+            a = load_file(str(f))
+            if "W_skip" in a:
+                raise InputError(f"{f}: skip connections (W_skip) are not supported")
+            arrays = dict(W_enc=a["W_enc"].T, W_dec=a["W_dec"], b_enc=a["b_enc"], b_dec=a["b_dec"])
+            arch = "relu"
+            if "activation_function.threshold" in a:
+                arch, arrays["threshold"] = "jumprelu", a["activation_function.threshold"]
+            from saes.formats import check_arrays
+
+            check_arrays(f, arch, arrays)
+            tcs.append(sae_lib.from_arrays(arch, arrays, site=site, layer=layer, target=target))
+        return cls.of(tcs)
+
+
+def _read_simple_yaml(path: Path) -> dict:
+    """The `key: value` lines of a flat YAML file (values JSON or bare strings; `- item` lists)."""
+    out, key = {}, None
+    for line in path.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line.lstrip().startswith("- ") and key is not None:
+            out.setdefault(key, [])
+            out[key].append(line.lstrip()[2:].strip().strip("'\""))
+            continue
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if not value:
+            out[key] = []
+            continue
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value.strip("'\"")
+    return out

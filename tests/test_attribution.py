@@ -1,0 +1,291 @@
+"""Transcoders and attribution graphs on tiny random models: the replacement model reproduces the logits,
+every kind of edge equals the effect of removing its source in a model whose patterns, norm scales and MLP
+outputs are held at their clean values (an independent, value-level construction), transcoder training
+through the SAE trainer, circuit-tracer's file formats, pruning and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+import saes
+from interp.testing import random_model, tiny_config
+from models.errors import InputError
+from saes import sae as sae_lib
+from saes.attribution import attribute
+from saes.transcoders import TranscoderSet
+
+TOKENS = np.array([1, 5, 9, 3, 7, 2, 11, 4])
+
+
+def _transcoders(cfg, arch="relu", width=40, seed=10, bias=0.05):
+    """Random per-layer transcoders ln2.normalized -> mlp_out with a positive encoder bias (many active features)."""
+    out = []
+    for layer in range(cfg.n_layers):
+        t = sae_lib.init(arch, cfg.d_model, width, jax.random.key(seed + layer), site="ln2.normalized", layer=layer,
+                         target="mlp_out", k=6, threshold=0.02)
+        out.append(eqx.tree_at(lambda t: (t.b_enc, t.act_scale), t, (bias * jnp.ones(width), jnp.asarray(1.3))))
+    return TranscoderSet.of(out)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+def test_replacement_model_reproduces_the_logits(arch):
+    cfg = tiny_config(arch)
+    m = random_model(cfg, jax.random.key(0))
+    tcs = _transcoders(cfg)
+    g = attribute(m, tcs, TOKENS)
+    first = jnp.arange(len(TOKENS))[None] == 0
+    clean = models.forward(m, TOKENS[None]).logits
+    replaced = models.forward(m, TOKENS[None], interventions=(tcs.replace_mlps(error=jnp.asarray(g.errors)[:, None],
+                                                                               keep=first),)).logits
+    np.testing.assert_allclose(replaced, clean, atol=2e-5, rtol=0)
+    without_error = models.forward(m, TOKENS[None], interventions=(tcs.replace_mlps(keep=first),)).logits
+    assert float(jnp.abs(without_error - clean).max()) > 1e-3  # the error nodes are what make it exact
+
+
+# ----------------------------------------------------------------------------- the value-level frozen model
+
+
+class _Hold(eqx.Module):
+    """At `site`: the clean value of the layer (`[L, B, T, ...]`) plus `delta` (same shape)."""
+
+    clean: jax.Array
+    delta: jax.Array
+    site: str = eqx.field(static=True)
+
+    def apply(self, value, ctx):
+        return self.clean[ctx.layer] + self.delta[ctx.layer]
+
+
+class _Add(eqx.Module):
+    delta: jax.Array
+    site: str = eqx.field(static=True)
+
+    def apply(self, value, ctx):
+        return value + self.delta
+
+
+class _HeldNorm(eqx.Module):
+    """A pre-norm with its scale held at the clean value: clean output + (x - x_clean) (centred for LayerNorm)
+    times the clean 1/rms and the norm weight; `x` is the layer's `source` site."""
+
+    clean_in: jax.Array
+    clean_out: jax.Array
+    scale_w: jax.Array  # [L, B, T, D]: clean 1/rms times the weight
+    site: str = eqx.field(static=True)
+    source: str = eqx.field(static=True)
+    centre: bool = eqx.field(static=True)
+
+    def apply(self, value, ctx):
+        dx = ctx.seen[self.source] - self.clean_in[ctx.layer]
+        if self.centre:
+            dx = dx - dx.mean(-1, keepdims=True)
+        return self.clean_out[ctx.layer] + dx * self.scale_w[ctx.layer]
+
+
+def _inv_rms(x, cfg):
+    h = x - x.mean(-1, keepdims=True) if cfg.norm == "layer" else x
+    return jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + cfg.norm_eps)
+
+
+def _frozen_by_value(m, tokens):
+    """`run(d_mlp [L, T, D], d_embed [T, D]) -> (ln2.normalized [L, T, D], final_norm [T, D])` of the model with
+    patterns, norm scales and MLP outputs held at their clean values (no gradients involved)."""
+    cfg = m.cfg
+    sites = ("resid_pre", "resid_mid", "ln1.normalized", "ln2.normalized", "attn.pattern", "mlp_out", "resid_post")
+    clean = models.forward(m, tokens[None], capture=sites).acts
+    w = m.params["blocks"]
+    s1 = _inv_rms(clean["resid_pre"], cfg) * w["ln1"]["w"][:, None, None]
+    s2 = _inv_rms(clean["resid_mid"], cfg) * w["ln2"]["w"][:, None, None]
+    r_last = clean["resid_post"][-1, 0]
+    sf = _inv_rms(r_last, cfg) * m.params["ln_final"]["w"]
+    final_clean = models.forward(m, tokens[None], capture=("final_norm",)).acts["final_norm"][0]
+    centre = cfg.norm == "layer"
+
+    def run(d_mlp, d_embed):
+        ivs = (_Add(d_embed[None], "embed"),
+               _HeldNorm(clean["resid_pre"], clean["ln1.normalized"], s1, "ln1.normalized", "resid_pre", centre),
+               _Hold(clean["attn.pattern"], jnp.zeros_like(clean["attn.pattern"]), "attn.pattern"),
+               _HeldNorm(clean["resid_mid"], clean["ln2.normalized"], s2, "ln2.normalized", "resid_mid", centre),
+               _Hold(clean["mlp_out"], d_mlp[:, None], "mlp_out"))
+        acts = models.forward(m, tokens[None], capture=("ln2.normalized", "resid_post"), interventions=ivs).acts
+        dr = acts["resid_post"][-1, 0] - r_last
+        if centre:
+            dr = dr - dr.mean(-1, keepdims=True)
+        return acts["ln2.normalized"][:, 0], final_clean + dr * sf
+
+    return run
+
+
+@pytest.mark.parametrize("arch,tc_arch", [("llama", "relu"), ("gpt2", "jumprelu"), ("llama", "topk")])
+def test_edges_equal_removing_the_source_in_the_value_frozen_model(arch, tc_arch):
+    cfg = tiny_config(arch)
+    m = random_model(cfg, jax.random.key(1))
+    tcs = _transcoders(cfg, tc_arch)
+    g = attribute(m, tcs, TOKENS, chunk=8, block=16, max_n_logits=3)
+    L, T, D = g.errors.shape
+    S, K = g.n_features, len(g.logit_tokens)
+    off = g.node_offsets()
+    assert S > 30 and g.adjacency.shape == (S + L * T + T + K,) * 2
+    run = _frozen_by_value(m, jnp.asarray(TOKENS))
+    zero_mlp, zero_emb = jnp.zeros((L, T, D)), jnp.zeros((T, D))
+    base_x, base_f = run(zero_mlp, zero_emb)
+    stacked = tcs.stacked
+    emb = models.forward(m, TOKENS[None], capture=("embed",)).acts["embed"][0]
+    W_U = m.params["unembed"]["W_U"] if "unembed" in m.params else m.params["embed"]["W_E"].T
+    logit_vec = W_U[:, g.logit_tokens].T - W_U.mean(1)
+
+    def target_values(x, f):
+        """Every target's value: feature pre-activations (raw input . scaled encoder) and demeaned logits."""
+        lay, pos, feat = g.active_features.T
+        enc = stacked.W_enc[lay, :, feat] * stacked.act_scale[lay][:, None]
+        feats = jnp.sum(x[lay, pos] * enc, -1)
+        return jnp.concatenate([feats, logit_vec @ f[T - 1]])
+
+    base = target_values(base_x, base_f)
+    rows = np.concatenate([np.arange(S), np.arange(off["logit"], off["logit"] + K)])
+    rng = np.random.default_rng(0)
+    feature_sources = rng.choice(S, 12, replace=False)
+    error_sources = off["error"] + rng.choice(L * T, 6, replace=False)
+    token_sources = off["token"] + np.arange(T)
+    checked = 0
+    for s in np.concatenate([feature_sources, error_sources, token_sources]):
+        d_mlp, d_emb = zero_mlp, zero_emb
+        if s < off["error"]:
+            l, p, f = g.active_features[s]
+            vec = stacked.W_dec[l, f] * g.activation_values[s] / stacked.act_scale[l]
+            d_mlp = d_mlp.at[l, p].set(-vec)
+        elif s < off["token"]:
+            l, p = divmod(int(s - off["error"]), T)
+            d_mlp = d_mlp.at[l, p].set(-jnp.asarray(g.errors[l, p]))
+        else:
+            p = int(s - off["token"])
+            d_emb = d_emb.at[p].set(-emb[p])
+        change = np.asarray(target_values(*run(d_mlp, d_emb)) - base)
+        predicted = -g.adjacency[rows, s]
+        scale = max(np.abs(predicted).max(), 1e-3)
+        np.testing.assert_allclose(change, predicted, atol=1e-5 * scale + 1e-6, rtol=1e-4)
+        checked += int(np.abs(predicted).max() > 1e-4)
+    assert checked >= 15  # most removed sources have effects: the comparison is not of zeros
+
+
+def test_graph_prune_scores_and_json_schema(tmp_path):
+    cfg = tiny_config("llama")
+    m = random_model(cfg, jax.random.key(2))
+    g = attribute(m, _transcoders(cfg), TOKENS, max_n_logits=4, desired_logit_prob=0.5)
+    K = len(g.logit_tokens)
+    assert 1 <= K <= 4 and np.all(np.diff(g.logit_probabilities) <= 0)
+    assert np.all(g.adjacency[:, -K:] == 0)  # logits have no outputs
+    off = g.node_offsets()
+    assert np.all(g.adjacency[off["error"]:off["logit"]] == 0)  # errors and tokens have no inputs
+    # features only receive from earlier layers (and never from position 0's features: there are none)
+    lay = g.active_features[:, 0]
+    A_ff = g.adjacency[: g.n_features, : g.n_features]
+    assert np.all(A_ff[lay[:, None] <= lay[None, :]] == 0)
+    assert np.all(g.active_features[:, 1] >= 1)
+    loose, tight = g.prune(0.99, 0.99), g.prune(0.8, 0.98)
+    for pr in (loose, tight):
+        assert pr.node_mask[off["token"]:].all()  # tokens and logits stay
+        kept = np.nonzero(pr.node_mask[: off["token"]])[0]  # features and errors keep an outgoing edge
+        assert pr.edge_mask[:, kept].any(0).all()
+        assert not pr.edge_mask[~pr.node_mask].any() and not pr.edge_mask[:, ~pr.node_mask].any()
+    assert 0 < loose.node_mask[: off["error"]].sum() < g.n_features
+    assert tight.node_mask.sum() < loose.node_mask.sum() and tight.edge_mask.sum() < loose.edge_mask.sum()
+    sc = g.scores()
+    assert 0 < sc["replacement"] < 1 and 0 < sc["completeness"] < 1
+    doc = json.loads(g.to_json(tmp_path / "g.json", slug="t", node_threshold=0.99, edge_threshold=0.99).read_text())
+    assert set(doc) == {"metadata", "qParams", "nodes", "links"}
+    ids = {n["node_id"] for n in doc["nodes"]}
+    assert all(link["source"] in ids and link["target"] in ids for link in doc["links"])
+    kinds = {n["feature_type"] for n in doc["nodes"]}
+    assert {"embedding", "logit", "cross layer transcoder"} <= kinds
+    assert sum(n["is_target_logit"] for n in doc["nodes"]) == 1
+    g.plot(tmp_path / "g.png", node_threshold=0.99, edge_threshold=0.99)
+    assert (tmp_path / "g.png").stat().st_size > 5000
+
+
+def test_circuit_tracer_format_round_trip(tmp_path):
+    cfg = tiny_config("llama")
+    for arch in ("relu", "jumprelu"):
+        tcs = _transcoders(cfg, arch)
+        back = TranscoderSet.from_circuit_tracer(tcs.to_circuit_tracer(tmp_path / arch))
+        x = jax.random.normal(jax.random.key(3), (5, cfg.d_model))
+        for a, b in zip(tcs.transcoders, back.transcoders):
+            assert (b.site, b.target, b.layer, b.arch) == (a.site, a.target, a.layer, a.arch)
+            np.testing.assert_allclose(b(x), a(x), atol=1e-5)
+        text = (tmp_path / arch / "config.yaml").read_text()
+        assert "mlp.hook_in" in text and "mlp.hook_out" in text and "transcoder_set" in text
+    with pytest.raises(InputError, match="circuit-tracer reads"):
+        _transcoders(cfg, "topk").to_circuit_tracer(tmp_path / "topk")
+
+
+def test_bad_input_is_named():
+    cfg = tiny_config("llama")
+    m = random_model(cfg, jax.random.key(0))
+    tcs = _transcoders(cfg)
+    with pytest.raises(InputError, match="outside this model's vocabulary"):
+        attribute(m, tcs, np.array([1, 2, 999]))
+    with pytest.raises(InputError, match="skip_first"):
+        attribute(m, tcs, np.array([1, 2]), skip_first=2)
+    with pytest.raises(InputError, match="logit tokens"):
+        attribute(m, tcs, TOKENS, logit_tokens=[64])
+    with pytest.raises(InputError, match="one transcoder for each layer"):
+        TranscoderSet.of(tcs.transcoders[1:])
+    with pytest.raises(InputError, match="3 layers, the model 2"):
+        attribute(random_model(tiny_config("gpt2"), jax.random.key(0)), tcs, TOKENS)
+    with pytest.raises(InputError, match="an SAE"):
+        TranscoderSet.of([sae_lib.init("relu", 32, 8, jax.random.key(0), site="resid_post", layer=0)])
+    with pytest.raises(InputError, match="--target"):
+        saes.TrainConfig(site=("ln2.normalized",), target="resid_pre")
+    with pytest.raises(InputError, match="computed before"):
+        saes.TrainConfig(site=("resid_post",), target="mlp_out")
+
+
+class _Rows:
+    """Random token rows (what `saes.data.TokenRows` yields) for a tokenizer-less model."""
+
+    context = 16
+
+    def rows(self, start=0):
+        rng = np.random.default_rng(start)
+        while True:
+            yield rng.integers(2, 64, self.context).astype(np.int32)
+
+    def take(self, n, start=0):
+        return np.stack([r for r, _ in zip(self.rows(start), range(n))])
+
+
+def test_transcoders_train_on_every_layer_in_one_pass(tmp_path):
+    cfg = tiny_config("llama")
+    m = random_model(cfg, jax.random.key(0))
+    layers = tuple(range(cfg.n_layers))
+    tc = saes.TrainConfig(site=("ln2.normalized",), target="mlp_out", layers=layers, arch="relu", width=96,
+                          tokens=256 * 60, batch_size=256, chunk_tokens=2048, lr=3e-3, lr_warmup_steps=5,
+                          sparsity_coeff=0.5, progress=False, log_every=10, eval_every=0, checkpoint_every=1000,
+                          out=str(tmp_path / "run"))
+    hooks = saes.data.parse_hooks(tc.site, layers) + [models.Hook("mlp_out", l) for l in layers]
+    source = saes.ModelSource(m, hooks, _Rows(), chunk_tokens=2048, model_batch=16)
+    run = saes.fit(tc, source=source, model=m, eval_tokens=_Rows().take(4, 99))
+    assert sorted(run.saes) == [f"L{l}.ln2.normalized" for l in layers]
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in metrics if "eval" not in r]
+    for l in layers:
+        first, last = train[0][f"L{l}.ln2.normalized"], train[-1][f"L{l}.ln2.normalized"]
+        # it learnt to predict mlp_out (a random MLP on random tokens: about 0.35 after 60 steps, from 0.01)
+        assert last["explained_variance"] > max(0.25, first["explained_variance"] + 0.2)
+    loaded = saes.load_run(tmp_path / "run")
+    tcs = TranscoderSet.of(loaded.values())
+    assert tcs.target == "mlp_out" and tcs.site == "ln2.normalized"
+    ce = tcs.ce_metrics(m, _Rows().take(16, 7))
+    # (CE recovered means little for a random model on random tokens: its CE is near uniform either way)
+    assert np.isfinite(list(ce.values())).all() and ce["kl"] < 0.7 * ce["kl_zero"], ce
+    final_eval = [r for r in metrics if "eval" in r][-1]["eval"]
+    assert set(final_eval) == set(run.saes)  # each transcoder spliced at mlp_out, one at a time
+    with pytest.raises(InputError, match="transcoder"):
+        saes.to_saelens(run.saes["L0.ln2.normalized"], tmp_path / "sl")

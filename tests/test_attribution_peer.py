@@ -1,0 +1,98 @@
+"""Our attribution graphs against circuit-tracer's (the PyTorch reference, in its own venv .venv-circuit-tracer,
+built by `./run peers`; tests/_circuit_tracer_peer.py), on the same model weights and the same transcoders
+written in circuit-tracer's format: the same active features and logit targets, and the same adjacency matrix."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from saes import sae as sae_lib
+from saes.attribution import Graph, attribute
+from saes.transcoders import TranscoderSet
+
+ROOT = Path(__file__).resolve().parents[1]
+CT_PYTHON = Path(os.environ.get("CT_PYTHON") or ROOT / ".venv-circuit-tracer/bin/python")
+needs_peer = pytest.mark.skipif(not CT_PYTHON.exists(), reason=f"circuit-tracer venv not found at {CT_PYTHON} (set "
+                                "CT_PYTHON, or build it with ./run peers, as .ci/run does)")
+
+
+def _peer(*args, timeout=900):
+    env = {**os.environ, "CT_THREADS": str(os.cpu_count() or 1)}
+    proc = subprocess.run([str(CT_PYTHON), str(ROOT / "tests/_circuit_tracer_peer.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+def _random_transcoders(cfg, arch: str, width: int, bias: float, seed: int = 0) -> TranscoderSet:
+    out = []
+    for layer in range(cfg.n_layers):
+        t = sae_lib.init(arch, cfg.d_model, width, jax.random.key(seed + layer), site="ln2.normalized", layer=layer,
+                         target="mlp_out", threshold=0.05)
+        t = eqx.tree_at(lambda t: (t.b_enc, t.W_dec), t, (bias * jnp.ones(width), 0.3 * t.W_dec))
+        out.append(t)
+    return TranscoderSet.of(out)
+
+
+def compare(ours: Graph, peer: dict) -> dict:
+    """Node sets equal; the largest relative difference of the adjacency over the edges the pruned graph keeps
+    and over all edges (relative to the largest edge)."""
+    np.testing.assert_array_equal(ours.active_features, peer["active_features"])
+    np.testing.assert_allclose(ours.activation_values, peer["activation_values"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(ours.logit_tokens, peer["logit_targets"])
+    A, B = ours.adjacency, peer["adjacency_matrix"]
+    assert A.shape == B.shape
+    kept = ours.prune().edge_mask
+    scale = np.abs(B).max()
+    rel_kept = float(np.max(np.abs(A - B)[kept] / np.maximum(np.abs(B[kept]), 1e-6 * scale)))
+    return dict(rel_kept=rel_kept, rel_all=float(np.abs(A - B).max() / scale), kept=int(kept.sum()))
+
+
+@needs_peer
+@pytest.mark.parametrize("arch", ["relu", "jumprelu"])
+def test_adjacency_matches_circuit_tracer_on_a_tiny_llama(arch, tmp_path):
+    _peer("--make-tiny", tmp_path)
+    m = models.load(tmp_path / "model", tokenizer=False)
+    tcs = _random_transcoders(m.cfg, arch, 48, 0.1)
+    tcs.to_circuit_tracer(tmp_path / "ours")
+    tokens = [1, 5, 9, 17, 33, 60, 7, 12]
+    _peer("--model", tmp_path / "model", "--transcoders", tmp_path / "ours", "--tokens", json.dumps(tokens),
+          "--out", tmp_path / "peer.npz", "--max-n-logits", 5)
+    peer = dict(np.load(tmp_path / "peer.npz"))
+    np.testing.assert_array_equal(peer["input_tokens"], tokens)
+    np.testing.assert_allclose(models.forward(m, np.asarray([tokens])).logits[0, -1], peer["last_logits"], atol=1e-4)
+    ours = attribute(m, tcs, np.asarray(tokens), max_n_logits=5)
+    r = compare(ours, peer)
+    assert ours.n_features > 50 and r["kept"] > 20
+    assert r["rel_kept"] <= 1e-3 and r["rel_all"] <= 1e-4, r
+
+
+@needs_peer
+@pytest.mark.slow
+def test_adjacency_matches_circuit_tracer_on_smollm2(tmp_path):
+    from models.loading import resolve
+
+    m = models.load("smollm2-135m-instruct", dtype="float32")
+    tcs = _random_transcoders(m.cfg, "relu", 64, 0.05)
+    tcs.to_circuit_tracer(tmp_path / "tc")
+    text = "<|im_start|>The capital of France is"
+    tokens = [int(t) for t in m.to_tokens(text)[0]]
+    assert tokens[0] == 1  # circuit-tracer prepends a special token otherwise
+    _peer("--model", resolve("smollm2-135m-instruct"), "--transcoders", tmp_path / "tc", "--tokens", json.dumps(tokens),
+          "--out", tmp_path / "peer.npz", "--max-n-logits", 5, "--batch-size", 128)
+    peer = dict(np.load(tmp_path / "peer.npz"))
+    np.testing.assert_allclose(models.forward(m, np.asarray([tokens])).logits[0, -1], peer["last_logits"], atol=2e-3)
+    ours = attribute(m, tcs, np.asarray(tokens), max_n_logits=5)
+    r = compare(ours, peer)
+    print("smollm2 vs circuit-tracer:", r, "features", ours.n_features)
+    assert ours.n_features > 100 and r["rel_kept"] <= 1e-3, r
