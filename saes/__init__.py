@@ -12,10 +12,11 @@ Modules: `sae` (architectures), `data` (corpus, token rows, activation sources, 
 and CLI, over `train_config`, `optim`, `train_state` (state, sharding), `train_step`, `checkpoints`),
 `evaluate` (splicing, CE loss recovered), `formats`, `features` (top contexts, frequencies, two-set
 contrasts, logit effects, steering), `detox` (feature ablation and gated decoder steering), `synthetic`
-(planted dictionaries), `report`.
+(planted dictionaries), `report`, `transcoders` (SAEs with a target site: per-layer sets, every MLP
+replaced, circuit-tracer's format) and `attribution` (attribution graphs through the local replacement model).
 """
 
-from saes import data, detox, evaluate, features, formats, sae, synthetic
+from saes import attribution, data, detox, evaluate, features, formats, sae, synthetic, transcoders
 from saes.data import (ArraySource, CachedSource, ModelSource, TokenRows, cache_activations, default_corpus,
                        mix_corpora)
 from saes.detox import DecoderSteer, FeatureAblation, fires_anywhere
@@ -37,7 +38,7 @@ def __getattr__(name):  # saes.train is imported on first use, so `python -m sae
     raise AttributeError(f"module 'saes' has no attribute {name!r}")
 
 __all__ = [
-    "ARCHS", "ArraySource", "BatchTopKSAE", "CachedSource", "DecoderSteer", "FeatureAblation", "FeatureContrast",
+    "ARCHS", "ArraySource", "attribution", "transcoders", "BatchTopKSAE", "CachedSource", "DecoderSteer", "FeatureAblation", "FeatureContrast",
     "GatedSAE", "JumpReLUSAE", "ModelSource", "ReLUSAE", "SAE", "Splice", "TokenRows", "TopKSAE", "TrainConfig",
     "TrainResult", "TrainingDiverged", "cache_activations", "ce_metrics", "contrast", "data", "default_corpus",
     "detox", "evaluate", "feature_frequencies", "features", "fires_anywhere", "formats", "mix_corpora",

@@ -57,7 +57,7 @@ def reference_auxk(sae, pre, err, dead, aux_k):
     return jax.lax.cond(jnp.any(dead), jax.checkpoint(compute), lambda _: jnp.zeros((), pre.dtype), None)
 
 
-def reference_topk_loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_batch=0):
+def reference_topk_loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_batch=0, yn=None):
     """TopK's loss before the sparse path: gradients through the dense pre-activations."""
     pre = self.pre_acts(xn)
     vals, idx = self.select(pre)
@@ -70,7 +70,7 @@ def reference_topk_loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_ba
     return recon + aux_coeff * auxk, dict(recon=recon, sparsity=0.0, auxk=auxk, fires=fires, l0=l0, x_hat=x_hat)
 
 
-def reference_batchtopk_loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_batch=0):
+def reference_batchtopk_loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_batch=0, yn=None):
     """BatchTopK's loss before the sparse path."""
     B = xn.shape[0]
     pre = self.pre_acts(xn)
