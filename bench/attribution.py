@@ -2,8 +2,8 @@
 
     python -m bench.attribution [--width 512] [--tokens 32] [--lengths 8,16,32] [--ct-python PATH]
 
-1. Random ReLU transcoders (width `--width`, every layer, ln2.normalized -> mlp_out, encoder bias set so a few
-   percent of features fire) written in circuit-tracer's format (`TranscoderSet.to_circuit_tracer`).
+1. Random ReLU transcoders (width `--width`, every layer, ln2.normalized -> mlp_out, encoder bias set so about
+   2% of features fire per token) written in circuit-tracer's format (`TranscoderSet.to_circuit_tracer`).
 2. Ours: one graph of a `--tokens`-token prompt (it starts with `<|im_start|>`), float32, after a warm-up
    graph of the same prompt (compilation is reported apart); wall time and the process's peak RSS.
 3. circuit-tracer 0.5.0 (`circuit_tracer.attribute`, nnsight backend, all cores, batch 256, every feature
@@ -39,15 +39,21 @@ TEXT = ("<|im_start|>The Eiffel Tower is in the city of Paris, which is the capi
         "the city of Rome, which is the capital of Italy, and the Brandenburg Gate is in the city of")
 
 
-def transcoders(cfg, width: int, bias: float = 0.05):
+def transcoders(m, tokens, width: int, z: float = 2.0):
+    """Random ReLU transcoders whose encoder bias puts each feature's threshold `z` standard deviations above
+    its mean pre-activation on `tokens` (about 2% of features fire per token)."""
+    import models
     from saes import sae as sae_lib
     from saes.transcoders import TranscoderSet
 
+    x = models.forward(m, tokens[None], capture=("ln2.normalized",)).acts["ln2.normalized"][:, 0, 1:]
     out = []
-    for layer in range(cfg.n_layers):
-        t = sae_lib.init("relu", cfg.d_model, width, jax.random.key(layer), site="ln2.normalized", layer=layer,
+    for layer in range(m.cfg.n_layers):
+        t = sae_lib.init("relu", m.cfg.d_model, width, jax.random.key(layer), site="ln2.normalized", layer=layer,
                          target="mlp_out")
-        out.append(eqx.tree_at(lambda t: (t.b_enc, t.W_dec), t, (bias * jnp.ones(width), 0.3 * t.W_dec)))
+        pre = x[layer] @ t.W_enc
+        bias = -(pre.mean(0) + z * pre.std(0))
+        out.append(eqx.tree_at(lambda t: (t.b_enc, t.W_dec), t, (bias, 0.3 * t.W_dec)))
     return TranscoderSet.of(out)
 
 
@@ -72,9 +78,9 @@ def main(argv=None):
     print(machine())
 
     m = models.load("smollm2-135m-instruct", dtype="float32")
-    tcs = transcoders(m.cfg, args.width)
-    tcs.to_circuit_tracer(out / "transcoders")
     all_tokens = m.to_tokens(TEXT)[0]
+    tcs = transcoders(m, all_tokens, args.width)
+    tcs.to_circuit_tracer(out / "transcoders")
     if len(all_tokens) < max(args.tokens, *map(int, args.lengths.split(","))):
         raise SystemExit(f"the bench prompt has {len(all_tokens)} tokens; ask for fewer")
     tokens = all_tokens[: args.tokens]

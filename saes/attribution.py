@@ -142,12 +142,14 @@ def _logit_targets(logits, max_n_logits: int, desired_logit_prob: float, tokens=
 
 
 def attribute(model, transcoders: TranscoderSet, tokens, *, max_n_logits: int = 10, desired_logit_prob: float = 0.95,
-              logit_tokens=None, skip_first: int = 1, chunk: int = 32, block: int = 512) -> "Graph":
+              logit_tokens=None, skip_first: int = 1, chunk: int = 32, block: int = 512,
+              max_gib: float = 8.0) -> "Graph":
     """The attribution graph of one prompt (`tokens [T]` ids, or a text tokenised by `model.to_tokens`).
 
     Logit nodes: `logit_tokens`, or the most probable next tokens up to `desired_logit_prob` cumulative
     probability (at most `max_n_logits`), each a demeaned unembedding column read at the last position.
-    `chunk` targets share one vmapped backward pass; `block` sources are contracted at a time."""
+    `chunk` targets share one vmapped backward pass; `block` sources are contracted at a time. A graph whose
+    dense `[N, N]` float32 adjacency would exceed `max_gib` is an InputError before any work."""
     cfg = model.cfg
     transcoders.check(cfg)
     if transcoders.transcoders[0].arch == "gated":
@@ -188,6 +190,10 @@ def attribute(model, transcoders: TranscoderSet, tokens, *, max_n_logits: int = 
     logit_vecs = W_U[:, logit_ids].T - W_U.mean(1)[None]
 
     S, K = len(values), len(logit_ids)
+    N = S + L * T + T + K
+    if N * N * 4 > max_gib * 2**30:
+        raise InputError(f"attribute: {S} active features make a graph of {N} nodes, whose dense adjacency needs "
+                         f"{N * N * 4 / 2**30:.1f} GiB (max_gib={max_gib}); use sparser transcoders or a shorter prompt")
     tgt_layer = np.concatenate([layer, np.full(K, L)]).astype(np.int32)
     tgt_pos = np.concatenate([pos, np.full(K, T - 1)]).astype(np.int32)
     tgt_vec = np.concatenate([enc, logit_vecs]).astype(np.float32)
@@ -199,7 +205,6 @@ def attribute(model, transcoders: TranscoderSet, tokens, *, max_n_logits: int = 
     rows = np.asarray(rows)[:n_tgt]
     S_pad = len(_pad(np.zeros(S), block))
     cols = np.concatenate([rows[:, :S], rows[:, S_pad:]], 1)  # features, errors, tokens
-    N = S + L * T + T + K
     adjacency = np.zeros((N, N), np.float32)
     adjacency[:S, : cols.shape[1]] = cols[:S]
     adjacency[N - K:, : cols.shape[1]] = cols[S:]

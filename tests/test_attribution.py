@@ -233,6 +233,8 @@ def test_bad_input_is_named():
         attribute(m, tcs, np.array([1, 2, 999]))
     with pytest.raises(InputError, match="skip_first"):
         attribute(m, tcs, np.array([1, 2]), skip_first=2)
+    with pytest.raises(InputError, match="dense adjacency needs"):
+        attribute(m, tcs, TOKENS, max_gib=1e-6)
     with pytest.raises(InputError, match="logit tokens"):
         attribute(m, tcs, TOKENS, logit_tokens=[64])
     with pytest.raises(InputError, match="one transcoder for each layer"):
