@@ -30,7 +30,6 @@ if __package__ in (None, ""):
 
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench._common import ROOT, machine, peer_python, table  # noqa: E402
