@@ -136,7 +136,7 @@ class TranscoderSet:
         """Next-token CE clean, with every MLP replaced by its transcoder (the first token keeps its real
         output), and with every MLP zero-ablated; CE recovered, KL(clean || replaced) and KL(clean || zero)."""
         from models.model import forward
-        from saes.evaluate import next_token_ce
+        from saes.evaluate import _ce_one, next_token_ce
 
         self.check(model.cfg)
         tokens = jnp.asarray(tokens)
@@ -145,18 +145,11 @@ class TranscoderSet:
         nothing = eqx.tree_at(lambda t: t.act_scale, jax.tree.map(jnp.zeros_like, self.stacked),
                               jnp.ones((self.n_layers,), jnp.float32))  # predicts 0 everywhere
         zero = ReplaceMLPs(nothing, None, first, Where(), self.target, self.site)
-        out = {}
-        clean_logp = None
-        for name, ivs in (("clean", ()), ("replaced", (self.replace_mlps(keep=first),)), ("zero", (zero,))):
-            logits, _ = forward(model, tokens, attention_mask=mask, interventions=ivs)
-            ce, valid, logp = next_token_ce(logits, tokens, mask)
-            n = jnp.maximum(valid.sum(), 1)
-            out[f"ce_{name}"] = float(jnp.sum(ce * valid) / n)
-            if clean_logp is None:
-                clean_logp = logp
-            else:
-                kl = float(jnp.sum(jnp.sum(jnp.exp(clean_logp) * (clean_logp - logp), -1) * valid) / n)
-                out["kl" if name == "replaced" else "kl_zero"] = kl
+        ce, valid, clean_logp = next_token_ce(forward(model, tokens, attention_mask=mask).logits, tokens, mask)
+        out = {"ce_clean": float(jnp.sum(ce * valid) / jnp.maximum(valid.sum(), 1))}
+        for name, iv in (("replaced", self.replace_mlps(keep=first)), ("zero", zero)):
+            ce_x, kl = _ce_one(model, tokens, mask, (iv,), clean_logp)
+            out[f"ce_{name}"], out["kl" if name == "replaced" else "kl_zero"] = float(ce_x), float(kl)
         denom = out["ce_zero"] - out["ce_clean"]
         out["ce_recovered"] = (out["ce_zero"] - out["ce_replaced"]) / denom if abs(denom) > 1e-9 else float("nan")
         return out
