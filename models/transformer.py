@@ -410,7 +410,7 @@ def forward(
     `resid` (the `resid_pre` of layer l) resumes a forward without recomputing layers < l.
     `frozen=True` stops gradients through every attention pattern and norm scale (values unchanged): the
     forward is then linear in the residual stream apart from the MLPs, the local replacement model of
-    attribution graphs (`interp.attribution`).
+    attribution graphs (`saes.attribution`).
     """
     return _forward(params, cfg, tokens, attention_mask, positions, capture, interventions, start_layer=start_layer,
                     stop_at_layer=stop_at_layer, resid=resid, unroll=unroll, frozen=frozen)[0]

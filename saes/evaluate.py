@@ -53,8 +53,7 @@ class Splice(Intervention):
         self.site = site if site is not None else (sae.target or sae.site)
         self.source = sae.site if sae.target else None
         self.where = StackedWhere.of(at(self.site, layer if layer is not None else sae.layer))
-        # static metadata out of the compiled signature
-        self.sae = dataclasses.replace(sae, site="", layer=None, target="tc" if sae.target else None)
+        self.sae = dataclasses.replace(sae, site="", layer=None)  # static metadata out of the compiled signature
         self.recon_weight, self.error_weight = (jnp.asarray(w, jnp.float32) for w in weights[mode])
 
     def edit(self, value, ctx):

@@ -177,7 +177,7 @@ def to_saelens(sae: SAE, path: str | Path, *, model_name: str = "", context_size
     token otherwise. Give it explicitly for SAEs trained on other activations."""
     if sae.target:
         raise InputError(f"to_saelens: {sae.hook} is a transcoder (predicts {sae.target}); SAELens's SAE format would "
-                         "centre its input by the output bias. Write it with saes.to_circuit_tracer")
+                         "centre its input by the output bias. Write its set with saes.transcoders.TranscoderSet.to_circuit_tracer")
     if prepend_bos is None:
         prepend_bos = _rows_start_with_bos(model_name)
     path = Path(path)

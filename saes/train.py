@@ -86,7 +86,7 @@ def build_source(cfg: TrainConfig, model=None, docs: Callable[..., Iterable[str]
     model = model if model is not None else _load_model(cfg.model, cfg.dtype)
     validate(cfg, model.cfg)
     hooks = data.parse_hooks(cfg.site, cfg.layers)
-    hooks += [data.parse_hook(t) for t in transcoder_hooks(cfg).values()]  # a transcoder's targets stream too
+    hooks += [data.parse_hook(t) for t in transcoder_hooks(cfg, [h.key for h in hooks]).values()]  # targets stream too
     rows = _token_rows(cfg, model, "train", docs)
     source = data.ModelSource(model, hooks, rows, chunk_tokens=cfg.chunk_tokens, model_batch=cfg.model_batch)
     source.meta.update(corpus=cfg.corpus or ("the caller's docs" if docs is not None else
@@ -124,7 +124,7 @@ def _hook_info(source, cfg: TrainConfig) -> dict[str, tuple[str, int | None, int
     validated identities); a transcoder run's target streams get none. Each target must be in the source."""
     from saes.data import parse_hook
 
-    targets = transcoder_hooks(cfg)
+    targets = transcoder_hooks(cfg, source.hooks)
     missing = sorted(set(targets.values()) - set(source.hooks))
     if missing:
         raise InputError(f"--target {cfg.target}: the activation source lacks {missing} (has {list(source.hooks)})")

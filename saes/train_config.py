@@ -193,22 +193,16 @@ def _check_target(sites, target):
                          f"{target!r} in the layer (e.g. ln2.normalized or resid_mid for mlp_out)")
 
 
-def transcoder_hooks(cfg: TrainConfig) -> dict[str, str]:
-    """`{input hook: target hook}` of a transcoder run (empty for SAEs): each input's target at its layer."""
+def transcoder_hooks(cfg: TrainConfig, hooks) -> dict[str, str]:
+    """`{input hook: target hook}` of a transcoder run over stream names `hooks` (a source's, or the config's
+    inputs): each input's target at its layer; the targets themselves are no inputs. Empty for SAEs."""
     from models.sites import Hook
     from saes.data import parse_hook
 
     if cfg.target is None:
         return {}
-    if cfg.cache:
-        from saes.data import CachedSource
-
-        inputs = [h for h in CachedSource(cfg.cache).hooks if tuple(parse_hook(h))[0] != cfg.target]
-    else:
-        from saes.data import parse_hooks
-
-        inputs = [h.key for h in parse_hooks(cfg.site, cfg.layers)]
-    return {h: Hook(cfg.target, tuple(parse_hook(h))[1]).key for h in inputs}
+    parsed = {h: tuple(parse_hook(h)) for h in hooks}
+    return {h: Hook(cfg.target, layer).key for h, (site, layer) in parsed.items() if site != cfg.target}
 
 
 def _is(value, t) -> bool:
