@@ -16,6 +16,8 @@ Inputs and targets are normalised by the input's `act_scale` in training; `fold_
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,11 +111,9 @@ class TranscoderSet:
     def width(self) -> int:
         return self.transcoders[0].width
 
-    @property
+    @functools.cached_property
     def stacked(self) -> SAE:
-        """The transcoders as one SAE pytree with arrays `[L, ...]` (static layer dropped)."""
-        import dataclasses
-
+        """The transcoders as one SAE pytree with arrays `[L, ...]` (static layer dropped; built once)."""
         plain = [dataclasses.replace(t, layer=None) for t in self.transcoders]
         return jax.tree.map(lambda *a: jnp.stack(a), *plain)
 
@@ -194,6 +194,8 @@ class TranscoderSet:
         config names hooks of `models.sites`: its TransformerLens names or circuit-tracer's MLP hooks)."""
         from safetensors.numpy import load_file
 
+        from saes.formats import check_arrays
+
         path = Path(path)
         config_path = path / "config.yaml"
         if not config_path.is_file():
@@ -216,8 +218,6 @@ class TranscoderSet:
             arch = "relu"
             if "activation_function.threshold" in a:
                 arch, arrays["threshold"] = "jumprelu", a["activation_function.threshold"]
-            from saes.formats import check_arrays
-
             check_arrays(f, arch, arrays)
             tcs.append(sae_lib.from_arrays(arch, arrays, site=site, layer=layer, target=target))
         return cls.of(tcs)
