@@ -141,6 +141,31 @@ def _logit_targets(logits, max_n_logits: int, desired_logit_prob: float, tokens=
     return ids, probs[ids]
 
 
+def _check_prompt(model, transcoders: TranscoderSet, tokens, skip_first: int, name: str = "attribute") -> np.ndarray:
+    """One prompt's ids `[T]` (a text is tokenised by `model.to_tokens`), checked against the model and the set."""
+    cfg = model.cfg
+    transcoders.check(cfg)
+    if transcoders.transcoders[0].arch == "gated":
+        raise InputError(f"{name}: a gated transcoder's activation is not a function of one pre-activation; "
+                         "use relu, topk, batchtopk or jumprelu transcoders")
+    if isinstance(tokens, str):
+        tokens = model.to_tokens(tokens)[0]
+    tokens = np.asarray(tokens)
+    if tokens.ndim == 2 and tokens.shape[0] == 1:
+        tokens = tokens[0]
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer) or tokens.size == 0:
+        raise InputError(f"{name}: tokens must be one prompt of integer ids [T], got shape {tokens.shape} "
+                         f"dtype {tokens.dtype}")
+    from models.checks import check_tokens
+
+    check_tokens(tokens[None], cfg.vocab_size)
+    if tokens.size > cfg.n_ctx:
+        raise InputError(f"{name}: the prompt has {tokens.size} tokens, more than the model's context of {cfg.n_ctx}")
+    if not 0 <= skip_first < tokens.size:
+        raise InputError(f"{name}: skip_first={skip_first} must be in [0, {tokens.size}) for a {tokens.size}-token prompt")
+    return tokens
+
+
 def attribute(model, transcoders: TranscoderSet, tokens, *, max_n_logits: int = 10, desired_logit_prob: float = 0.95,
               logit_tokens=None, skip_first: int = 1, chunk: int = 32, block: int = 512,
               max_gib: float = 8.0) -> "Graph":
@@ -150,26 +175,7 @@ def attribute(model, transcoders: TranscoderSet, tokens, *, max_n_logits: int = 
     probability (at most `max_n_logits`), each a demeaned unembedding column read at the last position.
     `chunk` targets share one vmapped backward pass; `block` sources are contracted at a time. A graph whose
     dense `[N, N]` float32 adjacency would exceed `max_gib` is an InputError before any work."""
-    cfg = model.cfg
-    transcoders.check(cfg)
-    if transcoders.transcoders[0].arch == "gated":
-        raise InputError("attribute: a gated transcoder's activation is not a function of one pre-activation; "
-                         "use relu, topk, batchtopk or jumprelu transcoders")
-    if isinstance(tokens, str):
-        tokens = model.to_tokens(tokens)[0]
-    tokens = np.asarray(tokens)
-    if tokens.ndim == 2 and tokens.shape[0] == 1:
-        tokens = tokens[0]
-    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer) or tokens.size == 0:
-        raise InputError(f"attribute: tokens must be one prompt of integer ids [T], got shape {tokens.shape} "
-                         f"dtype {tokens.dtype}")
-    from models.checks import check_tokens
-
-    check_tokens(tokens[None], cfg.vocab_size)
-    if tokens.size > cfg.n_ctx:
-        raise InputError(f"attribute: the prompt has {tokens.size} tokens, more than the model's context of {cfg.n_ctx}")
-    if not 0 <= skip_first < tokens.size:
-        raise InputError(f"attribute: skip_first={skip_first} must be in [0, {tokens.size}) for a {tokens.size}-token prompt")
+    tokens = _check_prompt(model, transcoders, tokens, skip_first)
     if chunk < 1 or block < 1:
         raise InputError(f"attribute: chunk ({chunk}) and block ({block}) must be >= 1")
     site, target = transcoders.site, transcoders.target

@@ -95,7 +95,10 @@ def build_source(cfg: TrainConfig, model=None, docs: Callable[..., Iterable[str]
 
 
 def _eval_rows(cfg, model, docs=None):
-    """Held-out rows for CE evaluation (every 50th document); a corpus too small for that uses its first rows."""
+    """Held-out rows for CE evaluation (every 50th document); a corpus too small for that uses its first rows.
+    None when `cfg.eval_rows` is 0 (no CE evaluation)."""
+    if cfg.eval_rows == 0:
+        return None
     try:
         return _token_rows(cfg, model, "eval", docs).take(cfg.eval_rows)
     except InputError:

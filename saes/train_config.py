@@ -65,7 +65,7 @@ class TrainConfig:
     out: str = "runs/saes/default"  # run directory (rerunning with it resumes)
     log_every: int = 20  # steps per metrics.jsonl line
     eval_every: int = 250  # CE loss recovered / KL every this many steps (0: at the end only)
-    eval_rows: int = 8  # held-out rows for the CE / KL evaluation
+    eval_rows: int = 8  # held-out rows for the CE / KL evaluation (0: none)
     checkpoint_every: int = 250  # steps between orbax checkpoints
     keep_checkpoints: int = 2  # checkpoints kept on disk
     resume: bool = True  # resume from the latest checkpoint in out
@@ -136,7 +136,7 @@ _RULES = (
     ("freq_window_steps", _finite(1), ">= 1"), ("bandwidth", _positive, "finite and > 0"),
     ("threshold_init", _finite(), "finite"), ("threshold_lr", _finite(0, 1, lo_open=True), "in (0, 1]"),
     ("decoder_init_norm", _positive, "finite and > 0"), ("log_every", _finite(1), ">= 1"),
-    ("eval_rows", _finite(1), ">= 1"), ("checkpoint_every", _finite(1), ">= 1"), ("keep_checkpoints", _finite(1), ">= 1"),
+    ("eval_rows", _finite(0), ">= 0"), ("checkpoint_every", _finite(1), ">= 1"), ("keep_checkpoints", _finite(1), ">= 1"),
     ("data_parallel", _finite(0), ">= 0"), ("feature_parallel", _finite(1), ">= 1"),
 )
 

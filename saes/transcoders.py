@@ -35,7 +35,7 @@ from models.sites import SITES
 from saes import sae as sae_lib
 from saes.sae import SAE
 
-__all__ = ["ReplaceMLPs", "TranscoderSet"]
+__all__ = ["ReplaceMLPs", "TranscoderSet", "random_set"]
 
 # circuit-tracer's activation functions by our architecture: BatchTopK infers with a threshold (JumpReLU);
 # TopK and Gated have no circuit-tracer loader
@@ -49,7 +49,8 @@ class ReplaceMLPs(Intervention):
     """At `target` (mlp_out) of every layer: the transcoder of that layer applied to the layer's `source`
     value (`SiteContext.seen`), plus `error [L, B, T, D]` when given (the real output minus the prediction:
     with it the replacement reproduces the model exactly). Positions where `keep [B, T]` is True keep the real
-    output (the first token, which transcoders are not trained on)."""
+    output (the first token, which transcoders are not trained on). `edits` (`saes.feature_effects.FeatureEdits`)
+    set chosen features' activations before decoding (clamp or ablate features in the replacement model)."""
 
     stacked: SAE  # the layers' transcoders stacked on a leading axis
     error: Float[Array, "L B T D"] | None
@@ -57,11 +58,14 @@ class ReplaceMLPs(Intervention):
     where: Where
     site: str = eqx.field(static=True)
     source: str = eqx.field(static=True)
+    edits: eqx.Module | None = None
 
     def edit(self, value, ctx):
         tc = jax.tree.map(lambda a: a[ctx.layer], self.stacked)
-        x = ctx.seen[self.source].astype(jnp.float32)
-        new = tc(x)
+        acts = tc.encode(ctx.seen[self.source].astype(jnp.float32))
+        if self.edits is not None:
+            acts = self.edits.apply(acts, ctx.layer)
+        new = tc.decode(acts)
         if self.error is not None:
             new = new + self.error[ctx.layer]
         if self.keep is not None:
@@ -221,6 +225,23 @@ class TranscoderSet:
             check_arrays(f, arch, arrays)
             tcs.append(sae_lib.from_arrays(arch, arrays, site=site, layer=layer, target=target))
         return cls.of(tcs)
+
+
+def random_set(cfg, arch: str = "relu", width: int = 40, *, seed: int = 0, bias: float = 0.05,
+               act_scale: float | None = None, dec_scale: float = 1.0, k: int = 6, threshold: float = 0.02,
+               site: str = "ln2.normalized") -> TranscoderSet:
+    """Random transcoders `site -> mlp_out` for every layer of a model config (layer l seeded `seed + l`), with
+    encoder bias `bias` (a positive bias makes many features fire) and decoders scaled by `dec_scale`: for
+    tests, benchmarks and trying the pipeline before training."""
+    out = []
+    for layer in range(cfg.n_layers):
+        t = sae_lib.init(arch, cfg.d_model, width, jax.random.key(seed + layer), site=site, layer=layer,
+                         target="mlp_out", k=k, threshold=threshold)
+        t = eqx.tree_at(lambda t: (t.b_enc, t.W_dec), t, (bias * jnp.ones(width), dec_scale * t.W_dec))
+        if act_scale is not None:
+            t = eqx.tree_at(lambda t: t.act_scale, t, jnp.asarray(act_scale, jnp.float32))
+        out.append(t)
+    return TranscoderSet.of(out)
 
 
 def _read_simple_yaml(path: Path) -> dict:

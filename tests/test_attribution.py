@@ -1,6 +1,7 @@
 """Transcoders and attribution graphs on tiny random models: the replacement model reproduces the logits,
 every kind of edge equals the effect of removing its source in a model whose patterns, norm scales and MLP
-outputs are held at their clean values (an independent, value-level construction), transcoder training
+outputs are held at their clean values (by interventions on values: independent of the gradient-frozen forward
+the graph is built with), transcoder training
 through the SAE trainer, circuit-tracer's file formats, pruning and bad input."""
 
 from __future__ import annotations
@@ -19,19 +20,15 @@ from interp.testing import random_model, tiny_config
 from models.errors import InputError
 from saes import sae as sae_lib
 from saes.attribution import attribute
-from saes.transcoders import TranscoderSet
+from saes.feature_effects import held_norms_and_patterns
+from saes.transcoders import TranscoderSet, random_set
 
 TOKENS = np.array([1, 5, 9, 3, 7, 2, 11, 4])
 
 
-def _transcoders(cfg, arch="relu", width=40, seed=10, bias=0.05):
-    """Random per-layer transcoders ln2.normalized -> mlp_out with a positive encoder bias (many active features)."""
-    out = []
-    for layer in range(cfg.n_layers):
-        t = sae_lib.init(arch, cfg.d_model, width, jax.random.key(seed + layer), site="ln2.normalized", layer=layer,
-                         target="mlp_out", k=6, threshold=0.02)
-        out.append(eqx.tree_at(lambda t: (t.b_enc, t.act_scale), t, (bias * jnp.ones(width), jnp.asarray(1.3))))
-    return TranscoderSet.of(out)
+def _transcoders(cfg, arch="relu"):
+    """Random transcoders with a positive encoder bias (many active features) and a non-unit input scale."""
+    return random_set(cfg, arch, 40, seed=10, bias=0.05, act_scale=1.3)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
@@ -71,54 +68,17 @@ class _Add(eqx.Module):
         return value + self.delta
 
 
-class _HeldNorm(eqx.Module):
-    """A pre-norm with its scale held at the clean value: clean output + (x - x_clean) (centred for LayerNorm)
-    times the clean 1/rms and the norm weight; `x` is the layer's `source` site."""
-
-    clean_in: jax.Array
-    clean_out: jax.Array
-    scale_w: jax.Array  # [L, B, T, D]: clean 1/rms times the weight
-    site: str = eqx.field(static=True)
-    source: str = eqx.field(static=True)
-    centre: bool = eqx.field(static=True)
-
-    def apply(self, value, ctx):
-        dx = ctx.seen[self.source] - self.clean_in[ctx.layer]
-        if self.centre:
-            dx = dx - dx.mean(-1, keepdims=True)
-        return self.clean_out[ctx.layer] + dx * self.scale_w[ctx.layer]
-
-
-def _inv_rms(x, cfg):
-    h = x - x.mean(-1, keepdims=True) if cfg.norm == "layer" else x
-    return jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + cfg.norm_eps)
-
-
 def _frozen_by_value(m, tokens):
     """`run(d_mlp [L, T, D], d_embed [T, D]) -> (ln2.normalized [L, T, D], final_norm [T, D])` of the model with
-    patterns, norm scales and MLP outputs held at their clean values (no gradients involved)."""
-    cfg = m.cfg
-    sites = ("resid_pre", "resid_mid", "ln1.normalized", "ln2.normalized", "attn.pattern", "mlp_out", "resid_post")
-    clean = models.forward(m, tokens[None], capture=sites).acts
-    w = m.params["blocks"]
-    s1 = _inv_rms(clean["resid_pre"], cfg) * w["ln1"]["w"][:, None, None]
-    s2 = _inv_rms(clean["resid_mid"], cfg) * w["ln2"]["w"][:, None, None]
-    r_last = clean["resid_post"][-1, 0]
-    sf = _inv_rms(r_last, cfg) * m.params["ln_final"]["w"]
-    final_clean = models.forward(m, tokens[None], capture=("final_norm",)).acts["final_norm"][0]
-    centre = cfg.norm == "layer"
+    patterns, norm scales (`held_norms_and_patterns`: interventions, no gradients involved) and MLP outputs
+    held at their clean values."""
+    held, final = held_norms_and_patterns(m, tokens[None])
+    clean_mlp = models.forward(m, tokens[None], capture=("mlp_out",)).acts["mlp_out"]
 
     def run(d_mlp, d_embed):
-        ivs = (_Add(d_embed[None], "embed"),
-               _HeldNorm(clean["resid_pre"], clean["ln1.normalized"], s1, "ln1.normalized", "resid_pre", centre),
-               _Hold(clean["attn.pattern"], jnp.zeros_like(clean["attn.pattern"]), "attn.pattern"),
-               _HeldNorm(clean["resid_mid"], clean["ln2.normalized"], s2, "ln2.normalized", "resid_mid", centre),
-               _Hold(clean["mlp_out"], d_mlp[:, None], "mlp_out"))
+        ivs = (_Add(d_embed[None], "embed"), *held, _Hold(clean_mlp, d_mlp[:, None], "mlp_out"))
         acts = models.forward(m, tokens[None], capture=("ln2.normalized", "resid_post"), interventions=ivs).acts
-        dr = acts["resid_post"][-1, 0] - r_last
-        if centre:
-            dr = dr - dr.mean(-1, keepdims=True)
-        return acts["ln2.normalized"][:, 0], final_clean + dr * sf
+        return acts["ln2.normalized"][:, 0], final(acts["resid_post"][-1])[0]
 
     return run
 

@@ -9,16 +9,12 @@ import os
 import subprocess
 from pathlib import Path
 
-import equinox as eqx
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import models
-from saes import sae as sae_lib
 from saes.attribution import Graph, attribute
-from saes.transcoders import TranscoderSet
+from saes.transcoders import random_set
 
 ROOT = Path(__file__).resolve().parents[1]
 CT_PYTHON = Path(os.environ.get("CT_PYTHON") or ROOT / ".venv-circuit-tracer/bin/python")
@@ -32,16 +28,6 @@ def _peer(*args, timeout=900):
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
-
-
-def _random_transcoders(cfg, arch: str, width: int, bias: float, seed: int = 0) -> TranscoderSet:
-    out = []
-    for layer in range(cfg.n_layers):
-        t = sae_lib.init(arch, cfg.d_model, width, jax.random.key(seed + layer), site="ln2.normalized", layer=layer,
-                         target="mlp_out", threshold=0.05)
-        t = eqx.tree_at(lambda t: (t.b_enc, t.W_dec), t, (bias * jnp.ones(width), 0.3 * t.W_dec))
-        out.append(t)
-    return TranscoderSet.of(out)
 
 
 def compare(ours: Graph, peer: dict) -> dict:
@@ -63,7 +49,7 @@ def compare(ours: Graph, peer: dict) -> dict:
 def test_adjacency_matches_circuit_tracer_on_a_tiny_llama(arch, tmp_path):
     _peer("--make-tiny", tmp_path)
     m = models.load(tmp_path / "model", tokenizer=False)
-    tcs = _random_transcoders(m.cfg, arch, 48, 0.1)
+    tcs = random_set(m.cfg, arch, 48, bias=0.1, dec_scale=0.3, threshold=0.05)
     tcs.to_circuit_tracer(tmp_path / "ours")
     tokens = [1, 5, 9, 17, 33, 60, 7, 12]
     _peer("--model", tmp_path / "model", "--transcoders", tmp_path / "ours", "--tokens", json.dumps(tokens),
@@ -83,7 +69,7 @@ def test_adjacency_matches_circuit_tracer_on_smollm2(tmp_path):
     from models.loading import resolve
 
     m = models.load("smollm2-135m-instruct", dtype="float32")
-    tcs = _random_transcoders(m.cfg, "relu", 64, 0.05)
+    tcs = random_set(m.cfg, "relu", 64, bias=0.05, dec_scale=0.3, threshold=0.05)
     tcs.to_circuit_tracer(tmp_path / "tc")
     text = "<|im_start|>The capital of France is"
     tokens = [int(t) for t in m.to_tokens(text)[0]]

@@ -12,7 +12,7 @@ NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 
 
 def test_there_are_notebooks():
-    assert {p.name for p in NOTEBOOKS} >= {"explore_heads.ipynb", "probes.ipynb", "sae_features.ipynb"}
+    assert {p.name for p in NOTEBOOKS} >= {"explore_heads.ipynb", "probes.ipynb", "sae_features.ipynb", "attribution_graphs.ipynb"}
 
 
 @pytest.mark.slow

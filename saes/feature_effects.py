@@ -1,0 +1,306 @@
+"""Interventions on transcoder features, and the attribution paper's check of a graph against them.
+
+A feature is a decoder vector at its layer's `mlp_out`, so clamping or ablating it is an ordinary intervention,
+in two models (Ameisen et al. 2025, "Validating with interventions"):
+
+- the **local replacement model** (`FeatureEffects.local`): every attention pattern and norm scale held at its
+  clean value, every MLP replaced by its transcoder plus the clean error node; downstream features recompute
+  through their activation functions, so the change is the graph's linear prediction plus what thresholds do;
+- the **real model** (`FeatureEffects.real`): the feature's decoder vector times (new - clean activation) added
+  at `mlp_out`; downstream features are read by the transcoders from the real model's activations.
+
+    fx = FeatureEffects.of(m, tcs, graph.tokens)
+    edits = FeatureEdits.of([(layer, pos, feature, 0.0)])    # ablate; any value clamps
+    pre, logits = fx.local(edits)                            # pre [L, T, W] pre-activations, logits [V] (last)
+    pre, logits = fx.real(edits)
+    report = check_edges(graph, fx, n_edges=40)              # predicted vs measured on the top edges
+
+`FeatureEdits` are arrays, so a batch of edits is `jax.vmap` (what `ablate_each` and `check_edges` do). Holding
+norm scales by value needs their inputs as sites: the local model supports pre-norm transformers without post or
+QK norms (Llama, SmolLM2, Qwen2, Mistral, GPT-2); the real-model path supports every architecture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from interp.interventions import Where
+from models.errors import InputError
+from saes.attribution import Graph, _check_prompt, _Perturb, _setup
+from saes.transcoders import ReplaceMLPs, TranscoderSet
+
+__all__ = ["FeatureEdits", "FeatureEffects", "check_edges", "held_norms_and_patterns", "rank_correlation"]
+
+
+class FeatureEdits(eqx.Module):
+    """Set feature `feature[i]` at (`layer[i]`, `pos[i]`) to activation `value[i]` (0 ablates)."""
+
+    layer: Int[Array, " n"]
+    pos: Int[Array, " n"]
+    feature: Int[Array, " n"]
+    value: Float[Array, " n"]
+
+    @classmethod
+    def of(cls, items) -> "FeatureEdits":
+        """From `(layer, pos, feature, value)` tuples; InputError on a repeated (layer, pos, feature)."""
+        a = np.asarray(items, np.float64).reshape(-1, 4)
+        keys = a[:, :3].astype(np.int64)
+        if len({tuple(k) for k in keys.tolist()}) != len(keys):
+            raise InputError("FeatureEdits.of: a (layer, pos, feature) appears twice; give each feature one value")
+        return cls(*(jnp.asarray(keys[:, i], jnp.int32) for i in range(3)), jnp.asarray(a[:, 3], jnp.float32))
+
+    def check(self, n_layers: int, n_pos: int, width: int, skip_first: int) -> None:
+        for name, x, lo, hi in (("layer", self.layer, 0, n_layers), ("pos", self.pos, skip_first, n_pos),
+                                ("feature", self.feature, 0, width)):
+            x = np.asarray(x)
+            if x.size and (x.min() < lo or x.max() >= hi):
+                raise InputError(f"FeatureEdits: {name} {x.tolist()} outside [{lo}, {hi})")
+
+    def apply(self, acts: Float[Array, "B T W"], layer) -> Float[Array, "B T W"]:
+        """`acts` of one layer with this layer's edits set (others untouched)."""
+        cur = acts[:, self.pos, self.feature]  # [B, n]
+        hit = (self.layer == layer)[None]
+        return acts.at[:, self.pos, self.feature].add(jnp.where(hit, self.value - cur, 0.0))
+
+
+class _Held(eqx.Module):
+    """At `site`: its clean value `[L, B, ...]` (an attention pattern held)."""
+
+    clean: Array
+    site: str = eqx.field(static=True)
+
+    def apply(self, value, ctx):
+        return self.clean[ctx.layer].astype(value.dtype)
+
+
+class _HeldNorm(eqx.Module):
+    """A pre-norm with its scale held at the clean value: clean output + (x - x_clean) (centred for LayerNorm)
+    times the clean 1/rms and the norm weight; `x` is the layer's `source` site (`SiteContext.seen`)."""
+
+    clean_in: Array
+    clean_out: Array
+    scale_w: Array  # [L, B, T, D]: clean 1/rms times the weight
+    site: str = eqx.field(static=True)
+    source: str = eqx.field(static=True)
+    centre: bool = eqx.field(static=True)
+
+    def apply(self, value, ctx):
+        dx = ctx.seen[self.source] - self.clean_in[ctx.layer]
+        if self.centre:
+            dx = dx - dx.mean(-1, keepdims=True)
+        return (self.clean_out[ctx.layer] + dx * self.scale_w[ctx.layer]).astype(value.dtype)
+
+
+def _inv_rms(x, cfg):
+    h = x - x.mean(-1, keepdims=True) if cfg.norm == "layer" else x
+    return jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + cfg.norm_eps)
+
+
+def held_norms_and_patterns(model, tokens: Int[Array, "B T"]):
+    """The interventions holding every attention pattern and pre-norm scale (ln1, ln2) at its value in the clean
+    run of `tokens`, and `final(resid_last [B, T, D]) -> final_norm` with the final norm's scale held too.
+    InputError for post-norm or QK-norm models (their norm inputs are not sites)."""
+    from models.model import forward
+
+    cfg = model.cfg
+    if cfg.post_norms or cfg.qk_norm:
+        raise InputError(f"holding norm scales by value needs each norm's input as a site; {cfg.arch} has "
+                         f"{'post-norms' if cfg.post_norms else 'QK norms'}, which have none")
+    sites = ("resid_pre", "resid_mid", "ln1.normalized", "ln2.normalized", "attn.pattern", "resid_post")
+    clean = forward(model, tokens, capture=sites + ("final_norm",)).acts
+    w = model.params["blocks"]
+    s1 = _inv_rms(clean["resid_pre"], cfg) * w["ln1"]["w"][:, None, None]
+    s2 = _inv_rms(clean["resid_mid"], cfg) * w["ln2"]["w"][:, None, None]
+    r_last = clean["resid_post"][-1]
+    sf = _inv_rms(r_last, cfg) * model.params["ln_final"]["w"]
+    centre = cfg.norm == "layer"
+    ivs = (_HeldNorm(clean["resid_pre"], clean["ln1.normalized"], s1, "ln1.normalized", "resid_pre", centre),
+           _Held(clean["attn.pattern"], "attn.pattern"),
+           _HeldNorm(clean["resid_mid"], clean["ln2.normalized"], s2, "ln2.normalized", "resid_mid", centre))
+    final_clean = clean["final_norm"]
+
+    def final(resid_last):
+        dr = resid_last - r_last
+        if centre:
+            dr = dr - dr.mean(-1, keepdims=True)
+        return final_clean + dr * sf
+
+    return ivs, final
+
+
+@dataclass(frozen=True)
+class FeatureEffects:
+    """A prompt's clean run with a transcoder set: feature activations, errors, and the two edited models."""
+
+    model: object
+    transcoders: TranscoderSet
+    tokens: Int[Array, " T"]
+    acts: Float[Array, "L T W"]  # clean feature activations (zero at the first `skip_first` positions)
+    errors: Float[Array, "L T D"]
+    skip_first: int
+
+    @classmethod
+    def of(cls, model, transcoders: TranscoderSet, tokens, skip_first: int = 1) -> "FeatureEffects":
+        tokens = _check_prompt(model, transcoders, tokens, skip_first, "FeatureEffects.of")
+        t = jnp.asarray(tokens, jnp.int32)
+        acts, err, _, _ = _setup(model, transcoders.stacked, t, site=transcoders.site, target=transcoders.target,
+                                 skip_first=skip_first)
+        return cls(model, transcoders, t, acts, err, skip_first)
+
+    def local(self, edits: FeatureEdits) -> tuple[Float[Array, "L T W"], Float[Array, " V"]]:
+        """Every feature's pre-activation and the last position's logits in the local replacement model with
+        `edits` set (no edits: the clean values exactly)."""
+        return self._run("local", edits, batched=False)
+
+    def real(self, edits: FeatureEdits) -> tuple[Float[Array, "L T W"], Float[Array, " V"]]:
+        """The same read from the real model with each edited feature's decoder vector times (value - clean
+        activation) added at its layer's `mlp_out`."""
+        return self._run("real", edits, batched=False)
+
+    def ablate_each(self, features, mode: str = "local"):
+        """Ablate each of `features [n, 3]` (layer, pos, feature) alone, vmapped: pre-activations `[n, L, T, W]`
+        and logits `[n, V]`."""
+        if mode not in ("local", "real"):
+            raise InputError(f"ablate_each: mode must be 'local' or 'real', got {mode!r}")
+        f = np.asarray(features, np.int64).reshape(-1, 3)
+        edits = FeatureEdits(*(jnp.asarray(f[:, i:i + 1], jnp.int32) for i in range(3)),
+                             jnp.zeros((len(f), 1), jnp.float32))
+        return self._run(mode, edits, batched=True)
+
+    def _run(self, mode: str, edits: FeatureEdits, batched: bool):
+        L, T, W = self.acts.shape
+        edits.check(L, T, W, self.skip_first)
+        tcs = self.transcoders
+        return _run(self.model, tcs.stacked, self.tokens, self.acts, self.errors, edits, mode=mode, site=tcs.site,
+                    target=tcs.target, skip_first=self.skip_first, batched=batched)
+
+
+def _pre_acts(stacked, x):
+    """`[L, T, W]` pre-activations of raw inputs `[L, T, D]`."""
+    return jax.vmap(lambda tc, x: tc.pre_acts(x * tc.act_scale))(stacked, x)
+
+
+@eqx.filter_jit
+def _run(model, stacked, tokens, acts, errors, edits, *, mode: str, site: str, target: str, skip_first: int,
+         batched: bool):
+    """`_local` or `_real` of one edit set, or vmapped over a leading axis of `edits`."""
+    if mode == "local":
+        one = lambda e: _local(model, stacked, tokens, errors, e, site, target, skip_first)  # noqa: E731
+    else:
+        one = lambda e: _real(model, stacked, tokens, acts, e, site, target)  # noqa: E731
+    return jax.vmap(one)(edits) if batched else one(edits)
+
+
+def _local(model, stacked, tokens, errors, edits, site: str, target: str, skip_first: int):
+    from models.model import forward
+    from models.transformer import Capture, unembed
+
+    L = errors.shape[0]
+    held, final = held_norms_and_patterns(model, tokens[None])
+    keep = (jnp.arange(tokens.shape[0]) < skip_first)[None]
+    replace = ReplaceMLPs(stacked, errors[:, None], keep, Where(), target, site, edits)
+    out = forward(model, tokens[None], capture=(site, Capture("resid_post", layers=(L - 1,))),
+                  interventions=(*held, replace))
+    logits = unembed(model.params, final(out.acts["resid_post"][0])[0, -1], model.cfg)
+    return _pre_acts(stacked, out.acts[site][:, 0].astype(jnp.float32)), logits
+
+
+def _real(model, stacked, tokens, acts, edits, site: str, target: str):
+    from models.model import forward
+
+    L, T, _ = acts.shape
+    change = edits.value - acts[edits.layer, edits.pos, edits.feature]
+    vec = stacked.W_dec[edits.layer, edits.feature] * (change / stacked.act_scale[edits.layer])[:, None]
+    delta = jnp.zeros((L, T, vec.shape[-1]), jnp.float32).at[edits.layer, edits.pos].add(vec)
+    out = forward(model, tokens[None], capture=(site,), interventions=(_Perturb(delta[:, None], target, False),))
+    return _pre_acts(stacked, out.acts[site][:, 0].astype(jnp.float32)), out.logits[0, -1]
+
+
+# ----------------------------------------------------------------------------- the graph's check
+
+
+def rank_correlation(a, b) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN for fewer than 3 points or a constant input."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+
+    def ranks(x):
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+        sums = np.bincount(inv, r)
+        return (sums / counts)[inv]
+
+    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
+
+
+def linear_total_effects(graph: Graph, sources) -> Float[np.ndarray, "n S+K"]:
+    """The change of every feature's pre-activation and logit (targets: `[S + K]`) when each source feature
+    (node index) is removed, through all paths of the graph with every other feature's activation moving one for
+    one with its pre-activation (no feature crossing a threshold): `(I - B)^-1 (-A[:, s])`, `B[t, m] = A[t, m] / a_m`."""
+    S, K = graph.n_features, len(graph.logit_tokens)
+    rows = np.r_[0:S, graph.adjacency.shape[0] - K:graph.adjacency.shape[0]]
+    A = graph.adjacency[rows].astype(np.float64)  # [S + K, N]
+    B = A[:, :S] / graph.activation_values[None].astype(np.float64)
+    direct = -A[:, np.asarray(sources)]  # [S + K, n]
+    total, current = direct.copy(), direct
+    for _ in range(graph.n_layers + 1):  # paths are at most n_layers features long
+        current = B @ current[:S]
+        if not np.abs(current).max(initial=0) > 0:
+            break
+        total += current
+    return total.T
+
+
+def check_edges(graph: Graph, fx: FeatureEffects, n_edges: int = 40, modes=("local", "real"),
+                into: str = "all") -> dict:
+    """The graph's strongest `n_edges` edges out of features (`into` "features", "logits" or "all"), each checked by
+    ablating its source: the change of its target predicted by the edge alone (`-A[t, s]`) and by all paths
+    (`linear_total_effects`), against the change measured in the local replacement model and the real model.
+    Returns the per-edge arrays and, per (prediction, measurement), Spearman's rank correlation and the
+    fraction of edges whose signs agree."""
+    S, K = graph.n_features, len(graph.logit_tokens)
+    if S == 0:
+        raise InputError("check_edges: the graph has no active features")
+    if into not in ("all", "features", "logits"):
+        raise InputError(f"check_edges: into must be 'all', 'features' or 'logits', got {into!r}")
+    N = graph.adjacency.shape[0]
+    rows = np.r_[0:S, N - K:N]
+    A = graph.adjacency[rows][:, :S]  # [S + K, S] feature sources
+    if into != "all":
+        A = np.where((np.arange(S + K) < S)[:, None] == (into == "features"), A, 0.0)
+    flat = np.argsort(-np.abs(A), axis=None, kind="stable")[:n_edges]
+    tgt, src = np.unravel_index(flat, A.shape)
+    keep = A[tgt, src] != 0
+    tgt, src = tgt[keep], src[keep]
+    if len(tgt) < 3:
+        raise InputError(f"check_edges: the graph has {len(tgt)} non-zero feature edges; need at least 3")
+    sources, slot = np.unique(src, return_inverse=True)
+    out = dict(target=rows[tgt], source=src, direct=-A[tgt, src],
+               total=linear_total_effects(graph, sources)[slot, tgt])
+    f = graph.active_features
+    vocab = graph.logit_tokens
+    lay, pos, feat = (f[tgt.clip(max=S - 1), i] for i in range(3))
+    is_logit = tgt >= S
+    nothing = FeatureEdits.of(np.zeros((0, 4)))
+    for mode in modes:
+        pre, logits = fx.ablate_each(f[sources], mode)
+        clean_pre, clean_logits = (fx.local if mode == "local" else fx.real)(nothing)
+        d_pre = np.asarray(pre - clean_pre[None])[slot, lay, pos, feat]
+        d_logits = np.asarray(logits - clean_logits[None])
+        d_logits = d_logits - d_logits.mean(1, keepdims=True)  # demeaned, as the logit nodes are
+        d_logit = d_logits[slot, vocab[(tgt - S).clip(0)]]
+        out[mode] = np.where(is_logit, d_logit, d_pre)
+    for p in ("direct", "total"):
+        for mode in modes:
+            out[f"spearman_{p}_{mode}"] = rank_correlation(out[p], out[mode])
+            out[f"sign_{p}_{mode}"] = float(np.mean(np.sign(out[p]) == np.sign(out[mode])))
+    return out
