@@ -18,7 +18,8 @@ then its pullback `vmap`ped over a chunk of targets and `lax.map`ped over the ch
 
 Nodes are ordered as circuit-tracer orders them: active features (by layer, position, feature), error nodes
 `[layer, position]`, token nodes `[position]`, logit nodes; the first `skip_first` positions (the BOS sink)
-have no feature or error nodes. Skip connections (W_skip) are not supported.
+have no feature or error nodes. A skip transcoder's linear path (`W_skip`) stays live in the frozen model
+(as in circuit-tracer): edges pass through it, and its output is part of the MLP's, not a node.
 """
 
 from __future__ import annotations
@@ -41,26 +42,34 @@ __all__ = ["Graph", "attribute"]
 
 class _Perturb(eqx.Module):
     """A `models.transformer.SiteEdit` adding `delta` at a site (`[L, B, T, D]` indexed by layer at layer
-    sites); `hold`: the site's own value gets no gradient (an MLP output held constant)."""
+    sites); `hold`: the site's own value gets no gradient (an MLP output held constant), except through the
+    linear skip path `source @ W_skip[layer]` when `W_skip [L, D, D]` is given (a skip transcoder's, as
+    circuit-tracer: `skip + (out - skip).detach()`)."""
 
     delta: Array
     site: str = eqx.field(static=True)
     hold: bool = eqx.field(static=True)
+    W_skip: Array | None = None
+    source: str = eqx.field(static=True, default="")
 
     def apply(self, value, ctx):
         v = jax.lax.stop_gradient(value) if self.hold else value
+        if self.hold and self.W_skip is not None:
+            skip = (ctx.seen[self.source].astype(jnp.float32) @ self.W_skip[ctx.layer]).astype(v.dtype)
+            v = v - jax.lax.stop_gradient(skip) + skip
         d = self.delta if ctx.layer is None else self.delta[ctx.layer]
         return v + d.astype(v.dtype)
 
 
-def _readout_fn(model, tokens, site: str, target: str):
+def _readout_fn(model, tokens, site: str, target: str, W_skip=None):
     """The frozen replacement model as a function of perturbations `(mlp [L, T, D], embed [T, D])` at every
-    layer's `target` and at the embedding -> every layer's `site` value and the final norm, `[L + 1, T, D]`."""
+    layer's `target` and at the embedding -> every layer's `site` value and the final norm, `[L + 1, T, D]`
+    (linear through a skip transcoder's `W_skip [L, D, D]` when given)."""
     from models.model import forward
 
     def readout(deltas):
         d_mlp, d_embed = deltas
-        ivs = (_Perturb(d_embed[None], "embed", False), _Perturb(d_mlp[:, None], target, True))
+        ivs = (_Perturb(d_embed[None], "embed", False), _Perturb(d_mlp[:, None], target, True, W_skip, site))
         out = forward(model, tokens[None], capture=(site, "final_norm"), interventions=ivs, frozen=True)
         return jnp.concatenate([out.acts[site][:, 0], out.acts["final_norm"]], 0).astype(jnp.float32)
 
@@ -84,19 +93,19 @@ def _setup(model, stacked, tokens, site: str, target: str, skip_first: int):
     acts = jax.vmap(layer)(stacked, x)
     real = (jnp.arange(tokens.shape[0]) >= skip_first)[None, :, None]
     acts = jnp.where(real, acts, 0.0)
-    recon = jax.vmap(lambda tc, f: tc.decode(f))(stacked, acts)
+    recon = jax.vmap(lambda tc, f, x: tc.decode(f) + tc.skip(x))(stacked, acts, x)
     err = jnp.where(real, y - recon, 0.0)
     return acts, err, out.acts["embed"][0].astype(jnp.float32), out.logits[0, -1]
 
 
 @eqx.filter_jit
-def _rows(model, tokens, tgt_layer, tgt_pos, tgt_vec, src_flat, src_vec, err, emb, *, site: str, target: str,
-          chunk: int, block: int):
+def _rows(model, tokens, tgt_layer, tgt_pos, tgt_vec, src_flat, src_vec, err, emb, W_skip, *, site: str,
+          target: str, chunk: int, block: int):
     """Edge rows `[n_targets, S + L*T + T]` for targets injected at (layer, position) with vectors (layer L: the
     final norm), against sources: features (flat index layer*T + position, scaled decoder vector), errors,
     tokens. Targets and sources come padded to multiples of `chunk` and `block`."""
     L, T, D = err.shape
-    readout = _readout_fn(model, tokens, site, target)
+    readout = _readout_fn(model, tokens, site, target, W_skip)
     zeros = (jnp.zeros((L, T, D), jnp.float32), jnp.zeros((T, D), jnp.float32))
     _, pull = jax.vjp(readout, zeros)
     err_flat = err.reshape(L * T, D)
@@ -206,8 +215,8 @@ def attribute(model, transcoders: TranscoderSet, tokens, *, max_n_logits: int = 
     n_tgt = S + K
     rows = _rows(model, t, jnp.asarray(_pad(tgt_layer, chunk)), jnp.asarray(_pad(tgt_pos, chunk)),
                  jnp.asarray(_pad(tgt_vec, chunk)), jnp.asarray(_pad((layer * T + pos).astype(np.int32), block)),
-                 jnp.asarray(_pad(dec.astype(np.float32), block)), err, emb, site=site, target=target, chunk=chunk,
-                 block=block)
+                 jnp.asarray(_pad(dec.astype(np.float32), block)), err, emb, stacked.W_skip, site=site,
+                 target=target, chunk=chunk, block=block)
     rows = np.asarray(rows)[:n_tgt]
     S_pad = len(_pad(np.zeros(S), block))
     cols = np.concatenate([rows[:, :S], rows[:, S_pad:]], 1)  # features, errors, tokens

@@ -85,7 +85,7 @@ def load(path: str | Path, model=None) -> SAE:
 
 # arrays of each architecture (our names) and their shapes in terms of d = d_in and w = width; () = scalar
 _SHAPES = {"W_enc": ("d", "w"), "W_dec": ("w", "d"), "b_enc": ("w",), "b_dec": ("d",), "act_scale": (),
-           "r_mag": ("w",), "b_mag": ("w",)}
+           "r_mag": ("w",), "b_mag": ("w",), "W_skip": ("d", "d")}
 _REQUIRED = {"relu": (), "topk": (), "batchtopk": (), "jumprelu": ("threshold",), "gated": ("r_mag", "b_mag")}
 
 
@@ -93,7 +93,7 @@ def check_arrays(where, arch: str, arrays: dict, *, k=32, site: str = "", layer=
                  width=None) -> None:
     """Raise an InputError naming `where` unless `arrays` (our names) make a consistent SAE of `arch`:
     `W_enc [d_in, width]`, `W_dec [width, d_in]`, `b_dec [d_in]`, `b_enc`/`threshold` (JumpReLU)/`r_mag`/`b_mag`
-    `[width]`, scalar `act_scale` and BatchTopK `threshold`, all finite; `k` in [1, width] for TopK/BatchTopK;
+    `[width]`, scalar `act_scale` and BatchTopK `threshold`, a skip transcoder's `W_skip [d_in, d_in]`, all finite; `k` in [1, width] for TopK/BatchTopK;
     `d_in`/`width` (from the file's metadata) equal to the arrays'; with `model`, `site` a site of
     `models.sites` whose width is `d_in` and `layer` inside the model."""
     missing = sorted({"W_enc", "W_dec", "b_dec", *_REQUIRED[arch]} - set(arrays))

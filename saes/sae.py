@@ -9,7 +9,9 @@ Every architecture has the same parameters `W_enc [d_in, width]`, `b_enc [width]
 `b_dec [d_in]` (SAELens/Gemma Scope layout and names), plus its own (`threshold`,
 `r_mag`/`b_mag`/`b_gate`), and a scalar `act_scale`: inputs are multiplied by it before encoding and
 reconstructions divided by it after decoding, so an SAE trained on activations normalised to a fixed mean
-norm is used on raw activations unchanged (`fold_scale()` bakes it into the weights for export).
+norm is used on raw activations unchanged (`fold_scale()` bakes it into the weights for export). A skip
+transcoder (Paulo et al. 2025, arXiv 2501.18823; `init(..., skip=True)`) adds a linear path `x @ W_skip` to
+its prediction (`sae(x)`; `decode` is the features' part alone).
 
 Training goes through `sae.loss(xn, coeff, dead)` on *normalised* inputs `xn = x * act_scale`:
 reconstruction `mean_batch(sum_d (xn - xn_hat)^2)` plus the architecture's sparsity term:
@@ -117,6 +119,7 @@ class SAE(eqx.Module):
     W_dec: Float[Array, "width d_in"]
     b_dec: Float[Array, " d_in"]
     act_scale: Float[Array, ""]
+    W_skip: Float[Array, "d_in d_in"] | None  # a skip transcoder's linear path (input -> target); None: none
     site: str = eqx.field(static=True)  # a `models.sites` name ("" or a plain name: not read from a model)
     layer: int | None = eqx.field(static=True)  # None: a model site, or not tied to one layer
     target: str | None = eqx.field(static=True)  # a transcoder: the site (same layer) it predicts; None: an SAE
@@ -127,7 +130,7 @@ class SAE(eqx.Module):
     # logical axes of each array field (`models.sharding.RULES`: "features" is the dictionary, "embed" the input)
     axes: ClassVar[dict[str, tuple[str, ...]]] = {
         "W_enc": ("embed", "features"), "b_enc": ("features",), "W_dec": ("features", "embed"), "b_dec": ("embed",),
-        "act_scale": (),
+        "act_scale": (), "W_skip": ("embed", "embed"),
     }
 
     @property
@@ -170,11 +173,17 @@ class SAE(eqx.Module):
         return self.activate(self.pre_acts(xn), xn)
 
     def decode(self, f: Float[ArrayLike, "... width"]) -> Float[Array, "... d_in"]:
-        """The reconstruction (a transcoder: the prediction of its target) of feature activations, raw scale."""
+        """The features' part of the reconstruction (a transcoder: of the prediction of its target), raw scale."""
         return (f @ self.W_dec + self.b_dec) / self.act_scale
 
+    def skip(self, x: Float[ArrayLike, "... d_in"]) -> Float[Array, "... d_in"] | float:
+        """A skip transcoder's linear path `x @ W_skip` (the same on raw and normalised inputs: the scale
+        cancels), 0 without one."""
+        return 0.0 if self.W_skip is None else x @ self.W_skip
+
     def __call__(self, x: Float[ArrayLike, "... d_in"]) -> Float[Array, "... d_in"]:
-        return self.decode(self.encode(x))
+        """The reconstruction (a transcoder: its prediction, skip path included) of raw activations."""
+        return self.decode(self.encode(x)) + self.skip(x)
 
     @property
     def target_hook(self) -> Hook | None:
@@ -196,7 +205,7 @@ class SAE(eqx.Module):
         `aux` holds `recon` (the reconstruction term), `sparsity`, `auxk`, `fires [width]` (tokens each
         latent fired on), `l0`, `x_hat` (normalised), and for BatchTopK `min_kept`."""
         f = self.activate(self.pre_acts(xn), xn)
-        x_hat = f @ self.W_dec + self.b_dec
+        x_hat = f @ self.W_dec + self.b_dec + self.skip(xn)
         recon = _sq(_goal(xn, yn) - x_hat)
         return recon, self._aux(f, x_hat, recon, 0.0, 0.0)
 
@@ -239,7 +248,7 @@ class SAE(eqx.Module):
     def config(self) -> dict:
         """Static, JSON-able description (architecture-specific keys added by subclasses)."""
         return dict(arch=self.arch, d_in=self.d_in, width=self.width, site=self.site, layer=self.layer,
-                    target=self.target)
+                    target=self.target, skip=self.W_skip is not None)
 
 
 def _sq(err):
@@ -380,7 +389,7 @@ class ReLUSAE(SAE):
 
     def loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_batch=0, yn=None):
         f = jax.nn.relu(self.pre_acts(xn))
-        x_hat = f @ self.W_dec + self.b_dec
+        x_hat = f @ self.W_dec + self.b_dec + self.skip(xn)
         recon = _sq(_goal(xn, yn) - x_hat)
         sparsity = jnp.mean(jnp.sum(f * self.decoder_norms(), -1))
         return recon + coeff * sparsity, self._aux(f, x_hat, recon, sparsity, 0.0)
@@ -407,7 +416,7 @@ class TopKSAE(SAE):
         idx = self.select(pre)[1]
         cols = idx.T  # [k, B]: slot j holds each token's j-th latent
         vals = jax.nn.relu(self.pre_acts_at(xn, cols, known=jnp.take_along_axis(pre, idx, 1).T))
-        x_hat = sparse_decode(self.W_dec, vals, cols, None, xn.shape[0]) + self.b_dec
+        x_hat = sparse_decode(self.W_dec, vals, cols, None, xn.shape[0]) + self.b_dec + self.skip(xn)
         err = _goal(xn, yn) - x_hat
         recon = _sq(err)
         n = aux_batch or xn.shape[0]
@@ -466,7 +475,7 @@ class BatchTopKSAE(SAE):
         flat = self.select(pre)[1].reshape(self.k, B)  # k*B entries in k slots of B
         rows, cols = flat // self.width, flat % self.width
         vals = jax.nn.relu(self.pre_acts_at(xn, cols, rows, known=_take(pre.reshape(-1), flat)))
-        x_hat = sparse_decode(self.W_dec, vals, cols, rows, B) + self.b_dec
+        x_hat = sparse_decode(self.W_dec, vals, cols, rows, B) + self.b_dec + self.skip(xn)
         err = _goal(xn, yn) - x_hat
         recon = _sq(err)
         n = aux_batch or B
@@ -509,7 +518,7 @@ class JumpReLUSAE(SAE):
     def loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_batch=0, yn=None):
         pre = self.pre_acts(xn)
         f = jumprelu(pre, self.threshold, self.bandwidth)
-        x_hat = f @ self.W_dec + self.b_dec
+        x_hat = f @ self.W_dec + self.b_dec + self.skip(xn)
         recon = _sq(_goal(xn, yn) - x_hat)
         l0 = jnp.mean(jnp.sum(step(pre, self.threshold, self.bandwidth), -1))
         return recon + coeff * l0, self._aux(f, x_hat, recon, l0, 0.0)
@@ -550,12 +559,13 @@ class GatedSAE(SAE):
     def loss(self, xn, coeff, dead, aux_coeff=1 / 32, aux_k=0, aux_batch=0, yn=None):
         pi_gate, pi_mag = self._paths(xn)
         f = jnp.where(pi_gate > 0, jax.nn.relu(pi_mag), 0.0)
-        x_hat = f @ self.W_dec + self.b_dec
+        skip = self.skip(xn)
+        x_hat = f @ self.W_dec + self.b_dec + skip
         goal = _goal(xn, yn)
         recon = _sq(goal - x_hat)
         gate = jax.nn.relu(pi_gate)
         sparsity = jnp.mean(jnp.sum(gate * self.decoder_norms(), -1))
-        aux_hat = gate @ jax.lax.stop_gradient(self.W_dec) + jax.lax.stop_gradient(self.b_dec)
+        aux_hat = gate @ jax.lax.stop_gradient(self.W_dec) + jax.lax.stop_gradient(self.b_dec + skip)
         aux_recon = _sq(goal - aux_hat)
         return recon + coeff * sparsity + aux_recon, self._aux(f, x_hat, recon, sparsity, aux_recon)
 
@@ -572,20 +582,24 @@ ARCHS: dict[str, type[SAE]] = {
 
 def init(arch: str, d_in: int, width: int, key, *, site: str = "", layer: int | None = None, k: int = 32,
          bandwidth: float = 0.05, threshold: float = 0.01, decoder_norm: float | None = None,
-         dtype=jnp.float32, target: str | None = None) -> SAE:
-    """A fresh SAE (a transcoder predicting site `target` of the same layer, when given): decoder rows random
+         dtype=jnp.float32, target: str | None = None, skip: bool = False) -> SAE:
+    """A fresh SAE (a transcoder predicting site `target` of the same layer, when given; with `skip`, a skip
+    transcoder whose linear path `W_skip [d_in, d_in]` starts at zero, as circuit-tracer's): decoder rows random
     directions (unit norm, or `decoder_norm`; ReLU/Gated default 0.1 as in Anthropic's recipe), encoder
     initialised as the decoder's transpose, biases zero (set `b_dec` from the data with
     `saes.train_state.calibrate`), `act_scale = 1`."""
     if arch not in ARCHS:
         raise ValueError(f"unknown SAE architecture {arch!r}; known: {', '.join(ARCHS)}")
+    if skip and not target:
+        raise ValueError("skip=True needs a target: a skip connection is a transcoder's (input -> target)")
     cls = ARCHS[arch]
     if decoder_norm is None:
         decoder_norm = 1.0 if cls.unit_norm_decoder else 0.1
     W_dec = jax.random.normal(key, (width, d_in), jnp.float32)
     W_dec = W_dec / jnp.linalg.norm(W_dec, axis=-1, keepdims=True) * decoder_norm
     common = dict(W_enc=W_dec.T.astype(dtype), b_enc=jnp.zeros((width,), dtype), W_dec=W_dec.astype(dtype),
-                  b_dec=jnp.zeros((d_in,), dtype), act_scale=jnp.ones((), jnp.float32), site=site, layer=_layer(layer),
+                  b_dec=jnp.zeros((d_in,), dtype), act_scale=jnp.ones((), jnp.float32),
+                  W_skip=jnp.zeros((d_in, d_in), dtype) if skip else None, site=site, layer=_layer(layer),
                   target=target or None)
     if arch == "relu":
         return ReLUSAE(**common)
@@ -600,12 +614,12 @@ def init(arch: str, d_in: int, width: int, key, *, site: str = "", layer: int | 
 
 def from_arrays(arch: str, arrays: dict, *, site: str = "", layer: int | None = None, k: int = 32,
                 bandwidth: float = 0.05, target: str | None = None) -> SAE:
-    """Build an SAE of `arch` from named arrays (our names; missing `act_scale` means 1)."""
+    """Build an SAE of `arch` from named arrays (our names; missing `act_scale` means 1, missing `W_skip` none)."""
     a = {n: jnp.asarray(v) for n, v in arrays.items()}
     width = a["W_enc"].shape[1]
     common = dict(W_enc=a["W_enc"], b_enc=a.get("b_enc", jnp.zeros((width,), a["W_enc"].dtype)), W_dec=a["W_dec"],
                   b_dec=a["b_dec"], act_scale=a.get("act_scale", jnp.ones((), jnp.float32)).astype(jnp.float32).reshape(()),
-                  site=site, layer=_layer(layer), target=target or None)
+                  W_skip=a.get("W_skip"), site=site, layer=_layer(layer), target=target or None)
     if arch == "relu":
         return ReLUSAE(**common)
     if arch == "topk":

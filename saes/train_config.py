@@ -28,6 +28,7 @@ class TrainConfig:
     layers: tuple[int, ...] = (10,)  # layers of the layer sites
     arch: str = "topk"  # relu, topk, batchtopk, jumprelu or gated
     target: str | None = None  # transcoders: each dictionary predicts this site at its layer (e.g. mlp_out)
+    skip: bool = False  # transcoders: a learned linear skip path W_skip [d_in, d_in] (skip transcoders)
     width: int = 8192  # dictionary size (latents per SAE)
     k: int = 32  # active latents per token (topk, batchtopk)
     sparsity_coeff: float | None = None  # L1 (relu, gated) or L0 (jumprelu); None = the arch's default
@@ -85,6 +86,8 @@ class TrainConfig:
             _check_hooks(self.site, self.layers)
         if self.target is not None:
             _check_target(self.site, self.target)
+        elif self.skip:
+            raise InputError("--skip needs --target: a skip connection belongs to a transcoder (input -> target)")
         for name, ok, rule in _RULES:
             if not ok(getattr(self, name)):
                 raise InputError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)!r}")

@@ -52,7 +52,7 @@ def fresh_state(cfg: TrainConfig, hooks: dict[str, tuple[str, int | None, int]],
         saes[hook] = sae_lib.init(cfg.arch, d_in, cfg.width, jax.random.fold_in(key, i), site=site,
                                   layer=layer, k=cfg.k, bandwidth=cfg.bandwidth,
                                   threshold=cfg.threshold_init, decoder_norm=cfg.decoder_init_norm,
-                                  target=cfg.target)
+                                  target=cfg.target, skip=cfg.skip)
     opt = make_optimizer(cfg)
     params = eqx.filter(saes, trainable(saes))
     return TrainState(

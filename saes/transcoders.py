@@ -47,7 +47,7 @@ _CT_HOOKS = {"ln2.normalized": "mlp.hook_in", "resid_mid": "hook_resid_mid", "ml
 
 class ReplaceMLPs(Intervention):
     """At `target` (mlp_out) of every layer: the transcoder of that layer applied to the layer's `source`
-    value (`SiteContext.seen`), plus `error [L, B, T, D]` when given (the real output minus the prediction:
+    value (`SiteContext.seen`; a skip transcoder's linear path included), plus `error [L, B, T, D]` when given (the real output minus the prediction:
     with it the replacement reproduces the model exactly). Positions where `keep [B, T]` is True keep the real
     output (the first token, which transcoders are not trained on). `edits` (`saes.feature_effects.FeatureEdits`)
     set chosen features' activations before decoding (clamp or ablate features in the replacement model)."""
@@ -62,10 +62,11 @@ class ReplaceMLPs(Intervention):
 
     def edit(self, value, ctx):
         tc = jax.tree.map(lambda a: a[ctx.layer], self.stacked)
-        acts = tc.encode(ctx.seen[self.source].astype(jnp.float32))
+        x = ctx.seen[self.source].astype(jnp.float32)
+        acts = tc.encode(x)
         if self.edits is not None:
             acts = self.edits.apply(acts, ctx.layer)
-        new = tc.decode(acts)
+        new = tc.decode(acts) + tc.skip(x)
         if self.error is not None:
             new = new + self.error[ctx.layer]
         if self.keep is not None:
@@ -92,10 +93,11 @@ class TranscoderSet:
         if layers != list(range(len(tcs))):
             raise InputError(f"TranscoderSet.of: need one transcoder for each layer 0..{len(tcs) - 1}, got layers {layers}")
         for t in tcs:
-            same = (t.arch, t.site, t.target, t.width, t.d_in, t.config().get("k"))
-            want = (first.arch, first.site, first.target, first.width, first.d_in, first.config().get("k"))
+            same = (t.arch, t.site, t.target, t.width, t.d_in, t.config().get("k"), t.W_skip is not None)
+            want = (first.arch, first.site, first.target, first.width, first.d_in, first.config().get("k"),
+                    first.W_skip is not None)
             if same != want:
-                raise InputError(f"TranscoderSet.of: layer {t.layer} is (arch, site, target, width, d_in, k) = {same}, "
+                raise InputError(f"TranscoderSet.of: layer {t.layer} is (arch, site, target, width, d_in, k, skip) = {same}, "
                                  f"layer 0 is {want}: a set shares them")
         return cls(tuple(tcs))
 
@@ -115,6 +117,11 @@ class TranscoderSet:
     def width(self) -> int:
         return self.transcoders[0].width
 
+    @property
+    def skip(self) -> bool:
+        """Whether the transcoders are skip transcoders (`W_skip`)."""
+        return self.transcoders[0].W_skip is not None
+
     @functools.cached_property
     def stacked(self) -> SAE:
         """The transcoders as one SAE pytree with arrays `[L, ...]` (static layer dropped; built once)."""
@@ -132,9 +139,15 @@ class TranscoderSet:
                 raise InputError(f"transcoders have d_in {self.transcoders[0].d_in}, the model's {name!r} has width "
                                  f"{site_width(cfg, name)}")
 
-    def replace_mlps(self, error=None, keep=None) -> ReplaceMLPs:
-        """The intervention replacing every layer's `target` by its transcoder (see `ReplaceMLPs`)."""
-        return ReplaceMLPs(self.stacked, error, keep, Where(), self.target, self.site)
+    def replace_mlps(self, error=None, keep=None, edits=None, n_pos: int | None = None) -> ReplaceMLPs:
+        """The intervention replacing every layer's `target` by its transcoder (see `ReplaceMLPs`); `edits`
+        (`saes.feature_effects.FeatureEdits`) clamp or ablate features on the way, checked against the set and
+        the prompt length `n_pos` (required with them: a position past the prompt is an error, not dropped)."""
+        if edits is not None:
+            if n_pos is None:
+                raise InputError("replace_mlps: edits need n_pos, the prompt length their positions are checked against")
+            edits.check(self.n_layers, n_pos, self.width, 0)
+        return ReplaceMLPs(self.stacked, error, keep, Where(), self.target, self.site, edits)
 
     def ce_metrics(self, model, tokens, mask=None) -> dict[str, float]:
         """Next-token CE clean, with every MLP replaced by its transcoder (the first token keeps its real
@@ -162,8 +175,9 @@ class TranscoderSet:
     def to_circuit_tracer(self, path: str | Path, *, scan: str = "interp", dtype: str = "float32") -> Path:
         """Write the set as circuit-tracer reads a local transcoder set: `layer_{i}.safetensors` (`W_enc`
         [width, d_in], `W_dec` [width, d_out], `b_enc`, `b_dec`, JumpReLU `activation_function.threshold`) and
-        `config.yaml` naming circuit-tracer's hooks (`mlp.hook_in` for ln2.normalized, `mlp.hook_out` for mlp_out). The
-        input scale is folded in; BatchTopK is written as the JumpReLU of its inference threshold."""
+        `config.yaml` naming circuit-tracer's hooks (`mlp.hook_in` for ln2.normalized, `mlp.hook_out` for mlp_out),
+        and a skip transcoder's `W_skip [d_out, d_in]`. The input scale is folded in; BatchTopK is written as the
+        JumpReLU of its inference threshold."""
         from safetensors.numpy import save_file
 
         if self.transcoders[0].arch not in _CT_ARCHS:
@@ -175,6 +189,8 @@ class TranscoderSet:
         for t in self.transcoders:
             s = t.fold_scale()
             w = {"W_enc": s.W_enc.T, "W_dec": s.W_dec, "b_enc": s.enc_bias(), "b_dec": s.b_dec}
+            if s.W_skip is not None:
+                w["W_skip"] = s.W_skip.T  # circuit-tracer computes input @ W_skip.T
             if s.arch == "jumprelu":
                 w["activation_function.threshold"] = s.threshold
             elif s.arch == "batchtopk":
@@ -216,9 +232,9 @@ class TranscoderSet:
                                                                        key=lambda p: int(p.stem.split("_")[1]))):
             f = Path(f) if Path(f).is_absolute() else path / Path(f).name
             a = load_file(str(f))
-            if "W_skip" in a:
-                raise InputError(f"{f}: skip connections (W_skip) are not supported")
             arrays = dict(W_enc=a["W_enc"].T, W_dec=a["W_dec"], b_enc=a["b_enc"], b_dec=a["b_dec"])
+            if "W_skip" in a:
+                arrays["W_skip"] = a["W_skip"].T
             arch = "relu"
             if "activation_function.threshold" in a:
                 arch, arrays["threshold"] = "jumprelu", a["activation_function.threshold"]
@@ -229,15 +245,20 @@ class TranscoderSet:
 
 def random_set(cfg, arch: str = "relu", width: int = 40, *, seed: int = 0, bias: float = 0.05,
                act_scale: float | None = None, dec_scale: float = 1.0, k: int = 6, threshold: float = 0.02,
-               site: str = "ln2.normalized") -> TranscoderSet:
+               site: str = "ln2.normalized", skip_scale: float | None = None) -> TranscoderSet:
     """Random transcoders `site -> mlp_out` for every layer of a model config (layer l seeded `seed + l`), with
-    encoder bias `bias` (a positive bias makes many features fire) and decoders scaled by `dec_scale`: for
-    tests, benchmarks and trying the pipeline before training."""
+    encoder bias `bias` (a positive bias makes many features fire), decoders scaled by `dec_scale`, and with
+    `skip_scale` a random skip path `W_skip` of that spectral scale: for tests, benchmarks and trying the
+    pipeline before training."""
     out = []
     for layer in range(cfg.n_layers):
-        t = sae_lib.init(arch, cfg.d_model, width, jax.random.key(seed + layer), site=site, layer=layer,
-                         target="mlp_out", k=k, threshold=threshold)
+        key = jax.random.key(seed + layer)
+        t = sae_lib.init(arch, cfg.d_model, width, key, site=site, layer=layer, target="mlp_out", k=k,
+                         threshold=threshold, skip=skip_scale is not None)
         t = eqx.tree_at(lambda t: (t.b_enc, t.W_dec), t, (bias * jnp.ones(width), dec_scale * t.W_dec))
+        if skip_scale is not None:
+            W = jax.random.normal(jax.random.fold_in(key, 1), (cfg.d_model, cfg.d_model)) / (2 * cfg.d_model**0.5)
+            t = eqx.tree_at(lambda t: t.W_skip, t, skip_scale * W)
         if act_scale is not None:
             t = eqx.tree_at(lambda t: t.act_scale, t, jnp.asarray(act_scale, jnp.float32))
         out.append(t)

@@ -96,13 +96,14 @@ AXES_SCRIPT = textwrap.dedent("""
         sae, state = run.saes["synthetic"], run.state
         moment = state.opt_state[1][0].mu["synthetic"]  # Adam's first moment of the SAE
         specs = state_specs(state, run.state.saes["synthetic"].W_enc.sharding.mesh).saes["synthetic"]
+        fields = [n for n in type(sae).axes if getattr(sae, n) is not None]  # W_skip: None (not a skip transcoder)
         report[arch] = dict(
-            shards={n: list(getattr(sae, n).addressable_shards[0].data.shape) for n in type(sae).axes},
-            moment_shards={n: list(getattr(moment, n).addressable_shards[0].data.shape) for n in type(sae).axes
+            shards={n: list(getattr(sae, n).addressable_shards[0].data.shape) for n in fields},
+            moment_shards={n: list(getattr(moment, n).addressable_shards[0].data.shape) for n in fields
                            if getattr(moment, n) is not None},
-            specs={n: [a for a in getattr(specs, n)] for n in type(sae).axes},
+            specs={n: [a for a in getattr(specs, n)] for n in fields},
             weight_err=max(float(np.abs(np.asarray(getattr(one.saes["synthetic"], n)) - np.asarray(getattr(sae, n))).max())
-                           for n in type(sae).axes))
+                           for n in fields))
     print("REPORT" + json.dumps(report))
 """)
 
