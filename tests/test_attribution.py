@@ -26,16 +26,17 @@ from saes.transcoders import TranscoderSet, random_set
 TOKENS = np.array([1, 5, 9, 3, 7, 2, 11, 4])
 
 
-def _transcoders(cfg, arch="relu"):
-    """Random transcoders with a positive encoder bias (many active features) and a non-unit input scale."""
-    return random_set(cfg, arch, 40, seed=10, bias=0.05, act_scale=1.3)
+def _transcoders(cfg, arch="relu", skip=False):
+    """Random transcoders with a positive encoder bias (many active features) and a non-unit input scale
+    (`skip`: skip transcoders, with a random linear path)."""
+    return random_set(cfg, arch, 40, seed=10, bias=0.05, act_scale=1.3, skip_scale=1.0 if skip else None)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
-def test_replacement_model_reproduces_the_logits(arch):
+@pytest.mark.parametrize("arch,skip", [("llama", False), ("gpt2", False), ("gemma3", False), ("llama", True)])
+def test_replacement_model_reproduces_the_logits(arch, skip):
     cfg = tiny_config(arch)
     m = random_model(cfg, jax.random.key(0))
-    tcs = _transcoders(cfg)
+    tcs = _transcoders(cfg, skip=skip)
     g = attribute(m, tcs, TOKENS)
     first = jnp.arange(len(TOKENS))[None] == 0
     clean = models.forward(m, TOKENS[None]).logits
@@ -50,14 +51,20 @@ def test_replacement_model_reproduces_the_logits(arch):
 
 
 class _Hold(eqx.Module):
-    """At `site`: the clean value of the layer (`[L, B, T, ...]`) plus `delta` (same shape)."""
+    """At `site`: the clean value of the layer (`[L, B, T, ...]`) plus `delta` (same shape), plus with skip
+    transcoders their linear path's change `(x - x_clean) @ W_skip` (x: the layer's ln2.normalized)."""
 
     clean: jax.Array
     delta: jax.Array
+    W_skip: jax.Array | None
+    clean_x: jax.Array | None
     site: str = eqx.field(static=True)
 
     def apply(self, value, ctx):
-        return self.clean[ctx.layer] + self.delta[ctx.layer]
+        out = self.clean[ctx.layer] + self.delta[ctx.layer]
+        if self.W_skip is not None:
+            out = out + (ctx.seen["ln2.normalized"] - self.clean_x[ctx.layer]) @ self.W_skip[ctx.layer]
+        return out
 
 
 class _Add(eqx.Module):
@@ -68,32 +75,37 @@ class _Add(eqx.Module):
         return value + self.delta
 
 
-def _frozen_by_value(m, tokens):
+def _frozen_by_value(m, tokens, W_skip=None):
     """`run(d_mlp [L, T, D], d_embed [T, D]) -> (ln2.normalized [L, T, D], final_norm [T, D])` of the model with
     patterns, norm scales (`held_norms_and_patterns`: interventions, no gradients involved) and MLP outputs
-    held at their clean values."""
+    held at their clean values (skip transcoders' `W_skip [L, D, D]`: plus their linear path, which stays live)."""
     held, final = held_norms_and_patterns(m, tokens[None])
-    clean_mlp = models.forward(m, tokens[None], capture=("mlp_out",)).acts["mlp_out"]
+    clean = models.forward(m, tokens[None], capture=("mlp_out", "ln2.normalized")).acts
 
     def run(d_mlp, d_embed):
-        ivs = (_Add(d_embed[None], "embed"), *held, _Hold(clean_mlp, d_mlp[:, None], "mlp_out"))
+        hold = _Hold(clean["mlp_out"], d_mlp[:, None], W_skip, clean["ln2.normalized"], "mlp_out")
+        ivs = (_Add(d_embed[None], "embed"), *held, hold)
         acts = models.forward(m, tokens[None], capture=("ln2.normalized", "resid_post"), interventions=ivs).acts
         return acts["ln2.normalized"][:, 0], final(acts["resid_post"][-1])[0]
 
     return run
 
 
-@pytest.mark.parametrize("arch,tc_arch", [("llama", "relu"), ("gpt2", "jumprelu"), ("llama", "topk")])
-def test_edges_equal_removing_the_source_in_the_value_frozen_model(arch, tc_arch):
+@pytest.mark.parametrize("arch,tc_arch,skip", [("llama", "relu", False), ("gpt2", "jumprelu", False),
+                                               ("llama", "topk", False), ("gpt2", "relu", True)])
+def test_edges_equal_removing_the_source_in_the_value_frozen_model(arch, tc_arch, skip):
+    """Every edge (into features and logits, from features, error nodes and token embeddings) equals the change
+    of its target when its source is removed from the model with patterns, norms and MLP outputs held (a skip
+    transcoder's linear path is part of the replacement model's frozen linear map: it stays live)."""
     cfg = tiny_config(arch)
     m = random_model(cfg, jax.random.key(1))
-    tcs = _transcoders(cfg, tc_arch)
+    tcs = _transcoders(cfg, tc_arch, skip)
     g = attribute(m, tcs, TOKENS, chunk=8, block=16, max_n_logits=3)
     L, T, D = g.errors.shape
     S, K = g.n_features, len(g.logit_tokens)
     off = g.node_offsets()
     assert S > 30 and g.adjacency.shape == (S + L * T + T + K,) * 2
-    run = _frozen_by_value(m, jnp.asarray(TOKENS))
+    run = _frozen_by_value(m, jnp.asarray(TOKENS), tcs.stacked.W_skip)
     zero_mlp, zero_emb = jnp.zeros((L, T, D)), jnp.zeros((T, D))
     base_x, base_f = run(zero_mlp, zero_emb)
     stacked = tcs.stacked
@@ -172,14 +184,18 @@ def test_graph_prune_scores_and_json_schema(tmp_path):
 
 def test_circuit_tracer_format_round_trip(tmp_path):
     cfg = tiny_config("llama")
-    for arch in ("relu", "jumprelu"):
-        tcs = _transcoders(cfg, arch)
-        back = TranscoderSet.from_circuit_tracer(tcs.to_circuit_tracer(tmp_path / arch))
+    for arch, skip in (("relu", False), ("jumprelu", False), ("relu", True)):
+        tcs = _transcoders(cfg, arch, skip)
+        out = tmp_path / f"{arch}-{skip}"
+        back = TranscoderSet.from_circuit_tracer(tcs.to_circuit_tracer(out))
         x = jax.random.normal(jax.random.key(3), (5, cfg.d_model))
+        assert back.skip == skip
         for a, b in zip(tcs.transcoders, back.transcoders):
             assert (b.site, b.target, b.layer, b.arch) == (a.site, a.target, a.layer, a.arch)
             np.testing.assert_allclose(b(x), a(x), atol=1e-5)
-        text = (tmp_path / arch / "config.yaml").read_text()
+            if skip:
+                assert float(jnp.abs(a.skip(x)).max()) > 0.1  # the skip path is a real part of the prediction
+        text = (out / "config.yaml").read_text()
         assert "mlp.hook_in" in text and "mlp.hook_out" in text and "transcoder_set" in text
     with pytest.raises(InputError, match="circuit-tracer reads"):
         _transcoders(cfg, "topk").to_circuit_tracer(tmp_path / "topk")
@@ -251,3 +267,41 @@ def test_transcoders_train_on_every_layer_in_one_pass(tmp_path):
     assert set(final_eval) == set(run.saes)  # each transcoder spliced at mlp_out, one at a time
     with pytest.raises(InputError, match="transcoder"):
         saes.to_saelens(run.saes["L0.ln2.normalized"], tmp_path / "sl")
+
+
+def _linear_plus_sparse_source(d=16, n=2048, seed=0):
+    """`L0.ln2.normalized` x ~ N(0, 1) and `L0.mlp_out` y = x @ M + a sparse nonlinear part (ReLU of 4
+    random directions): a dense full-rank linear map that a skip path learns and a sparse dictionary can not."""
+    kM, kR, kU = jax.random.split(jax.random.key(seed), 3)
+    M = jax.random.normal(kM, (d, d)) / d**0.5
+    R, U = jax.random.normal(kR, (d, 4)), jax.random.normal(kU, (4, d))
+    R, U = R / jnp.linalg.norm(R, axis=0), U / jnp.linalg.norm(U, axis=1, keepdims=True)
+
+    def make(i):
+        x = jax.random.normal(jax.random.fold_in(jax.random.key(seed + 1), i), (n, d))
+        return {"L0.ln2.normalized": x, "L0.mlp_out": x @ M + jax.nn.relu(x @ R - 0.5) @ U}
+
+    return saes.data.ArraySource(make, ("L0.ln2.normalized", "L0.mlp_out"), {"L0.ln2.normalized": d, "L0.mlp_out": d})
+
+
+def test_skip_transcoder_learns_the_linear_path(tmp_path):
+    """A skip transcoder (`--skip`) trains its `W_skip` with the rest: on a target that is mostly linear in the
+    input it explains far more variance than the same transcoder without the path, and saves and loads with it."""
+    ev = {}
+    for skip in (False, True):
+        tc = saes.TrainConfig(site=("ln2.normalized",), target="mlp_out", layers=(0,), arch="topk", k=4, width=32,
+                              skip=skip, tokens=512 * 150, batch_size=512, chunk_tokens=2048, lr=1e-2,
+                              lr_warmup_steps=5, progress=False, log_every=10, eval_every=0, checkpoint_every=1000,
+                              out=str(tmp_path / f"run-{skip}"))
+        run = saes.fit(tc, source=_linear_plus_sparse_source())
+        last = [json.loads(x) for x in (tmp_path / f"run-{skip}" / "metrics.jsonl").read_text().splitlines()][-1]
+        ev[skip] = last["L0.ln2.normalized"]["explained_variance"]
+    assert ev[True] > 0.95 and ev[True] > ev[False] + 0.1, ev
+    loaded = saes.load_run(tmp_path / "run-True")["L0.ln2.normalized"]
+    assert loaded.config()["skip"] and loaded.W_skip.shape == (16, 16)
+    x = _linear_plus_sparse_source().make(5)["L0.ln2.normalized"][:8]
+    np.testing.assert_allclose(loaded(x), run.saes["L0.ln2.normalized"](x), atol=1e-6)
+    with pytest.raises(InputError, match="--skip needs --target"):
+        saes.TrainConfig(site=("ln2.normalized",), skip=True)
+    with pytest.raises(ValueError, match="needs a target"):
+        sae_lib.init("relu", 8, 4, jax.random.key(0), skip=True)

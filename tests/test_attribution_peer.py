@@ -45,11 +45,13 @@ def compare(ours: Graph, peer: dict) -> dict:
 
 
 @needs_peer
-@pytest.mark.parametrize("arch", ["relu", "jumprelu"])
-def test_adjacency_matches_circuit_tracer_on_a_tiny_llama(arch, tmp_path):
+@pytest.mark.parametrize("arch,skip", [("relu", False), ("jumprelu", False), ("relu", True)])
+def test_adjacency_matches_circuit_tracer_on_a_tiny_llama(arch, skip, tmp_path):
+    """The same random transcoders (skip transcoders too: circuit-tracer's `W_skip`) exported in circuit-tracer's
+    format: its adjacency matrix on the same prompt equals ours."""
     _peer("--make-tiny", tmp_path)
     m = models.load(tmp_path / "model", tokenizer=False)
-    tcs = random_set(m.cfg, arch, 48, bias=0.1, dec_scale=0.3, threshold=0.05)
+    tcs = random_set(m.cfg, arch, 48, bias=0.1, dec_scale=0.3, threshold=0.05, skip_scale=0.5 if skip else None)
     tcs.to_circuit_tracer(tmp_path / "ours")
     tokens = [1, 5, 9, 17, 33, 60, 7, 12]
     _peer("--model", tmp_path / "model", "--transcoders", tmp_path / "ours", "--tokens", json.dumps(tokens),

@@ -138,6 +138,10 @@ def test_bad_edits_are_named():
         FeatureEdits.of([(0, 1, 1, 0.0), (0, 1, 1, 2.0)])
     with pytest.raises(InputError, match="mode"):
         fx.ablate_each([(0, 1, 1)], "exact")
+    with pytest.raises(InputError, match="edits need n_pos"):
+        tcs.replace_mlps(edits=FeatureEdits.of([(0, 1, 1, 0.0)]))
+    with pytest.raises(InputError, match="pos"):
+        tcs.replace_mlps(edits=FeatureEdits.of([(0, 8, 1, 0.0)]), n_pos=len(TOKENS))
     cfg = tiny_config("gemma3")
     gm = random_model(cfg, jax.random.key(0))
     with pytest.raises(InputError, match="post-norms"):
