@@ -71,7 +71,7 @@ def test_adjacency_matches_circuit_tracer_on_smollm2(tmp_path):
     from models.loading import resolve
 
     m = models.load("smollm2-135m-instruct", dtype="float32")
-    tcs = random_set(m.cfg, "relu", 64, bias=0.05, dec_scale=0.3, threshold=0.05)
+    tcs = random_set(m.cfg, "relu", 64, bias=-0.015, dec_scale=0.3, threshold=0.05)  # about 1 in 6 fires
     tcs.to_circuit_tracer(tmp_path / "tc")
     text = "<|im_start|>The capital of France is"
     tokens = [int(t) for t in m.to_tokens(text)[0]]
@@ -83,4 +83,4 @@ def test_adjacency_matches_circuit_tracer_on_smollm2(tmp_path):
     ours = attribute(m, tcs, np.asarray(tokens), max_n_logits=5)
     r = compare(ours, peer)
     print("smollm2 vs circuit-tracer:", r, "features", ours.n_features)
-    assert ours.n_features > 100 and r["rel_kept"] <= 1e-3, r
+    assert 500 < ours.n_features < 4000 and r["rel_kept"] <= 1e-3, r
