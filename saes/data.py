@@ -32,6 +32,7 @@ with `save_to_disk` (both through pyarrow); `mix_corpora` interleaves several co
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -101,16 +102,29 @@ def corpus_files(packages: Sequence[str] = DEFAULT_PACKAGES) -> list[Path]:
     return files
 
 
-def _docstrings(path: Path) -> Iterator[str]:
+def _docstrings(path: Path) -> tuple[str, ...]:
+    """The docstrings (at least `MIN_DOC_CHARS`) of one source file, parsed once per process and file version
+    (a pass over the whole corpus parses 9k files in about 90 s; it holds about 35 MB of text)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return ()
+    return _parsed_docstrings(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _parsed_docstrings(path: Path, mtime_ns: int, size: int) -> tuple[str, ...]:
     try:
         tree = ast.parse(path.read_bytes())
     except (SyntaxError, ValueError, OSError, UnicodeDecodeError, MemoryError, RecursionError):
-        return
+        return ()
+    docs = []
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             doc = ast.get_docstring(node, clean=True)
             if doc and len(doc) >= MIN_DOC_CHARS:
-                yield doc
+                docs.append(doc)
+    return tuple(docs)
 
 
 def default_corpus(seed: int = 0, packages: Sequence[str] = DEFAULT_PACKAGES) -> Iterator[str]:
@@ -348,14 +362,15 @@ class TokenRows:
         while True:
             produced = False
             batch: list[str] = []
+            size = 8  # documents per tokenizer call, doubling to 256: the first rows need few documents
             for doc in self._docs(epoch):
                 batch.append(doc)
-                if len(batch) < 256:
+                if len(batch) < size:
                     continue
                 for enc in self.tokenizer.backend.encode_batch(batch, add_special_tokens=False):
                     buf.extend(enc.ids)
                     buf.extend(sep)
-                batch = []
+                batch, size = [], min(2 * size, 256)
                 while len(buf) >= width:
                     if n >= start:
                         yield np.asarray([self.bos_id, *buf[:width]], np.int32)
