@@ -92,11 +92,13 @@ class TranscoderSet:
         layers = [t.layer for t in tcs]
         if layers != list(range(len(tcs))):
             raise InputError(f"TranscoderSet.of: need one transcoder for each layer 0..{len(tcs) - 1}, got layers {layers}")
+
+        def shared(t):
+            return t.arch, t.site, t.target, t.width, t.d_in, t.config().get("k"), t.W_skip is not None
+
+        want = shared(first)
         for t in tcs:
-            same = (t.arch, t.site, t.target, t.width, t.d_in, t.config().get("k"), t.W_skip is not None)
-            want = (first.arch, first.site, first.target, first.width, first.d_in, first.config().get("k"),
-                    first.W_skip is not None)
-            if same != want:
+            if (same := shared(t)) != want:
                 raise InputError(f"TranscoderSet.of: layer {t.layer} is (arch, site, target, width, d_in, k, skip) = {same}, "
                                  f"layer 0 is {want}: a set shares them")
         return cls(tuple(tcs))

@@ -215,6 +215,8 @@ def test_bad_input_is_named():
         attribute(m, tcs, TOKENS, logit_tokens=[64])
     with pytest.raises(InputError, match="one transcoder for each layer"):
         TranscoderSet.of(tcs.transcoders[1:])
+    with pytest.raises(InputError, match=r"skip\) = \(.*True\), layer 0 is \(.*False\)"):  # no mixing
+        TranscoderSet.of([*tcs.transcoders[:1], *_transcoders(cfg, skip=True).transcoders[1:]])
     with pytest.raises(InputError, match="3 layers, the model 2"):
         attribute(random_model(tiny_config("gpt2"), jax.random.key(0)), tcs, TOKENS)
     with pytest.raises(InputError, match="an SAE"):
