@@ -381,6 +381,24 @@ def run_layers(params: Params, cfg: Config, resid, sites: _Sites, kv, cache: KVC
     return resid, rec, new_kv
 
 
+def layer_forward(params: Params, cfg: Config, layer: int | Int[Array, ""], resid: Float[Array, "B T D"],
+                  attention_mask: Int[Array, "B T"], positions: Int[Array, "B T"], capture: Sequence[str] = (),
+                  interventions: Sequence[SiteEdit] = (), *, frozen: bool = False
+                  ) -> tuple[Float[Array, "B T D"], dict[str, Array]]:
+    """One layer alone (`layer` may be traced, as inside a `lax.fori_loop`) on its `resid_pre` -> its
+    `resid_post` and the `capture`d sites of that layer, unstacked (`[B, T, ...]`). The forward's layer step
+    as a function, for per-layer backward passes that stop at a chosen depth (`saes.attribution`)."""
+    if isinstance(layer, int) and not 0 <= layer < cfg.n_layers:
+        raise InputError(f"layer_forward: layer {layer} is outside [0, {cfg.n_layers})")
+    p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), params["blocks"])
+    is_local = jnp.asarray([t == "local" for t in cfg.layer_types])[layer]
+    li = LayerInputs(jnp.asarray(layer, jnp.int32), is_local, None, None)
+    ctx = SiteContext(None, positions, attention_mask, jnp.asarray(0, jnp.int32))
+    sites = _Sites(tuple(as_capture(c) for c in capture), interventions, ctx, frozen)
+    resid, _ = block(p, resid, li, {"positions": positions, "mask": attention_mask, "index": 0}, sites, cfg)
+    return resid, dict(sites.record)
+
+
 class Output(NamedTuple):
     """What a forward returns: logits (None when it stops before the last layer) and the captures."""
 

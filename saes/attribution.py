@@ -35,54 +35,39 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from models.errors import InputError
+from models.transformer import Capture, layer_forward, norm
 from saes.transcoders import TranscoderSet
 
 __all__ = ["Graph", "attribute"]
 
 
-class _Perturb(eqx.Module):
-    """A `models.transformer.SiteEdit` adding `delta` at a site (`[L, B, T, D]` indexed by layer at layer
-    sites); `hold`: the site's own value gets no gradient (an MLP output held constant), except through the
-    linear skip path `source @ W_skip[layer]` when `W_skip [L, D, D]` is given (a skip transcoder's, as
-    circuit-tracer: `skip + (out - skip).detach()`)."""
+class _Hold(eqx.Module):
+    """A `models.transformer.SiteEdit` holding an MLP output constant (no gradient through it) plus `delta`,
+    the source perturbation; gradient still flows through a skip transcoder's linear path
+    `seen[source] @ W_skip[layer]` when `W_skip [L, D, D]` is given (circuit-tracer: `skip + (out - skip).detach()`)."""
 
     delta: Array
     site: str = eqx.field(static=True)
-    hold: bool = eqx.field(static=True)
     W_skip: Array | None = None
     source: str = eqx.field(static=True, default="")
 
     def apply(self, value, ctx):
-        v = jax.lax.stop_gradient(value) if self.hold else value
-        if self.hold and self.W_skip is not None:
+        v = jax.lax.stop_gradient(value)
+        if self.W_skip is not None:
             skip = (ctx.seen[self.source].astype(jnp.float32) @ self.W_skip[ctx.layer]).astype(v.dtype)
             v = v - jax.lax.stop_gradient(skip) + skip
-        d = self.delta if ctx.layer is None else self.delta[ctx.layer]
-        return v + d.astype(v.dtype)
-
-
-def _readout_fn(model, tokens, site: str, target: str, W_skip=None):
-    """The frozen replacement model as a function of perturbations `(mlp [L, T, D], embed [T, D])` at every
-    layer's `target` and at the embedding -> every layer's `site` value and the final norm, `[L + 1, T, D]`
-    (linear through a skip transcoder's `W_skip [L, D, D]` when given)."""
-    from models.model import forward
-
-    def readout(deltas):
-        d_mlp, d_embed = deltas
-        ivs = (_Perturb(d_embed[None], "embed", False), _Perturb(d_mlp[:, None], target, True, W_skip, site))
-        out = forward(model, tokens[None], capture=(site, "final_norm"), interventions=ivs, frozen=True)
-        return jnp.concatenate([out.acts[site][:, 0], out.acts["final_norm"]], 0).astype(jnp.float32)
-
-    return readout
+        return v + self.delta.astype(v.dtype)
 
 
 @eqx.filter_jit
 def _setup(model, stacked, tokens, site: str, target: str, skip_first: int):
     """Feature activations `[L, T, W]` (zero at the first `skip_first` positions), error vectors `[L, T, D]`
-    (zero there too), token embeddings `[T, D]` and the last position's logits `[V]`."""
+    (zero there too), token embeddings `[T, D]`, every layer's `resid_pre [L, T, D]`, the last layer's
+    `resid_post [T, D]` and the last position's logits `[V]`."""
     from models.model import forward
 
-    out = forward(model, tokens[None], capture=(site, target, "embed"))
+    L = model.cfg.n_layers
+    out = forward(model, tokens[None], capture=(site, target, "embed", "resid_pre", Capture("resid_post", layers=(L - 1,))))
     x = out.acts[site][:, 0].astype(jnp.float32)
     y = out.acts[target][:, 0].astype(jnp.float32)
 
@@ -95,37 +80,101 @@ def _setup(model, stacked, tokens, site: str, target: str, skip_first: int):
     acts = jnp.where(real, acts, 0.0)
     recon = jax.vmap(lambda tc, f, x: tc.decode(f) + tc.skip(x))(stacked, acts, x)
     err = jnp.where(real, y - recon, 0.0)
-    return acts, err, out.acts["embed"][0].astype(jnp.float32), out.logits[0, -1]
+    f32 = lambda a: a.astype(jnp.float32)
+    return (acts, err, f32(out.acts["embed"][0]), f32(out.acts["resid_pre"][:, 0]), f32(out.acts["resid_post"][0, 0]),
+            out.logits[0, -1])
+
+
+def _pullbacks(model, resid_pre, resid_final, site: str, target: str, W_skip):
+    """`(final, layers)`: the pullback of the frozen final norm, and every layer's pullback `(g at resid_post
+    [T, D], g at its site [T, D]) -> (g at resid_pre, g at its held MLP output)`, linearised once (residuals
+    stacked by layer: index them with `_index`). Each layer's MLP output is held (`_Hold`)."""
+    params, cfg = model.params, model.cfg
+    L, T, D = resid_pre.shape
+    dtype = params["embed"]["W_E"].dtype  # the forward's activation dtype
+    mask, positions = jnp.ones((1, T), jnp.int32), jnp.arange(T, dtype=jnp.int32)[None]
+
+    def layer_fn(layer, resid, d_mlp):
+        hold = _Hold(d_mlp[None], target, W_skip, site)
+        out, acts = layer_forward(params, cfg, layer, resid[None].astype(dtype), mask, positions, (site,), (hold,),
+                                  frozen=True)
+        return out[0].astype(jnp.float32), acts[site][0].astype(jnp.float32)
+
+    zero = jnp.zeros((T, D), jnp.float32)
+    layers = jax.vmap(lambda l, r: jax.vjp(lambda r, d: layer_fn(l, r, d), r, zero)[1])(jnp.arange(L), resid_pre)
+    final = lambda r: norm(r.astype(dtype), params["ln_final"], cfg, frozen=True).astype(jnp.float32)
+    return jax.vjp(final, resid_final)[1], layers
+
+
+def _index(tree, i):
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
 
 
 @eqx.filter_jit
-def _rows(model, tokens, tgt_layer, tgt_pos, tgt_vec, src_flat, src_vec, err, emb, W_skip, *, site: str,
-          target: str, chunk: int, block: int):
+def _rows(model, resid_pre, resid_final, tgt_layer, tgt_pos, tgt_vec, tgt_top, src_vec, src_pos, src_index, err, emb,
+          W_skip, *, site: str, target: str, chunk: int):
     """Edge rows `[n_targets, S + L*T + T]` for targets injected at (layer, position) with vectors (layer L: the
-    final norm), against sources: features (flat index layer*T + position, scaled decoder vector), errors,
-    tokens. Targets and sources come padded to multiples of `chunk` and `block`."""
+    final norm's output), against sources: features, errors, tokens.
+
+    Targets come sorted by layer and padded to a multiple of `chunk`; a chunk's backward starts at its deepest
+    target's layer (`tgt_top`) and runs one layer at a time, so a chunk of layer-l targets costs l + 1 layers,
+    not L (circuit-tracer stops its backward the same way). At each layer the gradient at the held MLP output
+    is contracted with that layer's sources: feature decoder vectors (scaled by the activation) packed by
+    `_source_groups` (`src_vec [L, G, K, D]`, groups at positions `src_pos [L, G]`, feature s in flat slot
+    `src_index[s]`), and error vectors."""
     L, T, D = err.shape
-    readout = _readout_fn(model, tokens, site, target, W_skip)
-    zeros = (jnp.zeros((L, T, D), jnp.float32), jnp.zeros((T, D), jnp.float32))
-    _, pull = jax.vjp(readout, zeros)
-    err_flat = err.reshape(L * T, D)
-    src_idx = src_flat.reshape(-1, block)
-    src_blocks = src_vec.reshape(-1, block, D)
+    G, K = src_vec.shape[1:3]
+    pull_final, pulls = _pullbacks(model, resid_pre, resid_final, site, target, W_skip)
 
     def one_chunk(args):
-        layer, pos, vec = args
-        ct = jnp.zeros((chunk, L + 1, T, D), jnp.float32).at[jnp.arange(chunk), layer, pos].set(vec)
-        g_mlp, g_emb = jax.vmap(pull)(ct)[0]  # [c, L, T, D], [c, T, D]
-        g = g_mlp.reshape(chunk, L * T, D)
-        feats = jax.lax.map(lambda b: jnp.einsum("csd,sd->cs", jnp.take(g, b[0], axis=1), b[1]), (src_idx, src_blocks))
-        feats = jnp.moveaxis(feats, 0, 1).reshape(chunk, -1)
-        errs = jnp.einsum("cnd,nd->cn", g, err_flat)
-        toks = jnp.einsum("ctd,td->ct", g_emb, emb)
-        return jnp.concatenate([feats, errs, toks], 1)
+        layer, pos, vec, top = args
+        inject = lambda l: jnp.zeros((chunk, T, D), jnp.float32).at[jnp.arange(chunk), pos].set(
+            jnp.where((layer == l)[:, None], vec, 0.0))
+        g = jax.lax.cond(top == L, lambda: jax.vmap(pull_final)(inject(L))[0], lambda: jnp.zeros((chunk, T, D)))
+        start = jnp.minimum(top, L - 1)
+
+        def step(i, carry):
+            g, feats, errs = carry
+            l = start - i
+            g, g_mlp = jax.vmap(_index(pulls, l))((g, inject(l)))  # [c, T, D] at resid_pre and at mlp_out
+            f = jnp.einsum("cgd,gkd->gkc", jnp.take(g_mlp, src_pos[l], axis=1), src_vec[l])
+            feats = jax.lax.dynamic_update_index_in_dim(feats, f, l, 0)
+            errs = jax.lax.dynamic_update_index_in_dim(errs, jnp.einsum("ctd,td->tc", g_mlp, err[l]), l, 0)
+            return g, feats, errs
+
+        init = (g, jnp.zeros((L, G, K, chunk), jnp.float32), jnp.zeros((L, T, chunk), jnp.float32))
+        g, feats, errs = jax.lax.fori_loop(0, start + 1, step, init)
+        toks = jnp.einsum("ctd,td->tc", g, emb)
+        return jnp.concatenate([feats.reshape(-1, chunk)[src_index], errs.reshape(-1, chunk), toks], 0).T
 
     rows = jax.lax.map(one_chunk, (tgt_layer.reshape(-1, chunk), tgt_pos.reshape(-1, chunk),
-                                   tgt_vec.reshape(-1, chunk, D)))
+                                   tgt_vec.reshape(-1, chunk, D), tgt_top))
     return rows.reshape(-1, rows.shape[-1])
+
+
+def _source_groups(layer: Int[np.ndarray, " S"], pos: Int[np.ndarray, " S"], vecs: Float[np.ndarray, "S D"],
+                   n_layers: int, n_pos: int):
+    """Feature sources (sorted by layer, position) packed for a batched matmul against each layer's gradient
+    `[c, T, D]`: per layer, groups of at most K sources that share a position (a position with n sources
+    takes ceil(n / K) groups), G groups per layer (zero-padded). Returns `vecs [L, G, K, D]`, the position of
+    each group `[L, G]` and each source's flat slot in `[L, G, K]` `[S]`; K minimises the padded work
+    `G * (K + 4)` (the 4: gathering a group's gradient row), so one position with many active features
+    does not pad every other."""
+    counts = np.zeros((n_layers, n_pos), np.int64)
+    np.add.at(counts, (layer, pos), 1)
+    groups = lambda k: -(-counts // k)  # [L, T] groups per location
+    k = min((1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256), key=lambda k: groups(k).sum(1).max() * (k + 4))
+    per_loc = groups(k)
+    n_groups = max(int(per_loc.sum(1).max()), 1)
+    first_group = np.cumsum(per_loc, 1) - per_loc  # [L, T]: the first group of each location within its layer
+    loc = layer * n_pos + pos
+    rank = np.arange(len(loc)) - np.searchsorted(loc, loc)  # the source's rank at its location
+    group = first_group[layer, pos] + rank // k
+    out = np.zeros((n_layers, n_groups, k, vecs.shape[1]), np.float32)
+    out[layer, group, rank % k] = vecs
+    group_pos = np.zeros((n_layers, n_groups), np.int32)
+    group_pos[layer, group] = pos
+    return out, group_pos, ((layer * n_groups + group) * k + rank % k).astype(np.int32)
 
 
 def _pad(a, multiple: int):
@@ -176,21 +225,22 @@ def _check_prompt(model, transcoders: TranscoderSet, tokens, skip_first: int, na
 
 
 def attribute(model, transcoders: TranscoderSet, tokens, *, max_n_logits: int = 10, desired_logit_prob: float = 0.95,
-              logit_tokens=None, skip_first: int = 1, chunk: int = 32, block: int = 512,
-              max_gib: float = 8.0) -> "Graph":
+              logit_tokens=None, skip_first: int = 1, chunk: int = 32, max_gib: float = 8.0) -> "Graph":
     """The attribution graph of one prompt (`tokens [T]` ids, or a text tokenised by `model.to_tokens`).
 
     Logit nodes: `logit_tokens`, or the most probable next tokens up to `desired_logit_prob` cumulative
     probability (at most `max_n_logits`), each a demeaned unembedding column read at the last position.
-    `chunk` targets share one vmapped backward pass; `block` sources are contracted at a time. A graph whose
+    `chunk` targets share one vmapped backward pass (targets sorted by layer: a chunk's backward runs only
+    through the layers below its deepest target). A graph whose
     dense `[N, N]` float32 adjacency would exceed `max_gib` is an InputError before any work."""
     tokens = _check_prompt(model, transcoders, tokens, skip_first)
-    if chunk < 1 or block < 1:
-        raise InputError(f"attribute: chunk ({chunk}) and block ({block}) must be >= 1")
+    if chunk < 1:
+        raise InputError(f"attribute: chunk ({chunk}) must be >= 1")
     site, target = transcoders.site, transcoders.target
     stacked = transcoders.stacked
     t = jnp.asarray(tokens, jnp.int32)
-    acts, err, emb, last_logits = _setup(model, stacked, t, site=site, target=target, skip_first=skip_first)
+    acts, err, emb, resid_pre, resid_final, last_logits = _setup(model, stacked, t, site=site, target=target,
+                                                                  skip_first=skip_first)
     acts = np.asarray(acts)
     L, T, _ = acts.shape
     layer, pos, feat = np.nonzero(acts)  # C order: sorted by (layer, position, feature)
@@ -206,20 +256,22 @@ def attribute(model, transcoders: TranscoderSet, tokens, *, max_n_logits: int = 
 
     S, K = len(values), len(logit_ids)
     N = S + L * T + T + K
-    if N * N * 4 > max_gib * 2**30:
-        raise InputError(f"attribute: {S} active features make a graph of {N} nodes, whose dense adjacency needs "
-                         f"{N * N * 4 / 2**30:.1f} GiB (max_gib={max_gib}); use sparser transcoders or a shorter prompt")
+    src_vec, src_pos, src_index = _source_groups(layer, pos, dec.astype(np.float32), L, T)
+    gib = (N * N + src_vec.size) * 4 / 2**30
+    if gib > max_gib:
+        raise InputError(f"attribute: {S} active features make a graph of {N} nodes, whose dense adjacency and "
+                         f"source vectors need {gib:.1f} GiB (max_gib={max_gib}); use sparser transcoders or a shorter "
+                         "prompt")
     tgt_layer = np.concatenate([layer, np.full(K, L)]).astype(np.int32)
     tgt_pos = np.concatenate([pos, np.full(K, T - 1)]).astype(np.int32)
     tgt_vec = np.concatenate([enc, logit_vecs]).astype(np.float32)
     n_tgt = S + K
-    rows = _rows(model, t, jnp.asarray(_pad(tgt_layer, chunk)), jnp.asarray(_pad(tgt_pos, chunk)),
-                 jnp.asarray(_pad(tgt_vec, chunk)), jnp.asarray(_pad((layer * T + pos).astype(np.int32), block)),
-                 jnp.asarray(_pad(dec.astype(np.float32), block)), err, emb, stacked.W_skip, site=site,
-                 target=target, chunk=chunk, block=block)
-    rows = np.asarray(rows)[:n_tgt]
-    S_pad = len(_pad(np.zeros(S), block))
-    cols = np.concatenate([rows[:, :S], rows[:, S_pad:]], 1)  # features, errors, tokens
+    tgt_layer = _pad(tgt_layer, chunk)
+    rows = _rows(model, resid_pre, resid_final, jnp.asarray(tgt_layer), jnp.asarray(_pad(tgt_pos, chunk)),
+                 jnp.asarray(_pad(tgt_vec, chunk)), jnp.asarray(tgt_layer.reshape(-1, chunk).max(1)),
+                 jnp.asarray(src_vec), jnp.asarray(src_pos), jnp.asarray(src_index), err, emb, stacked.W_skip,
+                 site=site, target=target, chunk=chunk)
+    cols = np.asarray(rows)[:n_tgt]  # features, errors, tokens
     adjacency = np.zeros((N, N), np.float32)
     adjacency[:S, : cols.shape[1]] = cols[:S]
     adjacency[N - K:, : cols.shape[1]] = cols[S:]

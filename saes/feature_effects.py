@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from interp.interventions import Where
+from interp.interventions import AddVector, Where
 from models.errors import InputError
-from saes.attribution import Graph, _check_prompt, _Perturb, _setup
+from saes.attribution import Graph, _check_prompt, _setup
 from saes.transcoders import ReplaceMLPs, TranscoderSet
 
 __all__ = ["FeatureEdits", "FeatureEffects", "check_edges", "held_norms_and_patterns", "rank_correlation"]
@@ -149,7 +149,7 @@ class FeatureEffects:
     def of(cls, model, transcoders: TranscoderSet, tokens, skip_first: int = 1) -> "FeatureEffects":
         tokens = _check_prompt(model, transcoders, tokens, skip_first, "FeatureEffects.of")
         t = jnp.asarray(tokens, jnp.int32)
-        acts, err, _, _ = _setup(model, transcoders.stacked, t, site=transcoders.site, target=transcoders.target,
+        acts, err, *_ = _setup(model, transcoders.stacked, t, site=transcoders.site, target=transcoders.target,
                                  skip_first=skip_first)
         return cls(model, transcoders, t, acts, err, skip_first)
 
@@ -218,7 +218,7 @@ def _real(model, stacked, tokens, acts, edits, site: str, target: str):
     change = edits.value - acts[edits.layer, edits.pos, edits.feature]
     vec = stacked.W_dec[edits.layer, edits.feature] * (change / stacked.act_scale[edits.layer])[:, None]
     delta = jnp.zeros((L, T, vec.shape[-1]), jnp.float32).at[edits.layer, edits.pos].add(vec)
-    out = forward(model, tokens[None], capture=(site,), interventions=(_Perturb(delta[:, None], target, False),))
+    out = forward(model, tokens[None], capture=(site,), interventions=(AddVector(target, delta[:, None], per_layer=True),))
     return _pre_acts(stacked, out.acts[site][:, 0].astype(jnp.float32)), out.logits[0, -1]
 
 

@@ -100,7 +100,7 @@ def test_edges_equal_removing_the_source_in_the_value_frozen_model(arch, tc_arch
     cfg = tiny_config(arch)
     m = random_model(cfg, jax.random.key(1))
     tcs = _transcoders(cfg, tc_arch, skip)
-    g = attribute(m, tcs, TOKENS, chunk=8, block=16, max_n_logits=3)
+    g = attribute(m, tcs, TOKENS, chunk=8, max_n_logits=3)
     L, T, D = g.errors.shape
     S, K = g.n_features, len(g.logit_tokens)
     off = g.node_offsets()
@@ -209,7 +209,7 @@ def test_bad_input_is_named():
         attribute(m, tcs, np.array([1, 2, 999]))
     with pytest.raises(InputError, match="skip_first"):
         attribute(m, tcs, np.array([1, 2]), skip_first=2)
-    with pytest.raises(InputError, match="dense adjacency needs"):
+    with pytest.raises(InputError, match="dense adjacency and source vectors need"):
         attribute(m, tcs, TOKENS, max_gib=1e-6)
     with pytest.raises(InputError, match="logit tokens"):
         attribute(m, tcs, TOKENS, logit_tokens=[64])

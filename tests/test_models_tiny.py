@@ -100,6 +100,23 @@ def test_scan_and_unrolled_agree(tiny):
         np.testing.assert_allclose(a[1][k], b[1][k], atol=1e-5, rtol=1e-5)
 
 
+def test_layer_forward_is_the_scan_step(tiny):
+    """`layer_forward` at a traced layer index (as inside a `fori_loop`) reproduces each layer of the scan,
+    sliding-window and global layers alike, on a left-padded batch."""
+    _, _, cfg, params = tiny
+    tokens = jnp.asarray(np.random.RandomState(3).randint(0, V, (2, 9)))
+    mask = jnp.asarray(np.r_[np.ones((1, 9)), np.c_[np.zeros((1, 3)), np.ones((1, 6))]], jnp.int32)
+    acts = transformer.forward(params, cfg, tokens, mask, capture=("resid_pre", "resid_post", "mlp.post"))[1]
+    pos = transformer.default_positions(mask)
+    step = jax.jit(lambda l, r: transformer.layer_forward(params, cfg, l, r, mask, pos, ("mlp.post",)))
+    for layer in range(cfg.n_layers):
+        out, caps = step(jnp.int32(layer), acts["resid_pre"][layer])
+        np.testing.assert_allclose(out, acts["resid_post"][layer], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(caps["mlp.post"], acts["mlp.post"][layer], atol=1e-5, rtol=1e-5)
+    with pytest.raises(models.InputError, match=rf"layer {cfg.n_layers} is outside \[0, {cfg.n_layers}\)"):
+        transformer.layer_forward(params, cfg, cfg.n_layers, acts["resid_pre"][0], mask, pos)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
 def test_one_parameter_table_gives_shapes_init_and_sharding_axes(arch):
     """`models.params.PARAMS` is the one table: each parameter's shape is its axes' sizes, `init_params` makes
