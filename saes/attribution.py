@@ -225,17 +225,24 @@ def _check_prompt(model, transcoders: TranscoderSet, tokens, skip_first: int, na
 
 
 def attribute(model, transcoders: TranscoderSet, tokens, *, max_n_logits: int = 10, desired_logit_prob: float = 0.95,
-              logit_tokens=None, skip_first: int = 1, chunk: int = 32, max_gib: float = 8.0) -> "Graph":
+              logit_tokens=None, skip_first: int = 1, max_feature_nodes: int | None = None, update_every: int = 2048,
+              chunk: int = 32, max_gib: float = 8.0) -> "Graph":
     """The attribution graph of one prompt (`tokens [T]` ids, or a text tokenised by `model.to_tokens`).
 
     Logit nodes: `logit_tokens`, or the most probable next tokens up to `desired_logit_prob` cumulative
     probability (at most `max_n_logits`), each a demeaned unembedding column read at the last position.
+    `max_feature_nodes`: keep only that many of the active features, chosen as circuit-tracer chooses them:
+    the logit rows first, then repeatedly the `update_every` unvisited features of most influence on the
+    logits through the rows computed so far (a partial graph; columns of the features left out are dropped).
     `chunk` targets share one vmapped backward pass (targets sorted by layer: a chunk's backward runs only
-    through the layers below its deepest target). A graph whose
-    dense `[N, N]` float32 adjacency would exceed `max_gib` is an InputError before any work."""
+    through the layers up to its deepest target). A graph whose dense float32 adjacency (and the rows it is
+    cut from) would exceed `max_gib` is an InputError before any backward pass."""
     tokens = _check_prompt(model, transcoders, tokens, skip_first)
-    if chunk < 1:
-        raise InputError(f"attribute: chunk ({chunk}) must be >= 1")
+    for name, v in (("chunk", chunk), ("update_every", update_every)):
+        if v < 1:
+            raise InputError(f"attribute: {name} ({v}) must be >= 1")
+    if max_feature_nodes is not None and max_feature_nodes < 0:
+        raise InputError(f"attribute: max_feature_nodes ({max_feature_nodes}) must be >= 0 (None: every active feature)")
     site, target = transcoders.site, transcoders.target
     stacked = transcoders.stacked
     t = jnp.asarray(tokens, jnp.int32)
@@ -255,30 +262,77 @@ def attribute(model, transcoders: TranscoderSet, tokens, *, max_n_logits: int = 
     logit_vecs = W_U[:, logit_ids].T - W_U.mean(1)[None]
 
     S, K = len(values), len(logit_ids)
-    N = S + L * T + T + K
+    n_sel = S if max_feature_nodes is None else min(max_feature_nodes, S)
+    N_all, N = S + L * T + T + K, n_sel + L * T + T + K
     src_vec, src_pos, src_index = _source_groups(layer, pos, dec.astype(np.float32), L, T)
-    gib = (N * N + src_vec.size) * 4 / 2**30
+    gib = (N * N + (n_sel + K) * N_all + src_vec.size) * 4 / 2**30
     if gib > max_gib:
-        raise InputError(f"attribute: {S} active features make a graph of {N} nodes, whose dense adjacency and "
-                         f"source vectors need {gib:.1f} GiB (max_gib={max_gib}); use sparser transcoders or a shorter "
-                         "prompt")
+        raise InputError(f"attribute: {S} active features ({n_sel} kept) make a graph of {N} nodes, whose dense "
+                         f"adjacency, rows and source vectors need {gib:.1f} GiB (max_gib={max_gib}); use sparser "
+                         "transcoders, max_feature_nodes or a shorter prompt")
     tgt_layer = np.concatenate([layer, np.full(K, L)]).astype(np.int32)
     tgt_pos = np.concatenate([pos, np.full(K, T - 1)]).astype(np.int32)
     tgt_vec = np.concatenate([enc, logit_vecs]).astype(np.float32)
-    n_tgt = S + K
-    tgt_layer = _pad(tgt_layer, chunk)
-    rows = _rows(model, resid_pre, resid_final, jnp.asarray(tgt_layer), jnp.asarray(_pad(tgt_pos, chunk)),
-                 jnp.asarray(_pad(tgt_vec, chunk)), jnp.asarray(tgt_layer.reshape(-1, chunk).max(1)),
-                 jnp.asarray(src_vec), jnp.asarray(src_pos), jnp.asarray(src_index), err, emb, stacked.W_skip,
-                 site=site, target=target, chunk=chunk)
-    cols = np.asarray(rows)[:n_tgt]  # features, errors, tokens
+    sources = tuple(map(jnp.asarray, (src_vec, src_pos, src_index)))
+
+    def rows_for(idx):
+        """Rows `[len(idx), N_all - K]` of the targets `idx` (ascending, so sorted by layer)."""
+        tl = _pad(tgt_layer[idx], chunk)
+        r = _rows(model, resid_pre, resid_final, jnp.asarray(tl), jnp.asarray(_pad(tgt_pos[idx], chunk)),
+                  jnp.asarray(_pad(tgt_vec[idx], chunk)), jnp.asarray(tl.reshape(-1, chunk).max(1)), *sources, err,
+                  emb, stacked.W_skip, site=site, target=target, chunk=chunk)
+        return np.asarray(r)[: len(idx)]
+
+    if n_sel == S:
+        selected = np.arange(S)
+        cols = rows_for(np.arange(S + K))
+    else:
+        selected, cols = _select_features(rows_for, S, K, probs, n_sel, update_every)
+        cols = cols[:, np.r_[selected, S:N_all - K]]
     adjacency = np.zeros((N, N), np.float32)
-    adjacency[:S, : cols.shape[1]] = cols[:S]
-    adjacency[N - K:, : cols.shape[1]] = cols[S:]
-    return Graph(tokens=tokens.astype(np.int64), active_features=np.stack([layer, pos, feat], 1).astype(np.int64),
-                 activation_values=values.astype(np.float32), logit_tokens=logit_ids.astype(np.int64),
+    adjacency[:n_sel, : N - K] = cols[:n_sel]
+    adjacency[N - K:, : N - K] = cols[n_sel:]
+    return Graph(tokens=tokens.astype(np.int64),
+                 active_features=np.stack([layer, pos, feat], 1)[selected].astype(np.int64),
+                 activation_values=values[selected].astype(np.float32), logit_tokens=logit_ids.astype(np.int64),
                  logit_probabilities=probs.astype(np.float32), adjacency=adjacency, n_layers=L,
-                 errors=np.asarray(err), site=site, target=target, skip_first=skip_first)
+                 errors=np.asarray(err), site=site, target=target, skip_first=skip_first, n_active=S)
+
+
+def _select_features(rows_for, S: int, K: int, probs, n_sel: int, update_every: int):
+    """circuit-tracer's feature selection for a partial graph: the logit rows, then rounds of the `update_every`
+    unvisited features most influential on the logits through the rows so far (`_partial_influence`), until
+    `n_sel` are visited. Returns the selected features (ascending) and the rows `[n_sel + K, S + L*T + T]` of
+    those features (in that order) then of the logits."""
+    row_nodes = np.arange(S, S + K)  # the target of each computed row (logit k is target S + k)
+    rows = rows_for(row_nodes)
+    visited = np.zeros(S, bool)
+    while visited.sum() < n_sel:
+        influence = _partial_influence(rows, row_nodes, probs, S)
+        rank = np.argsort(-influence[:S], kind="stable")
+        pending = np.sort(rank[~visited[rank]][: min(update_every, n_sel - int(visited.sum()))])
+        rows, row_nodes = np.concatenate([rows, rows_for(pending)]), np.concatenate([row_nodes, pending])
+        visited[pending] = True
+    order = np.argsort(row_nodes[K:], kind="stable")
+    return row_nodes[K:][order], rows[np.r_[K + order, :K]]
+
+
+def _partial_influence(rows, row_nodes, probs, S: int):
+    """Influence on the logits of every source column through the rows computed so far (`rows[i]` is the row of
+    target `row_nodes[i]`: a feature index < S, or S + k for logit k; columns: features, errors, tokens),
+    by the power series of the row-normalised absolute rows (circuit-tracer's `compute_partial_influences`)."""
+    A = _normalise(rows.astype(np.float64))
+    weight = np.zeros(rows.shape[1] + len(probs))  # per node: columns, then the logits
+    weight[rows.shape[1]:] = probs
+    node = np.where(row_nodes < S, row_nodes, row_nodes - S + rows.shape[1])
+    total = np.zeros(rows.shape[1])
+    current = weight[node] @ A
+    for _ in range(1000):
+        if not current.any():
+            return total
+        total += current
+        current = np.pad(current, (0, len(probs)))[node] @ A
+    raise RuntimeError("influence did not converge in 1000 steps: the rows have a cycle")
 
 
 @dataclass(frozen=True)
@@ -297,6 +351,7 @@ class Graph:
     site: str
     target: str
     skip_first: int
+    n_active: int  # features active in the prompt: n_features unless `max_feature_nodes` kept fewer
 
     @property
     def n_features(self) -> int:

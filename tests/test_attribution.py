@@ -182,6 +182,44 @@ def test_graph_prune_scores_and_json_schema(tmp_path):
     assert (tmp_path / "g.png").stat().st_size > 5000
 
 
+def test_partial_graph_keeps_the_most_influential_features():
+    """`max_feature_nodes`: the first round takes the features of most influence through the logit rows alone,
+    later rounds re-rank through every row so far; the partial graph is the full graph's sub-matrix on the kept
+    nodes (rows and columns), and the chunking of targets does not change any edge."""
+    from saes.attribution import _normalise
+
+    cfg = tiny_config("llama")
+    m = random_model(cfg, jax.random.key(2))
+    tcs = _transcoders(cfg)
+    full = attribute(m, tcs, TOKENS, max_n_logits=3)
+    S, K = full.n_features, len(full.logit_tokens)
+    assert S > 60 and full.n_active == S
+    first = attribute(m, tcs, TOKENS, max_n_logits=3, max_feature_nodes=8, update_every=8, chunk=4)
+    via_logits = full.logit_probabilities @ _normalise(full.adjacency[-K:].astype(np.float64))
+    np.testing.assert_array_equal(np.sort(np.argsort(-via_logits[:S], kind="stable")[:8]),
+                                  _indices(full, first.active_features))
+    for n, every in ((8, 8), (30, 7), (S, 16)):
+        part = attribute(m, tcs, TOKENS, max_n_logits=3, max_feature_nodes=n, update_every=every, chunk=8)
+        assert part.n_features == n and part.n_active == S
+        idx = _indices(full, part.active_features)
+        assert np.all(np.diff(idx) > 0)
+        keep = np.r_[idx, S:full.adjacency.shape[0]]
+        np.testing.assert_allclose(part.adjacency, full.adjacency[np.ix_(keep, keep)], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(part.activation_values, full.activation_values[idx])
+    none = attribute(m, tcs, TOKENS, max_n_logits=3, max_feature_nodes=0)
+    assert none.n_features == 0 and none.adjacency.shape[0] == full.adjacency.shape[0] - S
+    with pytest.raises(InputError, match="max_feature_nodes"):
+        attribute(m, tcs, TOKENS, max_feature_nodes=-1)
+    with pytest.raises(InputError, match="update_every"):
+        attribute(m, tcs, TOKENS, max_feature_nodes=4, update_every=0)
+
+
+def _indices(graph, features):
+    """Row of each (layer, pos, feature) of `features` in `graph.active_features`."""
+    rows = {tuple(f): i for i, f in enumerate(graph.active_features.tolist())}
+    return np.asarray([rows[tuple(f)] for f in features.tolist()])
+
+
 def test_circuit_tracer_format_round_trip(tmp_path):
     cfg = tiny_config("llama")
     for arch, skip in (("relu", False), ("jumprelu", False), ("relu", True)):

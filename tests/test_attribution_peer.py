@@ -66,6 +66,26 @@ def test_adjacency_matches_circuit_tracer_on_a_tiny_llama(arch, skip, tmp_path):
 
 
 @needs_peer
+def test_partial_graph_matches_circuit_tracer(tmp_path):
+    """`max_feature_nodes` below the active count: the same features chosen (two rounds of influence ranking,
+    circuit-tracer's `update_interval` 4 x batch 8 = our `update_every` 32) and the same partial adjacency."""
+    _peer("--make-tiny", tmp_path)
+    m = models.load(tmp_path / "model", tokenizer=False)
+    tcs = random_set(m.cfg, "relu", 48, bias=0.1, dec_scale=0.3)
+    tcs.to_circuit_tracer(tmp_path / "ours")
+    tokens = [1, 5, 9, 17, 33, 60, 7, 12]
+    _peer("--model", tmp_path / "model", "--transcoders", tmp_path / "ours", "--tokens", json.dumps(tokens),
+          "--out", tmp_path / "peer.npz", "--max-n-logits", 5, "--batch-size", 8, "--max-feature-nodes", 45)
+    peer = dict(np.load(tmp_path / "peer.npz"))
+    ours = attribute(m, tcs, np.asarray(tokens), max_n_logits=5, max_feature_nodes=45, update_every=32, chunk=8)
+    assert ours.n_active == len(peer["active_features"]) > 100
+    np.testing.assert_array_equal(ours.active_features, peer["active_features"][peer["selected_features"]])
+    A, B = ours.adjacency, peer["adjacency_matrix"]
+    assert A.shape == B.shape == (45 + m.cfg.n_layers * 8 + 8 + 5,) * 2
+    assert np.abs(A - B).max() <= 1e-4 * np.abs(B).max()
+
+
+@needs_peer
 @pytest.mark.slow
 def test_adjacency_matches_circuit_tracer_on_smollm2(tmp_path):
     from models.loading import resolve
