@@ -111,45 +111,61 @@ def _index(tree, i):
 
 
 @eqx.filter_jit
-def _rows(model, resid_pre, resid_final, tgt_layer, tgt_pos, tgt_vec, tgt_top, src_vec, src_pos, src_index, err, emb,
-          W_skip, *, site: str, target: str, chunk: int):
+def _rows(model, resid_pre, resid_final, tgt_layer, tgt_pos, tgt_vec, tgt_top, tgt_bucket, src_vec, src_pos, src_index,
+          err, emb, W_skip, *, site: str, target: str, chunk: int, prefixes: tuple[int, ...]):
     """Edge rows `[n_targets, S + L*T + T]` for targets injected at (layer, position) with vectors (layer L: the
     final norm's output), against sources: features, errors, tokens.
 
-    Targets come sorted by layer and padded to a multiple of `chunk`; a chunk's backward starts at its deepest
-    target's layer (`tgt_top`) and runs one layer at a time, so a chunk of layer-l targets costs l + 1 layers,
-    not L (circuit-tracer stops its backward the same way). At each layer the gradient at the held MLP output
-    is contracted with that layer's sources: feature decoder vectors (scaled by the activation) packed by
-    `_source_groups` (`src_vec [L, G, K, D]`, groups at positions `src_pos [L, G]`, feature s in flat slot
-    `src_index[s]`), and error vectors."""
+    Targets come in chunks of `chunk`, each chunk at positions below `prefixes[tgt_bucket]` and sorted by
+    layer. The frozen model is causal, so a chunk's backward runs on that prefix of the prompt only
+    (`lax.switch` over the prefix lengths); and it starts at the chunk's deepest target layer (`tgt_top`)
+    and runs one layer at a time, so a chunk of layer-l targets costs l + 1 layers, not L (circuit-tracer stops
+    its backward the same way). At each layer the gradient at the held MLP output is contracted with that
+    layer's sources: feature decoder vectors (scaled by the activation) packed by `_source_groups` (`src_vec
+    [L, G, K, D]`, groups at positions `src_pos [L, G]`, feature s in flat slot `src_index[s]`), and error
+    vectors."""
     L, T, D = err.shape
     G, K = src_vec.shape[1:3]
-    pull_final, pulls = _pullbacks(model, resid_pre, resid_final, site, target, W_skip)
 
-    def one_chunk(args):
-        layer, pos, vec, top = args
-        inject = lambda l: jnp.zeros((chunk, T, D), jnp.float32).at[jnp.arange(chunk), pos].set(
-            jnp.where((layer == l)[:, None], vec, 0.0))
-        g = jax.lax.cond(top == L, lambda: jax.vmap(pull_final)(inject(L))[0], lambda: jnp.zeros((chunk, T, D)))
-        start = jnp.minimum(top, L - 1)
+    def on_prefix(P):
+        pull_final, pulls = _pullbacks(model, resid_pre[:, :P], resid_final[:P], site, target, W_skip)
 
-        def step(i, carry):
-            g, feats, errs = carry
-            l = start - i
-            g, g_mlp = jax.vmap(_index(pulls, l))((g, inject(l)))  # [c, T, D] at resid_pre and at mlp_out
-            f = jnp.einsum("cgd,gkd->gkc", jnp.take(g_mlp, src_pos[l], axis=1), src_vec[l])
-            feats = jax.lax.dynamic_update_index_in_dim(feats, f, l, 0)
-            errs = jax.lax.dynamic_update_index_in_dim(errs, jnp.einsum("ctd,td->tc", g_mlp, err[l]), l, 0)
-            return g, feats, errs
+        def one_chunk(layer, pos, vec, top):
+            inject = lambda l: jnp.zeros((chunk, P, D), jnp.float32).at[jnp.arange(chunk), pos].set(
+                jnp.where((layer == l)[:, None], vec, 0.0))
+            g = jax.lax.cond(top == L, lambda: jax.vmap(pull_final)(inject(L))[0], lambda: jnp.zeros((chunk, P, D)))
+            start = jnp.minimum(top, L - 1)
 
-        init = (g, jnp.zeros((L, G, K, chunk), jnp.float32), jnp.zeros((L, T, chunk), jnp.float32))
-        g, feats, errs = jax.lax.fori_loop(0, start + 1, step, init)
-        toks = jnp.einsum("ctd,td->tc", g, emb)
-        return jnp.concatenate([feats.reshape(-1, chunk)[src_index], errs.reshape(-1, chunk), toks], 0).T
+            def step(i, carry):
+                g, feats, errs = carry
+                l = start - i
+                g, g_mlp = jax.vmap(_index(pulls, l))((g, inject(l)))  # [c, P, D] at resid_pre and at mlp_out
+                at_groups = jnp.take(g_mlp, src_pos[l], axis=1, mode="fill", fill_value=0.0)  # groups at >= P: 0
+                feats = jax.lax.dynamic_update_index_in_dim(feats, jnp.einsum("cgd,gkd->gkc", at_groups, src_vec[l]),
+                                                            l, 0)
+                errs = jax.lax.dynamic_update_index_in_dim(errs, jnp.einsum("cpd,pd->pc", g_mlp, err[l, :P]), l, 0)
+                return g, feats, errs
 
-    rows = jax.lax.map(one_chunk, (tgt_layer.reshape(-1, chunk), tgt_pos.reshape(-1, chunk),
-                                   tgt_vec.reshape(-1, chunk, D), tgt_top))
+            init = (g, jnp.zeros((L, G, K, chunk), jnp.float32), jnp.zeros((L, P, chunk), jnp.float32))
+            g, feats, errs = jax.lax.fori_loop(0, start + 1, step, init)
+            errs = jnp.pad(errs, ((0, 0), (0, T - P), (0, 0))).reshape(-1, chunk)
+            toks = jnp.pad(jnp.einsum("cpd,pd->pc", g, emb[:P]), ((0, T - P), (0, 0)))
+            return jnp.concatenate([feats.reshape(-1, chunk)[src_index], errs, toks], 0).T
+
+        return one_chunk
+
+    branches = [on_prefix(P) for P in prefixes]
+    rows = jax.lax.map(lambda a: jax.lax.switch(a[4], branches, *a[:4]),
+                       (tgt_layer.reshape(-1, chunk), tgt_pos.reshape(-1, chunk), tgt_vec.reshape(-1, chunk, D),
+                        tgt_top, tgt_bucket))
     return rows.reshape(-1, rows.shape[-1])
+
+
+def _prefix_lengths(n_pos: int, n_buckets: int = 4) -> tuple[int, ...]:
+    """The prompt prefixes backward passes run on: multiples of 8 positions, at most `n_buckets` of them, the
+    last the whole prompt (each is one more compiled branch)."""
+    step = 8 * -(-n_pos // (8 * n_buckets))
+    return tuple(range(step, n_pos, step)) + (n_pos,)
 
 
 def _source_groups(layer: Int[np.ndarray, " S"], pos: Int[np.ndarray, " S"], vecs: Float[np.ndarray, "S D"],
@@ -275,13 +291,25 @@ def attribute(model, transcoders: TranscoderSet, tokens, *, max_n_logits: int = 
     tgt_vec = np.concatenate([enc, logit_vecs]).astype(np.float32)
     sources = tuple(map(jnp.asarray, (src_vec, src_pos, src_index)))
 
+    prefixes = _prefix_lengths(T)
+    bucket = np.searchsorted(prefixes, tgt_pos, side="right")  # the shortest prefix holding each target
+
     def rows_for(idx):
-        """Rows `[len(idx), N_all - K]` of the targets `idx` (ascending, so sorted by layer)."""
-        tl = _pad(tgt_layer[idx], chunk)
-        r = _rows(model, resid_pre, resid_final, jnp.asarray(tl), jnp.asarray(_pad(tgt_pos[idx], chunk)),
-                  jnp.asarray(_pad(tgt_vec[idx], chunk)), jnp.asarray(tl.reshape(-1, chunk).max(1)), *sources, err,
-                  emb, stacked.W_skip, site=site, target=target, chunk=chunk)
-        return np.asarray(r)[: len(idx)]
+        """Rows `[len(idx), N_all - K]` of the targets `idx` (ascending: sorted by layer), computed in chunks
+        of one prefix bucket each (`_rows`) and returned in the order asked."""
+        perm = np.argsort(bucket[idx], kind="stable")
+        groups = [idx[perm][bucket[idx][perm] == b] for b in np.unique(bucket[idx])]
+        cat = lambda a: np.concatenate([_pad(a[g], chunk) for g in groups])
+        tl = cat(tgt_layer)
+        tb = np.concatenate([np.full(-(-len(g) // chunk), bucket[g[0]]) for g in groups]).astype(np.int32)
+        r = np.asarray(_rows(model, resid_pre, resid_final, jnp.asarray(tl), jnp.asarray(cat(tgt_pos)),
+                             jnp.asarray(cat(tgt_vec)), jnp.asarray(tl.reshape(-1, chunk).max(1)), jnp.asarray(tb),
+                             *sources, err, emb, stacked.W_skip, site=site, target=target, chunk=chunk,
+                             prefixes=prefixes))
+        starts = np.cumsum([0] + [len(_pad(g, chunk)) for g in groups])
+        out = np.empty((len(idx), r.shape[1]), np.float32)
+        out[perm] = np.concatenate([r[a:a + len(g)] for a, g in zip(starts, groups)])
+        return out
 
     if n_sel == S:
         selected = np.arange(S)

@@ -23,7 +23,7 @@ from saes.attribution import attribute
 from saes.feature_effects import held_norms_and_patterns
 from saes.transcoders import TranscoderSet, random_set
 
-TOKENS = np.array([1, 5, 9, 3, 7, 2, 11, 4])
+TOKENS = np.array([1, 5, 9, 3, 7, 2, 11, 4, 13, 8, 21, 6, 17, 30, 12, 25, 10, 44, 19, 33])  # 20: three prefix buckets
 
 
 def _transcoders(cfg, arch="relu", skip=False):
@@ -247,7 +247,7 @@ def test_bad_input_is_named():
         attribute(m, tcs, np.array([1, 2, 999]))
     with pytest.raises(InputError, match="skip_first"):
         attribute(m, tcs, np.array([1, 2]), skip_first=2)
-    with pytest.raises(InputError, match="dense adjacency and source vectors need"):
+    with pytest.raises(InputError, match="dense adjacency, rows and source vectors need"):
         attribute(m, tcs, TOKENS, max_gib=1e-6)
     with pytest.raises(InputError, match="logit tokens"):
         attribute(m, tcs, TOKENS, logit_tokens=[64])
