@@ -13,8 +13,11 @@ constant (transcoder features plus the error node: real output minus the transco
 reproduces the model's logits exactly and is linear in the residual stream. An edge `A[t, s]` is the change
 of target `t` (a feature's pre-activation at its input site, or a demeaned logit at the last position) per
 unit of source `s` (a feature's decoder vector times its activation at `mlp_out`, an error vector, a token
-embedding), all else frozen. Rows come from batched backward passes: `jax.vjp` of the frozen forward once,
-then its pullback `vmap`ped over a chunk of targets and `lax.map`ped over the chunks, in one jitted program.
+embedding), all else frozen. Rows come from batched backward passes in one jitted program: each layer's
+pullback linearised once (`models.transformer.layer_forward` under `jax.vjp`) and `vmap`ped over a chunk of
+targets; a chunk (targets sorted by layer) runs down from its deepest target's layer on the prompt prefix
+its positions need, contracting each layer's gradient with that layer's sources; chunks are `lax.map`ped.
+`max_feature_nodes` keeps only the features of most influence (a partial graph, as circuit-tracer's).
 
 Nodes are ordered as circuit-tracer orders them: active features (by layer, position, feature), error nodes
 `[layer, position]`, token nodes `[position]`, logit nodes; the first `skip_first` positions (the BOS sink)
