@@ -388,8 +388,8 @@ def layer_forward(params: Params, cfg: Config, layer: int | Int[Array, ""], resi
     """One layer alone (`layer` may be traced, as inside a `lax.fori_loop`) on its `resid_pre` -> its
     `resid_post` and the `capture`d sites of that layer, unstacked (`[B, T, ...]`). The forward's layer step
     as a function, for per-layer backward passes that stop at a chosen depth (`saes.attribution`)."""
-    if isinstance(layer, int) and not 0 <= layer < cfg.n_layers:
-        raise InputError(f"layer_forward: layer {layer} is outside [0, {cfg.n_layers})")
+    if not isinstance(layer, jax.core.Tracer) and not 0 <= int(layer) < cfg.n_layers:  # ints, numpy, concrete arrays
+        raise InputError(f"layer_forward: layer {int(layer)} is outside [0, {cfg.n_layers})")
     p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), params["blocks"])
     is_local = jnp.asarray([t == "local" for t in cfg.layer_types])[layer]
     li = LayerInputs(jnp.asarray(layer, jnp.int32), is_local, None, None)

@@ -250,7 +250,7 @@ def attribute(model, transcoders: TranscoderSet, tokens, *, max_n_logits: int = 
 
     Logit nodes: `logit_tokens`, or the most probable next tokens up to `desired_logit_prob` cumulative
     probability (at most `max_n_logits`), each a demeaned unembedding column read at the last position.
-    `max_feature_nodes`: keep only that many of the active features, chosen as circuit-tracer chooses them:
+    `max_feature_nodes`: keep at most that many of the active features, chosen as circuit-tracer chooses them:
     the logit rows first, then repeatedly the `update_every` unvisited features of most influence on the
     logits through the rows computed so far (a partial graph; columns of the features left out are dropped).
     `chunk` targets share one vmapped backward pass (targets sorted by layer: a chunk's backward runs only
@@ -302,14 +302,15 @@ def attribute(model, transcoders: TranscoderSet, tokens, *, max_n_logits: int = 
         of one prefix bucket each (`_rows`) and returned in the order asked."""
         perm = np.argsort(bucket[idx], kind="stable")
         groups = [idx[perm][bucket[idx][perm] == b] for b in np.unique(bucket[idx])]
+        n_chunks = [-(-len(g) // chunk) for g in groups]
         cat = lambda a: np.concatenate([_pad(a[g], chunk) for g in groups])
         tl = cat(tgt_layer)
-        tb = np.concatenate([np.full(-(-len(g) // chunk), bucket[g[0]]) for g in groups]).astype(np.int32)
+        tb = np.concatenate([np.full(n, bucket[g[0]]) for n, g in zip(n_chunks, groups)]).astype(np.int32)
         r = np.asarray(_rows(model, resid_pre, resid_final, jnp.asarray(tl), jnp.asarray(cat(tgt_pos)),
                              jnp.asarray(cat(tgt_vec)), jnp.asarray(tl.reshape(-1, chunk).max(1)), jnp.asarray(tb),
                              *sources, err, emb, stacked.W_skip, site=site, target=target, chunk=chunk,
                              prefixes=prefixes))
-        starts = np.cumsum([0] + [len(_pad(g, chunk)) for g in groups])
+        starts = chunk * np.cumsum([0, *n_chunks])
         out = np.empty((len(idx), r.shape[1]), np.float32)
         out[perm] = np.concatenate([r[a:a + len(g)] for a, g in zip(starts, groups)])
         return out

@@ -113,8 +113,9 @@ def test_layer_forward_is_the_scan_step(tiny):
         out, caps = step(jnp.int32(layer), acts["resid_pre"][layer])
         np.testing.assert_allclose(out, acts["resid_post"][layer], atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(caps["mlp.post"], acts["mlp.post"][layer], atol=1e-5, rtol=1e-5)
-    with pytest.raises(models.InputError, match=rf"layer {cfg.n_layers} is outside \[0, {cfg.n_layers}\)"):
-        transformer.layer_forward(params, cfg, cfg.n_layers, acts["resid_pre"][0], mask, pos)
+    for bad in (cfg.n_layers, np.int64(-1), jnp.int32(cfg.n_layers)):
+        with pytest.raises(models.InputError, match=rf"layer {int(bad)} is outside \[0, {cfg.n_layers}\)"):
+            transformer.layer_forward(params, cfg, bad, acts["resid_pre"][0], mask, pos)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
