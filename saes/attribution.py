@@ -39,6 +39,7 @@ from jaxtyping import Array, Float, Int
 
 from models.errors import InputError
 from models.transformer import Capture, layer_forward, norm
+from saes.cross_layer import CrossLayerTranscoder
 from saes.transcoders import TranscoderSet
 
 __all__ = ["Graph", "attribute"]
@@ -74,18 +75,28 @@ def _setup(model, stacked, tokens, site: str, target: str, skip_first: int):
     x = out.acts[site][:, 0].astype(jnp.float32)
     y = out.acts[target][:, 0].astype(jnp.float32)
 
-    def layer(tc, x):
-        xn = x * tc.act_scale
-        return tc.activate(tc.pre_acts(xn), xn)
-
-    acts = jax.vmap(layer)(stacked, x)
+    acts = _encode(stacked, x)
     real = (jnp.arange(tokens.shape[0]) >= skip_first)[None, :, None]
     acts = jnp.where(real, acts, 0.0)
-    recon = jax.vmap(lambda tc, f, x: tc.decode(f) + tc.skip(x))(stacked, acts, x)
+    recon = _predict(stacked, acts, x)
     err = jnp.where(real, y - recon, 0.0)
     f32 = lambda a: a.astype(jnp.float32)
     return (acts, err, f32(out.acts["embed"][0]), f32(out.acts["resid_pre"][:, 0]), f32(out.acts["resid_post"][0, 0]),
             out.logits[0, -1])
+
+
+def _encode(d, x: Float[Array, "L T D"]) -> Float[Array, "L T W"]:
+    """Feature activations of every layer of a per-layer set (`stacked`) or a CLT, from raw inputs."""
+    if isinstance(d, CrossLayerTranscoder):
+        return jnp.swapaxes(d.encode(jnp.swapaxes(x, 0, 1)), 0, 1)
+    return jax.vmap(lambda tc, x: tc.activate(tc.pre_acts(x * tc.act_scale), x * tc.act_scale))(d, x)
+
+
+def _predict(d, acts: Float[Array, "L T W"], x: Float[Array, "L T D"]) -> Float[Array, "L T D"]:
+    """Every layer's predicted target (a CLT's: from the features of that layer and earlier ones)."""
+    if isinstance(d, CrossLayerTranscoder):
+        return jnp.swapaxes(d.decode(jnp.swapaxes(acts, 0, 1)), 0, 1)
+    return jax.vmap(lambda tc, f, x: tc.decode(f) + tc.skip(x))(d, acts, x)
 
 
 def _pullbacks(model, resid_pre, resid_final, site: str, target: str, W_skip):
@@ -125,8 +136,9 @@ def _rows(model, resid_pre, resid_final, tgt_layer, tgt_pos, tgt_vec, tgt_top, t
     and runs one layer at a time, so a chunk of layer-l targets costs l + 1 layers, not L (circuit-tracer stops
     its backward the same way). At each layer the gradient at the held MLP output is contracted with that
     layer's sources: feature decoder vectors (scaled by the activation) packed by `_source_groups` (`src_vec
-    [L, G, K, D]`, groups at positions `src_pos [L, G]`, feature s in flat slot `src_index[s]`), and error
-    vectors."""
+    [L, G, K, D]`, groups at positions `src_pos [L, G]`; feature s writes through the flat slots
+    `src_index[s] [R]`, one per layer it writes to, L*G*K for none: a CLT's feature has one per target layer
+    >= its own, summed), and error vectors."""
     L, T, D = err.shape
     G, K = src_vec.shape[1:3]
 
@@ -153,7 +165,8 @@ def _rows(model, resid_pre, resid_final, tgt_layer, tgt_pos, tgt_vec, tgt_top, t
             g, feats, errs = jax.lax.fori_loop(0, start + 1, step, init)
             errs = jnp.pad(errs, ((0, 0), (0, T - P), (0, 0))).reshape(-1, chunk)
             toks = jnp.pad(jnp.einsum("cpd,pd->pc", g, emb[:P]), ((0, T - P), (0, 0)))
-            return jnp.concatenate([feats.reshape(-1, chunk)[src_index], errs, toks], 0).T
+            slots = jnp.concatenate([feats.reshape(-1, chunk), jnp.zeros((1, chunk))])  # the last: "no slot"
+            return jnp.concatenate([slots[src_index].sum(1), errs, toks], 0).T
 
         return one_chunk
 
@@ -196,6 +209,19 @@ def _source_groups(layer: Int[np.ndarray, " S"], pos: Int[np.ndarray, " S"], vec
     return out, group_pos, ((layer * n_groups + group) * k + rank % k).astype(np.int32)
 
 
+def _writes(d, layer, feat, values, scale):
+    """Each active feature's writes: `(owner [E], target layer [E], vector [E, D])`, the feature's decoder
+    vector into that layer times its activation, at raw scale (a per-layer set: one write per feature, into
+    its own layer; a CLT: one into each layer >= its own)."""
+    if not isinstance(d, CrossLayerTranscoder):
+        vec = np.asarray(d.W_dec)[layer, feat] * (values / scale[layer])[:, None]
+        return np.arange(len(layer)), layer, vec
+    L = d.n_layers
+    owner, target = np.nonzero(np.arange(L)[None, :] >= layer[:, None])  # row-major: by feature, then target
+    W_dec = np.asarray(d.W_dec)
+    return owner, target, W_dec[layer[owner], feat[owner], target] * (values[owner] / scale[target])[:, None]
+
+
 def _pad(a, multiple: int):
     n = -len(a) % multiple
     return np.concatenate([a, np.zeros((n, *a.shape[1:]), a.dtype)]) if n else a
@@ -218,11 +244,12 @@ def _logit_targets(logits, max_n_logits: int, desired_logit_prob: float, tokens=
     return ids, probs[ids]
 
 
-def _check_prompt(model, transcoders: TranscoderSet, tokens, skip_first: int, name: str = "attribute") -> np.ndarray:
+def _check_prompt(model, transcoders: TranscoderSet | CrossLayerTranscoder, tokens, skip_first: int,
+                  name: str = "attribute") -> np.ndarray:
     """One prompt's ids `[T]` (a text is tokenised by `model.to_tokens`), checked against the model and the set."""
     cfg = model.cfg
     transcoders.check(cfg)
-    if transcoders.transcoders[0].arch == "gated":
+    if transcoders.arch == "gated":
         raise InputError(f"{name}: a gated transcoder's activation is not a function of one pre-activation; "
                          "use relu, topk, batchtopk or jumprelu transcoders")
     if isinstance(tokens, str):
@@ -243,10 +270,12 @@ def _check_prompt(model, transcoders: TranscoderSet, tokens, skip_first: int, na
     return tokens
 
 
-def attribute(model, transcoders: TranscoderSet, tokens, *, max_n_logits: int = 10, desired_logit_prob: float = 0.95,
+def attribute(model, transcoders: TranscoderSet | CrossLayerTranscoder, tokens, *, max_n_logits: int = 10, desired_logit_prob: float = 0.95,
               logit_tokens=None, skip_first: int = 1, max_feature_nodes: int | None = None, update_every: int = 2048,
               chunk: int = 32, max_gib: float = 8.0) -> "Graph":
-    """The attribution graph of one prompt (`tokens [T]` ids, or a text tokenised by `model.to_tokens`).
+    """The attribution graph of one prompt (`tokens [T]` ids, or a text tokenised by `model.to_tokens`)
+    through a per-layer transcoder set or a cross-layer transcoder (whose features write to several layers:
+    an edge from one sums its effects through each of them).
 
     Logit nodes: `logit_tokens`, or the most probable next tokens up to `desired_logit_prob` cumulative
     probability (at most `max_n_logits`), each a demeaned unembedding column read at the last position.
@@ -263,7 +292,8 @@ def attribute(model, transcoders: TranscoderSet, tokens, *, max_n_logits: int = 
     if max_feature_nodes is not None and max_feature_nodes < 0:
         raise InputError(f"attribute: max_feature_nodes ({max_feature_nodes}) must be >= 0 (None: every active feature)")
     site, target = transcoders.site, transcoders.target
-    stacked = transcoders.stacked
+    clt = isinstance(transcoders, CrossLayerTranscoder)
+    stacked = transcoders if clt else transcoders.stacked
     t = jnp.asarray(tokens, jnp.int32)
     acts, err, emb, resid_pre, resid_final, last_logits = _setup(model, stacked, t, site=site, target=target,
                                                                   skip_first=skip_first)
@@ -271,10 +301,9 @@ def attribute(model, transcoders: TranscoderSet, tokens, *, max_n_logits: int = 
     L, T, _ = acts.shape
     layer, pos, feat = np.nonzero(acts)  # C order: sorted by (layer, position, feature)
     values = acts[layer, pos, feat]
-    scale = np.asarray(stacked.act_scale)[layer][:, None]
-    W_enc, W_dec = np.asarray(stacked.W_enc), np.asarray(stacked.W_dec)
-    enc = W_enc[layer, :, feat] * scale  # d pre-activation / d raw input
-    dec = W_dec[layer, feat] * (values[:, None] / scale)  # the feature's contribution to the raw output
+    scale = np.asarray(stacked.act_scale).reshape(L)
+    enc = np.asarray(stacked.W_enc)[layer, :, feat] * scale[layer][:, None]  # d pre-activation / d raw input
+    owner, writes_to, dec = _writes(stacked, layer, feat, values, scale)  # each feature's writes into target layers
     logit_ids, probs = _logit_targets(last_logits, max_n_logits, desired_logit_prob, logit_tokens)
     W_U = np.asarray(model.params["unembed"]["W_U"] if "unembed" in model.params else model.params["embed"]["W_E"].T,
                      np.float32)
@@ -283,7 +312,10 @@ def attribute(model, transcoders: TranscoderSet, tokens, *, max_n_logits: int = 
     S, K = len(values), len(logit_ids)
     n_sel = S if max_feature_nodes is None else min(max_feature_nodes, S)
     N_all, N = S + L * T + T + K, n_sel + L * T + T + K
-    src_vec, src_pos, src_index = _source_groups(layer, pos, dec.astype(np.float32), L, T)
+    order = np.lexsort((pos[owner], writes_to))  # the writes sorted by (target layer, position)
+    src_vec, src_pos, slot = _source_groups(writes_to[order], pos[owner][order], dec[order].astype(np.float32), L, T)
+    src_index = np.full((S, 1 if not clt else L), src_vec.shape[0] * src_vec.shape[1] * src_vec.shape[2], np.int32)
+    src_index[owner[order], (writes_to - (layer[owner] if clt else writes_to))[order]] = slot
     gib = (N * N + (n_sel + K) * N_all + src_vec.size) * 4 / 2**30
     if gib > max_gib:
         raise InputError(f"attribute: {S} active features ({n_sel} kept) make a graph of {N} nodes, whose dense "
@@ -308,7 +340,7 @@ def attribute(model, transcoders: TranscoderSet, tokens, *, max_n_logits: int = 
         tb = np.concatenate([np.full(n, bucket[g[0]]) for n, g in zip(n_chunks, groups)]).astype(np.int32)
         r = np.asarray(_rows(model, resid_pre, resid_final, jnp.asarray(tl), jnp.asarray(cat(tgt_pos)),
                              jnp.asarray(cat(tgt_vec)), jnp.asarray(tl.reshape(-1, chunk).max(1)), jnp.asarray(tb),
-                             *sources, err, emb, stacked.W_skip, site=site, target=target, chunk=chunk,
+                             *sources, err, emb, None if clt else stacked.W_skip, site=site, target=target, chunk=chunk,
                              prefixes=prefixes))
         starts = chunk * np.cumsum([0, *n_chunks])
         out = np.empty((len(idx), r.shape[1]), np.float32)

@@ -44,7 +44,12 @@ _FROM_SAELENS = {"standard": "relu", "topk": "topk", "batchtopk": "batchtopk", "
 
 
 def save(sae: SAE, path: str | Path, meta: dict | None = None) -> Path:
-    """Write `sae` to the directory `path` (ours: `sae.safetensors` + `sae.json`)."""
+    """Write `sae` to the directory `path` (ours: `sae.safetensors` + `sae.json`; a cross-layer transcoder:
+    `saes.cross_layer.save`)."""
+    from saes.cross_layer import CrossLayerTranscoder, save as save_clt
+
+    if isinstance(sae, CrossLayerTranscoder):
+        return save_clt(sae, path, meta)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: np.ascontiguousarray(v) for k, v in sae_lib.arrays(sae).items()}, str(path / "sae.safetensors"))
@@ -157,11 +162,15 @@ def _read_safetensors(path: Path) -> dict:
 
 
 def load_run(out: str | Path, model=None) -> dict[str, SAE]:
-    """Every SAE a training run wrote (`out/saes/<hook>/`), by hook name (each checked as `load` does)."""
+    """Every SAE a training run wrote (`out/saes/<hook>/`), by hook name (each checked as `load` does; a
+    cross-layer transcoder's `clt/` by `saes.cross_layer.load`)."""
+    from saes.cross_layer import load as load_clt
+
     root = Path(out) / "saes"
     if not root.is_dir():
         raise InputError(f"{out} has no saes/ directory (has the run finished?)")
-    return {p.name: load(p, model) for p in sorted(root.iterdir()) if (p / "sae.json").exists()}
+    return {p.name: load(p, model) if (p / "sae.json").exists() else load_clt(p, model) for p in sorted(root.iterdir())
+            if (p / "sae.json").exists() or (p / "clt.json").exists()}
 
 
 # ----------------------------------------------------------------------------- SAELens

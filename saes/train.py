@@ -305,9 +305,12 @@ def _check_finite(state: TrainState, last_good, directory):
 
 
 def _evaluate(model, saes, tokens):
+    from saes.cross_layer import CrossLayerTranscoder
     from saes.evaluate import ce_metrics
 
-    return ce_metrics(model, saes, tokens)
+    clts = {h: s for h, s in saes.items() if isinstance(s, CrossLayerTranscoder)}
+    return {**ce_metrics(model, {h: s for h, s in saes.items() if h not in clts}, tokens),
+            **{h: s.ce_metrics(model, tokens) for h, s in clts.items()}}
 
 
 def _log(path: Path, rec: dict, history: list):

@@ -29,6 +29,7 @@ class TrainConfig:
     arch: str = "topk"  # relu, topk, batchtopk, jumprelu or gated
     target: str | None = None  # transcoders: each dictionary predicts this site at its layer (e.g. mlp_out)
     skip: bool = False  # transcoders: a learned linear skip path W_skip [d_in, d_in] (skip transcoders)
+    cross_layer: bool = False  # one cross-layer transcoder over every layer (--target; arch relu, jumprelu or topk)
     width: int = 8192  # dictionary size (latents per SAE)
     k: int = 32  # active latents per token (topk, batchtopk)
     sparsity_coeff: float | None = None  # L1 (relu, gated) or L0 (jumprelu); None = the arch's default
@@ -88,6 +89,8 @@ class TrainConfig:
             _check_target(self.site, self.target)
         elif self.skip:
             raise InputError("--skip needs --target: a skip connection belongs to a transcoder (input -> target)")
+        if self.cross_layer:
+            _check_cross_layer(self)
         for name, ok, rule in _RULES:
             if not ok(getattr(self, name)):
                 raise InputError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)!r}")
@@ -196,6 +199,19 @@ def _check_target(sites, target):
                          f"{target!r} in the layer (e.g. ln2.normalized or resid_mid for mlp_out)")
 
 
+def _check_cross_layer(cfg: TrainConfig):
+    from saes.cross_layer import ARCHS
+
+    if cfg.target is None:
+        raise InputError("--cross-layer needs --target (a cross-layer transcoder predicts every layer's target, e.g. mlp_out)")
+    if len(cfg.site) != 1:
+        raise InputError(f"--cross-layer reads one site at every layer, got --site {cfg.site}")
+    if cfg.arch not in ARCHS:
+        raise InputError(f"--cross-layer supports --arch {', '.join(ARCHS)}, got {cfg.arch!r}")
+    if cfg.skip:
+        raise InputError("--cross-layer with --skip: cross-layer transcoders here have no skip path")
+
+
 def transcoder_hooks(cfg: TrainConfig, hooks) -> dict[str, str]:
     """`{input hook: target hook}` of a transcoder run over stream names `hooks` (a source's, or the config's
     inputs): each input's target at its layer; the targets themselves are no inputs. Empty for SAEs."""
@@ -230,6 +246,9 @@ def validate(cfg: TrainConfig, model_cfg) -> None:
     if bad and not cfg.cache:
         raise InputError(f"--layers {bad} out of range for a {model_cfg.n_layers}-layer model (valid: 0 to "
                          f"{model_cfg.n_layers - 1})")
+    if cfg.cross_layer and not cfg.cache and tuple(sorted(cfg.layers)) != tuple(range(model_cfg.n_layers)):
+        raise InputError(f"--cross-layer needs --layers to be every layer of the model (0 to {model_cfg.n_layers - 1}), "
+                         f"got {cfg.layers}")
     if cfg.target is not None:
         from saes.data import site_width
 

@@ -19,20 +19,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSh
 
 from models.errors import InputError
 from models.sharding import partition_spec, put, sweep_mesh
-from saes import sae as sae_lib
+from saes import cross_layer, sae as sae_lib
+from saes.cross_layer import CrossLayerTranscoder
 from saes.optim import make_optimizer
 from saes.sae import SAE
 from saes.train_config import TrainConfig
 
-__all__ = ["TrainState", "abstract_state", "batch_spec", "calibrate", "fresh_state", "geometric_median", "make_mesh",
-           "place_state", "state_specs", "trainable"]
+__all__ = ["Dictionary", "TrainState", "abstract_state", "batch_spec", "calibrate", "fresh_state", "geometric_median",
+           "make_mesh", "place_state", "state_specs", "streams", "trainable"]
+
+Dictionary = SAE | CrossLayerTranscoder  # what a run trains: an SAE/transcoder per hook, or one CLT for all layers
 
 
 class TrainState(eqx.Module):
     """Everything a step changes: the SAEs, the optimizer state, per-feature statistics, the step, and
     the first step at which anything became non-finite (-1: none)."""
 
-    saes: dict[str, SAE]
+    saes: dict[str, Dictionary]
     opt_state: Any
     since_fired: dict[str, jax.Array]  # tokens since each latent last fired
     freq: dict[str, jax.Array]  # moving average of each latent's firing frequency
@@ -40,25 +43,43 @@ class TrainState(eqx.Module):
     bad_step: jax.Array
 
 
-def trainable(saes: dict[str, SAE]) -> dict[str, SAE]:
+def streams(sae: Dictionary, hook: str, batch: dict) -> tuple[jax.Array, jax.Array | None]:
+    """`(x, y)`: a dictionary's input and target (None: an SAE) from a batch or chunk of named streams
+    `{hook: [N, d_in]}`; a CLT's are every layer's, stacked `[N, L, d_in]`."""
+    if isinstance(sae, CrossLayerTranscoder):
+        return sae.streams(batch)
+    return batch[hook], None if sae.target is None else batch[sae.target_hook.key]
+
+
+def trainable(saes: dict[str, Dictionary]) -> dict[str, Dictionary]:
     """`{hook: SAE-shaped pytree of bools}`: True on the arrays the optimizer updates."""
     return {h: s.trainable() for h, s in saes.items()}
 
 
 def fresh_state(cfg: TrainConfig, hooks: dict[str, tuple[str, int | None, int]], key) -> TrainState:
-    """A state with freshly initialised SAEs (act_scale 1, b_dec 0) for `{hook: (site, layer, d_in)}`."""
+    """A state with freshly initialised SAEs (act_scale 1, b_dec 0) for `{hook: (site, layer, d_in)}`; with
+    `cfg.cross_layer`, one CLT over those hooks (every layer of one site)."""
     saes = {}
-    for i, (hook, (site, layer, d_in)) in enumerate(sorted(hooks.items())):
+    if cfg.cross_layer:
+        (site, _, d_in), = {(s, None, d) for s, _, d in hooks.values()}
+        layers = sorted(layer for _, layer, _ in hooks.values())
+        if layers != list(range(len(hooks))):
+            raise InputError(f"a cross-layer transcoder reads every layer 0..n-1 of its site; the hooks have layers {layers}")
+        clt = cross_layer.init(cfg.arch, len(hooks), d_in, cfg.width, key, site=site, target=cfg.target, k=cfg.k,
+                               bandwidth=cfg.bandwidth, threshold=cfg.threshold_init, decoder_norm=cfg.decoder_init_norm)
+        saes[clt.hook] = clt
+    for i, (hook, (site, layer, d_in)) in enumerate(sorted(hooks.items()) if not cfg.cross_layer else ()):
         saes[hook] = sae_lib.init(cfg.arch, d_in, cfg.width, jax.random.fold_in(key, i), site=site,
                                   layer=layer, k=cfg.k, bandwidth=cfg.bandwidth,
                                   threshold=cfg.threshold_init, decoder_norm=cfg.decoder_init_norm,
                                   target=cfg.target, skip=cfg.skip)
     opt = make_optimizer(cfg)
     params = eqx.filter(saes, trainable(saes))
+    shape = lambda s: getattr(s, "latent_shape", (cfg.width,))  # noqa: E731
     return TrainState(
         saes=saes, opt_state=opt.init(params),
-        since_fired={h: jnp.zeros((cfg.width,), jnp.int32) for h in saes},
-        freq={h: jnp.zeros((cfg.width,), jnp.float32) for h in saes},
+        since_fired={h: jnp.zeros(shape(s), jnp.int32) for h, s in saes.items()},
+        freq={h: jnp.zeros(shape(s), jnp.float32) for h, s in saes.items()},
         step=jnp.zeros((), jnp.int32), bad_step=jnp.full((), -1, jnp.int32),
     )
 
@@ -74,22 +95,25 @@ def geometric_median(x, iters: int = 30, eps: float = 1e-6):
 
 
 def calibrate(state: TrainState, chunk: dict, cfg: TrainConfig) -> TrainState:
-    """Set each SAE's `act_scale` (mean norm of its input -> sqrt(d_in)) and `b_dec` (geometric median / mean
-    of the normalised data: a transcoder's target) from the first chunk."""
+    """Set each dictionary's `act_scale` (mean norm of its input -> sqrt(d_in); a CLT: per layer) and `b_dec`
+    (geometric median / mean of the normalised data: a transcoder's target) from the first chunk."""
     saes = dict(state.saes)
     for hook, sae in saes.items():
-        n = min(chunk[hook].shape[0], 16384)
-        x = jnp.asarray(chunk[hook][:n], jnp.float32)
-        scale = jnp.sqrt(sae.d_in) / jnp.mean(jnp.linalg.norm(x, axis=-1)) if cfg.normalize else jnp.ones(())
-        xn = (x if sae.target is None else jnp.asarray(chunk[sae.target_hook.key][:n], jnp.float32)) * scale
+        x, y = streams(sae, hook, chunk)
+        n = min(x.shape[0], 16384)
+        x = jnp.asarray(x[:n], jnp.float32)
+        scale = (jnp.sqrt(sae.d_in) / jnp.mean(jnp.linalg.norm(x, axis=-1), 0) if cfg.normalize
+                 else jnp.ones(x.shape[1:-1]))
+        scale = scale.reshape(sae.act_scale.shape)
+        xn = (x if y is None else jnp.asarray(y[:n], jnp.float32)) * scale
         if cfg.b_dec_init == "geometric_median":
-            b = geometric_median(xn)
+            b = geometric_median(xn) if xn.ndim == 2 else jax.vmap(geometric_median, in_axes=1)(xn)
         elif cfg.b_dec_init == "mean":
             b = xn.mean(0)
         else:
-            b = jnp.zeros((sae.d_in,))
+            b = jnp.zeros(xn.shape[1:])
         saes[hook] = eqx.tree_at(lambda m: (m.act_scale, m.b_dec), sae,
-                                 (scale.astype(jnp.float32).reshape(()), b.astype(sae.b_dec.dtype)))
+                                 (scale.astype(jnp.float32), b.astype(sae.b_dec.dtype)))
     return eqx.tree_at(lambda s: s.saes, state, saes)
 
 
@@ -105,7 +129,7 @@ def make_mesh(cfg: TrainConfig) -> Mesh | None:
     return sweep_mesh(jax.devices()[: dp * fp], model=fp)
 
 
-def sae_specs(sae: SAE, mesh: Mesh) -> SAE:
+def sae_specs(sae: Dictionary, mesh: Mesh) -> Dictionary:
     """An SAE-shaped pytree (an SAE, or its gradient / Adam moment with None off the trainable arrays) of the
     PartitionSpecs its class's declared `axes` give on `mesh` (an axis whose size the mesh axis does not
     divide is replicated)."""
@@ -118,10 +142,11 @@ def state_specs(state: TrainState, mesh: Mesh | None) -> TrainState:
     declared axes (`sae_specs`), the per-latent statistics as ("features",), everything else replicated."""
     if mesh is None:
         return jax.tree.map(lambda _: P(), state)
-    by_axes = lambda x: sae_specs(x, mesh) if isinstance(x, SAE) else P()  # noqa: E731
-    per_latent = {h: partition_spec(("features",), x.shape, mesh) for h, x in state.freq.items()}
+    by_axes = lambda x: sae_specs(x, mesh) if isinstance(x, Dictionary) else P()  # noqa: E731
+    per_latent = {h: partition_spec(("layers",) * (x.ndim - 1) + ("features",), x.shape, mesh)
+                  for h, x in state.freq.items()}
     return TrainState(saes={h: sae_specs(s, mesh) for h, s in state.saes.items()},
-                      opt_state=jax.tree.map(by_axes, state.opt_state, is_leaf=lambda x: isinstance(x, SAE)),
+                      opt_state=jax.tree.map(by_axes, state.opt_state, is_leaf=lambda x: isinstance(x, Dictionary)),
                       since_fired=per_latent, freq=dict(per_latent), step=P(), bad_step=P())
 
 

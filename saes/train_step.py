@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from saes.optim import lr_schedule, make_optimizer, sparsity_schedule
 from saes.train_config import TrainConfig
-from saes.train_state import TrainState, batch_spec, state_specs, trainable
+from saes.train_state import TrainState, batch_spec, state_specs, streams, trainable
 
 __all__ = ["make_permute", "make_slice", "make_step"]
 
@@ -40,8 +40,9 @@ def make_step(cfg: TrainConfig, mesh: Mesh | None = None):
             models = eqx.combine(params, rest)
             total, aux = 0.0, {}
             for h, sae in models.items():
-                xn = batch[h].astype(jnp.float32) * sae.act_scale
-                yn = None if sae.target is None else batch[sae.target_hook.key].astype(jnp.float32) * sae.act_scale
+                x, y = streams(sae, h, batch)
+                xn = x.astype(jnp.float32) * sae.act_scale
+                yn = None if y is None else y.astype(jnp.float32) * sae.act_scale
                 loss, a = sae.loss(xn, coeff, dead[h], cfg.aux_coeff, cfg.aux_k, cfg.aux_batch, yn=yn)
                 a["xn"] = xn if yn is None else yn  # what the decoder reconstructs
                 aux[h] = (loss, a)

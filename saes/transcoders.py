@@ -35,7 +35,7 @@ from models.sites import SITES
 from saes import sae as sae_lib
 from saes.sae import SAE
 
-__all__ = ["ReplaceMLPs", "TranscoderSet", "random_set"]
+__all__ = ["ReplaceMLPs", "TranscoderSet", "random_set", "replacement_ce"]
 
 # circuit-tracer's activation functions by our architecture: BatchTopK infers with a threshold (JumpReLU);
 # TopK and Gated have no circuit-tracer loader
@@ -120,6 +120,10 @@ class TranscoderSet:
         return self.transcoders[0].width
 
     @property
+    def arch(self) -> str:
+        return self.transcoders[0].arch
+
+    @property
     def skip(self) -> bool:
         """Whether the transcoders are skip transcoders (`W_skip`)."""
         return self.transcoders[0].W_skip is not None
@@ -155,23 +159,13 @@ class TranscoderSet:
         """Next-token CE clean, with every MLP replaced by its transcoder (the first token keeps its real
         output), and with every MLP zero-ablated; CE recovered, KL(clean || replaced) and KL(clean || zero)."""
         from models.model import forward
-        from saes.evaluate import _ce_one, next_token_ce
 
         self.check(model.cfg)
         tokens = jnp.asarray(tokens)
         mask = jnp.ones_like(tokens) if mask is None else jnp.asarray(mask)
         first = jnp.cumsum(mask, 1) == 1
-        nothing = eqx.tree_at(lambda t: t.act_scale, jax.tree.map(jnp.zeros_like, self.stacked),
-                              jnp.ones((self.n_layers,), jnp.float32))  # predicts 0 everywhere
-        zero = ReplaceMLPs(nothing, None, first, Where(), self.target, self.site)
-        ce, valid, clean_logp = next_token_ce(forward(model, tokens, attention_mask=mask).logits, tokens, mask)
-        out = {"ce_clean": float(jnp.sum(ce * valid) / jnp.maximum(valid.sum(), 1))}
-        for name, iv in (("replaced", self.replace_mlps(keep=first)), ("zero", zero)):
-            ce_x, kl = _ce_one(model, tokens, mask, (iv,), clean_logp)
-            out[f"ce_{name}"], out["kl" if name == "replaced" else "kl_zero"] = float(ce_x), float(kl)
-        denom = out["ce_zero"] - out["ce_clean"]
-        out["ce_recovered"] = (out["ce_zero"] - out["ce_replaced"]) / denom if abs(denom) > 1e-9 else float("nan")
-        return out
+        replaced = forward(model, tokens, attention_mask=mask, interventions=(self.replace_mlps(keep=first),)).logits
+        return replacement_ce(model, tokens, mask, replaced, self.target)
 
     # -- circuit-tracer's format
     def to_circuit_tracer(self, path: str | Path, *, scan: str = "interp", dtype: str = "float32") -> Path:
@@ -243,6 +237,36 @@ class TranscoderSet:
             check_arrays(f, arch, arrays)
             tcs.append(sae_lib.from_arrays(arch, arrays, site=site, layer=layer, target=target))
         return cls.of(tcs)
+
+
+class _ZeroAfterFirst(Intervention):
+    """`site` (every layer's MLP output) zero-ablated, except at each row's first real token."""
+
+    where: Where
+    site: str = eqx.field(static=True)
+
+    def edit(self, value, ctx):
+        return jnp.where(((ctx.positions == 0) & (ctx.attention_mask > 0))[..., None], value, 0.0)
+
+
+def replacement_ce(model, tokens, mask, replaced_logits, target: str = "mlp_out") -> dict[str, float]:
+    """CE of `tokens [B, T]` clean, with `replaced_logits [B, T, V]` (a replacement model's), and with every
+    layer's `target` zero-ablated (the first token keeps it); CE recovered, KL(clean || replaced), KL(clean || zero)."""
+    from models.model import forward
+    from saes.evaluate import next_token_ce
+
+    ce, valid, clean_logp = next_token_ce(forward(model, tokens, attention_mask=mask).logits, tokens, mask)
+    n = jnp.maximum(valid.sum(), 1)
+    zero = forward(model, tokens, attention_mask=mask, interventions=(_ZeroAfterFirst(Where(), target),)).logits
+    out = {"ce_clean": float(jnp.sum(ce * valid) / n)}
+    for name, logits in (("replaced", replaced_logits), ("zero", zero)):
+        ce_x, _, logp = next_token_ce(logits, tokens, mask)
+        kl = jnp.sum(jnp.exp(clean_logp) * (clean_logp - logp), -1)
+        out[f"ce_{name}"] = float(jnp.sum(ce_x * valid) / n)
+        out["kl" if name == "replaced" else "kl_zero"] = float(jnp.sum(kl * valid) / n)
+    denom = out["ce_zero"] - out["ce_clean"]
+    out["ce_recovered"] = (out["ce_zero"] - out["ce_replaced"]) / denom if abs(denom) > 1e-9 else float("nan")
+    return out
 
 
 def random_set(cfg, arch: str = "relu", width: int = 40, *, seed: int = 0, bias: float = 0.05,

@@ -1,0 +1,473 @@
+"""Cross-layer transcoders (Ameisen et al. 2025): each layer's features read that layer's input site
+(`ln2.normalized` or `resid_mid`) and write into the MLP outputs of that layer and of every later one.
+
+    clt = saes.cross_layer.init("relu", n_layers=30, d_in=576, width=512, key=jax.random.key(0))
+    f = clt.encode(x)                   # x [..., L, D] every layer's input -> [..., L, W]
+    y_hat = clt.decode(f)               # [..., L, D]: layer t's MLP output predicted from the features of layers <= t
+    logits = clt.replaced_logits(m, tokens)        # every MLP replaced, the features' effects carried forward
+    graph = saes.attribution.attribute(m, clt, tokens)             # attribution graphs take a CLT as a set
+    clt.to_circuit_tracer("export/"); saes.cross_layer.from_circuit_tracer("export/")
+
+Arrays: `W_enc [L, D, W]`, `b_enc [L, W]`, `W_dec [L, W, L, D]` (source layer, feature, target layer;
+entries with target < source are zero and never used: the layout of Gemma Scope 2's CLTs), `b_dec [L, D]`
+(per target layer), JumpReLU `threshold [L, W]`, and `act_scale [L, 1]`: layer l's input and target are
+multiplied by `act_scale[l]` in training (it broadcasts over `[..., L, D]`), `fold_scale` bakes it in.
+Pre-activations are `xn @ W_enc + b_enc` (inputs are not centred: `b_dec` lives in the targets' space).
+
+Training is the SAE trainer's (`TrainConfig(cross_layer=True, site=("ln2.normalized",), target="mlp_out",
+layers=every layer)`): one dictionary for all layers, trained jointly on every layer's target in one pass, the
+loss summed over layers. Activations: `relu` (L1 weighted by each feature's total decoder norm over its target
+layers), `jumprelu` (L0 with the rectangle-kernel straight-through estimator) and `topk` (k per token and
+layer). Decoders are free (no unit-norm constraint); `topk` has no AuxK term here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float
+
+from models.errors import InputError
+from models.sites import SITES, Hook
+from saes.sae import _scatter, jumprelu, step
+
+__all__ = ["ARCHS", "CrossLayerTranscoder", "from_circuit_tracer", "init", "load", "random_clt", "save"]
+
+ARCHS = ("relu", "jumprelu", "topk")
+FORMAT = "interp-clt"
+# circuit-tracer's hook names for our sites (its CLTs read hook_resid_mid and write hook_mlp_out by default)
+_CT_HOOKS = {"resid_mid": "hook_resid_mid", "ln2.normalized": "mlp.hook_in", "mlp_out": "hook_mlp_out"}
+
+
+class CrossLayerTranscoder(eqx.Module):
+    """One dictionary per layer whose features decode into the targets of their layer and every later one;
+    see the module docstring for the arrays."""
+
+    W_enc: Float[Array, "L D W"]
+    b_enc: Float[Array, "L W"]
+    W_dec: Float[Array, "L W L D"]
+    b_dec: Float[Array, "L D"]
+    act_scale: Float[Array, "L 1"]
+    threshold: Float[Array, "L W"] | None
+    arch: str = eqx.field(static=True)
+    site: str = eqx.field(static=True)
+    target: str = eqx.field(static=True)
+    k: int = eqx.field(static=True, default=32)
+    bandwidth: float = eqx.field(static=True, default=0.05)
+
+    buffers: ClassVar[tuple[str, ...]] = ("act_scale",)
+    axes: ClassVar[dict[str, tuple[str, ...]]] = {
+        "W_enc": ("layers", "embed", "features"), "b_enc": ("layers", "features"),
+        "W_dec": ("layers", "features", "layers", "embed"), "b_dec": ("layers", "embed"), "act_scale": ("layers", None),
+        "threshold": ("layers", "features"),
+    }
+
+    @property
+    def n_layers(self) -> int:
+        return self.W_enc.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        return self.W_enc.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.W_enc.shape[2]
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        """The shape of per-latent statistics: `[L, W]`."""
+        return (self.n_layers, self.width)
+
+    @property
+    def hook(self) -> str:
+        """Its key in a training run (and its directory under `saes/`): `clt`."""
+        return "clt"
+
+    @property
+    def skip(self) -> bool:
+        return False
+
+    def input_hooks(self) -> list[str]:
+        return [Hook(self.site, layer).key for layer in range(self.n_layers)]
+
+    def target_hooks(self) -> list[str]:
+        return [Hook(self.target, layer).key for layer in range(self.n_layers)]
+
+    def streams(self, batch: dict) -> tuple[Array, Array]:
+        """Every layer's input and target stacked `[N, L, D]` from a batch of named streams `{hook: [N, D]}`."""
+        return (jnp.stack([batch[h] for h in self.input_hooks()], 1),
+                jnp.stack([batch[h] for h in self.target_hooks()], 1))
+
+    def causal(self) -> Float[Array, "L L"]:
+        """`[source, target]`: 1 where a source layer's features write to the target layer (target >= source)."""
+        return jnp.triu(jnp.ones((self.n_layers, self.n_layers), jnp.float32))
+
+    # -- the function
+    def pre_acts(self, xn: Float[Array, "... L D"]) -> Float[Array, "... L W"]:
+        return jnp.einsum("...ld,ldw->...lw", xn, self.W_enc) + self.b_enc
+
+    def activate(self, pre: Float[Array, "... L W"]) -> Float[Array, "... L W"]:
+        return self._activate(pre, self.threshold)
+
+    def _activate(self, pre, threshold):
+        if self.arch == "relu":
+            return jax.nn.relu(pre)
+        if self.arch == "jumprelu":
+            return jumprelu(pre, threshold, self.bandwidth)
+        lead = pre.shape[:-1]
+        vals, idx = jax.lax.top_k(pre.reshape(-1, self.width), self.k)
+        return _scatter(jax.nn.relu(vals), idx, self.width).reshape(*lead, self.width)
+
+    def layer_encode(self, x: Float[ArrayLike, "... D"], layer) -> Float[Array, "... W"]:
+        """Feature activations of one layer (`layer` may be traced) from its raw input."""
+        pre = (jnp.asarray(x, jnp.float32) * self.act_scale[layer]) @ self.W_enc[layer] + self.b_enc[layer]
+        return self._activate(pre, None if self.threshold is None else self.threshold[layer])
+
+    def encode(self, x: Float[ArrayLike, "... L D"]) -> Float[Array, "... L W"]:
+        """Feature activations of every layer's raw input."""
+        return self.activate(self.pre_acts(x * self.act_scale))
+
+    def decode_normalised(self, f: Float[Array, "... L W"]) -> Float[Array, "... L D"]:
+        return jnp.einsum("...sw,swtd->...td", f, self.W_dec * self.causal()[:, None, :, None]) + self.b_dec
+
+    def decode(self, f: Float[ArrayLike, "... L W"]) -> Float[Array, "... L D"]:
+        """Every layer's predicted target (raw scale): layer t's sums the features of layers <= t."""
+        return self.decode_normalised(f) / self.act_scale
+
+    def __call__(self, x: Float[ArrayLike, "... L D"]) -> Float[Array, "... L D"]:
+        return self.decode(self.encode(x))
+
+    def decoder_vectors(self, layer: int, feature) -> Float[Array, "... L D"]:
+        """Raw-scale decoder vectors of features of one source layer into every target layer (zero below it)."""
+        return self.W_dec[layer, feature] * self.causal()[layer][:, None] / self.act_scale
+
+    # -- training (the protocol of `saes.sae.SAE` that `saes.train_step` uses)
+    def trainable(self):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, leaf: eqx.is_array(leaf) and path[0].name not in self.buffers, self)
+
+    def decoder_norms(self) -> Float[Array, "L W"]:
+        """Each feature's decoder norm over all the layers it writes to."""
+        return jnp.sqrt(jnp.einsum("swtd,st->sw", jnp.square(self.W_dec), self.causal()))
+
+    def loss(self, xn, coeff, dead, aux_coeff: float = 0.0, aux_k: int = 0, aux_batch: int = 0, yn=None):
+        """`(loss, aux)` on normalised inputs and targets `[B, L, D]`: the squared error summed over layers and
+        the model dimension (mean over the batch) plus the sparsity term. `aux["l0"]` is per layer (the mean
+        over layers of the features active per token); `fires [L, W]`."""
+        pre = self.pre_acts(xn)
+        f = self.activate(pre)
+        y_hat = self.decode_normalised(f)
+        recon = jnp.mean(jnp.sum(jnp.square(yn - y_hat), (-2, -1)))
+        if self.arch == "relu":
+            sparsity = jnp.mean(jnp.sum(f * self.decoder_norms(), (-2, -1)))
+        elif self.arch == "jumprelu":
+            sparsity = jnp.mean(jnp.sum(step(pre, self.threshold, self.bandwidth), (-2, -1)))
+        else:
+            sparsity = jnp.zeros(())
+        active = f > 0
+        aux = dict(recon=recon, sparsity=sparsity, auxk=0.0, fires=active.sum(0, dtype=jnp.int32),
+                   l0=active.sum(-1).mean(), x_hat=y_hat)
+        return recon + coeff * sparsity, aux
+
+    def project_decoder_grad(self, grad_W_dec):
+        return grad_W_dec
+
+    def constrain(self) -> "CrossLayerTranscoder":
+        """Decoder entries below their source layer stay zero; JumpReLU thresholds stay positive."""
+        out = eqx.tree_at(lambda m: m.W_dec, self, self.W_dec * self.causal()[:, None, :, None])
+        if self.arch == "jumprelu":
+            out = eqx.tree_at(lambda m: m.threshold, out, jnp.maximum(out.threshold, 1e-6))
+        return out
+
+    def update_buffers(self, aux: dict, threshold_lr: float) -> "CrossLayerTranscoder":
+        return self
+
+    def train_metrics(self) -> dict:
+        return {}
+
+    def fold_scale(self) -> "CrossLayerTranscoder":
+        """The same function of raw activations with `act_scale` baked into the weights."""
+        s = self.act_scale  # [L, 1]
+        return eqx.tree_at(lambda m: (m.W_enc, m.W_dec, m.b_dec, m.act_scale), self,
+                           (self.W_enc * s[:, :, None], self.W_dec / s[None, None], self.b_dec / s, jnp.ones_like(s)))
+
+    def config(self) -> dict:
+        return dict(kind="cross_layer_transcoder", arch=self.arch, n_layers=self.n_layers, d_in=self.d_in,
+                    width=self.width, site=self.site, target=self.target, k=self.k, bandwidth=self.bandwidth)
+
+    # -- on a model
+    def check(self, cfg) -> None:
+        """InputError unless the CLT fits the model config (its layers, its sites' width)."""
+        from saes.data import site_width
+
+        if self.n_layers != cfg.n_layers:
+            raise InputError(f"the cross-layer transcoder has {self.n_layers} layers, the model {cfg.n_layers}")
+        for name in (self.site, self.target):
+            if site_width(cfg, name) != self.d_in:
+                raise InputError(f"the cross-layer transcoder has d_in {self.d_in}, the model's {name!r} has width "
+                                 f"{site_width(cfg, name)}")
+
+    def replaced_logits(self, model, tokens, error=None, keep_first: bool = True, edits=None):
+        """Logits `[B, T, V]` with every layer's MLP output replaced by this CLT's prediction, layer by layer
+        (a feature's writes into later layers are carried forward, so a change at layer l reaches every later
+        layer's features), plus `error [L, B, T, D]` when given (the real output minus the prediction: with it
+        the model is reproduced exactly). `keep_first`: the first position keeps its real MLP output (CLTs
+        are not trained on it). `edits` (`saes.feature_effects.FeatureEdits`) set features' activations."""
+        self.check(model.cfg)
+        return _replaced_logits(model, self, jnp.asarray(tokens), error, keep_first, edits)
+
+    def ce_metrics(self, model, tokens, mask=None) -> dict[str, float]:
+        """Next-token CE clean, with every MLP replaced (`replaced_logits`), and with every MLP zero-ablated;
+        CE recovered and the KLs, as `saes.transcoders.TranscoderSet.ce_metrics` reports them."""
+        from saes.transcoders import replacement_ce
+
+        tokens = jnp.asarray(tokens)
+        if mask is not None and not bool(jnp.all(jnp.asarray(mask) > 0)):
+            raise InputError("CrossLayerTranscoder.ce_metrics: padded rows are not supported; give unpadded rows")
+        return replacement_ce(model, tokens, jnp.ones_like(tokens), self.replaced_logits(model, tokens), self.target)
+
+    # -- circuit-tracer's format
+    def to_circuit_tracer(self, path: str | Path, *, scan: str = "interp", dtype: str = "float32") -> Path:
+        """Write circuit-tracer's CLT files (what its `load_clt` reads): per source layer i,
+        `W_enc_{i}.safetensors` (`W_enc_{i} [W, D]`, `b_enc_{i}`, `b_dec_{i}`, JumpReLU `threshold_{i}`) and
+        `W_dec_{i}.safetensors` (`W_dec_{i} [W, L - i, D]`), input scale folded in; and a `config.yaml` naming
+        the hooks (`model_kind: cross_layer_transcoder`)."""
+        from safetensors.numpy import save_file
+
+        if self.arch not in ("relu", "jumprelu"):
+            raise InputError(f"circuit-tracer's CLTs are ReLU or JumpReLU; a {self.arch!r} CLT has no equivalent there")
+        missing = [x for x in (self.site, self.target) if x not in _CT_HOOKS]
+        if missing:
+            raise InputError(f"circuit-tracer has no hook for {missing}; its CLTs map resid_mid or ln2.normalized "
+                             "to mlp_out")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        s = self.fold_scale()
+        np32 = lambda a: np.ascontiguousarray(np.asarray(a, dtype))  # noqa: E731
+        for i in range(self.n_layers):
+            enc = {f"W_enc_{i}": np32(s.W_enc[i].T), f"b_enc_{i}": np32(s.b_enc[i]), f"b_dec_{i}": np32(s.b_dec[i])}
+            if self.arch == "jumprelu":
+                enc[f"threshold_{i}"] = np32(s.threshold[i])
+            save_file(enc, str(path / f"W_enc_{i}.safetensors"))
+            save_file({f"W_dec_{i}": np32(s.W_dec[i, :, i:])}, str(path / f"W_dec_{i}.safetensors"))
+        config = dict(model_kind="cross_layer_transcoder", scan=scan, feature_input_hook=_CT_HOOKS[self.site],
+                      feature_output_hook=_CT_HOOKS[self.target])
+        (path / "config.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in config.items()) + "\n")
+        return path
+
+
+@eqx.filter_jit
+def _replaced_logits(model, clt: CrossLayerTranscoder, tokens, error, keep_first: bool, edits):
+    """Layer by layer (`models.transformer.layer_forward` in a `fori_loop`), carrying each layer's feature
+    writes into the later layers' MLP outputs (`future [L, B, T, D]`, normalised by the target's scale)."""
+    from models.transformer import default_positions, embed, layer_forward, norm, unembed
+
+    params, cfg = model.params, model.cfg
+    B, T = tokens.shape
+    mask = jnp.ones((B, T), jnp.int32)
+    positions = default_positions(mask)
+    write = _Write(clt, jnp.zeros((clt.n_layers, B, T, clt.d_in), jnp.float32), error, edits, keep_first,
+                   clt.target, clt.site)
+
+    def layer_step(layer, carry):
+        resid, write = carry
+        resid, acts = layer_forward(params, cfg, layer, resid, mask, positions, (clt.site,), (write,))
+        later = (jnp.arange(clt.n_layers) > layer)[:, None, None, None]
+        writes = jnp.einsum("btw,wsd->sbtd", write.features(acts[clt.site], layer, positions), clt.W_dec[layer])
+        return resid, eqx.tree_at(lambda w: w.future, write, write.future + writes * later)
+
+    resid, _ = jax.lax.fori_loop(0, clt.n_layers, layer_step, (embed(params, tokens, positions, cfg), write))
+    return unembed(params, norm(resid, params["ln_final"], cfg), cfg).astype(jnp.float32)
+
+
+class _Write(eqx.Module):
+    """At `site` (mlp_out) of the running layer: the writes of earlier layers' features (`future`) plus this
+    layer's own (features of `ctx.seen[source]`, `edits` applied), plus the error; the first position keeps
+    its real value with `keep_first` (and has no features)."""
+
+    clt: CrossLayerTranscoder
+    future: Array
+    error: Array | None
+    edits: eqx.Module | None
+    keep_first: bool = eqx.field(static=True)
+    site: str = eqx.field(static=True)
+    source: str = eqx.field(static=True)
+
+    def features(self, x, layer, positions):
+        f = self.clt.layer_encode(x, layer)
+        f = f if self.edits is None else self.edits.apply(f, layer)
+        return jnp.where((positions == 0)[..., None], 0.0, f) if self.keep_first else f
+
+    def apply(self, value, ctx):
+        layer, clt = ctx.layer, self.clt
+        f = self.features(ctx.seen[self.source], layer, ctx.positions)
+        new = (self.future[layer] + f @ clt.W_dec[layer, :, layer] + clt.b_dec[layer]) / clt.act_scale[layer]
+        if self.error is not None:
+            new = new + self.error[layer]
+        if self.keep_first:
+            new = jnp.where((ctx.positions == 0)[..., None], value.astype(jnp.float32), new)
+        return new.astype(value.dtype)
+
+
+def init(arch: str, n_layers: int, d_in: int, width: int, key, *, site: str = "ln2.normalized",
+         target: str = "mlp_out", k: int = 32, bandwidth: float = 0.05, threshold: float = 0.01,
+         decoder_norm: float | None = None) -> CrossLayerTranscoder:
+    """A fresh CLT: every (source, feature, target) decoder vector a random direction of norm `decoder_norm`
+    (default 0.1 for ReLU, else 1) divided by sqrt(number of targets of its source layer), each layer's encoder
+    the transpose of its same-layer decoder, biases zero, `act_scale` 1."""
+    if arch not in ARCHS:
+        raise InputError(f"unknown cross-layer transcoder activation {arch!r}; known: {', '.join(ARCHS)}")
+    for name in (site, target):
+        if name not in SITES or not SITES[name].per_layer:
+            raise InputError(f"a cross-layer transcoder reads and writes layer sites of models.sites, got {name!r}")
+    norm = (0.1 if arch == "relu" else 1.0) if decoder_norm is None else decoder_norm
+    W = jax.random.normal(key, (n_layers, width, n_layers, d_in), jnp.float32)
+    n_targets = n_layers - jnp.arange(n_layers, dtype=jnp.float32)
+    W = W / jnp.linalg.norm(W, axis=-1, keepdims=True) * (norm / jnp.sqrt(n_targets))[:, None, None, None]
+    W = W * jnp.triu(jnp.ones((n_layers, n_layers)))[:, None, :, None]
+    W_enc = jnp.stack([W[layer, :, layer].T for layer in range(n_layers)])
+    return CrossLayerTranscoder(
+        W_enc=W_enc, b_enc=jnp.zeros((n_layers, width)), W_dec=W, b_dec=jnp.zeros((n_layers, d_in)),
+        act_scale=jnp.ones((n_layers, 1)), threshold=jnp.full((n_layers, width), threshold) if arch == "jumprelu" else None,
+        arch=arch, site=site, target=target, k=int(k), bandwidth=float(bandwidth))
+
+
+def random_clt(cfg, arch: str = "relu", width: int = 40, *, seed: int = 0, bias: float = 0.05,
+               act_scale: float | None = None, dec_scale: float = 1.0, k: int = 6, threshold: float = 0.02,
+               site: str = "ln2.normalized") -> CrossLayerTranscoder:
+    """A random CLT for a model config with encoder bias `bias` (positive: many features fire), decoders scaled
+    by `dec_scale` and a uniform input scale `act_scale`: for tests, benchmarks and trying the pipeline."""
+    clt = init(arch, cfg.n_layers, cfg.d_model, width, jax.random.key(seed), site=site, k=k, threshold=threshold,
+               decoder_norm=dec_scale)
+    clt = eqx.tree_at(lambda c: c.b_enc, clt, jnp.full_like(clt.b_enc, bias))
+    if act_scale is not None:
+        clt = eqx.tree_at(lambda c: c.act_scale, clt, jnp.full_like(clt.act_scale, act_scale))
+    return clt
+
+
+# ----------------------------------------------------------------------------- files
+
+_SHAPES = {"W_enc": ("L", "D", "W"), "b_enc": ("L", "W"), "W_dec": ("L", "W", "L", "D"), "b_dec": ("L", "D"),
+           "act_scale": ("L", 1), "threshold": ("L", "W")}
+
+
+def _build(where, info: dict, arrays: dict) -> CrossLayerTranscoder:
+    """A CLT from our array names, every shape and value checked (InputError naming `where`)."""
+    arch = info.get("arch")
+    if arch not in ARCHS:
+        raise InputError(f"{where}: arch {arch!r} is not one of {', '.join(ARCHS)}")
+    need = {"W_enc", "W_dec", "b_enc", "b_dec"} | ({"threshold"} if arch == "jumprelu" else set())
+    if missing := sorted(need - set(arrays)):
+        raise InputError(f"{where}: a {arch} cross-layer transcoder needs arrays {missing} (has {sorted(arrays)})")
+    enc = np.shape(arrays["W_enc"])
+    if len(enc) != 3:
+        raise InputError(f"{where}: W_enc must be [n_layers, d_in, width], got shape {enc}")
+    dims = dict(zip("LDW", enc), **{"1": 1})
+    arrays = {"act_scale": np.ones((enc[0], 1), np.float32), **arrays}
+    for name, a in arrays.items():
+        want = tuple(dims[str(x)] for x in _SHAPES.get(name, ()))
+        if name in _SHAPES and np.shape(a) != want:
+            raise InputError(f"{where}: {name} has shape {np.shape(a)}, expected {want} for W_enc {enc}")
+        if not np.all(np.isfinite(np.asarray(a, np.float32))):
+            raise InputError(f"{where}: {name} holds non-finite values (NaN or Inf)")
+    for key, have in (("n_layers", enc[0]), ("d_in", enc[1]), ("width", enc[2])):
+        if info.get(key) is not None and info[key] != have:
+            raise InputError(f"{where}: the metadata says {key}={info[key]} but the arrays have {key}={have}")
+    site, target = info.get("site", "ln2.normalized"), info.get("target", "mlp_out")
+    for name in (site, target):
+        if name not in SITES or not SITES[name].per_layer:
+            raise InputError(f"{where}: site {name!r} is not a layer site of models.sites")
+    k = info.get("k", 32)
+    if arch == "topk" and not (isinstance(k, int) and 1 <= k <= enc[2]):
+        raise InputError(f"{where}: k={k!r} must be an integer in [1, width={enc[2]}]")
+    a = {n: jnp.asarray(v, jnp.float32) for n, v in arrays.items()}
+    clt = CrossLayerTranscoder(W_enc=a["W_enc"], b_enc=a["b_enc"], W_dec=a["W_dec"], b_dec=a["b_dec"],
+                               act_scale=a["act_scale"], threshold=a.get("threshold"), arch=arch, site=site,
+                               target=target, k=int(k), bandwidth=float(info.get("bandwidth", 0.05)))
+    return eqx.tree_at(lambda c: c.W_dec, clt, clt.W_dec * clt.causal()[:, None, :, None])  # writes go forward only
+
+
+def save(clt: CrossLayerTranscoder, path: str | Path, meta: dict | None = None) -> Path:
+    """Ours: `clt.safetensors` (the arrays, `act_scale` included) and `clt.json` (`clt.config()`, `meta`)."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    arrays = {n: np.ascontiguousarray(np.asarray(getattr(clt, n), np.float32)) for n in _SHAPES
+              if getattr(clt, n) is not None}
+    save_file(arrays, str(path / "clt.safetensors"))
+    (path / "clt.json").write_text(json.dumps(dict(format=FORMAT, version=1, **clt.config(), meta=meta or {}),
+                                              indent=1, default=str))
+    return path
+
+
+def load(path: str | Path, model=None) -> CrossLayerTranscoder:
+    """A CLT written by `save` (or a directory of circuit-tracer's CLT files: `from_circuit_tracer`); checked
+    against `model`'s config when given."""
+    from saes.formats import _read_json, _read_safetensors
+
+    path = Path(path)
+    if not (path / "clt.json").exists() and (path / "W_enc_0.safetensors").exists():
+        clt = from_circuit_tracer(path)
+    else:
+        info = _read_json(path / "clt.json")
+        if info.get("format") != FORMAT:
+            raise InputError(f"{path / 'clt.json'} is not an {FORMAT} file")
+        clt = _build(path / "clt.safetensors", info, _read_safetensors(path / "clt.safetensors"))
+    if model is not None:
+        clt.check(getattr(model, "cfg", model))
+    return clt
+
+
+def from_circuit_tracer(path: str | Path, *, site: str | None = None, target: str | None = None) -> CrossLayerTranscoder:
+    """A CLT from circuit-tracer's files (`W_enc_{i}` / `W_dec_{i}` safetensors, as `to_circuit_tracer` or
+    circuit-tracer's `CrossLayerTranscoder.to_safetensors` write them). Hooks come from a `config.yaml` beside
+    them, else `site`/`target`, else circuit-tracer's defaults (resid_mid -> mlp_out)."""
+    from saes.formats import _read_safetensors
+    from saes.transcoders import _read_simple_yaml
+
+    path = Path(path)
+    n = len(list(path.glob("W_enc_*.safetensors")))
+    if n == 0:
+        raise InputError(f"{path} holds no circuit-tracer CLT (no W_enc_0.safetensors)")
+    config = _read_simple_yaml(path / "config.yaml") if (path / "config.yaml").is_file() else {}
+    by_ct = {v: k for k, v in _CT_HOOKS.items()} | {"mlp.hook_out": "mlp_out"}
+    try:
+        site = site or by_ct[config.get("feature_input_hook", "hook_resid_mid")]
+        target = target or by_ct[config.get("feature_output_hook", "hook_mlp_out")]
+    except KeyError as e:
+        raise InputError(f"{path}: hook {e.args[0]!r} has no site of models.sites (known: {sorted(by_ct)})") from None
+    parts = {name: [] for name in ("W_enc", "b_enc", "b_dec", "threshold", "W_dec")}
+    for i in range(n):
+        enc = _read_safetensors(path / f"W_enc_{i}.safetensors")
+        dec = _read_safetensors(path / f"W_dec_{i}.safetensors")
+        for name in (f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}"):
+            if name not in enc:
+                raise InputError(f"{path / f'W_enc_{i}.safetensors'} lacks {name} (has {sorted(enc)})")
+        if f"W_dec_{i}" not in dec:
+            raise InputError(f"{path / f'W_dec_{i}.safetensors'} lacks W_dec_{i} (has {sorted(dec)})")
+        w = dec[f"W_dec_{i}"]
+        if w.ndim != 3 or w.shape[1] != n - i:
+            raise InputError(f"{path / f'W_dec_{i}.safetensors'}: W_dec_{i} has shape {w.shape}, expected "
+                             f"[width, {n - i}, d_model] for a {n}-layer CLT")
+        parts["W_enc"].append(enc[f"W_enc_{i}"].T)
+        parts["b_enc"].append(enc[f"b_enc_{i}"])
+        parts["b_dec"].append(enc[f"b_dec_{i}"])
+        parts["threshold"].append(enc.get(f"threshold_{i}"))
+        parts["W_dec"].append(np.concatenate([np.zeros((w.shape[0], i, w.shape[2]), w.dtype), w], 1))
+    arch = "jumprelu" if all(t is not None for t in parts["threshold"]) else "relu"
+    if arch == "relu" and any(t is not None for t in parts["threshold"]):
+        raise InputError(f"{path}: some layers have a threshold_{{i}} and some do not")
+    try:
+        arrays = {name: np.stack([np.asarray(a, np.float32) for a in parts[name]]) for name in parts
+                  if name != "threshold" or arch == "jumprelu"}
+    except ValueError as e:
+        raise InputError(f"{path}: the layers' arrays differ in shape ({e})") from None
+    return _build(path, dict(arch=arch, site=site, target=target), arrays)

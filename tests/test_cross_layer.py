@@ -1,0 +1,168 @@
+"""Cross-layer transcoders on tiny random models: the replacement model (features carried forward layer by
+layer, plus the graph's error nodes) reproduces the logits; every attribution edge equals the effect of removing
+its source (a feature's writes into every later layer) in the value-frozen model; training in one pass through
+the SAE trainer learns writes a per-layer transcoder can not make; our format and circuit-tracer's round-trip."""
+
+from __future__ import annotations
+
+import json
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+import saes
+from interp.testing import random_model, tiny_config
+from models.errors import InputError
+from saes import cross_layer
+from saes.attribution import attribute
+from saes.cross_layer import random_clt
+from test_attribution import TOKENS, _frozen_by_value
+
+
+def _clt(cfg, arch="relu", **kw):
+    return random_clt(cfg, arch, 40, seed=10, bias=0.05, act_scale=1.3, dec_scale=0.7, threshold=0.02, k=6, **kw)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_replacement_model_reproduces_the_logits(arch):
+    cfg = tiny_config(arch)
+    m = random_model(cfg, jax.random.key(0))
+    clt = _clt(cfg)
+    g = attribute(m, clt, TOKENS, max_n_logits=3)
+    clean = models.forward(m, TOKENS[None]).logits
+    replaced = clt.replaced_logits(m, TOKENS[None], error=jnp.asarray(g.errors)[:, None])
+    np.testing.assert_allclose(replaced, clean, atol=2e-5, rtol=0)
+    assert float(jnp.abs(clt.replaced_logits(m, TOKENS[None]) - clean).max()) > 1e-3  # the error nodes make it exact
+    # a feature's writes reach later layers: without them (decoders cut to the own layer) the prediction differs
+    own = eqx.tree_at(lambda c: c.W_dec, clt, clt.W_dec * jnp.eye(cfg.n_layers)[:, None, :, None])
+    assert float(jnp.abs(own.replaced_logits(m, TOKENS[None], error=jnp.asarray(g.errors)[:, None]) - clean).max()) > 1e-3
+
+
+@pytest.mark.parametrize("arch,clt_arch", [("llama", "relu"), ("gpt2", "jumprelu"), ("llama", "topk")])
+def test_edges_equal_removing_the_source_in_the_value_frozen_model(arch, clt_arch):
+    """Every edge into features and logits, from features (all their writes), error nodes and tokens, equals
+    the change of its target when its source is removed with patterns, norms and MLP outputs held."""
+    cfg = tiny_config(arch)
+    m = random_model(cfg, jax.random.key(1))
+    clt = _clt(cfg, clt_arch)
+    g = attribute(m, clt, TOKENS, chunk=8, max_n_logits=3)
+    L, T, D = g.errors.shape
+    S, K = g.n_features, len(g.logit_tokens)
+    off = g.node_offsets()
+    assert S > 30 and g.adjacency.shape == (S + L * T + T + K,) * 2
+    run = _frozen_by_value(m, jnp.asarray(TOKENS))
+    zero_mlp, zero_emb = jnp.zeros((L, T, D)), jnp.zeros((T, D))
+    base_x, base_f = run(zero_mlp, zero_emb)
+    emb = models.forward(m, TOKENS[None], capture=("embed",)).acts["embed"][0]
+    W_U = m.params["unembed"]["W_U"] if "unembed" in m.params else m.params["embed"]["W_E"].T
+    logit_vec = W_U[:, g.logit_tokens].T - W_U.mean(1)
+    scale = clt.act_scale[:, 0]
+
+    def target_values(x, f):
+        lay, pos, feat = g.active_features.T
+        feats = jnp.sum(x[lay, pos] * clt.W_enc[lay, :, feat] * scale[lay][:, None], -1)
+        return jnp.concatenate([feats, logit_vec @ f[T - 1]])
+
+    base = target_values(base_x, base_f)
+    rows = np.concatenate([np.arange(S), np.arange(off["logit"], off["logit"] + K)])
+    rng = np.random.default_rng(0)
+    early = np.nonzero(g.active_features[:, 0] < L - 1)[0]  # features that write to later layers too
+    sources = np.concatenate([rng.choice(early, 10, replace=False), rng.choice(S, 4, replace=False),
+                              off["error"] + rng.choice(L * T, 4, replace=False), off["token"] + np.arange(0, T, 3)])
+    checked = 0
+    for s in sources:
+        d_mlp, d_emb = zero_mlp, zero_emb
+        if s < off["error"]:
+            l, p, f = g.active_features[s]
+            d_mlp = d_mlp.at[:, p].set(-clt.decoder_vectors(int(l), int(f)) * g.activation_values[s])
+        elif s < off["token"]:
+            l, p = divmod(int(s - off["error"]), T)
+            d_mlp = d_mlp.at[l, p].set(-jnp.asarray(g.errors[l, p]))
+        else:
+            p = int(s - off["token"])
+            d_emb = d_emb.at[p].set(-emb[p])
+        change = np.asarray(target_values(*run(d_mlp, d_emb)) - base)
+        predicted = -g.adjacency[rows, s]
+        tol = max(np.abs(predicted).max(), 1e-3)
+        np.testing.assert_allclose(change, predicted, atol=1e-5 * tol + 1e-6, rtol=1e-4)
+        checked += int(np.abs(predicted).max() > 1e-4)
+    assert checked >= 15
+
+
+def test_formats_round_trip(tmp_path):
+    cfg = tiny_config("llama")
+    for arch in cross_layer.ARCHS:
+        clt = _clt(cfg, arch)
+        x = jax.random.normal(jax.random.key(2), (5, cfg.n_layers, cfg.d_model))
+        back = cross_layer.load(cross_layer.save(clt, tmp_path / arch, meta={"note": 1}), cfg)
+        assert back.config() == clt.config()
+        np.testing.assert_allclose(back(x), clt(x), atol=1e-6)
+        if arch == "topk":
+            with pytest.raises(InputError, match="no equivalent"):
+                clt.to_circuit_tracer(tmp_path / "ct-topk")
+            continue
+        ct = cross_layer.from_circuit_tracer(clt.to_circuit_tracer(tmp_path / f"ct-{arch}"))
+        assert (ct.arch, ct.site, ct.target) == (arch, "ln2.normalized", "mlp_out")
+        np.testing.assert_allclose(ct(x), clt(x), atol=1e-5)
+        np.testing.assert_allclose(ct.encode(x), clt.encode(x), atol=1e-5)
+        assert np.asarray(ct.act_scale).tolist() == [[1.0]] * cfg.n_layers  # folded
+    with pytest.raises(InputError, match="layers"):
+        cross_layer.load(tmp_path / "relu", tiny_config("llama", n_layers=2))
+    (tmp_path / "relu" / "clt.safetensors").write_bytes(b"\0" * 10)
+    with pytest.raises(InputError, match="truncated or corrupt"):
+        cross_layer.load(tmp_path / "relu")
+    from safetensors.numpy import load_file, save_file
+    f = tmp_path / "ct-relu" / "W_dec_1.safetensors"
+    save_file({"W_dec_1": load_file(str(f))["W_dec_1"][:, :1]}, str(f))
+    with pytest.raises(InputError, match="W_dec_1 has shape"):
+        cross_layer.from_circuit_tracer(tmp_path / "ct-relu")
+
+
+def _two_layer_source(d=16, n=2048, seed=0):
+    """Layer 0's input x0 ~ N(0, 1) drives sparse features (ReLU of 6 directions) written to BOTH layers' targets;
+    layer 1's input is independent noise: only a write from layer 0 into layer 1 can predict layer 1's target."""
+    kR, kU = jax.random.split(jax.random.key(seed))
+    R = jax.random.normal(kR, (d, 6))
+    R = R / jnp.linalg.norm(R, axis=0)
+    U = jax.random.normal(kU, (2, 6, d)) / d**0.5 * 3
+
+    def make(i):
+        x0, x1 = jax.random.normal(jax.random.fold_in(jax.random.key(seed + 1), i), (2, n, d))
+        h = jax.nn.relu(x0 @ R - 0.5)
+        return {"L0.ln2.normalized": x0, "L1.ln2.normalized": x1, "L0.mlp_out": h @ U[0], "L1.mlp_out": h @ U[1]}
+
+    names = ("L0.ln2.normalized", "L1.ln2.normalized", "L0.mlp_out", "L1.mlp_out")
+    return saes.data.ArraySource(make, names, {h: d for h in names})
+
+
+def test_cross_layer_training_learns_writes_into_later_layers(tmp_path):
+    """`TrainConfig(cross_layer=True)`: one CLT for both layers, trained jointly; on data whose layer-1 target
+    depends only on layer 0's input it explains most of the variance, per-layer transcoders about half; the run
+    saves, loads and resumes like any other."""
+    ev = {}
+    for cross in (True, False):
+        tc = saes.TrainConfig(site=("ln2.normalized",), target="mlp_out", layers=(0, 1), arch="relu", width=32,
+                              cross_layer=cross, tokens=512 * 150, batch_size=512, chunk_tokens=2048, lr=1e-2,
+                              sparsity_coeff=0.05, lr_warmup_steps=5, progress=False, log_every=10, eval_every=0,
+                              checkpoint_every=1000, out=str(tmp_path / f"run-{cross}"))
+        saes.fit(tc, source=_two_layer_source())
+        last = [json.loads(x) for x in (tmp_path / f"run-{cross}" / "metrics.jsonl").read_text().splitlines()][-1]
+        ev[cross] = (last["clt"]["explained_variance"] if cross else
+                     np.mean([last[f"L{l}.ln2.normalized"]["explained_variance"] for l in (0, 1)]))
+    print("explained variance (cross-layer, per-layer):", ev)
+    assert ev[True] > 0.8 and ev[True] > ev[False] + 0.3, ev
+    loaded = saes.load_run(tmp_path / "run-True")["clt"]
+    assert isinstance(loaded, cross_layer.CrossLayerTranscoder) and loaded.W_dec.shape == (2, 32, 2, 16)
+    assert float(jnp.abs(loaded.W_dec[1, :, 0]).max()) == 0.0  # nothing writes backwards
+    with pytest.raises(InputError, match="--cross-layer needs --target"):
+        saes.TrainConfig(site=("ln2.normalized",), cross_layer=True)
+    with pytest.raises(InputError, match="--arch"):
+        saes.TrainConfig(site=("ln2.normalized",), target="mlp_out", cross_layer=True, arch="gated")
+    cfg = tiny_config("llama")
+    with pytest.raises(InputError, match="every layer"):
+        saes.train_config.validate(saes.TrainConfig(site=("ln2.normalized",), target="mlp_out", layers=(0, 1),
+                                                    context=16, cross_layer=True), cfg)
