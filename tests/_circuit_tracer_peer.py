@@ -10,7 +10,8 @@
 MODEL is a .gguf file (transformers dequantizes it to float32) or a Hugging Face directory (config.json +
 model.safetensors as save_pretrained writes them; a tokenizer there is optional: without one a word-level
 tokenizer with one token per id is made up, its special tokens the config's bos/eos ids). DIR holds
-circuit-tracer's own per-layer transcoder format, layer_{i}.safetensors (W_enc [d_tc, d_model], W_dec [d_tc,
+circuit-tracer's CLT files (W_enc_{i}.safetensors, W_dec_{i}.safetensors and a config.yaml with model_kind:
+cross_layer_transcoder and the two hooks, read by its load_clt) or its own per-layer transcoder format, layer_{i}.safetensors (W_enc [d_tc, d_model], W_dec [d_tc,
 d_model], b_enc [d_tc], b_dec [d_model], optional activation_function.threshold [d_tc] for JumpReLU and
 W_skip [d_model, d_model]) and config.yaml, read by circuit-tracer's own loader (load_transcoders):
 
@@ -88,10 +89,18 @@ def load_hf(model: str):
 
 
 def load_transcoder_set(directory: str):
+    """circuit-tracer's transcoders from DIR: a per-layer set (`load_transcoders`) or, with `model_kind:
+    cross_layer_transcoder` in config.yaml, a CLT (`load_clt`, which reads W_enc_{i}/W_dec_{i} files)."""
     from circuit_tracer.utils.hf_utils import load_transcoders
 
     directory = Path(directory)
     config = yaml.safe_load((directory / "config.yaml").read_text())
+    if config.get("model_kind") == "cross_layer_transcoder":
+        from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+
+        return load_clt(str(directory), feature_input_hook=config["feature_input_hook"],
+                        feature_output_hook=config["feature_output_hook"], scan=config.get("scan", directory.name),
+                        device=torch.device("cpu"), dtype=torch.float32, lazy_decoder=False, lazy_encoder=False)
     # circuit-tracer opens local paths as given (relative to the cwd): anchor relative ones at DIR.
     config["transcoders"] = [p if p.startswith("hf://") or os.path.isabs(p) else str(directory / p)
                              for p in config["transcoders"]]
@@ -219,21 +228,22 @@ def write_transcoders(directory: Path, n_layers: int, d_model: int, width: int, 
         scan="random-relu", transcoders=names), sort_keys=False))
 
 
-def make_tiny(directory: str) -> None:
+def make_tiny(directory: str, n_layers: int = 2) -> None:
     """DIR/model: a tiny random Llama (save_pretrained, seed 0); DIR/transcoders: random ReLU transcoders, width 48."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       tie_word_embeddings=True)
     LlamaForCausalLM(cfg).save_pretrained(Path(directory) / "model")
-    write_transcoders(Path(directory) / "transcoders", 2, 32, 48, scale=3.0)
+    write_transcoders(Path(directory) / "transcoders", n_layers, 32, 48, scale=3.0)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--make-tiny", metavar="DIR")
+    p.add_argument("--n-layers", type=int, default=2, help="layers of the --make-tiny model")
     p.add_argument("--make-transcoders", metavar="DIR", help="random ReLU transcoders for --model's shape")
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--model")
@@ -247,7 +257,7 @@ def main() -> None:
     p.add_argument("--check", action="store_true")
     args = p.parse_args()
     if args.make_tiny:
-        return make_tiny(args.make_tiny)
+        return make_tiny(args.make_tiny, args.n_layers)
     if args.make_transcoders:
         from transformers import AutoConfig
 

@@ -14,6 +14,7 @@ import pytest
 
 import models
 from saes.attribution import Graph, attribute
+from saes.cross_layer import random_clt
 from saes.transcoders import random_set
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +62,27 @@ def test_adjacency_matches_circuit_tracer_on_a_tiny_llama(arch, skip, tmp_path):
     np.testing.assert_allclose(models.forward(m, np.asarray([tokens])).logits[0, -1], peer["last_logits"], atol=1e-4)
     ours = attribute(m, tcs, np.asarray(tokens), max_n_logits=5)
     r = compare(ours, peer)
+    assert ours.n_features > 50 and r["kept"] > 20
+    assert r["rel_kept"] <= 1e-3 and r["rel_all"] <= 1e-4, r
+
+
+@needs_peer
+@pytest.mark.parametrize("arch,site", [("relu", "resid_mid"), ("jumprelu", "ln2.normalized")])
+def test_cross_layer_adjacency_matches_circuit_tracer(arch, site, tmp_path):
+    """A random cross-layer transcoder (reading circuit-tracer's default hook_resid_mid, or mlp.hook_in) on a
+    3-layer tiny Llama, written as circuit-tracer's CLT files and read by its `load_clt`: the same adjacency."""
+    _peer("--make-tiny", tmp_path, "--n-layers", 3)
+    m = models.load(tmp_path / "model", tokenizer=False)
+    clt = random_clt(m.cfg, arch, 48, bias=0.1 if site == "ln2.normalized" else 0.0, dec_scale=0.3, threshold=0.05,
+                     act_scale=1.2, site=site)
+    clt.to_circuit_tracer(tmp_path / "clt")
+    tokens = [1, 5, 9, 17, 33, 60, 7, 12]
+    _peer("--model", tmp_path / "model", "--transcoders", tmp_path / "clt", "--tokens", json.dumps(tokens),
+          "--out", tmp_path / "peer.npz", "--max-n-logits", 5)
+    peer = dict(np.load(tmp_path / "peer.npz"))
+    ours = attribute(m, clt, np.asarray(tokens), max_n_logits=5)
+    r = compare(ours, peer)
+    print(f"CLT {arch} {site} vs circuit-tracer:", r, "features", ours.n_features)
     assert ours.n_features > 50 and r["kept"] > 20
     assert r["rel_kept"] <= 1e-3 and r["rel_all"] <= 1e-4, r
 
