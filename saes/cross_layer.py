@@ -37,7 +37,7 @@ from models.errors import InputError
 from models.sites import SITES, Hook
 from saes.sae import _scatter, jumprelu, step
 
-__all__ = ["ARCHS", "CrossLayerTranscoder", "from_circuit_tracer", "init", "load", "random_clt", "save"]
+__all__ = ["ARCHS", "CrossLayerTranscoder", "from_circuit_tracer", "init", "load", "random_clt", "replaced_run", "save"]
 
 ARCHS = ("relu", "jumprelu", "topk")
 FORMAT = "interp-clt"
@@ -144,9 +144,10 @@ class CrossLayerTranscoder(eqx.Module):
     def __call__(self, x: Float[ArrayLike, "... L D"]) -> Float[Array, "... L D"]:
         return self.decode(self.encode(x))
 
-    def decoder_vectors(self, layer: int, feature) -> Float[Array, "... L D"]:
-        """Raw-scale decoder vectors of features of one source layer into every target layer (zero below it)."""
-        return self.W_dec[layer, feature] * self.causal()[layer][:, None] / self.act_scale
+    def decoder_vectors(self, layer, feature) -> Float[Array, "... L D"]:
+        """Raw-scale decoder vectors of features (`layer`, `feature`: ints or `[n]` arrays) into every target
+        layer (zero below the source layer)."""
+        return self.W_dec[layer, feature] * self.causal()[layer][..., None] / self.act_scale
 
     # -- training (the protocol of `saes.sae.SAE` that `saes.train_step` uses)
     def trainable(self):
@@ -265,45 +266,58 @@ class CrossLayerTranscoder(eqx.Module):
 
 @eqx.filter_jit
 def _replaced_logits(model, clt: CrossLayerTranscoder, tokens, error, keep_first: bool, edits):
-    """Layer by layer (`models.transformer.layer_forward` in a `fori_loop`), carrying each layer's feature
-    writes into the later layers' MLP outputs (`future [L, B, T, D]`, normalised by the target's scale)."""
-    from models.transformer import default_positions, embed, layer_forward, norm, unembed
+    from models.transformer import norm, unembed
+
+    resid, _ = replaced_run(model, clt, tokens, error, int(keep_first), edits)
+    return unembed(model.params, norm(resid, model.params["ln_final"], model.cfg), model.cfg).astype(jnp.float32)
+
+
+def replaced_run(model, clt: CrossLayerTranscoder, tokens, error=None, skip_first: int = 1, edits=None,
+                 interventions=()) -> tuple[Float[Array, "B T D"], Float[Array, "L B T D"]]:
+    """The replacement forward of unpadded `tokens [B, T]` up to the last layer's `resid_post` (returned with
+    every layer's input site `[L, B, T, D]`): layer by layer (`models.transformer.layer_forward` in a
+    `fori_loop`), each layer's feature writes into the later layers carried forward (`future [L, B, T, D]`,
+    normalised by the target's scale). Positions < `skip_first` keep their real MLP output and have no
+    features; `interventions` run in every layer too (held patterns and norms: the local replacement model)."""
+    from models.transformer import default_positions, embed, layer_forward
 
     params, cfg = model.params, model.cfg
     B, T = tokens.shape
     mask = jnp.ones((B, T), jnp.int32)
     positions = default_positions(mask)
-    write = _Write(clt, jnp.zeros((clt.n_layers, B, T, clt.d_in), jnp.float32), error, edits, keep_first,
+    write = _Write(clt, jnp.zeros((clt.n_layers, B, T, clt.d_in), jnp.float32), error, edits, skip_first,
                    clt.target, clt.site)
 
     def layer_step(layer, carry):
-        resid, write = carry
-        resid, acts = layer_forward(params, cfg, layer, resid, mask, positions, (clt.site,), (write,))
+        resid, write, inputs = carry
+        resid, acts = layer_forward(params, cfg, layer, resid, mask, positions, (clt.site,), (*interventions, write))
         later = (jnp.arange(clt.n_layers) > layer)[:, None, None, None]
         writes = jnp.einsum("btw,wsd->sbtd", write.features(acts[clt.site], layer, positions), clt.W_dec[layer])
-        return resid, eqx.tree_at(lambda w: w.future, write, write.future + writes * later)
+        inputs = jax.lax.dynamic_update_index_in_dim(inputs, acts[clt.site].astype(jnp.float32), layer, 0)
+        return resid, eqx.tree_at(lambda w: w.future, write, write.future + writes * later), inputs
 
-    resid, _ = jax.lax.fori_loop(0, clt.n_layers, layer_step, (embed(params, tokens, positions, cfg), write))
-    return unembed(params, norm(resid, params["ln_final"], cfg), cfg).astype(jnp.float32)
+    init = (embed(params, tokens, positions, cfg), write, jnp.zeros((clt.n_layers, B, T, clt.d_in), jnp.float32))
+    resid, _, inputs = jax.lax.fori_loop(0, clt.n_layers, layer_step, init)
+    return resid, inputs
 
 
 class _Write(eqx.Module):
     """At `site` (mlp_out) of the running layer: the writes of earlier layers' features (`future`) plus this
-    layer's own (features of `ctx.seen[source]`, `edits` applied), plus the error; the first position keeps
-    its real value with `keep_first` (and has no features)."""
+    layer's own (features of `ctx.seen[source]`, `edits` applied), plus the error; positions < `skip_first`
+    keep their real value (and have no features)."""
 
     clt: CrossLayerTranscoder
     future: Array
     error: Array | None
     edits: eqx.Module | None
-    keep_first: bool = eqx.field(static=True)
+    skip_first: int = eqx.field(static=True)
     site: str = eqx.field(static=True)
     source: str = eqx.field(static=True)
 
     def features(self, x, layer, positions):
         f = self.clt.layer_encode(x, layer)
         f = f if self.edits is None else self.edits.apply(f, layer)
-        return jnp.where((positions == 0)[..., None], 0.0, f) if self.keep_first else f
+        return jnp.where((positions < self.skip_first)[..., None], 0.0, f)
 
     def apply(self, value, ctx):
         layer, clt = ctx.layer, self.clt
@@ -311,8 +325,7 @@ class _Write(eqx.Module):
         new = (self.future[layer] + f @ clt.W_dec[layer, :, layer] + clt.b_dec[layer]) / clt.act_scale[layer]
         if self.error is not None:
             new = new + self.error[layer]
-        if self.keep_first:
-            new = jnp.where((ctx.positions == 0)[..., None], value.astype(jnp.float32), new)
+        new = jnp.where((ctx.positions < self.skip_first)[..., None], value.astype(jnp.float32), new)
         return new.astype(value.dtype)
 
 

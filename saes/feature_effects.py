@@ -33,6 +33,7 @@ from jaxtyping import Array, Float, Int
 from interp.interventions import AddVector, Where
 from models.errors import InputError
 from saes.attribution import Graph, _check_prompt, _setup
+from saes.cross_layer import CrossLayerTranscoder, replaced_run
 from saes.transcoders import ReplaceMLPs, TranscoderSet
 
 __all__ = ["FeatureEdits", "FeatureEffects", "check_edges", "held_norms_and_patterns", "rank_correlation"]
@@ -139,18 +140,18 @@ class FeatureEffects:
     """A prompt's clean run with a transcoder set: feature activations, errors, and the two edited models."""
 
     model: object
-    transcoders: TranscoderSet
+    transcoders: TranscoderSet | CrossLayerTranscoder
     tokens: Int[Array, " T"]
     acts: Float[Array, "L T W"]  # clean feature activations (zero at the first `skip_first` positions)
     errors: Float[Array, "L T D"]
     skip_first: int
 
     @classmethod
-    def of(cls, model, transcoders: TranscoderSet, tokens, skip_first: int = 1) -> "FeatureEffects":
+    def of(cls, model, transcoders: TranscoderSet | CrossLayerTranscoder, tokens, skip_first: int = 1) -> "FeatureEffects":
         tokens = _check_prompt(model, transcoders, tokens, skip_first, "FeatureEffects.of")
         t = jnp.asarray(tokens, jnp.int32)
-        acts, err, *_ = _setup(model, transcoders.stacked, t, site=transcoders.site, target=transcoders.target,
-                                 skip_first=skip_first)
+        acts, err, *_ = _setup(model, _dictionary(transcoders), t, site=transcoders.site, target=transcoders.target,
+                               skip_first=skip_first)
         return cls(model, transcoders, t, acts, err, skip_first)
 
     def local(self, edits: FeatureEdits) -> tuple[Float[Array, "L T W"], Float[Array, " V"]]:
@@ -177,13 +178,20 @@ class FeatureEffects:
         L, T, W = self.acts.shape
         edits.check(L, T, W, self.skip_first)
         tcs = self.transcoders
-        return _run(self.model, tcs.stacked, self.tokens, self.acts, self.errors, edits, mode=mode, site=tcs.site,
+        return _run(self.model, _dictionary(tcs), self.tokens, self.acts, self.errors, edits, mode=mode, site=tcs.site,
                     target=tcs.target, skip_first=self.skip_first, batched=batched)
 
 
-def _pre_acts(stacked, x):
+def _dictionary(transcoders):
+    """What the jitted functions take: a per-layer set's stacked SAE, or the CLT itself."""
+    return transcoders if isinstance(transcoders, CrossLayerTranscoder) else transcoders.stacked
+
+
+def _pre_acts(d, x):
     """`[L, T, W]` pre-activations of raw inputs `[L, T, D]`."""
-    return jax.vmap(lambda tc, x: tc.pre_acts(x * tc.act_scale))(stacked, x)
+    if isinstance(d, CrossLayerTranscoder):
+        return jnp.swapaxes(d.pre_acts(jnp.swapaxes(x, 0, 1) * d.act_scale), 0, 1)
+    return jax.vmap(lambda tc, x: tc.pre_acts(x * tc.act_scale))(d, x)
 
 
 @eqx.filter_jit
@@ -203,6 +211,9 @@ def _local(model, stacked, tokens, errors, edits, site: str, target: str, skip_f
 
     L = errors.shape[0]
     held, final = held_norms_and_patterns(model, tokens[None])
+    if isinstance(stacked, CrossLayerTranscoder):
+        resid, inputs = replaced_run(model, stacked, tokens[None], errors[:, None], skip_first, edits, held)
+        return _pre_acts(stacked, inputs[:, 0]), unembed(model.params, final(resid)[0, -1], model.cfg)
     keep = (jnp.arange(tokens.shape[0]) < skip_first)[None]
     replace = ReplaceMLPs(stacked, errors[:, None], keep, Where(), target, site, edits)
     out = forward(model, tokens[None], capture=(site, Capture("resid_post", layers=(L - 1,))),
@@ -216,8 +227,12 @@ def _real(model, stacked, tokens, acts, edits, site: str, target: str):
 
     L, T, _ = acts.shape
     change = edits.value - acts[edits.layer, edits.pos, edits.feature]
-    vec = stacked.W_dec[edits.layer, edits.feature] * (change / stacked.act_scale[edits.layer])[:, None]
-    delta = jnp.zeros((L, T, vec.shape[-1]), jnp.float32).at[edits.layer, edits.pos].add(vec)
+    if isinstance(stacked, CrossLayerTranscoder):  # a feature writes into its layer and every later one
+        vec = stacked.decoder_vectors(edits.layer, edits.feature) * change[:, None, None]  # [n, L, D]
+        delta = jnp.zeros((L, T, vec.shape[-1]), jnp.float32).at[:, edits.pos].add(jnp.swapaxes(vec, 0, 1))
+    else:
+        vec = stacked.W_dec[edits.layer, edits.feature] * (change / stacked.act_scale[edits.layer])[:, None]
+        delta = jnp.zeros((L, T, vec.shape[-1]), jnp.float32).at[edits.layer, edits.pos].add(vec)
     out = forward(model, tokens[None], capture=(site,), interventions=(AddVector(target, delta[:, None], per_layer=True),))
     return _pre_acts(stacked, out.acts[site][:, 0].astype(jnp.float32)), out.logits[0, -1]
 

@@ -166,3 +166,35 @@ def test_cross_layer_training_learns_writes_into_later_layers(tmp_path):
     with pytest.raises(InputError, match="every layer"):
         saes.train_config.validate(saes.TrainConfig(site=("ln2.normalized",), target="mlp_out", layers=(0, 1),
                                                     context=16, cross_layer=True), cfg)
+
+
+def test_real_model_edit_writes_the_decoder_into_every_later_layer():
+    """`FeatureEffects.real` with a CLT adds the feature's decoder vectors (times the change) at mlp_out of its
+    layer and every later one; `check_edges` runs on a CLT graph."""
+    from saes.feature_effects import FeatureEdits, FeatureEffects, check_edges
+
+    cfg = tiny_config("llama")
+    m = random_model(cfg, jax.random.key(1))
+    clt = _clt(cfg)
+    g = attribute(m, clt, TOKENS, max_n_logits=3)
+    fx = FeatureEffects.of(m, clt, TOKENS)
+    l, p, f = (int(x) for x in g.active_features[0])
+    assert l == 0
+    a = float(fx.acts[l, p, f])
+    pre, logits = fx.real(FeatureEdits.of([(l, p, f, 3 * a)]))
+    delta = jnp.zeros((cfg.n_layers, 1, len(TOKENS), cfg.d_model)).at[:, 0, p].set(clt.decoder_vectors(l, f) * 2 * a)
+    assert float(jnp.abs(delta[-1]).max()) > 0
+
+    class Add(eqx.Module):
+        delta: jax.Array
+        site: str = eqx.field(static=True, default="mlp_out")
+
+        def apply(self, value, ctx):
+            return value + self.delta[ctx.layer]
+
+    out = models.forward(m, TOKENS[None], capture=("ln2.normalized",), interventions=(Add(delta),))
+    np.testing.assert_allclose(logits, out.logits[0, -1], atol=1e-5)
+    x = jnp.swapaxes(out.acts["ln2.normalized"][:, 0], 0, 1)
+    np.testing.assert_allclose(pre, jnp.swapaxes(clt.pre_acts(x * clt.act_scale), 0, 1), atol=1e-5)
+    r = check_edges(g, fx, n_edges=25)
+    assert r["spearman_total_local"] > 0.8, r["spearman_total_local"]

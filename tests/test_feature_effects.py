@@ -15,6 +15,7 @@ import models
 from interp.testing import random_model, tiny_config
 from models.errors import InputError
 from saes.attribution import attribute
+from saes.cross_layer import random_clt
 from saes.feature_effects import FeatureEdits, FeatureEffects, check_edges, linear_total_effects, rank_correlation
 from saes.transcoders import TranscoderSet, random_set
 
@@ -26,16 +27,19 @@ def _transcoders(cfg, arch="relu"):
     return random_set(cfg, arch, 40, seed=10, bias=0.05, act_scale=1.3)
 
 
-def _setup(arch="llama", tc_arch="relu"):
+def _setup(arch="llama", tc_arch="relu", kind="set"):
+    """A tiny model, random transcoders (`kind` "set": per layer; "clt": one cross-layer transcoder), the graph
+    of TOKENS and its FeatureEffects."""
     cfg = tiny_config(arch)
     m = random_model(cfg, jax.random.key(1))
-    tcs = _transcoders(cfg, tc_arch)
+    tcs = _transcoders(cfg, tc_arch) if kind == "set" else random_clt(cfg, tc_arch, 40, seed=10, bias=0.05,
+                                                                         act_scale=1.3, dec_scale=0.7)
     return m, tcs, attribute(m, tcs, TOKENS, max_n_logits=3), FeatureEffects.of(m, tcs, TOKENS)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_unedited_local_replacement_is_the_clean_run(arch):
-    m, tcs, g, fx = _setup(arch)
+@pytest.mark.parametrize("arch,kind", [("llama", "set"), ("gpt2", "set"), ("llama", "clt")])
+def test_unedited_local_replacement_is_the_clean_run(arch, kind):
+    m, tcs, g, fx = _setup(arch, kind=kind)
     nothing = FeatureEdits.of(np.zeros((0, 4)))
     pre, logits = fx.local(nothing)
     np.testing.assert_allclose(logits, models.forward(m, TOKENS[None]).logits[0, -1], atol=2e-5)
@@ -45,11 +49,12 @@ def test_unedited_local_replacement_is_the_clean_run(arch):
     np.testing.assert_allclose(np.maximum(np.asarray(pre)[l, p, f], 0), g.activation_values, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_a_clamp_moves_everything_by_the_graphs_linear_prediction(arch):
+@pytest.mark.parametrize("arch,kind", [("llama", "set"), ("gpt2", "set"), ("llama", "clt"), ("gpt2", "clt")])
+def test_a_clamp_moves_everything_by_the_graphs_linear_prediction(arch, kind):
     """Clamping a feature to (1 - eps) of its activation changes every target by eps times its removal effect
-    through all paths, as long as no feature crosses its threshold; the direct edge alone misses indirect paths."""
-    m, tcs, g, fx = _setup(arch)
+    through all paths, as long as no feature crosses its threshold; the direct edge alone misses indirect paths.
+    A cross-layer transcoder's clamp reaches later layers through its writes as well as through the residual."""
+    m, tcs, g, fx = _setup(arch, kind=kind)
     S, K = g.n_features, len(g.logit_tokens)
     eps = 0.25
     early = np.nonzero(g.active_features[:, 0] == 0)[0]  # layer-0 features: the longest paths
