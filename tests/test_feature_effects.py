@@ -154,20 +154,24 @@ def test_bad_edits_are_named():
 
 
 @pytest.mark.slow
-def test_smollm2_graph_edges_predict_feature_ablations(smollm2, tmp_path):
-    """Transcoders trained by us on all 30 layers of SmolLM2 (briefly: 4 steps of 1024 tokens), a graph of a
-    factual-recall prompt, and its strongest edges checked by ablating their source feature: in the local
-    replacement model the prediction through all paths ranks and signs the measured effects almost exactly
-    (only threshold crossings differ); in the real model (attention and norms free) it still ranks them."""
+@pytest.mark.parametrize("kind", ["set", "clt"])
+def test_smollm2_graph_edges_predict_feature_ablations(smollm2, kind, tmp_path):
+    """Transcoders trained by us on all 30 layers of SmolLM2 (briefly: 4 steps of 1024 tokens; per-layer
+    BatchTopK, or one TopK cross-layer transcoder), a graph of a factual-recall prompt, and its strongest edges
+    checked by ablating their source feature: in the local replacement model the prediction through all paths
+    ranks and signs the measured effects almost exactly (only threshold crossings differ); in the real model
+    (attention and norms free) it still ranks them."""
     import saes
 
     layers = tuple(range(smollm2.cfg.n_layers))
-    cfg = saes.TrainConfig(model=smollm2.name, site=("ln2.normalized",), target="mlp_out", layers=layers,
-                           arch="batchtopk", k=16, width=256, tokens=4096, batch_size=1024, chunk_tokens=4096,
+    arch = dict(arch="batchtopk", k=16, width=256) if kind == "set" else dict(arch="topk", k=8, width=128,
+                                                                                cross_layer=True)
+    cfg = saes.TrainConfig(model=smollm2.name, site=("ln2.normalized",), target="mlp_out", layers=layers, **arch,
+                           tokens=4096, batch_size=1024, chunk_tokens=4096,
                            lr=2e-3, lr_warmup_steps=1, log_every=2, eval_every=0, eval_rows=0,
                            checkpoint_every=10**9, progress=False, out=str(tmp_path / "run"))
     run = saes.fit(cfg, model=smollm2)
-    tcs = TranscoderSet.of(run.saes.values())
+    tcs = TranscoderSet.of(run.saes.values()) if kind == "set" else run.saes["clt"]
     tokens = smollm2.to_tokens("The capital of France is")[0]
     g = attribute(smollm2, tcs, tokens, max_n_logits=3)
     assert smollm2.decode([int(g.logit_tokens[0])]) == " Paris"
@@ -176,7 +180,8 @@ def test_smollm2_graph_edges_predict_feature_ablations(smollm2, tmp_path):
     logits = check_edges(g, fx, n_edges=12, into="logits")
     summary = {f"{name}.{k}": round(v, 3) for name, r in (("features", feats), ("logits", logits))
                for k, v in r.items() if k.startswith(("spearman", "sign"))}
-    print("smollm2 edge check:", summary)
-    assert feats["spearman_total_local"] > 0.9 and feats["sign_total_local"] > 0.9, summary
-    assert feats["spearman_total_real"] > 0.5 and feats["sign_total_real"] > 0.8, summary
+    print(f"smollm2 edge check ({kind}):", summary)
+    # (measured: set 0.99 / 1.0 / 0.91 / 0.97; the barely trained CLT 0.90 / 1.0 / 0.73 / 0.8)
+    assert feats["spearman_total_local"] > (0.9 if kind == "set" else 0.85) and feats["sign_total_local"] > 0.9, summary
+    assert feats["spearman_total_real"] > 0.5 and feats["sign_total_real"] > (0.8 if kind == "set" else 0.7), summary
     assert logits["sign_total_local"] > 0.8, summary
