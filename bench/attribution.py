@@ -1,9 +1,11 @@
 """Attribution graphs: ours (`saes.attribution.attribute`) vs circuit-tracer on SmolLM2, the same transcoders.
 
-    python -m bench.attribution [--width 512] [--tokens 32] [--lengths 8,16,32] [--ct-python PATH]
+    python -m bench.attribution [--width 512] [--tokens 32] [--lengths 8,16,32] [--ct-python PATH] [--clt]
 
 1. Random ReLU transcoders (width `--width`, every layer, ln2.normalized -> mlp_out, encoder bias set so about
-   2% of features fire per token) written in circuit-tracer's format (`TranscoderSet.to_circuit_tracer`).
+   2% of features fire per token) written in circuit-tracer's format (`TranscoderSet.to_circuit_tracer`);
+   with `--clt` one random ReLU cross-layer transcoder instead (each feature writes to its layer and every
+   later one; circuit-tracer's CLT files, read by its `load_clt`).
 2. Ours: one graph of a `--tokens`-token prompt (it starts with `<|im_start|>`), float32, after a warm-up
    graph of the same prompt (compilation is reported apart); wall time and the process's peak RSS.
 3. circuit-tracer 0.5.0 (`circuit_tracer.attribute`, nnsight backend, all cores, batch 256, every feature
@@ -56,6 +58,17 @@ def transcoders(m, tokens, width: int, z: float = 2.0):
     return TranscoderSet.of(out)
 
 
+def cross_layer(m, tokens, width: int, z: float = 2.0):
+    """A random ReLU cross-layer transcoder with the same firing rule as `transcoders`."""
+    import models
+    from saes.cross_layer import init
+
+    x = models.forward(m, tokens[None], capture=("ln2.normalized",)).acts["ln2.normalized"][:, 0, 1:]
+    clt = init("relu", m.cfg.n_layers, m.cfg.d_model, width, jax.random.key(0), decoder_norm=0.3)
+    pre = jax.numpy.einsum("ltd,ldw->ltw", x, clt.W_enc)
+    return eqx.tree_at(lambda c: c.b_enc, clt, -(pre.mean(1) + z * pre.std(1)))
+
+
 def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -70,6 +83,7 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--lengths", default="8,16,32")
     p.add_argument("--ct-python", default=None)
+    p.add_argument("--clt", action="store_true", help="a cross-layer transcoder instead of per-layer transcoders")
     p.add_argument("--out", default=str(ROOT / "runs/bench_attribution"))
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -78,8 +92,9 @@ def main(argv=None):
 
     m = models.load("smollm2-135m-instruct", dtype="float32")
     all_tokens = m.to_tokens(TEXT)[0]
-    tcs = transcoders(m, all_tokens, args.width)
-    tcs.to_circuit_tracer(out / "transcoders")
+    tcs = (cross_layer if args.clt else transcoders)(m, all_tokens, args.width)
+    files = out / ("clt" if args.clt else "transcoders")
+    tcs.to_circuit_tracer(files)
     if len(all_tokens) < max(args.tokens, *map(int, args.lengths.split(","))):
         raise SystemExit(f"the bench prompt has {len(all_tokens)} tokens; ask for fewer")
     tokens = all_tokens[: args.tokens]
@@ -97,7 +112,7 @@ def main(argv=None):
     note = ""
     if ct.exists():
         proc = subprocess.run([str(ct), str(ROOT / "tests/_circuit_tracer_peer.py"), "--model",
-                               str(resolve("smollm2-135m-instruct")), "--transcoders", str(out / "transcoders"),
+                               str(resolve("smollm2-135m-instruct")), "--transcoders", str(files),
                                "--tokens", json.dumps([int(t) for t in tokens]), "--out", str(out / "peer.npz"),
                                "--batch-size", "256"], capture_output=True, text=True,
                               env={**os.environ, "CT_THREADS": str(os.cpu_count())})
@@ -112,7 +127,8 @@ def main(argv=None):
                 f"max |A| = {diff:.2e}")
     else:
         note = f"circuit-tracer venv not found at {ct} (./run peers builds it): peer skipped"
-    print(f"\nSmolLM2-135M, {len(tokens)} tokens, ReLU transcoders width {args.width} on all {m.cfg.n_layers} layers")
+    kind = "a ReLU cross-layer transcoder" if args.clt else "ReLU transcoders"
+    print(f"\nSmolLM2-135M, {len(tokens)} tokens, {kind} of width {args.width} on all {m.cfg.n_layers} layers")
     print(table(["graph", "feature nodes", "wall s", "compile s", "peak RSS GiB"], rows))
     print(note)
 

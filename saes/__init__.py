@@ -13,10 +13,12 @@ and CLI, over `train_config`, `optim`, `train_state` (state, sharding), `train_s
 `evaluate` (splicing, CE loss recovered), `formats`, `features` (top contexts, frequencies, two-set
 contrasts, logit effects, steering), `detox` (feature ablation and gated decoder steering), `synthetic`
 (planted dictionaries), `report`, `transcoders` (SAEs with a target site: per-layer sets, every MLP
-replaced, circuit-tracer's format) and `attribution` (attribution graphs through the local replacement model).
+replaced, circuit-tracer's format), `cross_layer` (cross-layer transcoders: one dictionary whose layer-l
+features write into every MLP output from l on), `attribution` (attribution graphs through the local
+replacement model) and `feature_effects` (interventions on features, the graphs' check).
 """
 
-from saes import attribution, data, detox, evaluate, features, formats, sae, synthetic, transcoders
+from saes import attribution, cross_layer, data, detox, evaluate, features, formats, sae, synthetic, transcoders
 from saes.data import (ArraySource, CachedSource, ModelSource, TokenRows, cache_activations, default_corpus,
                        mix_corpora)
 from saes.detox import DecoderSteer, FeatureAblation, fires_anywhere
@@ -38,7 +40,7 @@ def __getattr__(name):  # saes.train is imported on first use, so `python -m sae
     raise AttributeError(f"module 'saes' has no attribute {name!r}")
 
 __all__ = [
-    "ARCHS", "ArraySource", "attribution", "transcoders", "BatchTopKSAE", "CachedSource", "DecoderSteer", "FeatureAblation", "FeatureContrast",
+    "ARCHS", "ArraySource", "attribution", "cross_layer", "transcoders", "BatchTopKSAE", "CachedSource", "DecoderSteer", "FeatureAblation", "FeatureContrast",
     "GatedSAE", "JumpReLUSAE", "ModelSource", "ReLUSAE", "SAE", "Splice", "TokenRows", "TopKSAE", "TrainConfig",
     "TrainResult", "TrainingDiverged", "cache_activations", "ce_metrics", "contrast", "data", "default_corpus",
     "detox", "evaluate", "feature_frequencies", "features", "fires_anywhere", "formats", "mix_corpora",

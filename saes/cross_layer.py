@@ -62,9 +62,11 @@ class CrossLayerTranscoder(eqx.Module):
     bandwidth: float = eqx.field(static=True, default=0.05)
 
     buffers: ClassVar[tuple[str, ...]] = ("act_scale",)
+    # logical axes (`models.sharding.RULES`): split along features; W_dec's target-layer axis is unnamed (a logical
+    # name may occur once per array, and layers are replicated anyway)
     axes: ClassVar[dict[str, tuple[str, ...]]] = {
         "W_enc": ("layers", "embed", "features"), "b_enc": ("layers", "features"),
-        "W_dec": ("layers", "features", "layers", "embed"), "b_dec": ("layers", "embed"), "act_scale": ("layers", None),
+        "W_dec": ("layers", "features", None, "embed"), "b_dec": ("layers", "embed"), "act_scale": ("layers", None),
         "threshold": ("layers", "features"),
     }
 

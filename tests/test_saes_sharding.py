@@ -127,3 +127,50 @@ def test_square_dictionary_is_sharded_by_declared_axes(tmp_path):
             if name in shards:
                 assert shards[name] == ([] if arch == "batchtopk" else [8]), (arch, name, shards)
         assert r["weight_err"] < 1e-5, (arch, r)
+
+
+CLT_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    jax.config.update("jax_num_cpu_devices", 8)
+    import jax.numpy as jnp
+    import numpy as np
+    import saes
+    from saes.train import TrainConfig
+    tmp = sys.argv[1]
+    names = ("L0.ln2.normalized", "L1.ln2.normalized", "L0.mlp_out", "L1.mlp_out")
+
+    def make(i):
+        x = jax.random.normal(jax.random.fold_in(jax.random.key(1), i), (4, 1024, 16))
+        return dict(zip(names, (x[0], x[1], jax.nn.relu(x[0]) @ jnp.eye(16)[::-1], jax.nn.relu(x[0] + x[1]))))
+
+    src = saes.data.ArraySource(make, names, {h: 16 for h in names})
+    report = {}
+    for arch in ("topk", "jumprelu"):
+        base = dict(site=("ln2.normalized",), target="mlp_out", layers=(0, 1), cross_layer=True, arch=arch, width=32,
+                    k=3, tokens=256 * 6, batch_size=256, chunk_tokens=1024, lr=2e-3, lr_warmup_steps=2,
+                    progress=False, eval_every=0, checkpoint_every=1000)
+        one = saes.fit(TrainConfig(out=f"{tmp}/{arch}-1", data_parallel=1, feature_parallel=1, **base), source=src)
+        run = saes.fit(TrainConfig(out=f"{tmp}/{arch}-8", data_parallel=2, feature_parallel=4, **base), source=src)
+        a, b = one.saes["clt"], run.saes["clt"]
+        fields = [n for n in type(b).axes if getattr(b, n) is not None]
+        report[arch] = dict(
+            shards={n: list(getattr(b, n).addressable_shards[0].data.shape) for n in fields},
+            freq_shard=list(run.state.freq["clt"].addressable_shards[0].data.shape),
+            weight_err=max(float(np.abs(np.asarray(getattr(a, n)) - np.asarray(getattr(b, n))).max()) for n in fields))
+    print("REPORT" + json.dumps(report))
+""")
+
+
+def test_cross_layer_transcoder_is_sharded_over_features(tmp_path):
+    """A CLT on the (data, model) mesh: every array split along its features axis (declared logical axes: the
+    two layer axes replicated), per-latent statistics `[L, W]` too, and 6 steps equal one device's."""
+    proc = subprocess.run([sys.executable, "-c", CLT_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          timeout=600, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    report = json.loads(proc.stdout.split("REPORT", 1)[1])
+    for arch, r in report.items():
+        s = r["shards"]
+        assert s["W_enc"] == [2, 16, 8] and s["W_dec"] == [2, 8, 2, 16] and s["b_enc"] == [2, 8], (arch, s)
+        assert s["b_dec"] == [2, 16] and s["act_scale"] == [2, 1] and r["freq_shard"] == [2, 8], (arch, r)
+        assert r["weight_err"] < 1e-5, (arch, r)
