@@ -19,6 +19,10 @@ targets; a chunk (targets sorted by layer) runs down from its deepest target's l
 its positions need, contracting each layer's gradient with that layer's sources; chunks are `lax.map`ped.
 `max_feature_nodes` keeps only the features of most influence (a partial graph, as circuit-tracer's).
 
+A cross-layer transcoder (`saes.cross_layer`) is taken as a set is: its features write into the MLP outputs of
+their layer and every later one, each write a source of that layer's contraction, and a feature's edge is the
+sum over its writes.
+
 Nodes are ordered as circuit-tracer orders them: active features (by layer, position, feature), error nodes
 `[layer, position]`, token nodes `[position]`, logit nodes; the first `skip_first` positions (the BOS sink)
 have no feature or error nodes. A skip transcoder's linear path (`W_skip`) stays live in the frozen model

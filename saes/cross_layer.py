@@ -35,7 +35,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from models.errors import InputError
 from models.sites import SITES, Hook
-from saes.sae import _scatter, jumprelu, step
+from saes.sae import _scatter, jumprelu, sparse_decode, step
 
 __all__ = ["ARCHS", "CrossLayerTranscoder", "from_circuit_tracer", "init", "load", "random_clt", "replaced_run", "save"]
 
@@ -164,6 +164,8 @@ class CrossLayerTranscoder(eqx.Module):
         """`(loss, aux)` on normalised inputs and targets `[B, L, D]`: the squared error summed over layers and
         the model dimension (mean over the batch) plus the sparsity term. `aux["l0"]` is per layer (the mean
         over layers of the features active per token); `fires [L, W]`."""
+        if self.arch == "topk" and self.width >= 24 * self.k:
+            return self._topk_loss(xn, yn)
         pre = self.pre_acts(xn)
         f = self.activate(pre)
         y_hat = self.decode_normalised(f)
@@ -178,6 +180,26 @@ class CrossLayerTranscoder(eqx.Module):
         aux = dict(recon=recon, sparsity=sparsity, auxk=0.0, fires=active.sum(0, dtype=jnp.int32),
                    l0=active.sum(-1).mean(), x_hat=y_hat)
         return recon + coeff * sparsity, aux
+
+    def _topk_loss(self, xn, yn):
+        """TopK with a wide dictionary (W >= 24 k) decodes only the k active features of each (token, layer):
+        each is one row of the decoder seen as a table `[L * W, L * D]` (`saes.sae.sparse_decode`), k*L rows per
+        token instead of the dense `[L, W] x [L, W, L, D]` contraction. Measured on SmolLM2's shape (L = 30,
+        D = 576, k = 8, 2-core CPU, loss and gradient): W = 1024, 256 tokens: 2.5 s vs 20.5 s dense; W = 128,
+        1024 tokens: 5.4 s vs 3.9 s (the rows are L*D wide: memory traffic, not FLOPs, decides). Entries below
+        the source layer are zero (`constrain` keeps them so after every step), so the table needs no mask."""
+        B, L, W, D = xn.shape[0], self.n_layers, self.width, self.d_in
+        vals, idx = jax.lax.top_k(self.pre_acts(xn), self.k)  # [B, L, k]
+        vals = jax.nn.relu(vals)
+        cols = (jnp.arange(L)[:, None] * W + idx).reshape(B, L * self.k).T  # [L*k, B]: slot j, token b
+        y_hat = sparse_decode(self.W_dec.reshape(L * W, L * D), vals.reshape(B, L * self.k).T, cols, None,
+                              B).reshape(B, L, D) + self.b_dec
+        recon = jnp.mean(jnp.sum(jnp.square(yn - y_hat), (-2, -1)))
+        on = vals > 0
+        fires = jnp.zeros((L * W,), jnp.int32).at[cols.T.reshape(-1)].add(on.reshape(-1).astype(jnp.int32))
+        aux = dict(recon=recon, sparsity=0.0, auxk=0.0, fires=fires.reshape(L, W), l0=on.sum((-2, -1)).mean() / L,
+                   x_hat=y_hat)
+        return recon, aux
 
     def project_decoder_grad(self, grad_W_dec):
         return grad_W_dec

@@ -15,6 +15,9 @@ in two models (Ameisen et al. 2025, "Validating with interventions"):
     pre, logits = fx.real(edits)
     report = check_edges(graph, fx, n_edges=40)              # predicted vs measured on the top edges
 
+With a cross-layer transcoder (`saes.cross_layer`) the local model runs layer by layer with each layer's writes
+carried forward, and the real-model edit adds the feature's decoder vectors into its layer and every later one.
+
 `FeatureEdits` are arrays, so a batch of edits is `jax.vmap` (what `ablate_each` and `check_edges` do). Holding
 norm scales by value needs their inputs as sites: the local model supports pre-norm transformers without post or
 QK norms (Llama, SmolLM2, Qwen2, Mistral, GPT-2); the real-model path supports every architecture.

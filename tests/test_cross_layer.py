@@ -5,6 +5,7 @@ the SAE trainer learns writes a per-layer transcoder can not make; our format an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import equinox as eqx
@@ -198,3 +199,31 @@ def test_real_model_edit_writes_the_decoder_into_every_later_layer():
     np.testing.assert_allclose(pre, jnp.swapaxes(clt.pre_acts(x * clt.act_scale), 0, 1), atol=1e-5)
     r = check_edges(g, fx, n_edges=25)
     assert r["spearman_total_local"] > 0.8, r["spearman_total_local"]
+
+
+def test_topk_training_loss_equals_the_dense_formulation():
+    """TopK's training loss decodes the active rows only (`sparse_decode`); its value and gradients equal the
+    dense contraction through the causal mask."""
+    cfg = tiny_config("llama")
+    clt = dataclasses.replace(_clt(cfg, "topk"), k=1)  # width 40 >= 24 k: the sparse path
+    xn, yn = jax.random.normal(jax.random.key(3), (2, 64, cfg.n_layers, cfg.d_model))
+
+    def dense(c):
+        y_hat = c.decode_normalised(c.activate(c.pre_acts(xn)))
+        return jnp.mean(jnp.sum(jnp.square(yn - y_hat), (-2, -1)))
+
+    sparse = lambda c: c.loss(xn, 0.0, None, yn=yn)[0]  # noqa: E731
+    params, static = eqx.partition(clt, eqx.is_inexact_array)
+    join = lambda p: eqx.combine(p, static)  # noqa: E731
+    np.testing.assert_allclose(sparse(clt), dense(clt), rtol=1e-5)
+    g_sparse = jax.grad(lambda p: sparse(join(p)))(params)
+    g_dense = jax.grad(lambda p: dense(join(p)))(params)
+    causal = clt.causal()[:, None, :, None]
+    for name in ("W_enc", "b_enc", "b_dec"):
+        np.testing.assert_allclose(getattr(g_sparse, name), getattr(g_dense, name), rtol=1e-4, atol=1e-5)
+    # below the source layer the sparse gradient is not masked: `constrain` zeroes those entries after each step
+    np.testing.assert_allclose(g_sparse.W_dec * causal, g_dense.W_dec, rtol=1e-4, atol=1e-5)
+    aux = clt.loss(xn, 0.0, None, yn=yn)[1]
+    f = clt.activate(clt.pre_acts(xn))
+    np.testing.assert_array_equal(aux["fires"], (f > 0).sum(0))
+    np.testing.assert_allclose(aux["l0"], (f > 0).sum(-1).mean(), rtol=1e-6)
