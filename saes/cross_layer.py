@@ -245,8 +245,22 @@ class CrossLayerTranscoder(eqx.Module):
         layer's features), plus `error [L, B, T, D]` when given (the real output minus the prediction: with it
         the model is reproduced exactly). `keep_first`: the first position keeps its real MLP output (CLTs
         are not trained on it). `edits` (`saes.feature_effects.FeatureEdits`) set features' activations."""
-        self.check(model.cfg)
-        return _replaced_logits(model, self, jnp.asarray(tokens), error, keep_first, edits)
+        from models.checks import check_tokens
+
+        cfg = model.cfg
+        self.check(cfg)
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2 or tokens.size == 0 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise InputError(f"replaced_logits: tokens must be integer ids [B, T], got shape {tokens.shape} dtype {tokens.dtype}")
+        check_tokens(tokens, cfg.vocab_size)
+        if tokens.shape[1] > cfg.n_ctx:
+            raise InputError(f"replaced_logits: {tokens.shape[1]} positions, more than the model's context of {cfg.n_ctx}")
+        want = (self.n_layers, *tokens.shape, self.d_in)
+        if error is not None and tuple(jnp.shape(error)) != want:
+            raise InputError(f"replaced_logits: error has shape {tuple(jnp.shape(error))}, expected [L, B, T, D] = {want}")
+        if edits is not None:
+            edits.check(self.n_layers, tokens.shape[1], self.width, int(keep_first))
+        return _replaced_logits(model, self, tokens, error, keep_first, edits)
 
     def ce_metrics(self, model, tokens, mask=None) -> dict[str, float]:
         """Next-token CE clean, with every MLP replaced (`replaced_logits`), and with every MLP zero-ablated;

@@ -113,6 +113,13 @@ def test_formats_round_trip(tmp_path):
         assert np.asarray(ct.act_scale).tolist() == [[1.0]] * cfg.n_layers  # folded
     with pytest.raises(InputError, match="layers"):
         cross_layer.load(tmp_path / "relu", tiny_config("llama", n_layers=2))
+    m = random_model(cfg, jax.random.key(0))
+    from saes.feature_effects import FeatureEdits
+    for bad, kw, match in ((TOKENS[None] + 1000, {}, "vocabulary"), (TOKENS, {}, r"\[B, T\]"),
+                           (TOKENS[None], dict(error=jnp.zeros((1, 1, 20, 32))), "error has shape"),
+                           (TOKENS[None], dict(edits=FeatureEdits.of([(0, 25, 1, 0.0)])), "pos")):
+        with pytest.raises(InputError, match=match):
+            clt.replaced_logits(m, bad, **kw)
     (tmp_path / "relu" / "clt.safetensors").write_bytes(b"\0" * 10)
     with pytest.raises(InputError, match="truncated or corrupt"):
         cross_layer.load(tmp_path / "relu")
