@@ -142,6 +142,11 @@ class SAE(eqx.Module):
         return self.W_enc.shape[1]
 
     @property
+    def latent_shape(self) -> tuple[int]:
+        """The shape of per-latent statistics (`[width]`; a cross-layer transcoder's: `[L, width]`)."""
+        return (self.width,)
+
+    @property
     def hook(self) -> str:
         return hook_name(self.site, self.layer)
 

@@ -59,29 +59,32 @@ def trainable(saes: dict[str, Dictionary]) -> dict[str, Dictionary]:
 def fresh_state(cfg: TrainConfig, hooks: dict[str, tuple[str, int | None, int]], key) -> TrainState:
     """A state with freshly initialised SAEs (act_scale 1, b_dec 0) for `{hook: (site, layer, d_in)}`; with
     `cfg.cross_layer`, one CLT over those hooks (every layer of one site)."""
-    saes = {}
     if cfg.cross_layer:
-        (site, _, d_in), = {(s, None, d) for s, _, d in hooks.values()}
-        layers = sorted(layer for _, layer, _ in hooks.values())
-        if layers != list(range(len(hooks))):
-            raise InputError(f"a cross-layer transcoder reads every layer 0..n-1 of its site; the hooks have layers {layers}")
-        clt = cross_layer.init(cfg.arch, len(hooks), d_in, cfg.width, key, site=site, target=cfg.target, k=cfg.k,
-                               bandwidth=cfg.bandwidth, threshold=cfg.threshold_init, decoder_norm=cfg.decoder_init_norm)
-        saes[clt.hook] = clt
-    for i, (hook, (site, layer, d_in)) in enumerate(sorted(hooks.items()) if not cfg.cross_layer else ()):
-        saes[hook] = sae_lib.init(cfg.arch, d_in, cfg.width, jax.random.fold_in(key, i), site=site,
-                                  layer=layer, k=cfg.k, bandwidth=cfg.bandwidth,
-                                  threshold=cfg.threshold_init, decoder_norm=cfg.decoder_init_norm,
-                                  target=cfg.target, skip=cfg.skip)
+        saes = {"clt": _fresh_clt(cfg, hooks, key)}
+    else:
+        saes = {hook: sae_lib.init(cfg.arch, d_in, cfg.width, jax.random.fold_in(key, i), site=site, layer=layer,
+                                   k=cfg.k, bandwidth=cfg.bandwidth, threshold=cfg.threshold_init,
+                                   decoder_norm=cfg.decoder_init_norm, target=cfg.target, skip=cfg.skip)
+                for i, (hook, (site, layer, d_in)) in enumerate(sorted(hooks.items()))}
     opt = make_optimizer(cfg)
     params = eqx.filter(saes, trainable(saes))
-    shape = lambda s: getattr(s, "latent_shape", (cfg.width,))  # noqa: E731
     return TrainState(
         saes=saes, opt_state=opt.init(params),
-        since_fired={h: jnp.zeros(shape(s), jnp.int32) for h, s in saes.items()},
-        freq={h: jnp.zeros(shape(s), jnp.float32) for h, s in saes.items()},
+        since_fired={h: jnp.zeros(s.latent_shape, jnp.int32) for h, s in saes.items()},
+        freq={h: jnp.zeros(s.latent_shape, jnp.float32) for h, s in saes.items()},
         step=jnp.zeros((), jnp.int32), bad_step=jnp.full((), -1, jnp.int32),
     )
+
+
+def _fresh_clt(cfg: TrainConfig, hooks: dict[str, tuple[str, int | None, int]], key) -> CrossLayerTranscoder:
+    """One cross-layer transcoder over hooks that are every layer 0..n-1 of one site."""
+    sites = {(site, d_in) for site, _, d_in in hooks.values()}
+    layers = sorted(layer for _, layer, _ in hooks.values())
+    if len(sites) != 1 or layers != list(range(len(hooks))):
+        raise InputError(f"a cross-layer transcoder reads every layer 0..n-1 of one site; the hooks are {sorted(hooks)}")
+    (site, d_in), = sites
+    return cross_layer.init(cfg.arch, len(hooks), d_in, cfg.width, key, site=site, target=cfg.target, k=cfg.k,
+                            bandwidth=cfg.bandwidth, threshold=cfg.threshold_init, decoder_norm=cfg.decoder_init_norm)
 
 
 def geometric_median(x, iters: int = 30, eps: float = 1e-6):
@@ -139,7 +142,8 @@ def sae_specs(sae: Dictionary, mesh: Mesh) -> Dictionary:
 
 def state_specs(state: TrainState, mesh: Mesh | None) -> TrainState:
     """A TrainState of PartitionSpecs: the SAEs and every SAE-shaped part of the optimizer state by the
-    declared axes (`sae_specs`), the per-latent statistics as ("features",), everything else replicated."""
+    declared axes (`sae_specs`), the per-latent statistics as ("features",) (a CLT's `[L, W]`: ("layers", "features")),
+    everything else replicated."""
     if mesh is None:
         return jax.tree.map(lambda _: P(), state)
     by_axes = lambda x: sae_specs(x, mesh) if isinstance(x, Dictionary) else P()  # noqa: E731
