@@ -70,6 +70,13 @@ class CrossLayerTranscoder(eqx.Module):
         "threshold": ("layers", "features"),
     }
 
+    def __check_init__(self):
+        if self.arch not in ARCHS:
+            raise InputError(f"unknown cross-layer transcoder activation {self.arch!r}; known: {', '.join(ARCHS)}")
+        if (self.threshold is None) == (self.arch == "jumprelu"):
+            raise InputError(f"a {self.arch} cross-layer transcoder {'needs' if self.arch == 'jumprelu' else 'has no'} "
+                             "threshold")
+
     @property
     def n_layers(self) -> int:
         return self.W_enc.shape[0]
@@ -91,10 +98,6 @@ class CrossLayerTranscoder(eqx.Module):
     def hook(self) -> str:
         """Its key in a training run (and its directory under `saes/`): `clt`."""
         return "clt"
-
-    @property
-    def skip(self) -> bool:
-        return False
 
     def input_hooks(self) -> list[str]:
         return [Hook(self.site, layer).key for layer in range(self.n_layers)]
