@@ -12,6 +12,7 @@ layer, all in the same pass). This module holds what a set of per-layer transcod
     tcs = TranscoderSet.from_circuit_tracer("export/")
 
 Inputs and targets are normalised by the input's `act_scale` in training; `fold_scale` bakes it in for export.
+Cross-layer transcoders (one dictionary whose features write into every later layer) are `saes.cross_layer`.
 """
 
 from __future__ import annotations
