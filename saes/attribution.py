@@ -318,8 +318,9 @@ def attribute(model, transcoders: TranscoderSet | CrossLayerTranscoder, tokens, 
     N_all, N = S + L * T + T + K, n_sel + L * T + T + K
     order = np.lexsort((pos[owner], writes_to))  # the writes sorted by (target layer, position)
     src_vec, src_pos, slot = _source_groups(writes_to[order], pos[owner][order], dec[order].astype(np.float32), L, T)
-    src_index = np.full((S, 1 if not clt else L), src_vec.shape[0] * src_vec.shape[1] * src_vec.shape[2], np.int32)
-    src_index[owner[order], (writes_to - (layer[owner] if clt else writes_to))[order]] = slot
+    column = (writes_to - layer[owner])[order]  # a write's target layer above its feature's own (a set: 0)
+    src_index = np.full((S, int(column.max(initial=0)) + 1), src_vec[..., 0].size, np.int32)  # the fill: no slot
+    src_index[owner[order], column] = slot
     gib = (N * N + (n_sel + K) * N_all + src_vec.size) * 4 / 2**30
     if gib > max_gib:
         raise InputError(f"attribute: {S} active features ({n_sel} kept) make a graph of {N} nodes, whose dense "

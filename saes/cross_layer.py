@@ -35,7 +35,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from models.errors import InputError
 from models.sites import SITES, Hook
-from saes.sae import _scatter, jumprelu, sparse_decode, step
+from saes.sae import _scatter, jumprelu, sparse_decode, step, trainable_arrays
 
 __all__ = ["ARCHS", "CrossLayerTranscoder", "from_circuit_tracer", "init", "load", "random_clt", "replaced_run", "save"]
 
@@ -139,8 +139,12 @@ class CrossLayerTranscoder(eqx.Module):
         """Feature activations of every layer's raw input."""
         return self.activate(self.pre_acts(x * self.act_scale))
 
+    def causal_W_dec(self) -> Float[Array, "L W L D"]:
+        """`W_dec` with the entries below each source layer zeroed (writes go forward only)."""
+        return self.W_dec * self.causal()[:, None, :, None]
+
     def decode_normalised(self, f: Float[Array, "... L W"]) -> Float[Array, "... L D"]:
-        return jnp.einsum("...sw,swtd->...td", f, self.W_dec * self.causal()[:, None, :, None]) + self.b_dec
+        return jnp.einsum("...sw,swtd->...td", f, self.causal_W_dec()) + self.b_dec
 
     def decode(self, f: Float[ArrayLike, "... L W"]) -> Float[Array, "... L D"]:
         """Every layer's predicted target (raw scale): layer t's sums the features of layers <= t."""
@@ -156,8 +160,7 @@ class CrossLayerTranscoder(eqx.Module):
 
     # -- training (the protocol of `saes.sae.SAE` that `saes.train_step` uses)
     def trainable(self):
-        return jax.tree_util.tree_map_with_path(
-            lambda path, leaf: eqx.is_array(leaf) and path[0].name not in self.buffers, self)
+        return trainable_arrays(self)
 
     def decoder_norms(self) -> Float[Array, "L W"]:
         """Each feature's decoder norm over all the layers it writes to."""
@@ -209,7 +212,7 @@ class CrossLayerTranscoder(eqx.Module):
 
     def constrain(self) -> "CrossLayerTranscoder":
         """Decoder entries below their source layer stay zero; JumpReLU thresholds stay positive."""
-        out = eqx.tree_at(lambda m: m.W_dec, self, self.W_dec * self.causal()[:, None, :, None])
+        out = eqx.tree_at(lambda m: m.W_dec, self, self.causal_W_dec())
         if self.arch == "jumprelu":
             out = eqx.tree_at(lambda m: m.threshold, out, jnp.maximum(out.threshold, 1e-6))
         return out
@@ -445,7 +448,7 @@ def _build(where, info: dict, arrays: dict) -> CrossLayerTranscoder:
     clt = CrossLayerTranscoder(W_enc=a["W_enc"], b_enc=a["b_enc"], W_dec=a["W_dec"], b_dec=a["b_dec"],
                                act_scale=a["act_scale"], threshold=a.get("threshold"), arch=arch, site=site,
                                target=target, k=int(k), bandwidth=float(info.get("bandwidth", 0.05)))
-    return eqx.tree_at(lambda c: c.W_dec, clt, clt.W_dec * clt.causal()[:, None, :, None])  # writes go forward only
+    return eqx.tree_at(lambda c: c.W_dec, clt, clt.causal_W_dec())
 
 
 def save(clt: CrossLayerTranscoder, path: str | Path, meta: dict | None = None) -> Path:

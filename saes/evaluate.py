@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from interp.interventions import Intervention, StackedWhere, at
 from saes.sae import SAE
 
-__all__ = ["Splice", "ce_metrics", "next_token_ce", "reconstruction_metrics"]
+__all__ = ["Splice", "ce_and_kl", "ce_metrics", "next_token_ce", "reconstruction_metrics"]
 
 
 def _real(ctx):
@@ -77,6 +77,12 @@ def _ce_one(model, tokens, mask, interventions, clean_logp):
     from models.model import forward
 
     logits, _ = forward(model, tokens, attention_mask=mask, interventions=interventions)
+    return ce_and_kl(logits, tokens, mask, clean_logp)
+
+
+def ce_and_kl(logits, tokens, mask, clean_logp):
+    """Mean next-token CE of `logits [B, T, V]` and mean KL(clean || them) from the clean log-probabilities,
+    over the positions `next_token_ce` counts."""
     ce, valid, logp = next_token_ce(logits, tokens, mask)
     n = jnp.maximum(valid.sum(), 1)
     kl = jnp.sum(jnp.exp(clean_logp) * (clean_logp - logp), -1)

@@ -44,7 +44,7 @@ from models.sites import SITES, Hook
 
 __all__ = [
     "ARCHS", "SAE", "BatchTopKSAE", "GatedSAE", "JumpReLUSAE", "ReLUSAE", "TopKSAE", "init", "jumprelu", "step",
-    "rectangle", "hook_name", "sparse_decode", "sparse_encode",
+    "rectangle", "hook_name", "sparse_decode", "sparse_encode", "trainable_arrays",
 ]
 
 
@@ -198,9 +198,7 @@ class SAE(eqx.Module):
     # -- training
     def trainable(self):
         """A pytree of bools like `self`: True on arrays the optimizer updates."""
-        return jax.tree_util.tree_map_with_path(
-            lambda path, leaf: eqx.is_array(leaf) and path[0].name not in self.buffers, self
-        )
+        return trainable_arrays(self)
 
     def loss(self, xn, coeff, dead, aux_coeff: float = 1 / 32, aux_k: int = 0, aux_batch: int = 0, yn=None):
         """`(loss, aux)` on a normalised batch `xn [B, d_in]`; `dead [width]` marks latents for AuxK, which
@@ -254,6 +252,13 @@ class SAE(eqx.Module):
         """Static, JSON-able description (architecture-specific keys added by subclasses)."""
         return dict(arch=self.arch, d_in=self.d_in, width=self.width, site=self.site, layer=self.layer,
                     target=self.target, skip=self.W_skip is not None)
+
+
+def trainable_arrays(module):
+    """A pytree of bools like `module` (an SAE or a cross-layer transcoder): True on its array fields that
+    are not among its `buffers` (what the optimizer updates)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: eqx.is_array(leaf) and path[0].name not in module.buffers, module)
 
 
 def _sq(err):

@@ -60,7 +60,8 @@ def fresh_state(cfg: TrainConfig, hooks: dict[str, tuple[str, int | None, int]],
     """A state with freshly initialised SAEs (act_scale 1, b_dec 0) for `{hook: (site, layer, d_in)}`; with
     `cfg.cross_layer`, one CLT over those hooks (every layer of one site)."""
     if cfg.cross_layer:
-        saes = {"clt": _fresh_clt(cfg, hooks, key)}
+        clt = _fresh_clt(cfg, hooks, key)
+        saes = {clt.hook: clt}
     else:
         saes = {hook: sae_lib.init(cfg.arch, d_in, cfg.width, jax.random.fold_in(key, i), site=site, layer=layer,
                                    k=cfg.k, bandwidth=cfg.bandwidth, threshold=cfg.threshold_init,

@@ -254,17 +254,14 @@ def replacement_ce(model, tokens, mask, replaced_logits, target: str = "mlp_out"
     """CE of `tokens [B, T]` clean, with `replaced_logits [B, T, V]` (a replacement model's), and with every
     layer's `target` zero-ablated (the first token keeps it); CE recovered, KL(clean || replaced), KL(clean || zero)."""
     from models.model import forward
-    from saes.evaluate import next_token_ce
+    from saes.evaluate import ce_and_kl, next_token_ce
 
     ce, valid, clean_logp = next_token_ce(forward(model, tokens, attention_mask=mask).logits, tokens, mask)
-    n = jnp.maximum(valid.sum(), 1)
     zero = forward(model, tokens, attention_mask=mask, interventions=(_ZeroAfterFirst(Where(), target),)).logits
-    out = {"ce_clean": float(jnp.sum(ce * valid) / n)}
+    out = {"ce_clean": float(jnp.sum(ce * valid) / jnp.maximum(valid.sum(), 1))}
     for name, logits in (("replaced", replaced_logits), ("zero", zero)):
-        ce_x, _, logp = next_token_ce(logits, tokens, mask)
-        kl = jnp.sum(jnp.exp(clean_logp) * (clean_logp - logp), -1)
-        out[f"ce_{name}"] = float(jnp.sum(ce_x * valid) / n)
-        out["kl" if name == "replaced" else "kl_zero"] = float(jnp.sum(kl * valid) / n)
+        ce_x, kl = ce_and_kl(logits, tokens, mask, clean_logp)
+        out[f"ce_{name}"], out["kl" if name == "replaced" else "kl_zero"] = float(ce_x), float(kl)
     denom = out["ce_zero"] - out["ce_clean"]
     out["ce_recovered"] = (out["ce_zero"] - out["ce_replaced"]) / denom if abs(denom) > 1e-9 else float("nan")
     return out
