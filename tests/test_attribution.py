@@ -91,6 +91,48 @@ def _frozen_by_value(m, tokens, W_skip=None):
     return run
 
 
+def check_edges_by_removal(m, g, run, W_enc, act_scale, write, sources) -> int:
+    """For each source node in `sources`, remove it in the value-frozen model `run` (`_frozen_by_value`) and
+    compare the change of every target (feature pre-activations `x . W_enc[l, :, f] * act_scale[l]`, demeaned
+    logits) with minus the graph's column: rtol 1e-4. `write(l, p, f, a) -> [L, T, D]` is a feature's
+    contribution to the MLP outputs. Returns how many sources had an effect above 1e-4."""
+    L, T, D = g.errors.shape
+    S, K = g.n_features, len(g.logit_tokens)
+    off = g.node_offsets()
+    zero_mlp, zero_emb = jnp.zeros((L, T, D)), jnp.zeros((T, D))
+    emb = models.forward(m, TOKENS[None], capture=("embed",)).acts["embed"][0]
+    W_U = m.params["unembed"]["W_U"] if "unembed" in m.params else m.params["embed"]["W_E"].T
+    logit_vec = W_U[:, g.logit_tokens].T - W_U.mean(1)
+    scale = jnp.reshape(act_scale, (L,))
+
+    def target_values(x, f):
+        """Every target's value: feature pre-activations (raw input . scaled encoder) and demeaned logits."""
+        lay, pos, feat = g.active_features.T
+        feats = jnp.sum(x[lay, pos] * W_enc[lay, :, feat] * scale[lay][:, None], -1)
+        return jnp.concatenate([feats, logit_vec @ f[T - 1]])
+
+    base = target_values(*run(zero_mlp, zero_emb))
+    rows = np.concatenate([np.arange(S), np.arange(off["logit"], off["logit"] + K)])
+    checked = 0
+    for s in sources:
+        d_mlp, d_emb = zero_mlp, zero_emb
+        if s < off["error"]:
+            l, p, f = (int(v) for v in g.active_features[s])
+            d_mlp = -write(l, p, f, g.activation_values[s])
+        elif s < off["token"]:
+            l, p = divmod(int(s - off["error"]), T)
+            d_mlp = d_mlp.at[l, p].set(-jnp.asarray(g.errors[l, p]))
+        else:
+            p = int(s - off["token"])
+            d_emb = d_emb.at[p].set(-emb[p])
+        change = np.asarray(target_values(*run(d_mlp, d_emb)) - base)
+        predicted = -g.adjacency[rows, s]
+        tol = max(np.abs(predicted).max(), 1e-3)
+        np.testing.assert_allclose(change, predicted, atol=1e-5 * tol + 1e-6, rtol=1e-4)
+        checked += int(np.abs(predicted).max() > 1e-4)
+    return checked
+
+
 @pytest.mark.parametrize("arch,tc_arch,skip", [("llama", "relu", False), ("gpt2", "jumprelu", False),
                                                ("llama", "topk", False), ("gpt2", "relu", True)])
 def test_edges_equal_removing_the_source_in_the_value_frozen_model(arch, tc_arch, skip):
@@ -106,44 +148,15 @@ def test_edges_equal_removing_the_source_in_the_value_frozen_model(arch, tc_arch
     off = g.node_offsets()
     assert S > 30 and g.adjacency.shape == (S + L * T + T + K,) * 2
     run = _frozen_by_value(m, jnp.asarray(TOKENS), tcs.stacked.W_skip)
-    zero_mlp, zero_emb = jnp.zeros((L, T, D)), jnp.zeros((T, D))
-    base_x, base_f = run(zero_mlp, zero_emb)
     stacked = tcs.stacked
-    emb = models.forward(m, TOKENS[None], capture=("embed",)).acts["embed"][0]
-    W_U = m.params["unembed"]["W_U"] if "unembed" in m.params else m.params["embed"]["W_E"].T
-    logit_vec = W_U[:, g.logit_tokens].T - W_U.mean(1)
-
-    def target_values(x, f):
-        """Every target's value: feature pre-activations (raw input . scaled encoder) and demeaned logits."""
-        lay, pos, feat = g.active_features.T
-        enc = stacked.W_enc[lay, :, feat] * stacked.act_scale[lay][:, None]
-        feats = jnp.sum(x[lay, pos] * enc, -1)
-        return jnp.concatenate([feats, logit_vec @ f[T - 1]])
-
-    base = target_values(base_x, base_f)
-    rows = np.concatenate([np.arange(S), np.arange(off["logit"], off["logit"] + K)])
     rng = np.random.default_rng(0)
-    feature_sources = rng.choice(S, 12, replace=False)
-    error_sources = off["error"] + rng.choice(L * T, 6, replace=False)
-    token_sources = off["token"] + np.arange(T)
-    checked = 0
-    for s in np.concatenate([feature_sources, error_sources, token_sources]):
-        d_mlp, d_emb = zero_mlp, zero_emb
-        if s < off["error"]:
-            l, p, f = g.active_features[s]
-            vec = stacked.W_dec[l, f] * g.activation_values[s] / stacked.act_scale[l]
-            d_mlp = d_mlp.at[l, p].set(-vec)
-        elif s < off["token"]:
-            l, p = divmod(int(s - off["error"]), T)
-            d_mlp = d_mlp.at[l, p].set(-jnp.asarray(g.errors[l, p]))
-        else:
-            p = int(s - off["token"])
-            d_emb = d_emb.at[p].set(-emb[p])
-        change = np.asarray(target_values(*run(d_mlp, d_emb)) - base)
-        predicted = -g.adjacency[rows, s]
-        scale = max(np.abs(predicted).max(), 1e-3)
-        np.testing.assert_allclose(change, predicted, atol=1e-5 * scale + 1e-6, rtol=1e-4)
-        checked += int(np.abs(predicted).max() > 1e-4)
+    sources = np.concatenate([rng.choice(S, 12, replace=False), off["error"] + rng.choice(L * T, 6, replace=False),
+                              off["token"] + np.arange(T)])
+
+    def write(l, p, f, a):  # a per-layer transcoder's feature writes into its own layer
+        return jnp.zeros((L, T, D)).at[l, p].set(stacked.W_dec[l, f] * a / stacked.act_scale[l])
+
+    checked = check_edges_by_removal(m, g, run, stacked.W_enc, stacked.act_scale, write, sources)
     assert checked >= 15  # most removed sources have effects: the comparison is not of zeros
 
 

@@ -21,7 +21,7 @@ from models.errors import InputError
 from saes import cross_layer
 from saes.attribution import attribute
 from saes.cross_layer import random_clt
-from test_attribution import TOKENS, _frozen_by_value
+from test_attribution import TOKENS, _frozen_by_value, check_edges_by_removal
 
 
 def _clt(cfg, arch="relu", **kw):
@@ -56,41 +56,15 @@ def test_edges_equal_removing_the_source_in_the_value_frozen_model(arch, clt_arc
     off = g.node_offsets()
     assert S > 30 and g.adjacency.shape == (S + L * T + T + K,) * 2
     run = _frozen_by_value(m, jnp.asarray(TOKENS))
-    zero_mlp, zero_emb = jnp.zeros((L, T, D)), jnp.zeros((T, D))
-    base_x, base_f = run(zero_mlp, zero_emb)
-    emb = models.forward(m, TOKENS[None], capture=("embed",)).acts["embed"][0]
-    W_U = m.params["unembed"]["W_U"] if "unembed" in m.params else m.params["embed"]["W_E"].T
-    logit_vec = W_U[:, g.logit_tokens].T - W_U.mean(1)
-    scale = clt.act_scale[:, 0]
-
-    def target_values(x, f):
-        lay, pos, feat = g.active_features.T
-        feats = jnp.sum(x[lay, pos] * clt.W_enc[lay, :, feat] * scale[lay][:, None], -1)
-        return jnp.concatenate([feats, logit_vec @ f[T - 1]])
-
-    base = target_values(base_x, base_f)
-    rows = np.concatenate([np.arange(S), np.arange(off["logit"], off["logit"] + K)])
     rng = np.random.default_rng(0)
     early = np.nonzero(g.active_features[:, 0] < L - 1)[0]  # features that write to later layers too
     sources = np.concatenate([rng.choice(early, 10, replace=False), rng.choice(S, 4, replace=False),
                               off["error"] + rng.choice(L * T, 4, replace=False), off["token"] + np.arange(0, T, 3)])
-    checked = 0
-    for s in sources:
-        d_mlp, d_emb = zero_mlp, zero_emb
-        if s < off["error"]:
-            l, p, f = g.active_features[s]
-            d_mlp = d_mlp.at[:, p].set(-clt.decoder_vectors(int(l), int(f)) * g.activation_values[s])
-        elif s < off["token"]:
-            l, p = divmod(int(s - off["error"]), T)
-            d_mlp = d_mlp.at[l, p].set(-jnp.asarray(g.errors[l, p]))
-        else:
-            p = int(s - off["token"])
-            d_emb = d_emb.at[p].set(-emb[p])
-        change = np.asarray(target_values(*run(d_mlp, d_emb)) - base)
-        predicted = -g.adjacency[rows, s]
-        tol = max(np.abs(predicted).max(), 1e-3)
-        np.testing.assert_allclose(change, predicted, atol=1e-5 * tol + 1e-6, rtol=1e-4)
-        checked += int(np.abs(predicted).max() > 1e-4)
+
+    def write(l, p, f, a):  # a CLT feature writes into its layer and every later one
+        return jnp.zeros((L, T, D)).at[:, p].set(clt.decoder_vectors(l, f) * a)
+
+    checked = check_edges_by_removal(m, g, run, clt.W_enc, clt.act_scale, write, sources)
     assert checked >= 15
 
 
@@ -180,6 +154,7 @@ def test_real_model_edit_writes_the_decoder_into_every_later_layer():
     """`FeatureEffects.real` with a CLT adds the feature's decoder vectors (times the change) at mlp_out of its
     layer and every later one; `check_edges` runs on a CLT graph."""
     from saes.feature_effects import FeatureEdits, FeatureEffects, check_edges
+    from test_feature_effects import AddPerLayer
 
     cfg = tiny_config("llama")
     m = random_model(cfg, jax.random.key(1))
@@ -193,14 +168,7 @@ def test_real_model_edit_writes_the_decoder_into_every_later_layer():
     delta = jnp.zeros((cfg.n_layers, 1, len(TOKENS), cfg.d_model)).at[:, 0, p].set(clt.decoder_vectors(l, f) * 2 * a)
     assert float(jnp.abs(delta[-1]).max()) > 0
 
-    class Add(eqx.Module):
-        delta: jax.Array
-        site: str = eqx.field(static=True, default="mlp_out")
-
-        def apply(self, value, ctx):
-            return value + self.delta[ctx.layer]
-
-    out = models.forward(m, TOKENS[None], capture=("ln2.normalized",), interventions=(Add(delta),))
+    out = models.forward(m, TOKENS[None], capture=("ln2.normalized",), interventions=(AddPerLayer(delta),))
     np.testing.assert_allclose(logits, out.logits[0, -1], atol=1e-5)
     x = jnp.swapaxes(out.acts["ln2.normalized"][:, 0], 0, 1)
     np.testing.assert_allclose(pre, jnp.swapaxes(clt.pre_acts(x * clt.act_scale), 0, 1), atol=1e-5)

@@ -22,6 +22,16 @@ from saes.transcoders import TranscoderSet, random_set
 TOKENS = np.array([1, 5, 9, 3, 7, 2, 11, 4])
 
 
+class AddPerLayer(eqx.Module):
+    """Adds `delta [L, B, T, D]` to each layer's `site` (a feature edit written by hand)."""
+
+    delta: jax.Array
+    site: str = eqx.field(static=True, default="mlp_out")
+
+    def apply(self, value, ctx):
+        return value + self.delta[ctx.layer]
+
+
 def _transcoders(cfg, arch="relu"):
     """Random transcoders with a positive encoder bias (many active features) and a non-unit input scale."""
     return random_set(cfg, arch, 40, seed=10, bias=0.05, act_scale=1.3)
@@ -99,14 +109,7 @@ def test_ablations_are_vmapped_edits_and_the_real_model_edit_is_a_decoder_vector
     vec = st.W_dec[l, f] * 2 * a / st.act_scale[l]
     delta = jnp.zeros((m.cfg.n_layers, 1, len(TOKENS), m.cfg.d_model)).at[l, 0, p].set(vec)
 
-    class Add(eqx.Module):
-        delta: jax.Array
-        site: str = eqx.field(static=True, default="mlp_out")
-
-        def apply(self, value, ctx):
-            return value + self.delta[ctx.layer]
-
-    out = models.forward(m, TOKENS[None], capture=("ln2.normalized",), interventions=(Add(delta),))
+    out = models.forward(m, TOKENS[None], capture=("ln2.normalized",), interventions=(AddPerLayer(delta),))
     np.testing.assert_allclose(logits, out.logits[0, -1], atol=1e-5)
     want = jax.vmap(lambda t, x: t.pre_acts(x * t.act_scale))(st, out.acts["ln2.normalized"][:, 0])
     np.testing.assert_allclose(pre, want, atol=1e-5)
