@@ -130,8 +130,16 @@ class CrossLayerTranscoder(eqx.Module):
         vals, idx = jax.lax.top_k(pre.reshape(-1, self.width), self.k)
         return _scatter(jax.nn.relu(vals), idx, self.width).reshape(*lead, self.width)
 
+    def _check_index(self, name: str, value, bound: int) -> None:
+        """InputError for concrete indices outside [0, bound) (traced ones cannot be checked here)."""
+        if not isinstance(value, jax.core.Tracer):
+            v = np.asarray(value)
+            if v.size and (v.min() < 0 or v.max() >= bound):
+                raise InputError(f"cross-layer transcoder: {name} {v.tolist()} outside [0, {bound})")
+
     def layer_encode(self, x: Float[ArrayLike, "... D"], layer) -> Float[Array, "... W"]:
         """Feature activations of one layer (`layer` may be traced) from its raw input."""
+        self._check_index("layer", layer, self.n_layers)
         pre = (jnp.asarray(x, jnp.float32) * self.act_scale[layer]) @ self.W_enc[layer] + self.b_enc[layer]
         return self._activate(pre, None if self.threshold is None else self.threshold[layer])
 
@@ -156,6 +164,8 @@ class CrossLayerTranscoder(eqx.Module):
     def decoder_vectors(self, layer, feature) -> Float[Array, "... L D"]:
         """Raw-scale decoder vectors of features (`layer`, `feature`: ints or `[n]` arrays) into every target
         layer (zero below the source layer)."""
+        self._check_index("layer", layer, self.n_layers)
+        self._check_index("feature", feature, self.width)
         return self.W_dec[layer, feature] * self.causal()[layer][..., None] / self.act_scale
 
     # -- training (the protocol of `saes.sae.SAE` that `saes.train_step` uses)

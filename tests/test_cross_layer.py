@@ -87,6 +87,12 @@ def test_formats_round_trip(tmp_path):
         assert np.asarray(ct.act_scale).tolist() == [[1.0]] * cfg.n_layers  # folded
     with pytest.raises(InputError, match="layers"):
         cross_layer.load(tmp_path / "relu", tiny_config("llama", n_layers=2))
+    with pytest.raises(InputError, match=r"layer 3 outside \[0, 3\)"):
+        clt.decoder_vectors(3, 0)
+    with pytest.raises(InputError, match=r"feature 40 outside \[0, 40\)"):
+        clt.decoder_vectors(0, 40)
+    with pytest.raises(InputError, match="layer"):
+        clt.layer_encode(jnp.zeros((2, cfg.d_model)), -1)
     m = random_model(cfg, jax.random.key(0))
     from saes.feature_effects import FeatureEdits
     for bad, kw, match in ((TOKENS[None] + 1000, {}, "vocabulary"), (TOKENS, {}, r"\[B, T\]"),
