@@ -58,6 +58,22 @@ def matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 10) -> flo
     return 2 * n**3 / t.median
 
 
+def allocator_flag(parser) -> None:
+    """`--glibc-default`: measure with glibc's allocator as it is, instead of `models.host_memory`'s recycling."""
+    parser.add_argument("--glibc-default", action="store_true",
+                        help="leave glibc's allocator as it is (default: models.host_memory.recycle_freed_memory, "
+                             "so large buffers are reused between calls instead of faulted in anew)")
+
+
+def set_allocator(args) -> str:
+    """Applies `--glibc-default` (before any JAX computation) and names the allocator for the report."""
+    from models import host_memory
+
+    if not args.glibc_default and host_memory.recycle_freed_memory():
+        return "host memory recycled (models.host_memory.recycle_freed_memory)"
+    return "glibc allocator as it is"
+
+
 def machine() -> str:
     """One line describing where the numbers were taken (load average included: other users add noise)."""
     import jax

@@ -1,6 +1,6 @@
 """Forward throughput of our JAX SmolLM2 against transformers and TransformerLens, on one batch of real text.
 
-    python -m bench.forward [--batch 8] [--seq 128] [--repeats 5] [--skip-peers]
+    python -m bench.forward [--batch 8] [--seq 128] [--repeats 5] [--skip-peers] [--glibc-default]
 
 On the same `batch`×`seq` tokens (a public-domain text, tiled and cut into rows that start at different
 offsets; mask all ones), median of `repeats` timed calls after warm-up, all in this process except (d):
@@ -20,6 +20,7 @@ and every layer's (the scan keeps only the chosen layers).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -38,7 +39,8 @@ import jax
 import numpy as np
 
 import models
-from bench._common import Timing, export_hf_dir, machine, matmul_peak, peer_python, table, time_median
+from models import host_memory
+from bench._common import Timing, allocator_flag, export_hf_dir, machine, matmul_peak, peer_python, set_allocator, table, time_median
 from bench._penzai import penzai_llama, worst_match
 
 MODEL = "smollm2-135m-instruct"
@@ -85,6 +87,11 @@ def first_touch_rate(mib_: int = 512) -> float:
     return (mib_ << 20) / time_median(lambda: jax.block_until_ready(fill()), 5).median
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def mib(tree) -> float:
     return sum(x.nbytes for x in jax.tree.leaves(tree)) / 2**20
 
@@ -121,7 +128,10 @@ def bench_peers(tokens, mask, repeats: int, resid_post: np.ndarray):
     yield "(c) transformers forward", timing, note, logits.numpy()
     yield from bench_penzai(hf, tokens, repeats, resid_post)
 
-    del hf  # (d) runs in its own process: leave it the memory
+    del hf  # (d) runs in its own process: leave it the memory (a recycling heap keeps freed pages until trimmed)
+    gc.collect()
+    host_memory.trim()
+    print(f"our process before (d): {_rss_mib():,.0f} MiB resident", flush=True)
     tl = peer_python("TL_PYTHON", ".venv-tl")
     if not tl.exists():
         yield "(d) TransformerLens run_with_cache", None, f"skipped: no TransformerLens environment at {tl}", None
@@ -163,9 +173,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-peers", action="store_true", help="only our forward and the roofline")
     ap.add_argument("--memory-seq", type=int, default=512, help="sequence length of the capture-memory table")
+    allocator_flag(ap)
     args = ap.parse_args()
     n_tok = args.batch * args.seq
-    print(machine())
+    allocator = set_allocator(args)
+    print(f"{machine()}; {allocator}")
 
     peaks = [matmul_peak()]  # again after our forwards: other users' load moves it; the higher one is the roofline
     m = models.load(MODEL)
@@ -195,8 +207,9 @@ def main():
         del logits, acts  # the 2 GB of (b) should not crowd the next measurements
     peaks.append(matmul_peak())
     peak = max(peaks)
-    print(f"fresh memory (first touch of newly allocated pages): {first_touch_rate() / 2**30:.2f} GiB/s: every call's "
-          "outputs land in new pages, so the captures' bytes alone cost their size at this rate")
+    if args.glibc_default:  # with recycling the fill below reuses its pages: no first touch to measure
+        print(f"fresh memory (first touch of newly allocated pages): {first_touch_rate() / 2**30:.2f} GiB/s: every "
+              "call's outputs land in new pages (the faults above), so the captures' bytes cost their size at this rate")
     capture_memory(m, args.batch, args.memory_seq)
     print("float32 2048³ matmul: " + " / ".join(f"{p / 1e9:.0f}" for p in peaks) + f" GFLOP/s (before / after ours)"
           f" ⇒ roofline {peak / fpt:,.0f} tok/s")

@@ -1,7 +1,7 @@
 """SAE training throughput: ours vs SAELens on the same cached activations, fraction of the float32 matmul
 peak, and the full pipeline (model forward + SAE step) on SmolLM2.
 
-    python -m bench.sae [--tokens 65536] [--steps 5] [--saelens-python PATH]
+    python -m bench.sae [--tokens 65536] [--steps 5] [--saelens-python PATH] [--glibc-default]
 
 1. Caches SmolLM2-135M-Instruct layer-15 `resid_post` activations of the default corpus (BOS excluded) to
    `runs/bench_sae/cache` with `saes.cache_activations` (reused when present).
@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench._common import machine, matmul_peak, peer_python, table, time_median
+from bench._common import allocator_flag, machine, matmul_peak, peer_python, set_allocator, table, time_median
 
 MODEL, LAYER, K, WIDTH, BATCH, LR = "smollm2-135m-instruct", 15, 32, 8192, 4096, 3e-4
 HOOK = f"L{LAYER}.resid_post"
@@ -165,10 +165,12 @@ def main(argv=None):
                    help="default: $SAELENS_PYTHON, else .venv-saelens (`./run peers`)")
     p.add_argument("--out", type=Path, default=Path("runs/bench_sae"))
     p.add_argument("--skip-pipeline", action="store_true")
+    allocator_flag(p)
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    print(machine())
+    allocator = set_allocator(args)
+    print(f"{machine()}; {allocator}")
     cache, cache_tps = build_cache(args.out / "cache", args.tokens)
     peak = matmul_peak(2048)
     timing, xla_flops, _ = ours(cache, args.steps)
@@ -178,7 +180,7 @@ def main(argv=None):
     peak_after = matmul_peak(2048)
     rows = [["ours (jitted step)", 1 / timing.median, BATCH / timing.median, flops / timing.median / 1e9,
              flops / timing.median / max(peak, peak_after), timing.spread]]
-    result = dict(machine=machine(), matmul_peak_gflops=[peak / 1e9, peak_after / 1e9], useful_gflop_per_step=flops / 1e9,
+    result = dict(machine=machine(), allocator=allocator, matmul_peak_gflops=[peak / 1e9, peak_after / 1e9], useful_gflop_per_step=flops / 1e9,
                   xla_gflop_per_step=xla_flops / 1e9, ours_step_s=timing.median, ours_steps=timing.times)
     if theirs:
         med = float(np.median(theirs["times"]))

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _return_freed_memory():
+    """After each test, give the memory it freed back to the system. glibc keeps freed blocks in its
+    per-thread arenas (XLA's threads use many): a worker that ran the SmolLM2 transcoder tests held 11.6 GB
+    of RSS, 3.5 GB of it live, and the next test's peak on top of that was killed by the OOM killer (24 GB,
+    two workers). `malloc_trim(0)` returns the free pages (measured: 5.1 -> 0.8 GB after that test alone)."""
+    yield
+    from models import host_memory
+
+    gc.collect()
+    host_memory.trim()
 
 
 def pytest_collection_modifyitems(items):
