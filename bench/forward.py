@@ -87,11 +87,6 @@ def first_touch_rate(mib_: int = 512) -> float:
     return (mib_ << 20) / time_median(lambda: jax.block_until_ready(fill()), 5).median
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def mib(tree) -> float:
     return sum(x.nbytes for x in jax.tree.leaves(tree)) / 2**20
 
@@ -131,7 +126,7 @@ def bench_peers(tokens, mask, repeats: int, resid_post: np.ndarray):
     del hf  # (d) runs in its own process: leave it the memory (a recycling heap keeps freed pages until trimmed)
     gc.collect()
     host_memory.trim()
-    print(f"our process before (d): {_rss_mib():,.0f} MiB resident", flush=True)
+    print(f"our process before (d): {host_memory.resident_bytes() / 2**20:,.0f} MiB resident", flush=True)
     tl = peer_python("TL_PYTHON", ".venv-tl")
     if not tl.exists():
         yield "(d) TransformerLens run_with_cache", None, f"skipped: no TransformerLens environment at {tl}", None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -43,6 +44,12 @@ def recycle_freed_memory() -> bool:
                            "already hold their own malloc arenas): call it first thing, after the imports")
     ok = [lib.mallopt(opt, value) for opt, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX))]
     return all(ok)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux `/proc/self/statm`), in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def trim() -> None:

@@ -17,12 +17,10 @@ def _return_freed_memory():
     of RSS, 3.5 GB of it live, and the next test's peak on top of that was killed by the OOM killer (24 GB,
     two workers). `malloc_trim(0)` returns the free pages (measured: 5.1 -> 0.8 GB after that test alone).
     Only above 3 GiB resident: trimming after every small test costs the next one its page faults again."""
-    yield
-    with open("/proc/self/statm") as f:
-        resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    if resident > 3 << 30:
-        from models import host_memory
+    from models import host_memory
 
+    yield
+    if host_memory.resident_bytes() > 3 << 30:
         gc.collect()
         host_memory.trim()
 
