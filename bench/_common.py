@@ -65,13 +65,14 @@ def allocator_flag(parser) -> None:
                              "so large buffers are reused between calls instead of faulted in anew)")
 
 
-def set_allocator(args) -> str:
-    """Applies `--glibc-default` (before any JAX computation) and names the allocator for the report."""
+def set_allocator(args) -> tuple[bool, str]:
+    """Applies `--glibc-default` (before any JAX computation): whether host memory is recycled, and the
+    allocator's name for the report."""
     from models import host_memory
 
     if not args.glibc_default and host_memory.recycle_freed_memory():
-        return "host memory recycled (models.host_memory.recycle_freed_memory)"
-    return "glibc allocator as it is"
+        return True, "host memory recycled (models.host_memory.recycle_freed_memory)"
+    return False, "glibc allocator as it is"
 
 
 def machine() -> str:

@@ -7,11 +7,12 @@
 Zero-ablates the heads listed in INPUTS (`heads` [N, 2]) one at a time with `TransformerBridge.run_with_hooks`
 on `tokens` [B, T], scoring mean(logit[correct] - logit[wrong]) at the last position; writes the effects and
 the wall-clock seconds of each hooked run. With `--cache`: times `run_with_cache` of every hook on `tokens`
-and `mask` (REPEATS timed calls after one warm-up), writes the seconds, the hook count, the cache's MiB and
-the logits (OUT with .npy).
+and `mask` (REPEATS timed calls after one warm-up), writes the seconds, the hook count, the cache's MiB, the page
+faults per call and the logits (OUT with .npy).
 """
 
 import json
+import resource
 import sys
 import time
 from importlib.metadata import version
@@ -27,15 +28,17 @@ def cache(repeats: str, hf_dir: str, inputs: str, out: str) -> None:
     tokens, mask = (torch.as_tensor(data[k], dtype=torch.long) for k in ("tokens", "mask"))
     bridge = TransformerBridge.boot_transformers(hf_dir, device="cpu", dtype=torch.float32)
     logits, kept = bridge.run_with_cache(tokens, attention_mask=mask)  # warm-up
-    seconds = []
+    seconds, faults = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(int(repeats)):
         t0 = time.perf_counter()
         bridge.run_with_cache(tokens, attention_mask=mask)
         seconds.append(time.perf_counter() - t0)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) // int(repeats)
     size = sum({v.data_ptr(): v.numel() * v.element_size() for v in kept.values()}.values()) / 2**20  # aliases once
     np.save(out + ".npy", logits.float().numpy())
     json.dump({"seconds": seconds, "hooks": len(kept), "mib": size, "torch": torch.__version__,
-               "tl": version("transformer-lens"), "threads": torch.get_num_threads()}, open(out, "w"))
+               "tl": version("transformer-lens"), "threads": torch.get_num_threads(), "faults": faults},
+              open(out, "w"))
 
 
 def main(hf_dir: str, inputs: str, out: str) -> None:

@@ -3,13 +3,14 @@
     python -m bench.forward [--batch 8] [--seq 128] [--repeats 5] [--skip-peers] [--glibc-default]
 
 On the same `batch`×`seq` tokens (a public-domain text, tiled and cut into rows that start at different
-offsets; mask all ones), median of `repeats` timed calls after warm-up, all in this process except (d):
+offsets; mask all ones), median of `repeats` timed calls after warm-up, all in this process except (d, d'):
   (a) `models.forward` (jitted), no capture, full logits
   (b) `models.forward` capturing every site (`models.ALL_SITES`); (b') all but `attn.head_out`, which has
       no counterpart among TransformerLens's cached hooks (no `hook_result` by default)
   (c) `transformers` forward of the same GGUF, dequantised to float32, under `torch.inference_mode`
   (d) TransformerLens `TransformerBridge` `run_with_cache` of all hooks, in its own environment (`$TL_PYTHON`,
-      else .venv-tl: `./run peers`; the same finder as bench.sweeps), on a float32 export of the GGUF
+      else .venv-tl: `./run peers`; the same finder as bench.sweeps), on a float32 export of the GGUF;
+      (d') the same with the peer's glibc set as ours (`host_memory.GLIBC_TUNABLES`) when ours recycles
   (e) penzai 0.2.5 (JAX, same backend as ours) converted from (c)'s model, jitted forward; (f) the same with
       every intermediate saved (`saving_all_intermediates`), cross-checked against our `resid_post`
 and the float32 roofline: a jitted 2048³ matmul's FLOP/s divided by the model's matmul FLOPs per token.
@@ -107,9 +108,9 @@ def bench_penzai(hf, tokens, repeats: int, resid_post: np.ndarray):
         time_median(lambda: jax.block_until_ready(forward_saving(tokens)), repeats), note, np.asarray(out)
 
 
-def bench_peers(tokens, mask, repeats: int, resid_post: np.ndarray):
-    """(c) transformers, (e, f) penzai and (d) TransformerLens on the same GGUF and batch; yields (label,
-    Timing or None, note, logits)."""
+def bench_peers(tokens, mask, repeats: int, resid_post: np.ndarray, recycled: bool):
+    """(c) transformers, (e, f) penzai and (d) TransformerLens on the same GGUF and batch, (d') TransformerLens
+    again with glibc set as ours when `recycled`; yields (label, Timing or None, note, logits)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -127,22 +128,29 @@ def bench_peers(tokens, mask, repeats: int, resid_post: np.ndarray):
     gc.collect()
     host_memory.trim()
     print(f"our process before (d): {host_memory.resident_bytes() / 2**20:,.0f} MiB resident", flush=True)
+    yield bench_tl("(d) TransformerLens run_with_cache", tokens, mask, repeats, {})
+    if recycled:  # like for like: the peer's glibc set as ours is
+        yield bench_tl("(d') TransformerLens run_with_cache, host memory recycled", tokens, mask, repeats,
+                       {"GLIBC_TUNABLES": host_memory.GLIBC_TUNABLES})
+
+
+def bench_tl(label: str, tokens, mask, repeats: int, env: dict[str, str]):
+    """(d) TransformerLens `run_with_cache` in its own process, with `env` added to its environment;
+    returns (label, Timing or None, note, logits)."""
     tl = peer_python("TL_PYTHON", ".venv-tl")
     if not tl.exists():
-        yield "(d) TransformerLens run_with_cache", None, f"skipped: no TransformerLens environment at {tl}", None
-        return
+        return label, None, f"skipped: no TransformerLens environment at {tl}", None
     hf_dir = export_hf_dir(Path(tempfile.gettempdir()) / "smollm2_hf")
     with tempfile.TemporaryDirectory() as tmp:
         inputs, out = Path(tmp) / "inputs.npz", Path(tmp) / "out.json"
         np.savez(inputs, tokens=tokens, mask=mask)
         run = subprocess.run([str(tl), str(Path(__file__).with_name("_tl_peer.py")), "--cache", str(repeats), str(hf_dir),
-                              str(inputs), str(out)], capture_output=True, text=True)
+                              str(inputs), str(out)], capture_output=True, text=True, env={**os.environ, **env})
         if run.returncode:
-            yield "(d) TransformerLens run_with_cache", None, "failed: " + run.stderr[-300:], None
-            return
+            return label, None, "failed: " + run.stderr[-300:], None
         res, logits = json.loads(out.read_text()), np.load(str(out) + ".npy")
-    note = f"TL {res['tl']}, {res['hooks']} hooks, {res['mib']:,.0f} MiB, torch {res['torch']}, {res['threads']} threads"
-    yield "(d) TransformerLens run_with_cache", Timing(tuple(res["seconds"])), note, logits
+    note = f"TL {res['tl']}, {res['hooks']} hooks, {res['mib']:,.0f} MiB, torch {res['torch']}, {res['threads']} threads; {res['faults']:,} page faults/call"
+    return label, Timing(tuple(res["seconds"])), note, logits
 
 
 def capture_memory(m: models.Model, batch: int, seq: int) -> None:
@@ -171,7 +179,7 @@ def main():
     allocator_flag(ap)
     args = ap.parse_args()
     n_tok = args.batch * args.seq
-    allocator = set_allocator(args)
+    recycled, allocator = set_allocator(args)
     print(f"{machine()}; {allocator}")
 
     peaks = [matmul_peak()]  # again after our forwards: other users' load moves it; the higher one is the roofline
@@ -210,7 +218,7 @@ def main():
           f" ⇒ roofline {peak / fpt:,.0f} tok/s")
     if not args.skip_peers:
         resid_post = np.asarray(models.forward(m, jt, attention_mask=jm, capture=("resid_post",))[1]["resid_post"])
-        for label, timing, note, logits in bench_peers(tokens, mask, args.repeats, resid_post):
+        for label, timing, note, logits in bench_peers(tokens, mask, args.repeats, resid_post, recycled):
             if logits is not None:
                 note += f"; max |Δlogits| vs (a) {np.abs(logits - ours_logits).max():.1e}"
             results.append((label, timing, note))
@@ -231,9 +239,10 @@ def main():
         verdict = "" if target is None else (" (target ≥ %g: %s)" % (target, "met" if value >= target else "NOT met"))
         print(f"{name:<26} {value:6.2f}{verdict}")
 
-    if "(d)" in tps:
-        check("(b) / (d)", tps["(b)"] / tps["(d)"], 1.0)
-        check("(b') / (d), like for like", tps["(b')"] / tps["(d)"], 1.4)
+    for tl in ("(d)", "(d')"):
+        if tl in tps:
+            check(f"(b) / {tl}", tps["(b)"] / tps[tl], 1.0)
+            check(f"(b') / {tl}, like for like", tps["(b')"] / tps[tl], 1.4)
     if "(c)" in tps:
         check("(a) / (c)", tps["(a)"] / tps["(c)"], None)
     if "(e)" in tps:

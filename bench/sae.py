@@ -169,7 +169,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    allocator = set_allocator(args)
+    _, allocator = set_allocator(args)
     print(f"{machine()}; {allocator}")
     cache, cache_tps = build_cache(args.out / "cache", args.tokens)
     peak = matmul_peak(2048)
