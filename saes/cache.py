@@ -5,14 +5,15 @@
 
 Takes the same flags as `saes.train` (those about the model, corpus and chunking matter here); `--out` is the
 cache directory. Chunks are written exactly as the trainer would see them live, so training from the cache
-with the same `--chunk-tokens` reproduces a live run batch for batch.
+with the same `--chunk-tokens` reproduces a live run batch for batch. Host memory is recycled, as in
+`python -m saes.train`.
 """
 
 from __future__ import annotations
 
 import json
 
-from models import cli
+from models import cli, host_memory
 from saes.data import cache_activations
 from saes.train import TrainConfig, build_source
 
@@ -31,4 +32,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    host_memory.recycle_freed_memory()
     main()

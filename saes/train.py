@@ -23,6 +23,10 @@ each checkpoint stores a SHA-256 of its contents, verified on restore; one that 
 reported, moved to `checkpoints.damaged/` and the previous one is used. Rerunning a finished run is a no-op.
 A non-finite loss or parameter stops training with `TrainingDiverged`, naming the step; checkpoints are
 only written from finite states, so the last one is good.
+
+The command line recycles host memory on CPU (`models.host_memory.recycle_freed_memory`: a training process
+calls the same programs on same-shaped batches, and reusing their freed buffers took `bench.sae`'s step from
+725 to 592 ms); from Python, call it yourself before the first JAX computation.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import cli
+from models import cli, host_memory
 from models.errors import InputError
 from saes.checkpoints import CheckpointCorrupt, Checkpointer
 from saes.sae import SAE
@@ -354,4 +358,5 @@ def main(argv=None) -> TrainResult:
 
 
 if __name__ == "__main__":
+    host_memory.recycle_freed_memory()
     main()
