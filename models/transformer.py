@@ -503,7 +503,10 @@ def _forward(params, cfg, tokens, attention_mask, positions, capture, interventi
     if _Z_FOR_HEAD_OUT in layer_acts:
         W_O = params["blocks"]["attn"]["W_O"]
         W_O = W_O[jnp.asarray(kept["attn.head_out"])] if "attn.head_out" in kept else W_O[start_layer:stop]
-        layer_acts["attn.head_out"] = jnp.einsum("lbthe,lhed->lbthd", layer_acts.pop(_Z_FOR_HEAD_OUT), W_O)
+        # one dot batched over (layer, head), then one transpose to l b t h d: 0.2 s less than the equivalent
+        # einsum "lbthe,lhed->lbthd" on SmolLM2 8x128 (bench.forward (b)), which XLA lowers with more copies
+        by_head = jax.lax.dot_general(layer_acts.pop(_Z_FOR_HEAD_OUT), W_O, (((4,), (2,)), ((0, 3), (0, 1))))
+        layer_acts["attn.head_out"] = by_head.transpose(0, 2, 3, 1, 4)  # l h b t d -> l b t h d
     for c in captures:
         if c.site in layer_acts and c.site in kept and tuple(c.layers) != kept[c.site]:
             layer_acts[c.site] = layer_acts[c.site][jnp.asarray([kept[c.site].index(l) for l in c.layers])]
