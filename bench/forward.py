@@ -14,7 +14,8 @@ offsets; mask all ones), median of `repeats` timed calls after warm-up, all in t
   (e) penzai 0.2.5 (JAX, same backend as ours) converted from (c)'s model, jitted forward; (f) the same with
       every intermediate saved (`saving_all_intermediates`), cross-checked against our `resid_post`
 and the float32 roofline: a jitted 2048³ matmul's FLOP/s divided by the model's matmul FLOPs per token.
-Then the compiled memory of a `batch`×`--memory-seq` forward capturing nothing, one layer's `attn.pattern`
+After (b'), what its capture's bytes cost alone (one write; a layer scan writing them, as the forward
+stacks). Then the compiled memory of a `batch`×`--memory-seq` forward capturing nothing, one layer's `attn.pattern`
 and every layer's (the scan keeps only the chosen layers).
 """
 
@@ -90,6 +91,21 @@ def first_touch_rate(mib_: int = 512) -> float:
 
 def mib(tree) -> float:
     return sum(x.nbytes for x in jax.tree.leaves(tree)) / 2**20
+
+
+def stacking_floor(acts: dict, repeats: int) -> tuple[float, float]:
+    """What writing the per-layer sites of a capture (`[L, ...]`) costs by itself, with no model: seconds for one
+    write of every buffer (`jnp.full`), and for a layer scan that writes its slice of each per step (how the
+    forward stacks its captures: XLA fills a scan's stacked outputs before the loop, then the loop writes)."""
+    shapes = [(a.shape, a.dtype) for k, a in acts.items() if models.sites.SITES[k].per_layer]
+    n = shapes[0][0][0]
+
+    def scan(x):
+        return jax.lax.scan(lambda c, _: (c + 1, [jax.numpy.full(s[1:], c, d) for s, d in shapes]), x, None, length=n)
+
+    once = jax.jit(lambda x: [jax.numpy.full(s, x, d) for s, d in shapes])
+    return tuple(time_median(lambda f=f: jax.block_until_ready(f(np.float32(0))), repeats, warmup=2).median
+                 for f in (once, jax.jit(scan)))
 
 
 def bench_penzai(hf, tokens, repeats: int, resid_post: np.ndarray):
@@ -207,6 +223,10 @@ def main():
         note = (f"{len(acts)} sites, {mib(acts):,.0f} MiB" if acts else "full logits") + f"; {faults:,} page faults/call"
         results.append((label, timing, note))
         print(f"{label}: {timing.median * 1e3:.0f} ms", flush=True)
+        if label.startswith("(b')"):
+            floor = stacking_floor(acts, args.repeats)
+            print(f"    its {mib(acts):,.0f} MiB alone: one write {floor[0] * 1e3:.0f} ms, written by a layer scan "
+                  f"{floor[1] * 1e3:.0f} ms; (b') - (a) = {(timing.median - results[0][1].median) * 1e3:.0f} ms", flush=True)
         del logits, acts  # the 2 GB of (b) should not crowd the next measurements
     peaks.append(matmul_peak())
     peak = max(peaks)
@@ -243,6 +263,8 @@ def main():
         if tl in tps:
             check(f"(b) / {tl}", tps["(b)"] / tps[tl], 1.0)
             check(f"(b') / {tl}, like for like", tps["(b')"] / tps[tl], 1.4)
+            print(f"{'':<26} (1.4× {tl} needs (b') at {1.4 * tps[tl]:,.0f} tok/s; (a), capturing nothing, runs at "
+                  f"{tps['(a)']:,.0f}; the roofline is {peak / fpt:,.0f})")
     if "(c)" in tps:
         check("(a) / (c)", tps["(a)"] / tps["(c)"], None)
     if "(e)" in tps:
