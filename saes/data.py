@@ -36,6 +36,7 @@ import functools
 import hashlib
 import importlib
 import importlib.util
+import itertools
 import json
 import math
 import numbers
@@ -355,38 +356,30 @@ class TokenRows:
     def __iter__(self) -> Iterator[np.ndarray]:
         return self.rows(0)
 
+    def _token_batches(self, epoch: int, sep: list[int]) -> Iterator[list[int]]:
+        """The epoch's documents tokenized a batch at a time (8 documents per tokenizer call, doubling to 256:
+        the first rows need few), each document followed by the separator's ids."""
+        batch, size = [], 8
+        docs = iter(self._docs(epoch))
+        while batch := list(itertools.islice(docs, size)):
+            yield [t for enc in self.tokenizer.backend.encode_batch(batch, add_special_tokens=False)
+                   for t in (*enc.ids, *sep)]
+            size = min(2 * size, 256)
+
     def rows(self, start: int = 0) -> Iterator[np.ndarray]:
         """int32 rows `[context]`, from the `start`-th on (earlier rows are re-tokenized, not run)."""
         n, buf, epoch, width = 0, [], 0, self.context - 1
         sep = self.tokenizer.backend.encode(self.separator, add_special_tokens=False).ids
         while True:
             produced = False
-            batch: list[str] = []
-            size = 8  # documents per tokenizer call, doubling to 256: the first rows need few documents
-            for doc in self._docs(epoch):
-                batch.append(doc)
-                if len(batch) < size:
-                    continue
-                for enc in self.tokenizer.backend.encode_batch(batch, add_special_tokens=False):
-                    buf.extend(enc.ids)
-                    buf.extend(sep)
-                batch, size = [], min(2 * size, 256)
+            for ids in self._token_batches(epoch, sep):
+                buf.extend(ids)
                 while len(buf) >= width:
                     if n >= start:
                         yield np.asarray([self.bos_id, *buf[:width]], np.int32)
                     produced = True
                     n += 1
                     del buf[:width]
-            if batch:
-                for enc in self.tokenizer.backend.encode_batch(batch, add_special_tokens=False):
-                    buf.extend(enc.ids)
-                    buf.extend(sep)
-            while len(buf) >= width:
-                if n >= start:
-                    yield np.asarray([self.bos_id, *buf[:width]], np.int32)
-                produced = True
-                n += 1
-                del buf[:width]
             if not produced and epoch > 0:
                 raise InputError("the corpus is too small to fill a single row")
             epoch += 1

@@ -62,6 +62,8 @@ def test_token_rows_pack_restart_and_split():
     assert text.startswith("document number 49 ")  # every 50th document is held out
     many = data.TokenRows(lambda: ["tiny doc"], FakeTokenizer(), context=8).take(5)  # cycles over a small corpus
     assert many.shape == (5, 8)
+    with pytest.raises(InputError, match="too small to fill a single row"):  # an empty corpus, not a hang
+        data.TokenRows(lambda: [], FakeTokenizer(), context=8).take(1)
 
 
 def test_user_corpora(tmp_path):
