@@ -359,8 +359,7 @@ class TokenRows:
     def _token_batches(self, epoch: int, sep: list[int]) -> Iterator[list[int]]:
         """The epoch's documents tokenized a batch at a time (8 documents per tokenizer call, doubling to 256:
         the first rows need few), each document followed by the separator's ids."""
-        batch, size = [], 8
-        docs = iter(self._docs(epoch))
+        docs, size = self._docs(epoch), 8
         while batch := list(itertools.islice(docs, size)):
             yield [t for enc in self.tokenizer.backend.encode_batch(batch, add_special_tokens=False)
                    for t in (*enc.ids, *sep)]
