@@ -24,6 +24,7 @@ layer). Decoders are free (no unit-norm constraint); `topk` has no AuxK term her
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import ClassVar
 
@@ -137,14 +138,29 @@ class CrossLayerTranscoder(eqx.Module):
             if v.size and (v.min() < 0 or v.max() >= bound):
                 raise InputError(f"cross-layer transcoder: {name} {v.tolist()} outside [0, {bound})")
 
+    def _check_width(self, name: str, x, last: int, what: str) -> None:
+        """InputError unless `x`'s last axis is `last` (shapes are static, so this holds under `jit` too)."""
+        shape = np.shape(x)
+        if not shape or shape[-1] != last:
+            raise InputError(f"cross-layer transcoder: {name} has shape {tuple(shape)}, expected a last axis of "
+                             f"{what}={last}")
+
     def layer_encode(self, x: Float[ArrayLike, "... D"], layer) -> Float[Array, "... W"]:
-        """Feature activations of one layer (`layer` may be traced) from its raw input."""
+        """Feature activations of one layer (`layer` may be traced) from its raw input; a traced `layer` outside
+        [0, n_layers) gives NaN features (never a clamped neighbour's)."""
         self._check_index("layer", layer, self.n_layers)
+        self._check_width("x", x, self.d_in, "d_in")
+        ok = (layer >= 0) & (layer < self.n_layers)
+        layer = jnp.clip(layer, 0, self.n_layers - 1)
         pre = (jnp.asarray(x, jnp.float32) * self.act_scale[layer]) @ self.W_enc[layer] + self.b_enc[layer]
-        return self._activate(pre, None if self.threshold is None else self.threshold[layer])
+        f = self._activate(pre, None if self.threshold is None else self.threshold[layer])
+        return jnp.where(ok, f, jnp.nan)
 
     def encode(self, x: Float[ArrayLike, "... L D"]) -> Float[Array, "... L W"]:
         """Feature activations of every layer's raw input."""
+        if np.shape(x)[-2:] != (self.n_layers, self.d_in):
+            raise InputError(f"cross-layer transcoder: x has shape {tuple(np.shape(x))}, expected [..., n_layers="
+                             f"{self.n_layers}, d_in={self.d_in}]")
         return self.activate(self.pre_acts(x * self.act_scale))
 
     def causal_W_dec(self) -> Float[Array, "L W L D"]:
@@ -156,6 +172,9 @@ class CrossLayerTranscoder(eqx.Module):
 
     def decode(self, f: Float[ArrayLike, "... L W"]) -> Float[Array, "... L D"]:
         """Every layer's predicted target (raw scale): layer t's sums the features of layers <= t."""
+        if np.shape(f)[-2:] != (self.n_layers, self.width):
+            raise InputError(f"cross-layer transcoder: f has shape {tuple(np.shape(f))}, expected [..., n_layers="
+                             f"{self.n_layers}, width={self.width}]")
         return self.decode_normalised(f) / self.act_scale
 
     def __call__(self, x: Float[ArrayLike, "... L D"]) -> Float[Array, "... L D"]:
@@ -497,24 +516,41 @@ def from_circuit_tracer(path: str | Path, *, site: str | None = None, target: st
     """A CLT from circuit-tracer's files (`W_enc_{i}` / `W_dec_{i}` safetensors, as `to_circuit_tracer` or
     circuit-tracer's `CrossLayerTranscoder.to_safetensors` write them). Hooks come from a `config.yaml` beside
     them, else `site`/`target`, else circuit-tracer's defaults (resid_mid -> mlp_out)."""
-    from saes.formats import _read_safetensors
+    from saes.formats import _read_safetensors, contained_file
     from saes.transcoders import _read_simple_yaml
 
     path = Path(path)
-    n = len(list(path.glob("W_enc_*.safetensors")))
-    if n == 0:
+    if not path.is_dir():
+        raise InputError(f"{path} is not a directory of circuit-tracer CLT files")
+    present = {p.name for p in path.glob("W_*_*.safetensors")}
+    layers = [int(m[1]) for name in present if (m := re.fullmatch(r"W_(?:enc|dec)_(\d{1,6})\.safetensors", name))]
+    if "W_enc_0.safetensors" not in present:
         raise InputError(f"{path} holds no circuit-tracer CLT (no W_enc_0.safetensors)")
-    config = _read_simple_yaml(path / "config.yaml") if (path / "config.yaml").is_file() else {}
+    n = max(layers) + 1  # every layer up to the highest file's needs both files
+    want = {f"W_{kind}_{i}.safetensors" for kind in ("enc", "dec") for i in range(n)}
+    if missing := sorted(want - present):
+        raise InputError(f"{path}: a {n}-layer circuit-tracer CLT lacks {', '.join(missing)}")
+    if extra := sorted(present - want):
+        raise InputError(f"{path}: unexpected files {', '.join(extra)} beside W_enc_0 .. W_enc_{n - 1}")
+    config = {}
+    if (path / "config.yaml").exists():
+        config = _read_simple_yaml(path / "config.yaml")
+        for key, given in (("feature_input_hook", site), ("feature_output_hook", target)):
+            if given is None and key not in config:
+                raise InputError(f"{path / 'config.yaml'} has no {key} (remove the file to use circuit-tracer's "
+                                 "defaults, or pass site=/target=)")
     by_ct = {v: k for k, v in _CT_HOOKS.items()} | {"mlp.hook_out": "mlp_out"}
-    try:
-        site = site or by_ct[config.get("feature_input_hook", "hook_resid_mid")]
-        target = target or by_ct[config.get("feature_output_hook", "hook_mlp_out")]
-    except KeyError as e:
-        raise InputError(f"{path}: hook {e.args[0]!r} has no site of models.sites (known: {sorted(by_ct)})") from None
+    for key, given in (("feature_input_hook", site), ("feature_output_hook", target)):
+        hook = config.get(key)
+        if given is None and hook is not None and (not isinstance(hook, str) or hook not in by_ct):
+            raise InputError(f"{path / 'config.yaml'}: {key} {hook!r} has no site of models.sites "
+                             f"(known: {sorted(by_ct)})")
+    site = site or by_ct[config.get("feature_input_hook", "hook_resid_mid")]
+    target = target or by_ct[config.get("feature_output_hook", "hook_mlp_out")]
     parts = {name: [] for name in ("W_enc", "b_enc", "b_dec", "threshold", "W_dec")}
     for i in range(n):
-        enc = _read_safetensors(path / f"W_enc_{i}.safetensors")
-        dec = _read_safetensors(path / f"W_dec_{i}.safetensors")
+        enc = _read_safetensors(contained_file(path, f"W_enc_{i}.safetensors", path))
+        dec = _read_safetensors(contained_file(path, f"W_dec_{i}.safetensors", path))
         for name in (f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}"):
             if name not in enc:
                 raise InputError(f"{path / f'W_enc_{i}.safetensors'} lacks {name} (has {sorted(enc)})")

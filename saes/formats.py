@@ -30,7 +30,7 @@ from models.sites import SITES, Hook
 from saes import sae as sae_lib
 from saes.sae import SAE
 
-__all__ = ["TL_HOOKS", "check_arrays", "from_saelens", "load", "load_gemma_scope", "load_run", "save", "to_saelens"]
+__all__ = ["TL_HOOKS", "check_arrays", "contained_file", "from_saelens", "load", "load_gemma_scope", "load_run", "save", "to_saelens"]
 
 FORMAT = "interp-sae"
 
@@ -148,6 +148,27 @@ def _read_json(path: Path) -> dict:
     if not isinstance(out, dict):
         raise InputError(f"{path} must hold a JSON object, got a {type(out).__name__}")
     return out
+
+
+def contained_file(directory: str | Path, entry, where) -> Path:
+    """`entry` (a file name a config lists, relative to `directory`) as a path inside `directory`: absolute paths,
+    `..` and symlinks that lead out of it are refused (InputError naming `where` and the entry), so a copied or
+    moved set reads its own files, never another directory's."""
+    if not isinstance(entry, (str, Path)) or not str(entry) or "\x00" in str(entry):
+        raise InputError(f"{where}: file entry {entry!r} is not a file name")
+    rel = Path(entry)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise InputError(f"{where}: file entry {str(entry)!r} is not inside {directory} (absolute paths and '..' are "
+                         "refused; list files relative to the config's directory)")
+    root = Path(directory).resolve()
+    try:
+        full = (root / rel).resolve(strict=False)
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise InputError(f"{where}: file entry {str(entry)!r} cannot be resolved ({e})") from None
+    if not full.is_relative_to(root):
+        raise InputError(f"{where}: file entry {str(entry)!r} resolves to {full}, outside {root} (a symlink out of "
+                         "the directory?)")
+    return full
 
 
 def _read_safetensors(path: Path) -> dict:

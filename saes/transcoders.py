@@ -194,7 +194,7 @@ class TranscoderSet:
                 w["activation_function.threshold"] = jnp.full((s.width,), jnp.maximum(s.threshold, 0.0))
             name = f"layer_{t.layer}.safetensors"
             save_file({k: np.ascontiguousarray(np.asarray(v, dtype)) for k, v in w.items()}, str(path / name))
-            files.append(str((path / name).resolve()))
+            files.append(name)  # relative to the set's directory: a copied or moved set reads its own files
         missing = [x for x in (self.site, self.target) if x not in _CT_HOOKS]
         if missing:
             raise InputError(f"circuit-tracer has no hook for {missing}; transcoders it reads map "
@@ -209,9 +209,7 @@ class TranscoderSet:
     def from_circuit_tracer(cls, path: str | Path) -> "TranscoderSet":
         """Read a set written by `to_circuit_tracer` (or any local circuit-tracer ReLU/JumpReLU set whose
         config names hooks of `models.sites`: its TransformerLens names or circuit-tracer's MLP hooks)."""
-        from safetensors.numpy import load_file
-
-        from saes.formats import check_arrays
+        from saes.formats import _read_safetensors, check_arrays, contained_file
 
         path = Path(path)
         config_path = path / "config.yaml"
@@ -220,15 +218,31 @@ class TranscoderSet:
         config = _read_simple_yaml(config_path)
         by_tl = {**{s.tl: name for name, s in SITES.items()}, **{v: k for k, v in _CT_HOOKS.items()},
                  "hook_mlp_out": "mlp_out"}
-        try:
-            site, target = by_tl[config["feature_input_hook"]], by_tl[config["feature_output_hook"]]
-        except KeyError as e:
-            raise InputError(f"{config_path}: hook {e.args[0]!r} is not a TransformerLens hook of models.sites") from None
+        hooks = {}
+        for key in ("feature_input_hook", "feature_output_hook"):
+            if key not in config:
+                raise InputError(f"{config_path} has no {key} (a circuit-tracer transcoder set names both hooks)")
+            if not isinstance(config[key], str) or config[key] not in by_tl:
+                raise InputError(f"{config_path}: {key} {config[key]!r} is not a TransformerLens hook of models.sites")
+            hooks[key] = by_tl[config[key]]
+        site, target = hooks["feature_input_hook"], hooks["feature_output_hook"]
+        listed = config.get("transcoders")
+        if listed is not None and not (isinstance(listed, list) and listed):
+            raise InputError(f"{config_path}: transcoders must be a non-empty list of files, got {listed!r}")
+        if listed is None:
+            listed = sorted((p.name for p in path.glob("layer_*.safetensors")), key=_layer_of)
+            if not listed:
+                raise InputError(f"{config_path} lists no transcoders and {path} holds no layer_*.safetensors")
+            want = [f"layer_{i}.safetensors" for i in range(len(listed))]
+            if listed != want:
+                raise InputError(f"{path}: layer files {listed} are not layer_0 .. layer_{len(listed) - 1} "
+                                 f"(missing {sorted(set(want) - set(listed))})")
         tcs = []
-        for layer, f in enumerate(config.get("transcoders") or sorted(path.glob("layer_*.safetensors"),
-                                                                       key=lambda p: int(p.stem.split("_")[1]))):
-            f = Path(f) if Path(f).is_absolute() else path / Path(f).name
-            a = load_file(str(f))
+        for layer, entry in enumerate(listed):
+            f = contained_file(path, entry, f"{config_path}: transcoders[{layer}]")
+            a = _read_safetensors(f)
+            if missing := sorted({"W_enc", "W_dec", "b_enc", "b_dec"} - set(a)):
+                raise InputError(f"{f} lacks {missing} (has {sorted(a)})")
             arrays = dict(W_enc=a["W_enc"].T, W_dec=a["W_dec"], b_enc=a["b_enc"], b_dec=a["b_dec"])
             if "W_skip" in a:
                 arrays["W_skip"] = a["W_skip"].T
@@ -289,10 +303,25 @@ def random_set(cfg, arch: str = "relu", width: int = 40, *, seed: int = 0, bias:
     return TranscoderSet.of(out)
 
 
+_MAX_YAML_BYTES = 1 << 20  # a config.yaml lists hooks and file names
+
+
+def _layer_of(name: str) -> int:
+    """The layer of `layer_{i}.safetensors` (names that are not so sort last)."""
+    stem = name.removesuffix(".safetensors").removeprefix("layer_")
+    return int(stem) if stem.isdigit() else 1 << 30
+
+
 def _read_simple_yaml(path: Path) -> dict:
     """The `key: value` lines of a flat YAML file (values JSON or bare strings; `- item` lists)."""
+    try:
+        if path.stat().st_size > _MAX_YAML_BYTES:
+            raise InputError(f"{path} is {path.stat().st_size:,} bytes, more than a config's {_MAX_YAML_BYTES:,}")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not a readable UTF-8 config ({e})") from None
     out, key = {}, None
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         if line.lstrip().startswith("- ") and key is not None:
