@@ -9,15 +9,16 @@
 Modules: `positions` (selectors), `interventions`, `weights` (orthogonalisation), `directions`, `readout`
 (metrics), `sweeps`, `lens`, `plot`, `probes` (linear probes over every layer x position), `heads`
 (head patterns and scores: induction, previous-token, sink), `data` (harmful / harmless instruction sets),
-`testing`.
+`contrast` (layer search between paired activation sets), `stats` (intervals, paired tests, null
+distributions, Holm, computed verdicts: what every study report uses), `testing`.
 """
 
 import importlib
 
 # Submodules and names load on first use (PEP 562): `import interp` stays cheap. Device meshes and
 # placement live in `models.sharding`.
-_SUBMODULES = ("data", "directions", "heads", "interventions", "lens", "plot", "positions", "probes", "readout",
-               "sweeps", "testing", "weights")
+_SUBMODULES = ("contrast", "data", "directions", "heads", "interventions", "lens", "plot", "positions", "probes",
+               "readout", "stats", "sweeps", "testing", "weights")
 _NAMES = {
     "directions": ("diff_of_means", "score_directions"),
     "interventions": ("AddVector", "AlongDirection", "Function", "Replace", "ScaleHeads", "Where", "clamp_component",
@@ -48,10 +49,10 @@ def __dir__():
 
 __all__ = [
     "AddVector", "AlongDirection", "ContinuationLoss", "Function", "LogitDiff", "NextTokenLoss", "Projection", "Readout", "Replace",
-    "ScaleHeads", "TokenLogProb", "Where", "activation_patching", "attribution_patching", "clamp_component", "data",
+    "ScaleHeads", "TokenLogProb", "Where", "activation_patching", "attribution_patching", "clamp_component", "contrast", "data",
     "diff_of_means", "direct_logit_attribution", "directional_ablation", "directions", "head_ablation",
     "head_ablation_attribution", "heads", "heatmap", "interventions", "lens", "logit_lens", "mean_ablation",
     "orthogonalize", "patch", "plot", "positions", "probes", "project_out", "rank_correlation", "readout",
-    "resample_ablation", "residual_decomposition", "run_readout", "score_directions", "set_component", "stack",
+    "resample_ablation", "residual_decomposition", "run_readout", "score_directions", "set_component", "stack", "stats",
     "sweep", "sweeps", "testing", "unembed_direction", "weights", "zero_ablation", "zero_heads",
 ]
