@@ -9,6 +9,9 @@ steer against its decoder directions on every token, on the inputs where F fires
     rows = DecoderSteer(sae, F, 4.0, gate="per_input", row_gate=fires_anywhere(m, sae, F, tokens, mask))
     models.generate(m, prompts, 30, interventions=(rows,))    # the row gate holds at every decoding step
     jax.vmap(lambda a: models.forward(m, tokens, mask, interventions=(DecoderSteer(sae, F, a),))[0])(alphas)
+    fires_anywhere(m, sae, F, tokens, mask, context=n_ctx)    # gate on each row's first n_ctx[b] tokens only
+    DecoderSteer(sae, F, 4.0, "per_token", direction=v)       # F's gate, another edit direction (a control)
+    TokenSteer(sae, v, 4.0, gate_mask("per_token", m, sae, F, tokens, mask))  # the same, gate read beforehand
 
 `d_f = W_dec[f] / act_scale` is feature f's raw-space decoder direction (as `FeatureSteer` adds). All four are
 `interp.interventions.Intervention`s at the SAE's (site, layer) (`where.layers`; the SAE is only evaluated at
@@ -17,6 +20,12 @@ apply to real tokens (attention mask 1, as `FeatureSteer`); feature activations 
 after each row's first (the BOS position SAEs are not trained on, as `Splice` and `contrast`), so ablation
 and per-token steering leave that position alone and `fires_anywhere` ignores it. `alpha` (a scalar), the
 feature set (int `[n]`, de-duplicated) and the row gate (bool `[B]`) are array leaves.
+
+The per-input gate reads a row's *context* only when told where it ends (`fires_anywhere(..., context=)`):
+scoring a continuation under a gate that also read that continuation leaks the scored text into the gate (a
+hateful continuation switches steering on for its own row). Rows with the same context tokens share one read,
+so they get the same gate by construction. `TokenSteer` is any tier with its gate read beforehand
+(`gate_mask`): light array leaves only (no SAE), so stacks of hundreds of control directions are cheap to sweep.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from saes.evaluate import _real
 from saes.features import _after_first, _encode_batch, site_acts
 from saes.sae import SAE
 
-__all__ = ["DecoderSteer", "FeatureAblation", "GATES", "fires_anywhere"]
+__all__ = ["DecoderSteer", "FeatureAblation", "GATES", "TokenSteer", "fires_anywhere", "gate_mask", "token_gate"]
 
 GATES = ("constant", "per_input", "per_token")
 
@@ -93,13 +102,16 @@ class DecoderSteer(_AtSAE):
     """`x - alpha * sum_{f in F} d_f` where `gate` says: `"constant"` every real token; `"per_token"` the tokens
     where some f in F fires (`h_f(x_t) > 0`, from the activation being edited, so also at each decoding step);
     `"per_input"` the rows where `row_gate [B]` is True (`fires_anywhere` builds it before the forward /
-    `models.generate`, whose decoding steps keep it). `alpha` is a scalar (vmap over it for a sweep)."""
+    `models.generate`, whose decoding steps keep it). `alpha` is a scalar (vmap over it for a sweep).
+    `direction` `[d_in]` (raw space) replaces `sum_F d_f` as the edit, F still gating: a control that edits
+    the same tokens along another direction."""
 
     alpha: Float[Array, ""]
     row_gate: Bool[Array, " B"] | None
+    direction: Float[Array, " d_in"] | None
     gate: str = eqx.field(static=True)
 
-    def __init__(self, sae: SAE, features, alpha, gate: str = "constant", row_gate=None):
+    def __init__(self, sae: SAE, features, alpha, gate: str = "constant", row_gate=None, direction=None):
         if gate not in GATES:
             raise InputError(f"DecoderSteer: gate={gate!r} is not one of {', '.join(map(repr, GATES))}")
         if gate == "per_input" and row_gate is None:
@@ -114,9 +126,11 @@ class DecoderSteer(_AtSAE):
                              "function of it to sweep several)")
         if self.row_gate is not None and self.row_gate.ndim != 1:
             raise InputError(f"DecoderSteer: row_gate has shape {self.row_gate.shape}; it is [batch] bool")
+        self.direction = None if direction is None else _direction(direction, sae.d_in, "DecoderSteer direction")
 
     def _edit(self, x, ctx):
-        new = x - self.alpha * _directions(self.sae, self.features).sum(0)
+        v = _directions(self.sae, self.features).sum(0) if self.direction is None else self.direction
+        new = x - self.alpha * v
         if self.gate == "per_token":
             return jnp.where(jnp.any(self._acts(x, ctx) > 0, -1)[..., None], new, x)
         if self.gate == "per_input":
@@ -135,10 +149,98 @@ class DecoderSteer(_AtSAE):
                                  "of this input")
 
 
-def fires_anywhere(model, sae: SAE, features, tokens, mask) -> np.ndarray:
-    """[B] bool: some f in `features` fires (> 0) on some real token after the first of each row of the unsteered
-    forward of `tokens`, `mask` `[B, T]` (left-padded, as `model.tokenize` gives): `DecoderSteer`'s per-input gate."""
-    f = _feature_set(sae, features, "fires_anywhere features")
+def _direction(v, d_in: int, name: str) -> Float[Array, " d_in"]:
+    v = jnp.asarray(v, jnp.float32)
+    if v.shape != (d_in,) or not bool(jnp.all(jnp.isfinite(v))):
+        raise InputError(f"{name} has shape {v.shape}; it is [{d_in}] (the SAE's d_in), finite")
+    return v
+
+
+class TokenSteer(Intervention):
+    """`x - alpha * direction` on the tokens where `gate [B, T]` (bool, read beforehand) is True, at the SAE's
+    (site, layer): `DecoderSteer` of any tier with the gate given (`gate_mask` builds it). In a forward of the
+    batch the gate was read on, `TokenSteer(sae, sum_F d_f, a, gate_mask(tier, m, sae, F, tokens, mask))`
+    equals `DecoderSteer(sae, F, a, tier, ...)` (an edit at a layer cannot change that layer's own input, so
+    the per-token gate read from the unsteered forward is the one DecoderSteer reads); in generation the new
+    tokens have no gate (use `DecoderSteer`). Its leaves are light (`direction [d_in]`, `alpha`, the gate):
+    a stack of many directions and strengths costs no SAE copies."""
+
+    site: str = eqx.field(static=True)
+    direction: Float[Array, " d_in"]
+    alpha: Float[Array, ""]
+    gate: Bool[Array, "B T"]
+    where: Where
+
+    def __init__(self, sae: SAE, direction, alpha, gate):
+        self.site, self.where = sae.site, at(sae.site, sae.layer)
+        self.direction = _direction(direction, sae.d_in, "TokenSteer direction")
+        self.alpha, self.gate = jnp.asarray(alpha, jnp.float32), jnp.asarray(gate, bool)
+        if self.alpha.ndim != 0:
+            raise InputError(f"TokenSteer: alpha has shape {self.alpha.shape}; it is a scalar (stack several)")
+        if self.gate.ndim != 2:
+            raise InputError(f"TokenSteer: gate has shape {self.gate.shape}; it is [batch, seq] bool")
+
+    def edit(self, value, ctx):
+        B, T = value.shape[:2]
+        if self.gate.shape != (B, T):
+            raise InputError(f"TokenSteer: gate has shape {self.gate.shape}, this input [{B}, {T}] (a gate is read "
+                             "for one batch; generation's new tokens have none: use DecoderSteer)")
+        x = value.reshape(B, T, -1).astype(jnp.float32)
+        on = self.gate & (ctx.attention_mask > 0)
+        new = jnp.where(on[..., None], x - self.alpha * self.direction, x)
+        return new.astype(value.dtype).reshape(value.shape)
+
+    def validate(self, ext: Extent) -> None:
+        super().validate(ext)
+        if ext.new_tokens:
+            raise InputError("TokenSteer: its gate covers the prompt's tokens only; in generation use DecoderSteer")
+        if ext.lengths is not None:
+            shape = np.shape(self.gate)[int(ext.stacked):]
+            if shape != (len(ext.lengths), ext.seq_len):
+                raise InputError(f"TokenSteer: gate has shape {shape}; it is [{len(ext.lengths)}, {ext.seq_len}], "
+                                 "one per token of this input")
+
+
+def token_gate(model, sae: SAE, features, tokens, mask) -> np.ndarray:
+    """[B, T] bool: some f in `features` fires (> 0) on the token, over the real tokens after each row's first,
+    in the unsteered forward of `tokens`, `mask` `[B, T]`: `DecoderSteer`'s per-token gate."""
+    f = _feature_set(sae, features, "token_gate features")
     acts = site_acts(model, sae, tokens, mask)
     h = _encode_batch(sae, acts, jnp.asarray(_after_first(mask)))
-    return np.asarray(jnp.any(h[..., f] > 0, (1, 2)))
+    return np.asarray(jnp.any(h[..., f] > 0, -1))
+
+
+def fires_anywhere(model, sae: SAE, features, tokens, mask, context=None) -> np.ndarray:
+    """[B] bool: some f in `features` fires (> 0) on some token of each row's context, after the first token,
+    in the unsteered forward of that context: `DecoderSteer`'s per-input gate. `tokens`, `mask` `[B, T]` are
+    left-padded (as `model.tokenize` gives); `context [B]` (default: every real token) counts each row's context
+    tokens from its first real token, so a scored continuation after them never gates its own row. Each
+    distinct context is read once (in a batch of its own): rows sharing a context share the gate exactly."""
+    f = _feature_set(sae, features, "fires_anywhere features")
+    tokens, real = np.asarray(tokens), np.asarray(mask) > 0
+    lengths = real.sum(1)
+    n = lengths if context is None else np.asarray(context)
+    if n.shape != lengths.shape or not np.issubdtype(n.dtype, np.integer) or np.any(n < 1) or np.any(n > lengths):
+        raise InputError(f"fires_anywhere context: {n.tolist()} must be [{len(lengths)}] ints, each in 1..the row's "
+                         f"real tokens {lengths.tolist()}")
+    rows = [tuple(int(t) for t in tokens[b][real[b]][: n[b]]) for b in range(len(n))]
+    distinct = list(dict.fromkeys(rows))
+    width = max(map(len, distinct))
+    tok, msk = np.zeros((len(distinct), width), np.int32), np.zeros((len(distinct), width), np.int32)
+    for i, r in enumerate(distinct):
+        tok[i, width - len(r):], msk[i, width - len(r):] = r, 1
+    fires = dict(zip(distinct, token_gate(model, sae, f, tok, msk).any(1)))
+    return np.asarray([bool(fires[r]) for r in rows])
+
+
+def gate_mask(tier: str, model, sae: SAE, features, tokens, mask, context=None) -> np.ndarray:
+    """[B, T] bool: the tokens `DecoderSteer(sae, features, a, tier)` edits in a forward of this batch (its
+    per-input gate from `fires_anywhere(..., context)`), for `TokenSteer`."""
+    if tier not in GATES:
+        raise InputError(f"gate_mask: tier={tier!r} is not one of {', '.join(map(repr, GATES))}")
+    real = np.asarray(mask) > 0
+    if tier == "constant":
+        return real
+    if tier == "per_input":
+        return real & fires_anywhere(model, sae, features, tokens, mask, context)[:, None]
+    return real & token_gate(model, sae, features, tokens, mask)

@@ -11,10 +11,12 @@ import pytest
 
 import models
 from interp import interventions as I
+from interp.readout import NextTokenLoss, run_readout
+from interp.sweeps import sweep
 from interp.testing import random_model, tiny_config
 from models.errors import InputError
 from saes import sae as S
-from saes.detox import DecoderSteer, FeatureAblation, fires_anywhere
+from saes.detox import DecoderSteer, FeatureAblation, TokenSteer, fires_anywhere, gate_mask, token_gate
 from saes.features import contrast
 from tests.test_tl_user import byte_level_tokenizer
 
@@ -186,6 +188,93 @@ def test_all_four_in_generate(tiny):
     assert gen(DecoderSteer(sae, F, 50.0)) != plain  # strong steering changes the text
     assert gen(FeatureAblation(sae, [0])) == plain
     assert len(gen(FeatureAblation(sae, F))) == len(PROMPTS)
+
+
+def pair_rows(m, context: str, continuations: list[str]):
+    """Left-padded `context + continuation` rows (tokenised apart: the boundary is exact) and the context's
+    token count (BOS included), as a study scores continuations."""
+    ctx = m.tokenizer.encode(context, add_bos=True)
+    rows = [ctx + m.tokenizer.encode(c) for c in continuations]
+    width = max(map(len, rows))
+    tok, mask = np.zeros((len(rows), width), np.int32), np.zeros((len(rows), width), np.int32)
+    for b, r in enumerate(rows):
+        tok[b, width - len(r):], mask[b, width - len(r):] = r, 1
+    return tok, mask, np.full(len(rows), len(ctx))
+
+
+def test_per_input_gate_reads_the_context_only(tiny):
+    m, sae = tiny
+    # a feature set that fires on a continuation and nowhere in the context "xy"
+    tok, mask, n_ctx = pair_rows(m, "xy", [" numbers 123 456 789 Paris", " q"])
+    on = token_gate(m, sae, np.arange(WIDTH), tok, mask)
+    np.testing.assert_array_equal(on, after_first(mask))  # token_gate: every token a feature fires on
+    x = np.asarray(clean_acts_tokens(m, tok, mask))
+    h = np.asarray(sae.encode(x)) > 0  # [B, T, W]
+    ctx_pos = np.zeros(mask.shape, bool)
+    for b in range(2):
+        real = np.flatnonzero(mask[b])
+        ctx_pos[b, real[1:n_ctx[b]]] = True
+    in_ctx = h[ctx_pos].any(0)
+    F = np.flatnonzero(h[0][~ctx_pos[0] & (mask[0] > 0)].any(0) & ~in_ctx)[:4]
+    assert len(F) >= 1
+    assert fires_anywhere(m, sae, F, tok, mask).tolist()[0]  # the whole row: the continuation gates its row
+    gate = fires_anywhere(m, sae, F, tok, mask, context=n_ctx)
+    assert gate.tolist() == [False, False]  # its context alone does not
+    # a context the features fire in gates both mates, whatever their continuations (different paddings)
+    G = np.flatnonzero(in_ctx)[:3]
+    assert len(G) >= 1
+    assert fires_anywhere(m, sae, G, tok, mask, context=n_ctx).tolist() == [True, True]
+    tok2, mask2, n2 = pair_rows(m, "Mary went to Paris", [" a", " numbers 123 456", " xyz q"])
+    for feats in ([f] for f in range(1, WIDTH)):
+        g = fires_anywhere(m, sae, feats, tok2, mask2, context=n2)
+        assert g.all() or not g.any(), feats  # the three mates share one gate
+    # the per-input gate mask: exactly the real tokens of gated rows
+    np.testing.assert_array_equal(gate_mask("per_input", m, sae, G, tok, mask, n_ctx), mask > 0)
+    np.testing.assert_array_equal(gate_mask("per_input", m, sae, F, tok, mask, n_ctx), np.zeros(mask.shape, bool))
+    raises(lambda: fires_anywhere(m, sae, F, tok, mask, context=n_ctx + 20), "fires_anywhere context")
+    raises(lambda: fires_anywhere(m, sae, F, tok, mask, context=[0, 1]), "fires_anywhere context")
+    raises(lambda: fires_anywhere(m, sae, F, tok, mask, context=[3]), "fires_anywhere context")
+
+
+def clean_acts_tokens(m, tok, mask):
+    _, acts = models.forward(m, tok, mask, capture=("resid_post",))
+    return acts["resid_post"][LAYER]
+
+
+def test_token_steer_is_decoder_steer_with_its_gate_read_beforehand(tiny):
+    m, sae = tiny
+    tokens, mask = m.tokenize(PROMPTS)
+    F, a = [3, 7], 3.0
+    v = np.asarray((sae.W_dec[jnp.asarray(F)] / sae.act_scale).sum(0))
+    other = np.asarray(jax.random.normal(jax.random.key(5), v.shape))
+    fwd = lambda iv: np.asarray(models.forward(m, tokens, mask, interventions=(iv,))[0])  # noqa: E731
+    row = fires_anywhere(m, sae, F, tokens, mask)
+    for tier in ("constant", "per_input", "per_token"):
+        g = gate_mask(tier, m, sae, F, tokens, mask)
+        for d in (None, other):
+            kw = dict(row_gate=row) if tier == "per_input" else {}
+            want = fwd(DecoderSteer(sae, F, a, tier, direction=d, **kw))
+            got = fwd(TokenSteer(sae, v if d is None else d, a, g))
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=tier)
+    # a stack of directions x strengths swept at once equals each alone
+    g = gate_mask("per_token", m, sae, F, tokens, mask)
+    items = [(d, s) for d in (v, other) for s in (0.0, 2.0, 5.0)]
+    got = sweep(m, tokens, mask, NextTokenLoss(tokens, mask), (I.stack([TokenSteer(sae, d, s, g) for d, s in items]),),
+                progress=False)
+    plain = float(NextTokenLoss(tokens, mask)(run_readout(m, tokens, mask, (), None)))
+    assert abs(got[0] - plain) < 1e-5 and abs(got[3] - plain) < 1e-5  # strength 0 changes nothing
+    for i, (d, s) in enumerate(items):
+        one = sweep(m, tokens, mask, NextTokenLoss(tokens, mask), (I.stack([TokenSteer(sae, d, s, g)]),),
+                    progress=False)
+        np.testing.assert_allclose(got[i], one[0], rtol=1e-5, atol=1e-6)
+    assert len(set(np.round(got, 4))) == 5
+    # bad gates and generation
+    raises(lambda: TokenSteer(sae, v, a, g[0]), "gate", "[batch, seq]")
+    raises(lambda: TokenSteer(sae, v[:3], a, g), "TokenSteer direction", str(sae.d_in))
+    raises(lambda: TokenSteer(sae, v, [a, a], g), "alpha", "scalar")
+    raises(lambda: models.forward(m, tokens[:2], mask[:2], interventions=(TokenSteer(sae, v, a, g),)), "gate")
+    raises(lambda: models.generate(m, PROMPTS, 3, interventions=(TokenSteer(sae, v, a, g),)), "DecoderSteer")
+    raises(lambda: DecoderSteer(sae, F, a, direction=v[:3]), "DecoderSteer direction")
 
 
 def test_bad_arguments(tiny):
