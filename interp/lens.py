@@ -19,9 +19,11 @@ from jaxtyping import Array, Float
 from interp.readout import as_positions, logits_from_resid
 import models
 from models.checks import check_call, check_positions, check_tokens, row_lengths
+from models.errors import InputError
+from models.sites import TL_NAMES
 from models.transformer import Capture
 
-__all__ = ["DLA", "Decomposition", "direct_logit_attribution", "logit_lens", "residual_decomposition", "unembed_direction"]
+__all__ = ["DLA", "Contributions", "Decomposition", "direct_logit_attribution", "logit_lens", "residual_decomposition", "unembed_direction"]
 
 
 def _check(model, tokens, mask, positions) -> None:
@@ -37,10 +39,25 @@ def _lens(model, tokens, mask, site: str, positions):
     return logits_from_resid(model.params, model.cfg, acts[site])
 
 
+LENS_SITES = ("resid_pre", "resid_mid", "resid_post")
+
+
+def _lens_site(site) -> str:
+    """`site` as a registry residual site (a TransformerLens name without a layer, `hook_resid_post`, is read
+    too); anything else is an InputError listing the residual sites the lens reads."""
+    name = TL_NAMES.get(site, site) if isinstance(site, str) else site
+    if name not in LENS_SITES:
+        what = "not a residual-stream site" if isinstance(site, str) and site in models.SITES else "unknown"
+        raise InputError(f"logit_lens site={site!r} is {what}: the lens reads each layer's residual stream "
+                         f"({', '.join(LENS_SITES)}; every layer is read, so no layer is named)")
+    return name
+
+
 def logit_lens(model, tokens, mask=None, *, site: str = "resid_post", positions: Sequence[int] | None = (-1,)):
     """Each layer's residual (`site`: resid_pre, resid_mid or resid_post) through the final norm and the
     unembedding: `[L, B, P, V]` logits at `positions`, the `p`-th real token of each row (-1 = each row's last;
-    `None`: every sequence index, memory L*B*T*V)."""
+    `None`: every sequence index, memory L*B*T*V). Another `site` is an InputError listing these three."""
+    site = _lens_site(site)
     tokens, positions = jnp.asarray(tokens), as_positions(positions)
     _check(model, tokens, mask, positions)
     return _lens(model, tokens, mask, site, positions)
@@ -95,10 +112,39 @@ def unembed_direction(model, correct, wrong=None) -> Array:
     return jnp.moveaxis(d, 0, -1).astype(jnp.float32)
 
 
+class Contributions(NamedTuple):
+    """Named contributions of one row, largest magnitude first (`DLA.top`): `names` ("embed", "L3H2", "L3 MLP",
+    "L3 b_O", "L3 attn", "biases") and `values`; `total` is the whole logit along the direction. `str()` /
+    `repr()` is an aligned table, `table()` a markdown one."""
+
+    names: tuple[str, ...]
+    values: tuple[float, ...]
+    total: float
+    label: str = ""
+
+    def rows(self) -> list[tuple[str, float, float]]:
+        """`(name, value, share of the total)` per component."""
+        return [(n, v, v / self.total if self.total else float("nan")) for n, v in zip(self.names, self.values)]
+
+    def table(self) -> str:
+        head = f"| component | contribution{' to ' + self.label if self.label else ''} | share of total |"
+        lines = [head, "|---|---:|---:|"] + [f"| {n} | {v:+.4f} | {s:+.1%} |" for n, v, s in self.rows()]
+        return "\n".join(lines + [f"| total | {self.total:+.4f} | |"])
+
+    def __repr__(self) -> str:
+        width = max([len(n) for n in self.names] + [5])
+        title = f"direct logit attribution{' to ' + self.label if self.label else ''} (top {len(self.names)})"
+        lines = [f"  {n:<{width}}  {v:+9.4f}  {s:+7.1%}" for n, v, s in self.rows()]
+        return "\n".join([title] + lines + [f"  {'total':<{width}}  {self.total:+9.4f}"])
+
+    __str__ = __repr__
+
+
 class DLA(NamedTuple):
     """Direct logit attribution at one position: each component's share of the logit along a direction,
     after the final norm's scale (frozen at its value on the real run). `total()` equals the logit (before
-    the final soft-cap) of the direction, biases included."""
+    the final soft-cap) of the direction, biases included. `top(k)` names the largest components of a row
+    (heads `L{l}H{h}`, MLPs, embedding, biases); `repr` is a one-line summary."""
 
     embed: Float[Array, " B"]
     attn: Float[Array, "L B"]
@@ -109,6 +155,39 @@ class DLA(NamedTuple):
 
     def total(self) -> Array:
         return self.embed + self.attn.sum(0) + self.mlp.sum(0) + self.constant
+
+    def components(self, row: int = 0) -> dict[str, float]:
+        """Every component of `row` by name; they sum to `total()[row]` (per-head models list heads and `b_O`
+        instead of each layer's attention sum, Gemma-style post-norm models each layer's attention)."""
+        B = int(np.shape(self.embed)[0])
+        if not -B <= row < B:
+            raise InputError(f"DLA row must be in [-{B}, {B}), got {row}")
+        out = {"embed": float(self.embed[row])}
+        L = int(np.shape(self.attn)[0])
+        for layer in range(L):
+            if self.heads is not None:
+                out.update({f"L{layer}H{h}": float(v) for h, v in enumerate(np.asarray(self.heads[layer, row]))})
+                out[f"L{layer} b_O"] = float(self.attn_bias[layer, row])
+            else:
+                out[f"L{layer} attn"] = float(self.attn[layer, row])
+            out[f"L{layer} MLP"] = float(self.mlp[layer, row])
+        out["biases"] = float(self.constant[row])
+        return out
+
+    def top(self, k: int = 10, row: int = 0, label: str = "") -> Contributions:
+        """The `k` components of `row` with the largest |contribution|, named (`label`: what the direction is,
+        e.g. `'" Paris" - " London"'`, for the printout)."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise InputError(f"DLA.top k must be an int >= 1, got {k!r}")
+        comps = self.components(row)
+        names = sorted(comps, key=lambda n: -abs(comps[n]))[:k]
+        return Contributions(tuple(names), tuple(comps[n] for n in names), float(self.total()[row]), label)
+
+    def __repr__(self) -> str:
+        L, B = np.shape(self.attn)
+        heads = "" if self.heads is None else f", heads [{L}, {B}, {np.shape(self.heads)[-1]}]"
+        totals = ", ".join(f"{float(t):+.3f}" for t in np.asarray(self.total())[:4]) + (", ..." if B > 4 else "")
+        return f"DLA(layers={L}, rows={B}{heads}; total per row [{totals}]; .top(k) names the largest)"
 
 
 def direct_logit_attribution(model, tokens, mask, direction: Float[Array, "*B D"], *, position: int = -1) -> DLA:

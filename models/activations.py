@@ -1,13 +1,18 @@
-"""Captured activations the way TransformerLens users read them: `[site, layer]`, TL hook names, no padding.
+"""Captured activations the way TransformerLens users read them: `[site, layer]` or TL hook names.
 
-    caps = ("resid_post", models.Capture("attn.pattern", layers=(3,)))
+    caps = ("resid_post", models.Capture("attn.pattern", layers=(3,)), "blocks.5.attn.hook_z")
     logits, acts = models.forward(m, tokens, attention_mask=mask, capture=caps)
     a = models.Activations(acts, mask, caps)         # a light view; `a.acts` is the plain dict (a pytree)
-    a["resid_post", 10]                                # [B, T, D]
+    a["resid_post", 10]                                # [B, T, D], padded: the batch as the forward ran it
     a["blocks.10.hook_resid_post"]                     # the same array, by its TransformerLens name
-    a["pattern", 3], a["blocks.3.attn.hook_pattern"]   # [B, H, T, S]
-    a.rows("resid_post", 10)                           # one [T_b, D] per row, left padding removed
+    a["pattern", 3], a["blocks.3.attn.hook_pattern"]   # [B, H, T, S], padded
+    a.rows("resid_post", 10)                           # unpadded: one [T_b, D] per row, left padding removed
+    a.tl_cache()                                       # {"blocks.10.hook_resid_post": [B, T, D], ...}
     logits, a = models.run_with_cache(m, ["a text", "another text"], capture=("resid_post",))
+    a.tokens, a.str_tokens                             # [B, T] padded ids; each row's tokens as text, unpadded
+
+Indexing (`a[...]`) always returns the padded arrays as captured (`[B, T, ...]`, padding positions included,
+rows aligned); only `rows(...)` and `str_tokens` remove padding, returning one array / list per row.
 
 Names map both ways through the site registry (`models.sites.Site.tl`, `models.Hook`): `Hook("attn.z", 3).tl
 == to_tl_name("attn.z", 3) == "blocks.3.attn.hook_z"`, `from_tl_name("blocks.3.attn.hook_z") == ("attn.z", 3)`. Layer sites live inside
@@ -27,9 +32,8 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Int
 
 from models.errors import InputError
-from models.model import forward, tokens_and_mask
-from models.sites import ALL_SITES, SITES, TL_NAMES, Hook
-from models.transformer import Capture, as_capture
+from models.model import as_captures, forward, tokens_and_mask
+from models.sites import ALL_SITES, SITES, TL_NAMES, Hook, names_layer
 
 __all__ = ["Activations", "TL_NAMES", "from_tl_name", "run_with_cache", "to_tl_name"]
 
@@ -52,14 +56,15 @@ def from_tl_name(name: str) -> tuple[str, int | None]:
 
 class Activations:
     """A view of `models.forward`'s `{site: array}` that indexes by `[site, layer]` or TransformerLens hook
-    name and strips each row's left padding. `capture` is what was given to `models.forward` (it says which
-    layers and positions each site holds; `start_layer` too when the forward started later). A pytree whose
-    leaves are the arrays of `acts` and `mask`."""
+    name (padded arrays, as captured) and strips each row's left padding on request (`rows`). `capture` is what
+    was given to `models.forward` (it says which layers and positions each site holds; `start_layer` too when
+    the forward started later). `tokens` (`[B, T]`) and `tokenizer` are optional (`run_with_cache` passes
+    them) and give `.tokens` / `.str_tokens`. A pytree whose leaves are the arrays of `acts`, `mask` and
+    `tokens`."""
 
     def __init__(self, acts: Mapping[str, Array], mask: Int[ArrayLike, "B T"] | None, capture: Sequence,
-                 start_layer: int = 0):
-        capture = (capture,) if isinstance(capture, (str, Capture, Hook)) else tuple(capture)
-        caps = {c.site: c for c in map(as_capture, capture)}
+                 start_layer: int = 0, *, tokens: Int[ArrayLike, "B T"] | None = None, tokenizer=None):
+        caps = {c.site: c for c in as_captures(capture)}
         missing = sorted(set(acts) - set(caps))
         if missing:
             raise InputError(f"Activations: sites {missing} are in acts but not in capture; pass the capture= "
@@ -74,15 +79,46 @@ class Activations:
             if layers is not None and len(layers) != n:
                 raise InputError(f"Activations: {site!r} holds {n} layers but capture names {len(layers)} ({layers})")
             meta.append((site, layers, c.positions))
-        self._init(dict(acts), mask, tuple(meta))
+        if tokens is not None and mask is not None and np.shape(tokens) != np.shape(mask):
+            raise InputError(f"Activations: tokens {np.shape(tokens)} and mask {np.shape(mask)} differ in shape")
+        self._init(dict(acts), mask, tuple(meta), tokens, tokenizer)
 
-    def _init(self, acts, mask, meta):
-        self.acts, self.mask, self._meta = acts, mask, meta
+    def _init(self, acts, mask, meta, tokens=None, tokenizer=None):
+        self.acts, self.mask, self._meta, self._tokens, self.tokenizer = acts, mask, meta, tokens, tokenizer
         self._layers = {site: layers for site, layers, _ in meta}
         self._positions = {site: positions for site, _, positions in meta}
 
     def keys(self):
         return self.acts.keys()
+
+    @property
+    def tokens(self) -> Int[ArrayLike, "B T"]:
+        """The token ids `[B, T]` the activations were computed on (padded, as run)."""
+        if self._tokens is None:
+            raise InputError("Activations has no tokens: build it with tokens= (models.run_with_cache does)")
+        return self._tokens
+
+    @property
+    def str_tokens(self) -> list[list[str]]:
+        """Each row's real tokens as display text (padding removed, specials kept), as TransformerLens's
+        `model.to_str_tokens`; needs `tokens=` and `tokenizer=` (`models.run_with_cache` passes both)."""
+        if self.tokenizer is None:
+            raise InputError("Activations has no tokenizer: build it with tokenizer= (models.run_with_cache does)")
+        tokens = np.asarray(self.tokens)
+        mask = np.ones(tokens.shape, bool) if self.mask is None else np.asarray(self.mask) > 0
+        return [[self.tokenizer.decode([int(i)], skip_special=False) for i in row[keep]]
+                for row, keep in zip(tokens, mask)]
+
+    def tl_cache(self) -> dict[str, Array]:
+        """Every captured stream under its TransformerLens hook name, one entry per layer (a TL-style
+        `{name: array}` cache, e.g. `{"blocks.3.hook_resid_post": [B, T, D], "hook_embed": [B, T, D]}`);
+        the arrays are the padded ones `a[name]` returns."""
+        out = {}
+        for site, layers, _ in self._meta:
+            for layer in (None,) if layers is None else layers:
+                name = Hook(site, layer).tl
+                out[name] = self[name]
+        return out
 
     def __contains__(self, key) -> bool:
         try:
@@ -113,8 +149,8 @@ class Activations:
                 raise InputError(f"layer must be an int, got {layer!r}")
         elif key in SITES:
             site, layer = key, None
-        elif isinstance(key, str) and key.startswith(("blocks.", "hook_", "ln_final.")):
-            site, layer = Hook.from_tl(key)
+        elif names_layer(key):
+            site, layer = Hook.parse(key)
         else:
             raise InputError(f"unknown activation {key!r}: use a site ({', '.join(ALL_SITES)}), [site, layer] or a "
                              "TransformerLens hook name such as blocks.3.hook_resid_post")
@@ -125,7 +161,8 @@ class Activations:
 
     def __getitem__(self, key) -> Array:
         """`a[site]`: the array as captured (layer sites stacked `[layers, B, ...]`); `a[site, layer]`,
-        `a[Hook(site, layer)]`, `a["blocks.{layer}.hook_..."]`: that layer's `[B, ...]`."""
+        `a[Hook(site, layer)]`, `a["blocks.{layer}.hook_..."]`, `a["L{layer}.site"]`: that layer's `[B, ...]`.
+        Always padded (`[B, T, ...]` with each row's padding positions); `rows` removes the padding."""
         site, layer = self._resolve(key)
         x = self.acts[site]
         if layer is None:
@@ -167,12 +204,12 @@ class Activations:
 
 
 def _flatten(a: Activations):
-    return (a.acts, a.mask), a._meta
+    return (a.acts, a.mask, a._tokens), (a._meta, a.tokenizer)
 
 
-def _unflatten(meta, children):
+def _unflatten(aux, children):
     a = object.__new__(Activations)
-    a._init(children[0], children[1], meta)
+    a._init(children[0], children[1], aux[0], children[2], aux[1])
     return a
 
 
@@ -186,7 +223,8 @@ def run_with_cache(model, tokens, attention_mask=None, capture: Sequence | None 
     tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask)
     if capture is None:
         capture = tuple(s for s in ALL_SITES if s != "attn.head_out")
-    capture = (capture,) if isinstance(capture, (str, Capture)) else tuple(capture)
+    capture = as_captures(capture)
     logits, acts = forward(model, tokens, attention_mask, capture=capture, **kwargs)
     mask = attention_mask if attention_mask is not None else jnp.ones(np.shape(tokens), jnp.int32)
-    return logits, Activations(acts, mask, capture, start_layer=kwargs.get("start_layer", 0))
+    return logits, Activations(acts, mask, capture, start_layer=kwargs.get("start_layer", 0), tokens=tokens,
+                               tokenizer=model.tokenizer)

@@ -16,7 +16,8 @@ from models.checks import check_call
 from models.config import Config
 from models.errors import InputError, ModelFileError
 from models.loading import load_gguf, load_hf_dir, resolve
-from models.sites import Hook
+from models.sharding import INDIVISIBLE, check_model_fits
+from models.sites import SITES, Hook, check_site, names_layer
 from models.tokenizer import Tokenizer, from_gguf_metadata, from_hf_dir
 
 
@@ -110,15 +111,20 @@ class Model:
         return Model(params, self.cfg, self.tokenizer, self.name)
 
 
-def load(name_or_path: str | Path, dtype: str | None = None, *, mesh=None, rules=None, tokenizer: bool = True) -> Model:
+def load(name_or_path: str | Path, dtype: str | None = None, *, mesh=None, rules=None, tokenizer: bool = True,
+         indivisible: str = "warn") -> Model:
     """Load a registered model (`models.REGISTRY`), a `.gguf` file, or a local Hugging Face directory.
 
     Weights stream from the file into `dtype` (default `default_dtype()`) one tensor at a time (see
     `models.loading`). With `mesh` (a `jax.sharding.Mesh`) every parameter is placed sharded by its logical
     axes through `models.sharding.RULES` (or `rules`), each device's shard read from the file directly; on
-    several hosts each process reads only its own devices' shards. A Hugging Face directory needs a
+    several hosts each process reads only its own devices' shards; a dimension the mesh cannot split (9 heads
+    over 8 devices) is replicated, and `indivisible` ("warn", "error", "ignore") says whether that warns
+    (`models.sharding.check_divisible`). A Hugging Face directory needs a
     `tokenizer.json` unless `tokenizer=False`, which loads the weights alone (`Model.tokenizer` is None).
     """
+    if indivisible not in INDIVISIBLE:
+        raise InputError(f"load: indivisible must be one of {INDIVISIBLE}, got {indivisible!r}")
     dtype = dtype or default_dtype()
     path = resolve(name_or_path)
     if path.is_dir():
@@ -130,6 +136,8 @@ def load(name_or_path: str | Path, dtype: str | None = None, *, mesh=None, rules
     else:
         cfg, params, meta = load_gguf(path, dtype, mesh=mesh, rules=rules)
         tok = from_gguf_metadata(meta) if tokenizer else None
+    if mesh is not None:
+        check_model_fits(cfg, mesh, rules, indivisible, "models.load")
     return Model(params, cfg, tok, str(name_or_path))
 
 
@@ -142,6 +150,40 @@ def tokens_and_mask(model: Model, tokens, attention_mask=None):
             raise InputError("forward: an attention_mask was given with texts; the mask comes from tokenising them")
         return model.tokenize(tokens)
     return tokens, attention_mask
+
+
+def as_captures(capture) -> tuple[transformer.Capture, ...]:
+    """`capture=` as `models.forward` keeps it: one `Capture` per site, in first-mention order. Each entry is a
+    site name (every layer), a run key (`"L3.attn.z"`), a TransformerLens hook name (`"blocks.3.attn.hook_z"`,
+    `"hook_embed"`), a `Hook`, or a `Capture` (whose site may be any of those spellings). Entries naming the
+    same site merge: their layers are united (sorted, as the forward stacks them; every layer if any entry
+    asks for every layer), and must agree on positions. An unknown site is an InputError listing the sites."""
+    capture = (capture,) if isinstance(capture, (str, Hook, transformer.Capture)) else tuple(capture)
+    merged: dict[str, transformer.Capture] = {}
+    for c in capture:
+        if isinstance(c, transformer.Capture) and not (c.site in SITES or not isinstance(c.site, str)):
+            hook = Hook.parse(c.site) if names_layer(c.site) else check_site(c.site)
+            if c.layers is not None and hook.layer is not None:
+                raise InputError(f"Capture({c.site!r}, layers={c.layers}): the hook name already names layer "
+                                 f"{hook.layer}; pass layers= with a site name ({hook.site!r}) instead")
+            layers = c.layers if hook.layer is None else (hook.layer,)
+            c = transformer.Capture(hook.site, layers, c.positions, c.seq_indices)
+        elif isinstance(c, str) and c not in SITES:
+            c = Hook.parse(c) if names_layer(c) else check_site(c)  # (check_site raises, listing the sites)
+        c = transformer.as_capture(c)
+        if c.layers is not None:
+            if isinstance(c.layers, (int, np.integer)) or not all(isinstance(x, (int, np.integer)) for x in c.layers):
+                raise InputError(f"Capture({c.site!r}) layers must be a tuple of ints, got {c.layers!r}")
+            c = transformer.Capture(c.site, tuple(sorted({int(x) for x in c.layers})), c.positions, c.seq_indices)
+        old = merged.get(c.site)
+        if old is not None:
+            if (old.positions, old.seq_indices) != (c.positions, c.seq_indices):
+                raise InputError(f"capture names {c.site!r} twice with different positions ({old.positions} / "
+                                 f"{c.positions}); one capture per site keeps one set of positions")
+            layers = None if old.layers is None or c.layers is None else tuple(sorted({*old.layers, *c.layers}))
+            c = transformer.Capture(c.site, layers, c.positions, c.seq_indices)
+        merged[c.site] = c
+    return tuple(merged.values())
 
 
 @partial(jax.jit, static_argnames=("capture", "start_layer", "stop_at_layer", "unroll", "frozen"))
@@ -160,14 +202,15 @@ def forward(model: Model, tokens, attention_mask=None, positions=None, capture: 
 
     `tokens` is int `[B, T]`, or a text / list of texts, tokenised as `model.tokenize` does (the model's BOS
     convention, left-padded, the mask supplied; `model.tokenize(texts)` gives the same tokens and mask).
-    Capture nothing by default; `capture=("resid_post", Capture("attn.pattern", layers=(3,)), Hook("attn.z", 5))`
-    keeps those
-    (`models.Activations(acts, mask, capture)` indexes them by `[site, layer]` or TransformerLens hook name).
+    Capture nothing by default; `capture=("resid_post", Capture("attn.pattern", layers=(3,)), Hook("attn.z", 5),
+    "blocks.2.hook_mlp_out")` keeps those (`as_captures`: run keys and TransformerLens hook names are read as
+    hooks, an unknown site is an InputError; `models.Activations(acts, mask, capture)` indexes them by
+    `[site, layer]` or TransformerLens hook name).
     Interventions are pytrees (see `interp`), so this is vmappable and differentiable in them; `frozen=True`
     stops gradients through attention patterns and norm scales (`models.transformer.forward`).
     """
     tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask)
-    capture = tuple(map(transformer.as_capture, (capture,) if isinstance(capture, (str, Hook)) else capture))
+    capture = as_captures(capture)
     # concrete checks (token ids, positions per row, selections) before anything is traced
     check_call(model.cfg, tokens, attention_mask, capture, tuple(interventions), start_layer=start_layer,
                stop_layer=stop_at_layer)

@@ -6,7 +6,8 @@ to mesh axes (so an activation's sharding is read from its site): batch, seq (qu
 positions), embed (d_model), heads, kv_heads, head_dim, mlp (d_mlp); a stacked layer axis is "layers". (Shape
 annotations in docstrings and jaxtyping use the letters B T S D H K d F L for the same axes.) Each site names
 its TransformerLens hook (`tl`, inside `blocks.{layer}.` for layer sites); `Hook(site, layer)` is one stream's
-typed identity, with its run key (`"L10.resid_post"`) and TransformerLens name.
+typed identity, with its run key (`"L10.resid_post"`) and TransformerLens name. Wherever a hook is taken,
+`Hook.parse` reads any of the three spellings: `"L3.attn.z"`, `"blocks.3.attn.hook_z"`, `Hook("attn.z", 3)`.
 """
 
 from __future__ import annotations
@@ -68,12 +69,42 @@ ALL_SITES = tuple(SITES)
 TL_NAMES: dict[str, str] = {s.tl: s.name for s in _SITES}  # TL hook (without `blocks.{l}.`) -> site
 
 
+class UnknownSiteError(InputError, KeyError):
+    """A site name that is not in the registry (an `InputError`; also a `KeyError` for older callers)."""
+
+    def __str__(self) -> str:  # KeyError would print the repr
+        return str(self.args[0])
+
+
+def is_tl_name(name) -> bool:
+    """Whether `name` looks like a TransformerLens hook name (`blocks.3.attn.hook_z`, `hook_embed`,
+    `ln_final.hook_normalized`), as opposed to a registry site or a run key (`L3.attn.z`)."""
+    return isinstance(name, str) and (name.startswith(("blocks.", "hook_")) or name.split(".")[-1].startswith("hook_"))
+
+
+def names_layer(name) -> bool:
+    """Whether `name` is a hook name that carries its layer or is a model site's TL name: a TransformerLens name
+    (`is_tl_name`) or a run key `L<layer>.<site>`; `Hook.parse` reads both."""
+    return is_tl_name(name) or (isinstance(name, str) and re.fullmatch(r"L[0-9]+\..+", name) is not None)
+
+
+def _unknown(name) -> str:
+    """The message for an unknown site: the valid names, and the translation when `name` is a TL hook name."""
+    hint = ""
+    if is_tl_name(name):
+        try:
+            hint = f"; {name!r} is a TransformerLens hook name: that is {Hook.from_tl(name)!r}"
+        except InputError:
+            hint = f"; {name!r} is not a TransformerLens hook this library has either"
+    return f"unknown activation site {name!r}; known sites: {', '.join(ALL_SITES)}{hint}"
+
+
 def check_site(name: str) -> Site:
-    """The `Site` called `name`, or a KeyError listing the valid names."""
-    try:
-        return SITES[name]
-    except KeyError:
-        raise KeyError(f"unknown activation site {name!r}; known sites: {', '.join(ALL_SITES)}") from None
+    """The `Site` called `name`, or an `UnknownSiteError` (an InputError) listing the valid names."""
+    info = SITES.get(name) if isinstance(name, str) else None
+    if info is None:
+        raise UnknownSiteError(_unknown(name))
+    return info
 
 
 @dataclass(frozen=True)
@@ -91,9 +122,7 @@ class Hook:
     layer: int | None = None
 
     def __post_init__(self):
-        info = SITES.get(self.site) if isinstance(self.site, str) else None
-        if info is None:
-            raise InputError(f"unknown activation site {self.site!r}; known sites: {', '.join(ALL_SITES)}")
+        info = check_site(self.site)
         layer = self.layer
         if layer is not None and (isinstance(layer, bool) or not hasattr(layer, "__index__") or int(layer) < 0):
             raise InputError(f"Hook({self.site!r}): layer must be an integer >= 0 or None, got {layer!r}")
@@ -107,6 +136,9 @@ class Hook:
 
     def __str__(self) -> str:
         return self.key
+
+    def __repr__(self) -> str:
+        return f"Hook({self.site!r})" if self.layer is None else f"Hook({self.site!r}, {self.layer})"
 
     @property
     def key(self) -> str:
@@ -126,14 +158,20 @@ class Hook:
 
     @classmethod
     def parse(cls, key: str) -> "Hook":
-        """The inverse of `key`: `"L10.resid_post"`, `"embed"`, or a bare layer site name (every layer)."""
+        """The inverse of `key`: `"L10.resid_post"`, `"embed"`, or a bare layer site name (every layer); a
+        TransformerLens hook name (`"blocks.10.hook_resid_post"`) is read as `from_tl` reads it."""
+        if isinstance(key, Hook):
+            return key
+        if is_tl_name(key):
+            return cls.from_tl(key)
         m = re.fullmatch(r"L(0|[1-9][0-9]{0,5})\.(.+)", key) if isinstance(key, str) else None
         if m and m.group(2) in SITES and SITES[m.group(2)].per_layer:
             return cls(m.group(2), int(m.group(1)))
         if isinstance(key, str) and key in SITES:
             return cls(key)
-        raise InputError(f"invalid hook name {key!r}: expected 'L<layer>.<site>' for a layer site or a site name "
-                         f"of models.sites ({', '.join(ALL_SITES)})")
+        raise InputError(f"invalid hook name {key!r}: expected 'L<layer>.<site>' for a layer site, a site name "
+                         f"of models.sites ({', '.join(ALL_SITES)}) or a TransformerLens hook name "
+                         "(blocks.<layer>.hook_resid_post, ...)")
 
     @classmethod
     def from_tl(cls, name: str) -> "Hook":

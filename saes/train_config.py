@@ -8,12 +8,18 @@ import functools
 import math
 import os
 import typing
+import warnings
 from dataclasses import dataclass
 
 from models.errors import InputError
+from models.sites import SITES, Hook, names_layer
 from saes import sae as sae_lib
 
-__all__ = ["DEFAULT_SPARSITY", "TrainConfig", "transcoder_hooks", "validate"]
+__all__ = ["DEFAULT_SPARSITY", "ScheduleWarning", "TrainConfig", "transcoder_hooks", "validate"]
+
+
+class ScheduleWarning(UserWarning):
+    """The learning-rate warm-up and decay do not fit the run's steps."""
 
 DEFAULT_SPARSITY = {"relu": 5.0, "gated": 2.0, "jumprelu": 1.0, "topk": 0.0, "batchtopk": 0.0}
 
@@ -24,7 +30,7 @@ class TrainConfig:
 
     # what to train
     model: str = "smollm2-135m-instruct"  # registered name (models.REGISTRY), .gguf file or Hugging Face directory
-    site: tuple[str, ...] = ("resid_post",)  # activation sites (models.SITES), one SAE per site x layer
+    site: tuple[str, ...] = ("resid_post",)  # sites (models.SITES) or hook names (L3.mlp_out, blocks.3.hook_mlp_out)
     layers: tuple[int, ...] = (10,)  # layers of the layer sites
     arch: str = "topk"  # relu, topk, batchtopk, jumprelu or gated
     target: str | None = None  # transcoders: each dictionary predicts this site at its layer (e.g. mlp_out)
@@ -79,6 +85,7 @@ class TrainConfig:
     def __post_init__(self):
         """Check every field before anything is loaded: an InputError names the flag, its value and the rule."""
         _check_types(self)
+        _hooks_from_names(self)
         if self.arch not in sae_lib.ARCHS:
             raise InputError(f"unknown --arch {self.arch!r}; known: {', '.join(sae_lib.ARCHS)}")
         if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
@@ -102,6 +109,7 @@ class TrainConfig:
             raise InputError(f"--batch-size ({self.batch_size}) must be at most --chunk-tokens ({self.chunk_tokens})")
         if self.tokens < self.batch_size:
             raise InputError(f"--tokens ({self.tokens}) must be at least one batch (--batch-size {self.batch_size})")
+        _warn_schedule(self)
 
     @property
     def steps(self) -> int:
@@ -169,6 +177,48 @@ def _check_types(cfg: TrainConfig):
             ok, what = _is(value, base), base.__name__
         if not ok:
             raise InputError(f"--{f.name.replace('_', '-')} must be {what}, got {value!r}")
+
+
+def _hooks_from_names(cfg: TrainConfig):
+    """Sites given as run keys (`L3.resid_post`) or TransformerLens names (`blocks.3.hook_resid_post`) become
+    registry sites, their layers `cfg.layers`. One SAE is trained per site x layer, so the named hooks must be
+    that whole grid; `--layers` other than its default that disagrees with the named layers is an InputError."""
+    named = [s for s in cfg.site if s not in SITES and names_layer(s)]
+    if not named:
+        return
+    hooks = [Hook.parse(s) if s in named else Hook(s) if s in SITES else s for s in cfg.site]
+    sites = tuple(dict.fromkeys(h.site if isinstance(h, Hook) else h for h in hooks))
+    layered = {(h.site, h.layer) for h in hooks if isinstance(h, Hook) and h.layer is not None}
+    layers = tuple(sorted({layer for _, layer in layered}))
+    default = TrainConfig.__dataclass_fields__["layers"].default
+    if cfg.layers not in (default, layers):
+        raise InputError(f"--site {list(named)} name layers {list(layers)} but --layers is {list(cfg.layers)}: "
+                         "name the layers once (site names with --layers, or hook names alone)")
+    grid = {(h.site, layer) for h in hooks if isinstance(h, Hook) and h.layer is not None for layer in layers}
+    if layered != grid:
+        raise InputError(f"--site {list(cfg.site)}: one SAE is trained per site x layer, so hook names must "
+                         f"cover the grid {sorted(grid)}; missing {sorted(grid - layered)} (train separate runs "
+                         "for hooks at different layers)")
+    object.__setattr__(cfg, "site", sites)
+    object.__setattr__(cfg, "layers", layers)
+
+
+def _warn_schedule(cfg: TrainConfig):
+    """A ScheduleWarning when the warm-up and the decay do not fit the steps (`saes.optim.lr_schedule` then caps
+    the warm-up at the run: a short run trains below --lr throughout)."""
+    steps, warm = cfg.steps, cfg.lr_warmup_steps
+    decay = int(cfg.lr_decay_frac * steps)
+    if warm + decay <= steps or warm == 0:
+        return
+    if warm >= steps:
+        what = (f"the whole run is warm-up: the learning rate starts at --lr/{steps} and reaches --lr ({cfg.lr:g}) "
+                "only at the last step, and never decays")
+    else:
+        what = f"the decay starts right after the warm-up and stops {warm + decay - steps} step(s) short of 0"
+    warnings.warn(f"--lr-warmup-steps {warm} plus the decay over the last {decay} steps (--lr-decay-frac "
+                  f"{cfg.lr_decay_frac:g}) exceed the run's {steps} steps (--tokens {cfg.tokens} // --batch-size "
+                  f"{cfg.batch_size}): {what}. Use --lr-warmup-steps <= {steps - decay} (e.g. {max(1, steps // 10)})",
+                  ScheduleWarning, stacklevel=4)
 
 
 def _check_hooks(sites, layers):
