@@ -12,8 +12,10 @@ Criteria (Wang & Shu 2024, "Trojan Activation Attack", pick the layer where the 
   means over the hidden dimension and pairs). Since `kl_div(x, t) = t (log t - x)`, it reduces to
   `mean(M log M - M**2)` with `M = (p + q) / 2`: a function of the mixture alone, not a divergence (it is
   non-zero for identical sets). Kept for comparison with their layer choice.
-- `auroc`: validation AUROC of a logistic probe per layer (`interp.probes.train`, stratified seeded split), and
-  its test AUROC (`auroc_test`); ties are broken by the validation Brier score, as `probes.train` does.
+- `auroc`: validation AUROC of a logistic probe per layer (`interp.probes.train`, seeded split *by pair*: row i
+  of `a` and row i of `b` always land in the same part, so the probe never sees one member of a pair in training
+  and the other, with the opposite label, in validation), and its test AUROC (`auroc_test`); ties are broken by
+  the validation Brier score, as `probes.train` does.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ def _check(a, b) -> tuple[Array, Array]:
         raise InputError(f"activation sets must both be [layers, n, d] of the same shape, got {a.shape} and {b.shape}")
     if a.shape[1] < 1:
         raise InputError("activation sets need at least one pair (n >= 1)")
+    for name, x in (("a", a), ("b", b)):
+        if not bool(jnp.all(jnp.isfinite(x))):
+            raise InputError(f"activation set {name} holds NaN or Inf: scores of undefined activations would read "
+                             "as chance")
     return a, b
 
 
@@ -80,12 +86,18 @@ def authors_js(a: Float[ArrayLike, "L n D"], b: Float[ArrayLike, "L n D"]) -> np
 def layer_scores(a: Float[ArrayLike, "L n D"], b: Float[ArrayLike, "L n D"], *, seed: int = 0, C: float = 1.0,
                  fractions=(0.6, 0.2, 0.2)) -> LayerScores:
     """Every criterion for every layer in one call: `a` and `b` are paired activations `[L, n, D]` (label 1 for `b`
-    in the probes, so a probe AUROC above 0.5 means `b` scores higher). The probes use a stratified seeded split
-    of the `2n` rows (`fractions` train / val / test, `interp.probes.train`)."""
+    in the probes, so a probe AUROC above 0.5 means `b` scores higher). The probes split the `n` *pairs* (seeded,
+    `fractions` train / val / test, `interp.probes.train(groups=...)`): both members of a pair share a part, so
+    every part needs pairs (n >= 5 with the default fractions)."""
     a, b = _check(a, b)
+    n = a.shape[1]
+    sizes = np.diff(np.r_[0, np.round(np.cumsum(np.asarray(fractions, np.float64)) * n)])
+    if n < 3 or np.any((np.asarray(fractions) > 0) & (sizes < 1)):
+        raise InputError(f"layer_scores needs enough pairs for every part of the split: n={n} pairs with fractions "
+                         f"{tuple(fractions)} gives {sizes.astype(int).tolist()} pairs per part")
     x = np.concatenate([np.asarray(a), np.asarray(b)], 1)[:, :, None]  # [L, 2n, 1, D]
-    y = np.r_[np.zeros(a.shape[1]), np.ones(b.shape[1])]
-    grid = probes.train(x, y, C=C, seed=seed, fractions=fractions)
+    y = np.r_[np.zeros(n), np.ones(n)]
+    grid = probes.train(x, y, C=C, seed=seed, fractions=fractions, groups=np.r_[np.arange(n), np.arange(n)])
     val, test = grid.metrics["val"], grid.metrics["test"]
     return LayerScores(softmax_js(a, b), authors_js(a, b), val["auroc"][:, 0], test["auroc"][:, 0], val["brier"][:, 0])
 

@@ -35,6 +35,7 @@ from matplotlib.figure import Figure
 
 import models
 from interp import positions as _positions
+from interp.data import split
 from interp import progress
 from interp.plot import heatmap as _heatmap
 from models.errors import InputError
@@ -337,14 +338,39 @@ def metrics(logits, y, n_bins: int = 10) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------------------------------- grid
 
-def split_indices(y, fractions=(0.6, 0.2, 0.2), seed: int = 0) -> list[np.ndarray]:
-    """Stratified seeded split of row indices into disjoint train / val / test (each class split separately)."""
-    from interp.data import split
+def _check_fractions(fractions) -> np.ndarray:
+    fr = np.asarray(fractions, np.float64)
+    if fr.shape != (3,) or not np.all(np.isfinite(fr)) or np.any(fr < 0) or abs(fr.sum() - 1) > 1e-6 or fr[0] <= 0:
+        raise InputError(f"fractions must be three non-negative numbers (train, val, test) summing to 1 with train > 0, "
+                         f"got {tuple(fractions)}")
+    return fr
+
+
+def split_indices(y, fractions=(0.6, 0.2, 0.2), seed: int = 0, groups=None) -> list[np.ndarray]:
+    """Seeded split of row indices into disjoint train / val / test, stratified by label.
+
+    With `groups [N]` (any hashable ids), all rows of a group land in the same part: paired or grouped data (the
+    two variants of one item, several rows from one prompt) must be split by group, or a probe learns the content a
+    group shares with the label of whichever member it saw (on pairs with no signal at all, held-out AUROC falls far
+    below 0.5). Groups are stratified by their label composition (e.g. every group of a pair holds both labels)."""
+    _check_fractions(fractions)
     y = np.asarray(y)
     parts = [[] for _ in fractions]
-    for c in np.unique(y):
-        for i, p in enumerate(split(np.flatnonzero(y == c).tolist(), fractions, seed=seed + int(c))):
-            parts[i] += p
+    if groups is None:
+        for c in np.unique(y):
+            for i, p in enumerate(split(np.flatnonzero(y == c).tolist(), fractions, seed=seed + int(c))):
+                parts[i] += p
+        return [np.sort(np.asarray(p, np.int64)) for p in parts]
+    g = np.asarray(groups)
+    if g.shape != y.shape:
+        raise InputError(f"groups must give one group id per row: {y.shape[0]} rows, groups of shape {g.shape}")
+    ids, inverse = np.unique(g, return_inverse=True)
+    rows_of = [np.flatnonzero(inverse == k) for k in range(len(ids))]
+    stratum = [tuple(sorted(y[r].tolist())) for r in rows_of]
+    for j, key in enumerate(sorted(set(stratum))):
+        members = [k for k in range(len(ids)) if stratum[k] == key]
+        for i, p in enumerate(split(members, fractions, seed=seed + j)):
+            parts[i] += [int(r) for k in p for r in rows_of[k]]
     return [np.sort(np.asarray(p, np.int64)) for p in parts]
 
 
@@ -374,20 +400,37 @@ def train(acts, y, *, kind: str = "logistic", C: float = 1.0, balanced: bool = T
           tol: float = 1e-6, ftol: float = 0.0, fractions=(0.6, 0.2, 0.2), seed: int = 0,
           layers: Sequence[int] | None = None,
           positions: Sequence[str] | None = None, model: str = "", site: str = "resid_post",
-          criterion: str = "auroc") -> GridResult:
+          criterion: str = "auroc", groups=None) -> GridResult:
     """Train a probe for every (layer, position) of `acts [L, N, P, D]` with labels `y [N]` in one call.
 
     `kind`: "logistic" (L2, `C` as in scikit-learn, class-balanced) or "diff_of_means". A stratified seeded
     split (`fractions` train / val / test) picks the training rows; normalisers are fitted on train only.
+    `groups [N]`: rows that belong together (the two members of a pair, every row of one prompt) share one part
+    of the split (`split_indices`); pass it whenever rows are paired or grouped.
     The best cell maximises the validation `criterion`; ties go to the lower validation Brier score."""
     acts = np.asarray(acts)
     if acts.ndim != 4:
         raise InputError(f"acts must be [layers, N, positions, d], got shape {acts.shape}")
     L, N, P, D = acts.shape
-    y = np.asarray(y).astype(np.int32)
-    if y.shape != (N,) or not set(np.unique(y)) <= {0, 1} or len(np.unique(y)) < 2:
-        raise InputError("y must be N binary labels containing both classes")
-    tr, va, te = split_indices(y, fractions, seed)
+    y_raw = np.asarray(y)
+    if y_raw.shape != (N,):
+        raise InputError(f"y must hold one label per row of acts: acts has N={N} rows, y has shape {y_raw.shape}")
+    if not np.all(np.isin(y_raw, (0, 1))) or len(np.unique(y_raw)) < 2:
+        raise InputError(f"y must be binary labels 0/1 containing both classes, got values {np.unique(y_raw)[:5]}")
+    y = y_raw.astype(np.int32)
+    if not (np.isfinite(C) and C > 0):
+        raise InputError(f"C (inverse regularisation strength) must be finite and > 0, got {C}")
+    if criterion not in ("auroc", "accuracy", "brier", "ece"):
+        raise InputError(f"criterion must be one of auroc, accuracy, brier, ece, got {criterion!r}")
+    if not np.all(np.isfinite(acts)):
+        bad = np.argwhere(~np.isfinite(acts).all(axis=(1, 2, 3))).ravel()
+        raise InputError(f"acts holds NaN or Inf (layers {bad.tolist()[:10]}): probes on undefined activations "
+                         "would report chance")
+    tr, va, te = split_indices(y, fractions, seed, groups=groups)
+    for name, idx, f in zip(("train", "val", "test"), (tr, va, te), fractions):
+        if f > 0 and len(np.unique(y[idx])) < 2:
+            raise InputError(f"the {name} split ({len(idx)} rows, fractions {tuple(fractions)}, seed {seed}) lacks a "
+                             f"class: use more rows or larger fractions")
     mask = np.zeros(N, bool)
     mask[tr] = True
     x = jnp.transpose(jnp.asarray(acts, jnp.float32), (0, 2, 1, 3))  # [L, P, N, D]
@@ -411,7 +454,8 @@ def train(acts, y, *, kind: str = "logistic", C: float = 1.0, balanced: bool = T
     probes = Probes(np.asarray(w), np.asarray(b), np.asarray(mu), np.asarray(sd), kind=kind, model=model, site=site,
                     layers=tuple(range(L)) if layers is None else tuple(int(i) for i in layers),
                     positions=tuple(str(i) for i in range(P)) if positions is None else tuple(positions),
-                    extra={"C": C, "balanced": balanced, "steps": steps, "seed": seed, "fractions": list(fractions)})
+                    extra={"C": C, "balanced": balanced, "steps": steps, "seed": seed, "fractions": list(fractions),
+                           "grouped_split": groups is not None})
     return GridResult(probes, mets, splits, best, criterion)
 
 
