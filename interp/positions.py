@@ -65,13 +65,20 @@ class Absolute:
 
 @dataclass(frozen=True)
 class FromEnd:
-    """`k` tokens before each row's last real token, for each k in `offsets` (0 = the last token)."""
+    """`k` tokens before each row's last real token, for each k in `offsets` (0 = the last token). Note the
+    count: `FromEnd(k)` is `Absolute(-1 - k)`, the position `-1 - k` of every other API (`positions=(-1,)`,
+    `Capture(positions=)`, `Where(positions=)` are the last token as `FromEnd(0)` and `Absolute(-1)` are)."""
 
     offsets: tuple[int, ...]
 
     def __init__(self, *offsets: int):
+        if any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) for k in offsets):
+            raise InputError(f"FromEnd offsets must be ints >= 0 (0 = the last token), got {offsets}")
         if any(k < 0 for k in offsets):
-            raise InputError(f"FromEnd offsets must be >= 0, got {offsets}")
+            hint = ("" if any(k >= 0 for k in offsets) else f"; in the positions=(-1,) convention that is Absolute("
+                    f"{', '.join(map(str, offsets))}) = FromEnd({', '.join(str(-1 - k) for k in offsets)})")
+            raise InputError(f"FromEnd offsets count back from the last token and must be >= 0 (FromEnd(0) is the "
+                             f"last token, FromEnd(1) the one before), got {offsets}{hint}")
         object.__setattr__(self, "offsets", tuple(int(k) for k in offsets))
 
     def __call__(self, tokens, mask, tokenizer=None):

@@ -246,3 +246,13 @@ def test_dla_top_names_components_that_sum_to_the_total(tiny):
         dla.top(3, row=2)
     with pytest.raises(InputError, match="k must be an int >= 1"):
         dla.top(0)
+
+
+def test_from_end_negative_offsets_name_the_other_convention():
+    from interp import positions as P
+
+    with pytest.raises(InputError, match=r"FromEnd\(0\) is the last token.*Absolute\(-1, -2\) = FromEnd\(0, 1\)"):
+        P.FromEnd(-1, -2)
+    np.testing.assert_array_equal(P.FromEnd(0, 1)(TOKENS, MASK), P.Absolute(-1, -2)(TOKENS, MASK))
+    with pytest.raises(InputError, match="must be ints"):
+        P.FromEnd(0.5)
