@@ -46,6 +46,7 @@ import numpy as np
 
 from models import cli, host_memory
 from models.errors import InputError
+from models.sites import SITES, Hook
 from saes.checkpoints import CheckpointCorrupt, Checkpointer
 from saes.sae import SAE
 from saes.train_config import TrainConfig, transcoder_hooks, validate
@@ -169,6 +170,7 @@ def train(cfg: TrainConfig, *, source=None, model=None, eval_tokens=None, stop_a
         model, source, built_eval = build_source(cfg, model, docs)
         eval_tokens = built_eval if eval_tokens is None else eval_tokens
     (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=1))
+    print(summary_line(cfg), file=sys.stderr)
 
     mesh = make_mesh(cfg)
     hooks = _hook_info(source, cfg)
@@ -209,6 +211,7 @@ def train(cfg: TrainConfig, *, source=None, model=None, eval_tokens=None, stop_a
         raise InputError(f"chunks of {next(iter(chunk.values())).shape[0]} activations hold no batch of {cfg.batch_size}")
     bar = tqdm(total=total, initial=step, unit="step", disable=not cfg.progress, dynamic_ncols=True)
     acc, acc_n, t_last, tok_last = None, 0, time.perf_counter(), step * cfg.batch_size
+    speed = Smoothed()
     last_good = latest
     this_call = 0
     try:
@@ -231,7 +234,7 @@ def train(cfg: TrainConfig, *, source=None, model=None, eval_tokens=None, stop_a
                            **_to_host(jax.tree.map(lambda a: a / acc_n, acc))}
                     t_last, tok_last, acc, acc_n = now, step * cfg.batch_size, None, 0
                     _log(metrics_path, rec, history)
-                    bar.set_postfix(_postfix(rec), refresh=False)
+                    bar.set_postfix(_postfix(rec, speed.update(rec["tokens_per_s"])), refresh=False)
                 if (cfg.eval_every and step % cfg.eval_every == 0 and step < total and model is not None
                         and eval_tokens is not None):  # (the last step is evaluated after the loop)
                     _log(metrics_path, {"step": step, "eval": _evaluate(model, state.saes, eval_tokens)}, history)
@@ -333,13 +336,40 @@ def _read_history(path: Path, upto: int) -> list[dict]:
     return keep
 
 
-def _postfix(rec: dict) -> dict:
+class Smoothed:
+    """An exponential moving average of a rate (tokens/s) over log windows; the first window (which holds the
+    compilation) only stands until the second arrives, so the shown speed is not dragged down by it."""
+
+    def __init__(self, weight: float = 0.3):
+        self.weight, self.value, self.n = weight, None, 0
+
+    def update(self, x: float) -> float:
+        self.n += 1
+        self.value = x if self.n <= 2 else (1 - self.weight) * self.value + self.weight * x
+        return self.value
+
+
+def summary_line(cfg: TrainConfig) -> str:
+    """One line saying what a run trains (the full config is `out/config.json`)."""
+    hooks = ([Hook(s, layer).key for s in cfg.site for layer in (cfg.layers if SITES[s].per_layer else (None,))]
+             if cfg.cache is None else ["hooks of " + cfg.cache])
+    kind = "cross-layer transcoder" if cfg.cross_layer else "transcoders" if cfg.target else "SAEs"
+    sparsity = f"k {cfg.k}" if cfg.arch in ("topk", "batchtopk") else f"sparsity {cfg.coeff:g}"
+    data = f"cache {cfg.cache}" if cfg.cache else f"{cfg.model} on {cfg.corpus or 'the default corpus'}"
+    return (f"training {cfg.arch} {kind} ({', '.join(hooks)}{' -> ' + cfg.target if cfg.target else ''}), width "
+            f"{cfg.width}, {sparsity}; {data}; {cfg.steps} steps x {cfg.batch_size} tokens, lr {cfg.lr:g} (warm-up "
+            f"{cfg.lr_warmup_steps} steps, decay over the last {cfg.lr_decay_frac:.0%}); full config: "
+            f"{Path(cfg.out) / 'config.json'}")
+
+
+def _postfix(rec: dict, tokens_per_s: float | None = None) -> dict:
     hooks = [k for k, v in rec.items() if isinstance(v, dict)]
     if not hooks:
         return {}
     h = rec[hooks[0]]
+    speed = rec["tokens_per_s"] if tokens_per_s is None else tokens_per_s
     return {"EV": f"{h['explained_variance']:.3f}", "L0": f"{h['l0']:.1f}", "dead": f"{h['dead_frac']:.2f}",
-            "tok/s": f"{rec['tokens_per_s']:.0f}"}
+            "tok/s": f"{speed:.0f}"}
 
 
 # ----------------------------------------------------------------------------- CLI

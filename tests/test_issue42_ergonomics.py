@@ -256,3 +256,15 @@ def test_from_end_negative_offsets_name_the_other_convention():
     np.testing.assert_array_equal(P.FromEnd(0, 1)(TOKENS, MASK), P.Absolute(-1, -2)(TOKENS, MASK))
     with pytest.raises(InputError, match="must be ints"):
         P.FromEnd(0.5)
+
+
+def test_sae_training_prints_one_summary_line_and_a_smoothed_speed():
+    from saes.train import Smoothed, summary_line
+    from saes.train_config import TrainConfig
+
+    line = summary_line(TrainConfig(site=("blocks.3.hook_resid_post", "blocks.5.hook_resid_post"), out="/tmp/r"))
+    assert "\n" not in line and line.startswith("training topk SAEs (L3.resid_post, L5.resid_post), width 8192, k 32")
+    assert "488 steps x 4096 tokens" in line and line.endswith("full config: /tmp/r/config.json")
+    s = Smoothed(weight=0.5)
+    # the first window (compilation) is replaced by the second, then an exponential average
+    assert [s.update(x) for x in (10.0, 100.0, 200.0, 200.0)] == [10.0, 100.0, 150.0, 175.0]
