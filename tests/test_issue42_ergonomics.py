@@ -268,3 +268,19 @@ def test_sae_training_prints_one_summary_line_and_a_smoothed_speed():
     s = Smoothed(weight=0.5)
     # the first window (compilation) is replaced by the second, then an exponential average
     assert [s.update(x) for x in (10.0, 100.0, 200.0, 200.0)] == [10.0, 100.0, 150.0, 175.0]
+
+
+def test_head_grid_labels_tops_and_plots(tmp_path):
+    from interp.heads import HeadGrid
+
+    v = np.asarray([[0.1, -0.9, 0.0], [0.5, 0.2, np.nan]])
+    g = HeadGrid(v, "zero ablation", first_layer=4)
+    assert g.shape == (2, 3) and g[1, 0] == 0.5 and np.array_equal(np.asarray(g), v, equal_nan=True)
+    assert g.top(2) == [("L4H1", -0.9), ("L5H0", 0.5)]
+    assert repr(g) == "HeadGrid('zero ablation', 2 layers x 3 heads; largest |value|: L4H1 -0.9, L5H0 +0.5, L5H1 +0.2)"
+    assert g.table(1).splitlines() == ["| head | zero ablation |", "|---|---:|", "| L4H1 | -0.9 |"]
+    fig = g.plot(path=str(tmp_path / "g.png"))
+    assert (tmp_path / "g.png").stat().st_size > 0
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["4", "5"]
+    with pytest.raises(InputError, match=r"\[layers, heads\]"):
+        HeadGrid(np.zeros(3))
