@@ -36,9 +36,19 @@ def parse_config(cls, argv: Sequence[str] | None = None, description: str = ""):
 
 
 def run_dir(name: str, root: str = "runs") -> Path:
-    path = Path(root) / name / time.strftime("%Y%m%d-%H%M%S")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """A new, empty directory `root/name/<timestamp>` for one run, created exclusively: a run started in the same
+    second as another gets `<timestamp>-2`, `-3`, ... (never another run's directory)."""
+    parent = Path(root) / name
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i in range(1, 10_000):
+        path = parent / (stamp if i == 1 else f"{stamp}-{i}")
+        try:
+            path.mkdir()  # atomic: exactly one of two racing runs creates it
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{parent}: 9,999 run directories named {stamp}[-i] exist already")
 
 
 def write_report(path: Path, title: str, cfg, sections: Sequence[tuple[str, str]], metrics: dict) -> Path:

@@ -32,6 +32,7 @@ have no feature or error nodes. A skip transcoder's linear path (`W_skip`) stays
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,11 +249,20 @@ def _logit_targets(logits, max_n_logits: int, desired_logit_prob: float, tokens=
     return ids, probs[ids]
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
 def _check_prompt(model, transcoders: TranscoderSet | CrossLayerTranscoder, tokens, skip_first: int,
                   name: str = "attribute") -> np.ndarray:
     """One prompt's ids `[T]` (a text is tokenised by `model.to_tokens`), checked against the model and the set."""
     cfg = model.cfg
     transcoders.check(cfg)
+    d = transcoders if isinstance(transcoders, CrossLayerTranscoder) else transcoders.stacked
+    for path, leaf in jax.tree_util.tree_leaves_with_path(eqx.filter(d, eqx.is_array)):
+        if not bool(jnp.all(jnp.isfinite(leaf))):
+            raise InputError(f"{name}: the transcoders' {jax.tree_util.keystr(path).lstrip('.')} holds non-finite "
+                             "values (NaN or Inf)")
     if transcoders.arch == "gated":
         raise InputError(f"{name}: a gated transcoder's activation is not a function of one pre-activation; "
                          "use relu, topk, batchtopk or jumprelu transcoders")
@@ -289,12 +299,22 @@ def attribute(model, transcoders: TranscoderSet | CrossLayerTranscoder, tokens, 
     `chunk` targets share one vmapped backward pass (targets sorted by layer: a chunk's backward runs only
     through the layers up to its deepest target). A graph whose dense float32 adjacency (and the rows it is
     cut from) would exceed `max_gib` is an InputError before any backward pass."""
+    for name, v in (("chunk", chunk), ("update_every", update_every), ("max_n_logits", max_n_logits)):
+        if not _is_int(v) or v < 1:
+            raise InputError(f"attribute: {name} ({v!r}) must be an integer >= 1")
+    if max_feature_nodes is not None and (not _is_int(max_feature_nodes) or max_feature_nodes < 0):
+        raise InputError(f"attribute: max_feature_nodes ({max_feature_nodes!r}) must be an integer >= 0 (None: every "
+                         "active feature)")
+    if not (isinstance(desired_logit_prob, (int, float)) and 0.0 < desired_logit_prob <= 1.0):
+        raise InputError(f"attribute: desired_logit_prob ({desired_logit_prob!r}) must be in (0, 1]")
+    if not (isinstance(max_gib, (int, float)) and math.isfinite(max_gib) and max_gib > 0):
+        raise InputError(f"attribute: max_gib ({max_gib!r}) must be a finite number > 0")
+    if logit_tokens is not None:
+        ids = np.asarray(logit_tokens)
+        if ids.size == 0 or not (np.issubdtype(ids.dtype, np.integer)):
+            raise InputError(f"attribute: logit_tokens must be a non-empty list of integer token ids, got "
+                             f"{np.asarray(logit_tokens).tolist()!r} (dtype {ids.dtype})")
     tokens = _check_prompt(model, transcoders, tokens, skip_first)
-    for name, v in (("chunk", chunk), ("update_every", update_every)):
-        if v < 1:
-            raise InputError(f"attribute: {name} ({v}) must be >= 1")
-    if max_feature_nodes is not None and max_feature_nodes < 0:
-        raise InputError(f"attribute: max_feature_nodes ({max_feature_nodes}) must be >= 0 (None: every active feature)")
     site, target = transcoders.site, transcoders.target
     clt = isinstance(transcoders, CrossLayerTranscoder)
     stacked = transcoders if clt else transcoders.stacked

@@ -53,13 +53,29 @@ class FeatureEdits(eqx.Module):
     @classmethod
     def of(cls, items) -> "FeatureEdits":
         """From `(layer, pos, feature, value)` tuples; InputError on a repeated (layer, pos, feature)."""
-        a = np.asarray(items, np.float64).reshape(-1, 4)
+        try:
+            a = np.asarray(items, np.float64)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"FeatureEdits.of: items must be (layer, pos, feature, value) tuples ({e})") from None
+        if a.size == 0:
+            a = a.reshape(0, 4)
+        if a.ndim > 2 or a.shape[-1] != 4:
+            raise InputError(f"FeatureEdits.of: items must be (layer, pos, feature, value) tuples, got shape {a.shape}")
+        a = a.reshape(-1, 4)
+        _check_ids("FeatureEdits.of", a[:, :3], ("layer", "pos", "feature"))
+        if not np.all(np.isfinite(a[:, 3])):
+            raise InputError(f"FeatureEdits.of: value {a[:, 3].tolist()} must be finite (no NaN or Inf)")
         keys = a[:, :3].astype(np.int64)
         if len({tuple(k) for k in keys.tolist()}) != len(keys):
             raise InputError("FeatureEdits.of: a (layer, pos, feature) appears twice; give each feature one value")
         return cls(*(jnp.asarray(keys[:, i], jnp.int32) for i in range(3)), jnp.asarray(a[:, 3], jnp.float32))
 
     def check(self, n_layers: int, n_pos: int, width: int, skip_first: int) -> None:
+        for name in ("layer", "pos", "feature"):
+            if not np.issubdtype(np.asarray(getattr(self, name)).dtype, np.integer):
+                raise InputError(f"FeatureEdits: {name} must hold integers, got dtype {np.asarray(getattr(self, name)).dtype}")
+        if not np.all(np.isfinite(np.asarray(self.value))):
+            raise InputError(f"FeatureEdits: value {np.asarray(self.value).tolist()} must be finite (no NaN or Inf)")
         for name, x, lo, hi in (("layer", self.layer, 0, n_layers), ("pos", self.pos, skip_first, n_pos),
                                 ("feature", self.feature, 0, width)):
             x = np.asarray(x)
@@ -172,7 +188,11 @@ class FeatureEffects:
         and logits `[n, V]`."""
         if mode not in ("local", "real"):
             raise InputError(f"ablate_each: mode must be 'local' or 'real', got {mode!r}")
-        f = np.asarray(features, np.int64).reshape(-1, 3)
+        f = np.asarray(features)
+        if f.size == 0 or f.shape[-1] != 3 or f.ndim > 2:
+            raise InputError(f"ablate_each: features must be [n, 3] (layer, pos, feature), got shape {f.shape}")
+        _check_ids("ablate_each", f.reshape(-1, 3), ("layer", "pos", "feature"))
+        f = f.astype(np.int64).reshape(-1, 3)
         edits = FeatureEdits(*(jnp.asarray(f[:, i:i + 1], jnp.int32) for i in range(3)),
                              jnp.zeros((len(f), 1), jnp.float32))
         return self._run(mode, edits, batched=True)
@@ -183,6 +203,17 @@ class FeatureEffects:
         tcs = self.transcoders
         return _run(self.model, _dictionary(tcs), self.tokens, self.acts, self.errors, edits, mode=mode, site=tcs.site,
                     target=tcs.target, skip_first=self.skip_first, batched=batched)
+
+
+def _check_ids(where: str, ids, names) -> None:
+    """InputError unless every column of `ids [n, len(names)]` holds whole numbers (1.7 is not feature 1)."""
+    ids = np.asarray(ids)
+    if ids.dtype == bool or not (np.issubdtype(ids.dtype, np.integer) or np.issubdtype(ids.dtype, np.floating)):
+        raise InputError(f"{where}: {', '.join(names)} must be integers, got dtype {ids.dtype}")
+    for i, name in enumerate(names):
+        col = ids[:, i]
+        if not np.all(np.isfinite(col)) or np.any(col != np.round(col)):
+            raise InputError(f"{where}: {name} {col.tolist()} must be whole numbers")
 
 
 def _dictionary(transcoders):

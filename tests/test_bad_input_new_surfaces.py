@@ -120,3 +120,181 @@ def test_clt_layer_encode_traced_out_of_range_is_nan_and_width_checked(tmp_path)
         clt.encode(jnp.ones((2, clt.n_layers, clt.d_in + 1)))
     with pytest.raises(InputError, match="f has shape"):
         clt.decode(jnp.ones((2, clt.n_layers, clt.width + 1)))
+
+
+# ----------------------------------------------------------------------------- 2: GGUF metadata
+
+
+def _gguf(path, kv: bytes, n_kv=1, n_tensors=0):
+    import struct
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + kv)
+    return path
+
+
+def _key(name: str) -> bytes:
+    import struct
+    return struct.pack("<Q", len(name)) + name.encode()
+
+
+@pytest.mark.parametrize("case,match", [
+    ("huge_array", r"'tokenizer.ggml.tokens' declares an array of 1,099,511,627,776 elements"),
+    ("huge_string", r"'general.name' declares 1,099,511,627,776 bytes"),
+    ("deep", "nests arrays deeper than 3"),
+    ("many_keys", "declares 1,099,511,627,776 metadata keys"),
+    ("many_items", "MAX_METADATA_ITEMS"),
+    ("many_tensors", "declares 1,099,511,627,776 tensors"),
+    ("bad_type", "unknown value type 99"),
+])
+def test_gguf_metadata_counts_are_checked_before_allocation(tmp_path, case, match):
+    import struct
+
+    from models import gguf_file
+    from models.errors import ModelFileError
+    big = 1 << 40
+    kv = {"huge_array": _key("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, big) + b"\0" * 65,
+          "huge_string": _key("general.name") + struct.pack("<IQ", 8, big) + b"x" * 80,
+          "deep": _key("a") + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 100 + b"\0" * 8,
+          "many_keys": b"\0" * 64,
+          "many_items": _key("t") + struct.pack("<IIQ", 9, 0, gguf_file.MAX_METADATA_ITEMS + 1)
+          + b"\0" * (gguf_file.MAX_METADATA_ITEMS + 1),
+          "many_tensors": b"",
+          "bad_type": _key("a") + struct.pack("<I", 99) + b"\0" * 8}[case]
+    f = _gguf(tmp_path / "x.gguf", kv, n_kv=big if case == "many_keys" else 0 if case == "many_tensors" else 1,
+              n_tensors=big if case == "many_tensors" else 0)
+    assert case != "huge_array" or f.stat().st_size == 134  # the audit's 134-byte file
+    with pytest.raises(ModelFileError, match=match) as e:
+        gguf_file.open_gguf(f)
+    assert str(f) in str(e.value)
+
+
+# ----------------------------------------------------------------------------- 3: chat templates
+
+
+def _tok(template):
+    import tokenizers
+    from tokenizers.models import BPE
+
+    from models.tokenizer import Tokenizer
+    return Tokenizer(backend=tokenizers.Tokenizer(BPE()), bos_id=None, eos_id=None, pad_id=0, add_bos=False,
+                     chat_template=template, stop_ids=())
+
+
+HOSTILE_TEMPLATES = {  # each would build >= 100 MB (join: 10 GB) or loop 10**10 times without output
+    "join": ("{{ range(100000)|join('x' * 100000) }}", r"join\) of 9,999,900,000"),
+    "join_method": ("{{ ('x' * 100000).join(range(100000)|map('string')) }}", r"str.join\)"),
+    "center": ("{{ 'a'|center(100000000) }}", r"center\) of 100,000,000"),
+    "center_method": ("{{ 'a'.center(100000000) }}", r"str.center\)"),
+    "ljust": ("{{ 'a'.ljust(100000000) }}", r"str.ljust\)"),
+    "percent_width": ("{{ '%100000000d' % 1 }}", "formatted field of 100,000,000"),
+    "percent_star": ("{{ '%*d' % (100000000, 1) }}", "formatted field"),
+    "format_filter": ("{{ '%100000000d'|format(1) }}", "formatted field"),
+    "format_method": ("{{ '{:100000000}'.format(1) }}", "formatted field"),
+    "replace_method": ("{{ ('x' * 100000).replace('x', 'y' * 1000) }}", r"str.replace\) of 100,000,000"),
+    "replace_filter": ("{{ ('x' * 100000)|replace('x', 'y' * 1000) }}", r"\(replace\) of 100,000,000"),
+    "indent": ("{{ ('x\\n' * 100000)|indent(1000) }}", r"\(indent\)"),
+    "slice": ("{{ range(1)|slice(100000000)|list|length }}", r"\(slice\)"),
+    "silent_loops": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                     "MAX_CHAT_STEPS"),
+    "recursion": ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "recurses without bound"),
+    "syntax": ("{% for %}", "not a valid jinja2 template: line 1"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_TEMPLATES))
+def test_chat_template_builders_and_work_are_bounded(name):
+    import time
+
+    from models.tokenizer import template_name
+    source, match = HOSTILE_TEMPLATES[name]
+    t = time.monotonic()
+    with pytest.raises(InputError, match=match) as e:
+        _tok(source).apply_chat_template([{"role": "user", "content": "hi"}])
+    assert template_name(source) in str(e.value)  # the error names the template
+    assert time.monotonic() - t < 20  # stated bound: well under MAX_CHAT_SECONDS=30 on a loaded 2-core machine
+
+
+def test_chat_template_ordinary_rendering_unchanged():
+    source = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+              "{{ '%s-%d'|format('a', 3) }}{{ ', '.join(['x', 'y']) }}{{ 'ab'.replace('a', 'c') }}{{ messages|tojson }}")
+    out = _tok(source).apply_chat_template([{"role": "user", "content": " hi "}])
+    assert out == ('<|im_start|>user\nhi<|im_end|>\na-3x, ycb[{"role": "user", "content": " hi "}]')
+
+
+# ----------------------------------------------------------------------------- 7: run directories
+
+
+def test_run_dirs_of_runs_started_in_the_same_second_differ(tmp_path, monkeypatch):
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from experiments.common import run_dir
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20260101-000000")  # every run in the same second
+    with ThreadPoolExecutor(8) as pool:
+        dirs = list(pool.map(lambda _: run_dir("study", str(tmp_path)), range(16)))
+    assert len(set(dirs)) == 16 and all(d.is_dir() and not any(d.iterdir()) for d in dirs)
+    assert sorted(d.name for d in dirs)[:2] == ["20260101-000000", "20260101-000000-10"]
+
+
+# ----------------------------------------------------------------------------- 6: attribution and feature effects
+
+PROMPT = np.array([1, 5, 9, 3, 7, 2, 11, 4])
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    from interp.testing import random_model
+    cfg = tiny_config("llama")
+    return random_model(cfg, jax.random.key(0)), random_set(cfg, "relu", 16, seed=3)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_n_logits=0), "max_n_logits"), (dict(logit_tokens=[]), "logit_tokens must be a non-empty"),
+    (dict(logit_tokens=[1.5, 2.0]), "logit_tokens must be a non-empty list of integer"),
+    (dict(max_gib=float("nan")), "max_gib"), (dict(max_gib=-1.0), "max_gib"),
+    (dict(desired_logit_prob=float("nan")), "desired_logit_prob"), (dict(chunk=2.5), "chunk"),
+    (dict(max_feature_nodes=1.5), "max_feature_nodes"),
+])
+def test_attribute_rejects_bad_options(tiny_lm, kwargs, match):
+    from saes.attribution import attribute
+    m, tcs = tiny_lm
+    with pytest.raises(InputError, match=match):
+        attribute(m, tcs, PROMPT, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_attribute_and_feature_effects_reject_non_finite_transcoders(tiny_lm, bad):
+    import equinox as eqx
+
+    from saes.attribution import attribute
+    from saes.feature_effects import FeatureEffects
+    m, tcs = tiny_lm
+    t1 = eqx.tree_at(lambda t: t.W_dec, tcs.transcoders[1], tcs.transcoders[1].W_dec.at[0, 0].set(bad))
+    broken = TranscoderSet.of([tcs.transcoders[0], t1, *tcs.transcoders[2:]])
+    for fn in (lambda: attribute(m, broken, PROMPT), lambda: FeatureEffects.of(m, broken, PROMPT)):
+        with pytest.raises(InputError, match="W_dec holds non-finite"):
+            fn()
+    clt = random_clt(tiny_config("llama"), "relu", 16, seed=1)
+    clt = eqx.tree_at(lambda c: c.b_enc, clt, clt.b_enc.at[0, 0].set(bad))
+    with pytest.raises(InputError, match="b_enc holds non-finite"):
+        attribute(m, clt, PROMPT)
+
+
+def test_feature_edits_reject_fractional_ids_and_non_finite_values(tiny_lm):
+    from saes.feature_effects import FeatureEdits, FeatureEffects
+    with pytest.raises(InputError, match=r"feature \[1.7\] must be whole"):
+        FeatureEdits.of([(0, 2, 1.7, 0.0)])
+    with pytest.raises(InputError, match="value .* must be finite"):
+        FeatureEdits.of([(0, 2, 1, float("nan"))])
+    with pytest.raises(InputError, match="shape"):
+        FeatureEdits.of([(0, 2, 1)])
+    assert FeatureEdits.of([]).layer.shape == (0,)
+    m, tcs = tiny_lm
+    fx = FeatureEffects.of(m, tcs, PROMPT)
+    nan_edit = FeatureEdits(*(jnp.array([v], jnp.int32) for v in (0, 2, 1)), jnp.array([jnp.nan]))
+    with pytest.raises(InputError, match="value .* must be finite"):
+        fx.local(nan_edit)
+    float_ids = FeatureEdits(jnp.array([0.0]), jnp.array([2]), jnp.array([1]), jnp.array([0.0]))
+    with pytest.raises(InputError, match="layer must hold integers"):
+        fx.real(float_ids)
+    with pytest.raises(InputError, match=r"feature \[1.7\] must be whole"):
+        fx.ablate_each([[0, 2, 1.7]])
