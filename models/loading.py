@@ -13,6 +13,7 @@ parameters need is checked before anything is read (`InsufficientMemoryError`).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
@@ -194,11 +195,15 @@ def load_hf_dir(directory: str | os.PathLike, dtype: str = "float32", mesh: Mesh
     directory = Path(directory)
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
+        if os.path.lexists(cfg_path):
+            raise ModelFileError(f"{cfg_path} is not a regular file ({_not_a_file(cfg_path)})")
         raise ModelFileError(f"{directory} has no config.json: not a Hugging Face model directory")
     try:
         raw = json.loads(cfg_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelFileError(f"{cfg_path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise ModelFileError(f"{cfg_path} cannot be read: {e}") from None
     if not isinstance(raw, dict):
         raise ModelFileError(f"{cfg_path} is not a JSON object")
     cfg = _config(cfg_path, lambda: config_from_hf(raw, dtype))
@@ -278,6 +283,17 @@ def _safetensors_entries(path: Path) -> dict[str, _Entry]:
     return out
 
 
+def _not_a_file(path: Path) -> str:
+    """Why `path`, which exists as a name, is not a readable regular file."""
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13
+        return "a symlink loop"
+    except OSError as e:
+        return "a symlink loop" if e.errno == errno.ELOOP else "a broken symlink"
+    return "a directory" if path.is_dir() else "a device, pipe or socket"
+
+
 def _hf_entries(directory: Path) -> dict[str, _Entry]:
     """Every tensor of a directory's safetensors, by `hf_name`: the files of `model.safetensors.index.json` when
     there is one (and exactly the tensors it lists), otherwise every `*.safetensors`; a tensor held by two files
@@ -296,8 +312,13 @@ def _hf_entries(directory: Path) -> dict[str, _Entry]:
         raise ModelFileError(f"no *.safetensors weights in {directory}")
     out: dict[str, _Entry] = {}
     for name in files:
+        if not isinstance(name, str) or not name or name != Path(name).name or name in (".", ".."):
+            raise ModelFileError(f"{index} lists the file {name!r}, which is not a file name inside {directory} "
+                                 "(absolute paths, '..' and subdirectories are refused)")
         path = directory / name
         if not path.is_file():
+            if os.path.lexists(path):
+                raise ModelFileError(f"{path} is not a regular file ({_not_a_file(path)})")
             raise ModelFileError(f"{path} is listed in {index.name} but missing")
         for key, entry in _safetensors_entries(path).items():
             if weight_map is not None and weight_map.get(key) != name:
@@ -555,8 +576,12 @@ def config_from_gguf(meta: Mapping[str, Any], dtype: str = "float32") -> Config:
     eps = g("attention.layer_norm_rms_epsilon", 1e-6)
     theta = float(g("rope.freq_base", 10_000.0))
     scaling = None
-    if g("rope.scaling.type") == "linear":
+    kind = g("rope.scaling.type")
+    if kind == "linear":
         scaling = RopeScaling("linear", float(g("rope.scaling.factor")))
+    elif kind not in (None, "none"):
+        raise UnsupportedModelError(f"GGUF {arch}.rope.scaling.type {kind!r} is not supported (none or linear; "
+                                    "loading without it would compute other logits)")
     gemma = arch.startswith("gemma")
     window = g("attention.sliding_window")
     if arch == "gemma3":

@@ -298,3 +298,63 @@ def test_feature_edits_reject_fractional_ids_and_non_finite_values(tiny_lm):
         fx.real(float_ids)
     with pytest.raises(InputError, match=r"feature \[1.7\] must be whole"):
         fx.ablate_each([[0, 2, 1.7]])
+
+
+# ----------------------------------------------------------------------------- 9, 11: the loader's paths and options
+
+TINY_HF = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 32,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 48,
+           "max_position_embeddings": 32, "rms_norm_eps": 1e-6, "hidden_act": "silu"}
+
+
+def _hf_dir(tmp_path, index=None):
+    import json
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(TINY_HF))
+    if index is not None:
+        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    return d
+
+
+@pytest.mark.parametrize("entry", ["../x.safetensors", "/etc/x.safetensors", "sub/x.safetensors", ".."])
+def test_loader_refuses_index_entries_outside_the_directory(tmp_path, entry):
+    from models.errors import ModelFileError
+    from models.loading import load_hf_dir
+    outside = tmp_path / "x.safetensors"
+    outside.write_bytes(b"\0" * 16)
+    d = _hf_dir(tmp_path, {"model.embed_tokens.weight": entry})
+    with pytest.raises(ModelFileError, match=f"lists the file {entry!r}, which is not a file name inside"):
+        load_hf_dir(d)
+
+
+@pytest.mark.parametrize("kind,why", [("loop", "a symlink loop"), ("dir", "a directory"), ("dev", "a device"),
+                                      ("broken", "a broken symlink")])
+def test_loader_names_what_a_weights_or_config_file_is(tmp_path, kind, why):
+    from models.errors import ModelFileError
+    from models.loading import load_hf_dir
+
+    def make(p):
+        {"loop": lambda: os.symlink(p, p), "dir": lambda: p.mkdir(), "dev": lambda: os.symlink("/dev/zero", p),
+         "broken": lambda: os.symlink(tmp_path / "nothing", p)}[kind]()
+
+    d = _hf_dir(tmp_path)
+    make(d / "model.safetensors")  # no index
+    with pytest.raises(ModelFileError, match=f"model.safetensors is not a regular file \\({why}") as e:
+        load_hf_dir(d)
+    assert "listed in" not in str(e.value)
+    (d / "config.json").unlink()
+    make(d / "config.json")
+    with pytest.raises(ModelFileError, match=f"config.json is not a regular file \\({why}"):
+        load_hf_dir(d)
+
+
+def test_gguf_rope_scaling_other_than_linear_is_refused():
+    from models.errors import UnsupportedModelError
+    from models.loading import config_from_gguf
+    meta = {"general.architecture": "llama", "llama.embedding_length": 32, "llama.attention.head_count": 4,
+            "llama.block_count": 2, "llama.feed_forward_length": 48, "llama.context_length": 32, "llama.vocab_size": 64}
+    assert config_from_gguf({**meta, "llama.rope.scaling.type": "none"}).rope_scaling is None
+    assert config_from_gguf({**meta, "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0}).rope_scaling
+    with pytest.raises(UnsupportedModelError, match="llama.rope.scaling.type 'yarn' is not supported"):
+        config_from_gguf({**meta, "llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0})
