@@ -14,7 +14,8 @@ line of its own starts a group of flags in `--help`. Types: `int` (also `2_000_0
 `str`, `bool` (`true/false/1/0/yes/no/on/off`), `X | None` (`none` gives None), `tuple[X, ...]` of those
 (comma-separated; an empty string is the empty tuple) and `Literal[...]` (choices). Any other annotation is
 a TypeError when the parser is built, never a silent string. An `InputError` or `ValueError` from the
-config's own validation is reported as a usage error naming the flag.
+config's own validation is reported as a usage error naming the flag. `parse` adds `--compilation-cache DIR|off`
+and turns JAX's persistent compilation cache on (`models.compile_cache`) once the config is valid.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import tokenize
 import types
 import typing
 from collections.abc import Mapping, Sequence
+
+from models import compile_cache
 
 __all__ = ["field_docs", "parse", "parser"]
 
@@ -188,8 +191,14 @@ def parse(cls, argv: Sequence[str] | None = None, *, prog: str | None = None, de
     """`cls` filled from `--field value` flags (`argv=None`: `sys.argv[1:]`); the config's own validation
     errors (`InputError`, `ValueError`) exit with a usage message, as a bad flag does."""
     p = parser(cls, prog=prog, description=description, docs=docs)
-    ns = p.parse_args(argv)
+    p.add_argument("--compilation-cache", dest="_compilation_cache", default=None, metavar="DIR|off",
+                   help="JAX's persistent compilation cache: a directory, or off (default: $INTERP_COMPILATION_CACHE, "
+                        "else ~/.cache/interp/jax-compilation; models.compile_cache)")
+    ns = vars(p.parse_args(argv))
+    cache = ns.pop("_compilation_cache")
     try:
-        return cls(**vars(ns))
+        cfg = cls(**ns)
     except ValueError as e:  # models.InputError is a ValueError
         p.error(str(e))
+    compile_cache.enable(cache)  # after validation: a bad flag costs nothing
+    return cfg

@@ -8,6 +8,9 @@ import os
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Study CLIs called by the tests compile in the test process: no persistent compilation cache there
+# (models.compile_cache; tests/test_compile_cache.py turns it on in subprocesses of its own).
+os.environ.setdefault("INTERP_COMPILATION_CACHE", "off")
 
 
 @pytest.fixture(autouse=True)
