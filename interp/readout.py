@@ -22,6 +22,7 @@ import models
 from models import transformer
 from models.checks import check_tokens
 from models.errors import InputError
+from models.model import as_captures
 from models.transformer import Capture
 
 __all__ = [
@@ -76,9 +77,9 @@ def readout_with(model, tokens, mask=None, interventions=(), positions: Sequence
     cfg = model.cfg
     pos = as_positions(positions)
     final = (Capture("resid_post", layers=(cfg.n_layers - 1,), positions=pos), Capture("final_norm", positions=pos))
-    extra = tuple(c for c in capture if (c.site if isinstance(c, Capture) else c) not in ("resid_post", "final_norm"))
-    if len(extra) != len(capture):
-        raise ValueError("readout_with captures resid_post/final_norm itself; capture them with models.forward")
+    extra = as_captures(capture)
+    if any(c.site in ("resid_post", "final_norm") for c in extra):
+        raise InputError("readout_with captures resid_post/final_norm itself; capture them with models.forward")
     _, acts = models.forward(model, tokens, mask, None, final + extra, tuple(interventions), start_layer=start_layer,
                              resid=resid)
     logits = transformer.unembed(model.params, acts.pop("final_norm"), cfg)

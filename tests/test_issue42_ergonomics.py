@@ -284,3 +284,14 @@ def test_head_grid_labels_tops_and_plots(tmp_path):
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["4", "5"]
     with pytest.raises(InputError, match=r"\[layers, heads\]"):
         HeadGrid(np.zeros(3))
+
+
+def test_readout_with_refuses_its_own_sites_in_any_spelling(tiny):
+    from interp.readout import readout_with
+
+    for name in ("resid_post", "blocks.2.hook_resid_post", "ln_final.hook_normalized"):
+        with pytest.raises(InputError, match="readout_with captures resid_post/final_norm itself"):
+            readout_with(tiny, TOKENS, MASK, capture=(name,))
+    r, acts = readout_with(tiny, TOKENS, MASK, capture=("blocks.1.hook_mlp_out",))
+    _, ref = models.forward(tiny, TOKENS, MASK, capture=(Capture("mlp_out", layers=(1,)),))
+    np.testing.assert_allclose(acts["mlp_out"], ref["mlp_out"], rtol=1e-6, atol=1e-6)
