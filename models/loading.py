@@ -32,7 +32,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from models.config import Config, RopeScaling
-from models.errors import InsufficientMemoryError, ModelError, ModelFileError, UnknownModelError, UnsupportedModelError
+from models.errors import (InsufficientMemoryError, ModelError, ModelFileError, UnknownModelError, UnsupportedModelError,
+                           check_dtype)
 from models.params import Params, Recipe, hf_name, hf_recipes, logical_axes, param_shapes
 
 # ----------------------------------------------------------------------------- the registry
@@ -192,6 +193,7 @@ _VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "mo
 
 def load_hf_dir(directory: str | os.PathLike, dtype: str = "float32", mesh: Mesh | None = None, rules=None):
     """(config, params) from a local Hugging Face model directory, streamed (see the module docstring)."""
+    check_dtype(dtype)
     directory = Path(directory)
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
@@ -691,6 +693,7 @@ class _GGUF:
 def load_gguf(path: str | os.PathLike, dtype: str = "float32", mesh: Mesh | None = None, rules=None):
     """(config, params, metadata) from a GGUF file, each tensor dequantised to float32 and converted to `dtype`
     alone, streamed like `load_hf_dir`."""
+    check_dtype(dtype)
     from models.gguf_file import open_gguf, read_metadata
 
     reader = open_gguf(path)
