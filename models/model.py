@@ -171,6 +171,9 @@ def as_captures(capture) -> tuple[transformer.Capture, ...]:
         elif isinstance(c, str) and c not in SITES:
             c = Hook.parse(c) if names_layer(c) else check_site(c)  # (check_site raises, listing the sites)
         c = transformer.as_capture(c)
+        if isinstance(c.positions, (list, np.ndarray)) or isinstance(c.seq_indices, (list, np.ndarray)):
+            tup = lambda x: tuple(int(v) for v in np.ravel(x)) if isinstance(x, (list, np.ndarray)) else x  # hashable
+            c = transformer.Capture(c.site, c.layers, tup(c.positions), tup(c.seq_indices))
         if c.layers is not None:
             if isinstance(c.layers, (int, np.integer)) or not all(isinstance(x, (int, np.integer)) for x in c.layers):
                 raise InputError(f"Capture({c.site!r}) layers must be a tuple of ints, got {c.layers!r}")

@@ -79,6 +79,8 @@ def test_tl_names_in_capture_capture_objects_and_hook_parse(tiny):
         assert a.layers("resid_post") == (0, 2) and a.layers("attn.z") == (1,)
         np.testing.assert_array_equal(a["blocks.2.hook_resid_post"], ref["resid_post"][1])
         np.testing.assert_array_equal(a["L0.resid_post"], ref["resid_post"][0])
+    _, lists = models.forward(tiny, TOKENS, MASK, capture=(Capture("resid_post", layers=[2, 0], positions=[-1]),))
+    np.testing.assert_array_equal(lists["resid_post"][:, :, 0], ref["resid_post"][:, :, -1])  # lists are hashable now
     assert Hook.parse("blocks.3.attn.hook_z") == Hook("attn.z", 3) == Hook.parse("L3.attn.z")
     assert Hook.parse("ln_final.hook_normalized") == Hook("final_norm")
     with pytest.raises(InputError, match="already names layer 1"):
