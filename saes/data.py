@@ -36,7 +36,6 @@ import functools
 import hashlib
 import importlib
 import importlib.util
-import itertools
 import json
 import math
 import numbers
@@ -324,6 +323,27 @@ def _mixed(its: list[Iterator[str]], share: np.ndarray, rng: np.random.Generator
 # ----------------------------------------------------------------------------- tokens
 
 
+PIECE_CHARS = 1 << 20  # a longer document is tokenized in pieces of about this many characters
+BATCH_CHARS = 1 << 23  # characters per tokenizer call
+
+
+def _pieces(docs: Iterable[str]) -> Iterator[tuple[str, bool]]:
+    """`(piece, is the document's last piece)` of each document: the document itself when it has at most
+    `PIECE_CHARS` characters, else pieces of at most that many cut just before a space or after a newline that a
+    non-space follows (where word-splitting pre-tokenizers split anyway), or hard when a window has neither."""
+    for doc in docs:
+        start, n = 0, len(doc)
+        while n - start > PIECE_CHARS:
+            lo, hi = start + PIECE_CHARS // 2, start + PIECE_CHARS
+            cut = doc.rfind(" ", lo, hi)
+            if cut <= lo:
+                nl = doc.rfind("\n", lo, hi - 1)
+                cut = nl + 1 if nl >= lo and not doc[nl + 1].isspace() else hi
+            yield doc[start:cut], False
+            start = cut
+        yield doc[start:], True
+
+
 class TokenRows:
     """Packed token rows `[BOS] + context-1 tokens` from a document stream, deterministic and restartable.
 
@@ -358,11 +378,22 @@ class TokenRows:
 
     def _token_batches(self, epoch: int, sep: list[int]) -> Iterator[list[int]]:
         """The epoch's documents tokenized a batch at a time (8 documents per tokenizer call, doubling to 256:
-        the first rows need few), each document followed by the separator's ids."""
-        docs, size = self._docs(epoch), 8
-        while batch := list(itertools.islice(docs, size)):
-            yield [t for enc in self.tokenizer.backend.encode_batch(batch, add_special_tokens=False)
-                   for t in (*enc.ids, *sep)]
+        the first rows need few; at most `BATCH_CHARS` characters per call), each document followed by the
+        separator's ids. A document longer than `PIECE_CHARS` is tokenized in pieces cut at whitespace, so memory
+        is bounded by the piece, not the document (a 32 MB one-line file took 10.5 GB whole)."""
+        pieces, size = _pieces(self._docs(epoch)), 8
+        while True:
+            batch, ends, chars = [], [], 0
+            for text, last in pieces:
+                batch.append(text)
+                ends.append(last)
+                chars += len(text)
+                if len(batch) >= size or chars >= BATCH_CHARS:
+                    break
+            if not batch:
+                return
+            yield [t for enc, last in zip(self.tokenizer.backend.encode_batch(batch, add_special_tokens=False), ends)
+                   for t in (*enc.ids, *(sep if last else ()))]
             size = min(2 * size, 256)
 
     def rows(self, start: int = 0) -> Iterator[np.ndarray]:

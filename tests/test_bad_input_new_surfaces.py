@@ -409,3 +409,32 @@ def test_refusal_cliff_probe_layer_is_checked_right_after_the_model_loads(monkey
     monkeypatch.setattr(models, "load", lambda *a, **k: random_model(tiny_config("llama"), jax.random.key(0)))
     with pytest.raises(InputError, match=r"probe_layer \(--probe-layer\) must be an integer >= -1 and <= 2, got 99"):
         refusal_cliff.main(cfg=refusal_cliff.Config(probe_layer=99, out=str(tmp_path)))
+
+
+# ----------------------------------------------------------------------------- 4: one huge one-line document
+
+
+def test_a_one_line_document_is_tokenized_in_bounded_pieces(monkeypatch):
+    import tokenizers
+    from tokenizers import models as tok_models
+    from tokenizers import pre_tokenizers
+
+    from models.tokenizer import Tokenizer
+    from saes import data
+    words = [f"w{i}" for i in range(50)]
+    backend = tokenizers.Tokenizer(tok_models.WordLevel({w: i + 2 for i, w in enumerate(words)} | {"[UNK]": 1},
+                                                        unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = Tokenizer(backend=backend, bos_id=0, eos_id=None, pad_id=0, add_bos=True, chat_template=None, stop_ids=())
+    rng = np.random.default_rng(0)
+    doc = " ".join(rng.choice(words, 40_000))  # one line, ~150k characters
+    whole = np.asarray(backend.encode(doc).ids)
+    monkeypatch.setattr(data, "PIECE_CHARS", 4096)  # pieces of <= 4k characters instead of 1M
+    longest = []
+    encode_batch = backend.encode_batch
+    spy = type("Spy", (), {"encode_batch": lambda self, b, **k: longest.append(max(map(len, b))) or encode_batch(b, **k),
+                           "encode": lambda self, t, **k: backend.encode(t, **k)})()
+    rows = data.TokenRows(lambda: [doc], Tokenizer(spy, 0, None, 0, True, None, ()), context=65, split="all").take(200)
+    assert max(longest) <= 4096  # bounded by the piece, not the 150k-character document
+    np.testing.assert_array_equal(rows[:, 1:].reshape(-1), whole[:200 * 64])  # the same tokens as whole
+    assert np.all(rows[:, 0] == 0)
