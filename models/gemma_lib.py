@@ -19,8 +19,11 @@ theirs with `config_from_gemma`. Their RMSNorm epsilon is fixed at 1e-6 and thei
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+from pathlib import Path
 from typing import Any, Mapping
 
 import jax
@@ -154,27 +157,64 @@ def from_gemma_params(tree: Mapping[str, Any], cfg: Config, source: str = "gemma
     return jax.tree.map(lambda x: jnp.asarray(x, cfg.dtype), params)
 
 
+CHECKSUM_FILE = "interp_sha256.json"  # beside orbax's files in a checkpoint we write (orbax ignores it)
+
+
+def _tree_sha256(tree: Mapping) -> str:
+    """SHA-256 over a nested tree's leaves (path, dtype, shape, bytes), in sorted path order."""
+    h = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    for path, leaf in sorted(leaves, key=lambda pl: jax.tree_util.keystr(pl[0])):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def save_checkpoint(params: Params, cfg: Config, path: str | os.PathLike, **kw) -> None:
     """Write our parameters as the orbax checkpoint `gm.ckpts.save_params` writes (`path` must not exist);
-    `gm.ckpts.load_params(path)` reads it back. `kw` goes to `to_gemma_params`."""
+    `gm.ckpts.load_params(path)` reads it back. `kw` goes to `to_gemma_params`. A SHA-256 of the tree goes into
+    `CHECKSUM_FILE` inside the checkpoint, which `load_checkpoint` verifies (a bit flip is an error)."""
     import orbax.checkpoint as ocp
 
+    tree = to_gemma_params(params, cfg, **kw)
     ckpt = ocp.StandardCheckpointer()
-    ckpt.save(os.path.abspath(path), to_gemma_params(params, cfg, **kw))
+    ckpt.save(os.path.abspath(path), tree)
     ckpt.wait_until_finished()
+    (Path(path) / CHECKSUM_FILE).write_text(json.dumps({"sha256": _tree_sha256(tree)}))
 
 
 def load_checkpoint(path: str | os.PathLike, cfg: Config) -> Params:
-    """Read an orbax checkpoint of the gemma library's params (as `gm.ckpts.save_params` writes) into ours."""
+    """Read an orbax checkpoint of the gemma library's params (as `gm.ckpts.save_params` writes) into ours.
+    Unreadable or damaged files are a ModelFileError naming the checkpoint (and the file where orbax says
+    which); a checkpoint we wrote is verified against its SHA-256."""
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise ModelFileError(f"gemma checkpoint {path!r} is not a directory")
-    tree = ocp.StandardCheckpointer().restore(path)
+    if not os.path.exists(os.path.join(path, "_METADATA")) and not os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")):
+        found = sorted(os.listdir(path))[:8]
+        raise ModelFileError(f"gemma checkpoint {path!r} is not an orbax checkpoint: no _METADATA (holds {found})")
+    try:
+        tree = ocp.StandardCheckpointer().restore(path)
+    except Exception as e:  # orbax/tensorstore raise JSONDecodeError, ValueError, ... without the path
+        raise ModelFileError(f"gemma checkpoint {path!r} could not be restored (a damaged _METADATA, manifest.ocdbt "
+                             f"or data file?): {type(e).__name__}: {str(e)[:500]}") from None
+    if not isinstance(tree, Mapping):
+        raise ModelFileError(f"gemma checkpoint {path!r} holds a {type(tree).__name__}, not a parameter tree")
     if any(str(k).startswith("transformer/") for k in tree):
         raise ModelFileError(f"{path}: the gemma library's FLAT/STACKED release layout; load it with "
                              "gm.ckpts.load_params and save it with gm.ckpts.save_params first")
+    checksum = Path(path) / CHECKSUM_FILE
+    if checksum.exists():
+        try:
+            want = json.loads(checksum.read_text())["sha256"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ModelFileError(f"{checksum} is damaged ({type(e).__name__}: {e})") from None
+        if _tree_sha256(tree) != want:
+            raise ModelFileError(f"gemma checkpoint {path!r}: its contents do not match {CHECKSUM_FILE} (a damaged or "
+                                 "bit-flipped data file)")
     return from_gemma_params(tree, cfg, source=path)
 
 

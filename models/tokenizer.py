@@ -6,7 +6,11 @@ The GGUF pipelines reproduce what transformers builds for the same file
 
 from __future__ import annotations
 
+import contextvars
+import hashlib
 import json
+import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +30,11 @@ END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>",
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 MAX_CHAT_CHARS = 1 << 24  # a rendered chat prompt (and any string/list a template builds) stays below this
+MAX_CHAT_STEPS = 1 << 22  # loop iterations and filter/method calls of one render
+MAX_CHAT_SECONDS = 30.0  # wall-clock of one render (a backstop behind MAX_CHAT_STEPS)
+MAX_TEMPLATE_CHARS = 1 << 20  # a chat template's source
+# the running render's budget: [steps left, deadline, the template's name]
+_RENDER = contextvars.ContextVar("_RENDER", default=None)
 
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -128,17 +137,115 @@ class Tokenizer:
             unk_token=self.token(self.unk_id), tools=None, documents=None,
         )
         variables.update(kwargs)
+        name = template_name(self.chat_template)
+        if len(self.chat_template) > MAX_TEMPLATE_CHARS:
+            raise InputError(f"{name} has {len(self.chat_template):,} characters, more than MAX_TEMPLATE_CHARS="
+                             f"{MAX_TEMPLATE_CHARS:,}")
+        import jinja2
+
         pieces, n = [], 0
-        stream = _compile_template(self.chat_template).generate(
-            messages=messages, add_generation_prompt=add_generation_prompt, **variables
-        )
-        for piece in stream:  # streamed, so a template that repeats without bound stops at the cap
-            n += len(piece)
-            if n > MAX_CHAT_CHARS:
-                raise InputError(f"the chat template rendered more than MAX_CHAT_CHARS={MAX_CHAT_CHARS:,} characters; "
-                                 "the template (or the messages) repeat without bound")
-            pieces.append(piece)
+        budget = _RENDER.set([MAX_CHAT_STEPS, time.monotonic() + MAX_CHAT_SECONDS, name])
+        try:
+            stream = _compile_template(self.chat_template).generate(
+                messages=messages, add_generation_prompt=add_generation_prompt, **variables
+            )
+            for piece in stream:  # streamed, so a template that repeats without bound stops at the cap
+                n += len(piece)
+                if n > MAX_CHAT_CHARS:
+                    raise InputError(f"{name} rendered more than MAX_CHAT_CHARS={MAX_CHAT_CHARS:,} characters; "
+                                     "the template (or the messages) repeat without bound")
+                pieces.append(piece)
+        except jinja2.TemplateSyntaxError as e:
+            raise InputError(f"{name} is not a valid jinja2 template: line {e.lineno}: {e.message}") from None
+        except RecursionError:
+            raise InputError(f"{name} recurses without bound") from None
+        finally:
+            _RENDER.reset(budget)
         return "".join(pieces)
+
+
+def template_name(source: str) -> str:
+    """How errors name a chat template: its first line and a hash of the source."""
+    head = source.strip().splitlines()[0][:40] if source.strip() else ""
+    return f"the chat template {head!r}... (sha256 {hashlib.sha256(source.encode('utf-8', 'replace')).hexdigest()[:12]})"
+
+
+def _spend(steps: int = 1) -> None:
+    """Charge `steps` to the running render's budget (InputError naming the template once it is spent)."""
+    budget = _RENDER.get()
+    if budget is None:
+        return
+    budget[0] -= steps
+    if budget[0] < 0:
+        raise InputError(f"{budget[2]} did more than MAX_CHAT_STEPS={MAX_CHAT_STEPS:,} loop iterations and calls; "
+                         "it loops without bound")
+    if time.monotonic() > budget[1]:
+        raise InputError(f"{budget[2]} ran longer than MAX_CHAT_SECONDS={MAX_CHAT_SECONDS:g} s")
+
+
+def _over(size: int, what: str) -> None:
+    if size > MAX_CHAT_CHARS:
+        budget = _RENDER.get()
+        name = budget[2] if budget else "the chat template"
+        raise InputError(f"{name} builds {what} of {size:,} items, more than MAX_CHAT_CHARS={MAX_CHAT_CHARS:,}; "
+                         "it repeats without bound")
+
+
+_FORMAT_NUMBERS = re.compile(r"%[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?|\{[^{}]*?:[^{}]*?(\d+)")
+
+
+def _check_format(fmt: str, args) -> None:
+    """A `%` / `str.format` format string's widths and precisions (and `*` / nested ones taken from `args`)
+    stay below MAX_CHAT_CHARS before the string is built."""
+    for m in _FORMAT_NUMBERS.finditer(fmt):
+        for g in m.groups():
+            if g and g.isdigit():
+                _over(int(g), "a formatted field")
+    if "*" in fmt or re.search(r"\{[^{}]*\{", fmt):
+        for a in args if isinstance(args, (list, tuple)) else (args,):
+            if isinstance(a, int):
+                _over(abs(a), "a formatted field")
+
+
+def _materialise(items, what: str) -> list:
+    out = []
+    for x in items:
+        out.append(x)
+        if len(out) % 1024 == 0:
+            _spend(1024)
+        _over(len(out), what)
+    return out
+
+
+def _str_method(s: str, attr: str, method):
+    """`s.<attr>` for the string methods that build strings, with the result's size checked before it is built."""
+    def checked(*args, **kwargs):
+        _spend()
+        if attr in ("center", "ljust", "rjust", "zfill") and args and isinstance(args[0], int):
+            _over(args[0], f"a string (str.{attr})")
+        elif attr == "expandtabs":
+            tab = args[0] if args else kwargs.get("tabsize", 8)
+            _over(len(s) + s.count("\t") * max(int(tab), 0), "a string (str.expandtabs)")
+        elif attr == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+            old, new = args[0], args[1]
+            k = len(s) + 1 if old == "" else s.count(old)
+            if len(args) > 2 and isinstance(args[2], int) and args[2] >= 0:
+                k = min(k, args[2])
+            _over(len(s) + k * (len(new) - len(old)), "a string (str.replace)")
+        elif attr == "join" and args:
+            items = _materialise(args[0], "a joined list")
+            _over(sum(len(x) if isinstance(x, str) else 0 for x in items) + len(s) * max(len(items) - 1, 0),
+                  "a string (str.join)")
+            args = (items, *args[1:])
+        elif attr in ("format", "format_map"):
+            _check_format(s, [*args, *kwargs.values()])
+        out = method(*args, **kwargs)
+        return out if not isinstance(out, (str, list, tuple)) else (_over(len(out), "a value") or out)
+    return checked
+
+
+_STR_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs", "replace", "join", "format",
+                          "format_map"})
 
 
 @lru_cache(maxsize=16)
@@ -163,6 +270,8 @@ def _compile_template(source: str):
         raise jinja2.exceptions.TemplateError(message)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        if isinstance(indent, int) and indent > 64 or isinstance(indent, str) and len(indent) > 64:
+            raise InputError(f"the chat template's tojson indent {indent!r} is above 64")
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     class Capped(jinja2.compiler.CodeGenerator):  # every `a ~ b` result goes through `environment.capped`
@@ -171,34 +280,113 @@ def _compile_template(source: str):
             super().visit_Concat(node, frame)
             self.write(")")
 
+        def visit_For(self, node, frame):  # a loop's iterable goes through `environment.counted` (a step per item)
+            it = node.iter
+            if not (isinstance(it, jinja2.nodes.Call) and isinstance(it.node, jinja2.nodes.EnvironmentAttribute)
+                    and it.node.name == "counted"):
+                node.iter = jinja2.nodes.Call(jinja2.nodes.EnvironmentAttribute("counted"), [it], [], None, None,
+                                              lineno=it.lineno)
+            super().visit_For(node, frame)
+
     class Environment(ImmutableSandboxedEnvironment):
-        """The sandbox, with strings and lists built by `*`, `+` and `~` capped at MAX_CHAT_CHARS."""
+        """The sandbox, with strings and lists built by `*`, `+`, `~`, `%`, string-building filters and string
+        methods capped at MAX_CHAT_CHARS (checked before they are built), and loops, filters and calls charged
+        to the render's budget (MAX_CHAT_STEPS, MAX_CHAT_SECONDS)."""
 
         code_generator_class = Capped
-        intercepted_binops = frozenset({"*", "+", "**"})
+        intercepted_binops = frozenset({"*", "+", "**", "%"})
 
         @staticmethod
         def capped(value, size=None):
             size = len(value) if size is None and isinstance(value, (str, list, tuple)) else size or 0
-            if size > MAX_CHAT_CHARS:
-                raise InputError(f"the chat template builds a value of {size:,} items, more than "
-                                 f"MAX_CHAT_CHARS={MAX_CHAT_CHARS:,}; it repeats without bound")
+            _over(size, "a value")
             return value
 
+        @staticmethod
+        def counted(iterable):
+            for i, x in enumerate(iterable):
+                if i % 64 == 0:
+                    _spend(64)
+                yield x
+
         def call_binop(self, context, operator, left, right):
+            _spend()
             if operator == "*":  # check the size before the repetition allocates it
                 seq, times = (left, right) if isinstance(right, int) else (right, left)
                 if isinstance(seq, (str, list, tuple)) and isinstance(times, int):
                     self.capped(None, len(seq) * times)
             if operator == "**" and isinstance(right, int) and abs(right) > 4096:
                 raise InputError(f"the chat template computes a power with exponent {right}")
+            if operator == "%" and isinstance(left, str):
+                _check_format(left, right)
             return self.capped(super().call_binop(context, operator, left, right))
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805
+            _spend()
+            return __self.capped(super().call(__context, __obj, *args, **kwargs))
+
+        def getattr(self, obj, attribute):
+            value = super().getattr(obj, attribute)
+            return _str_method(obj, attribute, value) if isinstance(obj, str) and attribute in _STR_METHODS else value
+
+        def getitem(self, obj, argument):
+            value = super().getitem(obj, argument)
+            if isinstance(obj, str) and isinstance(argument, str) and argument in _STR_METHODS:
+                return _str_method(obj, argument, value)
+            return value
 
     env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
+    for name, fn in list(env.filters.items()):
+        env.filters[name] = _checked_filter(name, fn)
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)
+
+
+def _checked_filter(name: str, fn):
+    """A jinja2 filter charged one step, with the sizes it would build checked first (join, center, indent,
+    replace, format, wordwrap, batch, slice) and its result capped at MAX_CHAT_CHARS."""
+    pass_arg = getattr(fn, "jinja_pass_arg", None)
+
+    def checked(*args, **kwargs):
+        _spend()
+        a = args[1:] if pass_arg is not None else args  # the value, then the filter's arguments
+        value, rest = (a[0], a[1:]) if a else (None, ())
+        opt = lambda i, key, default=None: rest[i] if len(rest) > i else kwargs.get(key, default)  # noqa: E731
+        if name == "join":
+            items = _materialise(value, "a joined list")
+            sep = opt(0, "d", "")
+            _over(sum(len(x) if isinstance(x, str) else 0 for x in items) + len(str(sep)) * max(len(items) - 1, 0),
+                  "a string (join)")
+            args = (*args[: len(args) - len(a)], items, *rest)
+        elif name == "center" and isinstance(opt(0, "width", 80), int):
+            _over(opt(0, "width", 80), "a string (center)")
+        elif name == "indent" and isinstance(value, str):
+            width = opt(0, "width", 4)
+            w = width if isinstance(width, int) else len(str(width))
+            _over(len(value) + (value.count("\n") + 1) * max(w, 0), "a string (indent)")
+        elif name == "replace" and isinstance(value, str) and len(rest) >= 2:
+            old, new, count = str(rest[0]), str(rest[1]), opt(2, "count")
+            k = len(value) + 1 if old == "" else value.count(old)
+            k = min(k, count) if isinstance(count, int) and count >= 0 else k
+            _over(len(value) + k * (len(new) - len(old)), "a string (replace)")
+        elif name == "format" and isinstance(value, str):
+            _check_format(value, [*rest, *kwargs.values()])
+        elif name == "wordwrap" and isinstance(value, str):
+            width, wrap = opt(0, "width", 79), opt(2, "wrapstring", "\n")
+            lines = len(value) // max(width if isinstance(width, int) else 1, 1) + 1
+            _over(len(value) + lines * len(str(wrap or "\n")), "a string (wordwrap)")
+        elif name in ("batch", "slice") and isinstance(opt(0, "linecount" if name == "batch" else "slices"), int):
+            _over(opt(0, "linecount" if name == "batch" else "slices"), f"a list ({name})")
+        out = fn(*args, **kwargs)
+        if isinstance(out, (str, list, tuple)):
+            _over(len(out), f"a value (filter {name})")
+        return out
+
+    if pass_arg is not None:
+        checked.jinja_pass_arg = pass_arg
+    return checked
 
 
 # ---------------------------------------------------------------- GGUF

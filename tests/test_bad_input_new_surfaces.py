@@ -425,7 +425,6 @@ def test_a_one_line_document_is_tokenized_in_bounded_pieces(monkeypatch):
     backend = tokenizers.Tokenizer(tok_models.WordLevel({w: i + 2 for i, w in enumerate(words)} | {"[UNK]": 1},
                                                         unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = Tokenizer(backend=backend, bos_id=0, eos_id=None, pad_id=0, add_bos=True, chat_template=None, stop_ids=())
     rng = np.random.default_rng(0)
     doc = " ".join(rng.choice(words, 40_000))  # one line, ~150k characters
     whole = np.asarray(backend.encode(doc).ids)
@@ -438,3 +437,56 @@ def test_a_one_line_document_is_tokenized_in_bounded_pieces(monkeypatch):
     assert max(longest) <= 4096  # bounded by the piece, not the 150k-character document
     np.testing.assert_array_equal(rows[:, 1:].reshape(-1), whole[:200 * 64])  # the same tokens as whole
     assert np.all(rows[:, 0] == 0)
+
+
+# ----------------------------------------------------------------------------- 8: gemma-library checkpoints
+
+
+@pytest.fixture(scope="module")
+def gemma_ckpt(tmp_path_factory):
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_gemma_lib import TINY2, _random
+
+    from models import gemma_lib
+    path = tmp_path_factory.mktemp("gemma") / "ckpt"
+    gemma_lib.save_checkpoint(_random(TINY2), TINY2, path)
+    return path, TINY2
+
+
+def _damage(path, how):
+    def largest(pattern):
+        return max((p for p in path.rglob(pattern) if p.is_file()), key=lambda p: p.stat().st_size)
+    if how == "metadata":
+        (path / "_METADATA").write_text('{"tree_metadata": ')
+    elif how == "manifest":
+        (path / "manifest.ocdbt").write_bytes(b"\0" * 16)
+    elif how == "data":
+        f = largest("ocdbt.process_0/d/*")
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif how == "bitflip":
+        f = largest("ocdbt.process_0/d/*")
+        b = bytearray(f.read_bytes())
+        b[len(b) // 2] ^= 0x10
+        f.write_bytes(bytes(b))
+
+
+@pytest.mark.parametrize("how", ["empty", "junk", "metadata", "manifest", "data", "bitflip"])
+def test_gemma_checkpoint_damage_is_named(gemma_ckpt, tmp_path, how):
+    from models import gemma_lib
+    from models.errors import ModelFileError
+    src, cfg = gemma_ckpt
+    path = tmp_path / "ckpt"
+    if how == "empty":
+        path.mkdir()
+    elif how == "junk":
+        path.mkdir()
+        (path / "notes.txt").write_text("not a checkpoint")
+    else:
+        shutil.copytree(src, path)
+        _damage(path, how)
+    with pytest.raises(ModelFileError) as e:
+        gemma_lib.load_checkpoint(path, cfg)
+    assert str(path) in str(e.value)
+    assert how != "bitflip" or "do not match interp_sha256.json" in str(e.value)  # orbax alone loads it silently
+    assert gemma_lib.load_checkpoint(src, cfg)["embed"]["W_E"].shape == (cfg.vocab_size, cfg.d_model)  # intact
