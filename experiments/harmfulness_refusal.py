@@ -37,6 +37,9 @@ from interp.directions import cosine, normalize
 from interp.interventions import AddVector, StackedWhere
 from interp.positions import FromEnd, LastInstruction
 from interp.sweeps import baseline, sweep
+from models.errors import check_field
+
+HARMLESS_STYLES = ("matched", "original", "harmbench", "strongreject")  # interp.data.harmless_instructions
 
 # Words that flag a request as harmful for the keyword baseline (lower-case substrings).
 HARM_KEYWORDS = (
@@ -61,6 +64,13 @@ class Config:
     harmless: str = "matched"  # harmless sets: "matched" to each source on surface form, or "original" (confounded)
     steer: bool = True  # run the steering sweep and generations (false: directions and classifiers only)
     out: str = "runs"  # reports go to OUT/<experiment>/<timestamp>/
+
+    def __post_init__(self):
+        for name in ("n_train", "n_test", "steer_layer_stride", "max_new_tokens", "batch_size"):
+            check_field(name, getattr(self, name), lo=1, integer=True)
+        check_field("seed", self.seed, lo=0, integer=True)
+        check_field("coefficients", self.coefficients, each=True)
+        check_field("harmless", self.harmless, choices=HARMLESS_STYLES)
 
 
 def keyword_scores(prompts) -> np.ndarray:

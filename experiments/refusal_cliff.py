@@ -38,6 +38,9 @@ from interp.positions import LastInstruction, post_instruction_ids
 from interp.readout import Readout
 from models import transformer
 from models.transformer import Capture
+from models.errors import check_field
+
+HARMLESS_STYLES = ("matched", "original", "harmbench", "strongreject")  # interp.data.harmless_instructions
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,14 @@ class Config:
     seed: int = 0  # data splits and random controls
     harmless: str = "matched"  # harmless prompts: "matched" to the harmful ones on surface form, or "original" (confounded)
     out: str = "runs"  # reports go to OUT/<experiment>/<timestamp>/
+
+    def __post_init__(self):
+        for name, lo in (("n_train", 4), ("n_test", 1), ("max_new_tokens", 1), ("n_points", 2), ("plateau_tokens", 1),
+                         ("final_tokens", 1), ("batch_size", 1), ("seed", 0)):
+            check_field(name, getattr(self, name), lo=lo, integer=True)
+        check_field("probe_layer", self.probe_layer, lo=-1, integer=True)  # its upper bound once the model is loaded
+        check_field("fractions", self.fractions, lo=0, hi=1, open_lo=True, each=True)
+        check_field("harmless", self.harmless, choices=HARMLESS_STYLES)
 
 
 def train_probe(m, cfg: Config, layer: int, harmful, harmless) -> tuple[probes.Probes, dict]:
@@ -222,6 +233,7 @@ def main(argv=None, cfg: Config | None = None):
     out = run_dir("refusal_cliff", cfg.out)
     m = models.load(cfg.model)
     L = m.cfg.n_layers
+    check_field("probe_layer", cfg.probe_layer, lo=-1, hi=L - 1, integer=True)  # before any compute
     layer = cfg.probe_layer if cfg.probe_layer >= 0 else (2 * L) // 3
     metric = RefusalScore(jnp.asarray(refusal_token_ids(m)))
     harmful, harmless = instruction_splits(cfg.seed, (cfg.n_train, 0, cfg.n_test), harmless=cfg.harmless)

@@ -36,6 +36,9 @@ from interp.positions import PostInstruction, post_instruction_ids
 from interp.readout import NextTokenLoss, run_readout
 from interp.sweeps import baseline, sweep
 from interp.weights import orthogonalize
+from models.errors import check_field
+
+HARMLESS_STYLES = ("matched", "original", "harmbench", "strongreject")  # interp.data.harmless_instructions
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,14 @@ class Config:
     seed: int = 0  # data splits and random controls
     harmless: str = "matched"  # harmless prompts: "matched" to the harmful ones on surface form, or "original" (confounded)
     out: str = "runs"  # reports go to OUT/<experiment>/<timestamp>/
+
+    def __post_init__(self):
+        for name in ("n_train", "n_val", "n_test", "layer_stride", "max_new_tokens", "sweep_batch"):
+            check_field(name, getattr(self, name), lo=1, integer=True)
+        check_field("seed", self.seed, lo=0, integer=True)
+        check_field("kl_threshold", self.kl_threshold, lo=0, open_lo=True)
+        check_field("max_layer_fraction", self.max_layer_fraction, lo=0, hi=1, open_lo=True)
+        check_field("harmless", self.harmless, choices=HARMLESS_STYLES)
 
 
 def select_direction(m, cfg: Config, harmful, harmless, metric):
