@@ -6,7 +6,8 @@ The agent plays `steps` presses of a two-armed Gaussian bandit (`experiments.ban
 of (button, reward) in its prompt. Its policy is read exactly (default): the prompt ends with "Action:" and
 pi(a) is the next-token probability of the two button tokens, renormalised over the two (no sampling noise, no
 parse failures). The sampled mode (the paper's) is checked on a subset of prompts: M completions after
-"Thought:", the action parsed from "Action: <button>", invalid completions dropped, the valid rate reported.
+"Thought:", the action read by `parse_action` (the first explicit "Action: <button>"; else a leading button name
+that stands alone), invalid completions dropped, the valid rate reported.
 
 Episodes of every condition advance together, `chunk` rows per batched forward, each row from its own KV cache:
 the prompt is `head + one piece per press + tail` (`Prompt.frame`, `Prompt.history`; the pieces tokenise as the
@@ -21,14 +22,22 @@ prompt token, `h_t^k` the policy entropy, `u = sum_k sum_t h_t^k (z_t^k - mean_t
 beta is in units of the layer's mean residual norm `|z|_l` (the report gives the paper's raw coefficient
 `beta * |z|_l / |u|` too). Conditions -- EAST at each layer x beta; at every layer x beta the controls (a random
 direction, the vector with entropies shuffled across prompts, the step-index vector `sum (tbar - t)(z - zbar)`;
-each scaled to the same added norm); unsteered sampling temperatures (pi ∝ p^(1/T)) -- run on the same bandits
-and reward noise (common random numbers); interventions are data (`AddVectorPerExample`: a vector and a
-per-layer scale per row). Transfer: the vectors from the main prompt applied to a reworded prompt with other
-button names (red / blue).
+each scaled to the same added norm); unsteered sampling temperatures (pi ∝ p^(1/T)) -- run on the same bandits,
+reward noise and action draws (common random numbers); interventions are data (`AddVectorPerExample`: a vector
+and a per-layer scale per row). The null: `n_null` further random directions of the same norm at every layer x
+beta, each on the first `null_episodes` bandits, batched with the other conditions (`Group`). Transfer: the
+vectors from the main prompt applied to a reworded prompt with other button names (red / blue).
 
-Defaults: SmolLM2-135M-Instruct, 16 collection + 16 evaluation episodes per condition x 10 steps, 40 conditions;
-the report gives each phase's wall time. `--second-model gemma-3-270m` repeats the study with a base model on a
-plain-text prompt.
+Statistics (`interp.stats`): the unit is the episode (final-window entropy); EAST against a control or the
+unsteered run is the paired per-episode difference (bootstrap interval, sign-flip p); EAST against the null is
+its percentile among the null draws on the same episodes. The verdict is computed from `primary` (EAST minus its
+best same-layer control at one layer x beta, named before the run), Holm-corrected over every layer x beta cell;
+the report ends with the Claims the README makes and whether each holds.
+
+Defaults: SmolLM2-135M-Instruct, 16 collection + 16 evaluation episodes per condition x 10 steps, 40 conditions
+plus 3 x 3 x 16 null draws on 4 episodes each; the report gives each phase's wall time. `--second-model
+gemma-3-270m` repeats the study with a base model on a plain-text prompt (give `--primary layermain/beta0.5`:
+its swept layers differ).
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import re
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +56,7 @@ from matplotlib.figure import Figure
 import models
 from experiments import bandit
 from experiments.common import fmt, parse_config, run_models, save_figure
+from interp import stats
 from interp.interventions import AddVector, AddVectorPerExample
 from models import transformer
 from models.errors import InputError
@@ -75,8 +86,69 @@ class Config:
     samples: int = 8  # completions per prompt in sampled mode (M)
     max_new_tokens: int = 32  # tokens per sampled completion
     chunk: int = 64  # sequences per vmapped chunk of the step program
-    seed: int = 0  # bandits, reward noise, action draws, random direction, shuffles
+    n_null: int = 16  # random same-norm directions per layer x beta: the null distribution (K draws)
+    null_episodes: int = 4  # evaluation episodes (the first ones) each null draw plays (<= n_episodes)
+    primary: str = "layer15/beta0.5"  # verdict: EAST - best same-layer control here (layermain: middle swept layer)
+    alpha: float = 0.05  # level of the verdict (Holm over every layer x beta cell) and of every interval (1 - alpha)
+    n_boot: int = 10000  # bootstrap resamples of each interval
+    seed: int = 0  # bandits, reward noise, action draws, random directions, shuffles, resampling
     out: str = "runs"  # reports go to OUT/<experiment>/<timestamp>/
+
+    def __post_init__(self):
+        """InputError naming the flag for any field out of range (before a model loads)."""
+        ints = dict(steps=(self.steps, 2), n_collect=(self.n_collect, 1), n_episodes=(self.n_episodes, 1),
+                    chunk=(self.chunk, 1), samples=(self.samples, 1), max_new_tokens=(self.max_new_tokens, 1),
+                    sampled_prompts=(self.sampled_prompts, 0), n_null=(self.n_null, 1),
+                    null_episodes=(self.null_episodes, 1), n_boot=(self.n_boot, 100))
+        for name, (v, lo) in ints.items():
+            if v < lo:
+                raise InputError(f"--{name.replace('_', '-')} {v}: must be >= {lo}")
+        for name, v, hi in (("window", self.window, self.steps), ("first_k", self.first_k, self.steps),
+                            ("null_episodes", self.null_episodes, self.n_episodes)):
+            if not 1 <= v <= hi:
+                raise InputError(f"--{name.replace('_', '-')} {v} out of range: valid 1..{hi}")
+        if not self.betas:
+            raise InputError("--betas is empty: give at least one steering strength")
+        if not all(np.isfinite(b) and b > 0 for b in self.betas):
+            raise InputError(f"--betas {self.betas}: every strength must be finite and > 0 (0 is the unsteered run)")
+        if len(set(self.betas)) != len(self.betas):
+            raise InputError(f"--betas {self.betas} repeats a strength")
+        if not all(np.isfinite(t) and t > 0 for t in self.temperatures):
+            raise InputError(f"--temperatures {self.temperatures}: every temperature must be finite and > 0")
+        if not (np.isfinite(self.sigma) and self.sigma >= 0):
+            raise InputError(f"--sigma {self.sigma}: must be finite and >= 0")
+        if not np.isfinite(self.gap):
+            raise InputError(f"--gap {self.gap}: must be finite")
+        if not 0 < self.alpha < 1:
+            raise InputError(f"--alpha {self.alpha} out of range: valid (0, 1)")
+        if len(set(self.layers)) != len(self.layers):
+            raise InputError(f"--layers {self.layers} repeats a layer")
+        layer, beta = primary_cell(self.primary)
+        if not any(np.isclose(beta, b) for b in self.betas):
+            raise InputError(f"--primary {self.primary!r}: beta {beta:g} is not one of --betas {self.betas}")
+        if layer != "main" and self.layers and int(layer) not in self.layers:
+            raise InputError(f"--primary {self.primary!r}: layer {layer} is not one of --layers {self.layers}")
+
+
+_PRIMARY = re.compile(r"layer(\d+|main)/beta([0-9.eE+-]+)")
+
+
+def primary_cell(primary: str) -> tuple[str, float]:
+    """`"layer15/beta0.5"` -> `("15", 0.5)`; `"layermain/beta0.5"` -> `("main", 0.5)`; InputError otherwise."""
+    m = _PRIMARY.fullmatch(primary)
+    try:
+        beta = float(m.group(2)) if m else float("nan")
+    except ValueError:
+        beta = float("nan")
+    if not np.isfinite(beta):
+        raise InputError(f"--primary {primary!r}: expected 'layer<L>/beta<b>' (e.g. layer15/beta0.5) or "
+                         "'layermain/beta<b>' (the middle swept layer), with b one of --betas")
+    return m.group(1), beta
+
+
+def cell(layer: int, beta: float) -> str:
+    """The name of a layer x beta cell, as `primary` names it."""
+    return f"layer{layer}/beta{beta:g}"
 
 
 @dataclass(frozen=True)
@@ -132,33 +204,42 @@ def action_ids(m, prompt: Prompt, prefill: str = "Action:") -> np.ndarray:
     return np.asarray(ids, np.int32)
 
 
-def validate(cfg: Config, n_layers: int) -> tuple[int, ...]:
-    """The layers to use; InputError naming the flag for any argument out of range."""
-    ints = dict(steps=(cfg.steps, 2), n_collect=(cfg.n_collect, 1), n_episodes=(cfg.n_episodes, 1),
-                chunk=(cfg.chunk, 1), samples=(cfg.samples, 1), max_new_tokens=(cfg.max_new_tokens, 1),
-                sampled_prompts=(cfg.sampled_prompts, 0))
-    for name, (v, lo) in ints.items():
-        if v < lo:
-            raise InputError(f"--{name.replace('_', '-')} {v}: must be >= {lo}")
-    for name, v in (("window", cfg.window), ("first_k", cfg.first_k)):
-        if not 1 <= v <= cfg.steps:
-            raise InputError(f"--{name.replace('_', '-')} {v} out of range: valid 1..{cfg.steps} (--steps)")
-    if not cfg.betas:
-        raise InputError("--betas is empty: give at least one steering strength")
-    if not all(np.isfinite(b) and b > 0 for b in cfg.betas):
-        raise InputError(f"--betas {cfg.betas}: every strength must be finite and > 0 (0 is the unsteered run)")
-    if not all(np.isfinite(t) and t > 0 for t in cfg.temperatures):
-        raise InputError(f"--temperatures {cfg.temperatures}: every temperature must be finite and > 0")
-    if cfg.sigma < 0 or not np.isfinite(cfg.gap):
-        raise InputError(f"--sigma {cfg.sigma} / --gap {cfg.gap}: need sigma >= 0 and a finite gap")
+_OPEN = "*_\"'`([ \t"  # emphasis, quotes or brackets allowed before an action name
+_CLOSE = ".,;:!?*_\"'`)]}"  # punctuation that may end a leading action name
+
+
+def parse_action(text: str, names) -> str | None:
+    """The button a sampled completion chooses, or None (invalid).
+
+    The first explicit "Action: X" wins, X a button name as a whole word (after optional spaces, `*`, quotes or
+    brackets: "Action: **B**"); a later "Action:" (e.g. a second, contradicting one) is ignored. Without one, a
+    completion that *starts* with a button name counts only if the name stands alone: followed by the end of the
+    text or line, or by punctuation ("A.", "B, because", "A"), so the article in " A higher reward came from B"
+    is not action A, nor is "Apples". Names are matched case-sensitively, longest first."""
+    alts = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+    explicit = re.search(rf"Action:[\s{re.escape(_OPEN)}]*({alts})(?!\w)", text)
+    if explicit:
+        return explicit.group(1)
+    lead = re.match(rf"\s*[{re.escape(_OPEN)}]*({alts})(?=[ \t]*(?:$|\n|[{re.escape(_CLOSE)}]))", text)
+    return lead.group(1) if lead else None
+
+
+def validate(cfg: Config, n_layers: int) -> tuple[tuple[int, ...], str]:
+    """The layers to use and the primary cell's name (`cell`); InputError naming the flag for a layer out of
+    range for this model (the other fields are checked by `Config`)."""
     layers = cfg.layers or tuple(sorted({n_layers // 3, n_layers // 2, (2 * n_layers) // 3}))
     bad = [l for l in layers if not 0 <= l < n_layers]
     if bad:
         raise InputError(f"--layers {layers}: layer {bad[0]} out of range for a model of {n_layers} layers "
                          f"(valid 0..{n_layers - 1})")
-    if len(set(layers)) != len(layers):
-        raise InputError(f"--layers {layers} repeats a layer")
-    return tuple(int(l) for l in layers)
+    layers = tuple(int(l) for l in layers)
+    layer, beta = primary_cell(cfg.primary)
+    layer = layers[len(layers) // 2] if layer == "main" else int(layer)
+    if layer not in layers:
+        raise InputError(f"--primary {cfg.primary!r}: layer {layer} is not swept (layers {layers}; give --layers "
+                         "or --primary layermain/beta<b>)")
+    beta = next(b for b in cfg.betas if np.isclose(b, beta))
+    return layers, cell(layer, beta)
 
 
 class _Tokens:
@@ -212,20 +293,40 @@ def _round_up(n: int, k: int = 8) -> int:
     return -(-n // k) * k
 
 
-def run_episodes(m, cfg: Config, prompt: Prompt, env: bandit.Bandits, vectors, scales, temps, key,
-                 layers: tuple[int, ...], chat: bool) -> dict:
-    """Play `E` episodes of `cfg.steps` presses under each of `N` conditions (vector `[N, D]` added with scale
-    `[N, L]` at each layer, temperature `[N]`). The N x E episodes advance in chunks of `cfg.chunk` rows, one
-    batched forward per step: each row keeps a KV cache of its prompt so far, and a step runs only the newest
-    history line and the tail (the shared head is computed once). Returns `probs [N, E, T, 2]`, `actions`,
-    `rewards [N, E, T]`, `z [N, len(layers), E, T, D]`, `texts` (the prompts of condition 0)."""
-    N, E, T = vectors.shape[0], env.means.shape[0], cfg.steps
+class Group(NamedTuple):
+    """Conditions that play the same episodes: vectors `[N, D]` added with scales `[N, L]` (one per layer) at the
+    last prompt token, sampling temperatures `[N]`, each condition on the first `episodes` bandits (0: all)."""
+
+    vectors: np.ndarray
+    scales: np.ndarray
+    temps: np.ndarray
+    episodes: int = 0
+
+
+def run_episodes(m, cfg: Config, prompt: Prompt, env: bandit.Bandits, groups, key, layers: tuple[int, ...],
+                 chat: bool) -> list[dict]:
+    """Play `cfg.steps` presses under every condition of every `Group` (`N_g` conditions x `E_g` episodes each;
+    episode e is bandit e of `env`, with the same reward noise and action draws in every condition). All rows
+    advance together in chunks of `cfg.chunk`, one batched forward per step: each row keeps a KV cache of its
+    prompt so far, and a step runs only the newest history line and the tail (the shared head is computed once).
+    Returns per group `probs [N_g, E_g, T, 2]`, `actions`, `rewards [N_g, E_g, T]`, `z [N_g, len(layers), E_g, T,
+    D]`; the first group's also `texts` (the prompts of its condition 0, `[T][E_0]`)."""
+    E, T = env.means.shape[0], cfg.steps
+    sizes = [g.episodes or E for g in groups]
+    if not all(1 <= e <= E for e in sizes):
+        raise InputError(f"group episodes {sizes} out of range: valid 1..{E} (the bandits given)")
+    vectors = np.concatenate([np.asarray(g.vectors, np.float32) for g in groups])
+    scales = np.concatenate([np.asarray(g.scales, np.float32) for g in groups])
+    temps = np.concatenate([np.asarray(g.temps, np.float32) for g in groups])
+    starts = np.cumsum([0] + [len(g.vectors) for g in groups])
+    cond = np.concatenate([s + np.repeat(np.arange(len(g.vectors)), e) for s, g, e in zip(starts, groups, sizes)])
+    episode = np.concatenate([np.tile(np.arange(e), len(g.vectors)) for g, e in zip(groups, sizes)])
     ids = jnp.asarray(action_ids(m, prompt))
     pieces = _Tokens(m, prompt, chat, T)
     draws = np.asarray(jax.random.uniform(key, (T, E)))  # shared by the conditions (common random numbers)
-    inv_t = 1.0 / np.asarray(temps, np.float32)
+    inv_t = 1.0 / temps
     means, noise = np.asarray(env.means), np.asarray(env.noise)
-    R = N * E
+    R = len(cond)
     n_chunks = -(-R // cfg.chunk)
     B = -(-R // n_chunks)  # rows per chunk: every chunk the same shape (the last padded), one compiled program
     piece_len = max(len(pieces.piece(p)) for a in (0, 1) for p in prompt.history([a] * T, [-9999.0] * T) + prompt.history([], []))
@@ -235,7 +336,7 @@ def run_episodes(m, cfg: Config, prompt: Prompt, env: bandit.Bandits, vectors, s
     probs, zs = np.zeros((R, T, 2), np.float32), np.zeros((len(layers), R, T, m.cfg.d_model), np.float32)
     for c in range(n_chunks):
         rows = np.minimum(np.arange(c * B, (c + 1) * B), R - 1)  # the last chunk repeats its final row
-        n_of, e_of = rows // E, rows % E
+        n_of, e_of = cond[rows], episode[rows]
         cache = _head_cache(m.params, m.cfg, jnp.asarray(pieces.head, jnp.int32), B, slots)
         count = np.full(B, len(pieces.head))  # real tokens in each row's cache
         vec, sc = jnp.asarray(vectors[n_of]), jnp.asarray(scales[n_of])
@@ -261,10 +362,23 @@ def run_episodes(m, cfg: Config, prompt: Prompt, env: bandit.Bandits, vectors, s
             actions[rows, t], probs[rows, t] = a, p
             rewards[rows, t] = means[e_of, a] + env.sigma * noise[e_of, t, a]
             zs[:, rows, t] = np.asarray(z)
-    texts = [[prompt.text(m, chat, T, actions[e, :t], rewards[e, :t]) for e in range(E)] for t in range(T)]
-    unflat = lambda x: x.reshape(N, E, *x.shape[1:])
-    return dict(probs=unflat(probs), actions=unflat(actions), rewards=unflat(rewards),
-                z=zs.reshape(len(layers), N, E, T, -1).transpose(1, 0, 2, 3, 4), texts=texts)
+    E0 = sizes[0]
+    texts = [[prompt.text(m, chat, T, actions[e, :t], rewards[e, :t]) for e in range(E0)] for t in range(T)]
+    out, row = [], 0
+    for g, e in zip(groups, sizes):
+        n = len(g.vectors)
+        sl = slice(row, row + n * e)
+        unflat = lambda x: x.reshape(n, e, *x.shape[1:])  # noqa: B023
+        out.append(dict(probs=unflat(probs[sl]), actions=unflat(actions[sl]), rewards=unflat(rewards[sl]),
+                        z=zs[:, sl].reshape(len(layers), n, e, T, -1).transpose(1, 0, 2, 3, 4)))
+        row += n * e
+    out[0]["texts"] = texts
+    return out
+
+
+def final_entropy(res: dict, cfg: Config) -> np.ndarray:
+    """Per condition and episode, the mean policy entropy over the last `cfg.window` steps `[N, E]` (nats)."""
+    return np.asarray(bandit.entropy(res["probs"]))[:, :, -cfg.window:].mean(-1)
 
 
 def summarise(res: dict, env: bandit.Bandits, cfg: Config) -> list[dict]:
@@ -274,7 +388,7 @@ def summarise(res: dict, env: bandit.Bandits, cfg: Config) -> list[dict]:
     out = []
     for n in range(h.shape[0]):
         a = jnp.asarray(res["actions"][n])
-        final = h[n, :, -cfg.window:].mean(1)
+        final = final_entropy(res, cfg)[n]
         better = np.asarray(jnp.argmax(env.means, 1))[:, None]
         out.append(dict(entropy_per_step=h[n].mean(0).tolist(), final_entropy=float(final.mean()),
                         final_entropy_sem=float(final.std(ddof=1) / np.sqrt(len(final))) if len(final) > 1 else float("nan"),
@@ -285,18 +399,20 @@ def summarise(res: dict, env: bandit.Bandits, cfg: Config) -> list[dict]:
 
 
 def build_vectors(col: dict, layers, cfg: Config, L: int, D: int, key) -> dict:
-    """Per swept layer: EAST, entropy-shuffled and step-index vectors and a random direction, as unit vectors,
-    with `|u|` and the mean residual norm `|z|` at that layer (collection episodes: z `[len(layers), K, T, D]`)."""
+    """Per swept layer: EAST, entropy-shuffled and step-index vectors, a random direction and `cfg.n_null` more
+    (`null [K, D]`, independent of it), as unit vectors, with `|u|` and the mean residual norm `|z|` at that
+    layer (collection episodes: z `[len(layers), K, T, D]`)."""
     h = np.asarray(bandit.entropy(col["probs"][0]))  # [K, T]
     perm = np.random.default_rng(cfg.seed).permutation(h.size)
     h_shuf = h.reshape(-1)[perm].reshape(h.shape)
-    unit = lambda v: np.asarray(v / jnp.linalg.norm(v), np.float32)
+    unit = lambda v: np.asarray(v / jnp.linalg.norm(v, axis=-1, keepdims=True), np.float32)
     out = {}
     for i, l in enumerate(layers):
         z = jnp.asarray(col["z"][0, i])
         u = bandit.east_vector(z, h)
         out[l] = dict(east=unit(u), shuffled=unit(bandit.east_vector(z, h_shuf)), step=unit(bandit.step_index_vector(z)),
                       random=unit(jax.random.normal(jax.random.fold_in(key, l), (D,))),
+                      null=unit(jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, l), 1), (cfg.n_null, D))),
                       u_norm=float(jnp.linalg.norm(u)), z_norm=float(jnp.mean(jnp.linalg.norm(z, axis=-1))),
                       cos_step=float(np.dot(unit(u), unit(bandit.step_index_vector(z)))),
                       cos_shuffled=float(np.dot(unit(u), unit(bandit.east_vector(z, h_shuf)))))
@@ -317,10 +433,21 @@ def conditions(vecs: dict, layers, main: int, cfg: Config, L: int, D: int):
     return [r[0] for r in rows], [r[1] for r in rows], [r[3] for r in rows], [r[4] for r in rows], vectors, scales
 
 
+def null_group(vecs: dict, layers, cfg: Config, L: int) -> Group:
+    """The null draws: at every layer x beta (in that order) the `K` random unit directions of `vecs[l]["null"]`,
+    each scaled to EAST's added norm there, on the first `cfg.null_episodes` bandits (`N = layers x betas x K`)."""
+    K = cfg.n_null
+    vectors = np.concatenate([vecs[l]["null"] for l in layers for _ in cfg.betas])
+    scales = np.zeros((len(vectors), L), np.float32)
+    for i, (l, b) in enumerate((l, b) for l in layers for b in cfg.betas):
+        scales[i * K:(i + 1) * K, l] = b * vecs[l]["z_norm"]
+    return Group(vectors, scales, np.ones(len(vectors), np.float32), cfg.null_episodes)
+
+
 def sampled_mode(m, cfg: Config, col: dict, vecs: dict, main: int, chat: bool, key) -> list[dict]:
     """The paper's readout on `sampled_prompts` collection prompts: `samples` completions after "Thought:" for
     unsteered (T = 1), EAST at the main layer and largest beta (T = 1, steering the last prompt token and every
-    generated token) and the largest temperature; action parsed from "Action: <button>"; valid rate, entropy
+    generated token) and the largest temperature; action read by `parse_action`; valid rate (Wilson interval), entropy
     of the parsed action distribution (mean over prompts with a valid completion) and the exact-readout entropy."""
     if cfg.sampled_prompts == 0:
         return []
@@ -329,7 +456,6 @@ def sampled_mode(m, cfg: Config, col: dict, vecs: dict, main: int, chat: bool, k
     pick = np.random.default_rng(cfg.seed + 1).choice(len(flat), min(cfg.sampled_prompts, len(flat)), replace=False)
     prompts = [flat[i][:-len("Action:")] + "Thought:" for i in pick]
     names = Prompt().names
-    pattern = re.compile(r"Action:\s*\**\s*(" + "|".join(map(re.escape, names)) + r")\b")
     b = max(cfg.betas)
     L, D = m.cfg.n_layers, m.cfg.d_model
     vec, scale = np.zeros((L, D), np.float32), np.zeros(L, np.float32)
@@ -343,15 +469,17 @@ def sampled_mode(m, cfg: Config, col: dict, vecs: dict, main: int, chat: bool, k
         seed = int(jax.random.randint(key, (), 0, 2 ** 30))
         texts = models.generate(m, [p for p in prompts for _ in range(cfg.samples)], cfg.max_new_tokens,
                                 temperature=temp, seed=seed, interventions=iv)
-        parsed = [pattern.search("Action:" + t if t.lstrip().startswith(names) else t) for t in texts]
-        acts = np.array([-1 if p is None else names.index(p.group(1)) for p in parsed]).reshape(len(prompts), cfg.samples)
+        parsed = [parse_action(t, names) for t in texts]
+        acts = np.array([-1 if p is None else names.index(p) for p in parsed]).reshape(len(prompts), cfg.samples)
         hs = [float(bandit.entropy(np.bincount(r[r >= 0], minlength=2) / np.sum(r >= 0))) for r in acts if np.any(r >= 0)]
-        out.append(dict(condition=name, valid_rate=float(np.mean(acts >= 0)), entropy=float(np.mean(hs)) if hs else float("nan"),
+        valid = stats.wilson(int(np.sum(acts >= 0)), acts.size, 1 - cfg.alpha)
+        out.append(dict(condition=name, valid_rate=valid.value, valid_lo=valid.lo, valid_hi=valid.hi, n=acts.size,
+                        n_valid=int(np.sum(acts >= 0)), entropy=float(np.mean(hs)) if hs else float("nan"),
                         n_prompts_valid=len(hs), exact_entropy=float(h_exact[pick].mean()), example=texts[0][:160]))
     return out
 
 
-def _figures(out, tag: str, names, kinds, summ, sampled, layers, main, cfg: Config):
+def _figures(out, tag: str, names, kinds, summ, sampled, layers, main, cfg: Config, comparisons):
     T = cfg.steps
     idx = {n: i for i, n in enumerate(names)}
     fig = Figure(figsize=(6, 4))
@@ -377,6 +505,11 @@ def _figures(out, tag: str, names, kinds, summ, sampled, layers, main, cfg: Conf
         for kind in [f"{k} {layer}" for k in ("EAST", *CONTROLS)]:
             ys = [summ[0][key]] + [summ[i][key] for i, k in enumerate(kinds) if k == kind]
             ax.plot([0, *cfg.betas], ys, "-o" if kind.startswith("EAST") else ":s", ms=3, label=kind.split()[0])
+        if key == "final_entropy":  # the null's 5-95% band and EAST on the same (first) episodes
+            cs = [c for c in comparisons if f"L{c['layer']}" == layer]
+            ax.fill_between(cfg.betas, [c["null"].band[0] for c in cs], [c["null"].band[1] for c in cs], color="grey",
+                            alpha=0.25, label=f"null 5-95% ({cfg.n_null} random, first {cfg.null_episodes} episodes)")
+            ax.plot(cfg.betas, [c["null"].observed for c in cs], "x", color="C0", label="EAST, same episodes")
         ys = [summ[0][key]] + [summ[i][key] for i, k in enumerate(kinds) if k == "temperature"]
         ax2 = ax.twiny()
         ax2.plot([1, *cfg.temperatures], ys, "k--^", ms=4, label="temperature (top axis)")
@@ -399,112 +532,213 @@ def _figures(out, tag: str, names, kinds, summ, sampled, layers, main, cfg: Conf
     save_figure(fig, out / "east_sweep.png")
 
 
+def compare(final: np.ndarray, final_null: np.ndarray, names: list[str], layers, cfg: Config) -> list[dict]:
+    """Per layer x beta: EAST's final-window entropy against its same-layer controls and the unsteered run (paired
+    per-episode differences over the `E` shared episodes, one-sided "greater") and against the null of `cfg.n_null`
+    random directions (`final_null [layers x betas x K, null_episodes]`; EAST's mean over the same first episodes).
+    `final [N, E]` is `final_entropy` of the evaluation conditions `names` (condition 0 unsteered)."""
+    K, E0, lvl = cfg.n_null, cfg.null_episodes, 1 - cfg.alpha
+    test = partial(stats.paired_difference, n_boot=cfg.n_boot, level=lvl, seed=cfg.seed, alternative="greater")
+    out = []
+    for i, (l, b) in enumerate((l, b) for l in layers for b in cfg.betas):
+        e = final[names.index(f"EAST L{l} beta {b:g}")]
+        ctrl = {k: final[names.index(f"{k} L{l} beta {b:g}")] for k in CONTROLS}
+        top = max(ctrl, key=lambda k: ctrl[k].mean())
+        draws = final_null[i * K:(i + 1) * K].mean(1)
+        out.append(dict(layer=l, beta=b, cell=cell(l, b), east=float(e.mean()),
+                        controls={k: float(c.mean()) for k, c in ctrl.items()}, best_control=top,
+                        vs_control=test(e, ctrl[top], label=f"EAST - {top}"),
+                        vs_unsteered=test(e, final[0], label="EAST - unsteered"),
+                        null=stats.null_test(float(e[:E0].mean()), draws, "greater", label=f"EAST vs {K} random")))
+    return out
+
+
+def _est(e) -> dict:
+    """An `Estimate` or `NullTest` as JSON."""
+    if isinstance(e, stats.NullTest):
+        return dict(observed=e.observed, percentile=e.percentile, band=list(e.band), p=e.p, k=e.k,
+                    null=e.null.tolist())
+    return dict(value=e.value, lo=e.lo, hi=e.hi, n=e.n, p=e.p, method=e.method)
+
+
 def study(m, cfg: Config, chat: bool, tag: str, out) -> tuple[list, dict]:
     """The whole study for one agent (figures into the folder `out`): report sections and metrics."""
     L, D = m.cfg.n_layers, m.cfg.d_model
-    layers = validate(cfg, L)
+    layers, primary = validate(cfg, L)
     main = layers[len(layers) // 2]
     key = jax.random.PRNGKey(cfg.seed)
     k_col, k_env, k_act, k_dir, k_tr, k_s = jax.random.split(key, 6)
     prompt = Prompt()
-    zero = (np.zeros((1, D), np.float32), np.zeros((1, L), np.float32), np.ones(1, np.float32))
+    zero = Group(np.zeros((1, D), np.float32), np.zeros((1, L), np.float32), np.ones(1, np.float32))
     col_env = bandit.make_bandits(k_col, cfg.n_collect, cfg.steps, cfg.gap, cfg.sigma)
     clock = [("start", time.perf_counter())]
     tick = lambda name: clock.append((name, time.perf_counter()))  # noqa: E731
-    col = run_episodes(m, cfg, prompt, col_env, *zero, jax.random.fold_in(k_act, 0), layers, chat)
+    (col,) = run_episodes(m, cfg, prompt, col_env, [zero], jax.random.fold_in(k_act, 0), layers, chat)
     tick("collection")
     vecs = build_vectors(col, layers, cfg, L, D, k_dir)
     names, kinds, betas, temps, vectors, scales = conditions(vecs, layers, main, cfg, L, D)
     env = bandit.make_bandits(k_env, cfg.n_episodes, cfg.steps, cfg.gap, cfg.sigma)
-    res = run_episodes(m, cfg, prompt, env, vectors, scales, np.asarray(temps, np.float32), k_act, (main,), chat)
-    summ = summarise(res, env, cfg)
-    tick("evaluation")
+    res, res_null = run_episodes(m, cfg, prompt, env, [Group(vectors, scales, np.asarray(temps, np.float32)),
+                                                       null_group(vecs, layers, cfg, L)], k_act, (main,), chat)
+    summ, final, final_null = summarise(res, env, cfg), final_entropy(res, cfg), final_entropy(res_null, cfg)
+    tick("evaluation + null")
     tr_rows = [0] + [names.index(f"EAST L{main} beta {b:g}") for b in cfg.betas]
-    res_tr = run_episodes(m, cfg, REWORDED, env, vectors[tr_rows], scales[tr_rows], np.ones(len(tr_rows), np.float32),
-                          k_act, (main,), chat)
-    transfer = summarise(res_tr, env, cfg)
+    (res_tr,) = run_episodes(m, cfg, REWORDED, env, [Group(vectors[tr_rows], scales[tr_rows],
+                                                           np.ones(len(tr_rows), np.float32))], k_act, (main,), chat)
+    transfer, final_tr = summarise(res_tr, env, cfg), final_entropy(res_tr, cfg)
     tick("transfer")
     sampled = sampled_mode(m, cfg, col, vecs, main, chat, k_s)
     tick("sampled mode")
     seconds = {name: round(t - clock[i][1], 1) for i, (name, t) in enumerate(clock[1:])}
-    _figures(out, tag, names, kinds, summ, sampled, layers, main, cfg)
 
+    comparisons = compare(final, final_null, names, layers, cfg)
+    by_cell = {c["cell"]: c for c in comparisons}
+    p_cell = by_cell[primary]
+    v = stats.verdict({c["cell"]: c["vs_control"] for c in comparisons}, primary, alpha=cfg.alpha,
+                      alternative="greater", what=f"EAST minus its best same-layer, same-norm control at {primary} "
+                                                  "(final-window entropy, nats, paired over episodes)")
+    null_holm = stats.holm([c["null"].p for c in comparisons])
+    _figures(out, tag, names, kinds, summ, sampled, layers, main, cfg, comparisons)
+
+    lvl = f"{100 * (1 - cfg.alpha):g}%"
     h_col = np.asarray(bandit.entropy(col["probs"][0]))
-    table = ("| condition | beta (x mean norm of z) | raw beta (paper's) | temperature | final-window entropy | "
-             f"tried both in first {cfg.first_k} | regret | better arm |\n" + "|---" * 8 + "|\n")
+    rows = []
     for n, name in enumerate(names):
         l = int(np.argmax(scales[n])) if scales[n].any() else main
         raw = betas[n] * vecs[l]["z_norm"] / vecs[l]["u_norm"] if kinds[n].startswith("EAST") else float("nan")
-        s = summ[n]
-        table += (f"| {name} | {betas[n]:g} | {fmt(raw, '.3g')} | {temps[n]:g} | {s['final_entropy']:.3f} ± {fmt(s['final_entropy_sem'], '.3f')} | "
-                  f"{s['tried_both']:.2f} | {s['regret']:.1f} | {s['better_arm']:.2f} |\n")
-    tr_table = "| condition (reworded prompt, red / blue) | final-window entropy | tried both | regret |\n|---|---|---|---|\n"
-    tr_table += "\n".join(f"| {names[r]} | {s['final_entropy']:.3f} ± {fmt(s['final_entropy_sem'], '.3f')} | {s['tried_both']:.2f} | "
-                          f"{s['regret']:.1f} |" for r, s in zip(tr_rows, transfer))
-    s_table = "| sampled mode | valid rate | entropy of parsed actions | prompts with a valid completion | exact-readout entropy |\n|---|---|---|---|---|\n"
-    s_table += "\n".join(f"| {s['condition']} | {s['valid_rate']:.2f} | {s['entropy']:.3f} | {s['n_prompts_valid']} | "
-                         f"{s['exact_entropy']:.3f} |" for s in sampled)
-    base, sem = summ[0]["final_entropy"], summ[0]["final_entropy_sem"]
-    sem_of = lambda c: c["final_entropy_sem"] if np.isfinite(c["final_entropy_sem"]) else 0.0
-    comparisons = []
-    for l in layers:
-        for b in cfg.betas:
-            e = summ[names.index(f"EAST L{l} beta {b:g}")]
-            ctrl = {k: summ[names.index(f"{k} L{l} beta {b:g}")] for k in CONTROLS}
-            top = max(ctrl, key=lambda k: ctrl[k]["final_entropy"])
-            se = float(np.hypot(sem_of(e), sem_of(ctrl[top])))
-            beats = bool(e["final_entropy"] - ctrl[top]["final_entropy"] > 2 * se
-                         and e["final_entropy"] - base > 2 * float(np.hypot(sem_of(e), sem_of(summ[0]))))
-            comparisons.append(dict(layer=l, beta=b, east=e["final_entropy"], best_control=top,
-                                    controls={k: c["final_entropy"] for k, c in ctrl.items()},
-                                    best_control_entropy=ctrl[top]["final_entropy"], margin=e["final_entropy"] - ctrl[top]["final_entropy"],
-                                    se=se, beats_controls=beats))
-    c_table = ("| layer | beta | EAST | random | shuffled | step-index | EAST − best control (± 2 se) | EAST beats every control |\n"
-               "|---|---|---|---|---|---|---|---|\n")
-    c_table += "\n".join(
-        f"| {c['layer']} | {c['beta']:g} | {c['east']:.3f} | "
-        + " | ".join(f"{c['controls'][k]:.3f}" for k in CONTROLS)
-        + f" | {c['margin']:+.3f} ± {2 * c['se']:.3f} | {'yes' if c['beats_controls'] else 'no'} |" for c in comparisons)
-    wins = [c for c in comparisons if c["beats_controls"]]
-    verdict = (f"Unsteered, the mean policy entropy goes from {summ[0]['entropy_per_step'][0]:.3f} at step 1 to {summ[0]['entropy_per_step'][-1]:.3f} "
-               f"nats at step {cfg.steps} (max ln 2 = 0.693); final window {base:.3f} (sem {fmt(sem, '.3f')}). EAST against its "
-               "same-layer, same-norm controls (final-window entropy; 'beats' = above the best control and above the "
-               "unsteered run, each by more than 2 combined sem):\n\n" + c_table + "\n\n" +
-               ("EAST beats every control at " + ", ".join(f"layer {c['layer']} beta {c['beta']:g}" for c in wins) + "." if wins else
-                "**EAST beats its controls at no layer and strength** on this model.") +
-               f" Temperatures {', '.join(f'{t:g}' for t in cfg.temperatures)} give "
-               + ", ".join(f"{summ[names.index(f'temperature {t:g}')]['final_entropy']:.3f}" for t in cfg.temperatures)
-               + ": in the exact readout a temperature divides the two action logits, so it flattens the policy by "
-               "construction; the paper's claim that temperature fails concerns sampled chains of thought (the "
-               "sampled-mode table).")
-    vec_text = "\n".join(f"- layer {l}: |u| = {v['u_norm']:.3f}, mean |z| = {v['z_norm']:.2f}, cos(u, step-index vector) = "
-                         f"{v['cos_step']:.3f}, cos(u, shuffled-entropy vector) = {v['cos_shuffled']:.3f}"
-                         for l, v in vecs.items())
+        mean = stats.bootstrap(final[n], n_boot=cfg.n_boot, level=1 - cfg.alpha, seed=cfg.seed)
+        rows.append([name, f"{betas[n]:g}", fmt(raw, ".3g"), f"{temps[n]:g}", str(mean), f"{summ[n]['tried_both']:.2f}",
+                     f"{summ[n]['regret']:.1f}", f"{summ[n]['better_arm']:.2f}"])
+    table = stats.markdown_table(["condition", "beta (x mean norm of z)", "raw beta (paper's)", "temperature",
+                                  f"final-window entropy [{lvl} bootstrap CI over episodes]",
+                                  f"tried both in first {cfg.first_k}", "regret", "better arm"], rows)
+    c_table = stats.markdown_table(
+        ["layer", "beta", "EAST", "random", "shuffled", "step-index", f"EAST − best control [{lvl} CI] (n, p)",
+         "Holm p", f"EAST − unsteered [{lvl} CI] (n, p)",
+         f"EAST vs null: percentile of {cfg.n_null} draws (null 5–95%, first {cfg.null_episodes} episodes)",
+         "null p (Holm)"],
+        [[c["layer"], f"{c['beta']:g}" + (" (primary)" if c["cell"] == primary else ""), f"{c['east']:.3f}",
+          *[f"{c['controls'][k]:.3f}" for k in CONTROLS], f"{c['vs_control']} vs {c['best_control']}",
+          f"{v.p_holm[c['cell']]:.2g}", str(c["vs_unsteered"]),
+          f"{c['null'].percentile:.0f} ({c['null'].observed:.3f} vs "
+          f"[{c['null'].band[0]:.3f}, {c['null'].band[1]:.3f}])",
+          f"{c['null'].p:.2g} ({h:.2g})"] for c, h in zip(comparisons, null_holm)])
+    sig = [c["cell"] for c in comparisons if v.p_holm[c["cell"]] < cfg.alpha and c["vs_control"].lo > 0]
+    above_null = [c["cell"] for c, h in zip(comparisons, null_holm) if h < cfg.alpha]
+    temp = {t: final[names.index(f"temperature {t:g}")] for t in cfg.temperatures}
+    test = partial(stats.paired_difference, n_boot=cfg.n_boot, level=1 - cfg.alpha, seed=cfg.seed)
+    body = (f"Unsteered, the mean policy entropy goes from {summ[0]['entropy_per_step'][0]:.3f} at step 1 to "
+            f"{summ[0]['entropy_per_step'][-1]:.3f} nats at step {cfg.steps} (max ln 2 = 0.693). The unit of every "
+            f"interval is the episode (n = {cfg.n_episodes}); every condition plays the same bandits, reward noise "
+            "and action draws, so EAST is compared with a control or the unsteered run by the paired per-episode "
+            "difference (percentile bootstrap interval; exact sign-flip p, one-sided: EAST higher), and with the "
+            f"null by its percentile among {cfg.n_null} random same-norm directions on the same first "
+            f"{cfg.null_episodes} episodes (p = (1 + #draws >= EAST) / (K + 1)). Holm over the "
+            f"{len(comparisons)} layer x beta cells.\n\n{v.sentence}\n\n{c_table}\n\n"
+            + (f"Cells where EAST beats its best control after Holm: {', '.join(sig)}." if sig else
+               "**EAST beats its best same-layer control in no layer x beta cell after Holm.**")
+            + " " + (f"Cells above the random-direction null after Holm: {', '.join(above_null)}." if above_null else
+                     "No cell is above the random-direction null after Holm.")
+            + " Temperatures " + ", ".join(f"{t:g}: {test(h, final[0])}" for t, h in temp.items())
+            + " (minus unsteered): in the exact readout a temperature divides the two action logits, so it flattens "
+            "the policy by construction; the paper's claim that temperature fails concerns sampled chains of thought "
+            "(the sampled-mode table).")
+    vec_text = "\n".join(f"- layer {l}: |u| = {v_['u_norm']:.3f}, mean |z| = {v_['z_norm']:.2f}, cos(u, step-index "
+                         f"vector) = {v_['cos_step']:.3f}, cos(u, shuffled-entropy vector) = {v_['cos_shuffled']:.3f}"
+                         for l, v_ in vecs.items())
+    tr_diffs = [test(final_tr[i], final_tr[0]) for i in range(1, len(tr_rows))]
+    tr_table = stats.markdown_table(
+        ["condition (reworded prompt, red / blue)", f"final-window entropy [{lvl} CI]", f"minus unsteered [{lvl} CI]",
+         "tried both", "regret"],
+        [[names[r], str(stats.bootstrap(final_tr[i], n_boot=cfg.n_boot, level=1 - cfg.alpha, seed=cfg.seed)),
+          "" if i == 0 else str(tr_diffs[i - 1]), f"{s['tried_both']:.2f}", f"{s['regret']:.1f}"]
+         for i, (r, s) in enumerate(zip(tr_rows, transfer))])
+    s_table = stats.markdown_table(
+        ["sampled mode", f"valid rate [{lvl} Wilson] (n)", "entropy of parsed actions",
+         "prompts with a valid completion", "exact-readout entropy"],
+        [[s["condition"], f"{s['valid_rate']:.2f} [{s['valid_lo']:.2f}, {s['valid_hi']:.2f}] ({s['n']})",
+          f"{s['entropy']:.3f}", s["n_prompts_valid"], f"{s['exact_entropy']:.3f}"] for s in sampled])
+
+    # the README's claims for EAST, each with its statistic
+    h_all = np.asarray(bandit.entropy(res["probs"][0]))  # [E, T]
+    fall = test(h_all[:, 0], final[0], alternative="greater")
+    floor = stats.bootstrap(final[0], n_boot=cfg.n_boot, level=1 - cfg.alpha, seed=cfg.seed)
+    regret = np.stack([np.asarray(bandit.regret(env, jnp.asarray(a)))[:, -1] for a in res["actions"]])  # [N, E]
+    d_regret = [test(regret[n], regret[0]) for n in range(1, len(names))]
+    worst = max(range(len(d_regret)), key=lambda i: abs(d_regret[i].value))
+    cos = [vecs[l]["cos_step"] for l in layers]
+    t_max = max(cfg.temperatures) if cfg.temperatures else None
+    claims = [
+        stats.Claim("Unsteered, the policy entropy falls over an episode but stays above 0.1 nats",
+                    f"step 1 − final window {fall}; final window {floor}",
+                    bool(fall.lo > 0 and fall.p < cfg.alpha and floor.lo > 0.1)),
+        stats.Claim(f"EAST raises final-window entropy more than its best same-layer, same-norm control at {primary} "
+                    "(primary)", f"{p_cell['vs_control']} vs {p_cell['best_control']}, Holm p "
+                    f"{v.p_holm[primary]:.2g}", v.holds),
+        stats.Claim(f"EAST at {primary} lies above the random-direction null", str(p_cell["null"]),
+                    bool(p_cell["null"].p < cfg.alpha)),
+        stats.Claim(f"EAST raises final-window entropy over the unsteered run at {primary}",
+                    str(p_cell["vs_unsteered"]),
+                    bool(p_cell["vs_unsteered"].lo > 0 and p_cell["vs_unsteered"].p < cfg.alpha)),
+        stats.Claim("EAST is not specific: no layer x beta cell beats its best control after Holm",
+                    f"{len(sig)} of {len(comparisons)} cells" + (f" ({', '.join(sig)})" if sig else ""), not sig),
+        stats.Claim("The EAST vector is mostly the step-index direction (cosine >= 0.9 at every swept layer)",
+                    "cosines " + ", ".join(f"L{l} {c:.3f}" for l, c in zip(layers, cos)), bool(min(cos) >= 0.9)),
+        stats.Claim("Steering moves regret by at most 2 (a random policy's is 25) in every condition",
+                    f"largest: {names[worst + 1]} {d_regret[worst]}", bool(abs(d_regret[worst].value) <= 2)),
+    ]
+    if t_max is not None:
+        d = test(temp[t_max], final[0], alternative="greater")
+        claims.append(stats.Claim(f"Temperature {t_max:g} raises entropy in the exact readout", str(d),
+                                  bool(d.lo > 0 and d.p < cfg.alpha)))
+    claims.append(stats.Claim(f"The vectors transfer: EAST L{main} beta {max(cfg.betas):g} raises entropy on the "
+                              "reworded red / blue prompt", str(tr_diffs[-1]),
+                              bool(tr_diffs[-1].lo > 0 and tr_diffs[-1].p < cfg.alpha)))
+    if sampled:
+        s0 = sampled[0]
+        claims.append(stats.Claim(f"In sampled mode the agent rarely writes a parseable action (valid rate < 0.1, "
+                                  f"{s0['condition']})", f"{s0['valid_rate']:.2f} [{s0['valid_lo']:.2f}, "
+                                  f"{s0['valid_hi']:.2f}] (n={s0['n']})", bool(s0["valid_hi"] < 0.1)))
+
     sections = [
-        (f"{tag}: setup", f"Agent {m.name} ({'chat template' if chat else 'plain-text prompt'}); two-armed bandit, arm means "
-                          f"10 and {10 + cfg.gap:g} (better arm random per episode), reward sd {cfg.sigma:g}, {cfg.steps} "
-                          f"presses; exact policy readout at \"Action:\". Vectors from n = {cfg.n_collect} unsteered "
-                          f"episodes x {cfg.steps} steps ({cfg.n_collect * cfg.steps} prompts; Z = sum of h); evaluation "
-                          f"n = {cfg.n_episodes} episodes per condition, the same bandits and reward noise for every "
-                          f"condition; seed {cfg.seed}. Main layer {main}. Every steering vector (EAST and controls) is "
-                          "scaled to the same added norm beta x mean |z|. Wall time (s): "
-                          + ", ".join(f"{k} {v:g}" for k, v in seconds.items()) + ".\n\n" + vec_text),
-        (f"{tag}: entropy vs beta vs temperature", table + "\n" + verdict + "\n\n![entropy per step](east_entropy_per_step.png)\n"
+        (f"{tag}: setup", f"Agent {m.name} ({'chat template' if chat else 'plain-text prompt'}); two-armed bandit, arm "
+                          f"means 10 and {10 + cfg.gap:g} (better arm random per episode), reward sd {cfg.sigma:g}, "
+                          f"{cfg.steps} presses; exact policy readout at \"Action:\". Vectors from n = {cfg.n_collect} "
+                          f"unsteered episodes x {cfg.steps} steps ({cfg.n_collect * cfg.steps} prompts; Z = sum "
+                          "of h); "
+                          f"evaluation n = {cfg.n_episodes} episodes per condition, the same bandits, reward noise and "
+                          f"action draws for every condition; null: {cfg.n_null} random directions at each of "
+                          f"{len(layers)} layers x {len(cfg.betas)} betas on the first {cfg.null_episodes} episodes "
+                          f"({len(layers) * len(cfg.betas) * cfg.n_null * cfg.null_episodes} episodes, batched "
+                          f"with the others); seed {cfg.seed}. Main layer {main}; primary comparison {primary}. "
+                          "Every steering "
+                          "vector (EAST, controls, null) is scaled to the same added norm beta x mean |z|. Wall "
+                          "time (s): "
+                          + ", ".join(f"{k} {s:g}" for k, s in seconds.items()) + ".\n\n" + vec_text),
+        (f"{tag}: entropy vs beta vs temperature", table + "\n\n![entropy per step](east_entropy_per_step.png)\n"
                                                    "![sweep](east_sweep.png)"),
-        (f"{tag}: transfer to a reworded prompt", "The vectors from the A / B prompt, applied to a prompt with other wording "
-                                                  "and buttons red / blue (same bandits):\n\n" + tr_table
-                                                  + f"\n\nUnsteered {transfer[0]['final_entropy']:.3f} -> EAST L{main} beta "
-                                                  f"{max(cfg.betas):g} {transfer[-1]['final_entropy']:.3f} on the reworded "
-                                                  f"prompt, against {base:.3f} -> "
-                                                  f"{summ[tr_rows[-1]]['final_entropy']:.3f} on the original."),
+        (f"{tag}: EAST against its controls and the null", body + "\n\nThe verdict's cells:\n\n" + v.table),
+        (f"{tag}: transfer to a reworded prompt", "The vectors from the A / B prompt, applied to a prompt with other "
+                                                  "wording and buttons red / blue (same bandits):\n\n" + tr_table),
         (f"{tag}: sampled mode", (f"{min(cfg.sampled_prompts, cfg.n_collect * cfg.steps)} collection prompts x "
                                   f"{cfg.samples} completions of {cfg.max_new_tokens} tokens after \"Thought:\", action "
-                                  "parsed from \"Action: <button>\", invalid completions dropped:\n\n" + s_table +
+                                  "read by `parse_action` (the first explicit \"Action: <button>\", else a leading "
+                                  "button name standing alone), invalid completions dropped:\n\n" + s_table +
                                   "\n\nExample: " + repr(sampled[0]["example"])) if sampled else "skipped (--sampled-prompts 0)"),
+        (f"{tag}: Claims", stats.claims_section(claims)),
     ]
-    metrics = dict(layers=list(layers), main_layer=main, conditions=dict(zip(names, summ)), east_vs_controls=comparisons, seconds=seconds,
+    metrics = dict(layers=list(layers), main_layer=main, primary=primary,
+                   verdict=dict(holds=v.holds, sentence=v.sentence, p_holm=v.p_holm),
+                   conditions=dict(zip(names, summ)), seconds=seconds,
+                   east_vs_controls=[dict(layer=c["layer"], beta=c["beta"], east=c["east"], controls=c["controls"],
+                                          best_control=c["best_control"], vs_control=_est(c["vs_control"]),
+                                          vs_unsteered=_est(c["vs_unsteered"]), null=_est(c["null"]),
+                                          holm_p=v.p_holm[c["cell"]], null_holm_p=float(h))
+                                     for c, h in zip(comparisons, null_holm)],
                    transfer={names[r]: s for r, s in zip(tr_rows, transfer)}, sampled=sampled,
-                   vectors={str(l): {k: v[k] for k in ("u_norm", "z_norm", "cos_step", "cos_shuffled")} for l, v in vecs.items()},
+                   claims=[dict(text=c.text, statistic=c.statistic, holds=c.holds) for c in claims],
+                   vectors={str(l): {k: v_[k] for k in ("u_norm", "z_norm", "cos_step", "cos_shuffled")}
+                            for l, v_ in vecs.items()},
                    collection_entropy_per_step=h_col.mean(0).tolist())
     return sections, metrics
 

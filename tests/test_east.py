@@ -63,16 +63,61 @@ def test_east_and_step_vectors_by_hand():
 
 
 def test_config_validation_names_the_flag():
-    cfg = east.Config()
+    """Fields out of range fail when the Config is made (before a model loads), naming the flag; layers out of
+    range for the model and the primary cell fail in `validate`."""
+    for kwargs, flag in ((dict(betas=()), "--betas is empty"), (dict(window=11), "--window"),
+                         (dict(temperatures=(0.0,)), "--temperatures"), (dict(betas=(0.5, float("nan"))), "--betas"),
+                         (dict(n_episodes=0), "--n-episodes"), (dict(n_null=0), "--n-null"),
+                         (dict(null_episodes=17), "--null-episodes"), (dict(sigma=float("inf")), "--sigma"),
+                         (dict(alpha=1.0), "--alpha"), (dict(primary="layer15/beta2"), "--primary"),
+                         (dict(primary="L15 b0.5"), "--primary"), (dict(layers=(10, 12), primary="layer15/beta0.5"),
+                                                                    "--primary"), (dict(layers=(3, 3)), "--layers")):
+        with pytest.raises(InputError, match=flag):
+            east.Config(**kwargs)
     with pytest.raises(InputError, match="--layers"):
-        east.validate(east.Config(layers=(30,)), 30)
-    with pytest.raises(InputError, match="--betas is empty"):
-        east.validate(east.Config(betas=()), 30)
-    with pytest.raises(InputError, match="--window"):
-        east.validate(east.Config(window=11), 30)
-    with pytest.raises(InputError, match="--temperatures"):
-        east.validate(east.Config(temperatures=(0.0,)), 30)
-    assert east.validate(cfg, 30) == (10, 15, 20)
+        east.validate(east.Config(layers=(15, 30)), 30)
+    with pytest.raises(InputError, match="--primary"):  # layer 15 is not swept by a 18-layer model's default
+        east.validate(east.Config(), 18)
+    assert east.validate(east.Config(), 30) == ((10, 15, 20), "layer15/beta0.5")
+    assert east.validate(east.Config(primary="layermain/beta1"), 18) == ((6, 9, 12), "layer9/beta1")
+
+
+@pytest.mark.parametrize("text, want", [
+    (" A higher reward came from B, so press it. Action: B", "B"),  # the article "A" is not action A
+    ("A.", "A"), ("A", "A"), (" B, because it paid more", "B"), ("B\nThought: more", "B"), (" **A**", "A"),
+    ("Apples", None), ("A higher", None), (" AB", None), ("", None), ("I choose C. Action: C", None),
+    (" B paid 12. Action: **A**", "A"), ("Action: A. Later: Action: B", "A"),  # the first explicit action wins
+    ("Action: Apples", None), ("Action:B", "B"),
+])
+def test_parse_action(text, want):
+    assert east.parse_action(text, ("A", "B")) == want
+
+
+def test_parse_action_other_names():
+    names = ("red", "blue")
+    assert east.parse_action("Action: blue.", names) == "blue"
+    assert east.parse_action("red, since", names) == "red"
+    assert east.parse_action("redder is better", names) is None
+
+
+def test_compare_paired_controls_and_null():
+    """`compare` on hand-made per-episode entropies: a planted +0.1 over every control on every episode is found
+    (paired interval around 0.1, exact sign-flip p = 2^-16) and lies above a null drawn below it; EAST equal to a
+    control gives p = 1 and no cell passes the verdict."""
+    cfg = east.Config(layers=(3,), betas=(0.5,), primary="layer3/beta0.5", n_null=16, null_episodes=4, n_boot=1000)
+    rng = np.random.default_rng(0)
+    names = ["unsteered", "EAST L3 beta 0.5"] + [f"{k} L3 beta 0.5" for k in east.CONTROLS]
+    base = rng.uniform(0.3, 0.5, 16)
+    final = np.stack([base, base + 0.1 + rng.uniform(0, 0.01, 16), base, base - 0.05, base + 0.02])
+    null = base[:4] + rng.uniform(-0.05, 0.05, (16, 4))
+    (c,) = east.compare(final, null, names, (3,), cfg)
+    assert c["best_control"] == "step" and c["cell"] == "layer3/beta0.5"
+    assert 0.08 <= c["vs_control"].lo < c["vs_control"].value < c["vs_control"].hi <= 0.1
+    assert c["vs_control"].p == pytest.approx(2.0 ** -16) and c["vs_control"].n == 16
+    assert c["null"].percentile == 100 and c["null"].p == pytest.approx(1 / 17)
+    final[1] = final[4]
+    (c,) = east.compare(final, null, names, (3,), cfg)
+    assert c["vs_control"].value == 0 and c["vs_control"].p == 1.0
 
 
 def test_prompt_pieces_rebuild_the_chat_prompt(smollm2):
@@ -90,13 +135,14 @@ def test_prompt_pieces_rebuild_the_chat_prompt(smollm2):
 def test_cached_episodes_match_full_forward(smollm2):
     """Episodes advanced from per-row KV caches (a step runs only the newest history line and the tail) read the
     same policy and residual as `models.forward` over each whole prompt, steered or not, at any temperature;
-    the last chunk is padded (9 rows in chunks of 5)."""
+    the last chunk is padded (11 rows: 3 chunks of 4, `chunk=5`). A second group (the steered condition on the first 2
+    bandits, as a null draw plays them) reads the same as those episodes of the first group."""
     import models
     from interp.interventions import AddVector
 
     m, prompt = smollm2, east.Prompt()
     L, D = m.cfg.n_layers, m.cfg.d_model
-    cfg = east.Config(steps=3, chunk=5)
+    cfg = east.Config(steps=3, first_k=2, chunk=5)
     env = bandit.make_bandits(jax.random.PRNGKey(1), 3, cfg.steps)
     v = np.random.default_rng(2).normal(size=D).astype(np.float32)
     v /= np.linalg.norm(v)
@@ -104,7 +150,11 @@ def test_cached_episodes_match_full_forward(smollm2):
     scales = np.zeros((3, L), np.float32)
     scales[1, 5] = 20.0
     temps = np.array([1.0, 1.0, 2.0], np.float32)
-    res = east.run_episodes(m, cfg, prompt, env, vectors, scales, temps, jax.random.PRNGKey(3), (5, 9), True)
+    groups = [east.Group(vectors, scales, temps), east.Group(vectors[1:2], scales[1:2], temps[1:2], episodes=2)]
+    res, sub = east.run_episodes(m, cfg, prompt, env, groups, jax.random.PRNGKey(3), (5, 9), True)
+    assert sub["probs"].shape == (1, 2, 3, 2) and "texts" in res
+    np.testing.assert_allclose(sub["probs"][0], res["probs"][1, :2], atol=1e-5)
+    np.testing.assert_array_equal(sub["actions"][0], res["actions"][1, :2])
     ids = east.action_ids(m, prompt)
     assert res["z"].shape == (3, 2, 3, 3, D) and res["probs"].shape == (3, 3, 3, 2)
     for n in range(3):
@@ -129,14 +179,23 @@ def test_cached_episodes_match_full_forward(smollm2):
 @pytest.mark.slow
 def test_smoke_tiny_run(tmp_path):
     cfg = east.Config(steps=3, n_collect=2, n_episodes=2, layers=(10, 15), betas=(2.0,), temperatures=(2.0,), window=2,
-                      first_k=2, sampled_prompts=2, samples=2, max_new_tokens=6, out=str(tmp_path))
+                      first_k=2, sampled_prompts=2, samples=2, max_new_tokens=6, n_null=3, null_episodes=1,
+                      primary="layer15/beta2", n_boot=200, out=str(tmp_path))
     out, metrics = east.main(cfg=cfg)
     met = json.loads((out / "metrics.json").read_text())["smollm2-135m-instruct"]
     conds = met["conditions"]
     assert len(conds) == 1 + 2 + 2 * 3 + 1  # unsteered, EAST at 2 layers, 3 controls at each, 1 temperature
-    assert {(c["layer"], c["best_control"] in east.CONTROLS) for c in met["east_vs_controls"]} == {(10, True), (15, True)}
+    cmp = met["east_vs_controls"]
+    assert {(c["layer"], c["best_control"] in east.CONTROLS) for c in cmp} == {(10, True), (15, True)}
+    for c in cmp:
+        assert c["vs_control"]["n"] == 2 and c["vs_control"]["lo"] <= c["vs_control"]["value"] <= c["vs_control"]["hi"]
+        assert c["null"]["k"] == 3 and 0 <= c["null"]["percentile"] <= 100 and c["holm_p"] >= c["vs_control"]["p"]
+    assert met["primary"] == "layer15/beta2" and isinstance(met["verdict"]["holds"], bool)
     for c in conds.values():
         assert 0 <= c["final_entropy"] <= np.log(2) + 1e-6 and 0 <= c["tried_both"] <= 1
-    assert len(met["sampled"]) == 3 and all(0 <= s["valid_rate"] <= 1 for s in met["sampled"])
+    assert len(met["sampled"]) == 3 and all(0 <= s["valid_lo"] <= s["valid_rate"] <= s["valid_hi"] <= 1
+                                            for s in met["sampled"])
     assert (out / "east_sweep.png").exists() and (out / "east_entropy_per_step.png").exists()
-    assert "transfer to a reworded prompt" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "transfer to a reworded prompt" in report and "Primary comparison, named before the run" in report
+    assert "Claims" in report and len(met["claims"]) >= 8
