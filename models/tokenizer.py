@@ -239,13 +239,16 @@ def _str_method(s: str, attr: str, method):
             args = (items, *args[1:])
         elif attr in ("format", "format_map"):
             _check_format(s, [*args, *kwargs.values()])
+        elif attr == "translate" and args and isinstance(args[0], Mapping):
+            longest = max((len(v) for v in args[0].values() if isinstance(v, str)), default=1)
+            _over(len(s) * max(longest, 1), "a string (str.translate)")
         out = method(*args, **kwargs)
         return out if not isinstance(out, (str, list, tuple)) else (_over(len(out), "a value") or out)
     return checked
 
 
 _STR_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs", "replace", "join", "format",
-                          "format_map"})
+                          "format_map", "translate"})
 
 
 @lru_cache(maxsize=16)
@@ -340,6 +343,13 @@ def _compile_template(source: str):
     for name, fn in list(env.filters.items()):
         env.filters[name] = _checked_filter(name, fn)
     env.globals["raise_exception"] = raise_exception
+    lipsum = env.globals["lipsum"]
+
+    def capped_lipsum(n=5, html=True, min=20, max=100):  # noqa: A002 (jinja's argument names)
+        _over(int(n) * int(max) * 16, "lorem ipsum (lipsum)")  # words are at most ~15 characters
+        return lipsum(n, html, min, max)
+
+    env.globals["lipsum"] = capped_lipsum
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)
 

@@ -193,6 +193,8 @@ HOSTILE_TEMPLATES = {  # each would build >= 100 MB (join: 10 GB) or loop 10**10
     "replace_filter": ("{{ ('x' * 100000)|replace('x', 'y' * 1000) }}", r"\(replace\) of 100,000,000"),
     "indent": ("{{ ('x\\n' * 100000)|indent(1000) }}", r"\(indent\)"),
     "slice": ("{{ range(1)|slice(100000000)|list|length }}", r"\(slice\)"),
+    "lipsum": ("{{ lipsum(n=1000000)|length }}", r"lorem ipsum \(lipsum\)"),  # was 103 s and 448 MB
+    "translate": ("{{ ('a' * 1000000).translate({97: 'x' * 1000}) }}", r"str.translate\) of 1,000,000,000"),
     "silent_loops": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
                      "MAX_CHAT_STEPS"),
     "recursion": ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "recurses without bound"),
@@ -215,9 +217,10 @@ def test_chat_template_builders_and_work_are_bounded(name):
 
 def test_chat_template_ordinary_rendering_unchanged():
     source = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
-              "{{ '%s-%d'|format('a', 3) }}{{ ', '.join(['x', 'y']) }}{{ 'ab'.replace('a', 'c') }}{{ messages|tojson }}")
+              "{{ '%s-%d'|format('a', 3) }}{{ ', '.join(['x', 'y']) }}{{ 'ab'.replace('a', 'c') }}{{ messages|tojson }}"
+              "{{ lipsum(1, html=False)|length > 0 }}")
     out = _tok(source).apply_chat_template([{"role": "user", "content": " hi "}])
-    assert out == ('<|im_start|>user\nhi<|im_end|>\na-3x, ycb[{"role": "user", "content": " hi "}]')
+    assert out == ('<|im_start|>user\nhi<|im_end|>\na-3x, ycb[{"role": "user", "content": " hi "}]True')
 
 
 # ----------------------------------------------------------------------------- 7: run directories
