@@ -396,9 +396,9 @@ def study(m, cfg: Config, name: str, strengths: np.ndarray, fluency_texts, key) 
                              refused=np.array([is_refusal(t) for t in out], np.float64),
                              toxicity=toxigen.toxicity_scores(out))
         lap(f"generations ({len(runs)} x {len(prompts)} prompts)")
-    return dict(seconds=seconds, n=(len(train), len(val), len(test)), scores=scores, searched=searched, chosen=chosen, layers=layers,
-                rows=rows, vec_norms=np.linalg.norm(vecs, axis=-1), resid_norm=float(np.linalg.norm(ali[lj], axis=-1).mean()),
-                brute_p=brute_p, base_val=base_val, random_layers=random_layers, raw=raw, ppl=ppl,
+    return dict(seconds=seconds, n=(len(train), len(val), len(test)), scores=scores, searched=searched, chosen=chosen,
+                layers=layers, rows=rows, vec_norms=np.linalg.norm(vecs, axis=-1),
+                resid_norm=float(np.linalg.norm(ali[lj], axis=-1).mean()), brute_p=brute_p, base_val=base_val, random_layers=random_layers, raw=raw, ppl=ppl,
                 conditions=[c[0] for c in conditions], generations=gens)
 
 
