@@ -153,7 +153,8 @@ def _read_json(path: Path) -> dict:
 def contained_file(directory: str | Path, entry, where) -> Path:
     """`entry` (a file name a config lists, relative to `directory`) as a path inside `directory`: absolute paths,
     `..` and symlinks that lead out of it are refused (InputError naming `where` and the entry), so a copied or
-    moved set reads its own files, never another directory's."""
+    moved set reads its own files, never another directory's. The one exception is a Hugging Face cache
+    snapshot (`.../snapshots/<rev>/`), whose files link into the repository's `blobs/`."""
     if not isinstance(entry, (str, Path)) or not str(entry) or "\x00" in str(entry):
         raise InputError(f"{where}: file entry {entry!r} is not a file name")
     rel = Path(entry)
@@ -165,7 +166,9 @@ def contained_file(directory: str | Path, entry, where) -> Path:
         full = (root / rel).resolve(strict=False)
     except (OSError, RuntimeError) as e:  # a symlink loop
         raise InputError(f"{where}: file entry {str(entry)!r} cannot be resolved ({e})") from None
-    if not full.is_relative_to(root):
+    # a Hugging Face cache snapshot links its files into the repository's blobs/: the one place a link may lead
+    blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+    if not (full.is_relative_to(root) or (blobs is not None and full.parent == blobs)):
         raise InputError(f"{where}: file entry {str(entry)!r} resolves to {full}, outside {root} (a symlink out of "
                          "the directory?)")
     return full

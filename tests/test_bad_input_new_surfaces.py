@@ -493,3 +493,21 @@ def test_gemma_checkpoint_damage_is_named(gemma_ckpt, tmp_path, how):
     assert str(path) in str(e.value)
     assert how != "bitflip" or "do not match interp_sha256.json" in str(e.value)  # orbax alone loads it silently
     assert gemma_lib.load_checkpoint(src, cfg)["embed"]["W_E"].shape == (cfg.vocab_size, cfg.d_model)  # intact
+
+
+def test_transcoder_files_may_link_into_a_hugging_face_cache_blobs_dir(tmp_path):
+    repo = tmp_path / "models--org--tcs"
+    orig = _tc_set(tmp_path)
+    snap = repo / "snapshots" / "abc123"
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in orig.iterdir():  # the hub's layout: snapshot files are links to ../../blobs/<hash>
+        blob = repo / "blobs" / f"sha-{f.name}"
+        shutil.copy(f, blob)
+        os.symlink(os.path.relpath(blob, snap), snap / f.name)
+    assert TranscoderSet.from_circuit_tracer(snap).n_layers == 3
+    os.symlink(orig / "layer_0.safetensors", repo / "blobs" / "sneaky")  # a blob that links elsewhere still escapes
+    (snap / "layer_0.safetensors").unlink()
+    os.symlink(os.path.relpath(repo / "blobs" / "sneaky", snap), snap / "layer_0.safetensors")
+    with pytest.raises(InputError, match="outside"):
+        TranscoderSet.from_circuit_tracer(snap)
