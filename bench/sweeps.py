@@ -2,9 +2,11 @@
 
     python -m bench.sweeps                 # batch 8 x 64, every one of the 270 heads
     python -m bench.sweeps --loop-sample 27 --tl-sample 18 [--tl-python PATH]
+    python -m bench.sweeps --skip-directions --flops   # + the sweep's compiled FLOPs vs its items' forwards
 
 1. Exact sweep: the change of mean(logit[top1] - logit[top2]) at the last position when each head is
-   zero-ablated alone. interp: `head_ablation` (one call, prefix reuse, vmapped heads); a Python loop of our
+   zero-ablated alone. interp: `head_ablation` (one call, prefix reuse, vmapped heads; one program per layer,
+   and beside it the default `max_programs="auto"`); a Python loop of our
    own jitted single-intervention forward; TransformerLens `TransformerBridge.run_with_hooks` in a loop (in
    its own venv: `--tl-python`, default $TL_PYTHON or .venv-tl; skipped if absent). Loops are timed on a
    sample of heads and extrapolated to all 270 (`--loop-sample`/`--tl-sample 270` for the full loops); the
@@ -33,6 +35,7 @@ import interp
 import models
 from bench._common import export_hf_dir, machine, peer_python, table
 from interp import interventions as I
+from interp import sweeps
 from interp.readout import run_readout
 
 HARMFUL = [
@@ -77,7 +80,17 @@ def head_sweeps(m, args) -> list[tuple]:
 
     exact, first = timed(lambda: interp.head_ablation(m, tokens, mask, metric, max_programs=args.max_programs))
     exact, steady = timed(lambda: interp.head_ablation(m, tokens, mask, metric, max_programs=args.max_programs))
-    rows.append(("interp head_ablation (one call)", L * H, steady, steady, f"first call {first:.1f} s (compiles)"))
+    groups = "one prefix group per layer" if args.max_programs is None else f"max_programs={args.max_programs}"
+    rows.append((f"interp head_ablation (one call, {groups})", L * H, steady, steady,
+                 f"first call {first:.1f} s (compiles)"))
+    if not args.skip_auto:
+        auto, first_auto = timed(lambda: interp.head_ablation(m, tokens, mask, metric, max_programs="auto"))
+        auto, steady_auto = timed(lambda: interp.head_ablation(m, tokens, mask, metric, max_programs="auto"))
+        n_auto = len(np.unique(sweeps.program_starts(np.repeat(np.arange(L), H), "auto", L, tokens.size)))
+        rows.append((f"  the same, default max_programs='auto' ({n_auto} programs)", L * H, steady_auto, steady_auto,
+                     f"first call {first_auto:.1f} s; max |diff| {np.abs(auto - exact).max():.1e}"))
+    if args.flops:
+        print(flop_accounting(m, tokens, mask, metric, args.max_programs))
 
     heads = sample_heads(args.loop_sample, L, H)
     base = float(interp.LogitDiff(correct, wrong)(run_readout(m, tokens, mask)))
@@ -123,6 +136,26 @@ def head_sweeps(m, args) -> list[tuple]:
     return rows
 
 
+def flop_accounting(m, tokens, mask, metric, max_programs) -> str:
+    """The head sweep's compiled programs (matmul FLOPs summed over its calls, `interp.sweeps.sweep_flops`)
+    against the sum of its items' own forwards from their layers (the bound with full prefix reuse)."""
+    L, H = m.cfg.n_layers, m.cfg.n_heads
+    ours = sweeps.sweep_flops(m, tokens, mask, metric, (I.zero_ablation("attn.z"),),
+                              where=sweeps.one_hot_items(L, H, "heads"), max_programs=max_programs)
+    prefix = sweeps.capture(m, tokens, mask, "resid_post")
+    head = np.eye(H, dtype=bool)[0]
+
+    def item(s):
+        iv = (I.zero_ablation("attn.z", layers=(s,), heads=head),)
+        run = jax.jit(lambda r: metric(run_readout(m, tokens, mask, iv, (-1,), start_layer=s, resid=r)))
+        return sweeps.compiled_flops(run.lower(None if s == 0 else prefix[s - 1]).compile())
+
+    bound = sum(H * item(s) for s in range(L))
+    return (f"  FLOPs: the sweep's programs {ours / 1e12:.2f} TFLOP, its items' forwards from their layers "
+            f"{bound / 1e12:.2f} TFLOP (ratio {ours / bound:.3f}; all {L * H} from layer 0 would be "
+            f"{L * H * item(0) / bound:.2f}x)")
+
+
 def direction_selection(m, args) -> list[tuple]:
     chat = lambda qs: m.tokenize([m.apply_chat_template([{"role": "user", "content": q}]) for q in qs])
     n_train = len(HARMFUL) * 2 // 3
@@ -165,8 +198,11 @@ def main() -> None:
     ap.add_argument("--tl-sample", type=int, default=18)
     ap.add_argument("--tl-python", default=str(peer_python("TL_PYTHON", ".venv-tl")), help="default: $TL_PYTHON, else .venv-tl")
     ap.add_argument("--hf-dir", default=str(Path(tempfile.gettempdir()) / "smollm2_hf"))
-    ap.add_argument("--direction-chunk", type=int, default=12, help="lax.map chunk of the direction sweeps")
+    ap.add_argument("--direction-chunk", type=int, default=12, help="items per vmapped call of the direction sweeps")
     ap.add_argument("--skip-directions", action="store_true")
+    ap.add_argument("--skip-auto", action="store_true", help="skip the max_programs='auto' sweep beside it")
+    ap.add_argument("--flops", action="store_true", help="count the head sweep's compiled FLOPs against its items' "
+                    "own forwards (compiles every program once more)")
     ap.add_argument("--figure", default=None, help="save the exact sweep's heatmap here")
     args = ap.parse_args()
 
@@ -178,7 +214,7 @@ def main() -> None:
     print(table(headers, rows))
     ours = rows[0][3]
     for name, _, _, total, _ in rows[1:]:
-        if total == total and "attribution" not in name:
+        if total == total and "attribution" not in name and not name.startswith("  the same"):
             print(f"  {name}: {total / ours:.1f}x slower than interp's one call")
     attr = rows[-2][3]
     for name, _, _, total, _ in rows[:-2]:

@@ -283,7 +283,10 @@ class Intervention(eqx.Module):
     """Base class of every intervention (what `models.forward` takes as a `models.transformer.SiteEdit`):
     subclasses hold `site`, `where` and define `edit(value, ctx)`; `apply` restricts the edit to `where`
     (exactly: untouched elements are the input values). With `where.layers` set, the edit is evaluated only at
-    those layers (`lax.cond` inside the layer scan), so an expensive edit (an SAE splice) costs one layer."""
+    those layers (`lax.cond` inside the layer scan), so an expensive edit (an SAE splice) costs one layer. Under
+    `jax.vmap` over items with different layers (a `StackedWhere`) the predicate is batched and the cond
+    becomes a select that evaluates the edit at every layer; `interp.sweeps.sweep` avoids that by running
+    the items of one layer selection together with their layers unbatched (`interp.sweeps.plan_calls`)."""
 
     def edit(self, value: Array, ctx: SiteContext) -> Array | None:
         raise NotImplementedError

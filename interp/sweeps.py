@@ -9,7 +9,8 @@ Every sweep returns the change of the metric against the run without the swept i
 residual entering that layer (`models.forward(..., start_layer=l, resid=...)`): ablating a head in layer l
 never recomputes layers < l; by default the groups are merged into the number of compiled programs that
 minimises compile + run time for the call (`max_programs="auto"`). Within a group the items run in calls of
-`batch_size` under `jax.vmap` (one program per group; a progress bar counts them), split over a device mesh
+about `batch_size` under `jax.vmap` (one program per group, calls of equal size, each call one layer's items
+where that costs nothing: `plan_calls`; a progress bar counts them), split over a device mesh
 (`models.sharding.sweep_mesh`) as `models.sharding.RULES` lays out the logical `"sweep"` and `"batch"` axes.
 The default chunk holds about `CHUNK_TOKENS` tokens of the platform: vmapping hundreds of forwards at once is memory-bound on a CPU (measured 1.9x slower per item than
 chunks of 9 on SmolLM2, 8 x 64 tokens).
@@ -17,6 +18,7 @@ chunks of 9 on SmolLM2, 8 x 64 tokens).
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Sequence
 
 import equinox as eqx
@@ -36,8 +38,9 @@ from models.sharding import RULES, partition_spec, put, replicate, shard_params,
 from models.sites import SITES, check_site
 
 __all__ = [
-    "CHUNK_TOKENS", "activation_patching", "attribution_patching", "baseline", "capture", "default_batch_size", "head_ablation",
-    "ablation_replacement", "head_ablation_attribution", "one_hot_items", "program_starts", "rank_correlation", "sweep",
+    "CHUNK_TOKENS", "activation_patching", "attribution_patching", "baseline", "capture", "compiled_flops",
+    "default_batch_size", "head_ablation", "ablation_replacement", "head_ablation_attribution", "one_hot_items",
+    "plan_calls", "program_starts", "rank_correlation", "sweep", "sweep_flops",
 ]
 
 Metric = Callable[[Readout], jax.Array]
@@ -96,10 +99,12 @@ def baseline(model, tokens, mask, metric: Metric, base=(), positions="metric") -
 
 
 @eqx.filter_jit
-def _run_group(model, tokens, mask, prefix, items, templates, base, metric, start, positions, out_sharding):
+def _run_group(model, tokens, mask, prefix, items, shared, templates, base, metric, start, positions, out_sharding):
     resid = None if start == 0 else prefix[start - 1]
 
     def one(item):
+        if shared is not None:  # the call's items share their layers: an unbatched lax.cond edits at those only
+            item = eqx.tree_at(lambda t: [w.layers for w in _layer_wheres(t)], item, shared)
         if templates is None:
             ivs = tuple(item)
         else:
@@ -108,6 +113,49 @@ def _run_group(model, tokens, mask, prefix, items, templates, base, metric, star
 
     out = jax.vmap(one)(items)
     return out if out_sharding is None else jax.lax.with_sharding_constraint(out, out_sharding)
+
+
+def _layer_wheres(items) -> list[StackedWhere]:
+    """The `StackedWhere` selections with per-item `layers` in a batch of items (a `StackedWhere`, or a tuple of
+    stacked interventions)."""
+    nodes = jax.tree.leaves(items, is_leaf=lambda x: isinstance(x, StackedWhere))
+    return [w for w in nodes if isinstance(w, StackedWhere) and w.layers is not None]
+
+
+def _call_size(runs: Sequence[int], cap: int | None, k: int) -> int:
+    """Items per call of a group whose runs have these lengths: each run in `round(r / cap)` calls (at least
+    one) of about equal size, so a run of 9 with a cap of 8 is one call of 9, not 8 + 1 padded to 8; a multiple of
+    the mesh's sweep size `k`."""
+    size = max(-(-r // max(1, round(r / cap))) if cap else r for r in runs)
+    return -(-size // k) * k
+
+
+def _group_calls(runs: list[np.ndarray], cap: int | None, k: int) -> tuple[int, list[np.ndarray]]:
+    size = _call_size([len(r) for r in runs], cap, k)
+    return size, [r[lo:lo + size] for r in runs for lo in range(0, len(r), size)]
+
+
+def plan_calls(starts: np.ndarray, keys: np.ndarray | None, cap: int | None, k: int = 1
+               ) -> list[tuple[int, int, bool, list[np.ndarray]]]:
+    """How a sweep runs its items: per program (distinct start layer), `(start, items per call, shared,
+    [item indices of each call])`. `keys [N, n]` are the items' layers (None: not stacked): when splitting a
+    group into runs of items with equal layers costs no more padded items and no more calls, every call holds
+    one run (`shared`: its layers are passed unbatched, so `Intervention.apply`'s `lax.cond` stays a branch and
+    the edit runs at those layers only; under a batched predicate it would be a select evaluating the edit at
+    every layer). `cap`: items per call (None: no limit); `k`: the call size is a multiple of it (the mesh)."""
+    plan = []
+    for s in np.unique(starts):
+        idx = np.nonzero(starts == s)[0]
+        size, calls = _group_calls([idx], cap, k)
+        shared = False
+        if keys is not None:
+            order = idx[np.lexsort(keys[idx].T[::-1])]  # stable: by layers, then item order
+            cut = np.nonzero((np.diff(keys[order], axis=0) != 0).any(1))[0] + 1
+            split_size, split = _group_calls(np.split(order, cut), cap, k)
+            if len(split) * split_size <= len(calls) * size and len(split) <= len(calls):
+                size, calls, shared = split_size, split, True
+        plan.append((int(s), size, shared, calls))
+    return plan
 
 
 # Cost model of one sweep call on each platform (measured on SmolLM2, see the README's interp section):
@@ -151,29 +199,10 @@ def _layer_scale(cfg) -> float:
     return (attn + (3 if cfg.gated_mlp else 2) * cfg.d_model * cfg.d_mlp) / 3.54e6
 
 
-def sweep(model, tokens, mask, metric: Metric, interventions, *, where: StackedWhere | None = None, base=(),
-          positions: Sequence[int] | None | str = "metric", mesh=None, batch_size: int | None = None,
-          max_programs: int | str | None = "auto", first: Sequence[int] | None = None, rules=None,
-          progress: bool | None = None) -> np.ndarray:
-    """The metric under each of N interventions, `[N]` (`[N, ...]` for a metric returning an array; not differenced).
-
-    Either `interventions` is a tuple of stacked interventions (every array leaf with a leading axis N, see
-    `interp.interventions.stack`) and item i applies the i-th of each, or `where` is a `StackedWhere` [N]
-    (`stack([Where(...), ...])`) and item i applies the (unstacked) `interventions` with their `where` replaced
-    by its i-th entry (a mean or a cache is then shared, not copied N times). `base` interventions apply to
-    every item. Every item is checked against the model first (InputError naming a bad layer, head, position).
-
-    `positions` are what the metric reads: the `p`-th real token of each row (`None`: all; default `"metric"`:
-    the metric's own `positions`, e.g. every position for `NextTokenLoss`, else the last token). `first[i]`
-    (default: inferred from the layers/heads selections) is the first layer item i can change; items are
-    grouped by it and resume from the cached residual. Each group is one compiled program: `max_programs`
-    caps their number (fewer compilations, some recomputation; `None`: one per distinct first layer; the
-    default `"auto"` picks the number that minimises the estimated compile + run time, see `program_starts`).
-    With a `mesh` (`models.sharding.sweep_mesh`), items are split over the mesh axis that `rules` (default
-    `models.sharding.RULES`) gives `"sweep"`, parameters by their logical axes, the prompt batch by `"batch"`.
-    `batch_size`: items per vmapped call (default `default_batch_size`; `0` vmaps every item of a group at once).
-    `progress`: a tqdm bar over the items (default on unless `INTERP_PROGRESS=0`; shown after a few seconds).
-    """
+def _prepare(model, tokens, mask, metric, interventions, where, base, positions, mesh, batch_size, max_programs,
+             first, rules):
+    """Checks and plans a `sweep`: (N items, programs, an iterator of (item indices, `_run_group` arguments)
+    per call)."""
     tokens, mask = _inputs(tokens, mask)
     base, positions, rules = tuple(base), metric_positions(metric, positions), rules or RULES
     _check(model, tokens, mask, metric, positions, base)
@@ -213,26 +242,143 @@ def sweep(model, tokens, mask, metric: Metric, interventions, *, where: StackedW
     if starts.max() > 0:
         prefix = _capture(model, tokens, mask, "resid_post", base)
 
-    values = None
-    groups = np.unique(starts)
-    with progresslib.bar(n, f"sweep ({len(groups)} program{'s' * (len(groups) > 1)})", progress) as bar:
-        for s in groups:
-            idx = np.nonzero(starts == s)[0]
-            chunk = default_batch_size(len(idx), tokens.size, mesh) if batch_size is None else (batch_size or None)
-            size = -(-min(chunk or len(idx), len(idx)) // k) * k  # every call of a group has one shape: one program
-            for lo in range(0, len(idx), size):
-                part = idx[lo:lo + size]
-                sel = np.concatenate([part, np.repeat(part[:1], size - len(part))])
+    wheres = _layer_wheres(items)
+    layers = [np.asarray(w.layers).reshape(n, -1) for w in wheres]
+    keys = np.concatenate(layers, 1) if layers else None
+    cap = default_batch_size(n, tokens.size, mesh) if batch_size is None else (batch_size or None)
+    plan = plan_calls(starts, keys, cap, k)
+
+    def calls():
+        for s, size, shared, parts in plan:
+            for part in parts:
+                sel = np.concatenate([part, np.repeat(part[:1], size - len(part))])  # one shape per group: one program
                 sub = jax.tree.map(lambda x: jnp.asarray(x)[sel], items)
+                common = [jnp.asarray(a[part[0]]) for a in layers] if shared else None
                 if mesh is not None:
-                    sub = jax.tree.map(lambda x: put(x, mesh, item_spec), sub)
-                vals = _run_group(model, tokens, mask, prefix, sub, templates, base, metric, int(s), positions,
-                                  out_sharding)
-                vals = np.asarray(vals)[: len(part)]
-                values = np.zeros((n, *vals.shape[1:]), np.float64) if values is None else values
-                values[part] = vals
-                bar.update(len(part))
+                    sub, common = jax.tree.map(lambda x: put(x, mesh, item_spec), sub), replicate(common, mesh)
+                yield part, (model, tokens, mask, prefix, sub, common, templates, base, metric, s, positions,
+                             out_sharding)
+
+    return n, len(plan), calls()
+
+
+def sweep(model, tokens, mask, metric: Metric, interventions, *, where: StackedWhere | None = None, base=(),
+          positions: Sequence[int] | None | str = "metric", mesh=None, batch_size: int | None = None,
+          max_programs: int | str | None = "auto", first: Sequence[int] | None = None, rules=None,
+          progress: bool | None = None) -> np.ndarray:
+    """The metric under each of N interventions, `[N]` (`[N, ...]` for a metric returning an array; not differenced).
+
+    Either `interventions` is a tuple of stacked interventions (every array leaf with a leading axis N, see
+    `interp.interventions.stack`) and item i applies the i-th of each, or `where` is a `StackedWhere` [N]
+    (`stack([Where(...), ...])`) and item i applies the (unstacked) `interventions` with their `where` replaced
+    by its i-th entry (a mean or a cache is then shared, not copied N times). `base` interventions apply to
+    every item. Every item is checked against the model first (InputError naming a bad layer, head, position).
+
+    `positions` are what the metric reads: the `p`-th real token of each row (`None`: all; default `"metric"`:
+    the metric's own `positions`, e.g. every position for `NextTokenLoss`, else the last token). `first[i]`
+    (default: inferred from the layers/heads selections) is the first layer item i can change; items are
+    grouped by it and resume from the cached residual. Each group is one compiled program: `max_programs`
+    caps their number (fewer compilations, some recomputation; `None`: one per distinct first layer; the
+    default `"auto"` picks the number that minimises the estimated compile + run time, see `program_starts`).
+    With a `mesh` (`models.sharding.sweep_mesh`), items are split over the mesh axis that `rules` (default
+    `models.sharding.RULES`) gives `"sweep"`, parameters by their logical axes, the prompt batch by `"batch"`.
+    `batch_size`: items per vmapped call, about (default `default_batch_size`; `0`: no limit); calls hold items
+    of one layer selection where that costs no extra calls (`plan_calls`), so each edit runs at its layers only.
+    `progress`: a tqdm bar over the items (default on unless `INTERP_PROGRESS=0`; shown after a few seconds).
+    `sweep_flops` counts what the same call computes.
+    """
+    n, programs, calls = _prepare(model, tokens, mask, metric, interventions, where, base, positions, mesh,
+                                  batch_size, max_programs, first, rules)
+    values = None
+    with progresslib.bar(n, f"sweep ({programs} program{'s' * (programs > 1)})", progress) as bar:
+        for part, args in calls:
+            vals = np.asarray(_run_group(*args))[: len(part)]
+            values = np.zeros((n, *vals.shape[1:]), np.float64) if values is None else values
+            values[part] = vals
+            bar.update(len(part))
     return values
+
+
+def sweep_flops(model, tokens, mask, metric: Metric, interventions, *, where: StackedWhere | None = None, base=(),
+                positions: Sequence[int] | None | str = "metric", mesh=None, batch_size: int | None = None,
+                max_programs: int | str | None = "auto", first: Sequence[int] | None = None, rules=None,
+                branch: str = "max") -> float:
+    """Matmul FLOPs of the programs the same `sweep` call runs, summed over its calls (`compiled_flops(program,
+    branch)` of each, compiled but not run; the shared prefix forward not included). Compare with the items'
+    own forwards from their first layers to see what grouping, chunking and padding cost."""
+    _, _, calls = _prepare(model, tokens, mask, metric, interventions, where, base, positions, mesh, batch_size,
+                           max_programs, first, rules)
+    total, seen = 0.0, {}
+    for _, args in calls:
+        key = (args[9], jax.tree.structure(args[4:6]), tuple(x.shape for x in jax.tree.leaves(args[4])))
+        if key not in seen:
+            seen[key] = compiled_flops(_run_group.lower(*args).lowered.compile(), branch)
+        total += seen[key]
+    return total
+
+
+_COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) .*\{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\(.*?\)|[^\s{]+)(?:\{[^}]*\})? ([\w-]+)\((.*)$")
+
+
+def _dims(shape: str) -> list[int]:
+    m = re.search(r"\[([^\]]*)\]", shape)
+    return [int(d) for d in m.group(1).split(",") if d] if m else []
+
+
+def compiled_flops(compiled, branch: str = "max") -> float:
+    """Matmul FLOPs (`2 * output size * contracted size` of every `dot`) of a compiled XLA program (a
+    `jax.stages.Compiled`, equinox's, or its HLO text), each while loop (a `lax.scan` over layers) counted
+    `known_trip_count` times. A conditional counts its costliest branch each time it runs (`branch="max"`: an
+    upper bound) or its cheapest (`"min"`: what runs whichever branch is taken, e.g. an edit restricted to
+    some layers by a `lax.cond` in the layer scan counts nothing; evaluated at every layer, as a select, it
+    counts at each). XLA's `cost_analysis()` counts a loop body once, so it cannot compare a layer scan of 3
+    layers with one of 30."""
+    if branch not in ("max", "min"):
+        raise InputError(f"compiled_flops: branch must be 'max' or 'min', got {branch!r}")
+    pick = max if branch == "max" else min
+    text = compiled if isinstance(compiled, str) else getattr(compiled, "compiled", compiled).as_text()
+    comps, entry, cur = {}, None, None
+    for line in text.splitlines():
+        m = _COMPUTATION.match(line)
+        if m:
+            cur = comps.setdefault(m.group(2), [])
+            entry = m.group(2) if m.group(1) else entry
+        elif line.strip() == "}":
+            cur = None
+        elif cur is not None:
+            cur.append(line)
+    if entry is None:
+        raise InputError("compiled_flops: no ENTRY computation in the HLO text (pass a compiled program)")
+    memo: dict[str, float] = {}
+
+    def cost(name: str) -> float:
+        if name not in memo:
+            shapes, total = {}, 0.0
+            for line in comps[name]:
+                m = _INSTRUCTION.match(line)
+                if not m:
+                    continue
+                out, shape, op, rest = m.groups()
+                shapes[out] = shape
+                if op == "dot":
+                    lhs = _dims(shapes[re.match(r"%([^,\s)]+)", rest).group(1)])
+                    contracted = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest).group(1)
+                    total += 2.0 * np.prod(_dims(shape)) * np.prod([lhs[int(i)] for i in contracted.split(",") if i])
+                elif op == "while":
+                    trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', rest)
+                    if trips is None:
+                        raise InputError(f"compiled_flops: while loop {out} has no known trip count; its FLOPs are unknown")
+                    total += int(trips.group(1)) * cost(re.search(r"body=%([\w.-]+)", rest).group(1))
+                elif op == "conditional":
+                    names = re.findall(r"%([\w.-]+)", rest.split("computation", 1)[-1])
+                    total += pick((cost(b) for b in names if b in comps), default=0.0)
+                else:
+                    total += sum(cost(c) for c in re.findall(r"calls=%([\w.-]+)", rest))
+            memo[name] = total
+        return memo[name]
+
+    return cost(entry)
 
 
 # ----------------------------------------------------------------------------- head ablation

@@ -78,6 +78,25 @@ def test_grouping_chunking_and_stacked_mode_agree(planted):
     np.testing.assert_allclose(sweeps.sweep(m, t, k, metric, (stacked,)) - base, exact.ravel(), atol=2e-5)
 
 
+def test_plan_calls_pads_little_and_keeps_one_layer_per_call():
+    layers = np.repeat(np.arange(2), 9)[:, None]  # 2 layers x 9 heads, as head_ablation's items
+    plan = sweeps.plan_calls(layers[:, 0], layers, cap=8)  # one program per layer: a run of 9 is one call of 9
+    assert [(s, size, shared, [list(c) for c in calls]) for s, size, shared, calls in plan] == [
+        (0, 9, True, [list(range(9))]), (1, 9, True, [list(range(9, 18))])]
+    assert [(size, len(calls)) for _, size, _, calls in sweeps.plan_calls(layers[:, 0], layers, cap=5)] == [(5, 2)] * 2
+    assert [size for _, size, _, _ in sweeps.plan_calls(layers[:, 0], layers, cap=8, k=2)] == [10, 10]  # a mesh of 2
+    one = np.zeros(18, np.int64)  # one program from layer 0
+    (_, size, shared, calls), = sweeps.plan_calls(one, layers, cap=None)
+    assert (size, shared, len(calls)) == (18, False, 1)  # one call: splitting by layer would cost a second call
+    (_, size, shared, calls), = sweeps.plan_calls(one, layers, cap=9)
+    assert (size, shared) == (9, True) and [set(layers[c, 0]) for c in calls] == [{0}, {1}]
+    uneven = np.asarray([0] * 3 + [1] * 9)[:, None]  # runs of 3 and 9 would pad the 3 to 9: not split
+    (_, size, shared, calls), = sweeps.plan_calls(np.zeros(12, np.int64), uneven, cap=8)
+    assert (size, shared, len(calls)) == (6, False, 2)
+    (_, size, _, calls), = sweeps.plan_calls(np.zeros(12, np.int64), None, cap=8)
+    assert sorted(np.concatenate(calls)) == list(range(12))
+
+
 def test_activation_patching_known_effect_and_loop(planted):
     m, t, k = planted
     corrupt = t.at[:, 3].set(t[:, 3] % 5 + 20)  # differs at position 3 only
