@@ -32,7 +32,7 @@ from interp.interventions import (AddVector, Replace, StackedWhere, first_layers
                                   zero_ablation)
 from interp.readout import Readout, check_metric, metric_positions, readout_with, run_readout
 import models
-from models.checks import Extent, check_call, check_interventions, check_positions, row_lengths
+from models.checks import Extent, check_call, check_index, check_interventions, check_positions, row_lengths
 from models.errors import InputError
 from models.sharding import RULES, partition_spec, put, replicate, shard_params, sweep_size
 from models.sites import SITES, check_site
@@ -384,10 +384,19 @@ def compiled_flops(compiled, branch: str = "max") -> float:
 # ----------------------------------------------------------------------------- head ablation
 
 
-def one_hot_items(n_layers: int, n: int, field: str) -> StackedWhere:
-    """`n_layers * n` items, layer-major: item (l, j) selects layer l and index j of `field` (heads or tokens)."""
-    layers = np.repeat(np.arange(n_layers), n)[:, None]
-    return StackedWhere(layers=layers, **{field: np.tile(np.eye(n, dtype=bool), (n_layers, 1))})
+def one_hot_items(n_layers: int, n: int, field: str, layers: Sequence[int] | None = None) -> StackedWhere:
+    """`len(layers) * n` items (default every one of the `n_layers`), layer-major: item (l, j) selects layer l and
+    index j of `field` (heads or tokens)."""
+    layers = np.arange(n_layers) if layers is None else _chosen_layers(layers, n_layers)
+    return StackedWhere(layers=np.repeat(layers, n)[:, None], **{field: np.tile(np.eye(n, dtype=bool), (len(layers), 1))})
+
+
+def _chosen_layers(layers, n_layers: int) -> np.ndarray:
+    a = np.asarray(layers).reshape(-1)
+    if a.size == 0 or not np.issubdtype(a.dtype, np.integer):
+        raise InputError(f"layers={layers!r} must be a non-empty sequence of integer layer indices in 0..{n_layers - 1}")
+    check_index("layers", a, n_layers, f"a model of {n_layers} layers")
+    return a.astype(np.int64)
 
 
 def ablation_replacement(model, tokens, mask, kind: str, reference, key) -> tuple[Replace, jax.Array, jax.Array | float]:
@@ -409,7 +418,24 @@ def ablation_replacement(model, tokens, mask, kind: str, reference, key) -> tupl
             iv = Replace("attn.z", ref_z)
     else:
         raise InputError(f"kind must be 'zero', 'mean' or 'resample', got {kind!r}")
+    if kind != "zero" and _replaces_nothing(iv.source, z, mask):
+        rows = int(np.shape(tokens)[0])
+        what = (f"a one-prompt batch ({rows} row)" if rows == 1 else f"the {rows} rows, which are identical,") \
+            if reference is None else "reference=, which holds the same prompts as the input,"
+        how = "averaged over the reference prompts (per position)" if kind == "mean" else "on another reference prompt"
+        raise InputError(f"head_ablation(kind={kind!r}): each head would be replaced by its output {how}, and with "
+                         f"{what} that is its own output: every effect would be float noise. Pass reference=(tokens, "
+                         "mask) of other prompts (several for a mean; a prompt of another length gives a mean over "
+                         "positions), a batch of different prompts, or kind='zero'")
     return iv, z, iv.source
+
+
+@eqx.filter_jit
+def _replaces_nothing(source, z, mask) -> jax.Array:
+    """Whether the replacement equals the clean activation at every real token, up to float rounding."""
+    real = mask.astype(bool)[None, :, :, None, None]
+    diff = jnp.max(jnp.where(real, jnp.abs(jnp.broadcast_to(source, z.shape) - z), 0.0))
+    return diff <= 1e-5 * jnp.maximum(jnp.max(jnp.abs(jnp.where(real, z, 0.0))), 1e-30)
 
 
 def head_ablation(model, tokens, mask, metric: Metric, kind: str = "zero", reference=None, *, key=None,
@@ -419,7 +445,8 @@ def head_ablation(model, tokens, mask, metric: Metric, kind: str = "zero", refer
 
     kind: "zero"; "mean" (the head's mean over the `reference` prompts, default these prompts, per position
     when the lengths match); "resample" (the head's output on `reference` prompts of the same shape, default
-    another prompt of the batch, or a random one with `key`).
+    another prompt of the batch, or a random one with `key`). A mean or resample that would replace each head
+    by its own output (a one-prompt batch as its own reference, identical prompts) is an InputError.
     """
     tokens, mask = _inputs(tokens, mask)
     cfg = model.cfg
@@ -455,19 +482,22 @@ def _per_axis(site: str, per: str) -> tuple[str, str]:
 
 
 def activation_patching(model, clean, corrupt, metric: Metric, *, site: str = "resid_pre", per: str = "position",
-                        positions="metric", mesh=None, batch_size=None, max_programs="auto", rules=None,
-                        progress=None) -> np.ndarray:
+                        layers: Sequence[int] | None = None, positions="metric", mesh=None, batch_size=None,
+                        max_programs="auto", rules=None, progress=None) -> np.ndarray:
     """Patch `site` from the clean run into the corrupt run at each (layer, position) or (layer, head), one at
-    a time: the change of `metric` against the corrupt run, `[layers, T]` or `[layers, heads]`.
+    a time: the change of `metric` against the corrupt run, `[layers, T]` or `[layers, heads]`, row i for
+    `layers[i]` (default every layer; `layers=(6, 12)` patches those two only).
     `clean` and `corrupt` are `(tokens, mask)` of the same shape."""
     (ct, cm), (xt, xm) = _pair(clean, corrupt)
     field, axis = _per_axis(site, per)
+    L = model.cfg.n_layers
+    chosen = np.arange(L) if layers is None else _chosen_layers(layers, L)
     cache = capture(model, ct, cm, site)
     n = cache.shape[1 + SITES[site].axes.index(axis)]
-    values = sweep(model, xt, xm, metric, (Replace(site, cache),), where=one_hot_items(model.cfg.n_layers, n, field),
+    values = sweep(model, xt, xm, metric, (Replace(site, cache),), where=one_hot_items(L, n, field, chosen),
                    positions=positions, mesh=mesh, batch_size=batch_size, max_programs=max_programs, rules=rules,
                    progress=progress)
-    return values.reshape(model.cfg.n_layers, n) - baseline(model, xt, xm, metric, positions=positions)
+    return values.reshape(len(chosen), n) - baseline(model, xt, xm, metric, positions=positions)
 
 
 # ----------------------------------------------------------------------------- attribution patching

@@ -118,6 +118,37 @@ def test_activation_patching_known_effect_and_loop(planted):
     np.testing.assert_allclose(per_head.ravel(), loop(m, corrupt, k, metric, make, items), atol=2e-5)
 
 
+def test_mean_or_resample_that_replaces_each_head_by_itself_is_an_error(planted):
+    """A one-prompt batch as its own reference (issue 42: every effect was float noise), identical prompts, or
+    a reference equal to the input; a reference of other prompts works."""
+    m, t, k = planted
+    one = (t[:1], k[:1])
+    for kind in ("mean", "resample"):
+        with pytest.raises(models.InputError, match="one-prompt batch.*own output.*reference="):
+            sweeps.head_ablation(m, *one, LogitDiff(A, B), kind=kind)
+    with pytest.raises(models.InputError, match="identical"):
+        sweeps.head_ablation(m, jnp.tile(t[:1], (2, 1)), jnp.tile(k[:1], (2, 1)), LogitDiff(A, B), kind="mean")
+    with pytest.raises(models.InputError, match="same prompts as the input"):
+        sweeps.head_ablation(m, t, k, METRIC, kind="resample", reference=(t, k))
+    with pytest.raises(models.InputError, match="own output"):
+        sweeps.head_ablation_attribution(m, *one, LogitDiff(A, B), kind="mean")
+    effects = sweeps.head_ablation(m, *one, LogitDiff(A, B), kind="mean", reference=(t, k))
+    assert effects[PLANTED] < -1.0  # row 0 reads +1 through the planted head, the mean over 4 rows 0
+
+
+def test_activation_patching_chosen_layers(planted):
+    m, t, k = planted
+    corrupt = t.at[:, 3].set(t[:, 3] % 5 + 20)
+    full = sweeps.activation_patching(m, (t, k), (corrupt, k), METRIC)
+    some = sweeps.activation_patching(m, (t, k), (corrupt, k), METRIC, layers=(2, 0))
+    np.testing.assert_allclose(some, full[[2, 0]], atol=2e-5)
+    heads = sweeps.activation_patching(m, (t, k), (corrupt, k), METRIC, site="attn.z", per="head", layers=[1])
+    assert heads.shape == (1, CFG.n_heads)
+    for bad, what in (((3,), "out of range"), ((), "non-empty"), ((0.5,), "integer")):
+        with pytest.raises(models.InputError, match=what):
+            sweeps.activation_patching(m, (t, k), (corrupt, k), METRIC, layers=bad)
+
+
 def test_attribution_patching(planted):
     m, t, k = planted
     metric = METRIC
