@@ -87,7 +87,7 @@ def head_sweeps(m, args) -> list[tuple]:
         auto, first_auto = timed(lambda: interp.head_ablation(m, tokens, mask, metric, max_programs="auto"))
         auto, steady_auto = timed(lambda: interp.head_ablation(m, tokens, mask, metric, max_programs="auto"))
         n_auto = len(np.unique(sweeps.program_starts(np.repeat(np.arange(L), H), "auto", L, tokens.size)))
-        rows.append((f"  the same, default max_programs='auto' ({n_auto} programs)", L * H, steady_auto, steady_auto,
+        rows.append((f"  the same, default max_programs='auto' ({n_auto} program{'s' * (n_auto > 1)})", L * H, steady_auto, steady_auto,
                      f"first call {first_auto:.1f} s; max |diff| {np.abs(auto - exact).max():.1e}"))
     if args.flops:
         print(flop_accounting(m, tokens, mask, metric, args.max_programs))
