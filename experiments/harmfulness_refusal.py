@@ -17,6 +17,15 @@ HarmBench test, StrongREJECT-style questions and requests for the StrongREJECT t
 reported beside a surface-only baseline (length, trailing punctuation, final token), on a rerun with trailing
 punctuation removed on both sides, and on the original, confounded harmless set; a result survives only if it
 beats the surface baseline in both of the first two. Cosines of a zero-norm direction are undefined, not 0.
+
+Statistics (issue 39, `interp.stats`): AUROCs with bootstrap intervals over the held-out prompts, accuracies and
+refusal rates with Wilson intervals; at the generation layer and the largest coefficient, each direction's per-prompt
+refusal-score change against a null distribution of `n_null` random directions of the same norm (one stacked sweep,
+every coefficient): as a paired difference from the null's mean and as a percentile in the null, and refusal vs
+harmfulness direction as a paired difference; refusal rates steered vs unsteered as paired rates (McNemar). The
+verdict is computed on the `primary` cell named in the config, Holm-corrected over `CELLS`; a "Claims" section lists
+the README's claims. The probes see independent prompts (the harmful and harmless sets are separate lists, not item
+pairs; the two positions are separate probe cells), so no grouped split is needed.
 """
 
 from __future__ import annotations
@@ -29,10 +38,12 @@ import numpy as np
 from matplotlib.figure import Figure
 
 import models
-from experiments.common import (RefusalScore, chat_texts, fmt, instruction_splits, parse_config, refusal_rate,
+from experiments.common import (RefusalScore, chat_texts, fmt, instruction_splits, parse_config, is_refusal,
                                 refusal_token_ids, run_dir, safe_cosine, save_figure, surface_baseline, surface_table,
                                 survives, undefined_to_none, write_report)
-from interp import data, probes
+from experiments.refusal_stats import (PromptRefusalScores, as_dict, auroc_estimate, cell_holds, check_stats_fields,
+                                       prompt_scores, random_like, rate_estimate)
+from interp import data, probes, stats
 from interp.directions import cosine, normalize
 from interp.interventions import AddVector, StackedWhere
 from interp.positions import FromEnd, LastInstruction
@@ -50,6 +61,13 @@ HARM_KEYWORDS = (
 )
 
 
+# The cells the verdict scans (Holm over all of them), at the generation layer and the largest coefficient, oriented
+# so that steering harmless prompts towards refusal is positive ("refusal - harmfulness" is two-sided).
+CELLS = ("refusal dir vs null mean", "harmfulness dir vs null mean", "refusal dir vs null (percentile)",
+         "harmfulness dir vs null (percentile)", "refusal - harmfulness (score)", "refusal dir: refusal-rate rise",
+         "harmfulness dir: refusal-rate rise")
+
+
 @dataclass(frozen=True)
 class Config:
     model: str = "smollm2-135m-instruct"  # any local instruct model: registered name, .gguf or HF directory
@@ -63,9 +81,12 @@ class Config:
     seed: int = 0  # data splits and random controls
     harmless: str = "matched"  # harmless sets: "matched" to each source on surface form, or "original" (confounded)
     steer: bool = True  # run the steering sweep and generations (false: directions and classifiers only)
+    n_null: int = 16  # random directions of the same norm in the steering null distribution
+    primary: str = "refusal dir vs null mean"  # the verdict's comparison, one of CELLS (named before the run)
     out: str = "runs"  # reports go to OUT/<experiment>/<timestamp>/
 
     def __post_init__(self):
+        check_stats_fields(self, CELLS)  # issue 39's fields
         for name in ("n_train", "n_test", "steer_layer_stride", "max_new_tokens", "batch_size"):
             check_field(name, getattr(self, name), lo=1, integer=True)
         check_field("seed", self.seed, lo=0, integer=True)
@@ -85,8 +106,11 @@ def latent_guard(acts: np.ndarray, harmful_centroids: np.ndarray, harmless_centr
     return np.asarray(jnp.mean(score, 0), np.float64)
 
 
-def _classify(scores: np.ndarray, y: np.ndarray, threshold: float) -> dict:
-    return dict(accuracy=float(np.mean((scores > threshold) == (y == 1))), auroc=float(probes.auroc(scores, y)))
+def _classify(scores: np.ndarray, y: np.ndarray, threshold: float, seed: int = 0) -> dict:
+    """Accuracy at `threshold` (Wilson interval) and AUROC (bootstrap interval over the prompts)."""
+    hit = (scores > threshold) == (y == 1)
+    return dict(accuracy=float(np.mean(hit)), auroc=float(probes.auroc(scores, y)),
+                accuracy_ci=as_dict(rate_estimate(hit)), auroc_ci=as_dict(auroc_estimate(scores, y, seed=seed)))
 
 
 # each held-out harmful set and the harmless test set it is scored against
@@ -131,8 +155,9 @@ def directions_and_classifiers(m, cfg: Config, sets: dict) -> dict:
         guard = latent_guard(x[:, :, 0], mu_harm[:, 0], mu_safe[:, 0])
         kw = keyword_scores(sets[held_out] + sets[neg])
         probe_logit = np.asarray(probe.logits(x[grid.best[0], :, grid.best[1]]), np.float64)
-        results[held_out] = {"Latent Guard": _classify(guard, y, 0.0), "keyword baseline": _classify(kw, y, 0.0),
-                             "linear probe": _classify(probe_logit, y, 0.0),
+        results[held_out] = {"Latent Guard": _classify(guard, y, 0.0, cfg.seed),
+                             "keyword baseline": _classify(kw, y, 0.0, cfg.seed),
+                             "linear probe": _classify(probe_logit, y, 0.0, cfg.seed),
                              "surface baseline": surface_baseline(sets["train_harmful"], sets["train_harmless"],
                                                                   sets[held_out], sets[neg]),
                              "_guard_scores": guard, "_y": y}
@@ -142,8 +167,10 @@ def directions_and_classifiers(m, cfg: Config, sets: dict) -> dict:
 
 
 def steering(m, cfg: Config, sets: dict, harmfulness: np.ndarray, refusal: np.ndarray, metric, key) -> dict:
-    """Refusal score on harmless test prompts with each direction added at each (layer, coefficient), one sweep;
-    then greedy refusal rates at the layer where the refusal direction raises the score most."""
+    """Refusal score on harmless test prompts with each direction (and one random draw, for the figure) added at each
+    (layer, coefficient), one sweep; at the layer where the refusal direction raises the score most: per-prompt
+    scores for both directions and `n_null` random directions of the same norm at every coefficient (one stacked
+    sweep, `null_sweep`), and greedy refusal flags per prompt."""
     system = cfg.system_prompt or None
     L, D = refusal.shape
     layers = np.arange(0, L, cfg.steer_layer_stride)
@@ -170,17 +197,55 @@ def steering(m, cfg: Config, sets: dict, harmfulness: np.ndarray, refusal: np.nd
 
     best = int(np.nanargmax(scores[names.index("refusal"), :, -1]))
     layer = int(layers[best])
-    rates = {"base": refusal_rate(models.generate(m, texts, cfg.max_new_tokens))}
+    pmetric = PromptRefusalScores(metric.ids)
+    nulls = random_like(vecs[names.index("refusal"), best], cfg.n_null, cfg.seed)  # [K, D], the refusal norm
+    null = null_sweep(m, cfg, tokens, mask, pmetric, layer, vecs[:2, best], nulls)
+    refused = {"base": np.array([is_refusal(t) for t in models.generate(m, texts, cfg.max_new_tokens)])}
     samples = {}
     for k, n in enumerate(names):
         for c, coef in enumerate(coefs):
             steer = AddVector("resid_pre", vecs[k, best], coef, layers=(layer,))
             out = models.generate(m, texts, cfg.max_new_tokens, interventions=(steer,))
-            rates[f"{n} x{coef:g}"] = refusal_rate(out)
+            refused[f"{n} x{coef:g}"] = np.array([is_refusal(t) for t in out])
             if c == C - 1:
                 samples[n] = out[:2]
+    rates = {k: float(v.mean()) for k, v in refused.items()}
     return dict(layers=layers, coefs=coefs, names=names, scores=scores, base=base, gen_layer=layer, rates=rates,
-                samples=samples, degenerate_layers=[int(l) for l in layers[degenerate]])
+                refused=refused, samples=samples, degenerate_layers=[int(l) for l in layers[degenerate]], null=null)
+
+
+def null_sweep(m, cfg: Config, tokens, mask, pmetric, layer: int, directions: np.ndarray, nulls: np.ndarray) -> dict:
+    """Per-prompt refusal scores with each of `directions [2, D]` (harmfulness, refusal) and each null direction
+    `[K, D]` added at `layer` times each coefficient, one stacked sweep: `directions [2, C, n]`, `null [K, C, n]`,
+    and the unsteered `base [n]`."""
+    coefs = np.asarray(cfg.coefficients, np.float64)
+    vecs = np.concatenate([directions, nulls]).astype(np.float32)  # [2 + K, D]
+    N, C = len(vecs), len(coefs)
+    add = AddVector("resid_pre", np.repeat(vecs, C, 0), np.tile(coefs, N),
+                    where=StackedWhere(layers=np.full((N * C, 1), layer)))
+    out = sweep(m, tokens, mask, pmetric, (add,), batch_size=cfg.batch_size).reshape(N, C, -1)
+    return dict(directions=out[:2], null=out[2:], base=prompt_scores(m, tokens, mask, pmetric))
+
+
+def steering_tests(steer: dict) -> dict:
+    """The cells in `CELLS` at the generation layer and the largest coefficient: per-prompt changes of the refusal
+    score (steered - unsteered) against the null, refusal - harmfulness, and paired refusal rates."""
+    null, top = steer["null"], steer["coefs"][-1]
+    d = null["directions"][:, -1] - null["base"][None]  # [2, n]: harmfulness, refusal
+    dn = null["null"][:, -1] - null["base"][None]  # [K, n]
+    harm, ref = d
+    g = dict(alternative="greater")
+    base = steer["refused"]["base"]
+    return {
+        "refusal dir vs null mean": stats.paired_difference(ref, dn.mean(0), **g),
+        "harmfulness dir vs null mean": stats.paired_difference(harm, dn.mean(0), **g),
+        "refusal dir vs null (percentile)": stats.null_test(float(ref.mean()), dn.mean(1), "greater"),
+        "harmfulness dir vs null (percentile)": stats.null_test(float(harm.mean()), dn.mean(1), "greater"),
+        "refusal - harmfulness (score)": stats.paired_difference(ref, harm),
+        "refusal dir: refusal-rate rise": stats.paired_rate_difference(steer["refused"][f"refusal x{top:g}"], base),
+        "harmfulness dir: refusal-rate rise": stats.paired_rate_difference(steer["refused"][f"harmfulness x{top:g}"],
+                                                                           base),
+    }
 
 
 def _mark_undefined(ax, x, label: bool = True):
@@ -235,45 +300,102 @@ def _figures(out, variants: dict, steer: dict | None):
     save_figure(fig, out / "steering.png")
 
 
-def _steering_report(steer: dict, n_prompts: int) -> tuple[str, dict]:
-    """The steering section's markdown and metrics."""
+def _steering_report(steer: dict, n_prompts: int, cfg: Config) -> tuple[str, dict, dict, stats.Verdict]:
+    """The steering section's markdown, its metrics, the tested cells and the verdict on `cfg.primary`."""
     names, coefs = steer["names"], steer["coefs"]
     at = list(steer["layers"]).index(steer["gen_layer"])
-    steer_rows = "| direction | " + " | ".join(f"x{c:g}" for c in coefs) + " |\n|---|" + "---|" * len(coefs) + "\n"
-    steer_rows += "\n".join(f"| {n} | " + " | ".join(f"{fmt(steer['scores'][k, at, c] - steer['base'], '+.2f')} / "
-                                                   f"{steer['rates'][f'{n} x{coef:g}']:.2f}"
-                                                   for c, coef in enumerate(coefs)) + " |"
-                            for k, n in enumerate(names))
+    refused, null = steer["refused"], steer["null"]
+    # per-prompt changes at the generation layer: the two directions, then the null, each coefficient
+    d = {n: null["directions"][i] - null["base"][None] for i, n in enumerate(("harmfulness", "refusal"))}  # [C, n]
+    dn = null["null"] - null["base"][None]  # [K, C, n]
+    est = lambda x: str(stats.bootstrap(x, seed=cfg.seed))
+    rows = []
+    for c, coef in enumerate(coefs):
+        for n in ("harmfulness", "refusal"):
+            rows.append([f"{n} x{coef:g}", est(d[n][c]),
+                         str(stats.null_test(float(d[n][c].mean()), dn[:, c].mean(1), "greater")),
+                         str(rate_estimate(refused[f"{n} x{coef:g}"]))])
+        rows.append([f"null ({dn.shape[0]} random) x{coef:g}", est(dn[:, c].mean(0)), "", ""])
+        rows.append([f"random (one draw, generated) x{coef:g}",
+                     fmt(steer["scores"][names.index("random"), at, c] - steer["base"], "+.2f") + " (batch mean)", "",
+                     str(rate_estimate(refused[f"random x{coef:g}"]))])
+    table = stats.markdown_table(["direction x coefficient", "Δ refusal score (mean over prompts)",
+                                  "vs the null: percentile, band, p", "refusal rate"], rows)
+    grid = "| direction | " + " | ".join(f"x{c:g}" for c in coefs) + " |\n|---|" + "---|" * len(coefs) + "\n"
+    grid += "\n".join(f"| {n} | " + " | ".join(fmt(steer["scores"][k, at, c] - steer["base"], "+.2f")
+                                               for c in range(len(coefs))) + " |" for k, n in enumerate(names))
+    tests = steering_tests(steer)
+    v = stats.verdict(tests, cfg.primary, alternative="greater", what=cfg.primary)
+    behaviour = (cell_holds(v, tests, "refusal dir: refusal-rate rise")
+                 or cell_holds(v, tests, "harmfulness dir: refusal-rate rise"))
     top = coefs[-1]
-    d_ref = steer["scores"][names.index("refusal"), at, -1] - steer["base"]
-    d_harm = steer["scores"][names.index("harmfulness"), at, -1] - steer["base"]
-    d_rand = steer["scores"][names.index("random"), at, -1] - steer["base"]
-    rates = steer["rates"]
-    behaviour = max(abs(rates[f"{n} x{top:g}"] - rates["base"]) for n in ("refusal", "harmfulness")) >= 0.1
-    finding = (f"At layer {steer['gen_layer']} and x{top:g}, the refusal direction moves the refusal score by "
-               f"{d_ref:+.2f}, the harmfulness direction by {d_harm:+.2f} and a random direction of the same norm by "
-               f"{d_rand:+.2f}. " + ("The refusal direction moves refusal more than the harmfulness direction, as in "
-                                     "the paper" if d_ref > d_harm else
-                                     "**Unlike the paper**, the refusal direction does not move refusal more than the "
-                                     "harmfulness direction here") +
-               (", and more than the random control." if d_ref > d_rand else
-                "; **but the random control moves it at least as much**, so neither direction's effect is specific "
-                "on this model.") +
-               (" Refusal rates change by at least 10 points." if behaviour else
-                " **No behavioural effect**: greedy refusal rates change by less than 10 points (this model rarely "
-                "refuses); the score changes are the representational effect."))
     text = (f"Baseline refusal score (log-odds of a refusal opening) on {n_prompts} harmless test prompts: "
-            f"{steer['base']:.2f}; greedy refusal rate {rates['base']:.2f}. Each direction is scaled to the refusal "
-            f"direction's norm at the layer times the coefficient (undefined at layer(s) {steer['degenerate_layers']}, "
-            f"where that norm is 0). Table: Δ refusal score / refusal rate at layer {steer['gen_layer']} (the layer "
-            f"where the refusal direction raises the score most at x{top:g}).\n\n" + steer_rows + f"\n\n{finding}"
-            "\n\n![steering](steering.png)")
+            f"{steer['base']:.2f}; greedy refusal rate {rate_estimate(refused['base'])}. Each direction is scaled to "
+            f"the refusal direction's norm at the layer times the coefficient (undefined at layer(s) "
+            f"{steer['degenerate_layers']}, where that norm is 0). Every direction at layer {steer['gen_layer']} (the "
+            f"layer where the refusal direction raises the batch-mean score most at x{top:g}, chosen on these same "
+            "prompts, which favours the refusal direction over the null) against a null of "
+            f"{dn.shape[0]} random directions of the same norm (one stacked sweep, seed {cfg.seed}); Δ is the mean "
+            "per-prompt change with a bootstrap 95% interval over prompts; rates with Wilson intervals:\n\n" + table
+            + f"\n\nBatch-mean Δ refusal score at layer {steer['gen_layer']} from the layer x coefficient sweep (the "
+            "figure; 'random' is one draw):\n\n" + grid
+            + ("\n\nA refusal rate changes significantly (paired, McNemar, Holm-corrected)." if behaviour else
+               "\n\n**No detectable behavioural effect**: neither direction changes the greedy refusal rate "
+               "significantly (paired, exact McNemar, Holm-corrected); the score changes are the representational "
+               "effect.") + "\n\n![steering](steering.png)")
     metrics = dict(steering=dict(layers=[int(l) for l in steer["layers"]], coefficients=[float(c) for c in coefs],
                                  base=steer["base"], delta={n: steer["scores"][k] - steer["base"] for k, n in enumerate(names)},
                                  undefined_layers=steer["degenerate_layers"], generation_layer=steer["gen_layer"],
-                                 refusal_rates=rates),
-                   behavioural_effect=bool(behaviour))
-    return text, metrics
+                                 refusal_rates=steer["rates"],
+                                 null_delta=dn.mean(2), direction_delta={n: v_.mean(1) for n, v_ in d.items()}),
+                   behavioural_effect=bool(behaviour), tests={k: as_dict(t) for k, t in tests.items()},
+                   primary=cfg.primary, verdict_holds=v.holds, p_holm=v.p_holm)
+    return text, metrics, tests, v
+
+
+def _auc(r: dict) -> str:
+    """A classifier's AUROC with its bootstrap interval (the surface baseline has none)."""
+    if "auroc_ci" not in r:
+        return f"{r['auroc']:.3f}"
+    return str(stats.Estimate(**{k: r["auroc_ci"][k] for k in ("value", "lo", "hi", "n")}))
+
+
+def _claims(cfg: Config, cos, clf: dict, verdicts: dict, tests: dict | None, v: stats.Verdict | None) -> list:
+    """The README's claims for this study, each with its statistic and whether this run supports it."""
+    surv = "; ".join(f"{name}: {_auc(clf[k][n])} vs surface {clf[k]['surface baseline']['auroc']:.3f}"
+                     for k in clf for n in ("Latent Guard", "linear probe")
+                     for name in [f"{n} on {k.removeprefix('test_')}"])
+    lg, sb = clf["test_strongreject"]["Latent Guard"], clf["test_strongreject"]["surface baseline"]
+    lg_acc = stats.Estimate(**{k: lg["accuracy_ci"][k] for k in ("value", "lo", "hi", "n")})
+    claims = [
+        stats.Claim("The harmfulness (t_inst) and refusal (t_post-inst) directions are not nearly orthogonal (median "
+                    "cosine over layers above 0.2)", f"median {fmt(np.nanmedian(cos))}, max {fmt(np.nanmax(cos))} over "
+                    f"{int(np.isfinite(cos).sum())} layers (descriptive, no interval)", bool(np.nanmedian(cos) > 0.2)),
+        stats.Claim("Latent Guard's and the probe's AUROCs survive the surface controls on both held-out sets",
+                    surv, all(ok for ok, _ in verdicts.values())),
+        stats.Claim("Latent Guard's 0-threshold accuracy on StrongREJECT does not beat the surface baseline's by 0.05",
+                    f"{lg_acc} vs surface {sb['accuracy']:.3f}", bool(lg["accuracy"] - sb["accuracy"] < 0.05)),
+    ]
+    if tests is None:
+        return claims + [stats.Claim("Steering claims", "steering not run", None)]
+    d = tests["refusal - harmfulness (score)"]
+    behaviour = (cell_holds(v, tests, "refusal dir: refusal-rate rise")
+                 or cell_holds(v, tests, "harmfulness dir: refusal-rate rise"))
+    return claims + [
+        stats.Claim("The refusal direction raises harmless prompts' refusal score more than random directions of the "
+                    "same norm" + (" (primary)" if cfg.primary.startswith("refusal dir vs null") else ""),
+                    f"{tests['refusal dir vs null mean']}; {tests['refusal dir vs null (percentile)']}",
+                    cell_holds(v, tests, "refusal dir vs null mean")),
+        stats.Claim("The harmfulness direction raises it more than random directions of the same norm",
+                    f"{tests['harmfulness dir vs null mean']}; {tests['harmfulness dir vs null (percentile)']}",
+                    cell_holds(v, tests, "harmfulness dir vs null mean")),
+        stats.Claim("Unlike the paper, the refusal direction moves the refusal score less than the harmfulness "
+                    "direction", f"refusal - harmfulness {d} (two-sided, Holm p {v.p_holm['refusal - harmfulness (score)']:.2g})",
+                    bool(v.p_holm["refusal - harmfulness (score)"] < 0.05 and d.hi < 0)),
+        stats.Claim("No direction changes behaviour: refusal rates do not change detectably (paired, McNemar, Holm)",
+                    f"{tests['refusal dir: refusal-rate rise']}; {tests['harmfulness dir: refusal-rate rise']}",
+                    not behaviour),
+    ]
 
 
 def main(argv=None, cfg: Config | None = None):
@@ -300,7 +422,7 @@ def main(argv=None, cfg: Config | None = None):
     table = ("| held-out harmful set | classifier | " + " | ".join(f"{l}: acc / AUROC" for l in labels) + " |\n|---|---|"
              + "---|" * len(labels) + "\n")
     table += "\n".join(f"| {k.removeprefix('test_')} | {n} | "
-                       + " | ".join(f"{clfs[l][k][n]['accuracy']:.3f} / {clfs[l][k][n]['auroc']:.3f}" for l in labels)
+                       + " | ".join(f"{clfs[l][k][n]['accuracy']:.3f} / {_auc(clfs[l][k][n])}" for l in labels)
                        + " |" for k, r in clf.items() for n in r)
     norm = clfs["punctuation normalised"]
     verdicts = {f"{n} on {k.removeprefix('test_')}": survives(
@@ -336,20 +458,25 @@ def main(argv=None, cfg: Config | None = None):
                                  "final token only (`experiments.common.surface_baseline`). Which results survive the "
                                  "surface controls:\n\n" + survive_text + "\n\n![latent guard](latent_guard.png)"),
     ]
-    steer_metrics = {}
+    steer_metrics, tests, v = {}, None, None
     if steer is not None:
-        steer_text, steer_metrics = _steering_report(steer, len(sets["test_harmless"]))
+        steer_text, steer_metrics, tests, v = _steering_report(steer, len(sets["test_harmless"]), cfg)
         sections += [("Steering harmless prompts", steer_text),
+                     ("Verdict", v.sentence + "\n\n" + v.table),
                      ("Sample generations (largest coefficient)",
                       "\n".join(f"- **{n}**: {s}" for n, s in steer["samples"].items()))]
     else:
-        sections.append(("Steering harmless prompts", "Not run (`--steer false`)."))
+        sections += [("Steering harmless prompts", "Not run (`--steer false`)."),
+                     ("Verdict", f"Not computed: the primary cell ({cfg.primary}) is a steering cell.")]
+    claims = _claims(cfg, cos, clf, verdicts, tests, v)
+    sections.append(("Claims", stats.claims_section(claims)))
     metrics = undefined_to_none(dict(
         cosine=cos, classification=clf, probe_cell=res["probe_cell"],
         variants={label: dict(cosine=r["cosine"], classification=clfs[label], probe_cell=r["probe_cell"])
                   for label, r in variants.items()},
         survives={k: ok for k, (ok, _) in verdicts.items()},
-        surface={name: data.surface_stats(t) for name, t in sets.items()}, **steer_metrics))
+        surface={name: data.surface_stats(t) for name, t in sets.items()}, **steer_metrics,
+        claims=[dict(text=c.text, statistic=c.statistic, holds=c.holds) for c in claims]))
     report = write_report(out, "Harmfulness and refusal are encoded separately (Zhao et al. 2025)", cfg, sections, metrics)
     print(f"wrote {report}")
     return out, metrics

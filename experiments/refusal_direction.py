@@ -7,7 +7,16 @@ position. All candidates are scored in vmapped sweeps on validation prompts (byp
 prompts with the direction ablated everywhere; induce: refusal score on harmless prompts with it added at its
 layer; KL on harmless prompts under ablation), filtered (layer < 0.8 L, KL < threshold, induce above the
 harmless baseline) and the lowest bypass score is selected. The selected direction is applied three ways
-(ablation hooks, orthogonalised weights, ActAdd) on test prompts, against a random-direction control.
+(ablation hooks, orthogonalised weights, ActAdd) on test prompts, against a null distribution of `n_null` random
+directions of the same norm (ablation on harmful and ActAdd on harmless test prompts, per-prompt refusal scores, one
+stacked sweep each; greedy generations for the first random draw only).
+
+Statistics (issue 39, `interp.stats`): rates with Wilson intervals; steered vs unsteered on the same prompts as
+paired differences (bootstrap interval, sign-flip p; refusal rates: McNemar); the real effect against the null as a
+per-prompt paired difference from the null's mean and as its percentile in the null (with the null's 5-95% band);
+the verdict on the `primary` cell (named in the config, before the run), Holm-corrected over every cell in `CELLS`;
+a "Claims" section with the README's claims and whether each holds. The probes here see independent prompts (the
+harmful and harmless sets are separate lists, not item pairs), so no grouped split is needed.
 
 Surface form (issue 21): the harmless prompts are matched to the harmful ones on surface form by default
 (`interp.data.matched_pairs("both")`). The report gives how well the selected direction separates held-out
@@ -26,11 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
-from experiments.common import (KLFromBase, RefusalScore, chat_batch, chat_texts, instruction_splits, parse_config,
-                                refusal_rate, refusal_token_ids, run_dir, safe_cosine, surface_baseline, surface_table,
+from experiments.common import (KLFromBase, RefusalScore, chat_batch, chat_texts, instruction_splits, is_refusal,
+                                parse_config, refusal_token_ids, run_dir, safe_cosine, surface_baseline, surface_table,
                                 survives, undefined_to_none, write_report)
-from interp import probes
-from interp.directions import diff_of_means, normalize, score_directions
+from experiments.refusal_stats import (PromptRefusalScores, as_dict, auroc_estimate, cell_holds, check_stats_fields,
+                                       prompt_scores, random_like, rate_estimate)
+from interp import probes, stats
+from interp.directions import diff_of_means, score_directions
 from interp.interventions import RESID_SITES, AddVector, AlongDirection, directional_ablation
 from interp.positions import PostInstruction, post_instruction_ids
 from interp.readout import NextTokenLoss, run_readout
@@ -40,6 +51,10 @@ from models.errors import check_field
 
 HARMLESS_STYLES = ("matched", "original", "harmbench", "strongreject")  # interp.data.harmless_instructions
 
+# The cells the verdict scans (Holm over all of them), oriented so that the paper's direction is positive: the
+# refusal-score drop on harmful test prompts under ablation, the rise on harmless ones under ActAdd +1.
+CELLS = ("ablation vs null mean", "ActAdd vs null mean", "ablation vs null (percentile)", "ActAdd vs null (percentile)",
+         "ablation: score drop", "ActAdd: score rise", "ablation: refusal-rate drop", "ActAdd: refusal-rate rise")
 
 @dataclass(frozen=True)
 class Config:
@@ -55,9 +70,12 @@ class Config:
     sweep_batch: int = 16  # candidates per vmapped chunk (memory)
     seed: int = 0  # data splits and random controls
     harmless: str = "matched"  # harmless prompts: "matched" to the harmful ones on surface form, or "original" (confounded)
+    n_null: int = 16  # random directions of the same norm in each null distribution
+    primary: str = "ablation vs null mean"  # the verdict's comparison, one of CELLS (named before the run)
     out: str = "runs"  # reports go to OUT/<experiment>/<timestamp>/
 
     def __post_init__(self):
+        check_stats_fields(self, CELLS)  # issue 39's fields
         for name in ("n_train", "n_val", "n_test", "layer_stride", "max_new_tokens", "sweep_batch"):
             check_field(name, getattr(self, name), lo=1, integer=True)
         check_field("seed", self.seed, lo=0, integer=True)
@@ -124,17 +142,17 @@ def surface_controls(m, cfg: Config, sel: dict, metric, harmful, harmless) -> di
         y = np.r_[np.ones(len(h[2])), np.zeros(len(s[2]))]
         surf = surface_baseline(h[0], s[0], h[2], s[2])
         out[label] = dict(cosine_with_selected=float(safe_cosine(d, dirs[0])), test_auroc=float(probes.auroc(proj, y)),
+                          test_auroc_ci=as_dict(auroc_estimate(proj, y, seed=cfg.seed)),
                           test_surface_auroc=surf["auroc"], test_surface_accuracy=surf["accuracy"],
                           bypass=float(bypass[k]), induce=float(induce[k]))
     return out
 
 
-def evaluate(m, cfg: Config, harmful_test, harmless_test, direction, layer, metric, key):
-    """Refusal rate (greedy generations), refusal score and CE on harmless text for each condition."""
+def evaluate(m, cfg: Config, harmful_test, harmless_test, direction, layer, rand, pmetric):
+    """Per condition: greedy refusal flags `[n]` and per-prompt refusal scores `[n]` on the harmful and harmless
+    test prompts, and CE on harmless text; `rand` is the null's first random direction (the only one generated)."""
     system = cfg.system_prompt or None
     harm, harmless = chat_batch(m, harmful_test, system), chat_batch(m, harmless_test, system)
-    rand = jax.random.normal(key, direction.shape)
-    rand = normalize(rand) * jnp.linalg.norm(direction)
     ortho = orthogonalize(m, direction)
     conditions = {  # name -> (model, interventions on harmful, interventions on harmless)
         "base": (m, (), ()),
@@ -142,28 +160,63 @@ def evaluate(m, cfg: Config, harmful_test, harmless_test, direction, layer, metr
         "ablation (orthogonalised weights)": (ortho, (), ()),
         "ActAdd +1 / -1": (m, (AddVector("resid_pre", direction, -1.0, layers=(layer,)),),
                            (AddVector("resid_pre", direction, 1.0, layers=(layer,)),)),
-        "random direction ablation / ActAdd +1": (m, directional_ablation(rand),
-                                                  (AddVector("resid_pre", rand, 1.0, layers=(layer,)),)),
+        "random direction (null draw 0) ablation / ActAdd +1": (m, directional_ablation(rand),
+                                                                (AddVector("resid_pre", rand, 1.0, layers=(layer,)),)),
     }
     texts = [m.apply_chat_template(([{"role": "system", "content": system}] if system else [])
                                    + [{"role": "user", "content": p}]) for p in harmful_test + harmless_test]
     base_replies = models.generate(m, texts[len(harmful_test):], max_new_tokens=cfg.max_new_tokens)
     ce_tokens, ce_mask = m.tokenize([t + r for t, r in zip(texts[len(harmful_test):], base_replies)])
-    rows, generations = {}, {}
+    per, generations = {}, {}
     for name, (model, on_harm, on_harmless) in conditions.items():
         gen_harm = models.generate(model, texts[: len(harmful_test)], max_new_tokens=cfg.max_new_tokens, interventions=on_harm)
         gen_harmless = models.generate(model, texts[len(harmful_test):], max_new_tokens=cfg.max_new_tokens,
                                        interventions=on_harmless)
         ce = float(NextTokenLoss(ce_tokens, ce_mask)(run_readout(model, jnp.asarray(ce_tokens), jnp.asarray(ce_mask), on_harmless,
                                                              positions=None)))
-        rows[name] = dict(refusal_rate_harmful=refusal_rate(gen_harm), refusal_rate_harmless=refusal_rate(gen_harmless),
-                          refusal_score_harmful=baseline(model, *harm, metric, base=on_harm),
-                          refusal_score_harmless=baseline(model, *harmless, metric, base=on_harmless), ce_harmless=ce)
+        per[name] = dict(refused_harmful=np.array([is_refusal(t) for t in gen_harm]),
+                         refused_harmless=np.array([is_refusal(t) for t in gen_harmless]),
+                         score_harmful=prompt_scores(model, *harm, pmetric, on_harm),
+                         score_harmless=prompt_scores(model, *harmless, pmetric, on_harmless), ce_harmless=ce)
         generations[name] = {"harmful": gen_harm[:3], "harmless": gen_harmless[:3]}
     hook = run_readout(m, *map(jnp.asarray, harm), directional_ablation(direction), positions=None).logits
     weights = run_readout(ortho, *map(jnp.asarray, harm), positions=None).logits
     max_diff = float(jnp.abs(hook - weights)[jnp.asarray(harm[1]) > 0].max())
-    return rows, generations, max_diff
+    return per, generations, max_diff
+
+
+def null_scores(m, cfg: Config, direction, layer: int, nulls, pmetric, harm, harmless) -> dict:
+    """Per-prompt refusal scores with the real direction (row 0) and each null direction (rows 1..K) ablated on the
+    harmful prompts `[K + 1, n]` and added (+1 at `layer`) on the harmless ones, as one stacked sweep each."""
+    dirs = jnp.asarray(np.concatenate([np.asarray(direction, np.float32)[None], nulls]))
+    abl, add = score_directions(m, dirs, [layer] * len(dirs), pmetric, harm, harmless, batch_size=cfg.sweep_batch)
+    return dict(ablated=np.asarray(abl), added=np.asarray(add), base_harmful=prompt_scores(m, *harm, pmetric),
+                base_harmless=prompt_scores(m, *harmless, pmetric))
+
+
+def stat_tests(per: dict, null: dict) -> dict:
+    """The cells in `CELLS`, oriented so that the paper's direction (ablation lowers refusal on harmful prompts,
+    ActAdd raises it on harmless ones) is positive."""
+    base, abl = per["base"], per["ablation (hooks)"]
+    act = per["ActAdd +1 / -1"]
+    drop = null["base_harmful"][None] - null["ablated"]  # [K + 1, n]
+    rise = null["added"] - null["base_harmless"][None]
+    g = dict(alternative="greater")
+    return {
+        "ablation vs null mean": stats.paired_difference(drop[0], drop[1:].mean(0), **g),
+        "ActAdd vs null mean": stats.paired_difference(rise[0], rise[1:].mean(0), **g),
+        "ablation vs null (percentile)": stats.null_test(float(drop[0].mean()), drop[1:].mean(1), "greater"),
+        "ActAdd vs null (percentile)": stats.null_test(float(rise[0].mean()), rise[1:].mean(1), "greater"),
+        "ablation: score drop": stats.paired_difference(base["score_harmful"], abl["score_harmful"], **g),
+        "ActAdd: score rise": stats.paired_difference(act["score_harmless"], base["score_harmless"], **g),
+        "ablation: refusal-rate drop": stats.paired_rate_difference(base["refused_harmful"], abl["refused_harmful"]),
+        "ActAdd: refusal-rate rise": stats.paired_rate_difference(act["refused_harmless"], base["refused_harmless"]),
+    }
+
+
+def _auc(c: dict) -> str:
+    """A surface-control row's projection AUROC with its bootstrap interval."""
+    return str(stats.Estimate(**{k: c["test_auroc_ci"][k] for k in ("value", "lo", "hi", "n")}))
 
 
 def _figures(out, sel, rows, tokens_post):
@@ -205,32 +258,71 @@ def main(argv=None, cfg: Config | None = None):
     out = run_dir("refusal_direction", cfg.out)
     m = models.load(cfg.model)
     metric = RefusalScore(jnp.asarray(refusal_token_ids(m)))
+    pmetric = PromptRefusalScores(jnp.asarray(refusal_token_ids(m)))
     harmful, harmless = instruction_splits(cfg.seed, (cfg.n_train, cfg.n_val, cfg.n_test), harmless=cfg.harmless)
     sel = select_direction(m, cfg, harmful, harmless, metric)
     controls = surface_controls(m, cfg, sel, metric, harmful, harmless)
-    rows, generations, max_diff = evaluate(m, cfg, harmful[2], harmless[2], sel["direction"], sel["layer"], metric,
-                                           jax.random.PRNGKey(cfg.seed))
+    nulls = random_like(sel["direction"], cfg.n_null, cfg.seed)  # [K, D], the same norm as the direction
+    system = cfg.system_prompt or None
+    null = null_scores(m, cfg, sel["direction"], sel["layer"], nulls, pmetric, chat_batch(m, harmful[2], system),
+                       chat_batch(m, harmless[2], system))
+    per, generations, max_diff = evaluate(m, cfg, harmful[2], harmless[2], sel["direction"], sel["layer"], nulls[0],
+                                          pmetric)
+    rows = {n: dict(refusal_rate_harmful=float(r["refused_harmful"].mean()),
+                    refusal_rate_harmless=float(r["refused_harmless"].mean()),
+                    refusal_score_harmful=float(r["score_harmful"].mean()),
+                    refusal_score_harmless=float(r["score_harmless"].mean()), ce_harmless=r["ce_harmless"])
+            for n, r in per.items()}
     post = [m.decode([t], skip_special=False) for t in post_instruction_ids(m)]
     _figures(out, sel, rows, post)
-    base, abl = rows["base"], rows["ablation (hooks)"]
-    act = rows["ActAdd +1 / -1"]
-    effect = abs(base["refusal_rate_harmful"] - abl["refusal_rate_harmful"]) >= 0.1 or \
-        abs(act["refusal_rate_harmless"] - base["refusal_rate_harmless"]) >= 0.1
-    table = "| condition | refusal rate harmful | refusal rate harmless | refusal score harmful | refusal score harmless | CE harmless |\n|---|---|---|---|---|---|\n"
-    table += "\n".join(f"| {n} | {r['refusal_rate_harmful']:.2f} | {r['refusal_rate_harmless']:.2f} | "
-                       f"{r['refusal_score_harmful']:.2f} | {r['refusal_score_harmless']:.2f} | {r['ce_harmless']:.3f} |"
-                       for n, r in rows.items())
-    verdict = ("The intervention changes refusal behaviour by at least 10 points on test prompts." if effect else
-               "**No behavioural effect:** on this model the selected direction changes the refusal rate by less than "
-               "10 points (the model rarely refuses to begin with); the refusal-score changes above are the "
-               "representational effect.")
+    tests = stat_tests(per, null)
+    v = stats.verdict(tests, cfg.primary, alternative="greater", what=cfg.primary)
+    effect = cell_holds(v, tests, "ablation: refusal-rate drop") or cell_holds(v, tests, "ActAdd: refusal-rate rise")
+    ci = lambda x: stats.bootstrap(x, seed=cfg.seed)
+    table = stats.markdown_table(
+        ["condition", "refusal rate harmful", "refusal rate harmless", "refusal score harmful", "refusal score harmless",
+         "CE harmless"],
+        [[n, str(rate_estimate(r["refused_harmful"])), str(rate_estimate(r["refused_harmless"])),
+          str(ci(r["score_harmful"])), str(ci(r["score_harmless"])), f"{r['ce_harmless']:.3f}"] for n, r in per.items()])
+    verdict = ("The intervention changes a refusal rate (paired, McNemar, Holm-corrected): see the verdict table."
+               if effect else
+               "**No detectable behavioural effect:** neither the harmful refusal rate under ablation nor the harmless "
+               "one under ActAdd changes significantly (paired, exact McNemar, Holm-corrected; intervals in the "
+               "verdict table); the refusal-score changes are the representational effect.")
+    null_rows = [[k, str(tests[k])] for k in ("ablation vs null (percentile)", "ActAdd vs null (percentile)")]
+    null_text = (f"{cfg.n_null} random directions of the selected direction's norm (seed {cfg.seed}), each ablated "
+                 f"on the {len(harmful[2])} harmful test prompts and added (+1 at layer {sel['layer']}) on the "
+                 f"{len(harmless[2])} harmless ones, in one stacked sweep each with the real direction; effects are "
+                 "mean per-prompt refusal-score changes (drop on harmful, rise on harmless). The real effect's "
+                 "percentile in the null and the null's 5-95% band:\n\n"
+                 + stats.markdown_table(["effect", "real vs null"], null_rows)
+                 + f"\n\nWith K = {cfg.n_null} draws a null test's p cannot go below 1/(K+1) = "
+                 f"{1 / (cfg.n_null + 1):.3f}; the paired cells compare each prompt's real effect with the null's mean "
+                 "effect on that prompt.")
     c_table = ("| direction from | cosine with selected | projection AUROC (test) | surface baseline AUROC (test) | "
                "bypass (val) | induce (val) |\n|---|---|---|---|---|---|\n")
-    c_table += "\n".join(f"| {k} | {v['cosine_with_selected']:.3f} | {v['test_auroc']:.3f} | {v['test_surface_auroc']:.3f} | "
-                         f"{v['bypass']:.2f} | {v['induce']:.2f} |" for k, v in controls.items())
+    c_table += "\n".join(f"| {k} | {c['cosine_with_selected']:.3f} | {_auc(c)} | {c['test_surface_auroc']:.3f} | "
+                         f"{c['bypass']:.2f} | {c['induce']:.2f} |" for k, c in controls.items())
     main_c, norm_c = controls[f"{cfg.harmless} harmless"], controls["punctuation normalised"]
     ok, survive_text = survives("Projection on the selected direction (held-out prompts)", main_c["test_auroc"],
                                 norm_c["test_auroc"], main_c["test_surface_auroc"], norm_c["test_surface_auroc"])
+    auc = lambda c: f"{_auc(c)} vs surface {c['test_surface_auroc']:.3f}"
+    claims = [
+        stats.Claim("Ablating the selected direction lowers harmful prompts' refusal score more than random directions "
+                    "of the same norm (primary)", str(tests["ablation vs null mean"]) + "; "
+                    + str(tests["ablation vs null (percentile)"]), cell_holds(v, tests, "ablation vs null mean")),
+        stats.Claim("Adding the direction raises harmless prompts' refusal score more than random directions of the "
+                    "same norm", str(tests["ActAdd vs null mean"]) + "; " + str(tests["ActAdd vs null (percentile)"]),
+                    cell_holds(v, tests, "ActAdd vs null mean")),
+        stats.Claim("No behavioural effect: ablation does not detectably change the harmful refusal rate, nor ActAdd "
+                    "the harmless one (paired, McNemar, Holm)", str(tests["ablation: refusal-rate drop"]) + "; "
+                    + str(tests["ActAdd: refusal-rate rise"]), not effect),
+        stats.Claim("The direction does not survive the surface controls (projection AUROC within 0.05 of a "
+                    "surface-only baseline, matched or punctuation-normalised)",
+                    f"matched {auc(main_c)}; normalised {auc(norm_c)}", not ok),
+        stats.Claim("Hook ablation and orthogonalised weights agree (max |logit difference| < 1e-3)",
+                    f"{max_diff:.1e} over {len(harmful[2])} harmful prompts' tokens", max_diff < 1e-3),
+    ]
     sections = [
         ("Data", f"n = {len(harmful[0])}/{len(harmful[1])}/{len(harmful[2])} harmful (HarmBench + StrongREJECT) and "
                  f"{len(harmless[0])}/{len(harmless[1])}/{len(harmless[2])} harmless ({cfg.harmless} set) train/val/test "
@@ -249,22 +341,30 @@ def main(argv=None, cfg: Config | None = None):
                       "\n\n![candidates](candidates.png)"),
         ("Surface controls", "The selected direction's separation of held-out harmful and harmless prompts beside a "
                              "surface-only baseline (logistic regression on length, trailing punctuation and final "
-                             "token), and the same difference of means (same layer and position) recomputed with "
+                             "token; the projection AUROC with a bootstrap 95% interval over the test prompts), and "
+                             "the same difference of means (same layer and position) recomputed with "
                              "trailing punctuation removed on both sides and from the original harmless set; bypass / "
                              "induce are scored on the same validation prompts for every row.\n\n" + c_table +
                              f"\n\n{survive_text}"),
         ("Test results", table + f"\n\nHook ablation vs orthogonalised weights: max |logit difference| {max_diff:.2e}. "
                          "The ActAdd row subtracts the direction on harmful prompts and adds it on harmless ones; the "
-                         "random row uses a random direction of the same norm (ablation on harmful, +1 on harmless). "
-                         f"CE is on the base model's own greedy replies to the harmless test prompts.\n\n{verdict}\n\n"
+                         "random row uses the null's first random direction of the same norm (ablation on harmful, +1 on "
+                         "harmless; the whole null is in the next section). "
+                         f"CE is on the base model's own greedy replies to the harmless test prompts. Rates: Wilson "
+                         f"95% intervals; scores: mean with a bootstrap 95% interval over prompts.\n\n{verdict}\n\n"
                          "![refusal scores](refusal_scores.png)"),
+        ("Null distributions", null_text),
+        ("Verdict", v.sentence + "\n\n" + v.table),
+        ("Claims", stats.claims_section(claims)),
         ("Sample generations", "\n".join(f"- **{n}**, harmful: {g['harmful'][:1]}; harmless: {g['harmless'][:1]}"
                                         for n, g in generations.items())),
     ]
     metrics = dict(selected=dict(layer=sel["layer"], position=sel["position"], n_pass=sel["n_pass"], relaxed=sel["relaxed"],
                                  n_undefined=int(sel["undefined"].sum())),
                    conditions=rows, hook_vs_weights_max_logit_diff=max_diff, behavioural_effect=bool(effect),
-                   surface_controls=controls, direction_survives=bool(ok))
+                   surface_controls=controls, direction_survives=bool(ok),
+                   tests={k: as_dict(t) for k, t in tests.items()}, primary=cfg.primary, verdict_holds=v.holds,
+                   p_holm=v.p_holm, claims=[dict(text=c.text, statistic=c.statistic, holds=c.holds) for c in claims])
     metrics = undefined_to_none(metrics)
     report = write_report(out, "Refusal direction (Arditi et al. 2024)", cfg, sections, metrics)
     print(f"wrote {report}")
