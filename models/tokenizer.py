@@ -346,7 +346,9 @@ def _compile_template(source: str):
     lipsum = env.globals["lipsum"]
 
     def capped_lipsum(n=5, html=True, min=20, max=100):  # noqa: A002 (jinja's argument names)
-        _over(int(n) * int(max) * 16, "lorem ipsum (lipsum)")  # words are at most ~15 characters
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, min, max)):
+            raise InputError(f"lipsum(n={n!r}, min={min!r}, max={max!r}) takes integers")
+        _over(n * max * 16, "lorem ipsum (lipsum)")  # words are at most ~15 characters
         return lipsum(n, html, min, max)
 
     env.globals["lipsum"] = capped_lipsum
