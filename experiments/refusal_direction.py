@@ -320,7 +320,7 @@ def main(argv=None, cfg: Config | None = None):
         stats.Claim("The direction does not survive the surface controls (projection AUROC within 0.05 of a "
                     "surface-only baseline, matched or punctuation-normalised)",
                     f"matched {auc(main_c)}; normalised {auc(norm_c)}", not ok),
-        stats.Claim("Hook ablation and orthogonalised weights agree (max |logit difference| < 1e-3)",
+        stats.Claim("Hook ablation and orthogonalised weights agree (largest absolute logit difference < 1e-3)",
                     f"{max_diff:.1e} over {len(harmful[2])} harmful prompts' tokens", max_diff < 1e-3),
     ]
     sections = [
