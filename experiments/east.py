@@ -639,6 +639,10 @@ def study(m, cfg: Config, chat: bool, tag: str, out) -> tuple[list, dict]:
                "**EAST beats its best same-layer control in no layer x beta cell after Holm.**")
             + " " + (f"Cells above the random-direction null after Holm: {', '.join(above_null)}." if above_null else
                      "No cell is above the random-direction null after Holm.")
+            + (f" With K = {cfg.n_null} draws the smallest attainable null p is 1/(K+1) = {1 / (cfg.n_null + 1):.3f}, "
+               f"not below alpha = {cfg.alpha:g}: the null places EAST (percentile, band) but cannot reject at this "
+               f"level (--n-null >= {int(np.ceil(1 / cfg.alpha))} for one cell)." if 1 / (cfg.n_null + 1) >= cfg.alpha
+               else "")
             + " Temperatures " + ", ".join(f"{t:g}: {test(h, final[0])}" for t, h in temp.items())
             + " (minus unsteered): in the exact readout a temperature divides the two action logits, so it flattens "
             "the policy by construction; the paper's claim that temperature fails concerns sampled chains of thought "
@@ -745,6 +749,9 @@ def study(m, cfg: Config, chat: bool, tag: str, out) -> tuple[list, dict]:
 
 def main(argv=None, cfg: Config | None = None):
     cfg = cfg or parse_config(Config, argv, __doc__)
+    if cfg.second_model and not cfg.layers and primary_cell(cfg.primary)[0] != "main":
+        raise InputError(f"--primary {cfg.primary!r} names a layer, but --second-model {cfg.second_model} sweeps its "
+                         "own default layers: give --primary layermain/beta<b> (the middle swept layer) or --layers")
     agents = [(cfg.model, cfg.chat)] + ([(cfg.second_model, False)] if cfg.second_model else [])
     return run_models("east", "Entropic activation steering of an LLM bandit agent (Rahn et al. 2024)", cfg,
                       [(n, lambda m, sub, n=n, chat=chat: study(m, cfg, chat, n, sub)) for n, chat in agents], "east_",

@@ -79,6 +79,8 @@ def test_config_validation_names_the_flag():
     with pytest.raises(InputError, match="--primary"):  # layer 15 is not swept by a 18-layer model's default
         east.validate(east.Config(), 18)
     assert east.validate(east.Config(), 30) == ((10, 15, 20), "layer15/beta0.5")
+    with pytest.raises(InputError, match="--primary"):  # before either model loads
+        east.main(cfg=east.Config(second_model="gemma-3-270m"))
     assert east.validate(east.Config(primary="layermain/beta1"), 18) == ((6, 9, 12), "layer9/beta1")
 
 
@@ -199,3 +201,4 @@ def test_smoke_tiny_run(tmp_path):
     report = (out / "report.md").read_text()
     assert "transfer to a reworded prompt" in report and "Primary comparison, named before the run" in report
     assert "Claims" in report and len(met["claims"]) >= 8
+    assert "smallest attainable null p is 1/(K+1) = 0.250" in report  # K = 3 cannot reject at 0.05: said so
