@@ -35,7 +35,8 @@ from jaxtyping import Array, Bool, Float, Int
 
 from models.checks import Extent, check_index, check_positions, concrete, show_values
 from models.errors import InputError
-from models.sites import SITES, Hook, check_site
+from models.params import axis_sizes
+from models.sites import SITES, Hook, check_site, names_layer
 from models.transformer import SiteContext
 
 __all__ = [
@@ -245,7 +246,10 @@ class StackedWhere(_Selection):
 
 
 def _where(site: "str | Hook", where: _Selection | None, kwargs: dict) -> tuple[str, _Selection]:
-    """`(site name, selection)` of an intervention's arguments: a `Hook` site selects its layer."""
+    """`(site name, selection)` of an intervention's arguments: a `Hook` site selects its layer; a run key
+    (`"L3.attn.z"`) or a TransformerLens hook name (`"blocks.3.attn.hook_z"`) is read as `Hook.parse` reads it."""
+    if isinstance(site, str) and names_layer(site):
+        site = Hook.parse(site)
     if isinstance(site, Hook):
         if site.layer is not None:
             if where is not None or "layers" in kwargs:
@@ -273,6 +277,14 @@ def _per_layer(x: Array, ctx: SiteContext, per_layer: bool) -> Array:
     if ctx.layer is None:
         raise InputError("a per-layer value ([n_layers, ...]) needs a layer site")
     return x[ctx.layer]
+
+
+def _check_width(iv, field: str, x: Array, value: Array) -> None:
+    """At trace time (shapes are static): `x`'s last axis is 1 or the site value's, else an InputError naming the
+    site and both widths (what `validate` says before tracing, for callers that skip it)."""
+    if x.ndim and x.shape[-1] not in (1, value.shape[-1]):
+        raise InputError(f"{type(iv).__name__}({iv.site!r}): {field} has width {x.shape[-1]}, but site {iv.site!r} "
+                         f"has width {value.shape[-1]}")
 
 
 def _f32(x) -> Array:
@@ -319,6 +331,17 @@ class Intervention(eqx.Module):
             if by_layer and shape[0] != ext.cfg.n_layers:
                 raise InputError(f"{name}{field} has shape {shape}: its leading axis is indexed by layer and must be "
                                  f"the model's {ext.cfg.n_layers} layers")
+        axis = SITES[self.site].axes[-1]
+        width = axis_sizes(ext.cfg).get(axis)
+        for field, x, by_layer in self._widthed(lead):
+            shape = np.shape(x)[lead + int(by_layer):]
+            if width is not None and shape and shape[-1] not in (1, width):
+                raise InputError(f"{name}{field} has width {shape[-1]} (shape {shape}), but site {self.site!r} has "
+                                 f"width {width} (its last axis, {axis!r}, of this model)")
+
+    def _widthed(self, lead: int) -> tuple[tuple[str, Array, bool], ...]:
+        """(field name, array whose last axis meets the site's last axis, whether it has a leading layer axis)."""
+        return ()
 
     def _layer_indexed(self, lead: int) -> tuple[tuple[str, Array, bool], ...]:
         """(field name, array, whether `edit` indexes its leading axis by `ctx.layer`)."""
@@ -342,10 +365,15 @@ class AddVector(Intervention):
 
     def edit(self, value, ctx):
         scale = _per_layer(self.scale, ctx, self.scale.ndim == 1)
-        return value + scale * _per_layer(self.vector, ctx, self.per_layer)
+        vector = _per_layer(self.vector, ctx, self.per_layer)
+        _check_width(self, "vector", vector, value)
+        return value + scale * vector
 
     def _layer_indexed(self, lead):
         return ("vector", self.vector, self.per_layer), ("scale", self.scale, self.scale.ndim - lead == 1)
+
+    def _widthed(self, lead):
+        return (("vector", self.vector, self.per_layer),)
 
 
 class AlongDirection(Intervention):
@@ -368,6 +396,7 @@ class AlongDirection(Intervention):
 
     def edit(self, value, ctx):
         d = _per_layer(self.direction, ctx, self.per_layer)
+        _check_width(self, "direction", d, value)
         r = d / jnp.maximum(jnp.linalg.norm(d), 1e-30)  # a zero direction edits nothing
         x = value.astype(jnp.float32)
         p = x @ r
@@ -378,6 +407,9 @@ class AlongDirection(Intervention):
     def _layer_indexed(self, lead):
         return (("direction", self.direction, self.per_layer), ("lo", self.lo, self.lo.ndim - lead == 1),
                 ("hi", self.hi, self.hi.ndim - lead == 1))
+
+    def _widthed(self, lead):
+        return (("direction", self.direction, self.per_layer),)
 
 
 def project_out(site: str, direction, **kw) -> AlongDirection:
@@ -620,6 +652,9 @@ class AddVectorPerExample(Intervention):
                              f"{self.vector.shape} have a batch axis that is not this input's {B} rows")
         s = self.scale[:, ctx.layer].reshape((B,) + (1,) * (value.ndim - 1))
         return value + s * (self.vector[:, None] if self._per_row() else self.vector)
+
+    def _widthed(self, lead):
+        return (("vector", self.vector, False),)
 
     def validate(self, ext: Extent) -> None:
         super().validate(ext)

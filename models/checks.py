@@ -56,7 +56,13 @@ def check_index(name: str, values, n: int, what: str, *, negative: bool = False)
 
 
 def check_tokens(tokens, vocab_size: int, name: str = "tokens") -> None:
-    """Token ids in `[0, vocab_size)` (concrete tokens only; traced ids outside embed as NaN)."""
+    """Integer token ids in `[0, vocab_size)`: the dtype is checked always (traced too), the values only when
+    concrete (traced ids outside embed as NaN)."""
+    dt = getattr(tokens, "dtype", None)
+    dt = np.asarray(tokens).dtype if dt is None else dt
+    if not jnp.issubdtype(dt, jnp.integer):
+        raise InputError(f"{name} must hold integer token ids, got dtype {dt} (e.g. tokens.astype(np.int32) if "
+                         "the values are whole numbers)")
     t = concrete(tokens)
     if t is None or t.size == 0:
         return
@@ -65,6 +71,18 @@ def check_tokens(tokens, vocab_size: int, name: str = "tokens") -> None:
         bad = lo if lo < 0 else hi
         raise InputError(f"{name} holds token id {bad}, outside this model's vocabulary of {vocab_size} "
                          f"(valid: 0..{vocab_size - 1})")
+
+
+def check_mask(mask, name: str = "attention_mask") -> None:
+    """A concrete mask holds only 0/1 (bool, integer or float); a traced mask is skipped (the check must not
+    break tracing). A mask holding 2 would silently change the logits."""
+    m = concrete(mask)
+    if m is None:
+        return
+    if m.dtype != np.bool_ and m.size:
+        bad = m[~np.isin(m, (0, 1))]
+        if bad.size:
+            raise InputError(f"{name} must hold only 0 (padding) and 1 (real token); it holds {bad.ravel()[0]!r}")
 
 
 def row_lengths(mask) -> np.ndarray | None:
@@ -129,6 +147,8 @@ def check_call(cfg, tokens, mask=None, captures: Sequence = (), interventions: S
     T = shape[1]
     stop = cfg.n_layers if stop_layer is None else stop_layer
     check_tokens(tokens, cfg.vocab_size)
+    if mask is not None:
+        check_mask(mask)
     lengths = row_lengths(mask) if mask is not None else np.full(shape[0], T)
     for c in captures:
         site = getattr(c, "site", c)
