@@ -49,7 +49,7 @@ from models.errors import InputError
 from models.sites import SITES, Hook
 from saes.checkpoints import CheckpointCorrupt, Checkpointer
 from saes.sae import SAE
-from saes.train_config import TrainConfig, transcoder_hooks, validate
+from saes.train_config import TrainConfig, check_devices, transcoder_hooks, validate
 from saes.train_state import TrainState, abstract_state, calibrate, fresh_state, make_mesh, place_state
 from saes.train_step import make_permute, make_slice, make_step
 
@@ -166,6 +166,7 @@ def train(cfg: TrainConfig, *, source=None, model=None, eval_tokens=None, stop_a
               "--resume false trains again)", file=sys.stderr)
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
         return TrainResult(formats.load_run(out), finished, out, None, history)
+    check_devices(cfg, jax.device_count())  # before the model loads
     if source is None:
         model, source, built_eval = build_source(cfg, model, docs)
         eval_tokens = built_eval if eval_tokens is None else eval_tokens

@@ -11,7 +11,7 @@ import typing
 import warnings
 from dataclasses import dataclass
 
-from models.errors import InputError
+from models.errors import InputError, check_dtype
 from models.sites import SITES, Hook, names_layer
 from saes import sae as sae_lib
 
@@ -109,6 +109,8 @@ class TrainConfig:
             raise InputError(f"--batch-size ({self.batch_size}) must be at most --chunk-tokens ({self.chunk_tokens})")
         if self.tokens < self.batch_size:
             raise InputError(f"--tokens ({self.tokens}) must be at least one batch (--batch-size {self.batch_size})")
+        if self.dtype is not None:
+            check_dtype(self.dtype)
         _warn_schedule(self)
 
     @property
@@ -285,6 +287,17 @@ def _is(value, t) -> bool:
 @functools.cache
 def _hints() -> dict:
     return typing.get_type_hints(TrainConfig)
+
+
+def check_devices(cfg: TrainConfig, n_devices: int) -> None:
+    """`--feature-parallel` (times `--data-parallel`, 0: the devices left) fits the `n_devices` there are, as
+    `saes.train_state.make_mesh` will use them; `saes.train.train` calls this before the model loads."""
+    fp = max(cfg.feature_parallel, 1)
+    dp = cfg.data_parallel or n_devices // fp
+    if fp > n_devices or dp * fp > n_devices:
+        raise InputError(f"--feature-parallel {fp} x --data-parallel {dp or 1} needs {fp * max(dp, 1)} devices, "
+                         f"this host has {n_devices} (jax.device_count()); lower --feature-parallel to at most "
+                         f"{n_devices}")
 
 
 def validate(cfg: TrainConfig, model_cfg) -> None:
