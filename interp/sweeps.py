@@ -26,8 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+from numpy.lib.mixins import NDArrayOperatorsMixin
 
 from interp import progress as progresslib
+from interp.heads import HeadGrid
 from interp.interventions import (AddVector, Replace, StackedWhere, first_layers, mean_ablation, resample_ablation,
                                   zero_ablation)
 from interp.readout import Readout, check_metric, metric_positions, readout_with, run_readout
@@ -39,7 +41,7 @@ from models.sites import SITES, check_site
 
 __all__ = [
     "CHUNK_TOKENS", "activation_patching", "attribution_patching", "baseline", "capture", "compiled_flops",
-    "default_batch_size", "head_ablation", "ablation_replacement", "head_ablation_attribution", "one_hot_items",
+    "HeadEffects", "default_batch_size", "head_ablation", "ablation_replacement", "head_ablation_attribution", "one_hot_items",
     "plan_calls", "program_starts", "rank_correlation", "sweep", "sweep_flops",
 ]
 
@@ -438,10 +440,38 @@ def _replaces_nothing(source, z, mask) -> jax.Array:
     return diff <= 1e-5 * jnp.maximum(jnp.max(jnp.abs(jnp.where(real, z, 0.0))), 1e-30)
 
 
+class HeadEffects(NDArrayOperatorsMixin, HeadGrid):
+    """The `[layers, heads]` result of `head_ablation` / `head_ablation_attribution`: an `interp.heads.HeadGrid`
+    (`top(k)` with `L3H1` labels, `table`, a labelled `plot`, a one-line `repr`) that also computes as its float64
+    array: operators and ufuncs give numpy arrays (`a - b`, `np.abs(a)`), and ndarray methods and attributes
+    (`ravel`, `tolist`, `max`, `dtype`, ...) are the array's."""
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        inputs = tuple(x.values if isinstance(x, HeadGrid) else x for x in inputs)
+        return getattr(ufunc, method)(*inputs, **kwargs)
+
+    def __getattr__(self, name):  # only for names HeadGrid lacks: the ndarray's methods and attributes
+        if name.startswith("__") or name == "values":
+            raise AttributeError(name)
+        return getattr(self.values, name)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __iter__(self):
+        return iter(self.values)
+
+
+def _metric_name(metric) -> str:
+    name = getattr(metric, "name", None) or getattr(metric, "__name__", None) or type(metric).__name__
+    return name if isinstance(name, str) else type(metric).__name__
+
+
 def head_ablation(model, tokens, mask, metric: Metric, kind: str = "zero", reference=None, *, key=None,
                   positions="metric", mesh=None, batch_size=None, max_programs="auto", rules=None,
-                  progress=None) -> np.ndarray:
-    """Change of `metric` when each head is ablated alone, `[layers, heads]`, in one call (`sweep` options).
+                  progress=None) -> HeadEffects:
+    """Change of `metric` when each head is ablated alone, `[layers, heads]` (a `HeadEffects`: a labelled
+    `HeadGrid` that computes as its array), in one call (`sweep` options).
 
     kind: "zero"; "mean" (the head's mean over the `reference` prompts, default these prompts, per position
     when the lengths match); "resample" (the head's output on `reference` prompts of the same shape, default
@@ -456,7 +486,9 @@ def head_ablation(model, tokens, mask, metric: Metric, kind: str = "zero", refer
     values = sweep(model, tokens, mask, metric, (template,), where=one_hot_items(cfg.n_layers, cfg.n_heads, "heads"),
                    positions=positions, mesh=mesh, batch_size=batch_size, max_programs=max_programs, rules=rules,
                    progress=progress)
-    return values.reshape(cfg.n_layers, cfg.n_heads) - baseline(model, tokens, mask, metric, positions=positions)
+    effects = np.asarray(values.reshape(cfg.n_layers, cfg.n_heads) - baseline(model, tokens, mask, metric,
+                                                                             positions=positions))
+    return HeadEffects(effects, name=f"{kind} ablation of {_metric_name(metric)}")
 
 
 # ----------------------------------------------------------------------------- activation patching
@@ -536,14 +568,16 @@ def attribution_patching(model, clean, corrupt, metric: Metric, *, site: str = "
 
 
 def head_ablation_attribution(model, tokens, mask, metric: Metric, kind: str = "zero", reference=None, *, key=None,
-                              positions="metric") -> np.ndarray:
-    """Gradient estimate of `head_ablation`, `[layers, heads]`: `(replacement - z) . d metric / d z`."""
+                              positions="metric") -> HeadEffects:
+    """Gradient estimate of `head_ablation`, `[layers, heads]` (a `HeadEffects`): `(replacement - z) . d metric
+    / d z`."""
     tokens, mask = _inputs(tokens, mask)
     positions = metric_positions(metric, positions)
     _check(model, tokens, mask, metric, positions)
     _, _, source = ablation_replacement(model, tokens, mask, kind, reference, key)
     z, grad = _site_grad(model, tokens, mask, metric, "attn.z", positions)
-    return _reduce((jnp.broadcast_to(source, z.shape) - z) * grad, "attn.z", "heads")
+    est = _reduce((jnp.broadcast_to(source, z.shape) - z) * grad, "attn.z", "heads")
+    return HeadEffects(est, name=f"{kind} ablation of {_metric_name(metric)} (attribution estimate)")
 
 
 def rank_correlation(a, b) -> float:
