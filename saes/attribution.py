@@ -472,10 +472,19 @@ class Graph:
         w[len(w) - len(self.logit_tokens):] = self.logit_probabilities
         return w
 
-    def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> "Pruned":
-        """Keep the nodes holding `node_threshold` of the influence on the logits and the edges holding
-        `edge_threshold` of it; then drop feature/error nodes left without outgoing edges (features also without
-        incoming), repeatedly. Tokens and logits are always kept (circuit-tracer's `prune_graph`)."""
+    def __repr__(self) -> str:
+        off = self.node_offsets()
+        T, K = self.n_pos, len(self.logit_tokens)
+        shown = " ".join(str(int(t)) for t in self.tokens[:8]) + (" ..." if T > 8 else "")
+        return (f"Graph(prompt of {T} tokens [{shown}], {self.adjacency.shape[0]} nodes ({self.n_features} features, "
+                f"{off['token'] - off['error']} errors, {T} tokens, {K} logits), "
+                f"{int(np.count_nonzero(self.adjacency))} edges, {self.site} -> {self.target})")
+
+    def prune_masks(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> "Pruned":
+        """The masks of circuit-tracer's `prune_graph` (the graph itself is unchanged): keep the nodes holding
+        `node_threshold` of the influence on the logits and the edges holding `edge_threshold` of it; then drop
+        feature/error nodes left without outgoing edges (features also without incoming), repeatedly. Tokens and
+        logits are always kept. `to_json` and `plot` draw the graph these masks keep."""
         for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
             if not 0.0 <= v <= 1.0:
                 raise InputError(f"prune: {name} must be in [0, 1], got {v}")
@@ -503,6 +512,8 @@ class Graph:
         cumulative = np.zeros_like(influence)
         cumulative[order] = np.cumsum(influence[order]) / max(influence.sum(), 1e-30)
         return Pruned(node_mask, edge_mask, cumulative)
+
+    prune = prune_masks  # the older name: it returns the masks (`Pruned`), not a smaller Graph
 
     def scores(self) -> dict[str, float]:
         """circuit-tracer's replacement score (share of token -> logit influence not through error nodes) and
@@ -532,7 +543,7 @@ class Graph:
                 node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Path:
         """Write the pruned graph in circuit-tracer's graph-file schema (what Neuronpedia's and circuit-tracer's
         viewers open): `metadata`, `qParams`, `nodes`, `links`."""
-        pr = self.prune(node_threshold, edge_threshold)
+        pr = self.prune_masks(node_threshold, edge_threshold)
         off = self.node_offsets()
         ids = self.node_ids()
         L, T = self.n_layers, self.n_pos
@@ -579,10 +590,11 @@ class Graph:
     def plot(self, path: str | Path | None = None, *, tokenizer=None, node_threshold: float = 0.8,
              edge_threshold: float = 0.98, max_edges: int = 60, title: str = ""):
         """The pruned graph drawn as layers (rows: embeddings at the bottom, logits at the top) x positions,
-        features as dots sized by influence, its `max_edges` strongest edges (blue positive, red negative)."""
+        features as dots, its `max_edges` strongest edges (blue positive, red negative); each logit node is
+        labelled with its token (decoded with `tokenizer`, else the id) and probability."""
         import matplotlib.pyplot as plt
 
-        pr = self.prune(node_threshold, edge_threshold)
+        pr = self.prune_masks(node_threshold, edge_threshold)
         off = self.node_offsets()
         L, T = self.n_layers, self.n_pos
         xy = {}
@@ -614,7 +626,13 @@ class Graph:
             pts = [xy[i] for i in xy if lo <= i < hi]
             if pts:
                 ax.scatter(*zip(*pts), c=color, marker=marker, s=28, label=name, zorder=2)
-        labels = [tokenizer.decode([int(t)], skip_special=False) if tokenizer is not None else str(int(t)) for t in self.tokens]
+        text = (lambda t: tokenizer.decode([int(t)], skip_special=False)) if tokenizer is not None else (lambda t: str(int(t)))
+        for i in xy:
+            if i >= off["logit"]:
+                k = i - off["logit"]
+                ax.annotate(f"{text(self.logit_tokens[k])!r} {float(self.logit_probabilities[k]):.2f}", xy[i],
+                            xytext=(0, 6), textcoords="offset points", ha="center", fontsize=7, rotation=45)
+        labels = [text(t) for t in self.tokens]
         ax.set_xticks(range(T), labels, rotation=60, fontsize=7)
         ax.set_yticks([0, *range(1, L + 1, max(1, L // 10)), L + 1], ["emb", *map(str, range(0, L, max(1, L // 10))), "logit"])
         ax.set_ylabel("layer")
@@ -632,6 +650,10 @@ class Pruned:
     node_mask: np.ndarray  # [N] bool
     edge_mask: np.ndarray  # [N, N] bool, [target, source]
     cumulative_scores: np.ndarray  # [N] each node's cumulative share of influence in descending order
+
+    def __repr__(self) -> str:
+        return (f"Pruned({int(self.node_mask.sum())} of {len(self.node_mask)} nodes, {int(self.edge_mask.sum())} "
+                "edges kept)")
 
 
 def _normalise(A):
