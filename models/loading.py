@@ -86,6 +86,19 @@ REGISTRY = {
 }
 
 
+# The Hugging Face repository each registered model is a conversion of (what SAELens / TransformerLens call it).
+HF_IDS = {
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "gemma-3-270m": "google/gemma-3-270m",
+}
+
+
+def hf_id(name: str) -> str:
+    """The Hugging Face id of a registered model name (`"gemma-3-270m"` -> `"google/gemma-3-270m"`); any other
+    name (a path, an id already) unchanged."""
+    return HF_IDS.get(str(name), str(name))
+
+
 def resolve(name_or_path: str | os.PathLike) -> Path:
     """A registry name, a `.gguf` file or a Hugging Face directory -> a path on disk."""
     key = str(name_or_path)
@@ -191,8 +204,10 @@ _IGNORED_HF = (".rotary_emb.inv_freq",)  # buffers that old checkpoints save; de
 _VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
-def load_hf_dir(directory: str | os.PathLike, dtype: str = "float32", mesh: Mesh | None = None, rules=None):
-    """(config, params) from a local Hugging Face model directory, streamed (see the module docstring)."""
+def load_hf_dir(directory: str | os.PathLike, dtype: str = "float32", mesh: Mesh | None = None, rules=None,
+                fits: Callable[[Config], Any] | None = None):
+    """(config, params) from a local Hugging Face model directory, streamed (see the module docstring).
+    `fits(cfg)` runs once the config is known, before any weight is read (`models.load` checks the mesh)."""
     check_dtype(dtype)
     directory = Path(directory)
     cfg_path = directory / "config.json"
@@ -214,6 +229,8 @@ def load_hf_dir(directory: str | os.PathLike, dtype: str = "float32", mesh: Mesh
     ignore = lambda n: n.endswith(_IGNORED_HF) or (multimodal and n.startswith(_VISION))
     recipes = hf_recipes(cfg)
     _match(recipes, cfg, {n: e.shape for n, e in entries.items()}, str(directory), ignore=ignore)
+    if fits is not None:
+        fits(cfg)
     return cfg, _stream(recipes, _Safetensors(entries), cfg, mesh, rules, str(directory))
 
 
@@ -690,9 +707,10 @@ class _GGUF:
         self.cache.clear()
 
 
-def load_gguf(path: str | os.PathLike, dtype: str = "float32", mesh: Mesh | None = None, rules=None):
+def load_gguf(path: str | os.PathLike, dtype: str = "float32", mesh: Mesh | None = None, rules=None,
+              fits: Callable[[Config], Any] | None = None):
     """(config, params, metadata) from a GGUF file, each tensor dequantised to float32 and converted to `dtype`
-    alone, streamed like `load_hf_dir`."""
+    alone, streamed like `load_hf_dir` (`fits(cfg)` likewise before any weight is read)."""
     check_dtype(dtype)
     from models.gguf_file import open_gguf, read_metadata
 
@@ -704,4 +722,6 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", mesh: Mesh | None
     recipes = hf_recipes(cfg)
     _match(recipes, cfg, source.shapes, str(path), unknown=[f"{n} (no counterpart for {cfg.arch})" for n in source.unknown],
            label=lambda n: f"{source.gguf_name[n]} ({n})" if n in source.gguf_name else n)
+    if fits is not None:
+        fits(cfg)
     return cfg, _stream(recipes, source, cfg, mesh, rules, str(path)), meta

@@ -127,17 +127,17 @@ def load(name_or_path: str | Path, dtype: str | None = None, *, mesh=None, rules
         raise InputError(f"load: indivisible must be one of {INDIVISIBLE}, got {indivisible!r}")
     dtype = dtype or default_dtype()
     path = resolve(name_or_path)
+    # the mesh is checked as soon as the config is known, before any weight is read
+    fits = None if mesh is None else (lambda cfg: check_model_fits(cfg, mesh, rules, indivisible, "models.load"))
     if path.is_dir():
         if tokenizer and not (path / "tokenizer.json").is_file():
             raise ModelFileError(f"{path} has no tokenizer.json: add it (only fast-tokenizer directories are supported), "
                                  "or pass tokenizer=False to load the weights without a tokenizer")
-        cfg, params = load_hf_dir(path, dtype, mesh=mesh, rules=rules)
+        cfg, params = load_hf_dir(path, dtype, mesh=mesh, rules=rules, fits=fits)
         tok = from_hf_dir(path) if tokenizer else None
     else:
-        cfg, params, meta = load_gguf(path, dtype, mesh=mesh, rules=rules)
+        cfg, params, meta = load_gguf(path, dtype, mesh=mesh, rules=rules, fits=fits)
         tok = from_gguf_metadata(meta) if tokenizer else None
-    if mesh is not None:
-        check_model_fits(cfg, mesh, rules, indivisible, "models.load")
     return Model(params, cfg, tok, str(name_or_path))
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from models.errors import InputError
+from models.loading import hf_id
 from models.sites import SITES, Hook
 from saes import sae as sae_lib
 from saes.sae import SAE
@@ -227,9 +228,9 @@ def to_saelens(sae: SAE, path: str | Path, *, model_name: str = "", context_size
     if s.arch == "batchtopk":
         w["threshold"] = jnp.full((s.width,), jnp.maximum(s.threshold, 0.0))
     save_file({k: np.ascontiguousarray(np.asarray(v, dtype)) for k, v in w.items()}, str(path / "sae_weights.safetensors"))
-    metadata = dict(model_name=model_name, hook_name=Hook(s.site, s.layer).tl if s.site else "",
+    metadata = dict(model_name=hf_id(model_name), hook_name=Hook(s.site, s.layer).tl if s.site else "",
                     hook_head_index=None, prepend_bos=bool(prepend_bos), exclude_special_tokens=True,
-                    exported_from="interp", interp_arch=s.arch)
+                    exported_from="interp", interp_arch=s.arch, interp_model=model_name)
     if context_size is not None:
         metadata["context_size"] = context_size
     if dataset_path is not None:
