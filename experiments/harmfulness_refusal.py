@@ -132,6 +132,38 @@ def _sets(cfg: Config, harmless: str | None = None, normalise: bool = False) -> 
                 test_strongreject=strongreject, test_harmless=safe[2], test_harmless_strongreject=safe_sr)
 
 
+def median_cosine(harm: np.ndarray, safe: np.ndarray, *, n_boot: int = 1000, seed: int = 0) -> stats.Estimate:
+    """Median over layers of the cosine of the harmfulness (position 0) and refusal (position 1) differences of
+    means, with a bootstrap interval over the training prompts (the pooled rows of both classes resampled, each
+    class's mean recomputed from its resampled rows). `harm [L, Nh, 2, D]`, `safe [L, Ns, 2, D]`; layers where the
+    full-sample cosine is undefined (a zero-norm direction) are left out, as in the point estimate."""
+    x = np.concatenate([harm, safe], 1).astype(np.float64)  # [L, N, 2, D]
+    L, N = x.shape[:2]
+    y = np.r_[np.ones(harm.shape[1]), np.zeros(safe.shape[1])]
+    full = safe_cosine(harm.mean(1)[:, 0] - safe.mean(1)[:, 0], harm.mean(1)[:, 1] - safe.mean(1)[:, 1])
+    layers = np.flatnonzero(np.isfinite(full))
+
+    def stat(idx, axis=0):
+        rows = np.asarray(idx)[..., 0].astype(np.int64)
+        rows2 = rows.reshape(-1, N)  # [B, N] resampled row indices
+        counts = np.zeros((len(rows2), N))
+        np.add.at(counts, (np.arange(len(rows2))[:, None], rows2), 1.0)
+        w = counts * y / np.maximum((counts * y).sum(1, keepdims=True), 1) \
+            - counts * (1 - y) / np.maximum((counts * (1 - y)).sum(1, keepdims=True), 1)  # [B, N]
+        cos = []
+        for l in layers:
+            d = (w @ x[l].reshape(N, -1)).reshape(len(w), 2, -1)  # [B, 2, D]: the two differences of means
+            with np.errstate(invalid="ignore", divide="ignore"):
+                cos.append(np.sum(d[:, 0] * d[:, 1], -1) / np.linalg.norm(d[:, 0], axis=-1)
+                           / np.linalg.norm(d[:, 1], axis=-1))
+        med = np.median(np.stack(cos), 0)  # [B]
+        return med if rows.ndim > 1 else med[0]
+
+    est = stats.bootstrap(np.arange(N)[:, None], stat, n_boot=n_boot, seed=seed)
+    return stats.Estimate(est.value, est.lo, est.hi, N, method=f"median over {len(layers)} layers; {est.method} "
+                          "over the pooled training prompts")
+
+
 def directions_and_classifiers(m, cfg: Config, sets: dict) -> dict:
     """Directions, cosines, Latent Guard / keyword / probe classification on the held-out sets."""
     system = cfg.system_prompt or None
@@ -161,7 +193,8 @@ def directions_and_classifiers(m, cfg: Config, sets: dict) -> dict:
                              "surface baseline": surface_baseline(sets["train_harmful"], sets["train_harmless"],
                                                                   sets[held_out], sets[neg]),
                              "_guard_scores": guard, "_y": y}
-    return dict(harmfulness=harmfulness, refusal=refusal, cosine=cos, classification=results,
+    median_cos = median_cosine(acts["train_harmful"], acts["train_harmless"], seed=cfg.seed)
+    return dict(harmfulness=harmfulness, refusal=refusal, cosine=cos, classification=results, median_cosine=median_cos,
                 probe_cell=f"layer {grid.best[0]}, {probe.positions[0]}",
                 probe_val_auroc=float(grid.metrics["val"]["auroc"][grid.best]))
 
@@ -360,7 +393,8 @@ def _auc(r: dict) -> str:
     return str(stats.Estimate(**{k: r["auroc_ci"][k] for k in ("value", "lo", "hi", "n")}))
 
 
-def _claims(cfg: Config, cos, clf: dict, verdicts: dict, tests: dict | None, v: stats.Verdict | None) -> list:
+def _claims(cfg: Config, cos, med: stats.Estimate, clf: dict, verdicts: dict, tests: dict | None,
+            v: stats.Verdict | None) -> list:
     """The README's claims for this study, each with its statistic and whether this run supports it."""
     surv = "; ".join(f"{name}: {_auc(clf[k][n])} vs surface {clf[k]['surface baseline']['auroc']:.3f}"
                      for k in clf for n in ("Latent Guard", "linear probe")
@@ -369,8 +403,8 @@ def _claims(cfg: Config, cos, clf: dict, verdicts: dict, tests: dict | None, v: 
     lg_acc = stats.Estimate(**{k: lg["accuracy_ci"][k] for k in ("value", "lo", "hi", "n")})
     claims = [
         stats.Claim("The harmfulness (t_inst) and refusal (t_post-inst) directions are not nearly orthogonal (median "
-                    "cosine over layers above 0.2)", f"median {fmt(np.nanmedian(cos))}, max {fmt(np.nanmax(cos))} over "
-                    f"{int(np.isfinite(cos).sum())} layers (descriptive, no interval)", bool(np.nanmedian(cos) > 0.2)),
+                    "cosine over layers above 0.2: the interval's lower end)", f"median {med}, max "
+                    f"{fmt(np.nanmax(cos))} over {int(np.isfinite(cos).sum())} layers", bool(med.lo > 0.2)),
         stats.Claim("Latent Guard's and the probe's AUROCs survive the surface controls on both held-out sets",
                     surv, all(ok for ok, _ in verdicts.values())),
         stats.Claim("Latent Guard's 0-threshold accuracy on StrongREJECT does not beat the surface baseline's by 0.05",
@@ -446,7 +480,8 @@ def main(argv=None, cfg: Config | None = None):
                  "refused-vs-complied sets (the paper's construction) cannot be formed. Surface form of the sets "
                  "(`interp.data.surface_stats`):\n\n" + surf),
         ("Two directions", "Cosine of the harmfulness (t_inst) and refusal (t_post-inst) directions per layer:\n\n"
-                           + "\n".join(f"- {label}: {cos_line(r['cosine'])}" for label, r in variants.items())
+                           + "\n".join(f"- {label}: {cos_line(r['cosine'])}; median with a bootstrap 95% interval "
+                                       f"over the training prompts {r['median_cosine']}" for label, r in variants.items())
                            + "\n\nA direction of zero norm (layer 0 at the last prompt token, which is the same token "
                              "in every prompt) has no cosine; it is marked, not plotted as 0.\n\n![cosine](cosine.png)"),
         ("Latent Guard", table + f"\n\nThe probe is the best of {len(cos)} x 2 (layer, position) logistic probes by "
@@ -468,10 +503,10 @@ def main(argv=None, cfg: Config | None = None):
     else:
         sections += [("Steering harmless prompts", "Not run (`--steer false`)."),
                      ("Verdict", f"Not computed: the primary cell ({cfg.primary}) is a steering cell.")]
-    claims = _claims(cfg, cos, clf, verdicts, tests, v)
+    claims = _claims(cfg, cos, res["median_cosine"], clf, verdicts, tests, v)
     sections.append(("Claims", stats.claims_section(claims)))
     metrics = undefined_to_none(dict(
-        cosine=cos, classification=clf, probe_cell=res["probe_cell"],
+        cosine=cos, median_cosine=as_dict(res["median_cosine"]), classification=clf, probe_cell=res["probe_cell"],
         variants={label: dict(cosine=r["cosine"], classification=clfs[label], probe_cell=r["probe_cell"])
                   for label, r in variants.items()},
         survives={k: ok for k, (ok, _) in verdicts.items()},

@@ -96,6 +96,9 @@ def test_harmfulness_refusal_smoke(tmp_path):
     assert len(delta) == 2 and np.isfinite(delta[1]).all()
     assert set(saved["steering"]["refusal_rates"]) >= {"base", "refusal x2", "harmfulness x2", "random x2"}
     assert np.shape(saved["steering"]["null_delta"]) == (2, 2)  # [K, coefficients]
+    med = saved["median_cosine"]
+    assert med["lo"] <= med["value"] <= med["hi"] and med["n"] == 16
+    assert med["value"] == pytest.approx(np.nanmedian(np.array(saved["cosine"], float)), abs=1e-6)
     auc = saved["classification"]["test_harmbench"]["Latent Guard"]
     assert auc["auroc_ci"]["lo"] <= auc["auroc"] <= auc["auroc_ci"]["hi"] and auc["auroc_ci"]["n"] == 8
     _check_stats_report(out, saved, 2)
@@ -265,3 +268,21 @@ def test_refusal_cliff_head_null_has_k_draws_of_k_heads():
     (name, q), = summary.items()
     assert q["probe_logit"]["null"].shape == (4,) and q["probe_logit"]["vs_null"].k == 4
     assert q["refusal_score"]["vs_mean"].n == 3
+
+
+def test_median_cosine_interval_recovers_the_planted_angle():
+    from experiments.common import safe_cosine
+    from experiments.harmfulness_refusal import median_cosine
+
+    rng = np.random.default_rng(4)
+    L, n, D = 4, 40, 16
+    u, w = np.eye(D)[0], np.eye(D)[1]
+    for c in (0.0, 0.6):  # the two differences of means at cosine c at every layer
+        r = c * u + np.sqrt(1 - c * c) * w
+        harm = rng.normal(size=(L, n, 2, D)) * 0.1 + np.stack([u, r])[None, None]  # little noise: little attenuation
+        safe = rng.normal(size=(L, n, 2, D)) * 0.1
+        harm[0, :, 1] = safe[0, :, 1] = 1.0  # layer 0: the same token on both sides, a zero direction, left out
+        est = median_cosine(harm, safe, n_boot=300)
+        full = safe_cosine(harm.mean(1)[:, 0] - safe.mean(1)[:, 0], harm.mean(1)[:, 1] - safe.mean(1)[:, 1])
+        assert np.isnan(full[0]) and est.value == pytest.approx(np.nanmedian(full), abs=1e-9) and est.n == 2 * n
+        assert est.lo < c < est.hi and est.hi - est.lo < 0.2
