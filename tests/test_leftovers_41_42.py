@@ -188,8 +188,9 @@ def test_graph_repr_prune_masks_and_plot_labels(tmp_path):
     r = repr(g)
     assert "\n" not in r and len(r) < 300, r
     n_edges = int(np.count_nonzero(g.adjacency))
-    assert (f"prompt of 6 tokens [1 5 9 3 7 2]" in r and f"{g.adjacency.shape[0]} nodes ({g.n_features} features, "
-            f"{cfg.n_layers * 6} errors, 6 tokens, {len(g.logit_tokens)} logits), {n_edges} edges") in r
+    assert "prompt of 6 tokens [1 5 9 3 7 2]" in r, r
+    assert (f"{g.adjacency.shape[0]} nodes ({g.n_features} features, {cfg.n_layers * 6} errors, 6 tokens, "
+            f"{len(g.logit_tokens)} logits), {n_edges} edges") in r, r
     masks = g.prune_masks(0.8, 0.98)
     assert isinstance(masks, Pruned) and Graph.prune is Graph.prune_masks
     old = g.prune(0.8, 0.98)
