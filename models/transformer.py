@@ -19,7 +19,7 @@ from models.checks import check_call, real_index
 from models.config import Config
 from models.errors import InputError
 from models.sharding import constrain
-from models.sites import SITES, Hook, check_site
+from models.sites import SITES, Hook, check_site, names_layer
 
 Params = dict[str, Any]
 NEG_INF = -1e30  # finite, so rows with no valid key give a uniform (then zeroed) pattern, never NaN
@@ -75,10 +75,19 @@ class KVCache(NamedTuple):
 
 
 def as_capture(c: "Capture | Hook | str") -> Capture:
-    """A capture spec as a `Capture`: a site name (every layer), a `Hook` (that layer), or a `Capture`."""
+    """A capture spec as a `Capture`: a site name (every layer), a run key (`"L3.attn.z"`) or TransformerLens hook
+    name (`"blocks.3.attn.hook_z"`: that layer, also as a `Capture`'s site), a `Hook` (that layer), or a `Capture`."""
+    if isinstance(c, str) and c not in SITES and names_layer(c):
+        c = Hook.parse(c)
     if isinstance(c, Hook):
         c = Capture(c.site, layers=None if c.layer is None else (c.layer,))
     c = c if isinstance(c, Capture) else Capture(c)
+    if isinstance(c.site, str) and c.site not in SITES and names_layer(c.site):
+        hook = Hook.parse(c.site)
+        if c.layers is not None and hook.layer is not None:
+            raise InputError(f"Capture({c.site!r}, layers={c.layers}): the hook name already names layer {hook.layer}; "
+                             f"pass layers= with a site name ({hook.site!r}) instead")
+        c = Capture(hook.site, c.layers if hook.layer is None else (hook.layer,), c.positions, c.seq_indices)
     check_site(c.site)
     return c
 

@@ -234,3 +234,20 @@ def test_load_checks_the_mesh_before_reading_weights(tmp_path, monkeypatch, fmt)
     monkeypatch.undo()
     m = models.load(path, "float32", mesh=mesh, tokenizer=False)  # a mesh that fits loads as before
     assert m.cfg.n_heads == 4
+
+
+# ------------------------------------------------------------------------------------- the pure core takes TL names
+
+
+def test_transformer_forward_captures_tl_names_and_run_keys(tiny):
+    from models import transformer
+    from models.transformer import Capture
+
+    run = lambda cap: transformer.forward(tiny.params, CFG, jnp.asarray(TOKENS), jnp.asarray(MASK), capture=cap).acts
+    want = np.asarray(run((Capture("attn.z", layers=(1,)),))["attn.z"])
+    for spelling in ("blocks.1.attn.hook_z", "L1.attn.z", Capture("blocks.1.attn.hook_z")):
+        np.testing.assert_array_equal(np.asarray(run((spelling,))["attn.z"]), want)
+    with pytest.raises(InputError, match="already names layer 1"):
+        transformer.as_capture(Capture("blocks.1.attn.hook_z", layers=(2,)))
+    with pytest.raises(InputError, match="blocks.1.attn.hook_nothing"):
+        transformer.as_capture("blocks.1.attn.hook_nothing")
