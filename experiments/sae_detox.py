@@ -67,7 +67,7 @@ from experiments.common import parse_config, run_models, save_figure
 from interp import stats
 from interp.interventions import stack
 from interp.readout import ContinuationLoss, run_readout
-from interp.sweeps import sweep
+from interp.sweeps import default_batch_size, sweep
 from models.checks import check_tokens
 from models.errors import InputError
 from models.generate import generate_tokens
@@ -404,6 +404,17 @@ def generated_scores(m, b: Batches, new: np.ndarray, cfg: Config) -> dict:
     return dict(tox=toxigen.toxicity_scores(texts), nll=nll, count=count, example=texts[0][:120])
 
 
+LOGIT_BYTES = 2**30  # float32 logits one vmapped sweep call may hold (16 items of 4 x 64 CE rows over Gemma's 262k
+# vocabulary are 4.3 GB before log-softmax temporaries: the default run was OOM-killed there on a shared 24 GB host)
+
+
+def _chunk(read_positions: int, vocab: int, tokens: int) -> int:
+    """Items per vmapped sweep call: `interp.sweeps.default_batch_size`'s, capped so the logits read
+    (`read_positions x vocab` float32 per item) stay within `LOGIT_BYTES`."""
+    cap = max(1, LOGIT_BYTES // (4 * read_positions * vocab))
+    return int(min(cap, default_batch_size(10**9, tokens) or cap))
+
+
 def score(m, b: Batches, stacked, gen_stacked, cfg: Config) -> dict:
     """One stack of interventions (N items, or None: unsteered) scored: row NLLs of the gap rows `[N, 2n]` and the
     CE rows `[N, R]` (one `interp.sweeps.sweep` each); with `gen_stacked` (its items the first of `stacked`'s,
@@ -413,8 +424,11 @@ def score(m, b: Batches, stacked, gen_stacked, cfg: Config) -> dict:
         gap, ce = (np.asarray(_plain(m, b.g_tok, b.g_mask, gap_m))[None],
                    np.asarray(_plain(m, b.ce_tok, np.ones_like(b.ce_tok), ce_m))[None])
     else:
-        gap = sweep(m, b.g_tok, b.g_mask, gap_m, (stacked["gap"],), progress=False)
-        ce = sweep(m, b.ce_tok, None, ce_m, (stacked["ce"],), progress=False)
+        vocab = m.cfg.vocab_size
+        gap = sweep(m, b.g_tok, b.g_mask, gap_m, (stacked["gap"],), progress=False,
+                    batch_size=_chunk(b.g_tok.shape[0] * len(gap_m.positions), vocab, b.g_tok.size))
+        ce = sweep(m, b.ce_tok, None, ce_m, (stacked["ce"],), progress=False,
+                   batch_size=_chunk(b.ce_tok.size, vocab, b.ce_tok.size))
     out = dict(gap=_pair_gap(gap), ce=ce, gen=[])
     if gen_stacked is not False:
         stops = jnp.asarray(m.tokenizer.stop_ids, jnp.int32)
@@ -551,6 +565,8 @@ def analyse(res: dict, cfg: Config, main: int) -> dict:
         f = runs["F", 0]
         for c in CONTROLS:
             draws = [v for (cc, _), v in runs.items() if cc == c]
+            if not draws:  # a tier run without controls (reanalysing a partial run): no cell
+                continue
             cur = [(_with_base(np.zeros_like(gap0), v["gap"] - gap0), np.r_[ce0m, v["ce"].mean(1)]) for v in [f] + draws]
             eff, top = matched(cur, ce0m, cfg.levels)
             cell = f"{tier} vs {c}"
