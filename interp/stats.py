@@ -328,7 +328,11 @@ def holm(pvalues) -> np.ndarray:
 def null_test(observed: float, null_draws, alternative: str = "greater", label: str = "") -> NullTest:
     """`observed` against `null_draws [K]` (K >= 1; use K >= 16, the studies' default): its percentile in the null,
     the null's 5-95% band, and `(1 + #draws at least as extreme) / (K + 1)` for `alternative` ("greater": the
-    effect is larger than chance; "two-sided" compares distances from the null's median)."""
+    effect is larger than chance; "two-sided" compares distances from the null's median).
+
+    The p-value cannot go below `1 / (K + 1)`: with K = 16 that is 0.059, so a verdict at alpha 0.05 needs
+    K >= 20 draws (more under Holm), or a per-item test against the null's mean (`paired_difference` of the
+    effect minus the draws' mean per item) with the percentile reported beside it."""
     alternative = _alternative(alternative)
     null = _items(null_draws, "null_draws").reshape(-1)
     obs = float(_items(observed, "observed").reshape(-1)[0]) if np.ndim(observed) == 0 else None
@@ -350,8 +354,9 @@ def null_test(observed: float, null_draws, alternative: str = "greater", label: 
 # ---------------------------------------------------------------------------------------------- verdicts
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    """A markdown table; floats as in reports (3 decimals, scientific when tiny, NaN as "undefined")."""
-    cell = lambda v: _num(v).lstrip("+") if isinstance(v, (float, np.floating)) else str(v)
+    """A markdown table; floats as in reports (3 decimals, scientific when tiny, NaN as "undefined"); a "|"
+    inside a cell is escaped so it cannot split the row."""
+    cell = lambda v: _num(v).lstrip("+") if isinstance(v, (float, np.floating)) else str(v).replace("|", "\\|")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         if len(r) != len(header):

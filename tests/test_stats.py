@@ -140,6 +140,7 @@ def test_claims_and_tables():
                                stats.Claim("sampled mode", "valid rate 0.00", None)])
     assert md.count("\n") == 4 and "**does not hold**" in md and "not tested" in md
     assert "| 0.123 |" in stats.markdown_table(["x"], [[0.12345]])
+    assert stats.markdown_table(["x", "y"], [["a | b", 1]]).splitlines()[2] == "| a \\| b | 1 |"
     with pytest.raises(InputError):
         stats.markdown_table(["a", "b"], [[1]])
 
