@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
-from scipy.stats import rankdata
 
 import models
 from experiments import refusal_direction
@@ -46,7 +45,6 @@ from experiments.refusal_judge import judge_all
 from interp import stats
 from interp.directions import cosine, normalize
 from interp.interventions import AddVectorPerExample, Where
-from interp.probes import auroc
 from interp.readout import Readout
 from models.errors import InputError
 from models.generate import generate_tokens
@@ -209,17 +207,6 @@ def _cell_stats(labels: list[str], harm: np.ndarray, safe: np.ndarray) -> dict:
     return dict(refused_harmful=k(harm, "refusal"), refused_harmless=k(safe, "refusal"),
                 degenerate_harmful=k(harm, "degenerate"), degenerate_harmless=k(safe, "degenerate"), n_harmful=n_h,
                 n_harmless=n_s, selectivity=dataclasses.replace(sel, p=p1, method=sel.method + "; Fisher one-sided"))
-
-
-def _auroc_stat(a, axis=0):
-    """AUROC of column 0 (score) against column 1 (label) of `a`, items along `axis` (rank form, ties halved):
-    vectorised over bootstrap resamples; NaN where a resample lacks a class."""
-    a = np.moveaxis(np.asarray(a, np.float64), axis, -2)
-    s, y = a[..., 0], a[..., 1] > 0.5
-    ranks = rankdata(s, axis=-1)
-    n1, n0 = y.sum(-1), (~y).sum(-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return ((ranks * y).sum(-1) - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
 def _fmt_rate(k: int, n: int) -> str:
@@ -454,9 +441,7 @@ def main(argv=None, cfg: Config | None = None):
     aurocs = {}
     for name, (s, _) in outs.items():
         for src in ("harmbench", "strongreject"):
-            xs = np.c_[score(s, src), yy(src)]
-            est = stats.bootstrap(xs, _auroc_stat, n_boot=2000, seed=cfg.seed, label=f"{name} {src}")
-            aurocs[(name, src)] = dataclasses.replace(est, value=float(auroc(xs[:, 0], xs[:, 1])))
+            aurocs[(name, src)] = stats.auroc(score(s, src), yy(src), seed=cfg.seed, label=f"{name} {src}")
     timing["total"] = time.time() - t0
 
     # ------------------------------------------------------------------ report

@@ -41,7 +41,7 @@ import models
 from experiments.common import (RefusalScore, chat_texts, fmt, instruction_splits, parse_config, is_refusal,
                                 refusal_token_ids, run_dir, safe_cosine, save_figure, surface_baseline, surface_table,
                                 survives, undefined_to_none, write_report)
-from experiments.refusal_stats import (PromptRefusalScores, as_dict, auroc_estimate, cell_holds, check_stats_fields,
+from experiments.refusal_stats import (PromptRefusalScores, as_dict, cell_holds, check_stats_fields,
                                        prompt_scores, random_like, rate_estimate)
 from interp import data, probes, stats
 from interp.directions import cosine, normalize
@@ -110,7 +110,7 @@ def _classify(scores: np.ndarray, y: np.ndarray, threshold: float, seed: int = 0
     """Accuracy at `threshold` (Wilson interval) and AUROC (bootstrap interval over the prompts)."""
     hit = (scores > threshold) == (y == 1)
     return dict(accuracy=float(np.mean(hit)), auroc=float(probes.auroc(scores, y)),
-                accuracy_ci=as_dict(rate_estimate(hit)), auroc_ci=as_dict(auroc_estimate(scores, y, seed=seed)))
+                accuracy_ci=as_dict(rate_estimate(hit)), auroc_ci=as_dict(stats.auroc(scores, y, seed=seed)))
 
 
 # each held-out harmful set and the harmless test set it is scored against

@@ -42,7 +42,7 @@ import models
 from experiments.common import (chat_batch, chat_texts, instruction_splits, is_refusal, parse_config, refusal_rate,
                                 refusal_token_ids, run_dir, save_figure, surface_baseline, surface_table, survives,
                                 undefined_to_none, write_report)
-from experiments.refusal_stats import (PromptRefusalScores, as_dict, auroc_estimate, cell_holds, check_stats_fields,
+from experiments.refusal_stats import (PromptRefusalScores, as_dict, cell_holds, check_stats_fields,
                                        rate_estimate)
 from interp import probes, stats
 from interp.interventions import ScaleHeads
@@ -277,7 +277,7 @@ def _surface_variant(probe_metrics: dict, traj: dict, harmful, harmless) -> dict
     scores = np.r_[h["t_inst"], s["t_inst"]]
     return dict(probe_auroc=probe_metrics["auroc"], probe_surface_auroc=probe_metrics["surface_auroc"],
                 test_auroc=float(probes.auroc(scores, y)), test_surface_auroc=surface["auroc"],
-                test_auroc_ci=as_dict(auroc_estimate(scores, y)),
+                test_auroc_ci=as_dict(stats.auroc(scores, y)),
                 drop_harmful_ci=as_dict(stats.paired_difference(h["plateau"], h["final"])),
                 drop_harmless_ci=as_dict(stats.paired_difference(s["plateau"], s["final"])),
                 plateau_harmful=float(h["plateau"].mean()), final_harmful=float(h["final"].mean()),

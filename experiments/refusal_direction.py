@@ -38,7 +38,7 @@ import models
 from experiments.common import (KLFromBase, RefusalScore, chat_batch, chat_texts, instruction_splits, is_refusal,
                                 parse_config, refusal_token_ids, run_dir, safe_cosine, surface_baseline, surface_table,
                                 survives, undefined_to_none, write_report)
-from experiments.refusal_stats import (PromptRefusalScores, as_dict, auroc_estimate, cell_holds, check_stats_fields,
+from experiments.refusal_stats import (PromptRefusalScores, as_dict, cell_holds, check_stats_fields,
                                        prompt_scores, random_like, rate_estimate)
 from interp import probes, stats
 from interp.directions import diff_of_means, score_directions
@@ -142,7 +142,7 @@ def surface_controls(m, cfg: Config, sel: dict, metric, harmful, harmless) -> di
         y = np.r_[np.ones(len(h[2])), np.zeros(len(s[2]))]
         surf = surface_baseline(h[0], s[0], h[2], s[2])
         out[label] = dict(cosine_with_selected=float(safe_cosine(d, dirs[0])), test_auroc=float(probes.auroc(proj, y)),
-                          test_auroc_ci=as_dict(auroc_estimate(proj, y, seed=cfg.seed)),
+                          test_auroc_ci=as_dict(stats.auroc(proj, y, seed=cfg.seed)),
                           test_surface_auroc=surf["auroc"], test_surface_accuracy=surf["accuracy"],
                           bypass=float(bypass[k]), induce=float(induce[k]))
     return out

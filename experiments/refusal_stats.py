@@ -4,7 +4,7 @@
     score = PromptRefusalScores(ids)                      # [B] refusal log-odds per prompt (not the batch mean)
     rows = prompt_scores(m, tokens, mask, score, ivs)     # [B] under some interventions
     null = random_like(direction, 16, seed)               # [16, D] random directions of the same norm
-    est = auroc_estimate(scores, y)                       # AUROC with a bootstrap interval over prompts
+    est = stats.auroc(scores, y)                          # AUROC, bootstrap interval within class
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
-from scipy.stats import rankdata
 
 from interp import stats
 from interp.readout import Readout, run_readout
@@ -52,32 +51,6 @@ def random_like(direction, k: int, seed: int) -> np.ndarray:
     d = np.asarray(direction, np.float64)
     r = np.random.default_rng(seed).standard_normal((k, d.shape[-1]))
     return (r / np.linalg.norm(r, axis=-1, keepdims=True) * np.linalg.norm(d)).astype(np.float32)
-
-
-def _auroc_rows(x: np.ndarray, axis: int = 0) -> np.ndarray:
-    """AUROC of `x[..., 0]` (scores) for labels `x[..., 1]` along `axis` (ties count half): a `stats.bootstrap`
-    statistic over resampled prompts."""
-    x = np.moveaxis(np.asarray(x, np.float64), axis, -2)  # [..., n, 2]
-    s, y = x[..., 0], x[..., 1]
-    ranks = rankdata(s, axis=-1)
-    n1, n0 = y.sum(-1), (1 - y).sum(-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return ((ranks * y).sum(-1) - n1 * (n1 + 1) / 2) / (n1 * n0)
-
-
-def auroc_estimate(scores, y, *, n_boot: int = 2000, seed: int = 0, label: str = "") -> stats.Estimate:
-    """AUROC of `scores [n]` for 0/1 labels `y [n]` with a percentile bootstrap interval over the prompts (a
-    resample that lacks a class is redrawn as another: with >= 8 prompts per class that is vanishingly rare)."""
-    s, y = np.asarray(scores, np.float64), np.asarray(y, np.float64)
-    if s.shape != y.shape or s.ndim != 1 or not np.isin(y, (0, 1)).all() or len(np.unique(y)) < 2:
-        raise InputError(f"auroc_estimate needs 1-D scores and 0/1 labels of both classes, got {s.shape}, {y.shape}")
-    est = stats.bootstrap(np.stack([s, y], 1), _auroc_rows_finite, n_boot=n_boot, seed=seed, label=label)
-    return stats.Estimate(est.value, est.lo, est.hi, est.n, label=label, method=f"AUROC, {est.method} over prompts")
-
-
-def _auroc_rows_finite(x: np.ndarray, axis: int = 0) -> np.ndarray:
-    a = _auroc_rows(x, axis)
-    return np.where(np.isfinite(a), a, 0.5) if np.ndim(a) else a
 
 
 def rate_estimate(flags, label: str = "") -> stats.Estimate:

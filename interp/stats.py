@@ -24,11 +24,12 @@ from statistics import NormalDist
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+from scipy.stats import rankdata  # scipy comes with jax
 
 from models.errors import InputError
 
 __all__ = [
-    "ALTERNATIVES", "Claim", "Estimate", "NullTest", "Verdict", "bootstrap", "claims_section", "fisher_exact", "holm",
+    "ALTERNATIVES", "Claim", "Estimate", "NullTest", "Verdict", "auroc", "bootstrap", "claims_section", "fisher_exact", "holm",
     "markdown_table", "mcnemar_exact", "mean_difference", "null_test", "paired_difference", "paired_rate_difference",
     "rate_difference", "verdict", "wilson",
 ]
@@ -170,6 +171,41 @@ def bootstrap(x, stat: Callable = np.mean, *, n_boot: int = 10_000, level: float
     lo, hi = _percentile_ci(draws[:, 0], level)
     return Estimate(float(stat(a, axis=0)), lo, hi, a.shape[0], label=label, method=f"percentile bootstrap ({n_boot})",
                     level=level)
+
+
+def _auroc_rows(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """AUROC of positive scores `pos [..., n1]` against negative `neg [..., n0]` (ties count half), `[...]`."""
+    ranks = rankdata(np.concatenate([pos, neg], -1), axis=-1)
+    n1, n0 = pos.shape[-1], neg.shape[-1]
+    return (ranks[..., :n1].sum(-1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
+def auroc(scores, y, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0, label: str = "") -> Estimate:
+    """AUROC of `scores [n]` for binary labels `y [n]` (1 = positive; ties count half) with a percentile bootstrap
+    interval that resamples within each class (the class sizes are the design's, so every resample has both);
+    `p` is the one-sided Mann-Whitney p of AUROC > 0.5 (normal approximation with the tie correction)."""
+    s = _items(scores, "scores")
+    yy = np.asarray(y)
+    if s.ndim != 1 or yy.shape != s.shape or not np.isin(yy, (0, 1, False, True)).all():
+        raise InputError(f"auroc needs 1-D scores and 0/1 labels of the same length, got scores {s.shape}, "
+                         f"y {yy.shape} with values {np.unique(yy)[:5].tolist()}")
+    yy = yy.astype(bool)
+    pos, neg = s[yy], s[~yy]
+    if pos.size < 2 or neg.size < 2:
+        raise InputError(f"auroc needs >= 2 items of each class, got {pos.size} positive and {neg.size} negative")
+    level = _level(level)
+    rng = np.random.default_rng(seed)
+    value = float(_auroc_rows(pos, neg))
+    draws = _auroc_rows(pos[rng.integers(0, pos.size, (int(n_boot), pos.size))],
+                        neg[rng.integers(0, neg.size, (int(n_boot), neg.size))])
+    lo, hi = _percentile_ci(draws, level)
+    n1, n0, n = pos.size, neg.size, s.size
+    _, counts = np.unique(s, return_counts=True)
+    var = n1 * n0 / 12 * ((n + 1) - np.sum(counts ** 3 - counts) / (n * (n - 1)))
+    p = 1 - NormalDist().cdf((value - 0.5) * n1 * n0 / math.sqrt(var)) if var > 0 else float("nan")
+    return Estimate(value, lo, hi, n, p=float(p), label=label, level=level,
+                    method=f"AUROC ({n1} pos / {n0} neg), percentile bootstrap within class ({n_boot}); "
+                           "Mann-Whitney one-sided p")
 
 
 def _sign_flip_p(d: np.ndarray, alternative: str, n_perm: int, rng) -> float:

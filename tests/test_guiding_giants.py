@@ -178,20 +178,6 @@ def test_gate_only_never_pushes_negative_and_top_token_is_the_unembedding_argmax
     np.testing.assert_allclose(float(jnp.linalg.norm(token_direction(m, want))), 1.0, atol=1e-6)
 
 
-def test_bootstrap_auroc_statistic_is_the_probes_auroc():
-    from experiments.guiding_giants import _auroc_stat
-    from interp.probes import auroc
-
-    rng = np.random.default_rng(0)
-    y = np.r_[np.ones(20), np.zeros(25)]
-    s = rng.normal(size=45) + y
-    s[:6] = s[30]  # ties across classes count half
-    x = np.c_[s, y]
-    assert _auroc_stat(x) == pytest.approx(float(auroc(s, y)), abs=1e-12)
-    many = np.stack([x, x[::-1], np.c_[-s, y]])  # resamples along axis 1, as stats.bootstrap passes them
-    np.testing.assert_allclose(_auroc_stat(many, axis=1), [auroc(s, y), auroc(s, y), 1 - auroc(s, y)], atol=1e-12)
-
-
 @pytest.mark.parametrize("kw,field", [(dict(epochs=-1), "epochs"), (dict(n_null=0), "n_null"),
                                       (dict(paper_fractions=(float("nan"),)), "paper_fractions"),
                                       (dict(authors_fractions=()), "authors_fractions"), (dict(lr=float("nan")), "lr"),

@@ -167,3 +167,33 @@ def test_exact_sign_flip_enumerates_all_flips():
     flips = np.array([np.mean(np.array(s) * d) for s in itertools.product((1, -1), repeat=3)])
     want = 2 * min(np.mean(flips >= 2.0 - 1e-12), np.mean(flips <= 2.0 + 1e-12))
     assert stats.paired_difference(d, 0.0).p == pytest.approx(want)
+
+
+def test_auroc_matches_sklearn_and_mann_whitney_and_resamples_within_class():
+    from scipy.stats import mannwhitneyu
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(30), np.zeros(40)]
+    s = np.round(rng.normal(size=70) + 0.8 * y, 1)  # rounding makes ties, which count half
+    e = stats.auroc(s, y, n_boot=500)
+    assert e.value == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    want_p = mannwhitneyu(s[y == 1], s[y == 0], alternative="greater", method="asymptotic", use_continuity=False).pvalue
+    assert e.p == pytest.approx(want_p, rel=1e-9)
+    assert e.lo < e.value < e.hi and e.n == 70 and e.hi - e.lo < 0.4
+    noise = stats.auroc(rng.normal(size=70), y, n_boot=500)
+    assert noise.lo < 0.5 < noise.hi  # no signal: the interval covers chance
+    # two positives among many negatives: a resample that dropped a class would give NaN; within-class never does
+    tiny = stats.auroc(np.r_[3.0, 2.0, rng.normal(size=20)], np.r_[1, 1, np.zeros(20)], n_boot=300)
+    assert np.isfinite([tiny.lo, tiny.hi]).all() and tiny.value == 1.0
+
+
+@pytest.mark.parametrize("scores,y,match", [
+    (np.arange(4.0), [0, 1, 2, 1], "0/1 labels"),
+    (np.arange(4.0), [0, 1, 1], "same length"),
+    (np.arange(4.0), [0, 1, 1, 1], "2 items of each class"),
+    (np.r_[0.0, np.nan, 1.0, 2.0], [0, 0, 1, 1], "NaN"),
+])
+def test_auroc_rejects_bad_input(scores, y, match):
+    with pytest.raises(InputError, match=match):
+        stats.auroc(scores, y)
