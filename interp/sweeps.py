@@ -40,7 +40,7 @@ from models.sharding import RULES, partition_spec, put, replicate, shard_params,
 from models.sites import SITES, check_site
 
 __all__ = [
-    "CHUNK_TOKENS", "activation_patching", "attribution_patching", "baseline", "capture", "compiled_flops",
+    "CHUNK_TOKENS", "LOGIT_BYTES", "activation_patching", "attribution_patching", "baseline", "capture", "compiled_flops",
     "HeadEffects", "default_batch_size", "head_ablation", "ablation_replacement", "head_ablation_attribution", "one_hot_items",
     "plan_calls", "program_starts", "rank_correlation", "sweep", "sweep_flops",
 ]
@@ -49,11 +49,19 @@ Metric = Callable[[Readout], jax.Array]
 
 # Tokens (items x prompt tokens) one vmapped chunk of a sweep holds by default, per platform.
 CHUNK_TOKENS = {"cpu": 4096, "gpu": 65536, "tpu": 65536}
+# float32 logits one vmapped call may hold: a chunk of CHUNK_TOKENS tokens over Gemma's 262k vocabulary would be
+# 4.3 GB on a CPU (68 GB on an accelerator), so a large vocabulary shrinks the chunk
+LOGIT_BYTES = {"cpu": 2**30, "gpu": 2**33, "tpu": 2**33}
 
 
-def default_batch_size(n_items: int, n_tokens: int, mesh=None) -> int | None:
-    """Items per vmapped chunk: `None` (all at once) on a mesh or when everything fits in one chunk."""
-    per = max(1, CHUNK_TOKENS.get(jax.default_backend(), 65536) // max(1, n_tokens))
+def default_batch_size(n_items: int, n_tokens: int, mesh=None, vocab: int | None = None) -> int | None:
+    """Items per vmapped chunk of `n_tokens` tokens each: about `CHUNK_TOKENS` tokens and, given the model's
+    `vocab`, at most `LOGIT_BYTES` of float32 logits; `None` (all at once) on a mesh or when all fit in one chunk."""
+    backend = jax.default_backend()
+    per = CHUNK_TOKENS.get(backend, 65536) // max(1, n_tokens)
+    if vocab:
+        per = min(per, LOGIT_BYTES.get(backend, 2**33) // (4 * max(1, n_tokens) * int(vocab)))
+    per = max(1, per)
     return None if mesh is not None or per >= n_items else per
 
 
@@ -247,7 +255,7 @@ def _prepare(model, tokens, mask, metric, interventions, where, base, positions,
     wheres = _layer_wheres(items)
     layers = [np.asarray(w.layers).reshape(n, -1) for w in wheres]
     keys = np.concatenate(layers, 1) if layers else None
-    cap = default_batch_size(n, tokens.size, mesh) if batch_size is None else (batch_size or None)
+    cap = default_batch_size(n, tokens.size, mesh, model.cfg.vocab_size) if batch_size is None else (batch_size or None)
     plan = plan_calls(starts, keys, cap, k)
 
     def calls():

@@ -69,6 +69,10 @@ def test_grouping_chunking_and_stacked_mode_agree(planted):
     np.testing.assert_allclose(sweeps.head_ablation(m, t, k, metric, batch_size=5, max_programs=2), exact, atol=2e-5)
     np.testing.assert_allclose(sweeps.head_ablation(m, t, k, metric, batch_size=0), exact, atol=2e-5)  # one vmap
     assert sweeps.default_batch_size(270, 512) == 8 and sweeps.default_batch_size(4, 512) is None
+    # a large vocabulary caps the logits a chunk holds (Gemma's 262k: 2 items of 512 tokens in 1 GiB), a small one not
+    assert sweeps.default_batch_size(270, 512, vocab=262_144) == 2
+    assert sweeps.default_batch_size(270, 512, vocab=49_152) == 8
+    assert sweeps.default_batch_size(270, 8192, vocab=262_144) == 1
     # the same sweep as a stack of ScaleHeads masks (stacked mode, first layers read from the masks)
     masks = np.ones((12, CFG.n_layers, CFG.n_heads), np.float32)
     masks[np.arange(12), np.arange(12) // 4, np.arange(12) % 4] = 0
