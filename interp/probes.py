@@ -51,7 +51,7 @@ __all__ = [
 
 def _as_selectors(positions) -> tuple:
     if positions is None:
-        return (_positions.FromEnd(0),)
+        return (_positions.FromEnd(-1),)
     if callable(positions):
         return (positions,)
     return tuple(positions)
@@ -72,7 +72,7 @@ def collect(model, texts: Sequence[str], positions=None, site: str = "resid_post
     With `mesh` (a `("data", ...)` mesh, e.g. `models.sharding.sweep_mesh()`), each batch is sharded over its
     `"data"` axis (`models.sharding.shard_batch`); the batch is padded to a multiple of the data size.
     With `return_labels=True` also returns the position labels, the selectors' arguments kept
-    (`interp.positions.labels`: `["FromEnd(0)", "FromEnd(1)", "LastInstruction", "PostInstruction[0]", ...]`).
+    (`interp.positions.labels`: `["FromEnd(-1)", "FromEnd(-2)", "LastInstruction", "PostInstruction[0]", ...]`).
     """
     selectors = _as_selectors(positions)
     texts = list(texts)

@@ -151,9 +151,9 @@ def test_collect_and_trajectory_tiny():
 
     m = tiny_model()
     texts = ["hello there", "a b c d e f", "x", "one two three four"]
-    acts, labels = probes.collect(m, texts, (pos.FromEnd(0, 1), pos.Absolute(0)), batch_size=3, return_labels=True)
+    acts, labels = probes.collect(m, texts, (pos.FromEnd(-1, -2), pos.Absolute(0)), batch_size=3, return_labels=True)
     L, D = m.cfg.n_layers, m.cfg.d_model
-    assert acts.shape == (L, 4, 3, D) and labels == ["FromEnd(0)", "FromEnd(1)", "Absolute(0)"]
+    assert acts.shape == (L, 4, 3, D) and labels == ["FromEnd(-1)", "FromEnd(-2)", "Absolute(0)"]
     tokens, mask = m.tokenize(texts[1:2])
     _, cache = models.forward(m, tokens, attention_mask=mask, capture=("resid_post",))
     np.testing.assert_allclose(acts[:, 1, 0], np.asarray(cache["resid_post"])[:, 0, -1], atol=1e-4)
@@ -177,8 +177,8 @@ def test_mesh_collect_8_devices():
         assert len(jax.devices()) == 8
         m = tiny_model()
         texts = [f"prompt number {i} " + "w " * (i % 5) for i in range(13)]
-        ref = probes.collect(m, texts, pos.FromEnd(0, 2), batch_size=16)
-        got = probes.collect(m, texts, pos.FromEnd(0, 2), batch_size=5, mesh=sweep_mesh())
+        ref = probes.collect(m, texts, pos.FromEnd(-1, -3), batch_size=16)
+        got = probes.collect(m, texts, pos.FromEnd(-1, -3), batch_size=5, mesh=sweep_mesh())
         np.testing.assert_allclose(got, ref, atol=1e-4)
         print("OK", got.shape)
     """)
