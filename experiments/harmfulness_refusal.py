@@ -490,7 +490,7 @@ def main(argv=None, cfg: Config | None = None):
                                  f"{variants['punctuation normalised']['probe_cell']}); Latent Guard thresholds its "
                                  f"belief score at 0; the keyword baseline flags any of {len(HARM_KEYWORDS)} harm words; "
                                  "the surface baseline is a logistic regression on length, trailing punctuation and "
-                                 "final token only (`experiments.common.surface_baseline`). Which results survive the "
+                                 "final token only (`interp.probes.surface_baseline`). Which results survive the "
                                  "surface controls:\n\n" + survive_text + "\n\n![latent guard](latent_guard.png)"),
     ]
     steer_metrics, tests, v = {}, None, None
