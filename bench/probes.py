@@ -4,7 +4,7 @@ call, against a scikit-learn loop over the same cells, on the same cached activa
     python -m bench.probes [--n 128] [--repeats 3] [--steps 100] [--C 1.0] [--ftol 0] [--synthetic]
 
 Activations: `resid_post` of SmolLM2-135M-Instruct on `n` harmful + `n` harmless chat-formatted instructions
-(`interp.data`), at 8 positions: `FromEnd(7)` (the instruction's second-to-last token), `LastInstruction`, and
+(`interp.data`), at 8 positions: `FromEnd(-8)` (the instruction's second-to-last token), `LastInstruction`, and
 the 6 `PostInstruction` tokens; cached in `$INTERP_CACHE` (default `~/.cache/interp`) after the first run.
 Both sides fit the same objective on the same 60% stratified training rows, standardised on train:
   (a) `probes.train(acts, y)`: one jitted call, L-BFGS for a fixed `steps` per cell, vmapped over the 240 cells
@@ -53,7 +53,7 @@ def cached_activations(n: int, seed: int = 0):
     texts = [m.apply_chat_template([{"role": "user", "content": s}]) for s in harmful + harmless]
     y = np.array([1] * len(harmful) + [0] * len(harmless))
     t0 = time.perf_counter()
-    acts, labels = probes.collect(m, texts, (pos.FromEnd(len(pos.post_instruction_ids(m)) + 1), pos.LastInstruction(),
+    acts, labels = probes.collect(m, texts, (pos.FromEnd(-len(pos.post_instruction_ids(m)) - 2), pos.LastInstruction(),
                                              pos.PostInstruction()), batch_size=16, return_labels=True)
     print(f"collected {acts.shape} in {time.perf_counter() - t0:.1f} s")
     cache.mkdir(parents=True, exist_ok=True)

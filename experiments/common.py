@@ -16,6 +16,7 @@ from jaxtyping import Array, Float, Int
 
 import models
 from interp import data
+from interp.probes import surface_baseline, surface_baseline_split  # noqa: F401 (the studies import them here)
 from interp.readout import Readout
 from models import cli
 
@@ -104,22 +105,6 @@ def instruction_splits(seed: int, sizes: Sequence[int], source: str = "both", ha
         parts = data.split(items, (0.6, 0.2, 0.2), seed=seed)
         out.append([(data.normalise_punctuation(p[:n]) if normalise else p[:n]) for p, n in zip(parts, sizes)])
     return out[0], out[1]
-
-
-def surface_baseline(train_pos: Sequence[str], train_neg: Sequence[str], test_pos: Sequence[str],
-                     test_neg: Sequence[str], C: float = 1.0) -> dict:
-    """The form-only bar for a harmful/harmless result: a balanced logistic regression on
-    `interp.data.surface_features` (length, trailing punctuation, final token; vocabulary from the training texts)
-    fitted on `train_pos` (label 1) vs `train_neg`, scored on `test_pos` vs `test_neg`: `accuracy`, `auroc`."""
-    from interp import probes
-
-    x, vocab = data.surface_features(list(train_pos) + list(train_neg))
-    y = np.r_[np.ones(len(train_pos)), np.zeros(len(train_neg))]
-    w, b, mu, sd = (np.asarray(a, np.float64) for a in probes.fit_logistic(x, y, C=C))
-    xt, _ = data.surface_features(list(test_pos) + list(test_neg), vocab)
-    logit = ((xt - mu) / sd) @ w + b
-    yt = np.r_[np.ones(len(test_pos)), np.zeros(len(test_neg))]
-    return dict(accuracy=float(np.mean((logit > 0) == (yt == 1))), auroc=float(probes.auroc(logit, yt)))
 
 
 def surface_table(named_sets: dict[str, Sequence[str]]) -> str:

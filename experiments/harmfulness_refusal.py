@@ -113,6 +113,7 @@ def _classify(scores: np.ndarray, y: np.ndarray, threshold: float, seed: int = 0
                 accuracy_ci=as_dict(rate_estimate(hit)), auroc_ci=as_dict(stats.auroc(scores, y, seed=seed)))
 
 
+POSITIONS = (LastInstruction(), FromEnd(-1))  # t_inst (last instruction token), t_post-inst (the last token)
 # each held-out harmful set and the harmless test set it is scored against
 HELD_OUT = {"test_harmbench": "test_harmless", "test_strongreject": "test_harmless_strongreject"}
 
@@ -167,8 +168,7 @@ def median_cosine(harm: np.ndarray, safe: np.ndarray, *, n_boot: int = 1000, see
 def directions_and_classifiers(m, cfg: Config, sets: dict) -> dict:
     """Directions, cosines, Latent Guard / keyword / probe classification on the held-out sets."""
     system = cfg.system_prompt or None
-    sel = (LastInstruction(), FromEnd(0))  # t_inst, t_post-inst
-    get = lambda name: probes.collect(m, chat_texts(m, sets[name], system), sel, site="resid_pre",
+    get = lambda name: probes.collect(m, chat_texts(m, sets[name], system), POSITIONS, site="resid_pre",
                                       batch_size=cfg.batch_size)  # [L, N, 2, D]
     acts = {name: get(name) for name in sets}
     mu_harm, mu_safe = acts["train_harmful"].mean(1), acts["train_harmless"].mean(1)  # [L, 2, D]
@@ -490,7 +490,7 @@ def main(argv=None, cfg: Config | None = None):
                                  f"{variants['punctuation normalised']['probe_cell']}); Latent Guard thresholds its "
                                  f"belief score at 0; the keyword baseline flags any of {len(HARM_KEYWORDS)} harm words; "
                                  "the surface baseline is a logistic regression on length, trailing punctuation and "
-                                 "final token only (`experiments.common.surface_baseline`). Which results survive the "
+                                 "final token only (`interp.probes.surface_baseline`). Which results survive the "
                                  "surface controls:\n\n" + survive_text + "\n\n![latent guard](latent_guard.png)"),
     ]
     steer_metrics, tests, v = {}, None, None

@@ -192,6 +192,9 @@ def two_choice(item: Item, misaligned_first: bool) -> tuple[str, str, str]:
     return (prompt, "B", "A") if misaligned_first else (prompt, "A", "B")
 
 
+ANSWER_POSITION = FromEnd(-2)  # the answer letter of "(X)": the token before the last (")")
+
+
 class Choices(NamedTuple):
     prompts: list[str]  # chat-formatted, ending with "(" (the next token is the answer letter)
     aligned: list[str]  # prompt + aligned answer "(X)"
@@ -259,7 +262,7 @@ def contrast_acts(m, ch: Choices, batch_size: int) -> tuple[np.ndarray, np.ndarr
         for i in range(0, len(texts), batch_size):
             tokens, mask = m.tokenize(texts[i:i + batch_size])
             acts = capture(m, tokens, mask, "resid_post")  # [L, B, T, D]
-            parts.append(np.asarray(gather(acts, FromEnd(1)(tokens, mask), seq_axis=2)[:, :, 0], np.float32))
+            parts.append(np.asarray(gather(acts, ANSWER_POSITION(tokens, mask), seq_axis=2)[:, :, 0], np.float32))
         out.append(np.concatenate(parts, 1))
     return out[0], out[1]
 

@@ -8,7 +8,8 @@
 
 Modules: `positions` (selectors), `interventions`, `weights` (orthogonalisation), `directions`, `readout`
 (metrics), `sweeps`, `lens`, `plot`, `probes` (linear probes over every layer x position), `heads`
-(head patterns and scores: induction, previous-token, sink), `data` (harmful / harmless instruction sets),
+(head patterns and scores: induction, previous-token, sink), `grids` (labelled `[layers, heads | positions]`
+results: `top`, `table`, `plot`), `data` (harmful / harmless instruction sets),
 `contrast` (layer search between paired activation sets), `stats` (intervals, paired tests, null
 distributions, Holm, computed verdicts: what every study report uses), `testing`.
 """
@@ -17,7 +18,7 @@ import importlib
 
 # Submodules and names load on first use (PEP 562): `import interp` stays cheap. Device meshes and
 # placement live in `models.sharding`.
-_SUBMODULES = ("contrast", "data", "directions", "heads", "interventions", "lens", "plot", "positions", "probes",
+_SUBMODULES = ("contrast", "data", "directions", "grids", "heads", "interventions", "lens", "plot", "positions", "probes",
                "readout", "stats", "sweeps", "testing", "weights")
 _NAMES = {
     "directions": ("diff_of_means", "score_directions"),
@@ -51,7 +52,7 @@ __all__ = [
     "AddVector", "AlongDirection", "ContinuationLoss", "Function", "LogitDiff", "NextTokenLoss", "Projection", "Readout", "Replace",
     "ScaleHeads", "TokenLogProb", "Where", "activation_patching", "attribution_patching", "clamp_component", "contrast", "data",
     "diff_of_means", "direct_logit_attribution", "directional_ablation", "directions", "head_ablation",
-    "head_ablation_attribution", "heads", "heatmap", "interventions", "lens", "logit_lens", "mean_ablation",
+    "grids", "head_ablation_attribution", "heads", "heatmap", "interventions", "lens", "logit_lens", "mean_ablation",
     "orthogonalize", "patch", "plot", "positions", "probes", "project_out", "rank_correlation", "readout",
     "resample_ablation", "residual_decomposition", "run_readout", "score_directions", "set_component", "stack", "stats",
     "sweep", "sweeps", "testing", "unembed_direction", "weights", "zero_ablation", "zero_heads",

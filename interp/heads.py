@@ -12,6 +12,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 import models
+from interp.grids import LayerGrid
 from models.errors import InputError
 
 
@@ -77,55 +78,20 @@ def plot_patterns(pattern: Float[Array, "L B H T T"], heads: Sequence[tuple[int,
     return fig
 
 
-@dataclass(frozen=True, eq=False)
-class HeadGrid:
-    """A `[layers, heads]` score with its name (`"mean ablation of TokenLogProb"`): `np.asarray(grid)`,
-    `grid.shape` and `grid[l, h]` read the values (so plots and statistics take it as the array); `top(k)` names
-    the `k` heads of largest |value| (`L3H1`), `table(k)` is a markdown table of them, `plot()` a labelled
-    heatmap, and `repr` one line with the largest."""
+@dataclass(frozen=True, eq=False, repr=False)  # the one-line repr of LayerGrid
+class HeadGrid(LayerGrid):
+    """A `[layers, heads]` score with its name (`"mean ablation of TokenLogProb"`), an `interp.grids.LayerGrid`:
+    `np.asarray(grid)`, `grid.shape` and `grid[l, h]` read the values (so plots and statistics take it as the
+    array); `top(k)` names the `k` heads of largest |value| (`L3H1`), `table(k)` is a markdown table of them,
+    `plot()` a labelled heatmap, and `repr` one line with the largest."""
 
-    values: np.ndarray
-    name: str = ""
     first_layer: int = 0  # the layer of row 0 (a sweep over later layers only)
 
-    def __post_init__(self):
-        v = np.asarray(self.values, np.float64)
-        if v.ndim != 2:
-            raise InputError(f"HeadGrid values are [layers, heads], got shape {v.shape}")
-        object.__setattr__(self, "values", v)
+    column = "head"
+    _title = "HeadGrid"
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.values.shape
+    def row_labels(self) -> list[str]:
+        return [str(self.first_layer + i) for i in range(self.shape[0])]
 
-    def __array__(self, dtype=None, copy=None):
-        return self.values if dtype is None else self.values.astype(dtype)
-
-    def __getitem__(self, index):
-        return self.values[index]
-
-    def top(self, k: int = 10) -> list[tuple[str, float]]:
-        """`(label, value)` of the `k` heads with the largest |value|, largest first."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise InputError(f"HeadGrid.top k must be an int >= 1, got {k!r}")
-        flat = np.argsort(-np.abs(np.nan_to_num(self.values, nan=0.0)), axis=None, kind="stable")[:k]
-        return [(f"L{self.first_layer + i // self.shape[1]}H{i % self.shape[1]}", float(self.values.flat[i]))
-                for i in flat]
-
-    def table(self, k: int = 10) -> str:
-        rows = [f"| {label} | {v:+.4g} |" for label, v in self.top(k)]
-        return "\n".join([f"| head | {self.name or 'value'} |", "|---|---:|"] + rows)
-
-    def plot(self, path: str | None = None, **kwargs):
-        """A heatmap with layer and head labels (`interp.plot.heatmap`; keywords go to it)."""
-        from interp.plot import heatmap
-
-        L, H = self.shape
-        return heatmap(self.values, title=kwargs.pop("title", self.name),
-                       yticks=kwargs.pop("yticks", [str(self.first_layer + i) for i in range(L)]),
-                       xticks=kwargs.pop("xticks", [str(h) for h in range(H)]), path=path, **kwargs)
-
-    def __repr__(self) -> str:
-        L, H = self.shape
-        best = ", ".join(f"{label} {v:+.3g}" for label, v in self.top(3))
-        return f"HeadGrid({self.name!r}, {L} layers x {H} heads; largest |value|: {best})"
+    def cell_label(self, i: int, j: int) -> str:
+        return f"L{self.first_layer + i}H{j}"

@@ -65,24 +65,31 @@ class Absolute:
 
 @dataclass(frozen=True)
 class FromEnd:
-    """`k` tokens before each row's last real token, for each k in `offsets` (0 = the last token). Note the
-    count: `FromEnd(k)` is `Absolute(-1 - k)`, the position `-1 - k` of every other API (`positions=(-1,)`,
-    `Capture(positions=)`, `Where(positions=)` are the last token as `FromEnd(0)` and `Absolute(-1)` are)."""
+    """The token at offset `k` from the end of each row's real tokens, for each k in `offsets`: `-1` is the last
+    real token, `-2` the one before, as in every other API (`positions=(-1,)`, `Capture(positions=)`,
+    `Where(positions=)`, `Absolute(-1)`). `FromEnd(k)` picks what `Absolute(k)` picks; it differs only in
+    accepting nothing but offsets `<= -1`, so a position meant to count from the end cannot count from the start.
+
+    Offsets `>= 0` are an `InputError`: an earlier version counted `FromEnd(0)` as the last token, and such code
+    now fails loudly (the message gives the translation `FromEnd(-1 - k)`) instead of shifting by one."""
 
     offsets: tuple[int, ...]
 
     def __init__(self, *offsets: int):
+        if not offsets:
+            raise InputError("FromEnd needs at least one offset (-1 = the last token, -2 the one before)")
         if any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) for k in offsets):
-            raise InputError(f"FromEnd offsets must be ints >= 0 (0 = the last token), got {offsets}")
-        if any(k < 0 for k in offsets):
-            hint = ("" if any(k >= 0 for k in offsets) else f"; in the positions=(-1,) convention that is Absolute("
-                    f"{', '.join(map(str, offsets))}) = FromEnd({', '.join(str(-1 - k) for k in offsets)})")
-            raise InputError(f"FromEnd offsets count back from the last token and must be >= 0 (FromEnd(0) is the "
-                             f"last token, FromEnd(1) the one before), got {offsets}{hint}")
+            raise InputError(f"FromEnd offsets must be ints <= -1 (-1 = the last token), got {offsets}")
+        if any(k >= 0 for k in offsets):
+            hint = ("" if any(k < 0 for k in offsets) else
+                    f"; if this was written for the old count (FromEnd(0) = the last token) it is now "
+                    f"FromEnd({', '.join(str(-1 - k) for k in offsets)})")
+            raise InputError(f"FromEnd offsets must be <= -1: they count from the end as positions=(-1,) does "
+                             f"(FromEnd(-1) is the last token, FromEnd(-2) the one before), got {offsets}{hint}")
         object.__setattr__(self, "offsets", tuple(int(k) for k in offsets))
 
     def __call__(self, tokens, mask, tokenizer=None):
-        return _real_index(mask, tuple(-1 - k for k in self.offsets))
+        return _real_index(mask, self.offsets)
 
 
 @dataclass(frozen=True)
@@ -179,7 +186,7 @@ def to_mask(idx: Int[Array, "B P"], seq_len: int) -> Array:
 
 
 def labels(selector, n: int) -> list[str]:
-    """Names of the `n` positions `selector` gives, with its arguments: `Absolute(0)`, `FromEnd(1)` (one per
+    """Names of the `n` positions `selector` gives, with its arguments: `Absolute(0)`, `FromEnd(-2)` (one per
     index or offset), `LastInstruction`, `PostInstruction[2]` (its third position)."""
     args = {Absolute: "indices", FromEnd: "offsets"}.get(type(selector))
     args = getattr(selector, args) if args else None

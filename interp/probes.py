@@ -8,6 +8,7 @@
     grid = probes.train(acts, y, C=1.0, seed=0)          # 60/20/20 stratified split, L-BFGS, class-balanced
     grid.metrics["test"]["auroc"]                         # [L, P]; also "accuracy", "brier", "ece"
     grid.best                                             # (layer, position) with the best validation AUROC
+    grid.summary(texts=harmful + harmless)                # its test metrics beside the surface-only baseline
     probes.heatmap(grid, "auroc", "val").savefig("probes.png")
     probe = grid.probes.cell(*grid.best); probes.save("probe", probe)
 
@@ -35,6 +36,7 @@ from matplotlib.figure import Figure
 
 import models
 from interp import positions as _positions
+from interp import data as _data
 from interp.data import split
 from interp import progress
 from interp.plot import heatmap as _heatmap
@@ -43,7 +45,8 @@ from models.sharding import shard_batch, to_host
 
 __all__ = [
     "GridResult", "Probes", "apply", "auroc", "collect", "fit_diff_of_means", "fit_logistic", "heatmap", "load",
-    "metrics", "resample", "save", "split_indices", "tail_align", "train", "trajectory", "trajectory_plot",
+    "metrics", "resample", "save", "split_indices", "surface_baseline", "surface_baseline_split", "tail_align", "train",
+    "trajectory", "trajectory_plot",
 ]
 
 
@@ -51,7 +54,7 @@ __all__ = [
 
 def _as_selectors(positions) -> tuple:
     if positions is None:
-        return (_positions.FromEnd(0),)
+        return (_positions.FromEnd(-1),)
     if callable(positions):
         return (positions,)
     return tuple(positions)
@@ -72,7 +75,7 @@ def collect(model, texts: Sequence[str], positions=None, site: str = "resid_post
     With `mesh` (a `("data", ...)` mesh, e.g. `models.sharding.sweep_mesh()`), each batch is sharded over its
     `"data"` axis (`models.sharding.shard_batch`); the batch is padded to a multiple of the data size.
     With `return_labels=True` also returns the position labels, the selectors' arguments kept
-    (`interp.positions.labels`: `["FromEnd(0)", "FromEnd(1)", "LastInstruction", "PostInstruction[0]", ...]`).
+    (`interp.positions.labels`: `["FromEnd(-1)", "FromEnd(-2)", "LastInstruction", "PostInstruction[0]", ...]`).
     """
     selectors = _as_selectors(positions)
     texts = list(texts)
@@ -374,26 +377,107 @@ def split_indices(y, fractions=(0.6, 0.2, 0.2), seed: int = 0, groups=None) -> l
     return [np.sort(np.asarray(p, np.int64)) for p in parts]
 
 
+# ------------------------------------------------------------------------------------ surface-only baseline
+
+
+def _index_rows(name: str, idx, n: int) -> np.ndarray:
+    a = np.asarray(idx)
+    if a.ndim != 1 or a.size == 0 or not np.issubdtype(a.dtype, np.integer):
+        raise InputError(f"surface_baseline_split: {name} must be a non-empty 1-D array of row indices in 0..{n - 1}, "
+                         f"got {a.dtype} of shape {a.shape}")
+    if a.min() < 0 or a.max() >= n:
+        raise InputError(f"surface_baseline_split: {name} holds row indices outside 0..{n - 1} "
+                         f"(min {a.min()}, max {a.max()})")
+    return a.astype(np.int64)
+
+
+def surface_baseline_split(texts: Sequence[str], y, train, test, *, C: float = 1.0) -> dict[str, float]:
+    """The form-only bar for a harmful/harmless result, on a split given by row indices: a balanced logistic
+    regression on `interp.data.surface_features` (length, trailing punctuation, final token; vocabulary from the
+    training texts) fitted on `texts[train]`, scored on `texts[test]`. Returns `{"accuracy", "auroc"}` (test).
+
+    `texts [N]` and `y [N]` (0/1) are the rows a probe grid was trained on, in its order; `train` / `test` are
+    index arrays, e.g. a grid's own `splits["train"]` / `splits["test"]` (`GridResult.surface_baseline` passes
+    them), so a split made with `groups=` (pairs kept together) is the one the baseline sees too; or
+    `split_indices(y, fractions, seed, groups=)` gives the same indices `train` would use."""
+    texts = list(texts)
+    y = np.asarray(y)
+    if y.shape != (len(texts),):
+        raise InputError(f"surface_baseline_split: y must give one label per text: {len(texts)} texts, y of shape "
+                         f"{y.shape}")
+    tr, te = _index_rows("train", train, len(texts)), _index_rows("test", test, len(texts))
+    if not (np.isfinite(C) and C > 0):
+        raise InputError(f"surface_baseline_split: C (inverse regularisation strength) must be finite and > 0, got {C}")
+    if np.intersect1d(tr, te).size:
+        raise InputError(f"surface_baseline_split: train and test share {np.intersect1d(tr, te).size} rows; they "
+                         "must be disjoint")
+    for name, idx in (("train", tr), ("test", te)):
+        if sorted(np.unique(y[idx]).tolist()) != [0, 1]:
+            raise InputError(f"surface_baseline_split: the {name} rows must hold both labels 0 and 1, got "
+                             f"{np.unique(y[idx]).tolist()}")
+    x, vocab = _data.surface_features([texts[i] for i in tr])
+    w, b, mu, sd = (np.asarray(a, np.float64) for a in fit_logistic(x, y[tr].astype(np.float64), C=C))
+    xt, _ = _data.surface_features([texts[i] for i in te], vocab)
+    logit = ((xt - mu) / sd) @ w + b
+    yt = y[te]
+    return dict(accuracy=float(np.mean((logit > 0) == (yt == 1))), auroc=float(auroc(logit, yt)))
+
+
+def surface_baseline(train_pos: Sequence[str], train_neg: Sequence[str], test_pos: Sequence[str],
+                     test_neg: Sequence[str], C: float = 1.0) -> dict[str, float]:
+    """`surface_baseline_split` on four lists: fitted on `train_pos` (label 1) vs `train_neg`, scored on
+    `test_pos` vs `test_neg`: `{"accuracy", "auroc"}`."""
+    texts = [*train_pos, *train_neg, *test_pos, *test_neg]
+    y = np.r_[np.ones(len(train_pos)), np.zeros(len(train_neg)), np.ones(len(test_pos)), np.zeros(len(test_neg))]
+    n_train = len(train_pos) + len(train_neg)
+    return surface_baseline_split(texts, y.astype(np.int32), np.arange(n_train), np.arange(n_train, len(texts)), C=C)
+
+
 @dataclass
 class GridResult:
-    """Probes for every (layer, position), their per-split metrics (`[L, P]` arrays) and the split."""
+    """Probes for every (layer, position), their per-split metrics (`[L, P]` arrays), the split (`splits`: row
+    indices into the `N` rows) and the labels `y [N]` they were trained on."""
 
     probes: Probes
     metrics: dict[str, dict[str, np.ndarray]]
     splits: dict[str, np.ndarray]
     best: tuple[int, int]
     criterion: str = "auroc"
+    y: np.ndarray | None = None
 
     def best_metrics(self, split: str = "test") -> dict[str, float]:
         return {k: float(v[self.best]) for k, v in self.metrics[split].items()}
 
-    def summary(self) -> str:
+    def surface_baseline(self, texts: Sequence[str], C: float = 1.0) -> dict[str, float]:
+        """The surface-only baseline (`surface_baseline_split`) on this grid's own split: fitted on the texts of
+        its training rows, scored on its test rows (groups kept together as the grid's were). `texts [N]`: the
+        raw prompts of the grid's rows, in order (not chat-formatted: the template would be every text's
+        ending). Returns `{"accuracy", "auroc"}`."""
+        if self.y is None:
+            raise InputError("surface_baseline needs the grid's labels: train it with probes.train (which keeps y)")
+        if len(texts) != len(self.y):
+            raise InputError(f"texts must give one text per row the grid was trained on: {len(self.y)} rows, got "
+                             f"{len(texts)} texts")
+        return surface_baseline_split(texts, self.y, self.splits["train"], self.splits["test"], C=C)
+
+    def summary(self, texts: Sequence[str] | None = None, surface: dict | None = None) -> str:
+        """One line: the best cell (by the validation criterion) and its test metrics; beside them the surface
+        baseline on the same split, computed from `texts` (the raw prompts of the rows, `surface_baseline`) or
+        given as `surface` (`{"accuracy", "auroc"}`), with the best cell's test AUROC above it."""
+        if texts is not None and surface is not None:
+            raise InputError("summary takes texts= (to compute the surface baseline) or surface= (computed), not both")
         l, p = self.best
         ms = self.best_metrics("test")
-        return (f"{self.probes.kind} probes {self.metrics['test']['auroc'].shape}: best cell layer "
+        line = (f"{self.probes.kind} probes {self.metrics['test']['auroc'].shape}: best cell layer "
                 f"{self.probes.layers[l]}, position {self.probes.positions[p]} (by val {self.criterion} "
                 f"{self.metrics['val'][self.criterion][l, p]:.3f}); test " +
                 ", ".join(f"{k} {v:.3f}" for k, v in ms.items()))
+        if texts is not None:
+            surface = self.surface_baseline(texts)
+        if surface is not None:
+            line += (f"; surface baseline (same split) test accuracy {surface['accuracy']:.3f}, auroc "
+                     f"{surface['auroc']:.3f}: best cell {ms['auroc'] - surface['auroc']:+.3f} auroc above form")
+        return line
 
 
 def train(acts, y, *, kind: str = "logistic", C: float = 1.0, balanced: bool = True, steps: int = 100,
@@ -456,7 +540,7 @@ def train(acts, y, *, kind: str = "logistic", C: float = 1.0, balanced: bool = T
                     positions=tuple(str(i) for i in range(P)) if positions is None else tuple(positions),
                     extra={"C": C, "balanced": balanced, "steps": steps, "seed": seed, "fractions": list(fractions),
                            "grouped_split": groups is not None})
-    return GridResult(probes, mets, splits, best, criterion)
+    return GridResult(probes, mets, splits, best, criterion, y=y)
 
 
 def heatmap(result: GridResult, metric: str = "auroc", split: str = "val", path: str | None = None, **kw) -> Figure:

@@ -1,8 +1,9 @@
 """Sweeps: a batch of interventions scored by a metric as one compiled program per prefix, on a device mesh.
 
     effects = head_ablation(model, tokens, mask, LogitDiff(ok, bad), kind="mean")     # [layers, heads]
-    patched = activation_patching(model, (clean, clean_mask), (corrupt, corrupt_mask), metric)  # [layers, T]
+    patched = activation_patching(model, (clean, clean_mask), (corrupt, corrupt_mask), metric)  # PatchGrid [layers, T]
     approx = attribution_patching(model, (clean, clean_mask), (corrupt, corrupt_mask), metric)  # same, 1 backward
+    patched.top(5), patched.table(), patched.plot(path="patching.png")  # labelled by layer and token
 
 Every sweep returns the change of the metric against the run without the swept intervention. The engine
 (`sweep`) groups the items by the first layer they can change and resumes each group from the cached
@@ -19,6 +20,7 @@ chunks of 9 on SmolLM2, 8 x 64 tokens).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import equinox as eqx
@@ -26,9 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from numpy.lib.mixins import NDArrayOperatorsMixin
 
 from interp import progress as progresslib
+from interp.grids import ArrayResult, LayerGrid
 from interp.heads import HeadGrid
 from interp.interventions import (AddVector, Replace, StackedWhere, first_layers, mean_ablation, resample_ablation,
                                   zero_ablation)
@@ -40,7 +42,8 @@ from models.sharding import RULES, partition_spec, put, replicate, shard_params,
 from models.sites import SITES, check_site
 
 __all__ = [
-    "CHUNK_TOKENS", "LOGIT_BYTES", "activation_patching", "attribution_patching", "baseline", "capture", "compiled_flops",
+    "CHUNK_TOKENS", "LOGIT_BYTES", "PatchGrid", "activation_patching", "attribution_patching", "baseline", "capture",
+    "compiled_flops",
     "HeadEffects", "default_batch_size", "head_ablation", "ablation_replacement", "head_ablation_attribution", "one_hot_items",
     "plan_calls", "program_starts", "rank_correlation", "sweep", "sweep_flops",
 ]
@@ -448,26 +451,11 @@ def _replaces_nothing(source, z, mask) -> jax.Array:
     return diff <= 1e-5 * jnp.maximum(jnp.max(jnp.abs(jnp.where(real, z, 0.0))), 1e-30)
 
 
-class HeadEffects(NDArrayOperatorsMixin, HeadGrid):
+class HeadEffects(ArrayResult, HeadGrid):
     """The `[layers, heads]` result of `head_ablation` / `head_ablation_attribution`: an `interp.heads.HeadGrid`
     (`top(k)` with `L3H1` labels, `table`, a labelled `plot`, a one-line `repr`) that also computes as its float64
-    array: operators and ufuncs give numpy arrays (`a - b`, `np.abs(a)`), and ndarray methods and attributes
-    (`ravel`, `tolist`, `max`, `dtype`, ...) are the array's."""
-
-    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-        inputs = tuple(x.values if isinstance(x, HeadGrid) else x for x in inputs)
-        return getattr(ufunc, method)(*inputs, **kwargs)
-
-    def __getattr__(self, name):  # only for names HeadGrid lacks: the ndarray's methods and attributes
-        if name.startswith("__") or name == "values":
-            raise AttributeError(name)
-        return getattr(self.values, name)
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-    def __iter__(self):
-        return iter(self.values)
+    array (`interp.grids.ArrayResult`): operators and ufuncs give numpy arrays (`a - b`, `np.abs(a)`), and ndarray
+    methods and attributes (`ravel`, `tolist`, `max`, `dtype`, ...) are the array's."""
 
 
 def _metric_name(metric) -> str:
@@ -521,12 +509,78 @@ def _per_axis(site: str, per: str) -> tuple[str, str]:
     raise InputError(f"per must be 'position' or 'head', got {per!r}")
 
 
+@dataclass(frozen=True, eq=False, repr=False)  # the one-line repr of LayerGrid
+class PatchGrid(ArrayResult, LayerGrid):
+    """The result of `activation_patching` / `attribution_patching`: the change of the metric for each (layer,
+    position) or (layer, head), `[layers, T]` or `[layers, heads]` float64, labelled. An `interp.grids.LayerGrid`
+    (`top(k)`, `table(k)`, `plot()` / `heatmap()` with token labels on the x axis, a one-line `repr`) that computes
+    as its array (`interp.grids.ArrayResult`: `g[l, t]`, `g.shape`, `np.asarray(g)`, `g - h`, `g.ravel()`).
+
+    `layers`: the model layer of each row. `tokens` (per position): each column's token text (the clean prompt's,
+    row 0; `"clean→corrupt"` where the corrupt prompt's differs; `"<pad>"` on padding), empty without a
+    tokenizer. `per`: `"position"` or `"head"`."""
+
+    layers: tuple[int, ...] = ()
+    tokens: tuple[str, ...] = ()
+    per: str = "position"
+
+    _title = "PatchGrid"
+
+    def __post_init__(self):
+        super().__post_init__()
+        L, C = self.shape
+        if self.per not in ("position", "head"):
+            raise InputError(f"PatchGrid per must be 'position' or 'head', got {self.per!r}")
+        layers = tuple(range(L)) if not len(self.layers) else tuple(int(l) for l in self.layers)
+        if len(layers) != L:
+            raise InputError(f"PatchGrid layers names {len(layers)} layers for {L} rows")
+        tokens = tuple(str(t) for t in self.tokens)
+        if tokens and (self.per != "position" or len(tokens) != C):
+            raise InputError(f"PatchGrid tokens label positions: one per column ({C}), per='position'; got "
+                             f"{len(tokens)} with per={self.per!r}")
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "tokens", tokens)
+
+    @property
+    def column(self) -> str:
+        return self.per
+
+    def row_labels(self) -> list[str]:
+        return [str(l) for l in self.layers]
+
+    def column_labels(self) -> list[str]:
+        if not self.tokens:
+            return [str(j) for j in range(self.shape[1])]
+        return [f"{j} {t!r}" for j, t in enumerate(self.tokens)]
+
+    def cell_label(self, i: int, j: int) -> str:
+        if self.per == "head":
+            return f"L{self.layers[i]}H{j}"
+        return f"L{self.layers[i]} @{j}" + (f" {self.tokens[j]!r}" if self.tokens else "")
+
+
+def _position_tokens(model, clean, corrupt) -> tuple[str, ...]:
+    """Each position's token text in row 0 (`"clean→corrupt"` where they differ, `"<pad>"` on padding); `()`
+    without a tokenizer."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is None or not hasattr(tok, "decode"):
+        return ()
+    (ct, cm), (xt, xm) = ((np.asarray(t)[0], np.asarray(m)[0]) for t, m in (clean, corrupt))
+    text = lambda i: tok.decode([int(i)], skip_special=False)
+    out = []
+    for c, x, cr, xr in zip(ct, xt, cm > 0, xm > 0):
+        a, b = (text(c) if cr else "<pad>"), (text(x) if xr else "<pad>")
+        out.append(a if a == b else f"{a}→{b}")
+    return tuple(out)
+
+
 def activation_patching(model, clean, corrupt, metric: Metric, *, site: str = "resid_pre", per: str = "position",
                         layers: Sequence[int] | None = None, positions="metric", mesh=None, batch_size=None,
-                        max_programs="auto", rules=None, progress=None) -> np.ndarray:
+                        max_programs="auto", rules=None, progress=None) -> PatchGrid:
     """Patch `site` from the clean run into the corrupt run at each (layer, position) or (layer, head), one at
-    a time: the change of `metric` against the corrupt run, `[layers, T]` or `[layers, heads]`, row i for
-    `layers[i]` (default every layer; `layers=(6, 12)` patches those two only).
+    a time: the change of `metric` against the corrupt run, a `PatchGrid` of `[layers, T]` or `[layers, heads]`
+    (T = the sequence length, padding included), row i for `layers[i]` (default every layer; `layers=(6, 12)`
+    patches those two only), with the positions' token texts when the model has a tokenizer.
     `clean` and `corrupt` are `(tokens, mask)` of the same shape."""
     (ct, cm), (xt, xm) = _pair(clean, corrupt)
     field, axis = _per_axis(site, per)
@@ -537,7 +591,9 @@ def activation_patching(model, clean, corrupt, metric: Metric, *, site: str = "r
     values = sweep(model, xt, xm, metric, (Replace(site, cache),), where=one_hot_items(L, n, field, chosen),
                    positions=positions, mesh=mesh, batch_size=batch_size, max_programs=max_programs, rules=rules,
                    progress=progress)
-    return values.reshape(len(chosen), n) - baseline(model, xt, xm, metric, positions=positions)
+    values = np.asarray(values.reshape(len(chosen), n) - baseline(model, xt, xm, metric, positions=positions))
+    return PatchGrid(values, name=f"{site} patching of {_metric_name(metric)}", layers=tuple(chosen.tolist()),
+                     tokens=_position_tokens(model, (ct, cm), (xt, xm)) if per == "position" else (), per=per)
 
 
 # ----------------------------------------------------------------------------- attribution patching
@@ -564,15 +620,18 @@ def _reduce(contrib: jax.Array, site: str, axis: str) -> np.ndarray:
 
 
 def attribution_patching(model, clean, corrupt, metric: Metric, *, site: str = "resid_pre", per: str = "position",
-                         positions="metric") -> np.ndarray:
+                         positions="metric") -> PatchGrid:
     """Gradient estimate of `activation_patching`: `(clean - corrupt) . d metric / d act` at the corrupt run,
-    for every (layer, position) or (layer, head) from one clean forward and one corrupt forward + backward."""
+    for every (layer, position) or (layer, head) from one clean forward and one corrupt forward + backward; a
+    `PatchGrid` `[layers, T]` or `[layers, heads]` as `activation_patching` gives."""
     (ct, cm), (xt, xm) = _pair(clean, corrupt)
     _, axis = _per_axis(site, per)
     positions = metric_positions(metric, positions)
     _check(model, xt, xm, metric, positions)
     act, grad = _site_grad(model, xt, xm, metric, site, positions)
-    return _reduce((capture(model, ct, cm, site) - act) * grad, site, axis)
+    est = _reduce((capture(model, ct, cm, site) - act) * grad, site, axis)
+    return PatchGrid(est, name=f"{site} patching of {_metric_name(metric)} (attribution estimate)", per=per,
+                     tokens=_position_tokens(model, (ct, cm), (xt, xm)) if per == "position" else ())
 
 
 def head_ablation_attribution(model, tokens, mask, metric: Metric, kind: str = "zero", reference=None, *, key=None,

@@ -13,7 +13,8 @@ in two models (Ameisen et al. 2025, "Validating with interventions"):
     edits = FeatureEdits.of([(layer, pos, feature, 0.0)])    # ablate; any value clamps
     pre, logits = fx.local(edits)                            # pre [L, T, W] pre-activations, logits [V] (last)
     pre, logits = fx.real(edits)
-    report = check_edges(graph, fx, n_edges=40)              # predicted vs measured on the top edges
+    report = check_edges(graph, fx, n_edges=40)              # EdgeCheck: predicted vs measured on the top edges
+    report.spearman("total", "real"), report.table()         # rank agreement; all statistics as a table
 
 With a cross-layer transcoder (`saes.cross_layer`) the local model runs layer by layer with each layer's writes
 carried forward, and the real-model edit adds the feature's decoder vectors into its layer and every later one.
@@ -39,7 +40,7 @@ from saes.attribution import Graph, _check_prompt, _setup
 from saes.cross_layer import CrossLayerTranscoder, replaced_run
 from saes.transcoders import ReplaceMLPs, TranscoderSet
 
-__all__ = ["FeatureEdits", "FeatureEffects", "check_edges", "held_norms_and_patterns", "rank_correlation"]
+__all__ = ["EdgeCheck", "FeatureEdits", "FeatureEffects", "check_edges", "held_norms_and_patterns", "rank_correlation"]
 
 
 class FeatureEdits(eqx.Module):
@@ -309,18 +310,103 @@ def linear_total_effects(graph: Graph, sources) -> Float[np.ndarray, "n S+K"]:
     return total.T
 
 
+_PREDICTIONS = ("direct", "total")
+
+
+@dataclass(frozen=True, eq=False)
+class EdgeCheck:
+    """What `check_edges` returns: a graph's strongest `E` edges out of features, each with the change of its
+    target predicted by the graph and measured by ablating the source, and how well the two agree.
+
+    Per edge (`[E]` numpy arrays, strongest edge first): `target` (the target's adjacency row: features first,
+    then logits), `source` (the source's index among the active features), `is_logit` (the target is a logit),
+    `direct` (predicted by the edge alone, `-A[t, s]`), `total` (predicted through all paths,
+    `linear_total_effects`), and `measured[mode]` for each mode checked (`"local"`, `"real"`).
+    Agreement: `spearman(prediction, mode)` (Spearman's rank correlation; NaN under 3 edges or a constant
+    side) and `sign(prediction, mode)` (fraction of edges whose signs agree), `prediction` in `"direct"` /
+    `"total"`; `stats()` gives all of them as `{"spearman_total_local": ...}`. `repr` is one line, `table()` a
+    markdown table. `r["total"]`, `r["local"]`, `r["spearman_total_local"]` read the same values by their names
+    in the dict earlier versions returned."""
+
+    target: np.ndarray
+    source: np.ndarray
+    is_logit: np.ndarray
+    direct: np.ndarray
+    total: np.ndarray
+    measured: dict
+    into: str = "all"
+
+    @property
+    def n_edges(self) -> int:
+        return len(self.direct)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return tuple(self.measured)
+
+    def _pair(self, prediction: str, mode: str) -> tuple[np.ndarray, np.ndarray]:
+        if prediction not in _PREDICTIONS:
+            raise InputError(f"EdgeCheck: prediction must be 'direct' or 'total', got {prediction!r}")
+        if mode not in self.measured:
+            raise InputError(f"EdgeCheck: mode must be one of the modes checked {self.modes}, got {mode!r}")
+        return getattr(self, prediction), self.measured[mode]
+
+    def spearman(self, prediction: str = "total", mode: str = "local") -> float:
+        """Spearman's rank correlation of the `prediction` ("direct" / "total") with the change measured in
+        `mode` over the edges."""
+        return rank_correlation(*self._pair(prediction, mode))
+
+    def sign(self, prediction: str = "total", mode: str = "local") -> float:
+        """Fraction of edges whose predicted and measured changes have the same sign."""
+        pred, meas = self._pair(prediction, mode)
+        return float(np.mean(np.sign(pred) == np.sign(meas)))
+
+    def stats(self) -> dict[str, float]:
+        """`{"spearman_<prediction>_<mode>": ..., "sign_<prediction>_<mode>": ...}` for every pair."""
+        return {f"{kind}_{p}_{mode}": getattr(self, kind)(p, mode)
+                for kind in ("spearman", "sign") for p in _PREDICTIONS for mode in self.modes}
+
+    def __getitem__(self, key: str):
+        if key in ("target", "source", "direct", "total"):
+            return getattr(self, key)
+        if key in self.measured:
+            return self.measured[key]
+        stats = self.stats()
+        if key in stats:
+            return stats[key]
+        raise KeyError(f"EdgeCheck has no {key!r}: per-edge target, source, direct, total, {', '.join(self.modes)}; "
+                       f"statistics {', '.join(stats)}")
+
+    def table(self) -> str:
+        """A markdown table: one row per (prediction, model), its Spearman and sign agreement."""
+        rows = [f"| {p} | {mode} | {self.spearman(p, mode):.3f} | {self.sign(p, mode):.0%} |"
+                for p in _PREDICTIONS for mode in self.modes]
+        head = f"| prediction | model | Spearman ({self.n_edges} edges into {self.into}) | signs agree |"
+        return "\n".join([head, "|---|---|---:|---:|"] + rows)
+
+    def __repr__(self) -> str:
+        parts = "; ".join(f"{mode}: Spearman {self.spearman('total', mode):.3f}, signs {self.sign('total', mode):.0%}"
+                          for mode in self.modes)
+        n_logit = int(np.sum(self.is_logit))
+        return (f"EdgeCheck({self.n_edges} edges into {self.into} ({self.n_edges - n_logit} features, {n_logit} "
+                f"logits); all paths vs {parts})")
+
+
 def check_edges(graph: Graph, fx: FeatureEffects, n_edges: int = 40, modes=("local", "real"),
-                into: str = "all") -> dict:
+                into: str = "all") -> EdgeCheck:
     """The graph's strongest `n_edges` edges out of features (`into` "features", "logits" or "all"), each checked by
     ablating its source: the change of its target predicted by the edge alone (`-A[t, s]`) and by all paths
-    (`linear_total_effects`), against the change measured in the local replacement model and the real model.
-    Returns the per-edge arrays and, per (prediction, measurement), Spearman's rank correlation and the
-    fraction of edges whose signs agree."""
+    (`linear_total_effects`), against the change measured in the local replacement model and the real model
+    (`modes`). Returns an `EdgeCheck`: the per-edge `[E]` arrays and, per (prediction, measurement), Spearman's
+    rank correlation (`.spearman("total", "local")`) and the fraction of edges whose signs agree (`.sign(...)`)."""
     S, K = graph.n_features, len(graph.logit_tokens)
     if S == 0:
         raise InputError("check_edges: the graph has no active features")
     if into not in ("all", "features", "logits"):
         raise InputError(f"check_edges: into must be 'all', 'features' or 'logits', got {into!r}")
+    modes = (modes,) if isinstance(modes, str) else tuple(modes)
+    if not modes or any(mode not in ("local", "real") for mode in modes):
+        raise InputError(f"check_edges: modes must be a non-empty sequence of 'local' / 'real', got {modes!r}")
     N = graph.adjacency.shape[0]
     rows = np.r_[0:S, N - K:N]
     A = graph.adjacency[rows][:, :S]  # [S + K, S] feature sources
@@ -333,13 +419,12 @@ def check_edges(graph: Graph, fx: FeatureEffects, n_edges: int = 40, modes=("loc
     if len(tgt) < 3:
         raise InputError(f"check_edges: the graph has {len(tgt)} non-zero feature edges; need at least 3")
     sources, slot = np.unique(src, return_inverse=True)
-    out = dict(target=rows[tgt], source=src, direct=-A[tgt, src],
-               total=linear_total_effects(graph, sources)[slot, tgt])
     f = graph.active_features
     vocab = graph.logit_tokens
     lay, pos, feat = (f[tgt.clip(max=S - 1), i] for i in range(3))
     is_logit = tgt >= S
     nothing = FeatureEdits.of(np.zeros((0, 4)))
+    measured = {}
     for mode in modes:
         pre, logits = fx.ablate_each(f[sources], mode)
         clean_pre, clean_logits = (fx.local if mode == "local" else fx.real)(nothing)
@@ -347,9 +432,6 @@ def check_edges(graph: Graph, fx: FeatureEffects, n_edges: int = 40, modes=("loc
         d_logits = np.asarray(logits - clean_logits[None])
         d_logits = d_logits - d_logits.mean(1, keepdims=True)  # demeaned, as the logit nodes are
         d_logit = d_logits[slot, vocab[(tgt - S).clip(0)]]
-        out[mode] = np.where(is_logit, d_logit, d_pre)
-    for p in ("direct", "total"):
-        for mode in modes:
-            out[f"spearman_{p}_{mode}"] = rank_correlation(out[p], out[mode])
-            out[f"sign_{p}_{mode}"] = float(np.mean(np.sign(out[p]) == np.sign(out[mode])))
-    return out
+        measured[mode] = np.where(is_logit, d_logit, d_pre)
+    return EdgeCheck(target=rows[tgt], source=src, is_logit=is_logit, direct=-A[tgt, src],
+                     total=linear_total_effects(graph, sources)[slot, tgt], measured=measured, into=into)

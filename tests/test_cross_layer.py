@@ -179,7 +179,7 @@ def test_real_model_edit_writes_the_decoder_into_every_later_layer():
     x = jnp.swapaxes(out.acts["ln2.normalized"][:, 0], 0, 1)
     np.testing.assert_allclose(pre, jnp.swapaxes(clt.pre_acts(x * clt.act_scale), 0, 1), atol=1e-5)
     r = check_edges(g, fx, n_edges=25)
-    assert r["spearman_total_local"] > 0.8, r["spearman_total_local"]
+    assert r.spearman("total", "local") > 0.8, r
 
 
 def test_topk_training_loss_equals_the_dense_formulation():

@@ -16,7 +16,8 @@ from interp.testing import random_model, tiny_config
 from models.errors import InputError
 from saes.attribution import attribute
 from saes.cross_layer import random_clt
-from saes.feature_effects import FeatureEdits, FeatureEffects, check_edges, linear_total_effects, rank_correlation
+from saes.feature_effects import (EdgeCheck, FeatureEdits, FeatureEffects, check_edges, linear_total_effects,
+                                  rank_correlation)
 from saes.transcoders import TranscoderSet, random_set
 
 TOKENS = np.array([1, 5, 9, 3, 7, 2, 11, 4])
@@ -118,13 +119,37 @@ def test_ablations_are_vmapped_edits_and_the_real_model_edit_is_a_decoder_vector
 def test_check_edges_reports_predictions_against_measurements():
     m, tcs, g, fx = _setup()
     r = check_edges(g, fx, n_edges=25)
-    n = len(r["direct"])
-    assert 3 <= n <= 25 and all(len(r[k]) == n for k in ("total", "local", "real", "target", "source"))
-    assert np.all(np.abs(r["direct"][:-1]) >= np.abs(r["direct"][1:]) - 1e-12)  # strongest first
-    for key in ("spearman_direct_local", "spearman_total_local", "spearman_total_real", "sign_total_local"):
-        assert np.isfinite(r[key])
+    n = r.n_edges
+    assert isinstance(r, EdgeCheck) and 3 <= n <= 25 and r.modes == ("local", "real")
+    assert all(len(a) == n for a in (r.total, r.measured["local"], r.measured["real"], r.target, r.source, r.is_logit))
+    assert np.all(np.abs(r.direct[:-1]) >= np.abs(r.direct[1:]) - 1e-12)  # strongest first
+    np.testing.assert_array_equal(r.is_logit, r.target >= g.n_features)
+    for p, mode in (("direct", "local"), ("total", "local"), ("total", "real")):
+        assert np.isfinite(r.spearman(p, mode)) and 0 <= r.sign(p, mode) <= 1
+    # the statistics are those of the arrays (and the old dict keys read the same values)
+    assert r.spearman("total", "real") == rank_correlation(r.total, r.measured["real"]) == r["spearman_total_real"]
+    assert r.sign("direct", "local") == np.mean(np.sign(r.direct) == np.sign(r.measured["local"]))
+    assert set(r.stats()) == {f"{k}_{p}_{m}" for k in ("spearman", "sign") for p in ("direct", "total")
+                              for m in ("local", "real")}
+    assert r["local"] is r.measured["local"] and r["total"] is r.total
+    text = repr(r)
+    assert text.startswith(f"EdgeCheck({n} edges into all (") and "\n" not in text and len(text) < 200
+    assert f"local: Spearman {r.spearman('total', 'local'):.3f}" in text
+    table = r.table().splitlines()
+    assert len(table) == 2 + 4 and table[0].startswith("| prediction | model | Spearman")
+    assert table[4] == f"| total | local | {r.spearman('total', 'local'):.3f} | {r.sign('total', 'local'):.0%} |"
+    with pytest.raises(InputError, match="prediction must be 'direct' or 'total'"):
+        r.spearman("edge", "local")
+    with pytest.raises(InputError, match=r"mode must be one of the modes checked \('local', 'real'\)"):
+        r.sign("total", "exact")
+    with pytest.raises(KeyError, match="spearman_total_local"):
+        r["nope"]
+    with pytest.raises(InputError, match="modes must be"):
+        check_edges(g, fx, n_edges=25, modes=("exact",))
+    only = check_edges(g, fx, n_edges=25, modes="local")
+    assert only.modes == ("local",) and np.array_equal(only.measured["local"], r.measured["local"])
     # a whole removal crosses thresholds, yet on this model the all-paths prediction ranks the measured effects
-    assert r["spearman_total_local"] > 0.8, r["spearman_total_local"]
+    assert r.spearman("total", "local") > 0.8, r
 
 
 def test_rank_correlation():
@@ -182,9 +207,9 @@ def test_smollm2_graph_edges_predict_feature_ablations(smollm2, kind, tmp_path):
     feats = check_edges(g, fx, n_edges=30, into="features")
     logits = check_edges(g, fx, n_edges=12, into="logits")
     summary = {f"{name}.{k}": round(v, 3) for name, r in (("features", feats), ("logits", logits))
-               for k, v in r.items() if k.startswith(("spearman", "sign"))}
+               for k, v in r.stats().items()}
     print(f"smollm2 edge check ({kind}):", summary)
     # (measured: set 0.99 / 1.0 / 0.91 / 0.97; the barely trained CLT 0.90 / 1.0 / 0.73 / 0.8)
-    assert feats["spearman_total_local"] > (0.9 if kind == "set" else 0.85) and feats["sign_total_local"] > 0.9, summary
-    assert feats["spearman_total_real"] > 0.5 and feats["sign_total_real"] > (0.8 if kind == "set" else 0.7), summary
-    assert logits["sign_total_local"] > 0.8, summary
+    assert feats.spearman("total", "local") > (0.9 if kind == "set" else 0.85) and feats.sign("total", "local") > 0.9, summary
+    assert feats.spearman("total", "real") > 0.5 and feats.sign("total", "real") > (0.8 if kind == "set" else 0.7), summary
+    assert logits.sign("total", "local") > 0.8, summary

@@ -71,7 +71,7 @@ def test_diff_of_means_one_pass_and_score_directions():
     ta, ma = np.asarray(TOKENS), np.asarray(MASK)
     tb = np.asarray(jax.random.randint(jax.random.key(2), (2, 5), 0, 40))
     mb = np.asarray([[1] * 5, [0] + [1] * 4])
-    sel = positions.FromEnd(0, 1)
+    sel = positions.FromEnd(-1, -2)
     diff = Dn.diff_of_means(m, (ta, ma), (tb, mb), sel)
     assert diff.shape == (LLAMA.n_layers, 2, LLAMA.d_model)
     mean = lambda t, k: positions.gather(models.forward(m, t, k, capture=["resid_pre"])[1]["resid_pre"],

@@ -25,23 +25,23 @@ TOKENS = np.arange(18).reshape(3, 6)
 def test_index_selectors_on_left_padding():
     np.testing.assert_array_equal(P.Absolute(0, 1)(TOKENS, MASK), [[2, 3], [0, 1], [4, 5]])
     np.testing.assert_array_equal(P.Absolute(-1)(TOKENS, MASK), [[5], [5], [5]])
-    np.testing.assert_array_equal(P.FromEnd(0, 1)(TOKENS, MASK), [[5, 4], [5, 4], [5, 4]])
+    np.testing.assert_array_equal(P.FromEnd(-1, -2)(TOKENS, MASK), [[5, 4], [5, 4], [5, 4]])
     right = MASK[:, ::-1]  # right padding works too
-    np.testing.assert_array_equal(P.FromEnd(0)(TOKENS, right), [[3], [5], [1]])
+    np.testing.assert_array_equal(P.FromEnd(-1)(TOKENS, right), [[3], [5], [1]])
     np.testing.assert_array_equal(P.AllTokens()(TOKENS, MASK), np.broadcast_to(np.arange(6), (3, 6)))
     with pytest.raises(InputError):
-        P.FromEnd(-1)
+        P.FromEnd(0)
 
 
 def test_gather_and_mask():
     x = jnp.arange(2 * 3 * 6 * 4).reshape(2, 3, 6, 4)  # [L, B, T, D]
-    idx = P.FromEnd(0, 2)(TOKENS, MASK)
+    idx = P.FromEnd(-1, -3)(TOKENS, MASK)
     got = P.gather(x, idx, seq_axis=2)
     assert got.shape == (2, 3, 2, 4)
     np.testing.assert_array_equal(got[1, 2, 1], x[1, 2, 3])
     np.testing.assert_array_equal(P.gather(jnp.asarray(MASK), idx), [[1, 1], [1, 1], [1, 0]])
     np.testing.assert_array_equal(P.to_mask(idx, 6)[0], [0, 0, 0, 1, 0, 1])
-    jitted = jax.jit(lambda t, m: P.FromEnd(0)(t, m))(TOKENS, MASK)  # selectors trace
+    jitted = jax.jit(lambda t, m: P.FromEnd(-1)(t, m))(TOKENS, MASK)  # selectors trace
     np.testing.assert_array_equal(jitted, [[5], [5], [5]])
 
 

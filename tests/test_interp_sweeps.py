@@ -153,6 +153,58 @@ def test_activation_patching_chosen_layers(planted):
             sweeps.activation_patching(m, (t, k), (corrupt, k), METRIC, layers=bad)
 
 
+class _Tok:
+    """A stand-in tokenizer: token id i reads "t{i}"."""
+
+    def decode(self, ids, skip_special=True):
+        return "".join(f"t{int(i)}" for i in ids)
+
+
+def test_patch_grid_labels_tops_plots_and_computes_as_its_array(planted, tmp_path):
+    m, t, k = planted
+    corrupt = t.at[:, 3].set(t[:, 3] % 5 + 20)
+    k_pad = k.at[0, 0].set(0)  # row 0 left-padded by one
+    plain = sweeps.activation_patching(m, (t, k), (corrupt, k), METRIC)
+    assert isinstance(plain, sweeps.PatchGrid) and plain.tokens == () and plain.layers == (0, 1, 2)
+    assert plain.column_labels() == [str(j) for j in range(8)]
+    mt = models.Model(m.params, m.cfg, _Tok(), "tiny")
+    g = sweeps.activation_patching(mt, (t, k_pad), (corrupt, k_pad), METRIC, layers=(2, 0))
+    ref = sweeps.activation_patching(m, (t, k_pad), (corrupt, k_pad), METRIC)
+    np.testing.assert_allclose(g, np.asarray(ref)[[2, 0]], atol=2e-5)  # the labels change nothing
+    # labels: row 0's tokens, "clean→corrupt" where they differ, "<pad>" on padding
+    assert g.tokens[0] == "<pad>" and g.tokens[1] == f"t{int(t[0, 1])}"
+    assert g.tokens[3] == f"t{int(t[0, 3])}→t{int(corrupt[0, 3])}"
+    assert g.layers == (2, 0) and g.shape == (2, 8) and g.per == "position"
+    i, j = np.unravel_index(np.argmax(np.abs(np.asarray(g))), g.shape)
+    label, value = g.top(1)[0]
+    assert label == f"L{(2, 0)[i]} @{j} {g.tokens[j]!r}" and value == g[i, j]
+    assert [v for _, v in g.top(16)] == sorted(np.asarray(g).ravel(), key=abs, reverse=True)
+    assert repr(g).startswith(f"PatchGrid({g.name!r}, 2 layers x 8 positions; largest |value|: {label} ")
+    assert "\n" not in repr(g) and len(repr(g)) < 200 and g.name.startswith("resid_pre patching of ")
+    table = g.table(2).splitlines()
+    assert table[0] == f"| position | {g.name} |" and len(table) == 4 and table[2].startswith(f"| {label} |")
+    fig = g.plot(path=str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 0
+    assert [x.get_text() for x in fig.axes[0].get_xticklabels()] == [f"{j} {s!r}" for j, s in enumerate(g.tokens)]
+    assert [y.get_text() for y in fig.axes[0].get_yticklabels()] == ["2", "0"]
+    assert fig.axes[0].get_xlabel() == "position"
+    # computes as its array, as callers of the bare array expect
+    np.testing.assert_allclose(g - np.asarray(g), 0.0)
+    assert isinstance(np.abs(g), np.ndarray) and g.ravel().shape == (16,) and len(g) == 2
+    heads = sweeps.activation_patching(mt, (t, k), (corrupt, k), METRIC, site="attn.z", per="head", layers=[1])
+    assert heads.tokens == () and heads.column == "head" and heads.top(1)[0][0].startswith("L1H")
+    est = sweeps.attribution_patching(mt, (t, k_pad), (corrupt, k_pad), METRIC)
+    assert isinstance(est, sweeps.PatchGrid) and est.tokens == g.tokens and est.layers == (0, 1, 2)
+    with pytest.raises(models.InputError, match="layers names 1 layers for 2 rows"):
+        sweeps.PatchGrid(np.zeros((2, 3)), layers=(0,))
+    with pytest.raises(models.InputError, match="one per column"):
+        sweeps.PatchGrid(np.zeros((2, 3)), tokens=("a",))
+    with pytest.raises(models.InputError, match="per must be"):
+        sweeps.PatchGrid(np.zeros((2, 3)), per="token")
+    with pytest.raises(models.InputError, match=r"\[layers, positions\]"):
+        sweeps.PatchGrid(np.zeros(3))
+
+
 def test_attribution_patching(planted):
     m, t, k = planted
     metric = METRIC

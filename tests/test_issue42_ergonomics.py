@@ -250,14 +250,38 @@ def test_dla_top_names_components_that_sum_to_the_total(tiny):
         dla.top(0)
 
 
-def test_from_end_negative_offsets_name_the_other_convention():
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_last_token_is_minus_one_in_every_api(tiny, side):
+    """`positions=(-1,)` (Capture), `Absolute(-1)` and `FromEnd(-1)` pick the same token on padded batches."""
+    from interp import positions as P
+    from models.checks import real_index
+
+    mask = np.asarray([[1] * 6, [0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1]])
+    mask = mask if side == "left" else mask[:, ::-1].copy()
+    tokens = np.asarray(jax.random.randint(jax.random.key(3), (3, 6), 0, 40))
+    last = np.asarray([np.flatnonzero(r)[-1] for r in mask])  # the truth, from the mask alone
+    new = np.asarray(P.FromEnd(-1, -2)(tokens, mask))
+    np.testing.assert_array_equal(new, np.stack([last, last - 1], 1))
+    np.testing.assert_array_equal(new, P.Absolute(-1, -2)(tokens, mask))
+    np.testing.assert_array_equal(new, real_index(mask, (-1, -2)))
+    _, full = models.forward(tiny, tokens, mask, capture=("resid_post",))
+    _, sel = models.forward(tiny, tokens, mask, capture=(Capture("resid_post", positions=(-1, -2)),))
+    np.testing.assert_allclose(np.asarray(sel["resid_post"]),
+                               np.asarray(P.gather(full["resid_post"], new, seq_axis=2)), atol=1e-6)
+
+
+def test_from_end_rejects_the_old_count():
     from interp import positions as P
 
-    with pytest.raises(InputError, match=r"FromEnd\(0\) is the last token.*Absolute\(-1, -2\) = FromEnd\(0, 1\)"):
-        P.FromEnd(-1, -2)
-    np.testing.assert_array_equal(P.FromEnd(0, 1)(TOKENS, MASK), P.Absolute(-1, -2)(TOKENS, MASK))
-    with pytest.raises(InputError, match="must be ints"):
-        P.FromEnd(0.5)
+    with pytest.raises(InputError, match=r"FromEnd offsets must be <= -1.*FromEnd\(-1\) is the last token"
+                                         r".*got \(0, 1\).*now FromEnd\(-1, -2\)"):
+        P.FromEnd(0, 1)
+    with pytest.raises(InputError, match=r"must be <= -1.*got \(-1, 0\)$"):
+        P.FromEnd(-1, 0)
+    with pytest.raises(InputError, match="must be ints <= -1"):
+        P.FromEnd(-0.5)
+    with pytest.raises(InputError, match="at least one offset"):
+        P.FromEnd()
 
 
 def test_sae_training_prints_one_summary_line_and_a_smoothed_speed():

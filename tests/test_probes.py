@@ -11,6 +11,7 @@ import pytest
 
 from interp import probes
 from interp.testing import tiny_config
+from models.errors import InputError
 
 
 class CharTokenizer:
@@ -151,9 +152,9 @@ def test_collect_and_trajectory_tiny():
 
     m = tiny_model()
     texts = ["hello there", "a b c d e f", "x", "one two three four"]
-    acts, labels = probes.collect(m, texts, (pos.FromEnd(0, 1), pos.Absolute(0)), batch_size=3, return_labels=True)
+    acts, labels = probes.collect(m, texts, (pos.FromEnd(-1, -2), pos.Absolute(0)), batch_size=3, return_labels=True)
     L, D = m.cfg.n_layers, m.cfg.d_model
-    assert acts.shape == (L, 4, 3, D) and labels == ["FromEnd(0)", "FromEnd(1)", "Absolute(0)"]
+    assert acts.shape == (L, 4, 3, D) and labels == ["FromEnd(-1)", "FromEnd(-2)", "Absolute(0)"]
     tokens, mask = m.tokenize(texts[1:2])
     _, cache = models.forward(m, tokens, attention_mask=mask, capture=("resid_post",))
     np.testing.assert_allclose(acts[:, 1, 0], np.asarray(cache["resid_post"])[:, 0, -1], atol=1e-4)
@@ -177,8 +178,8 @@ def test_mesh_collect_8_devices():
         assert len(jax.devices()) == 8
         m = tiny_model()
         texts = [f"prompt number {i} " + "w " * (i % 5) for i in range(13)]
-        ref = probes.collect(m, texts, pos.FromEnd(0, 2), batch_size=16)
-        got = probes.collect(m, texts, pos.FromEnd(0, 2), batch_size=5, mesh=sweep_mesh())
+        ref = probes.collect(m, texts, pos.FromEnd(-1, -3), batch_size=16)
+        got = probes.collect(m, texts, pos.FromEnd(-1, -3), batch_size=5, mesh=sweep_mesh())
         np.testing.assert_allclose(got, ref, atol=1e-4)
         print("OK", got.shape)
     """)
@@ -212,3 +213,84 @@ def test_smollm2_harmful_vs_harmless(smollm2, tmp_path):
     print("test AUROC per layer at the best position:", np.round(test[:, g.best[1]], 3))
     assert best["auroc"] > 0.9  # measured 1.000 (26 test prompts); clearly separable at most cells
     probes.heatmap(g, "auroc", "test", path=str(tmp_path / "smollm2_probes.png"))
+
+
+def _surface_rows(n_pairs: int, confounded: bool, seed: int = 0):
+    """Paired rows (one label-1 and one label-0 text per pair); with `confounded`, label-1 texts mostly end
+    in "." and label-0 texts in "?" (a surface cue); otherwise the endings are drawn independently of the label."""
+    rng = np.random.default_rng(seed)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    texts, y, groups = [], [], []
+    for g in range(n_pairs):
+        for label in (1, 0):
+            body = " ".join(rng.choice(words, size=rng.integers(3, 9)))
+            cue = label if rng.random() < 0.85 else 1 - label
+            end = ("." if cue else "?") if confounded else rng.choice([".", "?"])
+            texts.append(body + end)
+            y.append(label)
+            groups.append(g)
+    return texts, np.asarray(y), np.asarray(groups)
+
+
+def test_surface_baseline_on_the_grids_own_split():
+    import experiments.common as common
+    from interp import data
+
+    texts, y, groups = _surface_rows(60, confounded=True)
+    rng = np.random.default_rng(1)
+    acts = rng.normal(size=(2, len(y), 1, 8)).astype(np.float32)
+    acts[1, :, 0, 0] += 1.5 * (2 * y - 1)  # a planted signal at layer 1
+    grid = probes.train(acts, y, seed=3, groups=groups)
+    base = grid.surface_baseline(texts)
+    # the grid's own train / test rows: those split_indices gives for its labels, seed and groups (pairs together)
+    tr, _, te = probes.split_indices(y, (0.6, 0.2, 0.2), 3, groups=groups)
+    np.testing.assert_array_equal(grid.splits["train"], tr)
+    assert not set(groups[tr]) & set(groups[te])
+    assert base == probes.surface_baseline_split(texts, y, tr, te)
+    # the four-list form (what experiments.common exported) on the same partition
+    pick = lambda rows, label: [texts[i] for i in rows if y[i] == label]
+    four = probes.surface_baseline(pick(tr, 1), pick(tr, 0), pick(te, 1), pick(te, 0))
+    assert four["accuracy"] == pytest.approx(base["accuracy"]) and four["auroc"] == pytest.approx(base["auroc"], abs=1e-6)
+    assert common.surface_baseline is probes.surface_baseline
+    # against scikit-learn on the same features and split
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.metrics import roc_auc_score
+
+    x, vocab = data.surface_features([texts[i] for i in tr])
+    xt, _ = data.surface_features([texts[i] for i in te], vocab)
+    sc = StandardScaler().fit(x)
+    sk = LogisticRegression(C=1.0, class_weight="balanced", max_iter=1000).fit(sc.transform(x), y[tr])
+    assert base["auroc"] == pytest.approx(roc_auc_score(y[te], sk.decision_function(sc.transform(xt))), abs=0.01)
+    # the cue is found; without it the baseline is near chance
+    assert base["auroc"] > 0.75, base
+    plain, y2, g2 = _surface_rows(60, confounded=False)
+    assert abs(probes.train(acts, y2, seed=3, groups=g2).surface_baseline(plain)["auroc"] - 0.5) < 0.2
+
+
+def test_grid_summary_reports_the_surface_baseline_beside_the_best_cell():
+    texts, y, groups = _surface_rows(40, confounded=True, seed=2)
+    rng = np.random.default_rng(0)
+    acts = rng.normal(size=(2, len(y), 2, 6)).astype(np.float32)
+    acts[0, :, 1, 0] += 2.0 * (2 * y - 1)
+    grid = probes.train(acts, y, seed=0, groups=groups, positions=["a", "b"])
+    base = grid.surface_baseline(texts)
+    best = grid.best_metrics("test")["auroc"]
+    line = grid.summary(texts=texts)
+    assert line.startswith(grid.summary() + "; surface baseline (same split) test accuracy ")
+    assert f"auroc {base['auroc']:.3f}: best cell {best - base['auroc']:+.3f} auroc above form" in line
+    assert grid.summary(surface=base) == line and "\n" not in line
+    assert grid.best == (0, 1) and "position b" in line
+    with pytest.raises(InputError, match="texts= .* or surface="):
+        grid.summary(texts=texts, surface=base)
+    with pytest.raises(InputError, match="one text per row the grid was trained on: 80 rows, got 79"):
+        grid.surface_baseline(texts[:-1])
+    tr, te = grid.splits["train"], grid.splits["test"]
+    with pytest.raises(InputError, match="share 1 rows"):
+        probes.surface_baseline_split(texts, y, tr, np.r_[te, tr[:1]])
+    with pytest.raises(InputError, match=r"outside 0\.\.79"):
+        probes.surface_baseline_split(texts, y, tr, np.r_[te, 80])
+    with pytest.raises(InputError, match="test rows must hold both labels"):
+        probes.surface_baseline_split(texts, y, tr, te[y[te] == 1])
+    with pytest.raises(InputError, match="C .* must be finite and > 0"):
+        probes.surface_baseline_split(texts, y, tr, te, C=0.0)

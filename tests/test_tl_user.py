@@ -336,21 +336,21 @@ def test_probe_labels_keep_arguments(tmp_path):
     from interp import positions as pos
     from interp import probes
 
-    assert pos.labels(pos.FromEnd(1), 1) == ["FromEnd(1)"] != pos.labels(pos.FromEnd(0), 1)
-    assert pos.labels(pos.FromEnd(0, 2), 2) == ["FromEnd(0)", "FromEnd(2)"]
+    assert pos.labels(pos.FromEnd(-2), 1) == ["FromEnd(-2)"] != pos.labels(pos.FromEnd(-1), 1)
+    assert pos.labels(pos.FromEnd(-1, -3), 2) == ["FromEnd(-1)", "FromEnd(-3)"]
     assert pos.labels(pos.Absolute(-1), 1) == ["Absolute(-1)"]
     assert pos.labels(pos.PostInstruction(), 3) == ["PostInstruction[0]", "PostInstruction[1]", "PostInstruction[2]"]
     assert pos.labels(pos.LastInstruction(), 1) == ["LastInstruction"]
-    labels = pos.labels(pos.FromEnd(1), 1) + pos.labels(pos.FromEnd(0), 1)
-    assert labels == ["FromEnd(1)", "FromEnd(0)"]
+    labels = pos.labels(pos.FromEnd(-2), 1) + pos.labels(pos.FromEnd(-1), 1)
+    assert labels == ["FromEnd(-2)", "FromEnd(-1)"]
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 60)
     x = rng.normal(size=(1, 60, 2, 4)).astype(np.float32)
-    x[0, :, 1, 0] += 3 * (2 * y - 1)  # the signal is at FromEnd(0)
+    x[0, :, 1, 0] += 3 * (2 * y - 1)  # the signal is at FromEnd(-1)
     g = probes.train(x, y, kind="diff_of_means", seed=0, positions=labels)
-    assert "FromEnd(0)" in g.summary()
+    assert "FromEnd(-1)" in g.summary()
     probes.save(tmp_path / "p", g.probes.cell(*g.best))
-    assert json.loads((tmp_path / "p.json").read_text())["positions"] == ["FromEnd(0)"]
+    assert json.loads((tmp_path / "p.json").read_text())["positions"] == ["FromEnd(-1)"]
     fig = probes.heatmap(g, "auroc", "test")
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == labels
 
