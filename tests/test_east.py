@@ -69,7 +69,7 @@ def test_config_validation_names_the_flag():
                          (dict(temperatures=(0.0,)), "--temperatures"), (dict(betas=(0.5, float("nan"))), "--betas"),
                          (dict(n_episodes=0), "--n-episodes"), (dict(n_null=0), "--n-null"),
                          (dict(null_episodes=17), "--null-episodes"), (dict(sigma=float("inf")), "--sigma"),
-                         (dict(alpha=1.0), "--alpha"), (dict(primary="layer15/beta2"), "--primary"),
+                         (dict(alpha=1.0), "--alpha"), (dict(primary="layer3/beta2"), "--primary"),
                          (dict(primary="L15 b0.5"), "--primary"), (dict(layers=(10, 12), primary="layer15/beta0.5"),
                                                                     "--primary"), (dict(layers=(3, 3)), "--layers")):
         with pytest.raises(InputError, match=flag):
@@ -179,20 +179,20 @@ def test_cached_episodes_match_full_forward(smollm2):
 
 
 @pytest.mark.slow
-def test_smoke_tiny_run(tmp_path):
-    cfg = east.Config(steps=3, n_collect=2, n_episodes=2, layers=(10, 15), betas=(2.0,), temperatures=(2.0,), window=2,
+def test_smoke_tiny_run(tmp_path, tiny_smollm2):
+    cfg = east.Config(model=tiny_smollm2, steps=3, n_collect=2, n_episodes=2, layers=(1, 3), betas=(2.0,), temperatures=(2.0,), window=2,
                       first_k=2, sampled_prompts=2, samples=2, max_new_tokens=6, n_null=3, null_episodes=1,
-                      primary="layer15/beta2", n_boot=200, out=str(tmp_path))
+                      primary="layer3/beta2", n_boot=200, out=str(tmp_path))
     out, metrics = east.main(cfg=cfg)
-    met = json.loads((out / "metrics.json").read_text())["smollm2-135m-instruct"]
+    met = json.loads((out / "metrics.json").read_text())[tiny_smollm2]
     conds = met["conditions"]
     assert len(conds) == 1 + 2 + 2 * 3 + 1  # unsteered, EAST at 2 layers, 3 controls at each, 1 temperature
     cmp = met["east_vs_controls"]
-    assert {(c["layer"], c["best_control"] in east.CONTROLS) for c in cmp} == {(10, True), (15, True)}
+    assert {(c["layer"], c["best_control"] in east.CONTROLS) for c in cmp} == {(1, True), (3, True)}
     for c in cmp:
         assert c["vs_control"]["n"] == 2 and c["vs_control"]["lo"] <= c["vs_control"]["value"] <= c["vs_control"]["hi"]
         assert c["null"]["k"] == 3 and 0 <= c["null"]["percentile"] <= 100 and c["holm_p"] >= c["vs_control"]["p"]
-    assert met["primary"] == "layer15/beta2" and isinstance(met["verdict"]["holds"], bool)
+    assert met["primary"] == "layer3/beta2" and isinstance(met["verdict"]["holds"], bool)
     for c in conds.values():
         assert 0 <= c["final_entropy"] <= np.log(2) + 1e-6 and 0 <= c["tried_both"] <= 1
     assert len(met["sampled"]) == 3 and all(0 <= s["valid_lo"] <= s["valid_rate"] <= s["valid_hi"] <= 1

@@ -1,4 +1,5 @@
-"""Smoke tests of the experiments at tiny sizes (real SmolLM2), and their scoring helpers."""
+"""Smoke tests of the refusal studies (a random 4-layer model with SmolLM2's tokenizer: tests/_tiny_studies.py), and
+their scoring helpers (real SmolLM2)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _tiny_studies import LAYERS
 from experiments.common import KLFromBase, RefusalScore, is_refusal, refusal_token_ids
 from interp.readout import Readout, run_readout
 
@@ -26,11 +28,11 @@ def test_refusal_helpers(smollm2):
 
 
 @pytest.mark.slow
-def test_refusal_direction_smoke(tmp_path):
+def test_refusal_direction_smoke(tmp_path, tiny_smollm2):
     from experiments.refusal_direction import Config, main
 
-    out, metrics = main(cfg=Config(n_train=6, n_val=3, n_test=3, layer_stride=10, max_new_tokens=6, n_null=2,
-                                   out=str(tmp_path)))
+    out, metrics = main(cfg=Config(model=tiny_smollm2, n_train=6, n_val=3, n_test=3, layer_stride=2, max_new_tokens=6,
+                                   n_null=2, out=str(tmp_path)))
     assert (out / "report.md").exists() and (out / "candidates.png").exists() and (out / "refusal_scores.png").exists()
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["hook_vs_weights_max_logit_diff"] < 1e-3
@@ -70,16 +72,16 @@ def test_keyword_baseline_and_latent_guard():
 
 
 @pytest.mark.slow
-def test_harmfulness_refusal_smoke(tmp_path):
+def test_harmfulness_refusal_smoke(tmp_path, tiny_smollm2):
     from experiments.harmfulness_refusal import Config, main
 
-    out, metrics = main(cfg=Config(n_train=8, n_test=4, steer_layer_stride=15, coefficients=(1.0, 2.0), max_new_tokens=4,
-                                   n_null=2, out=str(tmp_path)))
+    out, metrics = main(cfg=Config(model=tiny_smollm2, n_train=8, n_test=4, steer_layer_stride=3, coefficients=(1.0, 2.0),
+                                   max_new_tokens=4, n_null=2, out=str(tmp_path)))
     for f in ("report.md", "metrics.json", "cosine.png", "latent_guard.png", "steering.png"):
         assert (out / f).exists(), f
     saved = json.loads((out / "metrics.json").read_text())
     # layer 0 at the last prompt token: the same token in every prompt, a zero refusal direction, cosine undefined
-    assert len(saved["cosine"]) == 30 and saved["cosine"][0] is None
+    assert len(saved["cosine"]) == LAYERS and saved["cosine"][0] is None
     assert all(-1 <= c <= 1 for c in saved["cosine"][1:])
     assert set(saved["variants"]) == {"matched harmless", "punctuation normalised", "original harmless (confounded)"}
     for held_out in ("test_harmbench", "test_strongreject"):
@@ -105,10 +107,10 @@ def test_harmfulness_refusal_smoke(tmp_path):
 
 
 @pytest.mark.slow
-def test_refusal_cliff_smoke(tmp_path):
+def test_refusal_cliff_smoke(tmp_path, tiny_smollm2):
     from experiments.refusal_cliff import Config, main
 
-    out, metrics = main(cfg=Config(n_train=8, n_test=4, max_new_tokens=4, n_null=2, out=str(tmp_path)))
+    out, metrics = main(cfg=Config(model=tiny_smollm2, n_train=8, n_test=4, max_new_tokens=4, n_null=2, out=str(tmp_path)))
     for f in ("report.md", "metrics.json", "trajectory.png", "head_contributions.png"):
         assert (out / f).exists(), f
     saved = json.loads((out / "metrics.json").read_text())

@@ -201,11 +201,11 @@ def test_cli_fails_on_a_bad_flag_before_loading_a_model(capsys):
 
 
 @pytest.mark.slow
-def test_guiding_giants_smoke(tmp_path):
+def test_guiding_giants_smoke(tmp_path, tiny_smollm2):
     from experiments.guiding_giants import Config, cell_name, main
 
-    cfg = Config(n_train=8, n_val=4, n_test=2, hidden=16, epochs=2, authors_fractions=(1.0,), paper_fractions=(0.05,),
-                 primary="authors@1", n_null=2, null_prompts=1, arditi_layer_stride=15, kl_grid=(0.1,), e2e_steps=2, e2e_fraction=0.05, batch=4,
+    cfg = Config(model=tiny_smollm2, n_train=8, n_val=4, n_test=2, hidden=16, epochs=2, authors_fractions=(1.0,),
+                 paper_fractions=(0.05,), primary="authors@1", n_null=2, null_prompts=1, arditi_layer_stride=3, kl_grid=(0.1,), e2e_steps=2, e2e_fraction=0.05, batch=4,
                  max_new_tokens=4, batch_size=8, out=str(tmp_path))
     out, metrics = main(cfg=cfg)
     for f in ("report.md", "metrics.json", "selectivity.png", "generations.json"):

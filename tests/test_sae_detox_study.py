@@ -97,12 +97,12 @@ def test_row_nll_is_the_per_row_loss_the_scalar_losses_average():
 
 
 @pytest.mark.slow
-def test_smoke_tiny_run(tmp_path):
-    cfg = sd.Config(widths=(1, 2), k=8, sae_tokens=4096, n_features=2, alphas=(0.1, 0.3), n_prompts=3,
+def test_smoke_tiny_run(tmp_path, tiny_gemma3):
+    cfg = sd.Config(model=tiny_gemma3, widths=(1, 2), k=8, sae_tokens=4096, n_features=2, alphas=(0.1, 0.3), n_prompts=3,
                     max_new_tokens=4, n_logprob=3, ce_rows=2, context=32, n_null=2, n_null_generate=1, levels=2,
                     n_boot=200, cache_dir=str(tmp_path / "cache"), out=str(tmp_path))
     out, metrics = sd.main(cfg=cfg)
-    met = json.loads((out / "metrics.json").read_text())["gemma-3-270m"]
+    met = json.loads((out / "metrics.json").read_text())[tiny_gemma3]
     # main width: 3 tiers x (F + 2 random feature sets + 2 random directions); second width: constant, F only
     assert sorted(met["curves"]) == ["1x constant", "1x per_input", "1x per_token", "2x constant"]
     for tier in ("constant", "per_input", "per_token"):
@@ -116,11 +116,11 @@ def test_smoke_tiny_run(tmp_path):
         assert cell["lo"] <= cell["effect"] <= cell["hi"] and 0 < cell["p_holm"] <= 1 and cell["n"] == 3
     report = (out / "report.md").read_text()
     for part in ("toxicity features", "Primary comparison, named before the run: constant vs random direction",
-                 "## gemma-3-270m: Claims", "old gate over the whole row"):
+                 f"## {tiny_gemma3}: Claims", "old gate over the whole row"):
         assert part in report, part
     assert len(met["claims"]) >= 8 and (out / "sae_detox_tradeoff.png").exists()
     # training again reuses the cached activations and SAEs (nothing new written)
     cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    again = sd.train_saes(models.load("gemma-3-270m"), cfg, 6, sd.split(cfg.seed), tmp_path / "cache")
+    again = sd.train_saes(models.load(tiny_gemma3), cfg, 1, sd.split(cfg.seed), tmp_path / "cache")
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == cached and len(cached) == 3
-    assert sorted(again) == [1, 2] and again[1].width == 640 and again[2].width == 1280
+    assert sorted(again) == [1, 2] and again[1].width == 64 and again[2].width == 128

@@ -141,9 +141,9 @@ def test_analysis_finds_a_planted_effect_and_only_then(effect):
 
 
 @pytest.mark.slow
-def test_trojan_activation_smoke(tmp_path):
-    out, metrics = ta.main(cfg=ta.Config(datasets=("advbench",), n_train=5, n_val=2, n_test=3, strengths=(4.0,),
-                                         search_fraction=0.1, n_fluency=2, n_null=2, n_null_layers=2, n_boot=200,
+def test_trojan_activation_smoke(tmp_path, tiny_smollm2):
+    out, metrics = ta.main(cfg=ta.Config(model=tiny_smollm2, datasets=("advbench",), n_train=5, n_val=2, n_test=3, strengths=(4.0,),
+                                         search_fraction=0.5, n_fluency=2, n_null=2, n_null_layers=2, n_boot=200,
                                          n_generate=2,
                                          max_new_tokens=3, out=str(tmp_path)))
     for f in ("report.md", "metrics.json", "layer_selection.png", "effect_vs_strength.png"):
@@ -154,8 +154,8 @@ def test_trojan_activation_smoke(tmp_path):
     assert set(saved["verdict"]) >= {"primary", "holds", "p_holm"} and len(saved["claims"]) >= 5
     saved = saved["advbench"]
     assert set(saved["chosen_layers"]) == {"js", "js_authors", "auroc", "brute_force"}
-    assert all(0 <= v <= 2 for v in saved["chosen_layers"].values())  # 10% of 30 layers searched
-    assert len(saved["scores"]["js"]) == 30 and all(0 <= v <= np.log(2) + 1e-6 for v in saved["scores"]["js"])
+    assert all(0 <= v <= 1 for v in saved["chosen_layers"].values())  # 50% of 4 layers searched
+    assert len(saved["scores"]["js"]) == 4 and all(0 <= v <= np.log(2) + 1e-6 for v in saved["scores"]["js"])
     conds = saved["conditions"]
     assert {"attack", "opposite sign", "random layer"} <= set(conds)
     assert set(conds["opposite sign"]) == {"-4"}
