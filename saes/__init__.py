@@ -18,6 +18,8 @@ features write into every MLP output from l on), `attribution` (attribution grap
 replacement model) and `feature_effects` (interventions on features, the graphs' check).
 """
 
+import importlib
+
 from saes import attribution, cross_layer, data, detox, evaluate, features, formats, sae, synthetic, transcoders
 from saes.data import (ArraySource, CachedSource, ModelSource, TokenRows, cache_activations, default_corpus,
                        mix_corpora)
@@ -34,8 +36,6 @@ _FROM_TRAIN = {"TrainConfig": "TrainConfig", "TrainResult": "TrainResult", "Trai
 
 def __getattr__(name):  # saes.train is imported on first use, so `python -m saes.train` runs it cleanly
     if name in _FROM_TRAIN:
-        import importlib
-
         return getattr(importlib.import_module("saes.train"), _FROM_TRAIN[name])
     raise AttributeError(f"module 'saes' has no attribute {name!r}")
 

@@ -42,7 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from models.checks import check_tokens
 from models.errors import InputError
+from models.model import forward
 from models.transformer import Capture, layer_forward, norm
 from saes.cross_layer import CrossLayerTranscoder
 from saes.transcoders import TranscoderSet
@@ -73,8 +75,6 @@ def _setup(model, stacked, tokens, site: str, target: str, skip_first: int):
     """Feature activations `[L, T, W]` (zero at the first `skip_first` positions), error vectors `[L, T, D]`
     (zero there too), token embeddings `[T, D]`, every layer's `resid_pre [L, T, D]`, the last layer's
     `resid_post [T, D]` and the last position's logits `[V]`."""
-    from models.model import forward
-
     L = model.cfg.n_layers
     out = forward(model, tokens[None], capture=(site, target, "embed", "resid_pre", Capture("resid_post", layers=(L - 1,))))
     x = out.acts[site][:, 0].astype(jnp.float32)
@@ -274,8 +274,6 @@ def _check_prompt(model, transcoders: TranscoderSet | CrossLayerTranscoder, toke
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer) or tokens.size == 0:
         raise InputError(f"{name}: tokens must be one prompt of integer ids [T], got shape {tokens.shape} "
                          f"dtype {tokens.dtype}")
-    from models.checks import check_tokens
-
     check_tokens(tokens[None], cfg.vocab_size)
     if tokens.size > cfg.n_ctx:
         raise InputError(f"{name}: the prompt has {tokens.size} tokens, more than the model's context of {cfg.n_ctx}")

@@ -34,8 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
+from safetensors.numpy import save_file
+
+from models.checks import check_tokens
 from models.errors import InputError
 from models.sites import SITES, Hook
+from models.transformer import default_positions, embed, layer_forward, norm, unembed
+from saes.dictionary import site_width
+from saes.evaluate import replacement_ce
+from saes.files import contained_file, read_json, read_safetensors, read_simple_yaml
 from saes.sae import _scatter, jumprelu, sparse_decode, step, trainable_arrays
 
 __all__ = ["ARCHS", "CrossLayerTranscoder", "from_circuit_tracer", "init", "load", "random_clt", "replaced_run", "save"]
@@ -265,8 +272,6 @@ class CrossLayerTranscoder(eqx.Module):
     # -- on a model
     def check(self, cfg) -> None:
         """InputError unless the CLT fits the model config (its layers, its sites' width)."""
-        from saes.data import site_width
-
         if self.n_layers != cfg.n_layers:
             raise InputError(f"the cross-layer transcoder has {self.n_layers} layers, the model {cfg.n_layers}")
         for name in (self.site, self.target):
@@ -280,8 +285,6 @@ class CrossLayerTranscoder(eqx.Module):
         layer's features), plus `error [L, B, T, D]` when given (the real output minus the prediction: with it
         the model is reproduced exactly). `keep_first`: the first position keeps its real MLP output (CLTs
         are not trained on it). `edits` (`saes.feature_effects.FeatureEdits`) set features' activations."""
-        from models.checks import check_tokens
-
         cfg = model.cfg
         self.check(cfg)
         tokens = jnp.asarray(tokens)
@@ -300,8 +303,6 @@ class CrossLayerTranscoder(eqx.Module):
     def ce_metrics(self, model, tokens, mask=None) -> dict[str, float]:
         """Next-token CE clean, with every MLP replaced (`replaced_logits`), and with every MLP zero-ablated;
         CE recovered and the KLs, as `saes.transcoders.TranscoderSet.ce_metrics` reports them."""
-        from saes.transcoders import replacement_ce
-
         tokens = jnp.asarray(tokens)
         if mask is not None and not bool(jnp.all(jnp.asarray(mask) > 0)):
             raise InputError("CrossLayerTranscoder.ce_metrics: padded rows are not supported; give unpadded rows")
@@ -313,8 +314,6 @@ class CrossLayerTranscoder(eqx.Module):
         `W_enc_{i}.safetensors` (`W_enc_{i} [W, D]`, `b_enc_{i}`, `b_dec_{i}`, JumpReLU `threshold_{i}`) and
         `W_dec_{i}.safetensors` (`W_dec_{i} [W, L - i, D]`), input scale folded in; and a `config.yaml` naming
         the hooks (`model_kind: cross_layer_transcoder`)."""
-        from safetensors.numpy import save_file
-
         if self.arch not in ("relu", "jumprelu"):
             raise InputError(f"circuit-tracer's CLTs are ReLU or JumpReLU; a {self.arch!r} CLT has no equivalent there")
         missing = [x for x in (self.site, self.target) if x not in _CT_HOOKS]
@@ -339,8 +338,6 @@ class CrossLayerTranscoder(eqx.Module):
 
 @eqx.filter_jit
 def _replaced_logits(model, clt: CrossLayerTranscoder, tokens, error, keep_first: bool, edits):
-    from models.transformer import norm, unembed
-
     resid, _ = replaced_run(model, clt, tokens, error, int(keep_first), edits)
     return unembed(model.params, norm(resid, model.params["ln_final"], model.cfg), model.cfg).astype(jnp.float32)
 
@@ -352,8 +349,6 @@ def replaced_run(model, clt: CrossLayerTranscoder, tokens, error=None, skip_firs
     `fori_loop`), each layer's feature writes into the later layers carried forward (`future [L, B, T, D]`,
     normalised by the target's scale). Positions < `skip_first` keep their real MLP output and have no
     features; `interventions` run in every layer too (held patterns and norms: the local replacement model)."""
-    from models.transformer import default_positions, embed, layer_forward
-
     params, cfg = model.params, model.cfg
     B, T = tokens.shape
     mask = jnp.ones((B, T), jnp.int32)
@@ -482,8 +477,6 @@ def _build(where, info: dict, arrays: dict) -> CrossLayerTranscoder:
 
 def save(clt: CrossLayerTranscoder, path: str | Path, meta: dict | None = None) -> Path:
     """Ours: `clt.safetensors` (the arrays, `act_scale` included) and `clt.json` (`clt.config()`, `meta`)."""
-    from safetensors.numpy import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     arrays = {n: np.ascontiguousarray(np.asarray(getattr(clt, n), np.float32)) for n in _SHAPES
@@ -497,16 +490,14 @@ def save(clt: CrossLayerTranscoder, path: str | Path, meta: dict | None = None) 
 def load(path: str | Path, model=None) -> CrossLayerTranscoder:
     """A CLT written by `save` (or a directory of circuit-tracer's CLT files: `from_circuit_tracer`); checked
     against `model`'s config when given."""
-    from saes.formats import _read_json, _read_safetensors
-
     path = Path(path)
     if not (path / "clt.json").exists() and (path / "W_enc_0.safetensors").exists():
         clt = from_circuit_tracer(path)
     else:
-        info = _read_json(path / "clt.json")
+        info = read_json(path / "clt.json")
         if info.get("format") != FORMAT:
             raise InputError(f"{path / 'clt.json'} is not an {FORMAT} file")
-        clt = _build(path / "clt.safetensors", info, _read_safetensors(path / "clt.safetensors"))
+        clt = _build(path / "clt.safetensors", info, read_safetensors(path / "clt.safetensors"))
     if model is not None:
         clt.check(getattr(model, "cfg", model))
     return clt
@@ -516,9 +507,6 @@ def from_circuit_tracer(path: str | Path, *, site: str | None = None, target: st
     """A CLT from circuit-tracer's files (`W_enc_{i}` / `W_dec_{i}` safetensors, as `to_circuit_tracer` or
     circuit-tracer's `CrossLayerTranscoder.to_safetensors` write them). Hooks come from a `config.yaml` beside
     them, else `site`/`target`, else circuit-tracer's defaults (resid_mid -> mlp_out)."""
-    from saes.formats import _read_safetensors, contained_file
-    from saes.transcoders import _read_simple_yaml
-
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"{path} is not a directory of circuit-tracer CLT files")
@@ -534,7 +522,7 @@ def from_circuit_tracer(path: str | Path, *, site: str | None = None, target: st
         raise InputError(f"{path}: unexpected files {', '.join(extra)} beside W_enc_0 .. W_enc_{n - 1}")
     config = {}
     if (path / "config.yaml").exists():
-        config = _read_simple_yaml(path / "config.yaml")
+        config = read_simple_yaml(path / "config.yaml")
         for key, given in (("feature_input_hook", site), ("feature_output_hook", target)):
             if given is None and key not in config:
                 raise InputError(f"{path / 'config.yaml'} has no {key} (remove the file to use circuit-tracer's "
@@ -549,8 +537,8 @@ def from_circuit_tracer(path: str | Path, *, site: str | None = None, target: st
     target = target or by_ct[config.get("feature_output_hook", "hook_mlp_out")]
     parts = {name: [] for name in ("W_enc", "b_enc", "b_dec", "threshold", "W_dec")}
     for i in range(n):
-        enc = _read_safetensors(contained_file(path, f"W_enc_{i}.safetensors", path))
-        dec = _read_safetensors(contained_file(path, f"W_dec_{i}.safetensors", path))
+        enc = read_safetensors(contained_file(path, f"W_enc_{i}.safetensors", path))
+        dec = read_safetensors(contained_file(path, f"W_dec_{i}.safetensors", path))
         for name in (f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}"):
             if name not in enc:
                 raise InputError(f"{path / f'W_enc_{i}.safetensors'} lacks {name} (has {sorted(enc)})")

@@ -35,6 +35,8 @@ from jaxtyping import Array, Float, Int
 
 from interp.interventions import AddVector, Where
 from models.errors import InputError
+from models.model import forward
+from models.transformer import Capture, unembed
 from saes.attribution import Graph, _check_prompt, _setup
 from saes.cross_layer import CrossLayerTranscoder, replaced_run
 from saes.transcoders import ReplaceMLPs, TranscoderSet
@@ -126,8 +128,6 @@ def held_norms_and_patterns(model, tokens: Int[Array, "B T"]):
     """The interventions holding every attention pattern and pre-norm scale (ln1, ln2) at its value in the clean
     run of `tokens`, and `final(resid_last [B, T, D]) -> final_norm` with the final norm's scale held too.
     InputError for post-norm or QK-norm models (their norm inputs are not sites)."""
-    from models.model import forward
-
     cfg = model.cfg
     if cfg.post_norms or cfg.qk_norm:
         raise InputError(f"holding norm scales by value needs each norm's input as a site; {cfg.arch} has "
@@ -240,9 +240,6 @@ def _run(model, stacked, tokens, acts, errors, edits, *, mode: str, site: str, t
 
 
 def _local(model, stacked, tokens, errors, edits, site: str, target: str, skip_first: int):
-    from models.model import forward
-    from models.transformer import Capture, unembed
-
     L = errors.shape[0]
     held, final = held_norms_and_patterns(model, tokens[None])
     if isinstance(stacked, CrossLayerTranscoder):
@@ -257,8 +254,6 @@ def _local(model, stacked, tokens, errors, edits, site: str, target: str, skip_f
 
 
 def _real(model, stacked, tokens, acts, edits, site: str, target: str):
-    from models.model import forward
-
     L, T, _ = acts.shape
     change = edits.value - acts[edits.layer, edits.pos, edits.feature]
     if isinstance(stacked, CrossLayerTranscoder):  # a feature writes into its layer and every later one

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import models
 from models.checks import check_index
 from models.errors import InputError
 from interp.interventions import Intervention, Where, at
@@ -37,8 +38,6 @@ __all__ = ["FeatureContrast", "FeatureSteer", "TopActivations", "contrast", "fea
 
 def site_acts(model, sae: SAE, tokens, mask):
     """[B, T, d_in] activations of the SAE's (site, layer) for a token batch (forward stopped after it)."""
-    import models
-
     layer = sae.layer
     cap = models.Capture(sae.site, layers=(layer,) if layer is not None else None)
     stop = layer + 1 if layer is not None else None

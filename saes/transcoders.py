@@ -30,10 +30,17 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from safetensors.numpy import save_file
+
 from interp.interventions import Intervention, Where
 from models.errors import InputError
+from models.model import forward
 from models.sites import SITES
 from saes import sae as sae_lib
+from saes.dictionary import site_width
+from saes.evaluate import replacement_ce
+from saes.files import contained_file, read_safetensors, read_simple_yaml
+from saes.formats import check_arrays
 from saes.sae import SAE
 
 __all__ = ["ReplaceMLPs", "TranscoderSet", "random_set", "replacement_ce"]
@@ -137,8 +144,6 @@ class TranscoderSet:
 
     def check(self, cfg) -> None:
         """InputError unless the set fits the model config: one transcoder per layer, widths the sites'."""
-        from saes.data import site_width
-
         if self.n_layers != cfg.n_layers:
             raise InputError(f"the transcoder set has {self.n_layers} layers, the model {cfg.n_layers}")
         for name in (self.site, self.target):
@@ -159,8 +164,6 @@ class TranscoderSet:
     def ce_metrics(self, model, tokens, mask=None) -> dict[str, float]:
         """Next-token CE clean, with every MLP replaced by its transcoder (the first token keeps its real
         output), and with every MLP zero-ablated; CE recovered, KL(clean || replaced) and KL(clean || zero)."""
-        from models.model import forward
-
         self.check(model.cfg)
         tokens = jnp.asarray(tokens)
         mask = jnp.ones_like(tokens) if mask is None else jnp.asarray(mask)
@@ -175,8 +178,6 @@ class TranscoderSet:
         `config.yaml` naming circuit-tracer's hooks (`mlp.hook_in` for ln2.normalized, `mlp.hook_out` for mlp_out),
         and a skip transcoder's `W_skip [d_out, d_in]`. The input scale is folded in; BatchTopK is written as the
         JumpReLU of its inference threshold."""
-        from safetensors.numpy import save_file
-
         if self.transcoders[0].arch not in _CT_ARCHS:
             raise InputError(f"circuit-tracer reads ReLU and JumpReLU transcoders; a {self.transcoders[0].arch!r} set "
                              f"has no equivalent there (architectures that export: {', '.join(_CT_ARCHS)})")
@@ -209,13 +210,11 @@ class TranscoderSet:
     def from_circuit_tracer(cls, path: str | Path) -> "TranscoderSet":
         """Read a set written by `to_circuit_tracer` (or any local circuit-tracer ReLU/JumpReLU set whose
         config names hooks of `models.sites`: its TransformerLens names or circuit-tracer's MLP hooks)."""
-        from saes.formats import _read_safetensors, check_arrays, contained_file
-
         path = Path(path)
         config_path = path / "config.yaml"
         if not config_path.is_file():
             raise InputError(f"{path} holds no circuit-tracer transcoder set (no config.yaml)")
-        config = _read_simple_yaml(config_path)
+        config = read_simple_yaml(config_path)
         by_tl = {**{s.tl: name for name, s in SITES.items()}, **{v: k for k, v in _CT_HOOKS.items()},
                  "hook_mlp_out": "mlp_out"}
         hooks = {}
@@ -240,7 +239,7 @@ class TranscoderSet:
         tcs = []
         for layer, entry in enumerate(listed):
             f = contained_file(path, entry, f"{config_path}: transcoders[{layer}]")
-            a = _read_safetensors(f)
+            a = read_safetensors(f)
             if missing := sorted({"W_enc", "W_dec", "b_enc", "b_dec"} - set(a)):
                 raise InputError(f"{f} lacks {missing} (has {sorted(a)})")
             arrays = dict(W_enc=a["W_enc"].T, W_dec=a["W_dec"], b_enc=a["b_enc"], b_dec=a["b_dec"])
@@ -252,33 +251,6 @@ class TranscoderSet:
             check_arrays(f, arch, arrays)
             tcs.append(sae_lib.from_arrays(arch, arrays, site=site, layer=layer, target=target))
         return cls.of(tcs)
-
-
-class _ZeroAfterFirst(Intervention):
-    """`site` (every layer's MLP output) zero-ablated, except at each row's first real token."""
-
-    where: Where
-    site: str = eqx.field(static=True)
-
-    def edit(self, value, ctx):
-        return jnp.where(((ctx.positions == 0) & (ctx.attention_mask > 0))[..., None], value, 0.0)
-
-
-def replacement_ce(model, tokens, mask, replaced_logits, target: str = "mlp_out") -> dict[str, float]:
-    """CE of `tokens [B, T]` clean, with `replaced_logits [B, T, V]` (a replacement model's), and with every
-    layer's `target` zero-ablated (the first token keeps it); CE recovered, KL(clean || replaced), KL(clean || zero)."""
-    from models.model import forward
-    from saes.evaluate import ce_and_kl, next_token_ce
-
-    ce, valid, clean_logp = next_token_ce(forward(model, tokens, attention_mask=mask).logits, tokens, mask)
-    zero = forward(model, tokens, attention_mask=mask, interventions=(_ZeroAfterFirst(Where(), target),)).logits
-    out = {"ce_clean": float(jnp.sum(ce * valid) / jnp.maximum(valid.sum(), 1))}
-    for name, logits in (("replaced", replaced_logits), ("zero", zero)):
-        ce_x, kl = ce_and_kl(logits, tokens, mask, clean_logp)
-        out[f"ce_{name}"], out["kl" if name == "replaced" else "kl_zero"] = float(ce_x), float(kl)
-    denom = out["ce_zero"] - out["ce_clean"]
-    out["ce_recovered"] = (out["ce_zero"] - out["ce_replaced"]) / denom if abs(denom) > 1e-9 else float("nan")
-    return out
 
 
 def random_set(cfg, arch: str = "relu", width: int = 40, *, seed: int = 0, bias: float = 0.05,
@@ -303,38 +275,7 @@ def random_set(cfg, arch: str = "relu", width: int = 40, *, seed: int = 0, bias:
     return TranscoderSet.of(out)
 
 
-_MAX_YAML_BYTES = 1 << 20  # a config.yaml lists hooks and file names
-
-
 def _layer_of(name: str) -> int:
     """The layer of `layer_{i}.safetensors` (names that are not so sort last)."""
     stem = name.removesuffix(".safetensors").removeprefix("layer_")
     return int(stem) if stem.isdigit() else 1 << 30
-
-
-def _read_simple_yaml(path: Path) -> dict:
-    """The `key: value` lines of a flat YAML file (values JSON or bare strings; `- item` lists)."""
-    try:
-        if path.stat().st_size > _MAX_YAML_BYTES:
-            raise InputError(f"{path} is {path.stat().st_size:,} bytes, more than a config's {_MAX_YAML_BYTES:,}")
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path} is not a readable UTF-8 config ({e})") from None
-    out, key = {}, None
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        if line.lstrip().startswith("- ") and key is not None:
-            out.setdefault(key, [])
-            out[key].append(line.lstrip()[2:].strip().strip("'\""))
-            continue
-        key, _, value = line.partition(":")
-        key, value = key.strip(), value.strip()
-        if not value:
-            out[key] = []
-            continue
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value.strip("'\"")
-    return out
