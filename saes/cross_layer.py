@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, final
 
 import equinox as eqx
 import jax
@@ -40,10 +40,10 @@ from models.checks import check_tokens
 from models.errors import InputError
 from models.sites import SITES, Hook
 from models.transformer import default_positions, embed, layer_forward, norm, unembed
-from saes.dictionary import site_width
+from saes.dictionary import Dictionary, site_width
 from saes.evaluate import replacement_ce
 from saes.files import contained_file, read_json, read_safetensors, read_simple_yaml
-from saes.sae import _scatter, jumprelu, sparse_decode, step, trainable_arrays
+from saes.sae import _scatter, jumprelu, sparse_decode, step
 
 __all__ = ["ARCHS", "CrossLayerTranscoder", "from_circuit_tracer", "init", "load", "random_clt", "replaced_run", "save"]
 
@@ -53,7 +53,8 @@ FORMAT = "interp-clt"
 _CT_HOOKS = {"resid_mid": "hook_resid_mid", "ln2.normalized": "mlp.hook_in", "mlp_out": "hook_mlp_out"}
 
 
-class CrossLayerTranscoder(eqx.Module):
+@final
+class CrossLayerTranscoder(Dictionary):
     """One dictionary per layer whose features decode into the targets of their layer and every later one;
     see the module docstring for the arrays."""
 
@@ -69,7 +70,6 @@ class CrossLayerTranscoder(eqx.Module):
     k: int = eqx.field(static=True, default=32)
     bandwidth: float = eqx.field(static=True, default=0.05)
 
-    buffers: ClassVar[tuple[str, ...]] = ("act_scale",)
     # logical axes (`models.sharding.RULES`): split along features; W_dec's target-layer axis is unnamed (a logical
     # name may occur once per array, and layers are replicated anyway)
     axes: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -113,7 +113,7 @@ class CrossLayerTranscoder(eqx.Module):
     def target_hooks(self) -> list[str]:
         return [Hook(self.target, layer).key for layer in range(self.n_layers)]
 
-    def streams(self, batch: dict) -> tuple[Array, Array]:
+    def streams(self, batch: dict, hook: str = "clt") -> tuple[Array, Array]:
         """Every layer's input and target stacked `[N, L, D]` from a batch of named streams `{hook: [N, D]}`."""
         return (jnp.stack([batch[h] for h in self.input_hooks()], 1),
                 jnp.stack([batch[h] for h in self.target_hooks()], 1))
@@ -194,10 +194,7 @@ class CrossLayerTranscoder(eqx.Module):
         self._check_index("feature", feature, self.width)
         return self.W_dec[layer, feature] * self.causal()[layer][..., None] / self.act_scale
 
-    # -- training (the protocol of `saes.sae.SAE` that `saes.train_step` uses)
-    def trainable(self):
-        return trainable_arrays(self)
-
+    # -- training (the `saes.dictionary.Dictionary` protocol that `saes.train_step` uses)
     def decoder_norms(self) -> Float[Array, "L W"]:
         """Each feature's decoder norm over all the layers it writes to."""
         return jnp.sqrt(jnp.einsum("swtd,st->sw", jnp.square(self.W_dec), self.causal()))
@@ -243,21 +240,12 @@ class CrossLayerTranscoder(eqx.Module):
                    x_hat=y_hat)
         return recon, aux
 
-    def project_decoder_grad(self, grad_W_dec):
-        return grad_W_dec
-
     def constrain(self) -> "CrossLayerTranscoder":
         """Decoder entries below their source layer stay zero; JumpReLU thresholds stay positive."""
         out = eqx.tree_at(lambda m: m.W_dec, self, self.causal_W_dec())
         if self.arch == "jumprelu":
             out = eqx.tree_at(lambda m: m.threshold, out, jnp.maximum(out.threshold, 1e-6))
         return out
-
-    def update_buffers(self, aux: dict, threshold_lr: float) -> "CrossLayerTranscoder":
-        return self
-
-    def train_metrics(self) -> dict:
-        return {}
 
     def fold_scale(self) -> "CrossLayerTranscoder":
         """The same function of raw activations with `act_scale` baked into the weights."""

@@ -1,13 +1,122 @@
-"""The bottom of `saes`: what every dictionary shares (imports nothing else in `saes`)."""
+"""The bottom of `saes`: the abstract `Dictionary` every dictionary is (imports nothing else in `saes`).
+
+A dictionary maps activations of `site` to features and back: `encode(x) -> f`, `decode(f) -> x_hat` (a
+transcoder's: a prediction of `target`). The concrete, final classes are the SAE architectures of `saes.sae`
+(one per `arch`, joining `saes.sae.ARCHS` with `@register_arch`) and `saes.cross_layer.CrossLayerTranscoder`;
+the trainer (`saes.train_step`, `saes.train_state`) and the file formats speak only this interface:
+
+| member                      | what                                                                                |
+|-----------------------------|-------------------------------------------------------------------------------------|
+| `site`, `target`            | the input site; the site a transcoder predicts (None: an SAE)                       |
+| `d_in`, `width`             | the input width and the number of features (per layer for a CLT)                    |
+| `latent_shape`              | the shape of per-latent statistics (`[width]`; a CLT's `[L, width]`)                |
+| `hook`                      | its key in a training run                                                           |
+| `axes`, `buffers`           | logical axes of each array (`models.sharding.RULES`), arrays the optimizer skips    |
+| `encode`, `decode`          | raw activations -> features -> reconstruction (raw scale)                           |
+| `streams(batch, hook)`      | its input and target from a batch of named streams                                  |
+| `loss`, `constrain`, ...    | training: `(loss, aux)` on normalised inputs; constraints after each step           |
+"""
 
 from __future__ import annotations
 
+import abc
+from typing import ClassVar
+
+import equinox as eqx
+import jax
 import numpy as np
+from jaxtyping import Array
 
 from models.errors import InputError
 from models.sites import check_site
 
-__all__ = ["site_width"]
+__all__ = ["Dictionary", "site_width", "trainable_arrays"]
+
+
+class Dictionary(eqx.Module):
+    """The abstract dictionary (see the module docstring); concrete subclasses are final."""
+
+    site: eqx.AbstractVar[str]
+    target: eqx.AbstractVar[str | None]
+    W_enc: eqx.AbstractVar[Array]
+    W_dec: eqx.AbstractVar[Array]
+    act_scale: eqx.AbstractVar[Array]
+
+    buffers: ClassVar[tuple[str, ...]] = ("act_scale",)  # arrays that the optimizer never touches
+    axes: eqx.AbstractClassVar[dict[str, tuple[str | None, ...]]]
+
+    @property
+    @abc.abstractmethod
+    def d_in(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def width(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def latent_shape(self) -> tuple[int, ...]:
+        """The shape of per-latent statistics."""
+
+    @property
+    @abc.abstractmethod
+    def hook(self) -> str:
+        """Its key in a training run (and its directory under `saes/`)."""
+
+    @abc.abstractmethod
+    def encode(self, x):
+        """Feature activations of raw activations."""
+
+    @abc.abstractmethod
+    def decode(self, f):
+        """The features' reconstruction (a transcoder's: prediction of its target), raw scale."""
+
+    def __call__(self, x):
+        return self.decode(self.encode(x))
+
+    @abc.abstractmethod
+    def streams(self, batch: dict, hook: str) -> tuple[Array, Array | None]:
+        """`(x, y)`: its input and target (None: an SAE) from a batch of named streams `{hook: [N, d_in]}`."""
+
+    # -- training (`saes.train_step`)
+    @abc.abstractmethod
+    def loss(self, xn, coeff, dead, aux_coeff: float = 0.0, aux_k: int = 0, aux_batch: int = 0, yn=None):
+        """`(loss, aux)` on a normalised batch (see the concrete classes for `aux`)."""
+
+    @abc.abstractmethod
+    def constrain(self) -> "Dictionary":
+        """Re-impose the architecture's constraints after an optimizer step."""
+
+    @abc.abstractmethod
+    def fold_scale(self) -> "Dictionary":
+        """The same function of raw activations with `act_scale` baked into the weights."""
+
+    @abc.abstractmethod
+    def config(self) -> dict:
+        """Static, JSON-able description."""
+
+    def trainable(self):
+        """A pytree of bools like `self`: True on arrays the optimizer updates."""
+        return trainable_arrays(self)
+
+    def project_decoder_grad(self, grad_W_dec):
+        """The decoder gradient with what the constraint forbids removed (default: unchanged)."""
+        return grad_W_dec
+
+    def update_buffers(self, aux: dict, threshold_lr: float) -> "Dictionary":
+        """Buffers estimated from a training batch's `loss` aux (BatchTopK's inference threshold); else self."""
+        return self
+
+    def train_metrics(self) -> dict:
+        """Architecture-specific scalars logged after each step (BatchTopK: its threshold)."""
+        return {}
+
+
+def trainable_arrays(module):
+    """A pytree of bools like `module` (a `Dictionary`): True on its array fields that are not among its
+    `buffers` (what the optimizer updates)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: eqx.is_array(leaf) and path[0].name not in module.buffers, module)
 
 
 def site_width(cfg, site: str) -> int:

@@ -94,7 +94,6 @@ def load(path: str | Path, model=None) -> SAE:
 # arrays of each architecture (our names) and their shapes in terms of d = d_in and w = width; () = scalar
 _SHAPES = {"W_enc": ("d", "w"), "W_dec": ("w", "d"), "b_enc": ("w",), "b_dec": ("d",), "act_scale": (),
            "r_mag": ("w",), "b_mag": ("w",), "W_skip": ("d", "d")}
-_REQUIRED = {"relu": (), "topk": (), "batchtopk": (), "jumprelu": ("threshold",), "gated": ("r_mag", "b_mag")}
 
 
 def check_arrays(where, arch: str, arrays: dict, *, k=32, site: str = "", layer=None, model=None, d_in=None,
@@ -104,7 +103,7 @@ def check_arrays(where, arch: str, arrays: dict, *, k=32, site: str = "", layer=
     `[width]`, scalar `act_scale` and BatchTopK `threshold`, a skip transcoder's `W_skip [d_in, d_in]`, all finite; `k` in [1, width] for TopK/BatchTopK;
     `d_in`/`width` (from the file's metadata) equal to the arrays'; with `model`, `site` a site of
     `models.sites` whose width is `d_in` and `layer` inside the model."""
-    missing = sorted({"W_enc", "W_dec", "b_dec", *_REQUIRED[arch]} - set(arrays))
+    missing = sorted({"W_enc", "W_dec", "b_dec", *sae_lib.ARCHS[arch].extra_arrays} - set(arrays))
     if missing:
         raise InputError(f"{where}: a {arch} SAE needs arrays {missing}, which the file lacks (has {sorted(arrays)})")
     enc = np.shape(arrays["W_enc"])
