@@ -29,6 +29,7 @@ import numpy as np
 import models
 from models.checks import check_index
 from models.errors import InputError
+from models.transformer import unembedding
 from interp.interventions import Intervention, Where, at
 from saes.sae import SAE
 
@@ -249,7 +250,7 @@ def logit_effects(model, sae: SAE, feature: int, n: int = 10) -> dict[str, list[
     if direction.shape[0] != model.cfg.d_model:
         raise ValueError(f"logit effects need a d_model-sized site, {sae.site} has width {direction.shape[0]}")
     w = params["ln_final"]["w"].astype(jnp.float32)
-    W_U = params["unembed"]["W_U"] if "unembed" in params else params["embed"]["W_E"].T
+    W_U = unembedding(params)
     effect = np.asarray((direction * w) @ W_U.astype(jnp.float32))
     order = np.argsort(effect)
     tok = model.tokenizer
