@@ -40,7 +40,7 @@ from models.checks import check_tokens
 from models.errors import InputError
 from models.sites import SITES, Hook
 from models.transformer import default_positions, embed, layer_forward, norm, unembed
-from saes.dictionary import Dictionary, site_width
+from saes.dictionary import Dictionary, Replacement, site_width
 from saes.evaluate import replacement_ce
 from saes.files import contained_file, read_json, read_safetensors, read_simple_yaml
 from saes.sae import _scatter, jumprelu, sparse_decode, step
@@ -54,7 +54,7 @@ _CT_HOOKS = {"resid_mid": "hook_resid_mid", "ln2.normalized": "mlp.hook_in", "ml
 
 
 @final
-class CrossLayerTranscoder(Dictionary):
+class CrossLayerTranscoder(Dictionary, Replacement):
     """One dictionary per layer whose features decode into the targets of their layer and every later one;
     see the module docstring for the arrays."""
 
@@ -152,6 +152,7 @@ class CrossLayerTranscoder(Dictionary):
             raise InputError(f"cross-layer transcoder: {name} has shape {tuple(shape)}, expected a last axis of "
                              f"{what}={last}")
 
+    @jax.named_scope("clt.layer_encode")
     def layer_encode(self, x: Float[ArrayLike, "... D"], layer) -> Float[Array, "... W"]:
         """Feature activations of one layer (`layer` may be traced) from its raw input; a traced `layer` outside
         [0, n_layers) gives NaN features (never a clamped neighbour's)."""
@@ -163,6 +164,7 @@ class CrossLayerTranscoder(Dictionary):
         f = self._activate(pre, None if self.threshold is None else self.threshold[layer])
         return jnp.where(ok, f, jnp.nan)
 
+    @jax.named_scope("clt.encode")
     def encode(self, x: Float[ArrayLike, "... L D"]) -> Float[Array, "... L W"]:
         """Feature activations of every layer's raw input."""
         if np.shape(x)[-2:] != (self.n_layers, self.d_in):
@@ -177,6 +179,7 @@ class CrossLayerTranscoder(Dictionary):
     def decode_normalised(self, f: Float[Array, "... L W"]) -> Float[Array, "... L D"]:
         return jnp.einsum("...sw,swtd->...td", f, self.causal_W_dec()) + self.b_dec
 
+    @jax.named_scope("clt.decode")
     def decode(self, f: Float[ArrayLike, "... L W"]) -> Float[Array, "... L D"]:
         """Every layer's predicted target (raw scale): layer t's sums the features of layers <= t."""
         if np.shape(f)[-2:] != (self.n_layers, self.width):
@@ -193,6 +196,38 @@ class CrossLayerTranscoder(Dictionary):
         self._check_index("layer", layer, self.n_layers)
         self._check_index("feature", feature, self.width)
         return self.W_dec[layer, feature] * self.causal()[layer][..., None] / self.act_scale
+
+    # -- the replacement interface (`saes.dictionary.Replacement`): a CLT is its own
+    @property
+    def replacement(self) -> "CrossLayerTranscoder":
+        return self
+
+    def scales(self) -> Float[Array, " L"]:
+        return self.act_scale.reshape(self.n_layers)
+
+    def pre_acts_layers(self, x: Float[Array, "L ... D"]) -> Float[Array, "L ... W"]:
+        return jnp.moveaxis(self.pre_acts(jnp.moveaxis(x, 0, -2) * self.act_scale), -2, 0)
+
+    def encode_layers(self, x: Float[Array, "L ... D"]) -> Float[Array, "L ... W"]:
+        return jnp.moveaxis(self.encode(jnp.moveaxis(x, 0, -2)), -2, 0)
+
+    def predict_layers(self, acts: Float[Array, "L ... W"], x=None) -> Float[Array, "L ... D"]:
+        return jnp.moveaxis(self.decode(jnp.moveaxis(acts, 0, -2)), -2, 0)
+
+    def encoder_rows(self, layer, feature) -> np.ndarray:
+        """Host-side: `W_enc[layer, :, feature]` times the layer's input scale, `[n, D]`."""
+        return np.asarray(self.W_enc)[layer, :, feature] * np.asarray(self.scales())[layer][:, None]
+
+    def decoder_writes(self, layer, feature) -> Float[Array, "n L D"]:
+        return self.decoder_vectors(layer, feature)
+
+    def writes(self, layer, feature):
+        """Host-side: one write per (feature, target layer >= its own), by feature then target."""
+        owner, target = np.nonzero(np.arange(self.n_layers)[None, :] >= np.asarray(layer)[:, None])
+        return owner, target, np.asarray(self.W_dec)[layer[owner], feature[owner], target]
+
+    def replaced_run(self, model, tokens, error=None, skip_first: int = 1, edits=None, interventions=()):
+        return replaced_run(model, self, tokens, error, skip_first, edits, interventions)
 
     # -- training (the `saes.dictionary.Dictionary` protocol that `saes.train_step` uses)
     def decoder_norms(self) -> Float[Array, "L W"]:

@@ -30,7 +30,7 @@ from jaxtyping import Array
 from models.errors import InputError
 from models.sites import check_site
 
-__all__ = ["Dictionary", "site_width", "trainable_arrays"]
+__all__ = ["Dictionary", "Replacement", "site_width", "trainable_arrays"]
 
 
 class Dictionary(eqx.Module):
@@ -110,6 +110,62 @@ class Dictionary(eqx.Module):
     def train_metrics(self) -> dict:
         """Architecture-specific scalars logged after each step (BatchTopK: its threshold)."""
         return {}
+
+
+class Replacement(eqx.Module):
+    """The replacement interface: what the replacement model, attribution graphs (`saes.attribution`) and
+    feature interventions (`saes.feature_effects`) ask of MLP replacements, so they never ask which kind they
+    have. Implemented by a per-layer transcoder set (`saes.transcoders.StackedTranscoders`, what
+    `TranscoderSet.replacement` gives) and by a cross-layer transcoder (`CrossLayerTranscoder.replacement` is
+    itself). Arrays are layer-leading: inputs `[L, ..., D]`, features `[L, ..., W]`; a feature is
+    (layer, index), and writes into the targets (MLP outputs) of its layer (a set) or of its layer and every
+    later one (a CLT)."""
+
+    @property
+    @abc.abstractmethod
+    def n_layers(self) -> int: ...
+
+    @property
+    def skip_weights(self) -> Array | None:
+        """A skip transcoder set's linear paths `W_skip [L, D, D]` (stay live in the frozen model); else None."""
+        return None
+
+    @abc.abstractmethod
+    def scales(self) -> Array:
+        """Each layer's input scale `[L]` (`act_scale`)."""
+
+    @abc.abstractmethod
+    def pre_acts_layers(self, x):
+        """Pre-activations `[L, ..., W]` of every layer's raw input `[L, ..., D]`."""
+
+    @abc.abstractmethod
+    def encode_layers(self, x):
+        """Feature activations `[L, ..., W]` of every layer's raw input `[L, ..., D]`."""
+
+    @abc.abstractmethod
+    def predict_layers(self, acts, x):
+        """Every layer's predicted target `[L, ..., D]` from the features `[L, ..., W]` (of that layer; a CLT's:
+        and of earlier ones) and the raw inputs `x [L, ..., D]` (a skip path's)."""
+
+    @abc.abstractmethod
+    def encoder_rows(self, layer, feature):
+        """d pre-activation / d raw input of features (`layer`, `feature`: `[n]` arrays): `[n, D]`."""
+
+    @abc.abstractmethod
+    def decoder_writes(self, layer, feature):
+        """Raw-scale decoder vectors of features (`[n]` arrays) into every target layer `[n, L, D]` (zero where
+        a feature does not write)."""
+
+    @abc.abstractmethod
+    def writes(self, layer, feature) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Host-side, one entry per (feature, target layer) it writes to: `(owner [E], target layer [E], decoder
+        vector [E, D])` (normalised scale: divide by the target's scale), ordered by feature, then target."""
+
+    @abc.abstractmethod
+    def replaced_run(self, model, tokens, error=None, skip_first: int = 1, edits=None, interventions=()):
+        """The forward of unpadded `tokens [B, T]` with every MLP output replaced (plus `error [L, B, T, D]`
+        when given; positions < `skip_first` keep their real output; `edits` set features; `interventions`
+        run in every layer): `(the last layer's resid_post [B, T, D], every layer's input [L, B, T, D])`."""
 
 
 def trainable_arrays(module):

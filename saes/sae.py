@@ -24,6 +24,10 @@ reconstruction `mean_batch(sum_d (xn - xn_hat)^2)` plus the architecture's spars
 | `jumprelu`  | pre * H(pre - theta), learned theta [width]      | L0 = sum_i H(pre_i - theta_i), rectangle-kernel STE | unit norm |
 | `gated`     | H(pi_gate) * relu(pi_mag), W_mag = W_enc*exp(r_mag) | L1 of relu(pi_gate) (times decoder norms) + aux reconstruction through the frozen decoder | unit norm |
 
+Each architecture is a final subclass of the abstract `SAE` (a `saes.dictionary.Dictionary`) that joins
+`ARCHS` with `@register_arch`; `init` and `from_arrays` build any registered one through its `fresh_fields` /
+`fields_from`, so a new architecture is one class in one place.
+
 `pre = (x - b_dec) @ W_enc + b_enc`. "Unit norm" decoders are renormalised after every optimizer step and
 their gradient's component along each row is projected out first (`saes.train_step`). Each class declares
 the logical axes of its arrays (`axes`), by which `saes.train_state` shards them.
@@ -191,11 +195,13 @@ class SAE(Dictionary):
         known = None if known is None else known - jax.lax.stop_gradient(bias)
         return sparse_encode(self.W_enc.T, xn, cols, rows, known) + bias
 
+    @jax.named_scope("sae.encode")
     def encode(self, x: Float[ArrayLike, "... d_in"]) -> Float[Array, "... width"]:
         """Feature activations of raw activations `x` (inference rule: BatchTopK uses its threshold)."""
         xn = x * self.act_scale
         return self.activate(self.pre_acts(xn), xn)
 
+    @jax.named_scope("sae.decode")
     def decode(self, f: Float[ArrayLike, "... width"]) -> Float[Array, "... d_in"]:
         """The features' part of the reconstruction (a transcoder: of the prediction of its target), raw scale."""
         return (f @ self.W_dec + self.b_dec) / self.act_scale
@@ -615,6 +621,7 @@ class GatedSAE(SAE):
         pi_gate, pi_mag = self._paths(xn)
         return jnp.where(pi_gate > 0, jax.nn.relu(pi_mag), 0.0)
 
+    @jax.named_scope("sae.encode")
     def encode(self, x):
         return self.activate(None, x * self.act_scale)
 

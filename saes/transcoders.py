@@ -22,7 +22,7 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, final
 
 import equinox as eqx
 import jax
@@ -36,14 +36,15 @@ from interp.interventions import Intervention, Where
 from models.errors import InputError
 from models.model import forward
 from models.sites import SITES
+from models.transformer import Capture
 from saes import sae as sae_lib
-from saes.dictionary import site_width
+from saes.dictionary import Replacement, site_width
 from saes.evaluate import replacement_ce
 from saes.files import contained_file, read_safetensors, read_simple_yaml
 from saes.formats import check_arrays
 from saes.sae import SAE
 
-__all__ = ["ReplaceMLPs", "TranscoderSet", "random_set", "replacement_ce"]
+__all__ = ["ReplaceMLPs", "StackedTranscoders", "TranscoderSet", "random_set", "replacement_ce"]
 
 # circuit-tracer's activation functions by our architecture: BatchTopK infers with a threshold (JumpReLU);
 # TopK and Gated have no circuit-tracer loader
@@ -80,6 +81,55 @@ class ReplaceMLPs(Intervention):
         if self.keep is not None:
             new = jnp.where(self.keep[..., None], value.astype(jnp.float32), new)
         return new.astype(value.dtype)
+
+
+@final
+class StackedTranscoders(Replacement):
+    """A per-layer transcoder set as the replacement interface (`saes.dictionary.Replacement`): `stacked`, the
+    layers' transcoders as one SAE pytree with arrays `[L, ...]` (`TranscoderSet.stacked`); each feature
+    writes into its own layer's target only."""
+
+    stacked: SAE
+
+    @property
+    def n_layers(self) -> int:
+        return self.stacked.W_enc.shape[0]
+
+    @property
+    def skip_weights(self) -> Float[Array, "L D D"] | None:
+        return self.stacked.W_skip
+
+    def scales(self) -> Float[Array, " L"]:
+        return self.stacked.act_scale.reshape(self.n_layers)
+
+    def pre_acts_layers(self, x: Float[Array, "L ... D"]) -> Float[Array, "L ... W"]:
+        return jax.vmap(lambda tc, x: tc.pre_acts(x * tc.act_scale))(self.stacked, x)
+
+    def encode_layers(self, x: Float[Array, "L ... D"]) -> Float[Array, "L ... W"]:
+        return jax.vmap(lambda tc, x: tc.activate(tc.pre_acts(x * tc.act_scale), x * tc.act_scale))(self.stacked, x)
+
+    def predict_layers(self, acts: Float[Array, "L ... W"], x: Float[Array, "L ... D"]) -> Float[Array, "L ... D"]:
+        return jax.vmap(lambda tc, f, x: tc.decode(f) + tc.skip(x))(self.stacked, acts, x)
+
+    def encoder_rows(self, layer, feature) -> np.ndarray:
+        """Host-side: `W_enc[layer, :, feature]` times the layer's input scale, `[n, D]`."""
+        return np.asarray(self.stacked.W_enc)[layer, :, feature] * np.asarray(self.scales())[layer][:, None]
+
+    def decoder_writes(self, layer, feature) -> Float[Array, "n L D"]:
+        vec = self.stacked.W_dec[layer, feature] / self.stacked.act_scale[layer][:, None]  # [n, D]
+        return vec[:, None, :] * (jnp.arange(self.n_layers)[None, :] == jnp.asarray(layer)[:, None])[..., None]
+
+    def writes(self, layer, feature):
+        """Host-side: one write per feature, into its own layer."""
+        return np.arange(len(layer)), np.asarray(layer), np.asarray(self.stacked.W_dec)[layer, feature]
+
+    def replaced_run(self, model, tokens, error=None, skip_first: int = 1, edits=None, interventions=()):
+        s = self.stacked
+        keep = (jnp.arange(tokens.shape[1]) < skip_first)[None]
+        replace = ReplaceMLPs(s, error, keep, Where(), s.target, s.site, edits)
+        out = forward(model, tokens, capture=(s.site, Capture("resid_post", layers=(self.n_layers - 1,))),
+                      interventions=(*interventions, replace))
+        return out.acts["resid_post"][0], out.acts[s.site]
 
 
 @dataclass(frozen=True)
@@ -141,6 +191,11 @@ class TranscoderSet:
         """The transcoders as one SAE pytree with arrays `[L, ...]` (static layer dropped; built once)."""
         plain = [dataclasses.replace(t, layer=None) for t in self.transcoders]
         return jax.tree.map(lambda *a: jnp.stack(a), *plain)
+
+    @functools.cached_property
+    def replacement(self) -> StackedTranscoders:
+        """The set as the replacement interface (what attribution and feature effects take)."""
+        return StackedTranscoders(self.stacked)
 
     def check(self, cfg) -> None:
         """InputError unless the set fits the model config: one transcoder per layer, widths the sites'."""
