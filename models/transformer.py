@@ -213,6 +213,7 @@ class LayerInputs(NamedTuple):
     cache_v: Array | None
 
 
+@jax.named_scope("attention")
 def attention(p: Params, x: Float[Array, "B T D"], li: LayerInputs, kv: dict, sites: _Sites, cfg: Config
               ) -> tuple[Float[Array, "B T D"], tuple[Float[Array, "B S K d"], Float[Array, "B S K d"]]]:
     """Multi-head (grouped-query) attention. `kv` holds key positions and validity (`[B, S]`, and the cache
@@ -273,6 +274,7 @@ def attention(p: Params, x: Float[Array, "B T D"], li: LayerInputs, kv: dict, si
     return out, new_kv
 
 
+@jax.named_scope("mlp")
 def mlp(p: Params, x: Float[Array, "B T D"], layer, sites: _Sites, cfg: Config) -> Float[Array, "B T D"]:
     """The MLP (gated when `cfg.gated_mlp`: act(x W_gate) * (x W_in)), its hidden `[B, T, F]` visited as sites."""
     pre = jnp.einsum("btd,df->btf", x, p["W_gate"] if cfg.gated_mlp else p["W_in"])
@@ -288,6 +290,7 @@ def mlp(p: Params, x: Float[Array, "B T D"], layer, sites: _Sites, cfg: Config) 
     return out + p["b_out"] if cfg.mlp_bias else out
 
 
+@jax.named_scope("block")
 def block(p: Params, resid: Float[Array, "B T D"], li: LayerInputs, kv: dict, sites: _Sites, cfg: Config
           ) -> tuple[Float[Array, "B T D"], tuple[Float[Array, "B S K d"], Float[Array, "B S K d"]]]:
     """One transformer layer; returns the new residual and this layer's (keys, values)."""
@@ -327,9 +330,14 @@ def embed(params: Params, tokens: Int[Array, "B T"], positions: Int[Array, "B T"
     return x
 
 
+def unembedding(params: Params) -> Float[Array, "D V"]:
+    """The unembedding matrix `W_U [D, V]` (a tied model's: the embedding's transpose)."""
+    return params["unembed"]["W_U"] if "unembed" in params else params["embed"]["W_E"].T
+
+
 def unembed(params: Params, x, cfg: Config) -> Float[Array, "... V"]:
     """Logits (float32, soft-capped) from the final-normed residual `[..., D]`."""
-    W_U = params["unembed"]["W_U"] if "unembed" in params else params["embed"]["W_E"].T
+    W_U = unembedding(params)
     logits = jnp.einsum("...d,dv->...v", x, W_U, preferred_element_type=jnp.float32)
     return softcap(logits, cfg.final_softcap)
 

@@ -8,17 +8,28 @@ trainer with exact resume, SAELens / Gemma Scope formats, and feature inspection
     f = sae.encode(x); x_hat = sae.decode(f)
     saes.to_saelens(sae, "export/", model_name="smollm2-135m-instruct")
 
-Modules: `sae` (architectures), `data` (corpus, token rows, activation sources, cache), `train` (the loop
-and CLI, over `train_config`, `optim`, `train_state` (state, sharding), `train_step`, `checkpoints`),
-`evaluate` (splicing, CE loss recovered), `formats`, `features` (top contexts, frequencies, two-set
-contrasts, logit effects, steering), `detox` (feature ablation and gated decoder steering), `synthetic`
-(planted dictionaries), `report`, `transcoders` (SAEs with a target site: per-layer sets, every MLP
-replaced, circuit-tracer's format), `cross_layer` (cross-layer transcoders: one dictionary whose layer-l
-features write into every MLP output from l on), `attribution` (attribution graphs through the local
-replacement model) and `feature_effects` (interventions on features, the graphs' check).
+Layers (each imports only those above it in this list, never a sibling's private names; no cycles):
+
+- dictionaries: `dictionary` (the abstract `Dictionary` and the `Replacement` interface, `site_width`),
+  `sae` (the SAE architectures, one final class each, registered in `ARCHS`), `cross_layer` (cross-layer
+  transcoders: one dictionary whose layer-l features write into every MLP output from l on; its files);
+- I/O: `files` (the public readers), `formats` (ours, SAELens, Gemma Scope);
+- evaluation and analysis: `evaluate` (splicing, CE loss recovered), `features` (top contexts, frequencies,
+  contrasts, logit effects, steering), `detox` (feature ablation and gated decoder steering), `data` (corpus,
+  token rows, activation sources, cache), `synthetic` (planted dictionaries);
+- circuit tracing: `transcoders` (per-layer sets, every MLP replaced, circuit-tracer's format), `attribution`
+  (attribution graphs through the local replacement model), `feature_effects` (interventions on features,
+  the graphs' check);
+- training: `train` (the loop and CLI, over `train_config`, `optim`, `train_state` (state, sharding),
+  `train_step`, `checkpoints`), `report`, `cache`.
+
+`import saes` loads the dictionaries, I/O and analysis; the circuit-tracing and training modules load on
+first use (`saes.attribution`, `saes.fit`, ...).
 """
 
-from saes import attribution, cross_layer, data, detox, evaluate, features, formats, sae, synthetic, transcoders
+import importlib
+
+from saes import cross_layer, data, detox, dictionary, evaluate, features, files, formats, sae, synthetic
 from saes.data import (ArraySource, CachedSource, ModelSource, TokenRows, cache_activations, default_corpus,
                        mix_corpora)
 from saes.detox import DecoderSteer, FeatureAblation, fires_anywhere
@@ -30,17 +41,20 @@ from saes.sae import ARCHS, SAE, BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUSAE, T
 
 _FROM_TRAIN = {"TrainConfig": "TrainConfig", "TrainResult": "TrainResult", "TrainingDiverged": "TrainingDiverged",
                "fit": "train"}
+# circuit tracing and training: imported on first use (and so `python -m saes.train` runs it cleanly)
+_LAZY = ("attribution", "feature_effects", "transcoders", "train", "train_config", "train_state", "train_step",
+         "checkpoints", "optim", "report", "cache")
 
 
-def __getattr__(name):  # saes.train is imported on first use, so `python -m saes.train` runs it cleanly
+def __getattr__(name):
     if name in _FROM_TRAIN:
-        import importlib
-
         return getattr(importlib.import_module("saes.train"), _FROM_TRAIN[name])
+    if name in _LAZY:
+        return importlib.import_module(f"saes.{name}")
     raise AttributeError(f"module 'saes' has no attribute {name!r}")
 
 __all__ = [
-    "ARCHS", "ArraySource", "attribution", "cross_layer", "transcoders", "BatchTopKSAE", "CachedSource", "DecoderSteer", "FeatureAblation", "FeatureContrast",
+    "ARCHS", "ArraySource", "attribution", "cross_layer", "dictionary", "feature_effects", "files", "transcoders", "BatchTopKSAE", "CachedSource", "DecoderSteer", "FeatureAblation", "FeatureContrast",
     "GatedSAE", "JumpReLUSAE", "ModelSource", "ReLUSAE", "SAE", "Splice", "TokenRows", "TopKSAE", "TrainConfig",
     "TrainResult", "TrainingDiverged", "cache_activations", "ce_metrics", "contrast", "data", "default_corpus",
     "detox", "evaluate", "feature_frequencies", "features", "fires_anywhere", "formats", "mix_corpora",

@@ -42,79 +42,71 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from models.checks import check_tokens
 from models.errors import InputError
-from models.transformer import Capture, layer_forward, norm
+from models.model import forward
+from models.transformer import Capture, layer_forward, norm, unembedding
 from saes.cross_layer import CrossLayerTranscoder
+from saes.dictionary import Replacement
 from saes.transcoders import TranscoderSet
 
-__all__ = ["Graph", "attribute"]
+__all__ = ["Graph", "Hold", "attribute"]
 
 
-class _Hold(eqx.Module):
-    """A `models.transformer.SiteEdit` holding an MLP output constant (no gradient through it) plus `delta`,
-    the source perturbation; gradient still flows through a skip transcoder's linear path
+class Hold(eqx.Module):
+    """A `models.transformer.SiteEdit` holding `site` at a value no gradient flows through: the layer's clean
+    value from `clean [L, ...]` when given (`saes.feature_effects` holds attention patterns so), else the value
+    the forward computes (attribution's frozen model holds each MLP output so); plus `delta` (a source
+    perturbation) when given. Gradient still flows through a skip transcoder's linear path
     `seen[source] @ W_skip[layer]` when `W_skip [L, D, D]` is given (circuit-tracer: `skip + (out - skip).detach()`)."""
 
-    delta: Array
     site: str = eqx.field(static=True)
+    clean: Array | None = None
+    delta: Array | None = None
     W_skip: Array | None = None
     source: str = eqx.field(static=True, default="")
 
     def apply(self, value, ctx):
-        v = jax.lax.stop_gradient(value)
+        v = jax.lax.stop_gradient(value if self.clean is None else self.clean[ctx.layer].astype(value.dtype))
         if self.W_skip is not None:
             skip = (ctx.seen[self.source].astype(jnp.float32) @ self.W_skip[ctx.layer]).astype(v.dtype)
             v = v - jax.lax.stop_gradient(skip) + skip
-        return v + self.delta.astype(v.dtype)
+        return v if self.delta is None else v + self.delta.astype(v.dtype)
 
 
 @eqx.filter_jit
-def _setup(model, stacked, tokens, site: str, target: str, skip_first: int):
+@jax.named_scope("attribution.setup")
+def _setup(model, d: Replacement, tokens, site: str, target: str, skip_first: int):
     """Feature activations `[L, T, W]` (zero at the first `skip_first` positions), error vectors `[L, T, D]`
     (zero there too), token embeddings `[T, D]`, every layer's `resid_pre [L, T, D]`, the last layer's
     `resid_post [T, D]` and the last position's logits `[V]`."""
-    from models.model import forward
-
     L = model.cfg.n_layers
     out = forward(model, tokens[None], capture=(site, target, "embed", "resid_pre", Capture("resid_post", layers=(L - 1,))))
     x = out.acts[site][:, 0].astype(jnp.float32)
     y = out.acts[target][:, 0].astype(jnp.float32)
 
-    acts = _encode(stacked, x)
+    acts = d.encode_layers(x)
     real = (jnp.arange(tokens.shape[0]) >= skip_first)[None, :, None]
     acts = jnp.where(real, acts, 0.0)
-    recon = _predict(stacked, acts, x)
+    recon = d.predict_layers(acts, x)
     err = jnp.where(real, y - recon, 0.0)
     f32 = lambda a: a.astype(jnp.float32)
     return (acts, err, f32(out.acts["embed"][0]), f32(out.acts["resid_pre"][:, 0]), f32(out.acts["resid_post"][0, 0]),
             out.logits[0, -1])
 
 
-def _encode(d, x: Float[Array, "L T D"]) -> Float[Array, "L T W"]:
-    """Feature activations of every layer of a per-layer set (`stacked`) or a CLT, from raw inputs."""
-    if isinstance(d, CrossLayerTranscoder):
-        return jnp.swapaxes(d.encode(jnp.swapaxes(x, 0, 1)), 0, 1)
-    return jax.vmap(lambda tc, x: tc.activate(tc.pre_acts(x * tc.act_scale), x * tc.act_scale))(d, x)
-
-
-def _predict(d, acts: Float[Array, "L T W"], x: Float[Array, "L T D"]) -> Float[Array, "L T D"]:
-    """Every layer's predicted target (a CLT's: from the features of that layer and earlier ones)."""
-    if isinstance(d, CrossLayerTranscoder):
-        return jnp.swapaxes(d.decode(jnp.swapaxes(acts, 0, 1)), 0, 1)
-    return jax.vmap(lambda tc, f, x: tc.decode(f) + tc.skip(x))(d, acts, x)
-
-
+@jax.named_scope("attribution.linearise")
 def _pullbacks(model, resid_pre, resid_final, site: str, target: str, W_skip):
     """`(final, layers)`: the pullback of the frozen final norm, and every layer's pullback `(g at resid_post
     [T, D], g at its site [T, D]) -> (g at resid_pre, g at its held MLP output)`, linearised once (residuals
-    stacked by layer: index them with `_index`). Each layer's MLP output is held (`_Hold`)."""
+    stacked by layer: index them with `_index`). Each layer's MLP output is held (`Hold`)."""
     params, cfg = model.params, model.cfg
     L, T, D = resid_pre.shape
     dtype = params["embed"]["W_E"].dtype  # the forward's activation dtype
     mask, positions = jnp.ones((1, T), jnp.int32), jnp.arange(T, dtype=jnp.int32)[None]
 
     def layer_fn(layer, resid, d_mlp):
-        hold = _Hold(d_mlp[None], target, W_skip, site)
+        hold = Hold(target, delta=d_mlp[None], W_skip=W_skip, source=site)
         out, acts = layer_forward(params, cfg, layer, resid[None].astype(dtype), mask, positions, (site,), (hold,),
                                   frozen=True)
         return out[0].astype(jnp.float32), acts[site][0].astype(jnp.float32)
@@ -130,6 +122,7 @@ def _index(tree, i):
 
 
 @eqx.filter_jit
+@jax.named_scope("attribution.rows")
 def _rows(model, resid_pre, resid_final, tgt_layer, tgt_pos, tgt_vec, tgt_top, tgt_bucket, src_vec, src_pos, src_index,
           err, emb, W_skip, *, site: str, target: str, chunk: int, prefixes: tuple[int, ...]):
     """Edge rows `[n_targets, S + L*T + T]` for targets injected at (layer, position) with vectors (layer L: the
@@ -214,19 +207,6 @@ def _source_groups(layer: Int[np.ndarray, " S"], pos: Int[np.ndarray, " S"], vec
     return out, group_pos, ((layer * n_groups + group) * k + rank % k).astype(np.int32)
 
 
-def _writes(d, layer, feat, values, scale):
-    """Each active feature's writes: `(owner [E], target layer [E], vector [E, D])`, the feature's decoder
-    vector into that layer times its activation, at raw scale (a per-layer set: one write per feature, into
-    its own layer; a CLT: one into each layer >= its own)."""
-    if not isinstance(d, CrossLayerTranscoder):
-        vec = np.asarray(d.W_dec)[layer, feat] * (values / scale[layer])[:, None]
-        return np.arange(len(layer)), layer, vec
-    L = d.n_layers
-    owner, target = np.nonzero(np.arange(L)[None, :] >= layer[:, None])  # row-major: by feature, then target
-    W_dec = np.asarray(d.W_dec)
-    return owner, target, W_dec[layer[owner], feat[owner], target] * (values[owner] / scale[target])[:, None]
-
-
 def _pad(a, multiple: int):
     n = -len(a) % multiple
     return np.concatenate([a, np.zeros((n, *a.shape[1:]), a.dtype)]) if n else a
@@ -258,10 +238,9 @@ def _check_prompt(model, transcoders: TranscoderSet | CrossLayerTranscoder, toke
     """One prompt's ids `[T]` (a text is tokenised by `model.to_tokens`), checked against the model and the set."""
     cfg = model.cfg
     transcoders.check(cfg)
-    d = transcoders if isinstance(transcoders, CrossLayerTranscoder) else transcoders.stacked
-    for path, leaf in jax.tree_util.tree_leaves_with_path(eqx.filter(d, eqx.is_array)):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(eqx.filter(transcoders.replacement, eqx.is_array)):
         if not bool(jnp.all(jnp.isfinite(leaf))):
-            raise InputError(f"{name}: the transcoders' {jax.tree_util.keystr(path).lstrip('.')} holds non-finite "
+            raise InputError(f"{name}: the transcoders' {jax.tree_util.keystr(path).lstrip('.').removeprefix('stacked.')} holds non-finite "
                              "values (NaN or Inf)")
     if transcoders.arch == "gated":
         raise InputError(f"{name}: a gated transcoder's activation is not a function of one pre-activation; "
@@ -274,8 +253,6 @@ def _check_prompt(model, transcoders: TranscoderSet | CrossLayerTranscoder, toke
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer) or tokens.size == 0:
         raise InputError(f"{name}: tokens must be one prompt of integer ids [T], got shape {tokens.shape} "
                          f"dtype {tokens.dtype}")
-    from models.checks import check_tokens
-
     check_tokens(tokens[None], cfg.vocab_size)
     if tokens.size > cfg.n_ctx:
         raise InputError(f"{name}: the prompt has {tokens.size} tokens, more than the model's context of {cfg.n_ctx}")
@@ -316,21 +293,20 @@ def attribute(model, transcoders: TranscoderSet | CrossLayerTranscoder, tokens, 
                              f"{np.asarray(logit_tokens).tolist()!r} (dtype {ids.dtype})")
     tokens = _check_prompt(model, transcoders, tokens, skip_first)
     site, target = transcoders.site, transcoders.target
-    clt = isinstance(transcoders, CrossLayerTranscoder)
-    stacked = transcoders if clt else transcoders.stacked
+    d = transcoders.replacement
     t = jnp.asarray(tokens, jnp.int32)
-    acts, err, emb, resid_pre, resid_final, last_logits = _setup(model, stacked, t, site=site, target=target,
+    acts, err, emb, resid_pre, resid_final, last_logits = _setup(model, d, t, site=site, target=target,
                                                                   skip_first=skip_first)
     acts = np.asarray(acts)
     L, T, _ = acts.shape
     layer, pos, feat = np.nonzero(acts)  # C order: sorted by (layer, position, feature)
     values = acts[layer, pos, feat]
-    scale = np.asarray(stacked.act_scale).reshape(L)
-    enc = np.asarray(stacked.W_enc)[layer, :, feat] * scale[layer][:, None]  # d pre-activation / d raw input
-    owner, writes_to, dec = _writes(stacked, layer, feat, values, scale)  # each feature's writes into target layers
+    scale = np.asarray(d.scales())
+    enc = d.encoder_rows(layer, feat)  # d pre-activation / d raw input
+    owner, writes_to, dec = d.writes(layer, feat)  # each feature's writes into target layers (a set: its own)
+    dec = dec * (values[owner] / scale[writes_to])[:, None]  # raw scale, times the activation
     logit_ids, probs = _logit_targets(last_logits, max_n_logits, desired_logit_prob, logit_tokens)
-    W_U = np.asarray(model.params["unembed"]["W_U"] if "unembed" in model.params else model.params["embed"]["W_E"].T,
-                     np.float32)
+    W_U = np.asarray(unembedding(model.params), np.float32)
     logit_vecs = W_U[:, logit_ids].T - W_U.mean(1)[None]
 
     S, K = len(values), len(logit_ids)
@@ -365,7 +341,7 @@ def attribute(model, transcoders: TranscoderSet | CrossLayerTranscoder, tokens, 
         tb = np.concatenate([np.full(n, bucket[g[0]]) for n, g in zip(n_chunks, groups)]).astype(np.int32)
         r = np.asarray(_rows(model, resid_pre, resid_final, jnp.asarray(tl), jnp.asarray(cat(tgt_pos)),
                              jnp.asarray(cat(tgt_vec)), jnp.asarray(tl.reshape(-1, chunk).max(1)), jnp.asarray(tb),
-                             *sources, err, emb, None if clt else stacked.W_skip, site=site, target=target, chunk=chunk,
+                             *sources, err, emb, d.skip_weights, site=site, target=target, chunk=chunk,
                              prefixes=prefixes))
         starts = chunk * np.cumsum([0, *n_chunks])
         out = np.empty((len(idx), r.shape[1]), np.float32)

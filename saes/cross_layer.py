@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, final
 
 import equinox as eqx
 import jax
@@ -34,9 +34,16 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
+from safetensors.numpy import save_file
+
+from models.checks import check_tokens
 from models.errors import InputError
 from models.sites import SITES, Hook
-from saes.sae import _scatter, jumprelu, sparse_decode, step, trainable_arrays
+from models.transformer import default_positions, embed, layer_forward, norm, unembed
+from saes.dictionary import Dictionary, Replacement, site_width
+from saes.evaluate import replacement_ce
+from saes.files import contained_file, read_json, read_safetensors, read_simple_yaml
+from saes.sae import _scatter, jumprelu, sparse_decode, step
 
 __all__ = ["ARCHS", "CrossLayerTranscoder", "from_circuit_tracer", "init", "load", "random_clt", "replaced_run", "save"]
 
@@ -46,7 +53,8 @@ FORMAT = "interp-clt"
 _CT_HOOKS = {"resid_mid": "hook_resid_mid", "ln2.normalized": "mlp.hook_in", "mlp_out": "hook_mlp_out"}
 
 
-class CrossLayerTranscoder(eqx.Module):
+@final
+class CrossLayerTranscoder(Dictionary, Replacement):
     """One dictionary per layer whose features decode into the targets of their layer and every later one;
     see the module docstring for the arrays."""
 
@@ -62,7 +70,6 @@ class CrossLayerTranscoder(eqx.Module):
     k: int = eqx.field(static=True, default=32)
     bandwidth: float = eqx.field(static=True, default=0.05)
 
-    buffers: ClassVar[tuple[str, ...]] = ("act_scale",)
     # logical axes (`models.sharding.RULES`): split along features; W_dec's target-layer axis is unnamed (a logical
     # name may occur once per array, and layers are replicated anyway)
     axes: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -106,7 +113,7 @@ class CrossLayerTranscoder(eqx.Module):
     def target_hooks(self) -> list[str]:
         return [Hook(self.target, layer).key for layer in range(self.n_layers)]
 
-    def streams(self, batch: dict) -> tuple[Array, Array]:
+    def streams(self, batch: dict, hook: str = "clt") -> tuple[Array, Array]:
         """Every layer's input and target stacked `[N, L, D]` from a batch of named streams `{hook: [N, D]}`."""
         return (jnp.stack([batch[h] for h in self.input_hooks()], 1),
                 jnp.stack([batch[h] for h in self.target_hooks()], 1))
@@ -145,6 +152,7 @@ class CrossLayerTranscoder(eqx.Module):
             raise InputError(f"cross-layer transcoder: {name} has shape {tuple(shape)}, expected a last axis of "
                              f"{what}={last}")
 
+    @jax.named_scope("clt.layer_encode")
     def layer_encode(self, x: Float[ArrayLike, "... D"], layer) -> Float[Array, "... W"]:
         """Feature activations of one layer (`layer` may be traced) from its raw input; a traced `layer` outside
         [0, n_layers) gives NaN features (never a clamped neighbour's)."""
@@ -156,6 +164,7 @@ class CrossLayerTranscoder(eqx.Module):
         f = self._activate(pre, None if self.threshold is None else self.threshold[layer])
         return jnp.where(ok, f, jnp.nan)
 
+    @jax.named_scope("clt.encode")
     def encode(self, x: Float[ArrayLike, "... L D"]) -> Float[Array, "... L W"]:
         """Feature activations of every layer's raw input."""
         if np.shape(x)[-2:] != (self.n_layers, self.d_in):
@@ -170,6 +179,7 @@ class CrossLayerTranscoder(eqx.Module):
     def decode_normalised(self, f: Float[Array, "... L W"]) -> Float[Array, "... L D"]:
         return jnp.einsum("...sw,swtd->...td", f, self.causal_W_dec()) + self.b_dec
 
+    @jax.named_scope("clt.decode")
     def decode(self, f: Float[ArrayLike, "... L W"]) -> Float[Array, "... L D"]:
         """Every layer's predicted target (raw scale): layer t's sums the features of layers <= t."""
         if np.shape(f)[-2:] != (self.n_layers, self.width):
@@ -187,10 +197,39 @@ class CrossLayerTranscoder(eqx.Module):
         self._check_index("feature", feature, self.width)
         return self.W_dec[layer, feature] * self.causal()[layer][..., None] / self.act_scale
 
-    # -- training (the protocol of `saes.sae.SAE` that `saes.train_step` uses)
-    def trainable(self):
-        return trainable_arrays(self)
+    # -- the replacement interface (`saes.dictionary.Replacement`): a CLT is its own
+    @property
+    def replacement(self) -> "CrossLayerTranscoder":
+        return self
 
+    def scales(self) -> Float[Array, " L"]:
+        return self.act_scale.reshape(self.n_layers)
+
+    def pre_acts_layers(self, x: Float[Array, "L ... D"]) -> Float[Array, "L ... W"]:
+        return jnp.moveaxis(self.pre_acts(jnp.moveaxis(x, 0, -2) * self.act_scale), -2, 0)
+
+    def encode_layers(self, x: Float[Array, "L ... D"]) -> Float[Array, "L ... W"]:
+        return jnp.moveaxis(self.encode(jnp.moveaxis(x, 0, -2)), -2, 0)
+
+    def predict_layers(self, acts: Float[Array, "L ... W"], x=None) -> Float[Array, "L ... D"]:
+        return jnp.moveaxis(self.decode(jnp.moveaxis(acts, 0, -2)), -2, 0)
+
+    def encoder_rows(self, layer, feature) -> np.ndarray:
+        """Host-side: `W_enc[layer, :, feature]` times the layer's input scale, `[n, D]`."""
+        return np.asarray(self.W_enc)[layer, :, feature] * np.asarray(self.scales())[layer][:, None]
+
+    def decoder_writes(self, layer, feature) -> Float[Array, "n L D"]:
+        return self.decoder_vectors(layer, feature)
+
+    def writes(self, layer, feature):
+        """Host-side: one write per (feature, target layer >= its own), by feature then target."""
+        owner, target = np.nonzero(np.arange(self.n_layers)[None, :] >= np.asarray(layer)[:, None])
+        return owner, target, np.asarray(self.W_dec)[layer[owner], feature[owner], target]
+
+    def replaced_run(self, model, tokens, error=None, skip_first: int = 1, edits=None, interventions=()):
+        return replaced_run(model, self, tokens, error, skip_first, edits, interventions)
+
+    # -- training (the `saes.dictionary.Dictionary` protocol that `saes.train_step` uses)
     def decoder_norms(self) -> Float[Array, "L W"]:
         """Each feature's decoder norm over all the layers it writes to."""
         return jnp.sqrt(jnp.einsum("swtd,st->sw", jnp.square(self.W_dec), self.causal()))
@@ -236,21 +275,12 @@ class CrossLayerTranscoder(eqx.Module):
                    x_hat=y_hat)
         return recon, aux
 
-    def project_decoder_grad(self, grad_W_dec):
-        return grad_W_dec
-
     def constrain(self) -> "CrossLayerTranscoder":
         """Decoder entries below their source layer stay zero; JumpReLU thresholds stay positive."""
         out = eqx.tree_at(lambda m: m.W_dec, self, self.causal_W_dec())
         if self.arch == "jumprelu":
             out = eqx.tree_at(lambda m: m.threshold, out, jnp.maximum(out.threshold, 1e-6))
         return out
-
-    def update_buffers(self, aux: dict, threshold_lr: float) -> "CrossLayerTranscoder":
-        return self
-
-    def train_metrics(self) -> dict:
-        return {}
 
     def fold_scale(self) -> "CrossLayerTranscoder":
         """The same function of raw activations with `act_scale` baked into the weights."""
@@ -265,8 +295,6 @@ class CrossLayerTranscoder(eqx.Module):
     # -- on a model
     def check(self, cfg) -> None:
         """InputError unless the CLT fits the model config (its layers, its sites' width)."""
-        from saes.data import site_width
-
         if self.n_layers != cfg.n_layers:
             raise InputError(f"the cross-layer transcoder has {self.n_layers} layers, the model {cfg.n_layers}")
         for name in (self.site, self.target):
@@ -280,8 +308,6 @@ class CrossLayerTranscoder(eqx.Module):
         layer's features), plus `error [L, B, T, D]` when given (the real output minus the prediction: with it
         the model is reproduced exactly). `keep_first`: the first position keeps its real MLP output (CLTs
         are not trained on it). `edits` (`saes.feature_effects.FeatureEdits`) set features' activations."""
-        from models.checks import check_tokens
-
         cfg = model.cfg
         self.check(cfg)
         tokens = jnp.asarray(tokens)
@@ -300,8 +326,6 @@ class CrossLayerTranscoder(eqx.Module):
     def ce_metrics(self, model, tokens, mask=None) -> dict[str, float]:
         """Next-token CE clean, with every MLP replaced (`replaced_logits`), and with every MLP zero-ablated;
         CE recovered and the KLs, as `saes.transcoders.TranscoderSet.ce_metrics` reports them."""
-        from saes.transcoders import replacement_ce
-
         tokens = jnp.asarray(tokens)
         if mask is not None and not bool(jnp.all(jnp.asarray(mask) > 0)):
             raise InputError("CrossLayerTranscoder.ce_metrics: padded rows are not supported; give unpadded rows")
@@ -313,8 +337,6 @@ class CrossLayerTranscoder(eqx.Module):
         `W_enc_{i}.safetensors` (`W_enc_{i} [W, D]`, `b_enc_{i}`, `b_dec_{i}`, JumpReLU `threshold_{i}`) and
         `W_dec_{i}.safetensors` (`W_dec_{i} [W, L - i, D]`), input scale folded in; and a `config.yaml` naming
         the hooks (`model_kind: cross_layer_transcoder`)."""
-        from safetensors.numpy import save_file
-
         if self.arch not in ("relu", "jumprelu"):
             raise InputError(f"circuit-tracer's CLTs are ReLU or JumpReLU; a {self.arch!r} CLT has no equivalent there")
         missing = [x for x in (self.site, self.target) if x not in _CT_HOOKS]
@@ -339,8 +361,6 @@ class CrossLayerTranscoder(eqx.Module):
 
 @eqx.filter_jit
 def _replaced_logits(model, clt: CrossLayerTranscoder, tokens, error, keep_first: bool, edits):
-    from models.transformer import norm, unembed
-
     resid, _ = replaced_run(model, clt, tokens, error, int(keep_first), edits)
     return unembed(model.params, norm(resid, model.params["ln_final"], model.cfg), model.cfg).astype(jnp.float32)
 
@@ -352,8 +372,6 @@ def replaced_run(model, clt: CrossLayerTranscoder, tokens, error=None, skip_firs
     `fori_loop`), each layer's feature writes into the later layers carried forward (`future [L, B, T, D]`,
     normalised by the target's scale). Positions < `skip_first` keep their real MLP output and have no
     features; `interventions` run in every layer too (held patterns and norms: the local replacement model)."""
-    from models.transformer import default_positions, embed, layer_forward
-
     params, cfg = model.params, model.cfg
     B, T = tokens.shape
     mask = jnp.ones((B, T), jnp.int32)
@@ -482,8 +500,6 @@ def _build(where, info: dict, arrays: dict) -> CrossLayerTranscoder:
 
 def save(clt: CrossLayerTranscoder, path: str | Path, meta: dict | None = None) -> Path:
     """Ours: `clt.safetensors` (the arrays, `act_scale` included) and `clt.json` (`clt.config()`, `meta`)."""
-    from safetensors.numpy import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     arrays = {n: np.ascontiguousarray(np.asarray(getattr(clt, n), np.float32)) for n in _SHAPES
@@ -497,16 +513,14 @@ def save(clt: CrossLayerTranscoder, path: str | Path, meta: dict | None = None) 
 def load(path: str | Path, model=None) -> CrossLayerTranscoder:
     """A CLT written by `save` (or a directory of circuit-tracer's CLT files: `from_circuit_tracer`); checked
     against `model`'s config when given."""
-    from saes.formats import _read_json, _read_safetensors
-
     path = Path(path)
     if not (path / "clt.json").exists() and (path / "W_enc_0.safetensors").exists():
         clt = from_circuit_tracer(path)
     else:
-        info = _read_json(path / "clt.json")
+        info = read_json(path / "clt.json")
         if info.get("format") != FORMAT:
             raise InputError(f"{path / 'clt.json'} is not an {FORMAT} file")
-        clt = _build(path / "clt.safetensors", info, _read_safetensors(path / "clt.safetensors"))
+        clt = _build(path / "clt.safetensors", info, read_safetensors(path / "clt.safetensors"))
     if model is not None:
         clt.check(getattr(model, "cfg", model))
     return clt
@@ -516,9 +530,6 @@ def from_circuit_tracer(path: str | Path, *, site: str | None = None, target: st
     """A CLT from circuit-tracer's files (`W_enc_{i}` / `W_dec_{i}` safetensors, as `to_circuit_tracer` or
     circuit-tracer's `CrossLayerTranscoder.to_safetensors` write them). Hooks come from a `config.yaml` beside
     them, else `site`/`target`, else circuit-tracer's defaults (resid_mid -> mlp_out)."""
-    from saes.formats import _read_safetensors, contained_file
-    from saes.transcoders import _read_simple_yaml
-
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"{path} is not a directory of circuit-tracer CLT files")
@@ -534,7 +545,7 @@ def from_circuit_tracer(path: str | Path, *, site: str | None = None, target: st
         raise InputError(f"{path}: unexpected files {', '.join(extra)} beside W_enc_0 .. W_enc_{n - 1}")
     config = {}
     if (path / "config.yaml").exists():
-        config = _read_simple_yaml(path / "config.yaml")
+        config = read_simple_yaml(path / "config.yaml")
         for key, given in (("feature_input_hook", site), ("feature_output_hook", target)):
             if given is None and key not in config:
                 raise InputError(f"{path / 'config.yaml'} has no {key} (remove the file to use circuit-tracer's "
@@ -549,8 +560,8 @@ def from_circuit_tracer(path: str | Path, *, site: str | None = None, target: st
     target = target or by_ct[config.get("feature_output_hook", "hook_mlp_out")]
     parts = {name: [] for name in ("W_enc", "b_enc", "b_dec", "threshold", "W_dec")}
     for i in range(n):
-        enc = _read_safetensors(contained_file(path, f"W_enc_{i}.safetensors", path))
-        dec = _read_safetensors(contained_file(path, f"W_dec_{i}.safetensors", path))
+        enc = read_safetensors(contained_file(path, f"W_enc_{i}.safetensors", path))
+        dec = read_safetensors(contained_file(path, f"W_dec_{i}.safetensors", path))
         for name in (f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}"):
             if name not in enc:
                 raise InputError(f"{path / f'W_enc_{i}.safetensors'} lacks {name} (has {sorted(enc)})")

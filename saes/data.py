@@ -50,8 +50,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import models
+from models import Capture
 from models.errors import InputError
 from models.sites import SITES, Hook, check_site
+from saes.dictionary import site_width
 from saes.sae import hook_name
 
 __all__ = [
@@ -481,15 +484,6 @@ class ArraySource:
             i += 1
 
 
-def site_width(cfg, site: str) -> int:
-    """Width of one token's activation at `site` for a `models.Config` (per-head sites flattened: H * d)."""
-    axes = check_site(site).axes
-    if "kv_seq" in axes:
-        raise InputError(f"site {site!r} (attention scores/patterns) has no fixed width for an SAE")
-    size = dict(embed=cfg.d_model, heads=cfg.n_heads, kv_heads=cfg.n_kv_heads, head_dim=cfg.d_head, mlp=cfg.d_mlp)
-    return int(np.prod([size[a] for a in axes[2:]]))
-
-
 def _write_fn(hooks_spec):
     """A jitted writer: put the valid rows of one model batch into each hook's buffer at `offset`."""
 
@@ -518,8 +512,6 @@ class ModelSource:
 
     def __init__(self, model, hooks: Sequence[tuple[str, int | None]], rows, *, chunk_tokens: int = 2**16,
                  model_batch: int = 16, exclude_ids: Sequence[int] | None = None, dtype=jnp.float32):
-        from models import Capture
-
         self.model, self.rows, self.chunk_tokens, self.model_batch = model, rows, int(chunk_tokens), int(model_batch)
         self.dtype = dtype
         cfg = model.cfg
@@ -551,8 +543,6 @@ class ModelSource:
 
     def forward(self, tokens, mask):
         """{site: activations} of one model batch (stopped after the deepest hook)."""
-        import models
-
         _, acts = models.forward(self.model, jnp.asarray(tokens), attention_mask=jnp.asarray(mask),
                                  capture=self.captures, stop_at_layer=self.stop_at_layer)
         return acts

@@ -18,10 +18,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from interp.interventions import Intervention, StackedWhere, at
+from interp.interventions import Intervention, StackedWhere, Where, at
+from models.model import forward
 from saes.sae import SAE
 
-__all__ = ["Splice", "ce_and_kl", "ce_metrics", "next_token_ce", "reconstruction_metrics"]
+__all__ = ["Splice", "ce_and_kl", "ce_metrics", "next_token_ce", "reconstruction_metrics", "replacement_ce"]
 
 
 def _real(ctx):
@@ -74,8 +75,6 @@ def next_token_ce(logits, tokens, mask):
 
 @eqx.filter_jit
 def _ce_one(model, tokens, mask, interventions, clean_logp):
-    from models.model import forward
-
     logits, _ = forward(model, tokens, attention_mask=mask, interventions=interventions)
     return ce_and_kl(logits, tokens, mask, clean_logp)
 
@@ -92,8 +91,6 @@ def ce_and_kl(logits, tokens, mask, clean_logp):
 def ce_metrics(model, saes: dict[str, SAE], tokens, mask=None) -> dict[str, dict[str, float]]:
     """CE loss clean / with each SAE spliced in / with its site zero-ablated, CE recovered and KL(clean||SAE),
     averaged over the next-token predictions of `tokens` `[B, T]`."""
-    from models.model import forward
-
     tokens = jnp.asarray(tokens)
     mask = jnp.ones_like(tokens) if mask is None else jnp.asarray(mask)
     logits, _ = forward(model, tokens, attention_mask=mask)
@@ -121,3 +118,26 @@ def reconstruction_metrics(sae: SAE, x) -> dict[str, float]:
     fvu = float(err / var)
     return dict(fvu=fvu, explained_variance=1 - fvu, mse=float(err / x.size), l0=float((f > 0).sum(-1).mean()))
 
+
+class _ZeroAfterFirst(Intervention):
+    """`site` (every layer's MLP output) zero-ablated, except at each row's first real token."""
+
+    where: Where
+    site: str = eqx.field(static=True)
+
+    def edit(self, value, ctx):
+        return jnp.where(((ctx.positions == 0) & (ctx.attention_mask > 0))[..., None], value, 0.0)
+
+
+def replacement_ce(model, tokens, mask, replaced_logits, target: str = "mlp_out") -> dict[str, float]:
+    """CE of `tokens [B, T]` clean, with `replaced_logits [B, T, V]` (a replacement model's), and with every
+    layer's `target` zero-ablated (the first token keeps it); CE recovered, KL(clean || replaced), KL(clean || zero)."""
+    ce, valid, clean_logp = next_token_ce(forward(model, tokens, attention_mask=mask).logits, tokens, mask)
+    zero = forward(model, tokens, attention_mask=mask, interventions=(_ZeroAfterFirst(Where(), target),)).logits
+    out = {"ce_clean": float(jnp.sum(ce * valid) / jnp.maximum(valid.sum(), 1))}
+    for name, logits in (("replaced", replaced_logits), ("zero", zero)):
+        ce_x, kl = ce_and_kl(logits, tokens, mask, clean_logp)
+        out[f"ce_{name}"], out["kl" if name == "replaced" else "kl_zero"] = float(ce_x), float(kl)
+    denom = out["ce_zero"] - out["ce_clean"]
+    out["ce_recovered"] = (out["ce_zero"] - out["ce_replaced"]) / denom if abs(denom) > 1e-9 else float("nan")
+    return out

@@ -34,11 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from interp.interventions import AddVector, Where
+from interp.interventions import AddVector
 from models.errors import InputError
-from saes.attribution import Graph, _check_prompt, _setup
-from saes.cross_layer import CrossLayerTranscoder, replaced_run
-from saes.transcoders import ReplaceMLPs, TranscoderSet
+from models.model import forward
+from models.transformer import unembed
+from saes.attribution import Graph, Hold, _check_prompt, _setup
+from saes.cross_layer import CrossLayerTranscoder
+from saes.dictionary import Replacement
+from saes.transcoders import TranscoderSet
 
 __all__ = ["EdgeCheck", "FeatureEdits", "FeatureEffects", "check_edges", "held_norms_and_patterns", "rank_correlation"]
 
@@ -90,16 +93,6 @@ class FeatureEdits(eqx.Module):
         return acts.at[:, self.pos, self.feature].add(jnp.where(hit, self.value - cur, 0.0))
 
 
-class _Held(eqx.Module):
-    """At `site`: its clean value `[L, B, ...]` (an attention pattern held)."""
-
-    clean: Array
-    site: str = eqx.field(static=True)
-
-    def apply(self, value, ctx):
-        return self.clean[ctx.layer].astype(value.dtype)
-
-
 class _HeldNorm(eqx.Module):
     """A pre-norm with its scale held at the clean value: clean output + (x - x_clean) (centred for LayerNorm)
     times the clean 1/rms and the norm weight; `x` is the layer's `source` site (`SiteContext.seen`)."""
@@ -127,8 +120,6 @@ def held_norms_and_patterns(model, tokens: Int[Array, "B T"]):
     """The interventions holding every attention pattern and pre-norm scale (ln1, ln2) at its value in the clean
     run of `tokens`, and `final(resid_last [B, T, D]) -> final_norm` with the final norm's scale held too.
     InputError for post-norm or QK-norm models (their norm inputs are not sites)."""
-    from models.model import forward
-
     cfg = model.cfg
     if cfg.post_norms or cfg.qk_norm:
         raise InputError(f"holding norm scales by value needs each norm's input as a site; {cfg.arch} has "
@@ -142,7 +133,7 @@ def held_norms_and_patterns(model, tokens: Int[Array, "B T"]):
     sf = _inv_rms(r_last, cfg) * model.params["ln_final"]["w"]
     centre = cfg.norm == "layer"
     ivs = (_HeldNorm(clean["resid_pre"], clean["ln1.normalized"], s1, "ln1.normalized", "resid_pre", centre),
-           _Held(clean["attn.pattern"], "attn.pattern"),
+           Hold("attn.pattern", clean=clean["attn.pattern"]),
            _HeldNorm(clean["resid_mid"], clean["ln2.normalized"], s2, "ln2.normalized", "resid_mid", centre))
     final_clean = clean["final_norm"]
 
@@ -170,7 +161,7 @@ class FeatureEffects:
     def of(cls, model, transcoders: TranscoderSet | CrossLayerTranscoder, tokens, skip_first: int = 1) -> "FeatureEffects":
         tokens = _check_prompt(model, transcoders, tokens, skip_first, "FeatureEffects.of")
         t = jnp.asarray(tokens, jnp.int32)
-        acts, err, *_ = _setup(model, _dictionary(transcoders), t, site=transcoders.site, target=transcoders.target,
+        acts, err, *_ = _setup(model, transcoders.replacement, t, site=transcoders.site, target=transcoders.target,
                                skip_first=skip_first)
         return cls(model, transcoders, t, acts, err, skip_first)
 
@@ -202,7 +193,7 @@ class FeatureEffects:
         L, T, W = self.acts.shape
         edits.check(L, T, W, self.skip_first)
         tcs = self.transcoders
-        return _run(self.model, _dictionary(tcs), self.tokens, self.acts, self.errors, edits, mode=mode, site=tcs.site,
+        return _run(self.model, tcs.replacement, self.tokens, self.acts, self.errors, edits, mode=mode, site=tcs.site,
                     target=tcs.target, skip_first=self.skip_first, batched=batched)
 
 
@@ -217,59 +208,33 @@ def _check_ids(where: str, ids, names) -> None:
             raise InputError(f"{where}: {name} {col.tolist()} must be whole numbers")
 
 
-def _dictionary(transcoders):
-    """What the jitted functions take: a per-layer set's stacked SAE, or the CLT itself."""
-    return transcoders if isinstance(transcoders, CrossLayerTranscoder) else transcoders.stacked
-
-
-def _pre_acts(d, x):
-    """`[L, T, W]` pre-activations of raw inputs `[L, T, D]`."""
-    if isinstance(d, CrossLayerTranscoder):
-        return jnp.swapaxes(d.pre_acts(jnp.swapaxes(x, 0, 1) * d.act_scale), 0, 1)
-    return jax.vmap(lambda tc, x: tc.pre_acts(x * tc.act_scale))(d, x)
-
-
 @eqx.filter_jit
-def _run(model, stacked, tokens, acts, errors, edits, *, mode: str, site: str, target: str, skip_first: int,
+def _run(model, d: Replacement, tokens, acts, errors, edits, *, mode: str, site: str, target: str, skip_first: int,
          batched: bool):
     """`_local` or `_real` of one edit set, or vmapped over a leading axis of `edits`."""
     if mode == "local":
-        one = lambda e: _local(model, stacked, tokens, errors, e, site, target, skip_first)  # noqa: E731
+        one = lambda e: _local(model, d, tokens, errors, e, site, target, skip_first)  # noqa: E731
     else:
-        one = lambda e: _real(model, stacked, tokens, acts, e, site, target)  # noqa: E731
+        one = lambda e: _real(model, d, tokens, acts, e, site, target)  # noqa: E731
     return jax.vmap(one)(edits) if batched else one(edits)
 
 
-def _local(model, stacked, tokens, errors, edits, site: str, target: str, skip_first: int):
-    from models.model import forward
-    from models.transformer import Capture, unembed
-
-    L = errors.shape[0]
+@jax.named_scope("feature_effects.local")
+def _local(model, d: Replacement, tokens, errors, edits, site: str, target: str, skip_first: int):
     held, final = held_norms_and_patterns(model, tokens[None])
-    if isinstance(stacked, CrossLayerTranscoder):
-        resid, inputs = replaced_run(model, stacked, tokens[None], errors[:, None], skip_first, edits, held)
-        return _pre_acts(stacked, inputs[:, 0]), unembed(model.params, final(resid)[0, -1], model.cfg)
-    keep = (jnp.arange(tokens.shape[0]) < skip_first)[None]
-    replace = ReplaceMLPs(stacked, errors[:, None], keep, Where(), target, site, edits)
-    out = forward(model, tokens[None], capture=(site, Capture("resid_post", layers=(L - 1,))),
-                  interventions=(*held, replace))
-    logits = unembed(model.params, final(out.acts["resid_post"][0])[0, -1], model.cfg)
-    return _pre_acts(stacked, out.acts[site][:, 0].astype(jnp.float32)), logits
+    resid, inputs = d.replaced_run(model, tokens[None], errors[:, None], skip_first, edits, held)
+    return (d.pre_acts_layers(inputs[:, 0].astype(jnp.float32)),
+            unembed(model.params, final(resid)[0, -1], model.cfg))
 
 
-def _real(model, stacked, tokens, acts, edits, site: str, target: str):
-    from models.model import forward
-
+@jax.named_scope("feature_effects.real")
+def _real(model, d: Replacement, tokens, acts, edits, site: str, target: str):
     L, T, _ = acts.shape
     change = edits.value - acts[edits.layer, edits.pos, edits.feature]
-    if isinstance(stacked, CrossLayerTranscoder):  # a feature writes into its layer and every later one
-        vec = stacked.decoder_vectors(edits.layer, edits.feature) * change[:, None, None]  # [n, L, D]
-        delta = jnp.zeros((L, T, vec.shape[-1]), jnp.float32).at[:, edits.pos].add(jnp.swapaxes(vec, 0, 1))
-    else:
-        vec = stacked.W_dec[edits.layer, edits.feature] * (change / stacked.act_scale[edits.layer])[:, None]
-        delta = jnp.zeros((L, T, vec.shape[-1]), jnp.float32).at[edits.layer, edits.pos].add(vec)
+    vec = d.decoder_writes(edits.layer, edits.feature) * change[:, None, None]  # [n, L, D]: every layer it writes to
+    delta = jnp.zeros((L, T, vec.shape[-1]), jnp.float32).at[:, edits.pos].add(jnp.swapaxes(vec, 0, 1))
     out = forward(model, tokens[None], capture=(site,), interventions=(AddVector(target, delta[:, None], per_layer=True),))
-    return _pre_acts(stacked, out.acts[site][:, 0].astype(jnp.float32)), out.logits[0, -1]
+    return d.pre_acts_layers(out.acts[site][:, 0].astype(jnp.float32)), out.logits[0, -1]
 
 
 # ----------------------------------------------------------------------------- the graph's check

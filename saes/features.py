@@ -26,8 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import models
 from models.checks import check_index
 from models.errors import InputError
+from models.transformer import unembedding
 from interp.interventions import Intervention, Where, at
 from saes.sae import SAE
 
@@ -37,8 +39,6 @@ __all__ = ["FeatureContrast", "FeatureSteer", "TopActivations", "contrast", "fea
 
 def site_acts(model, sae: SAE, tokens, mask):
     """[B, T, d_in] activations of the SAE's (site, layer) for a token batch (forward stopped after it)."""
-    import models
-
     layer = sae.layer
     cap = models.Capture(sae.site, layers=(layer,) if layer is not None else None)
     stop = layer + 1 if layer is not None else None
@@ -250,7 +250,7 @@ def logit_effects(model, sae: SAE, feature: int, n: int = 10) -> dict[str, list[
     if direction.shape[0] != model.cfg.d_model:
         raise ValueError(f"logit effects need a d_model-sized site, {sae.site} has width {direction.shape[0]}")
     w = params["ln_final"]["w"].astype(jnp.float32)
-    W_U = params["unembed"]["W_U"] if "unembed" in params else params["embed"]["W_E"].T
+    W_U = unembedding(params)
     effect = np.asarray((direction * w) @ W_U.astype(jnp.float32))
     order = np.argsort(effect)
     tok = model.tokenizer

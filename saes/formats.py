@@ -23,12 +23,16 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from models.errors import InputError
-from models.loading import hf_id
+from models.loading import hf_id, resolve
 from models.sites import SITES, Hook
+from models.tokenizer import from_gguf, from_hf_dir
 from saes import sae as sae_lib
+from saes.cross_layer import CrossLayerTranscoder, load as load_clt, save as save_clt
+from saes.dictionary import site_width
+from saes.files import contained_file, read_json, read_safetensors
 from saes.sae import SAE
 
 __all__ = ["TL_HOOKS", "check_arrays", "contained_file", "from_saelens", "load", "load_gemma_scope", "load_run", "save", "to_saelens"]
@@ -47,8 +51,6 @@ _FROM_SAELENS = {"standard": "relu", "topk": "topk", "batchtopk": "batchtopk", "
 def save(sae: SAE, path: str | Path, meta: dict | None = None) -> Path:
     """Write `sae` to the directory `path` (ours: `sae.safetensors` + `sae.json`; a cross-layer transcoder:
     `saes.cross_layer.save`)."""
-    from saes.cross_layer import CrossLayerTranscoder, save as save_clt
-
     if isinstance(sae, CrossLayerTranscoder):
         return save_clt(sae, path, meta)
     path = Path(path)
@@ -71,13 +73,13 @@ def load(path: str | Path, model=None) -> SAE:
     info_path = path / "sae.json"
     if not info_path.exists():
         raise InputError(f"{path} holds no SAE (no sae.json or cfg.json)")
-    info = _read_json(info_path)
+    info = read_json(info_path)
     if info.get("format") != FORMAT:
         raise InputError(f"{info_path} is not an {FORMAT} file")
     if info.get("arch") not in sae_lib.ARCHS:
         raise InputError(f"{info_path}: arch {info.get('arch')!r} is not one of {', '.join(sae_lib.ARCHS)}")
     weights = path / "sae.safetensors"
-    arrays = _read_safetensors(weights)
+    arrays = read_safetensors(weights)
     site, layer, k = info.get("site", ""), info.get("layer"), info.get("k", 32)
     layer = None if layer is None or layer == -1 else layer  # -1: "no layer" in files before models.Hook
     target = info.get("target")
@@ -92,7 +94,6 @@ def load(path: str | Path, model=None) -> SAE:
 # arrays of each architecture (our names) and their shapes in terms of d = d_in and w = width; () = scalar
 _SHAPES = {"W_enc": ("d", "w"), "W_dec": ("w", "d"), "b_enc": ("w",), "b_dec": ("d",), "act_scale": (),
            "r_mag": ("w",), "b_mag": ("w",), "W_skip": ("d", "d")}
-_REQUIRED = {"relu": (), "topk": (), "batchtopk": (), "jumprelu": ("threshold",), "gated": ("r_mag", "b_mag")}
 
 
 def check_arrays(where, arch: str, arrays: dict, *, k=32, site: str = "", layer=None, model=None, d_in=None,
@@ -102,7 +103,7 @@ def check_arrays(where, arch: str, arrays: dict, *, k=32, site: str = "", layer=
     `[width]`, scalar `act_scale` and BatchTopK `threshold`, a skip transcoder's `W_skip [d_in, d_in]`, all finite; `k` in [1, width] for TopK/BatchTopK;
     `d_in`/`width` (from the file's metadata) equal to the arrays'; with `model`, `site` a site of
     `models.sites` whose width is `d_in` and `layer` inside the model."""
-    missing = sorted({"W_enc", "W_dec", "b_dec", *_REQUIRED[arch]} - set(arrays))
+    missing = sorted({"W_enc", "W_dec", "b_dec", *sae_lib.ARCHS[arch].extra_arrays} - set(arrays))
     if missing:
         raise InputError(f"{where}: a {arch} SAE needs arrays {missing}, which the file lacks (has {sorted(arrays)})")
     enc = np.shape(arrays["W_enc"])
@@ -127,8 +128,6 @@ def check_arrays(where, arch: str, arrays: dict, *, k=32, site: str = "", layer=
         raise InputError(f"{where}: k={k!r} must be an integer in [1, width={enc[1]}]")
     if model is None:
         return
-    from saes.data import site_width
-
     cfg = getattr(model, "cfg", model)
     if site not in SITES:
         raise InputError(f"{where}: the SAE's site {site!r} is not a model site, so it cannot be checked against "
@@ -139,58 +138,9 @@ def check_arrays(where, arch: str, arrays: dict, *, k=32, site: str = "", layer=
         raise InputError(f"{where}: layer {layer!r} is outside the model's {cfg.n_layers} layers")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        out = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(out, dict):
-        raise InputError(f"{path} must hold a JSON object, got a {type(out).__name__}")
-    return out
-
-
-def contained_file(directory: str | Path, entry, where) -> Path:
-    """`entry` (a file name a config lists, relative to `directory`) as a path inside `directory`: absolute paths,
-    `..` and symlinks that lead out of it are refused (InputError naming `where` and the entry), so a copied or
-    moved set reads its own files, never another directory's. The one exception is a Hugging Face cache
-    snapshot (`.../snapshots/<rev>/`), whose files link into the repository's `blobs/`."""
-    if not isinstance(entry, (str, Path)) or not str(entry) or "\x00" in str(entry):
-        raise InputError(f"{where}: file entry {entry!r} is not a file name")
-    rel = Path(entry)
-    if rel.is_absolute() or ".." in rel.parts:
-        raise InputError(f"{where}: file entry {str(entry)!r} is not inside {directory} (absolute paths and '..' are "
-                         "refused; list files relative to the config's directory)")
-    root = Path(directory).resolve()
-    try:
-        full = (root / rel).resolve(strict=False)
-    except (OSError, RuntimeError) as e:  # a symlink loop
-        raise InputError(f"{where}: file entry {str(entry)!r} cannot be resolved ({e})") from None
-    # a Hugging Face cache snapshot links its files into the repository's blobs/: the one place a link may lead
-    blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
-    if not (full.is_relative_to(root) or (blobs is not None and full.parent == blobs)):
-        raise InputError(f"{where}: file entry {str(entry)!r} resolves to {full}, outside {root} (a symlink out of "
-                         "the directory?)")
-    return full
-
-
-def _read_safetensors(path: Path) -> dict:
-    from safetensors import SafetensorError
-
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise InputError(f"{path} is missing") from None
-    except (OSError, SafetensorError) as e:
-        raise InputError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
-
-
 def load_run(out: str | Path, model=None) -> dict[str, SAE]:
     """Every SAE a training run wrote (`out/saes/<hook>/`), by hook name (each checked as `load` does; a
     cross-layer transcoder's `clt/` by `saes.cross_layer.load`)."""
-    from saes.cross_layer import load as load_clt
-
     root = Path(out) / "saes"
     if not root.is_dir():
         raise InputError(f"{out} has no saes/ directory (has the run finished?)")
@@ -247,9 +197,6 @@ def to_saelens(sae: SAE, path: str | Path, *, model_name: str = "", context_size
 @functools.lru_cache(maxsize=8)
 def _rows_start_with_bos(model_name: str) -> bool:
     """Whether `saes.data.TokenRows` starts rows for `model_name` with BOS (its tokenizer has one)."""
-    from models.loading import resolve
-    from models.tokenizer import from_gguf, from_hf_dir
-
     if not model_name:
         raise InputError("to_saelens needs model_name (to read its tokenizer's BOS) or prepend_bos=True/False")
     path = resolve(model_name)
@@ -260,9 +207,9 @@ def _rows_start_with_bos(model_name: str) -> bool:
 def from_saelens(path: str | Path, model=None) -> SAE:
     """An SAE from SAELens's on-disk format (`cfg.json` + `sae_weights.safetensors`), checked as `load` does."""
     path = Path(path)
-    cfg = _read_json(path / "cfg.json")
+    cfg = read_json(path / "cfg.json")
     weights_path = path / "sae_weights.safetensors"
-    weights = _read_safetensors(weights_path)
+    weights = read_safetensors(weights_path)
     arch_name = cfg.get("architecture", "standard")
     if arch_name not in _FROM_SAELENS:
         raise InputError(f"{path / 'cfg.json'}: SAELens architecture {arch_name!r} is not supported (known: {', '.join(_FROM_SAELENS)})")
@@ -320,7 +267,7 @@ def load_gemma_scope(path: str | Path, *, site: str = "resid_post", layer: int |
         except (OSError, ValueError, zipfile.BadZipFile) as e:
             raise InputError(f"{path} is not a readable .npz file (truncated or corrupt?): {e}") from None
     elif path.suffix == ".safetensors":
-        arrays = {k: np.asarray(v, np.float32) for k, v in _read_safetensors(path).items()}
+        arrays = {k: np.asarray(v, np.float32) for k, v in read_safetensors(path).items()}
     else:
         raise InputError(f"{path}: expected a .npz or .safetensors file")
     missing = {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"} - set(arrays)

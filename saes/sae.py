@@ -24,6 +24,10 @@ reconstruction `mean_batch(sum_d (xn - xn_hat)^2)` plus the architecture's spars
 | `jumprelu`  | pre * H(pre - theta), learned theta [width]      | L0 = sum_i H(pre_i - theta_i), rectangle-kernel STE | unit norm |
 | `gated`     | H(pi_gate) * relu(pi_mag), W_mag = W_enc*exp(r_mag) | L1 of relu(pi_gate) (times decoder norms) + aux reconstruction through the frozen decoder | unit norm |
 
+Each architecture is a final subclass of the abstract `SAE` (a `saes.dictionary.Dictionary`) that joins
+`ARCHS` with `@register_arch`; `init` and `from_arrays` build any registered one through its `fresh_fields` /
+`fields_from`, so a new architecture is one class in one place.
+
 `pre = (x - b_dec) @ W_enc + b_enc`. "Unit norm" decoders are renormalised after every optimizer step and
 their gradient's component along each row is projected out first (`saes.train_step`). Each class declares
 the logical axes of its arrays (`axes`), by which `saes.train_state` shards them.
@@ -31,8 +35,9 @@ the logical axes of its arrays (`axes`), by which `saes.train_state` shards them
 
 from __future__ import annotations
 
+import abc
 from functools import partial
-from typing import ClassVar
+from typing import ClassVar, final
 
 import equinox as eqx
 import jax
@@ -41,10 +46,11 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from models.sites import SITES, Hook
+from saes.dictionary import Dictionary, trainable_arrays
 
 __all__ = [
     "ARCHS", "SAE", "BatchTopKSAE", "GatedSAE", "JumpReLUSAE", "ReLUSAE", "TopKSAE", "init", "jumprelu", "step",
-    "rectangle", "hook_name", "sparse_decode", "sparse_encode", "trainable_arrays",
+    "rectangle", "hook_name", "register_arch", "sparse_decode", "sparse_encode", "trainable_arrays",
 ]
 
 
@@ -111,8 +117,10 @@ def _sum_to(x, shape):
 # ----------------------------------------------------------------------------- the shared plumbing
 
 
-class SAE(eqx.Module):
-    """Shared fields and plumbing; see the module docstring. Subclasses set `arch` and `activate`."""
+class SAE(Dictionary):
+    """The abstract SAE: shared fields and plumbing; see the module docstring. Each architecture is a final
+    subclass that sets `arch` and `activate`, and joins `ARCHS` with `@register_arch` (its own arrays and
+    static fields come from `fresh_fields` and `fields_from`)."""
 
     W_enc: Float[Array, "d_in width"]
     b_enc: Float[Array, " width"]
@@ -126,7 +134,7 @@ class SAE(eqx.Module):
 
     arch: ClassVar[str] = ""
     unit_norm_decoder: ClassVar[bool] = False
-    buffers: ClassVar[tuple[str, ...]] = ("act_scale",)  # arrays that the optimizer never touches
+    extra_arrays: ClassVar[tuple[str, ...]] = ()  # arrays beyond the shared ones a file of this arch must hold
     # logical axes of each array field (`models.sharding.RULES`: "features" is the dictionary, "embed" the input)
     axes: ClassVar[dict[str, tuple[str, ...]]] = {
         "W_enc": ("embed", "features"), "b_enc": ("features",), "W_dec": ("features", "embed"), "b_dec": ("embed",),
@@ -161,8 +169,23 @@ class SAE(eqx.Module):
         is a vector-matrix product, not a third batch-sized matmul)."""
         return xn @ self.W_enc + self.enc_bias()
 
+    @abc.abstractmethod
     def activate(self, pre: Float[Array, "... width"], xn=None) -> Float[Array, "... width"]:
-        raise NotImplementedError
+        """Feature activations from pre-activations (Gated reads the normalised input `xn` instead)."""
+
+    @classmethod
+    def fresh_fields(cls, width: int, dtype, *, k: int, bandwidth: float, threshold: float) -> dict:
+        """The fields of a fresh SAE of this architecture beyond the shared ones (`init`)."""
+        return {}
+
+    @classmethod
+    def fields_from(cls, arrays: dict, *, k: int, bandwidth: float) -> dict:
+        """The fields beyond the shared ones from named arrays (`from_arrays`)."""
+        return {}
+
+    def streams(self, batch: dict, hook: str):
+        """Its input `batch[hook]` and a transcoder's target (at its layer; None for an SAE)."""
+        return batch[hook], None if self.target is None else batch[self.target_hook.key]
 
     def pre_acts_at(self, xn: Float[Array, "B d_in"], cols, rows=None, known=None) -> Float[Array, "m c"]:
         """`pre_acts(xn)` at entries `(rows, cols)` ([m, c] each; see `sparse_encode`), with gradients only
@@ -172,11 +195,13 @@ class SAE(eqx.Module):
         known = None if known is None else known - jax.lax.stop_gradient(bias)
         return sparse_encode(self.W_enc.T, xn, cols, rows, known) + bias
 
+    @jax.named_scope("sae.encode")
     def encode(self, x: Float[ArrayLike, "... d_in"]) -> Float[Array, "... width"]:
         """Feature activations of raw activations `x` (inference rule: BatchTopK uses its threshold)."""
         xn = x * self.act_scale
         return self.activate(self.pre_acts(xn), xn)
 
+    @jax.named_scope("sae.decode")
     def decode(self, f: Float[ArrayLike, "... width"]) -> Float[Array, "... d_in"]:
         """The features' part of the reconstruction (a transcoder: of the prediction of its target), raw scale."""
         return (f @ self.W_dec + self.b_dec) / self.act_scale
@@ -196,10 +221,6 @@ class SAE(eqx.Module):
         return Hook(self.target, self.layer) if self.target else None
 
     # -- training
-    def trainable(self):
-        """A pytree of bools like `self`: True on arrays the optimizer updates."""
-        return trainable_arrays(self)
-
     def loss(self, xn, coeff, dead, aux_coeff: float = 1 / 32, aux_k: int = 0, aux_batch: int = 0, yn=None):
         """`(loss, aux)` on a normalised batch `xn [B, d_in]`; `dead [width]` marks latents for AuxK, which
         uses the first `aux_batch` tokens of the (shuffled) batch (0: all of them). A transcoder is trained to
@@ -237,14 +258,6 @@ class SAE(eqx.Module):
         w = self.W_dec / jnp.maximum(self.decoder_norms()[:, None], 1e-12)
         return grad_W_dec - jnp.sum(grad_W_dec * w, -1, keepdims=True) * w
 
-    def update_buffers(self, aux: dict, threshold_lr: float) -> "SAE":
-        """Buffers estimated from a training batch's `loss` aux (BatchTopK's inference threshold); else self."""
-        return self
-
-    def train_metrics(self) -> dict:
-        """Architecture-specific scalars logged after each step (BatchTopK: its threshold)."""
-        return {}
-
     def decoder_norms(self) -> Float[Array, " width"]:
         return jnp.linalg.norm(self.W_dec, axis=-1)
 
@@ -252,13 +265,6 @@ class SAE(eqx.Module):
         """Static, JSON-able description (architecture-specific keys added by subclasses)."""
         return dict(arch=self.arch, d_in=self.d_in, width=self.width, site=self.site, layer=self.layer,
                     target=self.target, skip=self.W_skip is not None)
-
-
-def trainable_arrays(module):
-    """A pytree of bools like `module` (an SAE or a cross-layer transcoder): True on its array fields that
-    are not among its `buffers` (what the optimizer updates)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: eqx.is_array(leaf) and path[0].name not in module.buffers, module)
 
 
 def _sq(err):
@@ -388,7 +394,21 @@ def _scatter(vals, idx, width):
 
 # ----------------------------------------------------------------------------- the architectures
 
+ARCHS: dict[str, type[SAE]] = {}  # arch name -> its final class, filled by `register_arch`
 
+
+def register_arch(cls: type[SAE]) -> type[SAE]:
+    """Class decorator: `cls` joins `ARCHS` under `cls.arch` (`init`, `from_arrays` and the file formats then
+    know it). A new architecture is one final `SAE` subclass with `arch`, `activate` (and `loss` when its
+    sparsity term is not L1-free), `fresh_fields`/`fields_from` for its own arrays, and this decorator."""
+    if not cls.arch or cls.arch in ARCHS:
+        raise ValueError(f"register_arch: {cls.__name__}.arch {cls.arch!r} is empty or taken")
+    ARCHS[cls.arch] = cls
+    return final(cls)
+
+
+
+@register_arch
 class ReLUSAE(SAE):
     """ReLU SAE, L1 penalty weighted by decoder norms (Anthropic's April 2024 update; SAELens 'standard')."""
 
@@ -405,12 +425,21 @@ class ReLUSAE(SAE):
         return recon + coeff * sparsity, self._aux(f, x_hat, recon, sparsity, 0.0)
 
 
+@register_arch
 class TopKSAE(SAE):
     """TopK SAE (Gao et al. 2024): the k largest ReLU'd pre-activations per token; AuxK for dead latents."""
 
     k: int = eqx.field(static=True)
     arch: ClassVar[str] = "topk"
     unit_norm_decoder: ClassVar[bool] = True
+
+    @classmethod
+    def fresh_fields(cls, width, dtype, *, k, bandwidth, threshold):
+        return dict(k=int(k))
+
+    @classmethod
+    def fields_from(cls, arrays, *, k, bandwidth):
+        return dict(k=int(k))
 
     def select(self, pre):
         vals, idx = jax.lax.top_k(pre, self.k)
@@ -440,6 +469,7 @@ class TopKSAE(SAE):
         return {**super().config(), "k": self.k}
 
 
+@register_arch
 class BatchTopKSAE(SAE):
     """BatchTopK (Bussmann et al. 2024): in training the k*batch largest ReLU'd pre-activations over the whole
     batch are kept; at inference a feature is active where its pre-activation exceeds `threshold`, the running
@@ -451,6 +481,14 @@ class BatchTopKSAE(SAE):
     unit_norm_decoder: ClassVar[bool] = True
     buffers: ClassVar[tuple[str, ...]] = ("act_scale", "threshold")
     axes: ClassVar[dict[str, tuple[str, ...]]] = {**SAE.axes, "threshold": ()}
+
+    @classmethod
+    def fresh_fields(cls, width, dtype, *, k, bandwidth, threshold):
+        return dict(threshold=jnp.asarray(-1.0, jnp.float32), k=int(k))
+
+    @classmethod
+    def fields_from(cls, arrays, *, k, bandwidth):
+        return dict(threshold=arrays.get("threshold", jnp.asarray(-1.0)).reshape(()).astype(jnp.float32), k=int(k))
 
     def activate(self, pre, xn=None):
         return jnp.where(pre > self.threshold, pre, 0.0)
@@ -510,6 +548,7 @@ class BatchTopKSAE(SAE):
         return {**super().config(), "k": self.k}
 
 
+@register_arch
 class JumpReLUSAE(SAE):
     """JumpReLU (Rajamanoharan et al. 2024; Gemma Scope): f = pre * H(pre - theta) with learned per-feature
     thresholds `threshold` (trained directly, clamped positive after each step, as SAELens does: a log
@@ -521,6 +560,15 @@ class JumpReLUSAE(SAE):
     arch: ClassVar[str] = "jumprelu"
     axes: ClassVar[dict[str, tuple[str, ...]]] = {**SAE.axes, "threshold": ("features",)}
     unit_norm_decoder: ClassVar[bool] = True
+    extra_arrays: ClassVar[tuple[str, ...]] = ("threshold",)
+
+    @classmethod
+    def fresh_fields(cls, width, dtype, *, k, bandwidth, threshold):
+        return dict(threshold=jnp.full((width,), threshold, dtype), bandwidth=float(bandwidth))
+
+    @classmethod
+    def fields_from(cls, arrays, *, k, bandwidth):
+        return dict(threshold=arrays["threshold"], bandwidth=float(bandwidth))
 
     def activate(self, pre, xn=None):
         return jumprelu(pre, self.threshold, self.bandwidth)
@@ -541,6 +589,7 @@ class JumpReLUSAE(SAE):
         return {**super().config(), "bandwidth": self.bandwidth}
 
 
+@register_arch
 class GatedSAE(SAE):
     """Gated SAE (Rajamanoharan et al. 2024): a gate H(pi_gate) decides which features fire and a magnitude
     path with the same directions (W_mag = W_enc * exp(r_mag)) sets their size. `b_enc` is the gate bias
@@ -552,6 +601,15 @@ class GatedSAE(SAE):
     arch: ClassVar[str] = "gated"
     axes: ClassVar[dict[str, tuple[str, ...]]] = {**SAE.axes, "r_mag": ("features",), "b_mag": ("features",)}
     unit_norm_decoder: ClassVar[bool] = True
+    extra_arrays: ClassVar[tuple[str, ...]] = ("r_mag", "b_mag")
+
+    @classmethod
+    def fresh_fields(cls, width, dtype, *, k, bandwidth, threshold):
+        return dict(r_mag=jnp.zeros((width,), dtype), b_mag=jnp.zeros((width,), dtype))
+
+    @classmethod
+    def fields_from(cls, arrays, *, k, bandwidth):
+        return dict(r_mag=arrays["r_mag"], b_mag=arrays["b_mag"])
 
     def _paths(self, xn):
         centred = xn @ self.W_enc + (self.enc_bias() - self.b_enc)
@@ -563,6 +621,7 @@ class GatedSAE(SAE):
         pi_gate, pi_mag = self._paths(xn)
         return jnp.where(pi_gate > 0, jax.nn.relu(pi_mag), 0.0)
 
+    @jax.named_scope("sae.encode")
     def encode(self, x):
         return self.activate(None, x * self.act_scale)
 
@@ -583,11 +642,6 @@ class GatedSAE(SAE):
 def _layer(layer) -> int | None:
     """`None` for no layer; files written before `models.Hook` hold -1 for it."""
     return None if layer is None or int(layer) < 0 else int(layer)
-
-
-ARCHS: dict[str, type[SAE]] = {
-    c.arch: c for c in (ReLUSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE, GatedSAE)
-}
 
 
 def init(arch: str, d_in: int, width: int, key, *, site: str = "", layer: int | None = None, k: int = 32,
@@ -611,36 +665,21 @@ def init(arch: str, d_in: int, width: int, key, *, site: str = "", layer: int | 
                   b_dec=jnp.zeros((d_in,), dtype), act_scale=jnp.ones((), jnp.float32),
                   W_skip=jnp.zeros((d_in, d_in), dtype) if skip else None, site=site, layer=_layer(layer),
                   target=target or None)
-    if arch == "relu":
-        return ReLUSAE(**common)
-    if arch == "topk":
-        return TopKSAE(**common, k=int(k))
-    if arch == "batchtopk":
-        return BatchTopKSAE(**common, threshold=jnp.asarray(-1.0, jnp.float32), k=int(k))
-    if arch == "jumprelu":
-        return JumpReLUSAE(**common, threshold=jnp.full((width,), threshold, dtype), bandwidth=float(bandwidth))
-    return GatedSAE(**common, r_mag=jnp.zeros((width,), dtype), b_mag=jnp.zeros((width,), dtype))
+    return cls(**common, **cls.fresh_fields(width, dtype, k=k, bandwidth=bandwidth, threshold=threshold))
 
 
 def from_arrays(arch: str, arrays: dict, *, site: str = "", layer: int | None = None, k: int = 32,
                 bandwidth: float = 0.05, target: str | None = None) -> SAE:
     """Build an SAE of `arch` from named arrays (our names; missing `act_scale` means 1, missing `W_skip` none)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown SAE architecture {arch!r}; known: {', '.join(ARCHS)}")
+    cls = ARCHS[arch]
     a = {n: jnp.asarray(v) for n, v in arrays.items()}
     width = a["W_enc"].shape[1]
     common = dict(W_enc=a["W_enc"], b_enc=a.get("b_enc", jnp.zeros((width,), a["W_enc"].dtype)), W_dec=a["W_dec"],
                   b_dec=a["b_dec"], act_scale=a.get("act_scale", jnp.ones((), jnp.float32)).astype(jnp.float32).reshape(()),
                   W_skip=a.get("W_skip"), site=site, layer=_layer(layer), target=target or None)
-    if arch == "relu":
-        return ReLUSAE(**common)
-    if arch == "topk":
-        return TopKSAE(**common, k=int(k))
-    if arch == "batchtopk":
-        return BatchTopKSAE(**common, threshold=a.get("threshold", jnp.asarray(-1.0)).reshape(()).astype(jnp.float32), k=int(k))
-    if arch == "jumprelu":
-        return JumpReLUSAE(**common, threshold=a["threshold"], bandwidth=float(bandwidth))
-    if arch == "gated":
-        return GatedSAE(**common, r_mag=a["r_mag"], b_mag=a["b_mag"])
-    raise ValueError(f"unknown SAE architecture {arch!r}; known: {', '.join(ARCHS)}")
+    return cls(**common, **cls.fields_from(a, k=k, bandwidth=bandwidth))
 
 
 def arrays(sae: SAE) -> dict[str, np.ndarray]:

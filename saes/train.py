@@ -44,10 +44,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import models
 from models import cli, host_memory
 from models.errors import InputError
 from models.sites import SITES, Hook
+from saes import data, formats, report
 from saes.checkpoints import CheckpointCorrupt, Checkpointer
+from saes.cross_layer import CrossLayerTranscoder
+from saes.data import hook_dir, parse_hook
+from saes.evaluate import ce_metrics
 from saes.sae import SAE
 from saes.train_config import TrainConfig, check_devices, transcoder_hooks, validate
 from saes.train_state import TrainState, abstract_state, calibrate, fresh_state, make_mesh, place_state
@@ -76,8 +81,6 @@ class TrainResult:
 def build_source(cfg: TrainConfig, model=None, docs: Callable[..., Iterable[str]] | None = None):
     """(model or None, source, eval tokens or None) for a config: an activation cache if `cfg.cache`, else
     the model on the corpus (`docs`, a document function as `TokenRows` takes, replaces `cfg.corpus`)."""
-    from saes import data
-
     if docs is not None and cfg.corpus:
         raise InputError(f"give either docs (a document function) or corpus={cfg.corpus!r}, not both")
     if cfg.cache:
@@ -112,14 +115,10 @@ def _eval_rows(cfg, model, docs=None):
 
 
 def _load_model(name, dtype):
-    import models
-
     return models.load(name, dtype=dtype)
 
 
 def _token_rows(cfg, model, split, docs=None):
-    from saes import data
-
     if docs is None and cfg.corpus:
         docs = lambda: data.iter_documents(cfg.corpus, cfg.text_field)  # noqa: E731
     elif docs is None:
@@ -130,8 +129,6 @@ def _token_rows(cfg, model, split, docs=None):
 def _hook_info(source, cfg: TrainConfig) -> dict[str, tuple[str, int | None, int]]:
     """{hook: (site, layer, d_in)} of the dictionaries to train, from a source's hook names (`saes.data.parse_hook`:
     validated identities); a transcoder run's target streams get none. Each target must be in the source."""
-    from saes.data import parse_hook
-
     targets = transcoder_hooks(cfg, source.hooks)
     missing = sorted(set(targets.values()) - set(source.hooks))
     if missing:
@@ -160,8 +157,6 @@ def train(cfg: TrainConfig, *, source=None, model=None, eval_tokens=None, stop_a
     out.mkdir(parents=True, exist_ok=True)
     finished = _finished(cfg, out)
     if finished is not None:
-        from saes import formats
-
         print(f"{out} is already finished ({cfg.steps} steps, report.json written): nothing to do (another --out or "
               "--resume false trains again)", file=sys.stderr)
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -264,11 +259,7 @@ def train(cfg: TrainConfig, *, source=None, model=None, eval_tokens=None, stop_a
     if model is not None and eval_tokens is not None:
         final = _evaluate(model, saes, eval_tokens)
         _log(metrics_path, {"step": step, "eval": final}, history)
-    from saes import formats, report
-
     model_name = getattr(model, "name", None) or (getattr(source, "meta", None) or {}).get("model")
-    from saes.data import hook_dir
-
     for h, sae in saes.items():
         formats.save(sae, hook_dir(out / "saes", h), meta=dict(model=model_name, training=cfg.to_json(), step=step))
     summary = report.write(out, cfg, history, final)
@@ -313,9 +304,6 @@ def _check_finite(state: TrainState, last_good, directory):
 
 
 def _evaluate(model, saes, tokens):
-    from saes.cross_layer import CrossLayerTranscoder
-    from saes.evaluate import ce_metrics
-
     clts = {h: s for h, s in saes.items() if isinstance(s, CrossLayerTranscoder)}
     return {**ce_metrics(model, {h: s for h, s in saes.items() if h not in clts}, tokens),
             **{h: s.ce_metrics(model, tokens) for h, s in clts.items()}}

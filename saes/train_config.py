@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from models.errors import InputError, check_dtype
 from models.sites import SITES, Hook, names_layer
-from saes import sae as sae_lib
+from saes import cross_layer, sae as sae_lib
+from saes.data import parse_hook, parse_hooks, site_width
 
 __all__ = ["DEFAULT_SPARSITY", "ScheduleWarning", "TrainConfig", "transcoder_hooks", "validate"]
 
@@ -224,9 +225,6 @@ def _warn_schedule(cfg: TrainConfig):
 
 
 def _check_hooks(sites, layers):
-    from models.sites import SITES
-    from saes.data import parse_hooks
-
     if any(layer < 0 for layer in layers):
         raise InputError(f"--layers must be >= 0, got {layers}")
     try:
@@ -239,8 +237,6 @@ def _check_hooks(sites, layers):
 
 
 def _check_target(sites, target):
-    from models.sites import SITES
-
     if target not in SITES or not SITES[target].per_layer:
         raise InputError(f"--target {target!r} must be a layer site of models.sites (a transcoder predicts the "
                          "target at its input's layer), e.g. mlp_out")
@@ -252,14 +248,12 @@ def _check_target(sites, target):
 
 
 def _check_cross_layer(cfg: TrainConfig):
-    from saes.cross_layer import ARCHS
-
     if cfg.target is None:
         raise InputError("--cross-layer needs --target (a cross-layer transcoder predicts every layer's target, e.g. mlp_out)")
     if len(cfg.site) != 1:
         raise InputError(f"--cross-layer reads one site at every layer, got --site {cfg.site}")
-    if cfg.arch not in ARCHS:
-        raise InputError(f"--cross-layer supports --arch {', '.join(ARCHS)}, got {cfg.arch!r}")
+    if cfg.arch not in cross_layer.ARCHS:
+        raise InputError(f"--cross-layer supports --arch {', '.join(cross_layer.ARCHS)}, got {cfg.arch!r}")
     if cfg.skip:
         raise InputError("--cross-layer with --skip: cross-layer transcoders here have no skip path")
 
@@ -267,9 +261,6 @@ def _check_cross_layer(cfg: TrainConfig):
 def transcoder_hooks(cfg: TrainConfig, hooks) -> dict[str, str]:
     """`{input hook: target hook}` of a transcoder run over stream names `hooks` (a source's, or the config's
     inputs): each input's target at its layer; the targets themselves are no inputs. Empty for SAEs."""
-    from models.sites import Hook
-    from saes.data import parse_hook
-
     if cfg.target is None:
         return {}
     parsed = {h: tuple(parse_hook(h)) for h in hooks}
@@ -313,8 +304,6 @@ def validate(cfg: TrainConfig, model_cfg) -> None:
         raise InputError(f"--cross-layer needs --layers to be every layer of the model (0 to {model_cfg.n_layers - 1}), "
                          f"got {cfg.layers}")
     if cfg.target is not None:
-        from saes.data import site_width
-
         widths = {s: site_width(model_cfg, s) for s in (*cfg.site, cfg.target)}
         if len(set(widths.values())) > 1:
             raise InputError(f"--site/--target widths differ ({widths}): a transcoder here maps a site to one of the "

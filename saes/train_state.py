@@ -20,15 +20,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSh
 from models.errors import InputError
 from models.sharding import partition_spec, put, sweep_mesh
 from saes import cross_layer, sae as sae_lib
-from saes.cross_layer import CrossLayerTranscoder
+from saes.dictionary import Dictionary
 from saes.optim import make_optimizer
-from saes.sae import SAE
 from saes.train_config import TrainConfig
 
 __all__ = ["Dictionary", "TrainState", "abstract_state", "batch_spec", "calibrate", "fresh_state", "geometric_median",
            "make_mesh", "place_state", "state_specs", "streams", "trainable"]
 
-Dictionary = SAE | CrossLayerTranscoder  # what a run trains: an SAE/transcoder per hook, or one CLT for all layers
+# what a run trains (`saes.dictionary.Dictionary`): an SAE/transcoder per hook, or one CLT for all layers
 
 
 class TrainState(eqx.Module):
@@ -46,9 +45,7 @@ class TrainState(eqx.Module):
 def streams(sae: Dictionary, hook: str, batch: dict) -> tuple[jax.Array, jax.Array | None]:
     """`(x, y)`: a dictionary's input and target (None: an SAE) from a batch or chunk of named streams
     `{hook: [N, d_in]}`; a CLT's are every layer's, stacked `[N, L, d_in]`."""
-    if isinstance(sae, CrossLayerTranscoder):
-        return sae.streams(batch)
-    return batch[hook], None if sae.target is None else batch[sae.target_hook.key]
+    return sae.streams(batch, hook)
 
 
 def trainable(saes: dict[str, Dictionary]) -> dict[str, Dictionary]:
@@ -77,7 +74,7 @@ def fresh_state(cfg: TrainConfig, hooks: dict[str, tuple[str, int | None, int]],
     )
 
 
-def _fresh_clt(cfg: TrainConfig, hooks: dict[str, tuple[str, int | None, int]], key) -> CrossLayerTranscoder:
+def _fresh_clt(cfg: TrainConfig, hooks: dict[str, tuple[str, int | None, int]], key) -> cross_layer.CrossLayerTranscoder:
     """One cross-layer transcoder over hooks that are every layer 0..n-1 of one site."""
     sites = {(site, d_in) for site, _, d_in in hooks.values()}
     layers = sorted(layer for _, layer, _ in hooks.values())

@@ -22,7 +22,7 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, final
 
 import equinox as eqx
 import jax
@@ -30,13 +30,21 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from safetensors.numpy import save_file
+
 from interp.interventions import Intervention, Where
 from models.errors import InputError
+from models.model import forward
 from models.sites import SITES
+from models.transformer import Capture
 from saes import sae as sae_lib
+from saes.dictionary import Replacement, site_width
+from saes.evaluate import replacement_ce
+from saes.files import contained_file, read_safetensors, read_simple_yaml
+from saes.formats import check_arrays
 from saes.sae import SAE
 
-__all__ = ["ReplaceMLPs", "TranscoderSet", "random_set", "replacement_ce"]
+__all__ = ["ReplaceMLPs", "StackedTranscoders", "TranscoderSet", "random_set", "replacement_ce"]
 
 # circuit-tracer's activation functions by our architecture: BatchTopK infers with a threshold (JumpReLU);
 # TopK and Gated have no circuit-tracer loader
@@ -73,6 +81,55 @@ class ReplaceMLPs(Intervention):
         if self.keep is not None:
             new = jnp.where(self.keep[..., None], value.astype(jnp.float32), new)
         return new.astype(value.dtype)
+
+
+@final
+class StackedTranscoders(Replacement):
+    """A per-layer transcoder set as the replacement interface (`saes.dictionary.Replacement`): `stacked`, the
+    layers' transcoders as one SAE pytree with arrays `[L, ...]` (`TranscoderSet.stacked`); each feature
+    writes into its own layer's target only."""
+
+    stacked: SAE
+
+    @property
+    def n_layers(self) -> int:
+        return self.stacked.W_enc.shape[0]
+
+    @property
+    def skip_weights(self) -> Float[Array, "L D D"] | None:
+        return self.stacked.W_skip
+
+    def scales(self) -> Float[Array, " L"]:
+        return self.stacked.act_scale.reshape(self.n_layers)
+
+    def pre_acts_layers(self, x: Float[Array, "L ... D"]) -> Float[Array, "L ... W"]:
+        return jax.vmap(lambda tc, x: tc.pre_acts(x * tc.act_scale))(self.stacked, x)
+
+    def encode_layers(self, x: Float[Array, "L ... D"]) -> Float[Array, "L ... W"]:
+        return jax.vmap(lambda tc, x: tc.activate(tc.pre_acts(x * tc.act_scale), x * tc.act_scale))(self.stacked, x)
+
+    def predict_layers(self, acts: Float[Array, "L ... W"], x: Float[Array, "L ... D"]) -> Float[Array, "L ... D"]:
+        return jax.vmap(lambda tc, f, x: tc.decode(f) + tc.skip(x))(self.stacked, acts, x)
+
+    def encoder_rows(self, layer, feature) -> np.ndarray:
+        """Host-side: `W_enc[layer, :, feature]` times the layer's input scale, `[n, D]`."""
+        return np.asarray(self.stacked.W_enc)[layer, :, feature] * np.asarray(self.scales())[layer][:, None]
+
+    def decoder_writes(self, layer, feature) -> Float[Array, "n L D"]:
+        vec = self.stacked.W_dec[layer, feature] / self.stacked.act_scale[layer][:, None]  # [n, D]
+        return vec[:, None, :] * (jnp.arange(self.n_layers)[None, :] == jnp.asarray(layer)[:, None])[..., None]
+
+    def writes(self, layer, feature):
+        """Host-side: one write per feature, into its own layer."""
+        return np.arange(len(layer)), np.asarray(layer), np.asarray(self.stacked.W_dec)[layer, feature]
+
+    def replaced_run(self, model, tokens, error=None, skip_first: int = 1, edits=None, interventions=()):
+        s = self.stacked
+        keep = (jnp.arange(tokens.shape[1]) < skip_first)[None]
+        replace = ReplaceMLPs(s, error, keep, Where(), s.target, s.site, edits)
+        out = forward(model, tokens, capture=(s.site, Capture("resid_post", layers=(self.n_layers - 1,))),
+                      interventions=(*interventions, replace))
+        return out.acts["resid_post"][0], out.acts[s.site]
 
 
 @dataclass(frozen=True)
@@ -135,10 +192,13 @@ class TranscoderSet:
         plain = [dataclasses.replace(t, layer=None) for t in self.transcoders]
         return jax.tree.map(lambda *a: jnp.stack(a), *plain)
 
+    @functools.cached_property
+    def replacement(self) -> StackedTranscoders:
+        """The set as the replacement interface (what attribution and feature effects take)."""
+        return StackedTranscoders(self.stacked)
+
     def check(self, cfg) -> None:
         """InputError unless the set fits the model config: one transcoder per layer, widths the sites'."""
-        from saes.data import site_width
-
         if self.n_layers != cfg.n_layers:
             raise InputError(f"the transcoder set has {self.n_layers} layers, the model {cfg.n_layers}")
         for name in (self.site, self.target):
@@ -159,8 +219,6 @@ class TranscoderSet:
     def ce_metrics(self, model, tokens, mask=None) -> dict[str, float]:
         """Next-token CE clean, with every MLP replaced by its transcoder (the first token keeps its real
         output), and with every MLP zero-ablated; CE recovered, KL(clean || replaced) and KL(clean || zero)."""
-        from models.model import forward
-
         self.check(model.cfg)
         tokens = jnp.asarray(tokens)
         mask = jnp.ones_like(tokens) if mask is None else jnp.asarray(mask)
@@ -175,8 +233,6 @@ class TranscoderSet:
         `config.yaml` naming circuit-tracer's hooks (`mlp.hook_in` for ln2.normalized, `mlp.hook_out` for mlp_out),
         and a skip transcoder's `W_skip [d_out, d_in]`. The input scale is folded in; BatchTopK is written as the
         JumpReLU of its inference threshold."""
-        from safetensors.numpy import save_file
-
         if self.transcoders[0].arch not in _CT_ARCHS:
             raise InputError(f"circuit-tracer reads ReLU and JumpReLU transcoders; a {self.transcoders[0].arch!r} set "
                              f"has no equivalent there (architectures that export: {', '.join(_CT_ARCHS)})")
@@ -209,13 +265,11 @@ class TranscoderSet:
     def from_circuit_tracer(cls, path: str | Path) -> "TranscoderSet":
         """Read a set written by `to_circuit_tracer` (or any local circuit-tracer ReLU/JumpReLU set whose
         config names hooks of `models.sites`: its TransformerLens names or circuit-tracer's MLP hooks)."""
-        from saes.formats import _read_safetensors, check_arrays, contained_file
-
         path = Path(path)
         config_path = path / "config.yaml"
         if not config_path.is_file():
             raise InputError(f"{path} holds no circuit-tracer transcoder set (no config.yaml)")
-        config = _read_simple_yaml(config_path)
+        config = read_simple_yaml(config_path)
         by_tl = {**{s.tl: name for name, s in SITES.items()}, **{v: k for k, v in _CT_HOOKS.items()},
                  "hook_mlp_out": "mlp_out"}
         hooks = {}
@@ -240,7 +294,7 @@ class TranscoderSet:
         tcs = []
         for layer, entry in enumerate(listed):
             f = contained_file(path, entry, f"{config_path}: transcoders[{layer}]")
-            a = _read_safetensors(f)
+            a = read_safetensors(f)
             if missing := sorted({"W_enc", "W_dec", "b_enc", "b_dec"} - set(a)):
                 raise InputError(f"{f} lacks {missing} (has {sorted(a)})")
             arrays = dict(W_enc=a["W_enc"].T, W_dec=a["W_dec"], b_enc=a["b_enc"], b_dec=a["b_dec"])
@@ -252,33 +306,6 @@ class TranscoderSet:
             check_arrays(f, arch, arrays)
             tcs.append(sae_lib.from_arrays(arch, arrays, site=site, layer=layer, target=target))
         return cls.of(tcs)
-
-
-class _ZeroAfterFirst(Intervention):
-    """`site` (every layer's MLP output) zero-ablated, except at each row's first real token."""
-
-    where: Where
-    site: str = eqx.field(static=True)
-
-    def edit(self, value, ctx):
-        return jnp.where(((ctx.positions == 0) & (ctx.attention_mask > 0))[..., None], value, 0.0)
-
-
-def replacement_ce(model, tokens, mask, replaced_logits, target: str = "mlp_out") -> dict[str, float]:
-    """CE of `tokens [B, T]` clean, with `replaced_logits [B, T, V]` (a replacement model's), and with every
-    layer's `target` zero-ablated (the first token keeps it); CE recovered, KL(clean || replaced), KL(clean || zero)."""
-    from models.model import forward
-    from saes.evaluate import ce_and_kl, next_token_ce
-
-    ce, valid, clean_logp = next_token_ce(forward(model, tokens, attention_mask=mask).logits, tokens, mask)
-    zero = forward(model, tokens, attention_mask=mask, interventions=(_ZeroAfterFirst(Where(), target),)).logits
-    out = {"ce_clean": float(jnp.sum(ce * valid) / jnp.maximum(valid.sum(), 1))}
-    for name, logits in (("replaced", replaced_logits), ("zero", zero)):
-        ce_x, kl = ce_and_kl(logits, tokens, mask, clean_logp)
-        out[f"ce_{name}"], out["kl" if name == "replaced" else "kl_zero"] = float(ce_x), float(kl)
-    denom = out["ce_zero"] - out["ce_clean"]
-    out["ce_recovered"] = (out["ce_zero"] - out["ce_replaced"]) / denom if abs(denom) > 1e-9 else float("nan")
-    return out
 
 
 def random_set(cfg, arch: str = "relu", width: int = 40, *, seed: int = 0, bias: float = 0.05,
@@ -303,38 +330,7 @@ def random_set(cfg, arch: str = "relu", width: int = 40, *, seed: int = 0, bias:
     return TranscoderSet.of(out)
 
 
-_MAX_YAML_BYTES = 1 << 20  # a config.yaml lists hooks and file names
-
-
 def _layer_of(name: str) -> int:
     """The layer of `layer_{i}.safetensors` (names that are not so sort last)."""
     stem = name.removesuffix(".safetensors").removeprefix("layer_")
     return int(stem) if stem.isdigit() else 1 << 30
-
-
-def _read_simple_yaml(path: Path) -> dict:
-    """The `key: value` lines of a flat YAML file (values JSON or bare strings; `- item` lists)."""
-    try:
-        if path.stat().st_size > _MAX_YAML_BYTES:
-            raise InputError(f"{path} is {path.stat().st_size:,} bytes, more than a config's {_MAX_YAML_BYTES:,}")
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path} is not a readable UTF-8 config ({e})") from None
-    out, key = {}, None
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        if line.lstrip().startswith("- ") and key is not None:
-            out.setdefault(key, [])
-            out[key].append(line.lstrip()[2:].strip().strip("'\""))
-            continue
-        key, _, value = line.partition(":")
-        key, value = key.strip(), value.strip()
-        if not value:
-            out[key] = []
-            continue
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value.strip("'\"")
-    return out
