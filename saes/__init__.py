@@ -18,7 +18,8 @@ features write into every MLP output from l on), `attribution` (attribution grap
 replacement model) and `feature_effects` (interventions on features, the graphs' check).
 """
 
-from saes import attribution, cross_layer, data, detox, evaluate, features, formats, sae, synthetic, transcoders
+from saes import (attribution, cross_layer, data, detox, evaluate, feature_effects, features, formats, sae, synthetic,
+                  transcoders)
 from saes.data import (ArraySource, CachedSource, ModelSource, TokenRows, cache_activations, default_corpus,
                        mix_corpora)
 from saes.detox import DecoderSteer, FeatureAblation, fires_anywhere
@@ -40,7 +41,7 @@ def __getattr__(name):  # saes.train is imported on first use, so `python -m sae
     raise AttributeError(f"module 'saes' has no attribute {name!r}")
 
 __all__ = [
-    "ARCHS", "ArraySource", "attribution", "cross_layer", "transcoders", "BatchTopKSAE", "CachedSource", "DecoderSteer", "FeatureAblation", "FeatureContrast",
+    "ARCHS", "ArraySource", "attribution", "cross_layer", "feature_effects", "transcoders", "BatchTopKSAE", "CachedSource", "DecoderSteer", "FeatureAblation", "FeatureContrast",
     "GatedSAE", "JumpReLUSAE", "ModelSource", "ReLUSAE", "SAE", "Splice", "TokenRows", "TopKSAE", "TrainConfig",
     "TrainResult", "TrainingDiverged", "cache_activations", "ce_metrics", "contrast", "data", "default_corpus",
     "detox", "evaluate", "feature_frequencies", "features", "fires_anywhere", "formats", "mix_corpora",
