@@ -120,6 +120,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise InputError(f"initialize: num_processes must be >= 1, got {num_processes!r}")
     if num_processes == 1:
         return False
+    if coordinator_address is None and num_processes is None and not _cluster_environment():
+        return False  # one host: a no-op even after JAX has run (jax.distributed.initialize would raise then)
     on_cpu = env.get("JAX_PLATFORMS", "cpu").startswith("cpu")
     previous = jax.config.jax_cpu_collectives_implementation
     if on_cpu:
@@ -136,6 +138,18 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                              "'host:port' (or set INTERP_COORDINATOR) and each process's process_id") from None
         return False
     return True
+
+
+def _cluster_environment() -> bool:
+    """Whether `jax.distributed.initialize()` would find a cluster (TPU pod, SLURM, Open MPI, ...) to join: the
+    environments JAX detects without being asked (its `ClusterEnv` registry). True when JAX's registry cannot be
+    read, so that JAX decides."""
+    try:
+        from jax._src.clusters import ClusterEnv
+
+        return any(not env.opt_in_only_method and env.is_env_present() for env in ClusterEnv._cluster_types)
+    except Exception:  # a JAX without this private registry: let jax.distributed.initialize decide
+        return True
 
 
 def sweep_mesh(devices=None, model: int = 1, *, cfg=None, rules=None, indivisible: str = "warn") -> Mesh:

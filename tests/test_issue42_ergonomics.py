@@ -215,6 +215,7 @@ INIT_SCRIPT = textwrap.dedent("""
         assert "2 processes need a coordinator" in str(e), e
     import jax
     assert jax.process_count() == 1 and float(jax.numpy.ones(3).sum()) == 3.0
+    assert sharding.initialize() is False  # still a no-op once JAX has run (README: a late call on one host)
     print("INIT OK")
 """)
 
