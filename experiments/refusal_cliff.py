@@ -57,9 +57,11 @@ HARMLESS_STYLES = ("matched", "original", "harmbench", "strongreject")  # interp
 
 def cells(fractions) -> tuple[str, ...]:
     """The cells the verdict scans (Holm over all of them), oriented so that the paper's direction is positive: the
-    cliff (harmful drop - harmless drop), the harmful drop itself, and for each ablated fraction the top heads' rise
-    of the probe logit and of the refusal score on harmful prompts against the random-heads null."""
-    out = ["cliff: harmful - harmless drop", "harmful drop"]
+    cliff itself (the harmful drop, plateau - last prompt token), its specificity (harmful drop - harmless drop:
+    positive also when both *rise* and harmful rises less, so it is no cliff on its own), and for each ablated
+    fraction the top heads' rise of the probe logit and of the refusal score on harmful prompts against the
+    random-heads null."""
+    out = ["cliff: harmful drop", "specificity: harmful - harmless drop"]
     for f in fractions:
         out += [f"top {f:.0%} heads vs null mean: probe logit", f"top {f:.0%} heads vs null (percentile): probe logit",
                 f"top {f:.0%} heads vs null mean: refusal score"]
@@ -82,7 +84,7 @@ class Config:
     batch_size: int = 16  # prompts per forward
     seed: int = 0  # data splits and random controls
     harmless: str = "matched"  # harmless prompts: "matched" to the harmful ones on surface form, or "original" (confounded)
-    primary: str = "cliff: harmful - harmless drop"  # the verdict's comparison, one of cells(fractions), named before the run
+    primary: str = "cliff: harmful drop"  # the verdict's comparison, one of cells(fractions), named before the run
     out: str = "runs"  # reports go to OUT/<experiment>/<timestamp>/
 
     def __post_init__(self):
@@ -223,9 +225,9 @@ def _summarise(per: dict, fractions) -> dict:
 def cliff_tests(traj: dict, summary: dict, fractions) -> dict:
     """The cells of `cells(fractions)`."""
     h, s = traj["harmful"], traj["harmless"]
-    tests = {"cliff: harmful - harmless drop": stats.mean_difference(h["plateau"] - h["final"], s["plateau"] - s["final"],
+    tests = {"specificity: harmful - harmless drop": stats.mean_difference(h["plateau"] - h["final"], s["plateau"] - s["final"],
                                                                      alternative="greater"),
-             "harmful drop": stats.paired_difference(h["plateau"], h["final"], alternative="greater")}
+             "cliff: harmful drop": stats.paired_difference(h["plateau"], h["final"], alternative="greater")}
     for f, (name, v) in zip(fractions, summary.items()):
         tests[f"top {f:.0%} heads vs null mean: probe logit"] = v["probe_logit"]["vs_mean"]
         tests[f"top {f:.0%} heads vs null (percentile): probe logit"] = v["probe_logit"]["vs_null"]
@@ -353,11 +355,18 @@ def main(argv=None, cfg: Config | None = None):
                f"on. The model refuses {rate_estimate(h['refused'])} of the harmful test prompts (greedy, substring "
                "match; Wilson interval).")
     abl_cells = [c for c in tests if c.startswith("top ")]
-    specific = [c for c in abl_cells if cell_holds(v, tests, c)]
-    abl_verdict = (f"Cells where the most negative heads' ablation beats the random-heads null (Holm-corrected): "
-                   f"{', '.join(specific)}." if specific else
-                   "**No head-specific effect**: no ablation cell beats the random-heads null (Holm-corrected, "
-                   "verdict table).")
+    # a head-specific effect needs the ablation to beat the null's mean on these prompts (paired) AND to lie above
+    # the null distribution of random head sets (percentile): the paired test alone ignores how much random sets vary
+    specific = [f"top {f:.0%} heads" for f in cfg.fractions
+                if cell_holds(v, tests, f"top {f:.0%} heads vs null mean: probe logit")
+                and cell_holds(v, tests, f"top {f:.0%} heads vs null (percentile): probe logit")]
+    beats_mean = [c for c in abl_cells if "null mean" in c and cell_holds(v, tests, c)]
+    abl_verdict = (f"Head-specific effect (the ablation beats the random-heads null's mean and lies above its "
+                   f"distribution, Holm-corrected): {', '.join(specific)}." if specific else
+                   "**No head-specific effect**: no ablation lies above the random-heads null distribution "
+                   "(Holm-corrected percentile cells, verdict table)"
+                   + (f"; {', '.join(beats_mean)} beat(s) the null's mean on these prompts, which alone does not "
+                      "separate these heads from random head sets." if beats_mean else "."))
     v_table = ("| harmless set | probe AUROC (own split) | surface baseline (own split) | probe AUROC at t_inst (test "
                "prompts) | surface baseline (test) | harmful plateau -> last token | drop harmful | drop harmless |\n"
                "|---|---|---|---|---|---|---|---|\n")
@@ -377,10 +386,17 @@ def main(argv=None, cfg: Config | None = None):
                     "; ".join(f"{k}: {_est(x['drop_harmful_ci'])}" for k, x in variants.items()), no_cliff_everywhere),
         stats.Claim("Harmful prompts' P(harmful) rises from the plateau to the last prompt token (a negative drop)",
                     str(d_h), bool(d_h.hi < 0)),
-        stats.Claim("The cliff is specific to harmful prompts (harmful drop > harmless drop)"
-                    + (" (primary)" if cfg.primary.startswith("cliff") else ""),
-                    str(tests["cliff: harmful - harmless drop"]), cell_holds(v, tests, "cliff: harmful - harmless drop")),
-        stats.Claim("No head-specific effect: ablating the most negative heads beats no random-heads null",
+        stats.Claim("Harmful prompts' P(harmful) falls off a cliff at the end of the prompt (harmful drop > 0)"
+                    + (" (primary)" if cfg.primary == "cliff: harmful drop" else ""),
+                    str(tests["cliff: harmful drop"]), cell_holds(v, tests, "cliff: harmful drop")),
+        stats.Claim("The cliff is specific to harmful prompts (harmful drop > 0 and > harmless drop; the difference "
+                    "alone is also positive when both rise and harmful prompts, near the ceiling, rise less)",
+                    f"harmful drop {tests['cliff: harmful drop']}; harmful - harmless "
+                    f"{tests['specificity: harmful - harmless drop']}",
+                    cell_holds(v, tests, "cliff: harmful drop")
+                    and cell_holds(v, tests, "specificity: harmful - harmless drop")),
+        stats.Claim("No head-specific effect: no ablation of the most negative heads both beats the random-heads "
+                    "null's mean and lies above the null's distribution",
                     "; ".join(f"{c}: {tests[c]}" for c in abl_cells), not specific),
     ]
     sections = [

@@ -127,7 +127,7 @@ def test_refusal_cliff_smoke(tmp_path, tiny_smollm2):
     # zero-ablating heads changes the probe score; the base row is the plain model's
     assert any(abs(v["probe_logit"] - rows["base"]["probe_logit"]) > 1e-4 for k, v in rows.items() if k != "base")
     _check_stats_report(out, saved, 2)
-    assert len(saved["tests"]) == 2 + 3 * 2 and saved["primary"] == "cliff: harmful - harmless drop"
+    assert len(saved["tests"]) == 2 + 3 * 2 and saved["primary"] == "cliff: harmful drop"
 
 
 # ---------------------------------------------------------------- issue 39: nulls, intervals, verdicts (tiny model)
@@ -242,7 +242,7 @@ def test_refusal_cliff_head_null_has_k_draws_of_k_heads():
     contrib = rng.normal(size=(L, H))
     contrib[L - 1:] = np.nan  # heads above the probe layer are not eligible
     probe = probes.Probes(w=rng.normal(size=D), b=np.asarray(0.1), mean=np.zeros(D), scale=np.ones(D), layers=(L - 2,))
-    cfg = s3.Config(fractions=(0.2,), n_null=4, primary="cliff: harmful - harmless drop")
+    cfg = s3.Config(fractions=(0.2,), n_null=4, primary="cliff: harmful drop")
     pm = PromptRefusalScores(jnp.asarray([5, 7]))
     abl = s3.head_ablations(m, cfg, contrib, probe, *harm, pm)
     assert len(abl["rows"]) == 1 + 1 + 4
@@ -272,3 +272,22 @@ def test_median_cosine_interval_recovers_the_planted_angle():
         full = safe_cosine(harm.mean(1)[:, 0] - safe.mean(1)[:, 0], harm.mean(1)[:, 1] - safe.mean(1)[:, 1])
         assert np.isnan(full[0]) and est.value == pytest.approx(np.nanmedian(full), abs=1e-9) and est.n == 2 * n
         assert est.lo < c < est.hi and est.hi - est.lo < 0.2
+
+
+def test_refusal_cliff_primary_cannot_hold_without_a_cliff():
+    """Both classes *rise* to the last prompt token, harmful prompts less (they start near the ceiling): the harmful
+    - harmless difference is positive, which the old primary read as "a cliff specific to harmful prompts"."""
+    from experiments import refusal_cliff as s3
+    from interp import stats
+
+    rng = np.random.default_rng(0)
+    n = 32
+    h = dict(plateau=0.81 + 0.05 * rng.normal(size=n), final=0.99 + 0.005 * rng.normal(size=n))
+    s = dict(plateau=0.33 + 0.05 * rng.normal(size=n), final=0.97 + 0.005 * rng.normal(size=n))
+    tests = s3.cliff_tests({"harmful": h, "harmless": s}, {}, ())
+    assert tests["specificity: harmful - harmless drop"].lo > 0  # the difference alone looks "significant"
+    v = stats.verdict(tests, s3.Config().primary, alternative="greater", what="cliff")
+    assert s3.Config().primary == "cliff: harmful drop" and not v.holds
+    h_cliff = dict(plateau=0.9 + 0.02 * rng.normal(size=n), final=0.3 + 0.05 * rng.normal(size=n))
+    tests = s3.cliff_tests({"harmful": h_cliff, "harmless": s}, {}, ())
+    assert stats.verdict(tests, s3.Config().primary, alternative="greater", what="cliff").holds
