@@ -13,7 +13,6 @@ from jaxtyping import Array, Float, Int
 
 import models
 from interp.grids import LayerGrid
-from models.errors import InputError
 
 
 def repeated_random_tokens(key: jax.Array, batch: int, half: int, vocab: int, bos: int | None,
