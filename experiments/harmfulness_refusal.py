@@ -41,7 +41,7 @@ import models
 from experiments.common import (RefusalScore, chat_texts, fmt, instruction_splits, parse_config, is_refusal,
                                 refusal_token_ids, run_dir, safe_cosine, save_figure, surface_baseline, surface_table,
                                 survives, undefined_to_none, write_report)
-from experiments.refusal_stats import (PromptRefusalScores, as_dict, cell_holds, check_stats_fields,
+from experiments.refusal_stats import (PromptRefusalScores, as_dict, beats_null, cell_holds, check_stats_fields,
                                        prompt_scores, random_like, rate_estimate)
 from interp import data, probes, stats
 from interp.directions import cosine, normalize
@@ -419,10 +419,10 @@ def _claims(cfg: Config, cos, med: stats.Estimate, clf: dict, verdicts: dict, te
         stats.Claim("The refusal direction raises harmless prompts' refusal score more than random directions of the "
                     "same norm" + (" (primary)" if cfg.primary.startswith("refusal dir vs null") else ""),
                     f"{tests['refusal dir vs null mean']}; {tests['refusal dir vs null (percentile)']}",
-                    cell_holds(v, tests, "refusal dir vs null mean")),
+                    beats_null(v, tests, "refusal dir vs null mean", "refusal dir vs null (percentile)")),
         stats.Claim("The harmfulness direction raises it more than random directions of the same norm",
                     f"{tests['harmfulness dir vs null mean']}; {tests['harmfulness dir vs null (percentile)']}",
-                    cell_holds(v, tests, "harmfulness dir vs null mean")),
+                    beats_null(v, tests, "harmfulness dir vs null mean", "harmfulness dir vs null (percentile)")),
         stats.Claim("Unlike the paper, the refusal direction moves the refusal score less than the harmfulness "
                     "direction", f"refusal - harmfulness {d} (two-sided, Holm p {v.p_holm['refusal - harmfulness (score)']:.2g})",
                     bool(v.p_holm["refusal - harmfulness (score)"] < 0.05 and d.hi < 0)),

@@ -42,7 +42,7 @@ import models
 from experiments.common import (chat_batch, chat_texts, instruction_splits, is_refusal, parse_config, refusal_rate,
                                 refusal_token_ids, run_dir, save_figure, surface_baseline, surface_table, survives,
                                 undefined_to_none, write_report)
-from experiments.refusal_stats import (PromptRefusalScores, as_dict, cell_holds, check_stats_fields,
+from experiments.refusal_stats import (PromptRefusalScores, as_dict, beats_null, cell_holds, check_stats_fields,
                                        rate_estimate)
 from interp import probes, stats
 from interp.interventions import ScaleHeads
@@ -358,13 +358,13 @@ def main(argv=None, cfg: Config | None = None):
     # a head-specific effect needs the ablation to beat the null's mean on these prompts (paired) AND to lie above
     # the null distribution of random head sets (percentile): the paired test alone ignores how much random sets vary
     specific = [f"top {f:.0%} heads" for f in cfg.fractions
-                if cell_holds(v, tests, f"top {f:.0%} heads vs null mean: probe logit")
-                and cell_holds(v, tests, f"top {f:.0%} heads vs null (percentile): probe logit")]
+                if beats_null(v, tests, f"top {f:.0%} heads vs null mean: probe logit",
+                              f"top {f:.0%} heads vs null (percentile): probe logit")]
     beats_mean = [c for c in abl_cells if "null mean" in c and cell_holds(v, tests, c)]
-    abl_verdict = (f"Head-specific effect (the ablation beats the random-heads null's mean and lies above its "
-                   f"distribution, Holm-corrected): {', '.join(specific)}." if specific else
-                   "**No head-specific effect**: no ablation lies above the random-heads null distribution "
-                   "(Holm-corrected percentile cells, verdict table)"
+    abl_verdict = (f"Head-specific effect on the probe logit (the ablation beats the random-heads null's mean, "
+                   f"Holm-corrected, and lies above the null's 95th percentile): {', '.join(specific)}." if specific
+                   else "**No head-specific effect**: no ablation both beats the random-heads null's mean and lies "
+                   "above the null's 95th percentile (verdict table)"
                    + (f"; {', '.join(beats_mean)} beat(s) the null's mean on these prompts, which alone does not "
                       "separate these heads from random head sets." if beats_mean else "."))
     v_table = ("| harmless set | probe AUROC (own split) | surface baseline (own split) | probe AUROC at t_inst (test "

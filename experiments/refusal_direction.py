@@ -38,7 +38,7 @@ import models
 from experiments.common import (KLFromBase, RefusalScore, chat_batch, chat_texts, instruction_splits, is_refusal,
                                 parse_config, refusal_token_ids, run_dir, safe_cosine, surface_baseline, surface_table,
                                 survives, undefined_to_none, write_report)
-from experiments.refusal_stats import (PromptRefusalScores, as_dict, cell_holds, check_stats_fields,
+from experiments.refusal_stats import (PromptRefusalScores, as_dict, beats_null, cell_holds, check_stats_fields,
                                        prompt_scores, random_like, rate_estimate)
 from interp import probes, stats
 from interp.directions import diff_of_means, score_directions
@@ -310,10 +310,11 @@ def main(argv=None, cfg: Config | None = None):
     claims = [
         stats.Claim("Ablating the selected direction lowers harmful prompts' refusal score more than random directions "
                     "of the same norm (primary)", str(tests["ablation vs null mean"]) + "; "
-                    + str(tests["ablation vs null (percentile)"]), cell_holds(v, tests, "ablation vs null mean")),
+                    + str(tests["ablation vs null (percentile)"]),
+                    beats_null(v, tests, "ablation vs null mean", "ablation vs null (percentile)")),
         stats.Claim("Adding the direction raises harmless prompts' refusal score more than random directions of the "
                     "same norm", str(tests["ActAdd vs null mean"]) + "; " + str(tests["ActAdd vs null (percentile)"]),
-                    cell_holds(v, tests, "ActAdd vs null mean")),
+                    beats_null(v, tests, "ActAdd vs null mean", "ActAdd vs null (percentile)")),
         stats.Claim("No behavioural effect: ablation does not detectably change the harmful refusal rate, nor ActAdd "
                     "the harmless one (paired, McNemar, Holm)", str(tests["ablation: refusal-rate drop"]) + "; "
                     + str(tests["ActAdd: refusal-rate rise"]), not effect),

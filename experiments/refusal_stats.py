@@ -69,6 +69,16 @@ def cell_holds(v: stats.Verdict, tests: Mapping[str, stats.Estimate | stats.Null
     return bool(v.p_holm[name] < alpha and above)
 
 
+def beats_null(v: stats.Verdict, tests: Mapping[str, stats.Estimate | stats.NullTest], mean_cell: str,
+               null_cell: str, alpha: float = 0.05) -> bool:
+    """Whether an effect beats its random control: the paired test against the null's mean holds (Holm) AND the
+    observed effect lies above the null distribution's 95th percentile. The paired test alone treats the null's
+    mean as known and ignores how much random draws vary; the percentile's p cannot go below 1/(K+1) (0.059 at
+    K = 16), so it is required as a position, not as a p-value."""
+    t = tests[null_cell]
+    return cell_holds(v, tests, mean_cell, alpha) and bool(t.observed > t.band[1])
+
+
 def check_stats_fields(cfg, cells: Sequence[str]) -> None:
     """Config checks shared by the three studies: `n_null >= 1` (16 by default), `primary` one of `cells`."""
     if not isinstance(cfg.n_null, int) or cfg.n_null < 1:

@@ -277,7 +277,9 @@ def wilson(k: int, n: int, level: float = 0.95, label: str = "") -> Estimate:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return Estimate(p, max(0.0, centre - half), min(1.0, centre + half), n, label=label, method="Wilson", level=level)
+    lo = 0.0 if k == 0 else max(0.0, centre - half)  # exactly 0 / 1 at the ends (not 7e-18 from rounding)
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return Estimate(p, lo, hi, n, label=label, method="Wilson", level=level)
 
 
 def _log_hypergeom(x: np.ndarray, N: int, K: int, n: int) -> np.ndarray:

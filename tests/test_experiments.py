@@ -291,3 +291,20 @@ def test_refusal_cliff_primary_cannot_hold_without_a_cliff():
     h_cliff = dict(plateau=0.9 + 0.02 * rng.normal(size=n), final=0.3 + 0.05 * rng.normal(size=n))
     tests = s3.cliff_tests({"harmful": h_cliff, "harmless": s}, {}, ())
     assert stats.verdict(tests, s3.Config().primary, alternative="greater", what="cliff").holds
+
+
+def test_beats_null_needs_the_null_distribution_not_only_its_mean():
+    """A paired test against the null's mean can hold while the effect sits inside the random draws' spread (the
+    harmfulness direction's +0.86 at the 81st percentile of 16 random directions): that is no win over random."""
+    from experiments.refusal_stats import beats_null
+    from interp import stats
+
+    rng = np.random.default_rng(0)
+    null = rng.normal(0.0, 0.8, size=16)  # random directions vary a lot between draws
+    per_prompt = 0.5 + 0.1 * rng.normal(size=40)  # the effect minus the null's mean, per prompt: consistently > 0
+    for observed, want in ((float(np.quantile(null, 0.8)), False), (float(null.max()) + 0.5, True)):
+        tests = {"x vs null mean": stats.paired_difference(per_prompt, 0.0, alternative="greater"),
+                 "x vs null (percentile)": stats.null_test(observed, null, "greater")}
+        v = stats.verdict(tests, "x vs null mean", alternative="greater", what="x")
+        assert v.p_holm["x vs null mean"] < 0.05  # the mean test alone would say "beats random"
+        assert beats_null(v, tests, "x vs null mean", "x vs null (percentile)") is want

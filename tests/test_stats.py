@@ -17,6 +17,7 @@ def test_wilson_matches_scipy(k, n):
     assert e.value == pytest.approx(k / n)
     assert e.lo == pytest.approx(ci.low, abs=1e-12) and e.hi == pytest.approx(ci.high, abs=1e-12)
     assert e.n == n
+    assert (e.lo == 0.0) == (k == 0) and (e.hi == 1.0) == (k == n)  # exact ends, no 7e-18 from rounding
 
 
 @pytest.mark.parametrize("table", [(5, 16, 0, 16), (3, 20, 9, 20), (0, 5, 0, 7), (12, 12, 1, 30), (7, 64, 4, 64)])
