@@ -15,10 +15,11 @@ os.environ.setdefault("INTERP_COMPILATION_CACHE", "off")
 # optimisation passes are what XLA's CPU compiler spends it on (measured: a study smoke run 91 s -> 61 s). They can
 # move float rounding in the last bits (FMA contraction): every tolerance of the suite holds without them except
 # the 8-device SAE training comparison (12 Adam steps amplify it: 1.4e-5 against its 1e-5), whose subprocess runs
-# with the user's flags (USER_XLA_FLAGS). INTERP_TEST_FULL_OPT=1 keeps XLA's defaults everywhere.
+# with the user's flags (INTERP_USER_XLA_FLAGS). INTERP_TEST_FULL_OPT=1 keeps XLA's defaults everywhere.
 os.environ.setdefault("INTERP_USER_XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
 if os.environ.get("INTERP_TEST_FULL_OPT") != "1":
-    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
+    # built from the user's flags, not appended to XLA_FLAGS: xdist workers inherit the controller's (already set)
+    os.environ["XLA_FLAGS"] = " ".join([os.environ["INTERP_USER_XLA_FLAGS"], "--xla_backend_optimization_level=0",
                                         "--xla_llvm_disable_expensive_passes=true"]).strip()
 
 
