@@ -37,6 +37,7 @@ CRITERIA = ("js", "js_authors", "auroc")
 
 
 class LayerScores(NamedTuple):
+    """Per-layer separation scores of a paired contrast set (`layer_scores`), each `[L]`."""
     js: np.ndarray  # [L] true Jensen-Shannon divergence of the softmax-normalised activations (nats)
     js_authors: np.ndarray  # [L] the authors' variant
     auroc: np.ndarray  # [L] probe validation AUROC

@@ -36,6 +36,7 @@ def induction_scores(pattern: Float[Array, "L B H T T"], half: int, prefix: int 
 
 
 def previous_token_scores(pattern: Float[Array, "L B H T T"]) -> Float[Array, "L H"]:
+    """Attention to the previous token, averaged over queries: `[L, H]` from patterns `[L, B, H, T, T]`."""
     return _diagonal_score(pattern, 1, slice(1, None))
 
 

@@ -521,6 +521,7 @@ def patch(site: str, cache, **kw) -> Replace:
 
 
 def zero_ablation(site: str, **kw) -> Replace:
+    """Replace `site` by zeros (the `Where` fields in `kw` narrow it: `layers=`, `positions=`, `heads=`, ...)."""
     return Replace(site, 0.0, **kw)
 
 

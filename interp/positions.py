@@ -34,6 +34,7 @@ _PLACEHOLDER = "Zq7Placeholder"
 
 @runtime_checkable
 class Selector(Protocol):
+    """A position selector: `(tokens [B, T], mask [B, T], tokenizer) -> [B, P]` sequence indices per row."""
     def __call__(self, tokens, mask, tokenizer=None) -> Int[Array, "B P"]: ...
 
 

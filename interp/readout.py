@@ -32,6 +32,7 @@ __all__ = [
 
 
 class Readout(NamedTuple):
+    """What a metric reads at the selected positions: final `logits [B, P, V]` and the last `resid [B, P, D]`."""
     logits: Float[Array, "B P V"]  # float32, after the final norm, unembedding and soft-cap
     resid: Float[Array, "B P D"]  # residual stream leaving the last layer (before the final norm)
 

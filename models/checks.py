@@ -35,6 +35,7 @@ def concrete(x) -> np.ndarray | None:
 
 
 def show_values(values) -> str:
+    """A short tuple-like rendering of `values` for error messages (at most 12 shown)."""
     v = np.asarray(values).ravel().tolist()
     return f"({v[0]},)" if len(v) == 1 else str(tuple(v)) if len(v) <= 12 else f"{tuple(v[:12])[:-1]}, ...)"
 

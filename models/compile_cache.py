@@ -21,6 +21,7 @@ OFF = ("off", "0", "false", "no", "none")
 
 
 def default_dir() -> Path:
+    """The default persistent-cache directory: `$XDG_CACHE_HOME/interp/jax-compilation` (`~/.cache/...`)."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(root) / "interp" / "jax-compilation"
 

@@ -16,6 +16,7 @@ from models.transformer import norm, unembed
 
 
 def main(argv=None):
+    """`./run demo`: load a model, chat, generate, capture every site and write a per-layer summary figure."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="smollm2-135m-instruct", help=f"registered name ({', '.join(models.REGISTRY)}), .gguf file or HF directory")
     ap.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")

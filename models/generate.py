@@ -16,6 +16,7 @@ from models.transformer import KVCache
 
 
 def empty_cache(cfg, batch: int, slots: int) -> KVCache:
+    """A zeroed `KVCache` of `slots` positions for `batch` rows: keys and values `[L, B, slots, KV, d_head]`."""
     dtype = jnp.dtype(cfg.dtype)
     shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.d_head)
     zeros = jnp.zeros((batch, slots), jnp.int32)

@@ -20,6 +20,8 @@ from models.errors import InputError
 
 @dataclass(frozen=True)
 class Site:
+    """One activation site: its name, whether it has a value per layer, its logical `axes` (the sharding
+    table's words), a one-line `doc` and the TransformerLens hook `tl` with the same value."""
     name: str
     per_layer: bool
     axes: tuple[str, ...]

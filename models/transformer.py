@@ -159,6 +159,7 @@ def norm(x: Float[Array, "... D"], p: Params, cfg: Config, frozen: bool = False)
 
 
 def activation(x: Array, cfg: Config) -> Array:
+    """The MLP nonlinearity `cfg.act` (`silu`, exact `gelu`, `gelu_tanh`, `relu`) applied to `x`."""
     return {
         "silu": jax.nn.silu,
         "gelu": lambda v: jax.nn.gelu(v, approximate=False),
@@ -198,6 +199,7 @@ def apply_rope(x: Float[Array, "B T N d"], positions: Int[Array, "B T"], inv_fre
 
 
 def softcap(x: Array, cap: float | None) -> Array:
+    """Gemma's soft-capping `tanh(x / cap) * cap` (identity when `cap` is None)."""
     return x if cap is None else jnp.tanh(x / cap) * cap
 
 

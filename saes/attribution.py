@@ -623,6 +623,7 @@ class Graph:
 
 @dataclass(frozen=True)
 class Pruned:
+    """Node and edge masks of a pruned attribution graph (circuit-tracer's pruning), with the cumulative scores."""
     node_mask: np.ndarray  # [N] bool
     edge_mask: np.ndarray  # [N, N] bool, [target, source]
     cumulative_scores: np.ndarray  # [N] each node's cumulative share of influence in descending order

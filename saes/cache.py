@@ -19,6 +19,7 @@ from saes.train import TrainConfig, build_source
 
 
 def main(argv=None):
+    """`python -m saes.cache`: write the activations a `TrainConfig` would train on to a disk cache (`--out`)."""
     cfg = cli.parse(TrainConfig, argv, prog="python -m saes.cache", description=__doc__.split("\n\n")[0],
                     docs={"out": "the cache directory to write", "cache": "(not used here: give the directory to "
                           "write as --out)"})

@@ -500,6 +500,7 @@ def _write_fn(hooks_spec):
 
 
 def partial_jit_donate(f):
+    """`jax.jit(f)` donating its first argument (the shuffle buffer is updated in place)."""
     return jax.jit(f, donate_argnums=(0,))
 
 

@@ -12,6 +12,7 @@ __all__ = ["lr_schedule", "make_optimizer", "sparsity_schedule"]
 
 
 def lr_schedule(cfg: TrainConfig):
+    """The learning rate per step: linear warm-up, a flat stretch, then linear decay to 0 over `lr_decay_frac`."""
     steps = max(cfg.steps, 1)
     warm = min(cfg.lr_warmup_steps, steps)
     decay = int(cfg.lr_decay_frac * steps)
@@ -24,11 +25,13 @@ def lr_schedule(cfg: TrainConfig):
 
 
 def make_optimizer(cfg: TrainConfig):
+    """Adam on `lr_schedule(cfg)` after clipping the global gradient norm at `cfg.grad_clip`."""
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                        optax.adam(lr_schedule(cfg), b1=cfg.beta1, b2=cfg.beta2))
 
 
 def sparsity_schedule(cfg: TrainConfig, step):
+    """The sparsity coefficient at `step`: `cfg.coeff` after a linear warm-up over `sparsity_warmup_frac`."""
     warm = cfg.sparsity_warmup_frac * cfg.steps
     if warm <= 0:
         return jnp.asarray(cfg.coeff, jnp.float32)

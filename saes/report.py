@@ -28,6 +28,7 @@ def summarise(history: list[dict], final_eval: dict | None = None) -> dict:
 
 
 def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
+    """Training curves (MSE, L0, dead fraction, CE recovered at evaluations) from `metrics.jsonl` rows, to `path`."""
     # a bare Agg figure, not pyplot: `matplotlib.use("Agg")` would switch a notebook's inline backend off
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

@@ -68,6 +68,8 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainResult:
+    """What `saes.fit` returns: the trained dictionaries by hook key, the final metrics, the run directory,
+    the final state and the metrics history."""
     saes: dict[str, SAE]
     metrics: dict[str, Any]
     out: Path
@@ -370,6 +372,7 @@ def cli_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> TrainResult:
+    """`python -m saes.train`: parse a `TrainConfig` from flags, train (resuming if the run exists), print the metrics."""
     cfg = cli.parse(TrainConfig, argv, prog="python -m saes.train", description=__doc__.split("\n\n")[0])
     result = train(cfg)
     print(json.dumps(result.metrics, indent=1))
