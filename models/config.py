@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-ARCHS = ("gpt2", "llama", "mistral", "qwen2", "gemma2", "gemma3")
+ARCHS = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt_neox", "olmo2")
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,13 @@ class Config:
 
     `layer_types[i]` is "global" or "local" (sliding window `sliding_window`, RoPE base
     `rope_local_theta`). Norm weights are stored as effective scales: Gemma's (1 + w) is folded in on load.
+
+    The switches that make a family: `pre_norms` (a norm before attention and MLP; OLMo 2 has none, only
+    `post_norms` after them), `post_norms` (Gemma 2/3, OLMo 2), `qk_norm` (RMSNorm of queries and keys before
+    RoPE: per head over `d_head` for Gemma 3 and Qwen3, over all heads' `H * d_head` with `qk_norm_full` for
+    OLMo 2), `parallel_block` (GPT-NeoX/Pythia: attention and MLP both read the layer's input,
+    `resid_post = resid_pre + attn_out + mlp_out`), `rotary_dim` (partial rotary: RoPE on the first
+    `rotary_dim` dimensions of each head, the rest unrotated; None: all of them).
     """
 
     arch: str
@@ -50,6 +57,10 @@ class Config:
     mlp_bias: bool = False
     post_norms: bool = False
     qk_norm: bool = False
+    qk_norm_full: bool = False
+    pre_norms: bool = True
+    parallel_block: bool = False
+    rotary_dim: int | None = None
     embed_scale: float = 1.0
     attn_scale: float | None = None
     attn_softcap: float | None = None
@@ -70,6 +81,17 @@ class Config:
             raise ValueError(f"layer_types must be {self.n_layers} of 'global'/'local', got {self.layer_types}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.d_head and self.rotary_dim % 2 == 0):
+            raise ValueError(f"rotary_dim must be an even number in (0, d_head={self.d_head}], got {self.rotary_dim}")
+        if self.qk_norm_full and not self.qk_norm:
+            raise ValueError("qk_norm_full needs qk_norm")
+        if self.parallel_block and self.post_norms:
+            raise ValueError("parallel_block with post_norms is not a known family")
+
+    @property
+    def rope_dim(self) -> int:
+        """The dimensions of each head that RoPE rotates (`rotary_dim`, default all of `d_head`)."""
+        return self.d_head if self.rotary_dim is None else self.rotary_dim
 
     @property
     def query_scale(self) -> float:

@@ -173,14 +173,31 @@ def config_from_hf(d: Mapping[str, Any], dtype: str = "float32") -> Config:
             act=act, gated_mlp=False, positional="learned", qkv_bias=True, o_bias=True, mlp_bias=True,
             tie_embeddings=d.get("tie_word_embeddings", True), dtype=dtype,
         )
-    arch = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma2": "gemma2", "gemma3_text": "gemma3"}.get(mt)
+    if mt == "gpt_neox":  # Pythia: parallel attention + MLP, partial rotary, fused qkv, LayerNorm with biases
+        D, H = d["hidden_size"], d["num_attention_heads"]
+        rp = d.get("rope_parameters") or {}
+        theta, _, scaling = _rope_from_hf({**d, "rope_theta": d.get("rope_theta") or d.get("rotary_emb_base", 10_000.0)})
+        frac = d.get("rotary_pct") or rp.get("partial_rotary_factor") or d.get("partial_rotary_factor") or 1.0
+        rot = int((D // H) * frac)
+        return Config(
+            arch="gpt_neox", vocab_size=d["vocab_size"], d_model=D, n_layers=d["num_hidden_layers"], n_heads=H,
+            n_kv_heads=H, d_head=D // H, d_mlp=d["intermediate_size"], n_ctx=d.get("max_position_embeddings", 2048),
+            norm="layer", norm_eps=d.get("layer_norm_eps", 1e-5), act=_activation(d.get("hidden_act", "gelu"), "hidden_act"),
+            gated_mlp=False, rope_theta=theta, rope_scaling=scaling, qkv_bias=bool(d.get("attention_bias", True)),
+            o_bias=bool(d.get("attention_bias", True)), mlp_bias=True,
+            parallel_block=bool(d.get("use_parallel_residual", True)), rotary_dim=rot if rot < D // H else None,
+            tie_embeddings=bool(d.get("tie_word_embeddings", False)), dtype=dtype,
+        )
+    arch = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+            "gemma3_text": "gemma3", "olmo2": "olmo2"}.get(mt)
     if arch is None:
-        raise UnsupportedModelError(f"model_type {mt!r} is not supported (supported: gpt2, llama, mistral, qwen2, gemma2, gemma3)")
+        raise UnsupportedModelError(f"model_type {mt!r} is not supported (supported: gpt2, gpt_neox, llama, mistral, "
+                                    "qwen2, qwen3, gemma2, gemma3, olmo2)")
     D, H, L = d["hidden_size"], d["num_attention_heads"], d["num_hidden_layers"]
     theta, local_theta, scaling = _rope_from_hf(d)
     gemma = arch.startswith("gemma")
     window = d.get("sliding_window")
-    if arch == "qwen2" and not d.get("use_sliding_window", False):
+    if arch in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
         window = None
     act = _activation(d.get("hidden_activation") or d.get("hidden_act", "silu"), "hidden_act")
     d_head = d.get("head_dim") or D // H
@@ -190,7 +207,8 @@ def config_from_hf(d: Mapping[str, Any], dtype: str = "float32") -> Config:
         n_ctx=d.get("max_position_embeddings", 2048), norm="rms", norm_eps=d.get("rms_norm_eps", 1e-6), act=act,
         rope_theta=theta, rope_local_theta=local_theta if arch == "gemma3" else None, rope_scaling=scaling,
         qkv_bias=bool(d.get("attention_bias", arch == "qwen2")), o_bias=bool(d.get("attention_bias", False)) and arch != "qwen2",
-        mlp_bias=bool(d.get("mlp_bias", False)), post_norms=gemma, qk_norm=arch == "gemma3",
+        mlp_bias=bool(d.get("mlp_bias", False)), post_norms=gemma or arch == "olmo2",
+        qk_norm=arch in ("gemma3", "qwen3", "olmo2"), qk_norm_full=arch == "olmo2", pre_norms=arch != "olmo2",
         embed_scale=D**0.5 if gemma else 1.0,
         attn_scale=d["query_pre_attn_scalar"] ** -0.5 if gemma else None,
         attn_softcap=d.get("attn_logit_softcapping") if gemma else None,

@@ -6,7 +6,7 @@ Layout (layer weights stacked on a leading `layers` axis; TransformerLens-style 
     embed.W_E [V, D]             pos_embed.W_pos [n_ctx, D] (learned positions only)
     blocks.ln1.{w,b} [L, D]      blocks.ln1_post / ln2_post (Gemma post-norms)     blocks.ln2.{w,b}
     blocks.attn.W_Q [L, D, H, d] W_K, W_V [L, D, K, d]  W_O [L, H, d, D]  b_Q [L, H, d]  b_K, b_V  b_O [L, D]
-    blocks.attn.q_norm.w, k_norm.w [L, d] (Gemma 3)
+    blocks.attn.q_norm.w, k_norm.w [L, d] (Gemma 3, Qwen3)   q_norm_full.w [L, H, d], k_norm_full.w [L, K, d] (OLMo 2)
     blocks.mlp.W_in [L, D, F] (up)  W_gate [L, D, F] (gated only)  W_out [L, F, D]  b_in, b_gate, b_out
     ln_final.{w,b} [D]           unembed.W_U [D, V] (absent when embeddings are tied)
 """
@@ -41,6 +41,8 @@ PARAMS: dict[str, tuple[str, ...]] = {
     "blocks.attn.b_O": ("layers", "embed"),
     "blocks.attn.q_norm.w": ("layers", "head_dim"),
     "blocks.attn.k_norm.w": ("layers", "head_dim"),
+    "blocks.attn.q_norm_full.w": ("layers", "heads", "head_dim"),  # OLMo 2: one norm over all heads
+    "blocks.attn.k_norm_full.w": ("layers", "kv_heads", "head_dim"),
     "blocks.mlp.W_in": ("layers", "embed", "mlp"),
     "blocks.mlp.W_gate": ("layers", "embed", "mlp"),
     "blocks.mlp.W_out": ("layers", "mlp", "embed"),
@@ -60,11 +62,13 @@ def param_axes(cfg: Config) -> Params:
     """The parameter pytree of `cfg` with each leaf its logical axes (entries of `PARAMS`)."""
     norm = ["w", "b"] if cfg.norm == "layer" else ["w"]
     names = ["embed.W_E", *(["pos_embed.W_pos"] if cfg.positional == "learned" else [])]
-    for n in ("ln1", "ln2", *(("ln1_post", "ln2_post") if cfg.post_norms else ())):
+    for n in (*(("ln1", "ln2") if cfg.pre_norms else ()), *(("ln1_post", "ln2_post") if cfg.post_norms else ())):
         names += [f"blocks.{n}.{k}" for k in norm]
     names += [f"blocks.attn.{w}" for w in ("W_Q", "W_K", "W_V", "W_O")]
     names += [f"blocks.attn.{b}" for b in ("b_Q", "b_K", "b_V") if cfg.qkv_bias] + ["blocks.attn.b_O"] * cfg.o_bias
-    names += ["blocks.attn.q_norm.w", "blocks.attn.k_norm.w"] * cfg.qk_norm
+    if cfg.qk_norm:
+        full = "_full" * cfg.qk_norm_full
+        names += [f"blocks.attn.q_norm{full}.w", f"blocks.attn.k_norm{full}.w"]
     mlp = ["W_in", "W_out", *(["W_gate"] if cfg.gated_mlp else [])]
     mlp += ["b_in", "b_out", *(["b_gate"] if cfg.gated_mlp else [])] if cfg.mlp_bias else []
     names += [f"blocks.mlp.{w}" for w in mlp] + [f"ln_final.{k}" for k in norm]
@@ -144,6 +148,16 @@ def _hf_layer_names(cfg: Config) -> dict[str, str]:
             "mlp.W_in": p + "mlp.c_fc.weight", "mlp.b_in": p + "mlp.c_fc.bias",
             "mlp.W_out": p + "mlp.c_proj.weight", "mlp.b_out": p + "mlp.c_proj.bias",
         }
+    if cfg.arch == "gpt_neox":  # (the `gpt_neox.` wrapper is stripped by `hf_name`)
+        p = "layers.{i}."
+        return {
+            "ln1.w": p + "input_layernorm.weight", "ln1.b": p + "input_layernorm.bias",
+            "ln2.w": p + "post_attention_layernorm.weight", "ln2.b": p + "post_attention_layernorm.bias",
+            "attn.qkv.w": p + "attention.query_key_value.weight", "attn.qkv.b": p + "attention.query_key_value.bias",
+            "attn.W_O": p + "attention.dense.weight", "attn.b_O": p + "attention.dense.bias",
+            "mlp.W_in": p + "mlp.dense_h_to_4h.weight", "mlp.b_in": p + "mlp.dense_h_to_4h.bias",
+            "mlp.W_out": p + "mlp.dense_4h_to_h.weight", "mlp.b_out": p + "mlp.dense_4h_to_h.bias",
+        }
     p = "model.layers.{i}."
     names = {
         "ln1.w": p + "input_layernorm.weight",
@@ -152,10 +166,14 @@ def _hf_layer_names(cfg: Config) -> dict[str, str]:
         "attn.b_Q": p + "self_attn.q_proj.bias", "attn.b_K": p + "self_attn.k_proj.bias",
         "attn.b_V": p + "self_attn.v_proj.bias", "attn.b_O": p + "self_attn.o_proj.bias",
         "attn.q_norm.w": p + "self_attn.q_norm.weight", "attn.k_norm.w": p + "self_attn.k_norm.weight",
+        "attn.q_norm_full.w": p + "self_attn.q_norm.weight", "attn.k_norm_full.w": p + "self_attn.k_norm.weight",
         "mlp.W_gate": p + "mlp.gate_proj.weight", "mlp.W_in": p + "mlp.up_proj.weight", "mlp.W_out": p + "mlp.down_proj.weight",
         "mlp.b_gate": p + "mlp.gate_proj.bias", "mlp.b_in": p + "mlp.up_proj.bias", "mlp.b_out": p + "mlp.down_proj.bias",
     }
-    if cfg.post_norms:
+    if cfg.post_norms and not cfg.pre_norms:  # OLMo 2: norms after attention and MLP only
+        names.update({"ln1_post.w": p + "post_attention_layernorm.weight",
+                      "ln2_post.w": p + "post_feedforward_layernorm.weight"})
+    elif cfg.post_norms:
         names.update({"ln1_post.w": p + "post_attention_layernorm.weight", "ln2.w": p + "pre_feedforward_layernorm.weight",
                       "ln2_post.w": p + "post_feedforward_layernorm.weight"})
     else:
@@ -163,7 +181,8 @@ def _hf_layer_names(cfg: Config) -> dict[str, str]:
     return names
 
 
-_WRAPPERS = (("transformer.", ""), ("model.language_model.", "model."), ("language_model.model.", "model."))
+_WRAPPERS = (("transformer.", ""), ("model.language_model.", "model."), ("language_model.model.", "model."),
+             ("gpt_neox.", ""))
 
 
 def hf_name(name: str) -> str:
@@ -203,7 +222,7 @@ class Recipe:
 def hf_recipes(cfg: Config) -> list[Recipe]:
     """One `Recipe` per parameter of `param_shapes(cfg)`: which Hugging Face tensor it comes from and how."""
     H, K, d, D, F = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp
-    gemma, gpt2 = cfg.arch in ("gemma2", "gemma3"), cfg.arch == "gpt2"
+    gemma, gpt2, neox = cfg.arch in ("gemma2", "gemma3"), cfg.arch == "gpt2", cfg.arch == "gpt_neox"
     names = _hf_layer_names(cfg)
     if gpt2:  # Conv1D weights are [in, out]; q, k and v share c_attn [D, 3D]
         qkv = {f"{k}_{n}": j for j, n in enumerate("QKV") for k in ("W", "b")}
@@ -215,10 +234,15 @@ def hf_recipes(cfg: Config) -> list[Recipe]:
                  "attn.b_Q": ((H * d,), (H, d), (0, 1)), "attn.b_K": ((K * d,), (K, d), (0, 1)),
                  "attn.b_V": ((K * d,), (K, d), (0, 1)),
                  "mlp.W_gate": ((F, D), (F, D), (1, 0)), "mlp.W_in": ((F, D), (F, D), (1, 0)),
-                 "mlp.W_out": ((D, F), (D, F), (1, 0))}
-    top = ({"embed.W_E": "wte.weight", "pos_embed.W_pos": "wpe.weight", "ln_final.w": "ln_f.weight", "ln_final.b": "ln_f.bias"}
-           if gpt2 else {"embed.W_E": "model.embed_tokens.weight", "ln_final.w": "model.norm.weight"})
-    top["unembed.W_U"] = "lm_head.weight"
+                 "mlp.W_out": ((D, F), (D, F), (1, 0)),
+                 "attn.q_norm_full.w": ((H * d,), (H, d), (0, 1)), "attn.k_norm_full.w": ((K * d,), (K, d), (0, 1))}
+    if gpt2:
+        top = {"embed.W_E": "wte.weight", "pos_embed.W_pos": "wpe.weight", "ln_final.w": "ln_f.weight", "ln_final.b": "ln_f.bias"}
+    elif neox:
+        top = {"embed.W_E": "embed_in.weight", "ln_final.w": "final_layer_norm.weight", "ln_final.b": "final_layer_norm.bias"}
+    else:
+        top = {"embed.W_E": "model.embed_tokens.weight", "ln_final.w": "model.norm.weight"}
+    top["unembed.W_U"] = "embed_out.weight" if neox else "lm_head.weight"
     same = lambda shape: (shape, shape, tuple(range(len(shape))))
     out = []
     for keys, shape in jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=_is_shape)[0]:
@@ -228,6 +252,13 @@ def hf_recipes(cfg: Config) -> list[Recipe]:
         if path[0] != "blocks":
             src, split, perm = (shape[::-1], shape[::-1], (1, 0)) if ours == "unembed.W_U" else same(shape)
             out.append(Recipe(path, shape, top[ours], src, split, perm, False, plus_one=plus_one))
+        elif neox and path[-1] in ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V"):
+            # fused query_key_value [H * 3 * d, D]: each head's q, k, v side by side (HF views it as [H, 3d])
+            j, weight = "QKV".index(path[-1][-1]), path[-1].startswith("W")
+            src = names["attn.qkv.w" if weight else "attn.qkv.b"]
+            out.append(Recipe(path, shape, src, (3 * H * d, D) if weight else (3 * H * d,),
+                              (H, 3, d, D) if weight else (H, 3, d), (2, 0, 1) if weight else (0, 1), True,
+                              take=(1, j)))
         elif gpt2 and path[-1] in qkv:
             j, weight = qkv[path[-1]], path[-1].startswith("W")
             src = names["attn.c_attn.w" if weight else "attn.c_attn.b"]

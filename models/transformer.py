@@ -171,7 +171,7 @@ def activation(x: Array, cfg: Config) -> Array:
 def rope_inv_freq(cfg: Config, local: bool) -> Float[Array, " half"]:
     """Inverse frequencies of RoPE for global or local layers (scaling applies to global layers only)."""
     theta = cfg.rope_local_theta if (local and cfg.rope_local_theta is not None) else cfg.rope_theta
-    inv = 1.0 / (theta ** (jnp.arange(0, cfg.d_head, 2, dtype=jnp.float32) / cfg.d_head))
+    inv = 1.0 / (theta ** (jnp.arange(0, cfg.rope_dim, 2, dtype=jnp.float32) / cfg.rope_dim))
     s = cfg.rope_scaling
     if s is None or (local and cfg.rope_local_theta is not None):
         return inv
@@ -188,7 +188,11 @@ def rope_inv_freq(cfg: Config, local: bool) -> Float[Array, " half"]:
 
 
 def apply_rope(x: Float[Array, "B T N d"], positions: Int[Array, "B T"], inv_freq) -> Float[Array, "B T N d"]:
-    """Rotate halves (Hugging Face layout) by angle position * inv_freq, in float32."""
+    """Rotate halves (Hugging Face layout) by angle position * inv_freq, in float32. With fewer frequencies than
+    `d / 2` (partial rotary, GPT-NeoX), only the first `2 * len(inv_freq)` dimensions turn; the rest pass."""
+    rot = 2 * inv_freq.shape[-1]
+    if rot < x.shape[-1]:
+        return jnp.concatenate([apply_rope(x[..., :rot], positions, inv_freq), x[..., rot:]], -1)
     ang = positions[..., None].astype(jnp.float32) * inv_freq  # [B T d/2]
     cos = jnp.concatenate([jnp.cos(ang)] * 2, -1)[:, :, None, :]
     sin = jnp.concatenate([jnp.sin(ang)] * 2, -1)[:, :, None, :]
@@ -227,7 +231,10 @@ def attention(p: Params, x: Float[Array, "B T D"], li: LayerInputs, kv: dict, si
     v = jnp.einsum("btd,dhe->bthe", x, p["W_V"])
     if cfg.qkv_bias:
         q, k, v = q + p["b_Q"], k + p["b_K"], v + p["b_V"]
-    if cfg.qk_norm:
+    if cfg.qk_norm_full:  # one RMSNorm over every head's query (key) at once (OLMo 2)
+        q = norm(q.reshape(B, T, -1), {"w": p["q_norm_full"]["w"].reshape(-1)}, cfg).reshape(q.shape)
+        k = norm(k.reshape(B, T, -1), {"w": p["k_norm_full"]["w"].reshape(-1)}, cfg).reshape(k.shape)
+    elif cfg.qk_norm:
         q, k = norm(q, p["q_norm"], cfg), norm(k, p["k_norm"], cfg)
     q = sites.visit("attn.q", q, layer)
     k = sites.visit("attn.k", k, layer)
@@ -298,14 +305,16 @@ def block(p: Params, resid: Float[Array, "B T D"], li: LayerInputs, kv: dict, si
     """One transformer layer; returns the new residual and this layer's (keys, values)."""
     layer = li.index
     frozen = sites.frozen
+    pre = (lambda x, name: norm(x, p[name], cfg, frozen)) if cfg.pre_norms else (lambda x, name: x)  # OLMo 2: none
     resid = sites.visit("resid_pre", resid, layer)
-    h = sites.visit("ln1.normalized", norm(resid, p["ln1"], cfg, frozen), layer)
+    h = sites.visit("ln1.normalized", pre(resid, "ln1"), layer)
     attn_out, new_kv = attention(p["attn"], h, li, kv, sites, cfg)
     if cfg.post_norms:
         attn_out = norm(attn_out, p["ln1_post"], cfg, frozen)
     attn_out = sites.visit("attn_out", attn_out, layer)
+    mlp_in = resid  # parallel block (GPT-NeoX): the MLP reads the layer's input, not resid_mid
     resid = sites.visit("resid_mid", resid + attn_out, layer)
-    h = sites.visit("ln2.normalized", norm(resid, p["ln2"], cfg, frozen), layer)
+    h = sites.visit("ln2.normalized", pre(mlp_in if cfg.parallel_block else resid, "ln2"), layer)
     mlp_out = mlp(p["mlp"], h, layer, sites, cfg)
     if cfg.post_norms:
         mlp_out = norm(mlp_out, p["ln2_post"], cfg, frozen)

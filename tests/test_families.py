@@ -1,0 +1,186 @@
+"""Qwen3, GPT-NeoX (Pythia) and OLMo 2 against `transformers`, on tiny random configurations built offline.
+
+Each family is a setting of `models.Config` (`qk_norm`, `qk_norm_full`, `pre_norms`, `parallel_block`,
+`rotary_dim`), so these check the switches: logits and every layer's `resid_pre` / `resid_post` on a left-padded
+batch (float32, 1e-5 of the reference's largest value, scanned and unrolled), greedy generation with the KV cache
+against `transformers`' own `generate`, and capture of every registry site. Then the library on random models of
+each family: attribution graphs (transcoders plus error nodes reproduce the logits), the vmapped head-ablation
+sweep against one forward per head, steering during generation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import interp
+import models
+from interp import interventions as I
+from interp.testing import random_model
+from models import transformer
+from models.generate import generate_tokens
+from saes.attribution import attribute
+from saes.transcoders import random_set
+
+V = 96
+CONFIGS = {
+    "qwen3": lambda: transformers.Qwen3Config(vocab_size=V, hidden_size=48, num_hidden_layers=3, num_attention_heads=6,
+                                              num_key_value_heads=2, head_dim=12, intermediate_size=80,
+                                              max_position_embeddings=64, rms_norm_eps=1e-6),
+    "qwen3-tied": lambda: transformers.Qwen3Config(vocab_size=V, hidden_size=32, num_hidden_layers=2,
+                                                   num_attention_heads=2, num_key_value_heads=1, head_dim=24,
+                                                   intermediate_size=40, max_position_embeddings=64,
+                                                   tie_word_embeddings=True),
+    "pythia": lambda: transformers.GPTNeoXConfig(vocab_size=V, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                                 intermediate_size=96, rotary_pct=0.25, max_position_embeddings=64,
+                                                 eos_token_id=0, bos_token_id=0),
+    "neox-sequential-full-rotary": lambda: transformers.GPTNeoXConfig(
+        vocab_size=V, hidden_size=40, num_hidden_layers=2, num_attention_heads=5, intermediate_size=64, rotary_pct=1.0,
+        use_parallel_residual=False, max_position_embeddings=64, eos_token_id=0, bos_token_id=0),
+    "olmo2": lambda: transformers.Olmo2Config(vocab_size=V, hidden_size=48, num_hidden_layers=3, num_attention_heads=6,
+                                              num_key_value_heads=3, intermediate_size=80, max_position_embeddings=64),
+}
+ARCH = {"qwen3": "qwen3", "qwen3-tied": "qwen3", "pythia": "gpt_neox", "neox-sequential-full-rotary": "gpt_neox",
+        "olmo2": "olmo2"}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def tiny(request, tmp_path_factory):
+    """(name, transformers model, our Model) with non-trivial norm weights and biases."""
+    torch.manual_seed(0)
+    hf_cfg = CONFIGS[request.param]()
+    hf_cfg._attn_implementation = "eager"
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.ndim == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    return request.param, hf, models.load(str(path), tokenizer=False)
+
+
+def _rel(a, b, valid):
+    return np.abs(np.asarray(a) - b)[valid].max() / np.abs(b[valid]).max()
+
+
+def test_config_switches(tiny):
+    name, hf, m = tiny
+    cfg = m.cfg
+    assert cfg.arch == ARCH[name]
+    if name == "pythia":
+        assert cfg.parallel_block and cfg.rotary_dim == 4 and cfg.norm == "layer" and not cfg.tie_embeddings
+    if name == "olmo2":
+        assert cfg.qk_norm_full and not cfg.pre_norms and cfg.post_norms
+        assert m.params["blocks"]["attn"]["q_norm_full"]["w"].shape == (3, 6, 8)
+    if name.startswith("qwen3"):
+        assert cfg.qk_norm and not cfg.qk_norm_full and not cfg.qkv_bias and cfg.tie_embeddings == (name == "qwen3-tied")
+
+
+@pytest.mark.parametrize("unroll", [False, True], ids=["scan", "unrolled"])
+def test_logits_and_every_residual_match_transformers(tiny, unroll):
+    name, hf, m = tiny
+    rng = np.random.RandomState(1)
+    tokens = rng.randint(1, V, (3, 13))
+    mask = np.ones_like(tokens)
+    mask[1, :4] = 0  # left padding
+    mask[2, :9] = 0
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    with torch.no_grad():
+        out = hf(torch.tensor(tokens), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos),
+                 output_hidden_states=True)
+    ref, hidden = out.logits.numpy(), [h.numpy() for h in out.hidden_states]
+    logits, acts = transformer.forward(m.params, m.cfg, tokens, mask, capture=("resid_pre", "resid_post"), unroll=unroll)
+    valid = mask.astype(bool)
+    assert _rel(logits, ref, valid) < 1e-5, name
+    for layer in range(m.cfg.n_layers):
+        assert _rel(acts["resid_pre"][layer], hidden[layer], valid) < 1e-5, (name, layer)
+    for layer in range(m.cfg.n_layers - 1):  # the last hidden state is after the final norm
+        assert _rel(acts["resid_post"][layer], hidden[layer + 1], valid) < 1e-5, (name, layer)
+
+
+def test_rows_alone_equal_the_padded_batch(tiny):
+    _, _, m = tiny
+    rng = np.random.RandomState(4)
+    a, b = rng.randint(1, V, (1, 11)), rng.randint(1, V, (1, 6))
+    tokens = np.concatenate([a, np.concatenate([np.zeros((1, 5), int), b], 1)])
+    mask = np.concatenate([np.ones((1, 11), int), np.r_[[0] * 5 + [1] * 6][None]])
+    batch = np.asarray(transformer.forward(m.params, m.cfg, tokens, mask)[0])
+    alone = np.asarray(transformer.forward(m.params, m.cfg, b)[0])
+    np.testing.assert_allclose(batch[1, 5:], alone[0], atol=1e-5 * np.abs(alone).max())
+
+
+def test_greedy_generation_with_the_kv_cache_matches_transformers(tiny):
+    name, hf, m = tiny
+    prompt = np.random.RandomState(2).randint(1, V, (1, 7))
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(prompt), attention_mask=torch.ones(1, 7, dtype=torch.long), max_new_tokens=6,
+                          do_sample=False, pad_token_id=0, eos_token_id=None)[0, 7:].tolist()
+    ours = generate_tokens(m, prompt, np.ones_like(prompt), jax.random.key(0), max_new_tokens=6)  # no stop ids
+    assert np.asarray(ours)[0].tolist() == ref, name
+
+
+def test_every_site_is_captured(tiny):
+    """Every registry site exists for the new switches (no pre-norm: `ln1.normalized` is the residual itself)."""
+    name, _, m = tiny
+    tokens = np.random.RandomState(3).randint(1, V, (2, 5))
+    _, acts = transformer.forward(m.params, m.cfg, tokens, capture=tuple(models.SITES))
+    assert set(acts) == set(models.SITES)
+    assert all(np.isfinite(np.asarray(v)).all() for v in acts.values())
+    if not m.cfg.pre_norms:
+        np.testing.assert_array_equal(acts["ln1.normalized"], acts["resid_pre"])
+    if m.cfg.parallel_block:  # resid_post = resid_pre + attn_out + mlp_out
+        np.testing.assert_allclose(acts["resid_post"], acts["resid_pre"] + acts["attn_out"] + acts["mlp_out"],
+                                   rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the rest of the library on them
+
+TINY = {  # our own configs of each new family (random weights; no transformers needed)
+    "qwen3": dict(arch="qwen3", qk_norm=True, tie_embeddings=False),
+    "gpt_neox": dict(arch="gpt_neox", norm="layer", act="gelu", gated_mlp=False, qkv_bias=True, o_bias=True,
+                     mlp_bias=True, parallel_block=True, rotary_dim=4, tie_embeddings=False),
+    "olmo2": dict(arch="olmo2", pre_norms=False, post_norms=True, qk_norm=True, qk_norm_full=True, tie_embeddings=False),
+}
+
+
+def _tiny(arch):
+    cfg = models.Config(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=48, n_ctx=64,
+                        **TINY[arch])
+    return random_model(cfg, jax.random.key(0))
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_attribution_replacement_model_reproduces_the_logits(arch):
+    """Transcoders on every MLP plus the graph's error nodes reproduce the logits; a graph builds."""
+    m = _tiny(arch)
+    tokens = np.array([1, 5, 9, 3, 7, 2, 11, 4, 13, 8])
+    tcs = random_set(m.cfg, "relu", 40, seed=10, bias=0.05, act_scale=1.3)
+    g = attribute(m, tcs, tokens)
+    first = jnp.arange(len(tokens))[None] == 0
+    clean = models.forward(m, tokens[None]).logits
+    replaced = models.forward(m, tokens[None], interventions=(tcs.replace_mlps(error=jnp.asarray(g.errors)[:, None],
+                                                                               keep=first),)).logits
+    np.testing.assert_allclose(replaced, clean, atol=2e-5, rtol=0)
+    assert g.n_features > 0 and np.isfinite(g.adjacency).all()
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_head_sweep_and_steering(arch):
+    """A vmapped head-ablation sweep equals one forward per head, and steering applies during generation."""
+    m = _tiny(arch)
+    tokens, mask = np.array([[3, 9, 4, 7, 1, 12]]), np.ones((1, 6), int)
+    metric = interp.LogitDiff(5, 6)
+    effects = np.asarray(interp.head_ablation(m, tokens, mask, metric, progress=False))
+    base = models.forward(m, tokens, mask).logits[0, -1]
+    for layer, head in [(0, 1), (2, 3)]:
+        out = models.forward(m, tokens, mask, interventions=(I.zero_heads(m.cfg, [(layer, head)]),)).logits[0, -1]
+        np.testing.assert_allclose(effects[layer, head], (out[5] - out[6]) - (base[5] - base[6]), atol=1e-4)
+    steer = I.AddVector("resid_pre", np.ones(32, np.float32), scale=3.0, layers=(1,))
+    plain = generate_tokens(m, tokens, mask, jax.random.key(0), max_new_tokens=4)
+    steered = generate_tokens(m, tokens, mask, jax.random.key(0), (steer,), max_new_tokens=4)
+    assert plain.shape == steered.shape == (1, 4)
