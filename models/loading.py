@@ -189,10 +189,10 @@ def config_from_hf(d: Mapping[str, Any], dtype: str = "float32") -> Config:
             tie_embeddings=bool(d.get("tie_word_embeddings", False)), dtype=dtype,
         )
     arch = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-            "gemma3_text": "gemma3", "olmo2": "olmo2"}.get(mt)
+            "gemma3_text": "gemma3", "olmo2": "olmo2", "phi3": "phi3"}.get(mt)
     if arch is None:
         raise UnsupportedModelError(f"model_type {mt!r} is not supported (supported: gpt2, gpt_neox, llama, mistral, "
-                                    "qwen2, qwen3, gemma2, gemma3, olmo2)")
+                                    "qwen2, qwen3, gemma2, gemma3, olmo2, phi3)")
     D, H, L = d["hidden_size"], d["num_attention_heads"], d["num_hidden_layers"]
     theta, local_theta, scaling = _rope_from_hf(d)
     gemma = arch.startswith("gemma")
@@ -201,6 +201,8 @@ def config_from_hf(d: Mapping[str, Any], dtype: str = "float32") -> Config:
         window = None
     act = _activation(d.get("hidden_activation") or d.get("hidden_act", "silu"), "hidden_act")
     d_head = d.get("head_dim") or D // H
+    frac = (d.get("rope_parameters") or {}).get("partial_rotary_factor") or d.get("partial_rotary_factor") or 1.0
+    rotary_dim = int(d_head * frac) if arch == "phi3" and frac < 1 else None  # Phi-4-mini: 0.75
     return Config(
         arch=arch, vocab_size=d["vocab_size"], d_model=D, n_layers=L, n_heads=H,
         n_kv_heads=d.get("num_key_value_heads") or H, d_head=d_head, d_mlp=d["intermediate_size"],
@@ -214,7 +216,7 @@ def config_from_hf(d: Mapping[str, Any], dtype: str = "float32") -> Config:
         attn_softcap=d.get("attn_logit_softcapping") if gemma else None,
         final_softcap=d.get("final_logit_softcapping") if gemma else None,
         sliding_window=window, layer_types=_layer_types(d, L, "local" if window else "global"),
-        tie_embeddings=bool(d.get("tie_word_embeddings", gemma)), dtype=dtype,
+        tie_embeddings=bool(d.get("tie_word_embeddings", gemma)), rotary_dim=rotary_dim, dtype=dtype,
     )
 
 
@@ -441,6 +443,8 @@ def _rows_alone(r: Recipe) -> bool:
 def _copy(out: np.ndarray, r: Recipe, src: np.ndarray, index: tuple[slice, ...]) -> None:
     """`out[...] =` the block `index` (slices of our per-layer axes) of one source tensor, transposed to our
     axis order and converted to `out`'s dtype in one pass."""
+    if r.rows is not None:
+        src = src[r.rows[0]:r.rows[1]]
     x = src.reshape(src.shape[:1] + r.split[1:] if _rows_alone(r) else r.split)
     block = [slice(None)] * len(r.perm)
     for k, a in enumerate(r.perm):  # our axis k is split axis perm[k]

@@ -160,6 +160,7 @@ def _hf_layer_names(cfg: Config) -> dict[str, str]:
         }
     p = "model.layers.{i}."
     names = {
+        "attn.qkv.w": p + "self_attn.qkv_proj.weight", "mlp.gate_up.w": p + "mlp.gate_up_proj.weight",  # Phi-3
         "ln1.w": p + "input_layernorm.weight",
         "attn.W_Q": p + "self_attn.q_proj.weight", "attn.W_K": p + "self_attn.k_proj.weight",
         "attn.W_V": p + "self_attn.v_proj.weight", "attn.W_O": p + "self_attn.o_proj.weight",
@@ -203,6 +204,8 @@ class Recipe:
     fused tensor along that axis (GPT-2's c_attn), then its axes permuted by `perm` (our axis k is split axis
     `perm[k]`). So a block of the parameter is a block of the reshaped source (`models.loading` reads just that,
     and transposes and converts it on the host as it copies it). `plus_one`: Gemma's `(1 + w)` norm weight.
+    `rows`: only the source's rows `[a, b)` are reshaped to `split` (parts of unequal size, Phi-3's fused qkv
+    with grouped-query attention).
     """
 
     path: tuple[str, ...]
@@ -214,6 +217,7 @@ class Recipe:
     stacked: bool
     take: tuple[int, int] | None = None
     plus_one: bool = False
+    rows: tuple[int, int] | None = None  # the source's rows [a, b) this parameter reads (Phi-3's fused qkv)
 
     def sources(self, n_layers: int) -> list[str]:
         return [self.source.format(i=i) for i in range(n_layers)] if self.stacked else [self.source]
@@ -223,6 +227,7 @@ def hf_recipes(cfg: Config) -> list[Recipe]:
     """One `Recipe` per parameter of `param_shapes(cfg)`: which Hugging Face tensor it comes from and how."""
     H, K, d, D, F = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp
     gemma, gpt2, neox = cfg.arch in ("gemma2", "gemma3"), cfg.arch == "gpt2", cfg.arch == "gpt_neox"
+    phi3 = cfg.arch == "phi3"
     names = _hf_layer_names(cfg)
     if gpt2:  # Conv1D weights are [in, out]; q, k and v share c_attn [D, 3D]
         qkv = {f"{k}_{n}": j for j, n in enumerate("QKV") for k in ("W", "b")}
@@ -259,6 +264,13 @@ def hf_recipes(cfg: Config) -> list[Recipe]:
             out.append(Recipe(path, shape, src, (3 * H * d, D) if weight else (3 * H * d,),
                               (H, 3, d, D) if weight else (H, 3, d), (2, 0, 1) if weight else (0, 1), True,
                               take=(1, j)))
+        elif phi3 and path[-1] in ("W_Q", "W_K", "W_V"):  # qkv_proj [(H + 2K) d, D]: q, then k, then v
+            n, start = {"W_Q": (H, 0), "W_K": (K, H * d), "W_V": (K, (H + K) * d)}[path[-1]]
+            out.append(Recipe(path, shape, names["attn.qkv.w"], ((H + 2 * K) * d, D), (n, d, D), (2, 0, 1), True,
+                              rows=(start, start + n * d)))
+        elif phi3 and path[-1] in ("W_gate", "W_in"):  # gate_up_proj [2F, D]: the gate, then the up projection
+            out.append(Recipe(path, shape, names["mlp.gate_up.w"], (2 * F, D), (2, F, D), (1, 0), True,
+                              take=(0, 0 if path[-1] == "W_gate" else 1)))
         elif gpt2 and path[-1] in qkv:
             j, weight = qkv[path[-1]], path[-1].startswith("W")
             src = names["attn.c_attn.w" if weight else "attn.c_attn.b"]

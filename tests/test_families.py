@@ -1,4 +1,4 @@
-"""Qwen3, GPT-NeoX (Pythia) and OLMo 2 against `transformers`, on tiny random configurations built offline.
+"""Qwen3, GPT-NeoX (Pythia), OLMo 2 and Phi-3 against `transformers`, on tiny random configurations built offline.
 
 Each family is a setting of `models.Config` (`qk_norm`, `qk_norm_full`, `pre_norms`, `parallel_block`,
 `rotary_dim`), so these check the switches: logits and every layer's `resid_pre` / `resid_post` on a left-padded
@@ -41,11 +41,18 @@ CONFIGS = {
     "neox-sequential-full-rotary": lambda: transformers.GPTNeoXConfig(
         vocab_size=V, hidden_size=40, num_hidden_layers=2, num_attention_heads=5, intermediate_size=64, rotary_pct=1.0,
         use_parallel_residual=False, max_position_embeddings=64, eos_token_id=0, bos_token_id=0),
+    "phi3": lambda: transformers.Phi3Config(vocab_size=V, hidden_size=48, num_hidden_layers=3, num_attention_heads=6,
+                                            num_key_value_heads=2, intermediate_size=80, max_position_embeddings=64,
+                                            pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "phi3-partial-rotary": lambda: transformers.Phi3Config(
+        vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        intermediate_size=64, max_position_embeddings=64, partial_rotary_factor=0.75, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2),
     "olmo2": lambda: transformers.Olmo2Config(vocab_size=V, hidden_size=48, num_hidden_layers=3, num_attention_heads=6,
                                               num_key_value_heads=3, intermediate_size=80, max_position_embeddings=64),
 }
 ARCH = {"qwen3": "qwen3", "qwen3-tied": "qwen3", "pythia": "gpt_neox", "neox-sequential-full-rotary": "gpt_neox",
-        "olmo2": "olmo2"}
+        "olmo2": "olmo2", "phi3": "phi3", "phi3-partial-rotary": "phi3"}
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -77,6 +84,8 @@ def test_config_switches(tiny):
     if name == "olmo2":
         assert cfg.qk_norm_full and not cfg.pre_norms and cfg.post_norms
         assert m.params["blocks"]["attn"]["q_norm_full"]["w"].shape == (3, 6, 8)
+    if name == "phi3-partial-rotary":
+        assert cfg.rotary_dim == 12 and cfg.gated_mlp
     if name.startswith("qwen3"):
         assert cfg.qk_norm and not cfg.qk_norm_full and not cfg.qkv_bias and cfg.tie_embeddings == (name == "qwen3-tied")
 
@@ -184,3 +193,14 @@ def test_head_sweep_and_steering(arch):
     plain = generate_tokens(m, tokens, mask, jax.random.key(0), max_new_tokens=4)
     steered = generate_tokens(m, tokens, mask, jax.random.key(0), (steer,), max_new_tokens=4)
     assert plain.shape == steered.shape == (1, 4)
+
+
+def test_phi3_long_rope_is_refused_by_name():
+    """Phi-3's long-context checkpoints ask for `longrope` scaling, which is not implemented: an error, never a
+    silently different rotation."""
+    d = transformers.Phi3Config(vocab_size=V, hidden_size=48, num_hidden_layers=1, num_attention_heads=6,
+                                intermediate_size=80, pad_token_id=0).to_dict()
+    d["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
+                            "long_factor": [2.0] * 4, "original_max_position_embeddings": 32}
+    with pytest.raises(models.errors.UnsupportedModelError, match="longrope"):
+        models.loading.config_from_hf(d)
