@@ -22,6 +22,7 @@ import numpy as np
 from jaxtyping import Array, Int
 
 from models.errors import InputError
+from models.sites import DENSE_ONLY, model_sites
 
 
 def concrete(x) -> np.ndarray | None:
@@ -151,8 +152,13 @@ def check_call(cfg, tokens, mask=None, captures: Sequence = (), interventions: S
     if mask is not None:
         check_mask(mask)
     lengths = row_lengths(mask) if mask is not None else np.full(shape[0], T)
+    have = model_sites(cfg)
     for c in captures:
         site = getattr(c, "site", c)
+        if site not in have:
+            raise InputError(f"Capture({site!r}): a {cfg.arch} model has no such site "
+                             f"({'dense MLP' if site in DENSE_ONLY else 'mixture-of-experts'} only); its sites: "
+                             f"{', '.join(have)}")
         layers = getattr(c, "layers", None)
         if layers is not None:
             check_index(f"Capture({site!r}) layers", np.asarray(layers, np.int64), stop,

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-ARCHS = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt_neox", "olmo2", "phi3")
+ARCHS = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt_neox", "olmo2", "phi3", "qwen3_moe")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,8 @@ class Config:
     RoPE: per head over `d_head` for Gemma 3 and Qwen3, over all heads' `H * d_head` with `qk_norm_full` for
     OLMo 2), `parallel_block` (GPT-NeoX/Pythia: attention and MLP both read the layer's input,
     `resid_post = resid_pre + attn_out + mlp_out`), `rotary_dim` (partial rotary: RoPE on the first
-    `rotary_dim` dimensions of each head, the rest unrotated; None: all of them).
+    `rotary_dim` dimensions of each head, the rest unrotated; None: all of them), `n_experts` (a mixture of
+    experts in place of every MLP: a router picks `n_experts_used` experts per token).
     """
 
     arch: str
@@ -61,6 +62,9 @@ class Config:
     pre_norms: bool = True
     parallel_block: bool = False
     rotary_dim: int | None = None
+    n_experts: int = 0  # > 0: every MLP is a mixture of this many experts, each `d_mlp` wide (Qwen3-MoE)
+    n_experts_used: int = 0  # experts each token is routed to (top-k of the router's softmax)
+    norm_topk_prob: bool = False  # renormalise the k chosen probabilities to sum to 1
     embed_scale: float = 1.0
     attn_scale: float | None = None
     attn_softcap: float | None = None
@@ -85,6 +89,9 @@ class Config:
             raise ValueError(f"rotary_dim must be an even number in (0, d_head={self.d_head}], got {self.rotary_dim}")
         if self.qk_norm_full and not self.qk_norm:
             raise ValueError("qk_norm_full needs qk_norm")
+        if self.n_experts and not (0 < self.n_experts_used <= self.n_experts and self.gated_mlp):
+            raise ValueError(f"n_experts_used must be in [1, n_experts={self.n_experts}] (gated experts), "
+                             f"got {self.n_experts_used}")
         if self.parallel_block and self.post_norms:
             raise ValueError("parallel_block with post_norms is not a known family")
 

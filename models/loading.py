@@ -189,15 +189,22 @@ def config_from_hf(d: Mapping[str, Any], dtype: str = "float32") -> Config:
             tie_embeddings=bool(d.get("tie_word_embeddings", False)), dtype=dtype,
         )
     arch = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-            "gemma3_text": "gemma3", "olmo2": "olmo2", "phi3": "phi3"}.get(mt)
+            "gemma3_text": "gemma3", "olmo2": "olmo2", "phi3": "phi3", "qwen3_moe": "qwen3_moe"}.get(mt)
     if arch is None:
         raise UnsupportedModelError(f"model_type {mt!r} is not supported (supported: gpt2, gpt_neox, llama, mistral, "
-                                    "qwen2, qwen3, gemma2, gemma3, olmo2, phi3)")
+                                    "qwen2, qwen3, qwen3_moe, gemma2, gemma3, olmo2, phi3)")
+    moe = {}
+    if arch == "qwen3_moe":
+        if d.get("mlp_only_layers") or d.get("decoder_sparse_step", 1) != 1:
+            raise UnsupportedModelError("qwen3_moe with dense layers among the sparse ones (mlp_only_layers, "
+                                        "decoder_sparse_step != 1) is not supported")
+        moe = dict(n_experts=d.get("num_experts") or d["num_local_experts"], n_experts_used=d["num_experts_per_tok"],
+                   norm_topk_prob=bool(d.get("norm_topk_prob", False)))
     D, H, L = d["hidden_size"], d["num_attention_heads"], d["num_hidden_layers"]
     theta, local_theta, scaling = _rope_from_hf(d)
     gemma = arch.startswith("gemma")
     window = d.get("sliding_window")
-    if arch in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
+    if arch in ("qwen2", "qwen3", "qwen3_moe") and not d.get("use_sliding_window", False):
         window = None
     act = _activation(d.get("hidden_activation") or d.get("hidden_act", "silu"), "hidden_act")
     d_head = d.get("head_dim") or D // H
@@ -205,12 +212,13 @@ def config_from_hf(d: Mapping[str, Any], dtype: str = "float32") -> Config:
     rotary_dim = int(d_head * frac) if arch == "phi3" and frac < 1 else None  # Phi-4-mini: 0.75
     return Config(
         arch=arch, vocab_size=d["vocab_size"], d_model=D, n_layers=L, n_heads=H,
-        n_kv_heads=d.get("num_key_value_heads") or H, d_head=d_head, d_mlp=d["intermediate_size"],
+        n_kv_heads=d.get("num_key_value_heads") or H, d_head=d_head,
+        d_mlp=d["moe_intermediate_size"] if moe else d["intermediate_size"], **moe,
         n_ctx=d.get("max_position_embeddings", 2048), norm="rms", norm_eps=d.get("rms_norm_eps", 1e-6), act=act,
         rope_theta=theta, rope_local_theta=local_theta if arch == "gemma3" else None, rope_scaling=scaling,
         qkv_bias=bool(d.get("attention_bias", arch == "qwen2")), o_bias=bool(d.get("attention_bias", False)) and arch != "qwen2",
         mlp_bias=bool(d.get("mlp_bias", False)), post_norms=gemma or arch == "olmo2",
-        qk_norm=arch in ("gemma3", "qwen3", "olmo2"), qk_norm_full=arch == "olmo2", pre_norms=arch != "olmo2",
+        qk_norm=arch in ("gemma3", "qwen3", "qwen3_moe", "olmo2"), qk_norm_full=arch == "olmo2", pre_norms=arch != "olmo2",
         embed_scale=D**0.5 if gemma else 1.0,
         attn_scale=d["query_pre_attn_scalar"] ** -0.5 if gemma else None,
         attn_softcap=d.get("attn_logit_softcapping") if gemma else None,
@@ -485,6 +493,16 @@ def _fill(targets: list[tuple[np.ndarray, tuple[slice, ...]]], r: Recipe, source
     """Write each target's block (`(out, index)`: concrete slices of `r.shape`) of the parameter from the file:
     a stacked parameter layer by layer, every target served from one read of each layer's tensor; an embedding
     in row blocks of about `CHUNK_BYTES`. The source is released after each read."""
+    if r.experts:  # one source per (layer, expert): our axes [layers, expert, ...]
+        for layer in sorted({i for _, idx in targets for i in range(idx[0].start, idx[0].stop)}):
+            for e in sorted({e for _, idx in targets for e in range(idx[1].start, idx[1].stop)}):
+                src = source.get(r.source.format(i=layer, e=e))
+                for out, idx in targets:
+                    if idx[0].start <= layer < idx[0].stop and idx[1].start <= e < idx[1].stop:
+                        _copy(out[layer - idx[0].start, e - idx[1].start], r, src, idx[2:])
+                del src
+                source.release()
+        return
     if r.stacked:
         for layer in sorted({i for _, idx in targets for i in range(idx[0].start, idx[0].stop)}):
             src = source.get(r.source.format(i=layer))

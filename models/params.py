@@ -8,6 +8,7 @@ Layout (layer weights stacked on a leading `layers` axis; TransformerLens-style 
     blocks.attn.W_Q [L, D, H, d] W_K, W_V [L, D, K, d]  W_O [L, H, d, D]  b_Q [L, H, d]  b_K, b_V  b_O [L, D]
     blocks.attn.q_norm.w, k_norm.w [L, d] (Gemma 3, Qwen3)   q_norm_full.w [L, H, d], k_norm_full.w [L, K, d] (OLMo 2)
     blocks.mlp.W_in [L, D, F] (up)  W_gate [L, D, F] (gated only)  W_out [L, F, D]  b_in, b_gate, b_out
+    blocks.moe.W_router [L, D, E]  W_gate, W_in [L, E, D, F]  W_out [L, E, F, D] (mixture of experts, in place of mlp)
     ln_final.{w,b} [D]           unembed.W_U [D, V] (absent when embeddings are tied)
 """
 
@@ -49,6 +50,10 @@ PARAMS: dict[str, tuple[str, ...]] = {
     "blocks.mlp.b_in": ("layers", "mlp"),
     "blocks.mlp.b_gate": ("layers", "mlp"),
     "blocks.mlp.b_out": ("layers", "embed"),
+    "blocks.moe.W_router": ("layers", "embed", "expert"),  # mixture of experts (Qwen3-MoE)
+    "blocks.moe.W_gate": ("layers", "expert", "embed", "mlp"),
+    "blocks.moe.W_in": ("layers", "expert", "embed", "mlp"),
+    "blocks.moe.W_out": ("layers", "expert", "mlp", "embed"),
     **{f"ln_final.{k}": ax for k, ax in _NORM.items()},
     "unembed.W_U": ("embed", "vocab"),
 }
@@ -71,7 +76,11 @@ def param_axes(cfg: Config) -> Params:
         names += [f"blocks.attn.q_norm{full}.w", f"blocks.attn.k_norm{full}.w"]
     mlp = ["W_in", "W_out", *(["W_gate"] if cfg.gated_mlp else [])]
     mlp += ["b_in", "b_out", *(["b_gate"] if cfg.gated_mlp else [])] if cfg.mlp_bias else []
-    names += [f"blocks.mlp.{w}" for w in mlp] + [f"ln_final.{k}" for k in norm]
+    if cfg.n_experts:
+        names += [f"blocks.moe.{w}" for w in ("W_router", "W_gate", "W_in", "W_out")]
+    else:
+        names += [f"blocks.mlp.{w}" for w in mlp]
+    names += [f"ln_final.{k}" for k in norm]
     names += [] if cfg.tie_embeddings else ["unembed.W_U"]
     tree: Params = {}
     for name in names:
@@ -86,7 +95,8 @@ def param_axes(cfg: Config) -> Params:
 def axis_sizes(cfg: Config) -> dict[str, int]:
     """The size of each logical axis in `cfg`."""
     return {"layers": cfg.n_layers, "embed": cfg.d_model, "heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads,
-            "head_dim": cfg.d_head, "mlp": cfg.d_mlp, "vocab": cfg.vocab_size, "ctx": cfg.n_ctx}
+            "head_dim": cfg.d_head, "mlp": cfg.d_mlp, "vocab": cfg.vocab_size, "ctx": cfg.n_ctx,
+            "expert": cfg.n_experts}
 
 
 def logical_axes(params: Params) -> Params:
@@ -170,6 +180,8 @@ def _hf_layer_names(cfg: Config) -> dict[str, str]:
         "attn.q_norm_full.w": p + "self_attn.q_norm.weight", "attn.k_norm_full.w": p + "self_attn.k_norm.weight",
         "mlp.W_gate": p + "mlp.gate_proj.weight", "mlp.W_in": p + "mlp.up_proj.weight", "mlp.W_out": p + "mlp.down_proj.weight",
         "mlp.b_gate": p + "mlp.gate_proj.bias", "mlp.b_in": p + "mlp.up_proj.bias", "mlp.b_out": p + "mlp.down_proj.bias",
+        "moe.W_router": p + "mlp.gate.weight", "moe.W_gate": p + "mlp.experts.{e}.gate_proj.weight",
+        "moe.W_in": p + "mlp.experts.{e}.up_proj.weight", "moe.W_out": p + "mlp.experts.{e}.down_proj.weight",
     }
     if cfg.post_norms and not cfg.pre_norms:  # OLMo 2: norms after attention and MLP only
         names.update({"ln1_post.w": p + "post_attention_layernorm.weight",
@@ -218,8 +230,11 @@ class Recipe:
     take: tuple[int, int] | None = None
     plus_one: bool = False
     rows: tuple[int, int] | None = None  # the source's rows [a, b) this parameter reads (Phi-3's fused qkv)
+    experts: int = 0  # > 0: one source per (layer, expert), `{e}` in `source`; our axis after `layers` is the expert
 
     def sources(self, n_layers: int) -> list[str]:
+        if self.experts:
+            return [self.source.format(i=i, e=e) for i in range(n_layers) for e in range(self.experts)]
         return [self.source.format(i=i) for i in range(n_layers)] if self.stacked else [self.source]
 
 
@@ -271,6 +286,12 @@ def hf_recipes(cfg: Config) -> list[Recipe]:
         elif phi3 and path[-1] in ("W_gate", "W_in"):  # gate_up_proj [2F, D]: the gate, then the up projection
             out.append(Recipe(path, shape, names["mlp.gate_up.w"], (2 * F, D), (2, F, D), (1, 0), True,
                               take=(0, 0 if path[-1] == "W_gate" else 1)))
+        elif path[1] == "moe" and path[-1] != "W_router":  # one [F, D] / [D, F] tensor per expert
+            src, split, perm = layer["mlp." + path[-1]]
+            out.append(Recipe(path, shape, names[ours], src, split, perm, True, experts=cfg.n_experts))
+        elif path[1] == "moe":  # the router, torch [E, D]
+            E = cfg.n_experts
+            out.append(Recipe(path, shape, names[ours], (E, D), (E, D), (1, 0), True))
         elif gpt2 and path[-1] in qkv:
             j, weight = qkv[path[-1]], path[-1].startswith("W")
             src = names["attn.c_attn.w" if weight else "attn.c_attn.b"]

@@ -39,6 +39,7 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ("batch", "data"),
     ("sweep", "data"),
     ("vocab", "model"),
+    ("expert", "model"),  # expert parallelism first: a mixture's experts split over the tensor-parallel axis
     ("heads", "model"),
     ("kv_heads", "model"),
     ("mlp", "model"),

@@ -65,10 +65,32 @@ _SITES = (
          "ln_final.hook_normalized"),
 )
 
-SITES: dict[str, Site] = {s.name: s for s in _SITES}
+# Sites of mixture-of-experts models only (`cfg.n_experts > 0`; their MLP has no single `mlp.pre` / `mlp.post`).
+# Routing is data like any activation: zero an expert's weight to ablate it, set the weights to force a routing.
+MOE_SITES = (
+    Site("mlp.router_logits", True, ("batch", "seq", "expert"), "the router's logits over the experts",
+         "mlp.hook_router_logits"),
+    Site("mlp.expert_weights", True, ("batch", "seq", "expert"),
+         "each expert's weight in the mixture: the chosen experts' (renormalised) probabilities, zero elsewhere",
+         "mlp.hook_expert_weights"),
+    Site("mlp.expert_out", True, ("batch", "seq", "expert", "embed"),
+         "every expert's output before weighting (computed for all experts, so a forced routing needs no recompile)",
+         "mlp.hook_expert_out"),
+)
+DENSE_ONLY = ("mlp.pre", "mlp.post")  # sites an MoE model does not have
+
+_ORDER = tuple(s for s in _SITES if s.name != "mlp_out" and s.name != "resid_post" and s.name != "final_norm")
+SITES: dict[str, Site] = {s.name: s for s in _ORDER + MOE_SITES + _SITES[len(_ORDER):]}  # in computation order
 LAYER_SITES = tuple(s.name for s in _SITES if s.per_layer)
-ALL_SITES = tuple(SITES)
-TL_NAMES: dict[str, str] = {s.tl: s.name for s in _SITES}  # TL hook (without `blocks.{l}.`) -> site
+ALL_SITES = tuple(s.name for s in _SITES)  # every site of a dense model
+TL_NAMES: dict[str, str] = {s.tl: s.name for s in _SITES + MOE_SITES}  # TL hook (without `blocks.{l}.`) -> site
+
+
+def model_sites(cfg) -> tuple[str, ...]:
+    """Every site a model of `cfg` has (an MoE model: the expert sites in place of `mlp.pre` / `mlp.post`)."""
+    if getattr(cfg, "n_experts", 0):
+        return tuple(s for s in ALL_SITES if s not in DENSE_ONLY) + tuple(s.name for s in MOE_SITES)
+    return ALL_SITES
 
 
 class UnknownSiteError(InputError, KeyError):
@@ -98,7 +120,8 @@ def _unknown(name) -> str:
             hint = f"; {name!r} is a TransformerLens hook name: that is {Hook.from_tl(name)!r}"
         except InputError:
             hint = f"; {name!r} is not a TransformerLens hook this library has either"
-    return f"unknown activation site {name!r}; known sites: {', '.join(ALL_SITES)}{hint}"
+    return (f"unknown activation site {name!r}; known sites: {', '.join(ALL_SITES)} (mixture-of-experts models: "
+            f"{', '.join(s.name for s in MOE_SITES)} in place of {', '.join(DENSE_ONLY)}){hint}")
 
 
 def check_site(name: str) -> Site:

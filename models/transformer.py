@@ -299,6 +299,25 @@ def mlp(p: Params, x: Float[Array, "B T D"], layer, sites: _Sites, cfg: Config) 
     return out + p["b_out"] if cfg.mlp_bias else out
 
 
+@jax.named_scope("moe")
+def moe(p: Params, x: Float[Array, "B T D"], layer, sites: _Sites, cfg: Config) -> Float[Array, "B T D"]:
+    """A mixture of gated experts (Qwen3-MoE): the router's softmax picks `n_experts_used` experts per token
+    (renormalised when `norm_topk_prob`), the output is their weighted sum. Every expert is computed for every
+    token and the unchosen ones weigh zero: one compiled program whatever the routing, so forcing a routing or
+    ablating an expert (interventions on `mlp.expert_weights`) changes data, not the program."""
+    logits = jnp.einsum("btd,de->bte", x, p["W_router"], preferred_element_type=jnp.float32)
+    logits = sites.visit("mlp.router_logits", logits, layer)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    top, idx = jax.lax.top_k(probs, cfg.n_experts_used)
+    if cfg.norm_topk_prob:
+        top = top / top.sum(-1, keepdims=True)
+    weights = (jax.nn.one_hot(idx, cfg.n_experts, dtype=top.dtype) * top[..., None]).sum(-2)  # [B, T, E]
+    weights = sites.visit("mlp.expert_weights", weights, layer)
+    post = activation(jnp.einsum("btd,edf->btef", x, p["W_gate"]), cfg) * jnp.einsum("btd,edf->btef", x, p["W_in"])
+    expert_out = sites.visit("mlp.expert_out", jnp.einsum("btef,efd->bted", post, p["W_out"]), layer)
+    return jnp.einsum("bte,bted->btd", weights.astype(expert_out.dtype), expert_out)
+
+
 @jax.named_scope("block")
 def block(p: Params, resid: Float[Array, "B T D"], li: LayerInputs, kv: dict, sites: _Sites, cfg: Config
           ) -> tuple[Float[Array, "B T D"], tuple[Float[Array, "B S K d"], Float[Array, "B S K d"]]]:
@@ -315,7 +334,7 @@ def block(p: Params, resid: Float[Array, "B T D"], li: LayerInputs, kv: dict, si
     mlp_in = resid  # parallel block (GPT-NeoX): the MLP reads the layer's input, not resid_mid
     resid = sites.visit("resid_mid", resid + attn_out, layer)
     h = sites.visit("ln2.normalized", pre(mlp_in if cfg.parallel_block else resid, "ln2"), layer)
-    mlp_out = mlp(p["mlp"], h, layer, sites, cfg)
+    mlp_out = moe(p["moe"], h, layer, sites, cfg) if cfg.n_experts else mlp(p["mlp"], h, layer, sites, cfg)
     if cfg.post_norms:
         mlp_out = norm(mlp_out, p["ln2_post"], cfg, frozen)
     mlp_out = sites.visit("mlp_out", mlp_out, layer)

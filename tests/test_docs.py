@@ -102,9 +102,13 @@ def runnable_pages() -> list[str]:
 
 
 def _check_tour(ns):
-    m, acts = ns["m"], ns["acts"]
-    assert acts["resid_post"].shape[0] == m.cfg.n_layers and acts["resid_post"].shape[-1] == m.cfg.d_model
-    assert ns["patched"].shape[0] == 3 and len(ns["replies"]) == 1
+    import numpy as np
+
+    m = ns["m"]
+    assert ns["r"].shape == (m.cfg.d_model,) and ns["patched"].shape[0] == 3 and len(ns["replies"]) == 1
+    w = ns["w"]
+    assert w.shape == (2, 1, 8, 8) and ((w > 0).sum(-1) == 2).all()
+    assert not np.allclose(ns["ablated"], ns["forced"])
 
 
 def _check_getting_started(ns):

@@ -10,6 +10,10 @@ sweep against one forward per head, steering during generation.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,8 +141,8 @@ def test_every_site_is_captured(tiny):
     """Every registry site exists for the new switches (no pre-norm: `ln1.normalized` is the residual itself)."""
     name, _, m = tiny
     tokens = np.random.RandomState(3).randint(1, V, (2, 5))
-    _, acts = transformer.forward(m.params, m.cfg, tokens, capture=tuple(models.SITES))
-    assert set(acts) == set(models.SITES)
+    _, acts = transformer.forward(m.params, m.cfg, tokens, capture=models.ALL_SITES)
+    assert set(acts) == set(models.ALL_SITES)
     assert all(np.isfinite(np.asarray(v)).all() for v in acts.values())
     if not m.cfg.pre_norms:
         np.testing.assert_array_equal(acts["ln1.normalized"], acts["resid_pre"])
@@ -154,6 +158,7 @@ TINY = {  # our own configs of each new family (random weights; no transformers 
     "gpt_neox": dict(arch="gpt_neox", norm="layer", act="gelu", gated_mlp=False, qkv_bias=True, o_bias=True,
                      mlp_bias=True, parallel_block=True, rotary_dim=4, tie_embeddings=False),
     "olmo2": dict(arch="olmo2", pre_norms=False, post_norms=True, qk_norm=True, qk_norm_full=True, tie_embeddings=False),
+    "qwen3_moe": dict(arch="qwen3_moe", qk_norm=True, n_experts=4, n_experts_used=2, tie_embeddings=False),
 }
 
 
@@ -204,3 +209,109 @@ def test_phi3_long_rope_is_refused_by_name():
                             "long_factor": [2.0] * 4, "original_max_position_embeddings": 32}
     with pytest.raises(models.errors.UnsupportedModelError, match="longrope"):
         models.loading.config_from_hf(d)
+
+
+# ----------------------------------------------------------------------------- a mixture of experts (Qwen3-MoE)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["softmax-topk", "norm-topk"])
+def tiny_moe(request, tmp_path_factory):
+    torch.manual_seed(0)
+    hf_cfg = transformers.Qwen3MoeConfig(vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=8, intermediate_size=48,
+                                         moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2,
+                                         norm_topk_prob=request.param, max_position_embeddings=64)
+    hf_cfg._attn_implementation = "eager"
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    with torch.no_grad():
+        for prm in hf.parameters():
+            if prm.ndim == 1:
+                prm.add_(0.2 * torch.randn_like(prm))
+    path = tmp_path_factory.mktemp("qwen3moe")
+    hf.save_pretrained(path)
+    return hf, models.load(str(path), tokenizer=False)
+
+
+def test_moe_matches_transformers(tiny_moe):
+    hf, m = tiny_moe
+    assert m.cfg.n_experts == 6 and m.params["blocks"]["moe"]["W_gate"].shape == (3, 6, 32, 24)
+    rng = np.random.RandomState(1)
+    tokens = rng.randint(1, V, (2, 11))
+    mask = np.ones_like(tokens)
+    mask[1, :3] = 0
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    with torch.no_grad():
+        out = hf(torch.tensor(tokens), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos),
+                 output_hidden_states=True, output_router_logits=True)
+    logits, acts = transformer.forward(m.params, m.cfg, tokens, mask, capture=("resid_pre", "mlp.router_logits"))
+    valid = mask.astype(bool)
+    assert _rel(logits, out.logits.numpy(), valid) < 1e-5
+    for layer in range(m.cfg.n_layers):
+        assert _rel(acts["resid_pre"][layer], out.hidden_states[layer].numpy(), valid) < 1e-5
+        ref_router = out.router_logits[layer].numpy().reshape(2, 11, 6)
+        assert _rel(acts["mlp.router_logits"][layer], ref_router, valid) < 1e-5
+    prompt = rng.randint(1, V, (1, 6))
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(prompt), attention_mask=torch.ones(1, 6, dtype=torch.long), max_new_tokens=5,
+                          do_sample=False, pad_token_id=0, eos_token_id=None)[0, 6:].tolist()
+    assert np.asarray(generate_tokens(m, prompt, np.ones_like(prompt), jax.random.key(0), max_new_tokens=5))[0].tolist() == ref
+
+
+def test_moe_routing_is_intervenable_without_recompiling(tiny_moe):
+    """Routing sites are data: ablate an expert or force a routing by editing `mlp.expert_weights`; the
+    forward compiles once whatever the routing, and each expert's output is capturable."""
+    _, m = tiny_moe
+    tokens = np.random.RandomState(5).randint(1, V, (1, 8))
+    _, acts = models.forward(m, tokens, capture=("mlp.expert_weights", "mlp.expert_out", "mlp_out"))
+    w, eo = np.asarray(acts["mlp.expert_weights"]), np.asarray(acts["mlp.expert_out"])
+    assert w.shape == (3, 1, 8, 6) and ((w > 0).sum(-1) == 2).all()
+    np.testing.assert_allclose(np.einsum("lbte,lbted->lbtd", w, eo), acts["mlp_out"], atol=1e-5)
+
+    fwd = jax.jit(lambda weights: transformer.forward(
+        m.params, m.cfg, tokens, interventions=(I.Replace("mlp.expert_weights", weights),),
+        capture=("mlp_out",))[1]["mlp_out"])
+    only = np.zeros_like(w)
+    only[..., 3] = 1.0  # every token of every layer to expert 3 alone
+    forced = np.asarray(fwd(only))
+    np.testing.assert_allclose(forced[0], eo[0, ..., 3, :], atol=1e-6)  # layer 0: expert 3 alone (later layers see
+    assert np.abs(forced[1:] - eo[1:, ..., 3, :]).max() > 1e-6  # other inputs, so their expert outputs move too)
+    ablated = w.copy()
+    ablated[..., 0] = 0.0  # expert 0 removed from the mixture
+    fwd(ablated)
+    assert fwd._cache_size() == 1  # two routings, one program
+
+    with pytest.raises(models.InputError, match="mixture-of-experts"):
+        models.forward(_tiny("qwen3"), tokens % 64, capture=("mlp.router_logits",))
+    with pytest.raises(models.InputError, match="dense MLP"):
+        models.forward(m, tokens, capture=("mlp.pre",))
+
+
+EXPERT_PARALLEL = textwrap.dedent("""
+    import jax, numpy as np
+    jax.config.update("jax_num_cpu_devices", 8)
+    import models
+    from jax.sharding import Mesh
+    from interp.testing import random_model
+    from models.sharding import shard_batch, shard_params
+    cfg = models.Config(arch="qwen3_moe", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_head=8,
+                        d_mlp=24, n_ctx=64, qk_norm=True, n_experts=8, n_experts_used=2, tie_embeddings=False)
+    m = random_model(cfg, jax.random.key(0))
+    tokens = np.random.RandomState(0).randint(0, 64, (4, 9))
+    ref = np.asarray(models.forward(m, tokens).logits)
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    sharded = m.replace_params(shard_params(m.params, mesh))
+    w = sharded.params["blocks"]["moe"]["W_gate"]
+    assert w.sharding.shard_shape(w.shape) == (2, 2, 32, 24), w.sharding  # 8 experts, 2 per model-axis device
+    with jax.set_mesh(mesh):
+        out = np.asarray(models.forward(sharded, shard_batch(tokens, mesh)).logits)
+    err = float(np.abs(out - ref).max() / np.abs(ref).max())
+    print("ERR", err)
+    assert err < 1e-5
+""")
+
+
+def test_expert_parallel_forward_equals_one_device():
+    """The `expert` logical axis maps to the mesh's "model" axis: each device holds a quarter of the experts
+    (8 simulated CPU devices, 2 x 4), and the forward equals the single-device one."""
+    proc = subprocess.run([sys.executable, "-c", EXPERT_PARALLEL], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "ERR" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
