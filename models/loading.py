@@ -616,8 +616,9 @@ def _stream(recipes: list[Recipe], source, cfg: Config, mesh: Mesh | None, rules
 def config_from_gguf(meta: Mapping[str, Any], dtype: str = "float32") -> Config:
     """Our `Config` from GGUF metadata (Gemma 3's missing local RoPE base and layer pattern as transformers fills them)."""
     arch = meta.get("general.architecture")
-    if arch not in ("llama", "mistral", "qwen2", "gemma2", "gemma3", "gpt2"):
-        raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported (supported: llama, mistral, qwen2, gemma2, gemma3, gpt2)")
+    if arch not in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2"):
+        raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported (supported: llama, mistral, qwen2, "
+                                    "qwen3, gemma2, gemma3, gpt2; other families load from Hugging Face directories)")
     g = lambda k, default=None: meta.get(f"{arch}.{k}", default)
     absent = [f"{arch}.{k}" for k in ("embedding_length", "attention.head_count", "block_count", "feed_forward_length",
                                       "context_length") if not isinstance(g(k), int)]
@@ -652,7 +653,7 @@ def config_from_gguf(meta: Mapping[str, Any], dtype: str = "float32") -> Config:
     return Config(
         **common, norm="rms", norm_eps=eps, act="gelu_tanh" if gemma else "silu", rope_theta=theta,
         rope_local_theta=10_000.0 if arch == "gemma3" else None, rope_scaling=scaling,
-        qkv_bias=arch == "qwen2", post_norms=gemma, qk_norm=arch == "gemma3", embed_scale=D**0.5 if gemma else 1.0,
+        qkv_bias=arch == "qwen2", post_norms=gemma, qk_norm=arch in ("gemma3", "qwen3"), embed_scale=D**0.5 if gemma else 1.0,
         attn_scale=d_head**-0.5 if gemma else None, attn_softcap=g("attn_logit_softcapping"), final_softcap=g("final_logit_softcapping"),
         sliding_window=window, layer_types=layer_types, tie_embeddings="output.weight" not in meta.get("_tensor_names", ()),
     )
