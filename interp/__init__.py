@@ -11,7 +11,8 @@ Modules: `positions` (selectors), `interventions`, `weights` (orthogonalisation)
 (head patterns and scores: induction, previous-token, sink), `grids` (labelled `[layers, heads | positions]`
 results: `top`, `table`, `plot`), `data` (harmful / harmless instruction sets),
 `contrast` (layer search between paired activation sets), `stats` (intervals, paired tests, null
-distributions, Holm, computed verdicts: what every study report uses), `testing`.
+distributions, Holm, computed verdicts: what every study report uses), `trainable` (DAS, Boundless DAS, LoReFT,
+trained over a (layer, position) grid in one call; save / load of interventions), `testing`.
 """
 
 import importlib
@@ -19,7 +20,7 @@ import importlib
 # Submodules and names load on first use (PEP 562): `import interp` stays cheap. Device meshes and
 # placement live in `models.sharding`.
 _SUBMODULES = ("contrast", "data", "directions", "grids", "heads", "interventions", "lens", "plot", "positions", "probes",
-               "readout", "stats", "sweeps", "testing", "weights")
+               "readout", "stats", "sweeps", "testing", "trainable", "weights")
 _NAMES = {
     "directions": ("diff_of_means", "score_directions"),
     "interventions": ("AddVector", "AlongDirection", "Function", "Replace", "ScaleHeads", "Where", "clamp_component",

@@ -158,6 +158,11 @@ def _check_transcoders(ns):
     assert len(ns["tcs"].transcoders) == ns["m"].cfg.n_layers and ns["graph"].n_features > 0
 
 
+def _check_trainable(ns):
+    g = ns["grid"]
+    assert g.shape == (2, 3) and g.values[1, 2] >= 0.9 and (g.values[:, 0] == 0).all()
+
+
 def _check_family(ns):
     assert ns["err"] < 1e-4
 
@@ -166,7 +171,7 @@ G = "docs/pages/guides/"
 CHECKS = {"README.md": _check_tour, "docs/pages/getting-started.md": _check_getting_started,
           G + "models.md": _check_models, G + "multi-device.md": _check_multi_device, G + "interventions.md": _check_interp,
           G + "probes.md": _check_probes, G + "saes.md": _check_saes, G + "attribution.md": _check_transcoders,
-          G + "adding-a-family.md": _check_family}
+          G + "adding-a-family.md": _check_family, G + "trainable.md": _check_trainable}
 
 # simulated CPU devices of a page's process (default 1)
 DEVICES = {G + "multi-device.md": 8}
