@@ -1,0 +1,63 @@
+"""A small run directory from a tiny random model (for tests and for trying the viewer offline):
+`python -m experiments.viewer.sample RUN_DIR` writes `graphs/tiny.json`, `features/<layer>_<f>.json` for the
+graph's features, `heads/tiny.json` and a `report.md`."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from experiments.viewer import data as D
+
+TOKENS = np.array([1, 5, 9, 3, 7, 2, 11, 4, 13, 8, 21, 6, 17, 30, 12, 25, 10, 44, 19, 33])
+
+
+class ToyTokenizer:
+    """Decodes id `i` as the word `w<i>` (the tiny random models have no tokenizer)."""
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        return "".join(f" w{int(i)}" for i in ids)
+
+
+def write_tiny_run(run_dir: str | Path, *, arch: str = "llama", n_features: int = 4, node_threshold: float = 0.99,
+                   edge_threshold: float = 0.99) -> dict:
+    """Write the sample run; returns `{"graph": path, "features": [paths], "heads": path, "model", "graph_obj"}`."""
+    import jax
+
+    from interp.testing import random_model, tiny_config
+    from saes.attribution import attribute
+    from saes.features import feature_frequencies, logit_effects, top_activations
+    from saes.transcoders import random_set
+
+    run = Path(run_dir)
+    cfg = tiny_config(arch)
+    tok = ToyTokenizer()
+    m = dataclasses.replace(random_model(cfg, jax.random.key(2)), tokenizer=tok)
+    tcs = random_set(cfg, "relu", 40, seed=10, bias=0.05, act_scale=1.3)
+    g = attribute(m, tcs, TOKENS, max_n_logits=4, desired_logit_prob=0.5)
+    graph = g.to_json(run / "graphs" / "tiny.json", slug="tiny", tokenizer=tok, node_threshold=node_threshold,
+                      edge_threshold=edge_threshold)
+    rows = np.random.default_rng(0).integers(2, cfg.vocab_size, (16, 12))
+    wanted = {}
+    for n in D.json.loads(graph.read_text())["nodes"]:
+        if n["feature_type"] == "cross layer transcoder" and len(wanted) < n_features:
+            layer, f, _ = n["node_id"].split("_")
+            wanted[(int(layer), int(f))] = None
+    features = []
+    for layer, f in wanted:
+        sae = tcs.transcoders[layer]
+        top = top_activations(m, sae, rows, n_rows=len(rows), k=5)
+        freq = feature_frequencies(m, sae, rows, n_rows=len(rows))[f]
+        doc = D.feature_doc(m, sae, top, f, tokenizer=tok, frequency=freq, effects=logit_effects(m, sae, f, n=5))
+        features.append(D.write(doc, run / "features" / f"{layer}_{f}.json"))
+    heads = D.write(D.heads_doc(m, TOKENS, tokenizer=tok, name="tiny"), run / "heads" / "tiny.json")
+    (run / "report.md").write_text("# tiny sample run\n\nA random tiny model: graphs/, features/, heads/.\n")
+    return dict(graph=graph, features=features, heads=heads, model=m, graph_obj=g)
+
+
+if __name__ == "__main__":
+    out = write_tiny_run(sys.argv[1] if len(sys.argv) > 1 else "viewer-sample")
+    print(f"wrote {out['graph'].parent.parent}: python -m experiments.viewer serve {out['graph'].parent.parent}")

@@ -1,0 +1,244 @@
+"""The offline viewer (experiments.viewer) on a sample run from a tiny random model: every file it reads
+validates against the schemas kept in the repo, the loopback server (GET index / graph / feature, annotations
+POSTed, kept over a restart, path traversal refused), the self-contained export, notebook views, and a real
+headless Chromium rendering the pages (skipped without /usr/bin/chromium unless INTERP_REQUIRE_BROWSER=1)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from experiments import viewer
+from experiments.viewer import data as D
+from experiments.viewer import page, schema, server
+from experiments.viewer.sample import write_tiny_run
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("viewer-run")
+    return root, write_tiny_run(root)
+
+
+def _graph(run) -> dict:
+    return json.loads(run[1]["graph"].read_text())
+
+
+# ----------------------------------------------------------------------------- files and schemas
+
+
+def test_every_file_we_write_validates_against_the_schemas(run):
+    root, out = run
+    written = {"graph": [out["graph"]], "feature": out["features"], "heads": [out["heads"]]}
+    assert len(out["features"]) >= 2
+    for kind, paths in written.items():
+        for p in paths:
+            schema.validate(json.loads(p.read_text()), kind)
+    kinds = {n["feature_type"] for n in _graph(run)["nodes"]}
+    assert {"cross layer transcoder", "mlp reconstruction error", "embedding", "logit"} <= kinds
+    feat = json.loads(out["features"][0].read_text())
+    top = feat["activations"][0]
+    assert top["values"][top["maxValueTokenIndex"]] == pytest.approx(top["maxValue"], rel=1e-4, abs=1e-5)
+    assert len(feat["pos_str"]) == 5 and feat["pos_values"][0] >= feat["neg_values"][0]
+    bad = _graph(run)
+    bad["nodes"][0]["feature_type"] = "neuron"
+    del bad["links"][0]["weight"]
+    errs = schema.errors(bad, schema.load("graph"))
+    assert any("feature_type" in e for e in errs) and any("missing 'weight'" in e for e in errs)
+    try:  # the same verdicts as the reference validator, where it is installed
+        import jsonschema
+    except ImportError:
+        return
+    jsonschema.validate(_graph(run), schema.load("graph"))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema.load("graph"))
+
+
+@pytest.mark.parametrize("slug", ["..", "../x", "a/b", "/etc/passwd", "a\0b", "", "x..y", "a\\b", ".hidden"])
+def test_bad_slugs_are_refused(slug):
+    with pytest.raises(D.BadSlug):
+        D.check_slug(slug)
+
+
+def test_nothing_below_the_viewer_imports_it():
+    root = Path(__file__).resolve().parents[1]
+    for pkg in ("models", "interp", "saes", "experiments"):
+        for f in (root / pkg).rglob("*.py"):
+            if "viewer" in f.relative_to(root).parts:
+                continue
+            assert "experiments.viewer" not in f.read_text() and "from experiments import viewer" not in f.read_text(), f
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+def _request(port, method, path, body=None):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        c.request(method, path, body=None if body is None else json.dumps(body),
+                  headers={"Content-Type": "application/json"} if body is not None else {})
+        r = c.getresponse()
+        return r.status, r.read().decode()
+    finally:
+        c.close()
+
+
+def _stop(srv):
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_server_index_graph_feature_annotations_and_restart(run):
+    root, out = run
+    srv = server.serve_in_thread(root)
+    host, port = srv.server_address[:2]
+    assert host == "127.0.0.1"
+    try:
+        status, body = _request(port, "GET", "/")
+        assert status == 200 and 'id="interp-data"' in body
+        status, body = _request(port, "GET", "/api/index")
+        index = json.loads(body)
+        assert [r["slug"] for r in index["graph"]] == ["tiny"] and len(index["feature"]) == len(out["features"])
+        assert [r["slug"] for r in index["heads"]] == ["tiny"] and [r["slug"] for r in index["report"]] == ["report"]
+        status, body = _request(port, "GET", "/api/graph/tiny")
+        assert status == 200 and json.loads(body) == _graph(run)
+        fslug = out["features"][0].stem
+        status, body = _request(port, "GET", f"/api/feature/{fslug}")
+        assert status == 200 and json.loads(body)["kind"] == "feature"
+        for path in ("/graph/tiny", f"/feature/{fslug}", "/heads/tiny", "/report/report"):
+            status, body = _request(port, "GET", path)
+            assert status == 200 and "InterpViewer.mount" in body, path
+        assert _request(port, "GET", "/api/graph/nothere")[0] == 404
+        assert _request(port, "GET", "/api/annotations/tiny") == (200, "{}")
+        node = next(n["node_id"] for n in _graph(run)["nodes"] if n["feature_type"] == "cross layer transcoder")
+        ann = {"labels": {node: "says France"}, "pinnedIds": [node], "supernodes": [["capital", node]], "x": 1}
+        status, body = _request(port, "POST", "/api/annotations/tiny", ann)
+        assert status == 200 and json.loads(body)["saved"] == "graphs/tiny.annotations.json"
+        assert _request(port, "POST", "/api/annotations/tiny", ["not", "an", "object"])[0] == 400
+    finally:
+        _stop(srv)
+    srv = server.serve_in_thread(root)  # a restart reads the annotations back from beside the graph
+    port = srv.server_address[1]
+    try:
+        status, body = _request(port, "GET", "/api/annotations/tiny")
+        assert json.loads(body) == {k: v for k, v in ann.items() if k != "x"}
+        assert "says France" in _request(port, "GET", "/graph/tiny")[1]
+        assert "tiny.annotations" not in _request(port, "GET", "/api/index")[1]  # not listed as a graph
+    finally:
+        _stop(srv)
+
+
+@pytest.mark.parametrize("path", ["/api/graph/..%2F..%2Fetc%2Fpasswd", "/api/graph/%2e%2e", "/api/graph/../../x",
+                                  "/api/graph/%2Fetc%2Fpasswd", "/api/graph/a%00b", "/graph/..", "/feature/x..y",
+                                  "/api/annotations/%2e%2e%2fgraphs%2ftiny"])
+def test_server_refuses_path_traversal(run, path):
+    srv = server.serve_in_thread(run[0])
+    try:
+        port = srv.server_address[1]
+        assert _request(port, "GET", path)[0] == 400
+        assert _request(port, "POST", path.replace("/graph/", "/annotations/"), {"labels": {}})[0] in (400, 404)
+    finally:
+        _stop(srv)
+    assert not any(p.name.endswith(".annotations.json") and p.parent.name != "graphs" for p in run[0].rglob("*"))
+
+
+# ----------------------------------------------------------------------------- export and notebooks
+
+
+def test_export_is_one_self_contained_file(run, tmp_path):
+    out = page.export(run[0], tmp_path / "page.html")
+    text = out.read_text()
+    assert "InterpViewer.mount" in text and "iv-root" in text and '"tiny"' in text
+    urls = set(re.findall(r"https?://[^\s\"'<>)]+", text))
+    assert urls <= {"http://www.w3.org/2000/svg"}, urls  # no CDN, no remote script, style or font
+    assert not re.search(r"<(script|link|img)[^>]+(src|href)=", text)
+    assert "connect-src 'self'" in text  # the page's CSP: requests only to the server that served it
+    assert out.stat().st_size < 2_000_000
+
+
+def test_show_renders_graph_feature_and_heads_views(run):
+    root, out = run
+    v = viewer.show(out["graph_obj"], slug="g", node_threshold=0.99, edge_threshold=0.99)
+    html = v._repr_html_()
+    assert v.kind == "graph" and "InterpViewer.mount" in html and '"embedded":true' in html
+    assert all(n["node_id"] in html for n in _graph(run)["nodes"][:5])
+    assert viewer.show(json.loads(out["features"][0].read_text())).kind == "feature"
+    heads = viewer.show(json.loads(out["heads"].read_text()))
+    assert heads.kind == "heads" and "<!DOCTYPE html>" in heads.html()
+    with pytest.raises(TypeError):
+        viewer.show(3)
+
+
+# ----------------------------------------------------------------------------- a real browser
+
+
+def _chromium() -> str:
+    if Path(CHROMIUM).exists():
+        return CHROMIUM
+    if os.environ.get("INTERP_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"INTERP_REQUIRE_BROWSER=1 but {CHROMIUM} is missing (apt-get install -y chromium)")
+    pytest.skip(f"no {CHROMIUM} (Debian: apt-get install -y chromium; .ci/run installs it)")
+
+
+def _browse(url: str, tmp_path: Path, screenshot: Path | None = None) -> str:
+    """The DOM after the page's scripts ran (`--dump-dom`), or with `screenshot` a PNG of it."""
+    profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
+    args = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}"]
+    args += [f"--screenshot={screenshot}", "--window-size=1200,800"] if screenshot else ["--dump-dom"]
+    r = subprocess.run([*args, url], capture_output=True, text=True, timeout=120)
+    shutil.rmtree(profile, ignore_errors=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def _node_count(dom: str) -> int:
+    return len(re.findall(r"<circle[^>]*data-node=", dom))
+
+
+def test_browser_renders_the_exported_pages(run, tmp_path):
+    _chromium()
+    root, out = run
+    html = page.export(root, tmp_path / "page.html")
+    g = _graph(run)
+    dom = _browse(f"file://{html}#graph/tiny", tmp_path)
+    assert 'data-rendered="1"' in dom and _node_count(dom) == len(g["nodes"])
+    feature = next(n for n in g["nodes"] if n["feature_type"] == "cross layer transcoder")
+    fslug = "_".join(feature["node_id"].split("_")[:2])
+    assert (root / "features" / f"{fslug}.json").exists()  # the sample writes the first features' pages
+    dom = _browse(f"file://{html}#graph/tiny/{feature['node_id']}", tmp_path)  # that node clicked
+    assert f'href="#feature/{fslug}"' in dom and 'class="iv-open-feature"' in dom and "iv-node t-cross-layer-transcoder clicked" in dom
+    fdoc = json.loads(out["features"][0].read_text())
+    dom = _browse(f"file://{html}#feature/{out['features'][0].stem}", tmp_path)
+    top = re.search(r'<li data-max="[^"]*">(.*?)</li>', dom, re.S).group(1)
+    assert re.findall(r'<span class="iv-t[^"]*"[^>]*>([^<]*)</span>', top) == fdoc["activations"][0]["tokens"]
+    heads = json.loads(out["heads"].read_text())
+    dom = _browse(f"file://{html}#heads/tiny", tmp_path)
+    T = len(heads["tokens"])
+    assert len(re.findall(r"<rect[^>]*data-q=", dom)) >= T * (T + 1) // 2  # the causal pattern of L0H0
+    assert len(re.findall(r'<td class="iv-cell"', dom)) == 2 * len(heads["patterns"]) * len(heads["patterns"][0])
+
+
+def test_browser_renders_the_served_graph_and_a_screenshot(run, tmp_path):
+    _chromium()
+    root, _ = run
+    srv = server.serve_in_thread(root)
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/graph/tiny"
+        dom = _browse(url, tmp_path)
+        assert _node_count(dom) == len(_graph(run)["nodes"])
+        shot = root / "screenshots" / "graph.png"
+        shot.parent.mkdir(exist_ok=True)
+        _browse(url, tmp_path, screenshot=shot)
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    finally:
+        _stop(srv)
