@@ -4,8 +4,8 @@ graph's features, `heads/tiny.json` and a `report.md`."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,14 @@ def write_tiny_run(run_dir: str | Path, *, arch: str = "llama", n_features: int 
     return dict(graph=graph, features=features, heads=heads, model=m, graph_obj=g)
 
 
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.viewer.sample", description=__doc__)
+    ap.add_argument("run_dir", nargs="?", default="viewer-sample")
+    args = ap.parse_args(argv)
+    write_tiny_run(args.run_dir)
+    print(f"wrote {args.run_dir}; open it with: python -m experiments.viewer serve {args.run_dir}")
+    return 0
+
+
 if __name__ == "__main__":
-    out = write_tiny_run(sys.argv[1] if len(sys.argv) > 1 else "viewer-sample")
-    print(f"wrote {out['graph'].parent.parent}: python -m experiments.viewer serve {out['graph'].parent.parent}")
+    raise SystemExit(main())

@@ -298,8 +298,10 @@
 
   window.InterpViewer = {
     mount: function (root, bundle) {
-      const app = makeApp(root, bundle);
+      const app = makeApp(root, bundle), t0 = performance.now();
       render(app);
+      root.setAttribute("data-render-ms", (performance.now() - t0).toFixed(1));  // the render itself
+      root.setAttribute("data-ready-ms", performance.now().toFixed(1));  // since navigation started
       if (!bundle.embedded) window.addEventListener("hashchange", () => render(app));
       root.setAttribute("data-rendered", "1");
       return app;
