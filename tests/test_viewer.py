@@ -49,6 +49,10 @@ def test_every_file_we_write_validates_against_the_schemas(run):
     top = feat["activations"][0]
     assert top["values"][top["maxValueTokenIndex"]] == pytest.approx(top["maxValue"], rel=1e-4, abs=1e-5)
     assert len(feat["pos_str"]) == 5 and feat["pos_values"][0] >= feat["neg_values"][0]
+    n_rows, T = 32, 12  # the sample's rows; first positions excluded as top_activations excludes them
+    assert sum(feat["freq_hist_data_bar_heights"]) == pytest.approx(feat["frac_nonzero"] * n_rows * (T - 1), abs=0.5)
+    band_max = [a["maxValue"] for q in feat["quantiles"] for a in q["activations"]]
+    assert band_max and max(band_max) <= top["maxValue"] + 1e-6
     bad = _graph(run)
     bad["nodes"][0]["feature_type"] = "neuron"
     del bad["links"][0]["weight"]
@@ -223,11 +227,15 @@ def test_browser_renders_the_exported_pages(run, tmp_path):
     dom = _browse(f"file://{html}#feature/{out['features'][0].stem}", tmp_path)
     top = re.search(r'<li data-max="[^"]*">(.*?)</li>', dom, re.S).group(1)
     assert re.findall(r'<span class="iv-t[^"]*"[^>]*>([^<]*)</span>', top) == fdoc["activations"][0]["tokens"]
+    assert len(re.findall(r'<rect[^>]*class="iv-bar"', dom)) == len(fdoc["freq_hist_data_bar_heights"]) > 0
+    assert len(re.findall(r'<ol class="iv-quantile"', dom)) == sum(bool(q["activations"]) for q in fdoc["quantiles"]) > 0
     heads = json.loads(out["heads"].read_text())
     dom = _browse(f"file://{html}#heads/tiny", tmp_path)
     T = len(heads["tokens"])
     assert len(re.findall(r"<rect[^>]*data-q=", dom)) >= T * (T + 1) // 2  # the causal pattern of L0H0
-    assert len(re.findall(r'<td class="iv-cell"', dom)) == 2 * len(heads["patterns"]) * len(heads["patterns"][0])
+    assert set(heads["scores"]) == {"previous_token", "first_token", "induction"}
+    cells = len(heads["scores"]) * len(heads["patterns"]) * len(heads["patterns"][0])
+    assert len(re.findall(r'<td class="iv-cell"', dom)) == cells
 
 
 def test_browser_renders_the_served_graph_and_a_screenshot(run, tmp_path):

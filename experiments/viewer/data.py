@@ -111,44 +111,107 @@ def _decode(tokenizer, ids) -> list[str]:
     return [tokenizer.decode([int(i)], skip_special=False) for i in ids]
 
 
-def feature_doc(model, sae, top, feature: int, *, tokenizer=None, frequency: float | None = None,
-                effects: dict | None = None, window: int = 16) -> dict:
-    """A feature page: the top contexts of `top` (`saes.features.TopActivations`) with every token's activation
-    (recomputed through `model` and `sae`), `effects` (`saes.features.logit_effects`: promoted / suppressed
-    tokens) and the firing `frequency` (`feature_frequencies(...)[feature]`). Field names follow Neuronpedia's
-    feature JSON (`activations[].tokens / values / maxValue / maxValueTokenIndex`, `pos_str / pos_values`,
-    `neg_str / neg_values`, `frac_nonzero`)."""
+def _context(tokenizer, row, values, p: int, window: int) -> dict:
+    """Tokens `[p - window, p + window // 4]` of `row` with their activations (Neuronpedia's activation record)."""
+    lo, hi = max(p - window, 0), min(p + 1 + window // 4, len(row))
+    return dict(tokens=_decode(tokenizer, row[lo:hi]), values=[float(a) for a in values[lo:hi]],
+                maxValue=float(values[p]), maxValueTokenIndex=int(p - lo))
+
+
+def feature_acts(model, sae, tokens, features, batch: int = 16) -> np.ndarray:
+    """`[N, T, F]` activations of `features` on token rows `tokens [N, T]` (first positions zeroed, as
+    `top_activations` excludes them)."""
     from saes.features import _encode_batch, site_acts
 
+    out = []
+    for i in range(0, len(tokens), batch):
+        toks = np.asarray(tokens[i:i + batch])
+        valid = np.ones(toks.shape, bool)
+        valid[:, 0] = False
+        f = _encode_batch(sae, site_acts(model, sae, toks, np.ones_like(toks)), valid)
+        out.append(np.asarray(f[..., np.asarray(features)]))
+    return np.concatenate(out)
+
+
+def feature_doc(model, sae, top, feature: int, *, tokenizer=None, frequency: float | None = None,
+                effects: dict | None = None, window: int = 16, acts: np.ndarray | None = None,
+                n_bins: int = 24, per_band: int = 2) -> dict:
+    """A feature page: the top contexts of `top` (`saes.features.TopActivations`) with every token's activation,
+    `effects` (`saes.features.logit_effects`: promoted / suppressed tokens), the firing `frequency`
+    (`feature_frequencies(...)[feature]`), and from `acts [N, T]` (this feature on `top.tokens`, recomputed
+    when not given) a histogram of its nonzero activations and `per_band` contexts from each lower quartile of
+    the rows' maxima. Field names follow Neuronpedia's feature JSON (`activations[].tokens / values / maxValue /
+    maxValueTokenIndex`, `pos_str / pos_values`, `neg_str / neg_values`, `frac_nonzero`,
+    `freq_hist_data_bar_heights / freq_hist_data_bar_values`)."""
+    tokens = np.asarray(top.tokens)
+    if acts is None:
+        acts = feature_acts(model, sae, tokens, [feature])[..., 0]
     vals, rows, pos = (np.asarray(a[feature]) for a in (top.values, top.row, top.pos))
-    keep = vals > 0
-    acts = []
-    if keep.any():
-        toks = np.asarray(top.tokens)[rows[keep]]
-        x = site_acts(model, sae, toks, np.ones_like(toks))
-        f = np.asarray(_encode_batch(sae, x, np.ones(toks.shape, bool))[..., feature])
-        for j, (v, p) in enumerate(zip(vals[keep].tolist(), pos[keep].tolist())):
-            lo, hi = max(p - window, 0), min(p + 1 + window // 4, toks.shape[1])
-            acts.append(dict(tokens=_decode(tokenizer, toks[j, lo:hi]), values=[float(a) for a in f[j, lo:hi]],
-                             maxValue=float(v), maxValueTokenIndex=int(p - lo)))
+    contexts = [_context(tokenizer, tokens[r], acts[r], p, window)
+                for v, r, p in zip(vals.tolist(), rows.tolist(), pos.tolist()) if v > 0]
+    nz = acts[acts > 0]
+    heights, edges = np.histogram(nz, bins=n_bins) if nz.size else (np.zeros(0), np.zeros(1))
+    row_max = acts.max(1)
+    firing = np.nonzero(row_max > 0)[0]
+    bands = []
+    if firing.size:
+        order = firing[np.argsort(row_max[firing])]
+        for q in range(3):  # quartiles of the firing rows' maxima, lowest first (the top quartile is the top list)
+            band = order[q * len(order) // 4:(q + 1) * len(order) // 4]
+            picks = band[np.linspace(0, len(band) - 1, min(per_band, len(band))).astype(int)] if len(band) else []
+            bands.append(dict(label=f"quartile {q + 1}", activations=[
+                _context(tokenizer, tokens[r], acts[r], int(acts[r].argmax()), window) for r in picks]))
     effects = effects or {"promoted": [], "suppressed": []}
     return dict(kind="feature", index=int(feature), layer=getattr(sae, "layer", None), site=getattr(sae, "site", ""),
-                activations=acts, frac_nonzero=None if frequency is None else float(frequency),
+                activations=contexts, frac_nonzero=None if frequency is None else float(frequency),
                 pos_str=[t for t, _ in effects["promoted"]], pos_values=[float(v) for _, v in effects["promoted"]],
-                neg_str=[t for t, _ in effects["suppressed"]], neg_values=[float(v) for _, v in effects["suppressed"]])
+                neg_str=[t for t, _ in effects["suppressed"]], neg_values=[float(v) for _, v in effects["suppressed"]],
+                freq_hist_data_bar_heights=[int(h) for h in heights],
+                freq_hist_data_bar_values=[float((a + b) / 2) for a, b in zip(edges[:-1], edges[1:])],
+                quantiles=bands)
 
 
-def heads_doc(model, tokens, *, tokenizer=None, name: str = "heads", scores: dict | None = None) -> dict:
+def feature_docs(model, sae, rows, features, *, tokenizer=None, n_rows: int = 256, k: int = 10,
+                 window: int = 16, n_effects: int = 10) -> dict[int, dict]:
+    """`{feature: feature_doc}` for `features` of `sae` over `n_rows` token rows (`rows`: as
+    `saes.features.top_activations` takes them): one pass for the top contexts, one for the frequencies, one
+    for these features' activations; logit effects where the SAE writes d_model vectors and the model has a
+    tokenizer."""
+    from saes.features import feature_frequencies, logit_effects, top_activations
+
+    rows = np.asarray(rows)
+    top = top_activations(model, sae, rows, n_rows=n_rows, k=k)
+    freq = feature_frequencies(model, sae, rows, n_rows=n_rows)
+    acts = feature_acts(model, sae, np.asarray(top.tokens), list(features))
+    writes_d_model = sae.W_dec.shape[-1] == model.cfg.d_model
+    out = {}
+    for j, f in enumerate(features):
+        eff = logit_effects(model, sae, f, n=n_effects) if writes_d_model and model.tokenizer is not None else None
+        out[int(f)] = feature_doc(model, sae, top, f, tokenizer=tokenizer or model.tokenizer, frequency=freq[f],
+                                  effects=eff, window=window, acts=acts[..., j])
+    return out
+
+
+def heads_doc(model, tokens, *, tokenizer=None, name: str = "heads", scores: dict | None = None,
+              induction_half: int = 16) -> dict:
     """A heads page for one prompt (`tokens [T]`): every layer's and head's attention pattern
     (`models.forward(..., capture=("attn.pattern",))`, `patterns [L][H][T][T]`, rounded to 4 digits) and
-    per-head scores (`interp.heads.head_pattern_scores` by default, plus any `scores {name: [L, H]}`)."""
+    per-head scores: `interp.heads.head_pattern_scores` (previous / first token) on the prompt, induction
+    scores on 4 repeated random halves of `induction_half` tokens (0: none), plus any `scores {name: [L, H]}`."""
+    import jax
+
     import models
-    from interp.heads import head_pattern_scores
+    from interp.heads import head_pattern_scores, induction_scores, repeated_random_tokens
 
     tokens = np.asarray(tokens).reshape(1, -1)
     _, acts = models.forward(model, tokens, capture=("attn.pattern",))
     pat = np.round(np.asarray(acts["attn.pattern"], np.float64)[:, 0], 4)  # [L, H, T, T]
     all_scores = {k: np.asarray(v).tolist() for k, v in head_pattern_scores(model, tokens).items()}
+    if induction_half:
+        vocab = model.cfg.vocab_size
+        rep = repeated_random_tokens(jax.random.key(0), 4, induction_half, vocab, None, low=min(1000, vocab // 4))
+        _, rep_acts = models.forward(model, rep, capture=("attn.pattern",))
+        all_scores["induction"] = np.asarray(induction_scores(rep_acts["attn.pattern"], induction_half, 0)).tolist()
     all_scores.update({k: np.asarray(v).tolist() for k, v in (scores or {}).items()})
     return dict(kind="heads", name=name, tokens=_decode(tokenizer, tokens[0]), patterns=pat.tolist(),
                 scores=all_scores)

@@ -29,7 +29,6 @@ def write_tiny_run(run_dir: str | Path, *, arch: str = "llama", n_features: int 
 
     from interp.testing import random_model, tiny_config
     from saes.attribution import attribute
-    from saes.features import feature_frequencies, logit_effects, top_activations
     from saes.transcoders import random_set
 
     run = Path(run_dir)
@@ -40,19 +39,17 @@ def write_tiny_run(run_dir: str | Path, *, arch: str = "llama", n_features: int 
     g = attribute(m, tcs, TOKENS, max_n_logits=4, desired_logit_prob=0.5)
     graph = g.to_json(run / "graphs" / "tiny.json", slug="tiny", tokenizer=tok, node_threshold=node_threshold,
                       edge_threshold=edge_threshold)
-    rows = np.random.default_rng(0).integers(2, cfg.vocab_size, (16, 12))
+    rows = np.random.default_rng(0).integers(2, cfg.vocab_size, (32, 12))
     wanted = {}
     for n in D.json.loads(graph.read_text())["nodes"]:
         if n["feature_type"] == "cross layer transcoder" and len(wanted) < n_features:
             layer, f, _ = n["node_id"].split("_")
             wanted[(int(layer), int(f))] = None
     features = []
-    for layer, f in wanted:
-        sae = tcs.transcoders[layer]
-        top = top_activations(m, sae, rows, n_rows=len(rows), k=5)
-        freq = feature_frequencies(m, sae, rows, n_rows=len(rows))[f]
-        doc = D.feature_doc(m, sae, top, f, tokenizer=tok, frequency=freq, effects=logit_effects(m, sae, f, n=5))
-        features.append(D.write(doc, run / "features" / f"{layer}_{f}.json"))
+    for layer in sorted({layer for layer, _ in wanted}):
+        fs = [f for lay, f in wanted if lay == layer]
+        docs = D.feature_docs(m, tcs.transcoders[layer], rows, fs, n_rows=len(rows), k=5, n_effects=5)
+        features += [D.write(docs[f], run / "features" / f"{layer}_{f}.json") for f in fs]
     heads = D.write(D.heads_doc(m, TOKENS, tokenizer=tok, name="tiny"), run / "heads" / "tiny.json")
     (run / "report.md").write_text("# tiny sample run\n\nA random tiny model: graphs/, features/, heads/.\n")
     return dict(graph=graph, features=features, heads=heads, model=m, graph_obj=g)

@@ -1,5 +1,6 @@
 """The JSON schemas of the files the viewer reads (`schemas/*.schema.json`) and a small validator of the
-draft-07 subset they use: `type`, `required`, `properties`, `items`, `enum`, `minimum`, `maximum`."""
+draft-07 subset they use: `type`, `required`, `properties`, `items`, `enum`, `minimum`, `maximum` and
+local `$ref` (`#/...`)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,13 @@ def errors(doc, schema: dict, where: str = "$", limit: int = 20) -> list[str]:
     def walk(v, s, at):
         if len(out) >= limit:
             return
+        while "$ref" in s:
+            ref = s["$ref"]
+            if not ref.startswith("#/"):
+                raise ValueError(f"only local $ref is supported, not {ref!r}")
+            s = schema
+            for key in ref[2:].split("/"):
+                s = s[key]
         types = s.get("type")
         if types is not None:
             types = [types] if isinstance(types, str) else types

@@ -103,6 +103,7 @@
     const panel = el("div", { class: "iv-panel" });
     wrap.append(el("div", { class: "iv-row" }, svgBox, panel));
 
+    let drawn = false;
     function visible() {
       return nodes.filter((n) => n.feature_type === "embedding" || n.feature_type === "logit" ||
         typeof n.influence !== "number" || n.influence <= state.t + 1e-12);
@@ -120,14 +121,16 @@
         if (!cells.has(k)) cells.set(k, []);
         cells.get(k).push(n);
       }
-      const most = Math.max(1, ...[...cells.values()].map((c) => c.length));
-      const colW = Math.max(44, Math.min(12 * most + 16, 140)), rowH = 46, left = 40, top = 20;
-      const W = left + T * colW + 20, H = top + (L + 3) * rowH + 40;
+      const most = new Array(T).fill(1);  // each position's width: its fullest cell
+      for (const c of cells.values()) most[c[0].ctx_idx] = Math.max(most[c[0].ctx_idx], c.length);
+      const colWs = most.map((m) => Math.max(36, 13 * m + 12)), rowH = 46, left = 40, top = 90;
+      const colX = colWs.map((_, p) => left + colWs.slice(0, p).reduce((a, b) => a + b, 0));
+      const W = left + colWs.reduce((a, b) => a + b, 0) + 60, H = top + (L + 3) * rowH + 40;
       const pos = new Map();
       for (const c of cells.values()) {
         c.sort((a, b) => (a.feature_type > b.feature_type ? 1 : -1) || a.feature - b.feature);
         c.forEach((n, i) => {
-          const x = left + n.ctx_idx * colW + colW / 2 + (i - (c.length - 1) / 2) * Math.min(14, (colW - 12) / c.length);
+          const x = colX[n.ctx_idx] + colWs[n.ctx_idx] / 2 + (i - (c.length - 1) / 2) * 13;
           const y = top + (L + 2 - rowOf(n, L)) * rowH + rowH / 2;
           pos.set(n.node_id, [x, y]);
         });
@@ -141,7 +144,7 @@
         svg.append(sv("text", { x: 4, y: y + 4, class: "iv-axis" }, r === 0 ? "E" : r === L + 2 ? "logit" : "L" + (r - 1)));
       }
       g.metadata.prompt_tokens.forEach((tok, p) =>
-        svg.append(sv("text", { x: left + p * colW + colW / 2, y: H - 14, class: "iv-tok", "text-anchor": "middle" }, JSON.stringify(tok).slice(1, -1))));
+        svg.append(sv("text", { x: colX[p] + colWs[p] / 2, y: H - 14, class: "iv-tok", "text-anchor": "middle" }, JSON.stringify(tok).slice(1, -1))));
       const eg = sv("g", { class: "iv-edges" });
       for (const l of es) {
         const [x1, y1] = pos.get(l.source), [x2, y2] = pos.get(l.target);
@@ -161,24 +164,47 @@
             (grp ? " grouped" : "") + (state.selected.has(n.node_id) ? " selected" : ""),
         }, sv("title", {}, (ann.labels[n.node_id] || n.clerp || n.node_id) + " [" + n.feature_type + "] influence " + fmt(n.influence)));
         c.addEventListener("click", (ev) => onClick(n, ev));
+        c.addEventListener("mouseenter", () => highlight(n.node_id));
+        c.addEventListener("mouseleave", () => highlight());
         ng.append(c);
-        const label = ann.labels[n.node_id] || (n.feature_type === "logit" ? n.clerp : "");
-        if (label) ng.append(sv("text", { x: x + 8, y: y - 6, class: "iv-label" }, label));
+        const label = ann.labels[n.node_id] || (n.feature_type === "logit" ? n.clerp.replace(/^Output /, "") : "");
+        if (label) ng.append(sv("text", { x: x + 4, y: y - 9, class: "iv-label", transform: "rotate(-60 " + (x + 4) + " " + (y - 9) + ")" }, label));
       }
       svg.append(ng);
       svgBox.replaceChildren(svg);
       count.textContent = " " + vis.length + " nodes, " + es.length + " edges";
       highlight();
+      const at = pos.get(state.clicked);
+      if (at && !drawn) setTimeout(() => (svgBox.scrollLeft = Math.max(0, at[0] - 300)), 0);  // clicked node in view
+      drawn = true;
     }
 
-    function highlight() {
-      const id = state.clicked;
+    const into = new Map(), out = new Map();
+    for (const l of links) {
+      if (!into.has(l.target)) into.set(l.target, []);
+      if (!out.has(l.source)) out.set(l.source, []);
+      into.get(l.target).push(l.source);
+      out.get(l.source).push(l.target);
+    }
+    function reach(id, next) {  // every node on a path from (or to) `id`
+      const seen = new Set([id]), todo = [id];
+      while (todo.length) for (const m of next.get(todo.pop()) || []) if (!seen.has(m)) { seen.add(m); todo.push(m); }
+      return seen;
+    }
+    function highlight(id = state.clicked) {
+      const up = id ? reach(id, into) : null, down = id ? reach(id, out) : null;
       svgBox.querySelectorAll(".iv-edge").forEach((e) => {
-        const on = id && (e.dataset.source === id || e.dataset.target === id);
-        e.classList.toggle("hl", !!on);
-        e.classList.toggle("dim", !!id && !on);
+        const s = e.dataset.source, t = e.dataset.target;
+        const direct = id && (s === id || t === id);
+        const path = id && ((up.has(s) && up.has(t)) || (down.has(s) && down.has(t)));
+        e.classList.toggle("hl", !!direct);
+        e.classList.toggle("path", !!path && !direct);
+        e.classList.toggle("dim", !!id && !path);
       });
-      svgBox.querySelectorAll(".iv-node").forEach((c) => c.classList.toggle("clicked", c.dataset.node === id));
+      svgBox.querySelectorAll(".iv-node").forEach((c) => {
+        c.classList.toggle("clicked", c.dataset.node === state.clicked);
+        c.classList.toggle("onpath", !!id && (up.has(c.dataset.node) || down.has(c.dataset.node)));
+      });
     }
 
     function onClick(n, ev) {
@@ -245,10 +271,23 @@
     const eff = (strs, vals, cls) => el("table", { class: "iv-effects " + cls }, strs.map((s, i) => el("tr", {}, el("td", { class: "iv-t" }, JSON.stringify(s).slice(1, -1)), el("td", {}, fmt(vals[i])))));
     box.append(el("div", { class: "iv-row" }, el("div", {}, el("h4", {}, "promoted logits"), eff(f.pos_str, f.pos_values, "pos")),
       el("div", {}, el("h4", {}, "suppressed logits"), eff(f.neg_str, f.neg_values, "neg"))));
+    const hs = f.freq_hist_data_bar_heights || [], xs = f.freq_hist_data_bar_values || [];
+    if (hs.length) {
+      const hMax = Math.max(...hs, 1), bw = Math.max(4, Math.floor(360 / hs.length)), H = 80;
+      box.append(el("h4", {}, "activation histogram (nonzero, " + hs.reduce((a, b) => a + b, 0) + " tokens)"),
+        sv("svg", { width: bw * hs.length + 60, height: H + 18, class: "iv-svg iv-hist" },
+          hs.map((h, i) => sv("rect", { x: i * bw, y: H - (H * h) / hMax, width: bw - 1, height: (H * h) / hMax, class: "iv-bar" },
+            sv("title", {}, fmt(xs[i]) + ": " + h))),
+          sv("text", { x: 0, y: H + 14, class: "iv-axis" }, fmt(xs[0])),
+          sv("text", { x: bw * hs.length, y: H + 14, class: "iv-axis", "text-anchor": "end" }, fmt(xs[xs.length - 1]))));
+    }
     const top = f.activations.length ? f.activations[0].maxValue : 1;
-    box.append(el("h4", {}, "top activating contexts"),
-      el("ol", { class: "iv-contexts" }, f.activations.map((a) => el("li", { "data-max": a.maxValue },
-        el("span", { class: "iv-dim" }, fmt(a.maxValue) + "  "), tokens(a.tokens, a.values, top, a.maxValueTokenIndex)))));
+    const list = (acts, cls) => el("ol", { class: cls }, acts.map((a) => el("li", { "data-max": a.maxValue },
+      el("span", { class: "iv-dim" }, fmt(a.maxValue) + "  "), tokens(a.tokens, a.values, top, a.maxValueTokenIndex))));
+    box.append(el("h4", {}, "top activating contexts"), list(f.activations, "iv-contexts"));
+    for (const q of (f.quantiles || []).slice().reverse()) {
+      if (q.activations.length) box.append(el("h4", {}, "samples from " + q.label), list(q.activations, "iv-quantile"));
+    }
     return box;
   }
 
