@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -194,11 +195,14 @@ def _chromium() -> str:
     pytest.skip(f"no {CHROMIUM} (Debian: apt-get install -y chromium; .ci/run installs it)")
 
 
-def _browse(url: str, tmp_path: Path, screenshot: Path | None = None) -> str:
-    """The DOM after the page's scripts ran (`--dump-dom`), or with `screenshot` a PNG of it."""
+def _browse(url: str, tmp_path: Path, screenshot: Path | None = None, proxy: int | None = None) -> str:
+    """The DOM after the page's scripts ran (`--dump-dom`), or with `screenshot` a PNG of it; with `proxy` every
+    request not to loopback goes to that port of 127.0.0.1."""
     profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
     args = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}"]
+    args += [f"--proxy-server=http://127.0.0.1:{proxy}", "--disable-features=AutofillServerCommunication,"
+             "OptimizationHints,MediaRouter,Translate,NetworkTimeServiceQuerying", "--no-pings"] if proxy else []
     args += [f"--screenshot={screenshot}", "--window-size=1200,800"] if screenshot else ["--dump-dom"]
     r = subprocess.run([*args, url], capture_output=True, text=True, timeout=120)
     shutil.rmtree(profile, ignore_errors=True)
@@ -239,16 +243,26 @@ def test_browser_renders_the_exported_pages(run, tmp_path):
 
 
 def test_browser_renders_the_served_graph_and_a_screenshot(run, tmp_path):
+    """The served page renders every node of the graph file and asks nothing of anyone but its page (a trap
+    proxy takes whatever is not for loopback: it stays empty)."""
     _chromium()
     root, _ = run
-    srv = server.serve_in_thread(root)
+    srv, trap = server.serve_in_thread(root), server.serve_in_thread(tmp_path)
     try:
         url = f"http://127.0.0.1:{srv.server_address[1]}/graph/tiny"
-        dom = _browse(url, tmp_path)
+        dom = _browse(url, tmp_path, proxy=trap.server_address[1])
         assert _node_count(dom) == len(_graph(run)["nodes"])
+        page_origin = f"http://127.0.0.1:{srv.server_address[1]}"
+        # the browser's own background traffic (accounts, www) goes to google.com and carries no referer;
+        # a page's http request carries its origin, an https one shows as CONNECT host:443
+        assert [r for r in trap.requests if r[2] and r[2].startswith(page_origin)] == []
+        hosts = {urlsplit(p if "://" in p else "//" + p).hostname for _, p, _ in trap.requests}
+        assert all(h == "google.com" or h.endswith(".google.com") for h in hosts), hosts
+        assert {p for _, p, _ in srv.requests} <= {"/graph/tiny", "/favicon.ico"}, srv.requests
         shot = root / "screenshots" / "graph.png"
         shot.parent.mkdir(exist_ok=True)
         _browse(url, tmp_path, screenshot=shot)
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
     finally:
         _stop(srv)
+        _stop(trap)

@@ -29,6 +29,13 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # quiet: the CLI prints the address
         pass
 
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        if ok:
+            # what was asked and from which page (Referer / Origin), for tests and debugging
+            self.server.requests.append((self.command, self.path, self.headers.get("Referer") or self.headers.get("Origin")))
+        return ok
+
     def _send(self, status: int, body: str | bytes, ctype: str = "application/json"):
         body = body.encode() if isinstance(body, str) else body
         self.send_response(status)
@@ -106,13 +113,25 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, json.dumps({"saved": str(D.annotations_path(path).relative_to(self.root))}))
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):  # a browser that went away
+            super().handle_error(request, client_address)
+
+
 def make_server(run_dir: str | Path, port: int = 0) -> ThreadingHTTPServer:
     """A server over `run_dir` bound to 127.0.0.1:`port` (0: a free port; `server.server_address[1]`)."""
     root = Path(run_dir).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"no run directory {run_dir}")
     handler = type("Handler", (_Handler,), {"root": root})
-    return ThreadingHTTPServer((HOST, port), handler)
+    srv = _Server((HOST, port), handler)
+    srv.requests = []  # (method, path, referer or origin) of every request served
+    return srv
 
 
 def serve_in_thread(run_dir: str | Path, port: int = 0) -> ThreadingHTTPServer:
