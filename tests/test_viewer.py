@@ -266,3 +266,37 @@ def test_browser_renders_the_served_graph_and_a_screenshot(run, tmp_path):
     finally:
         _stop(srv)
         _stop(trap)
+
+
+def test_browser_clicks_from_the_graph_to_a_feature_page(run, tmp_path):
+    """Real mouse clicks in the exported page: a feature node, then its 'open feature' link, land on that
+    feature's page with its top context; a label typed and saved on the served page reaches the annotations
+    file."""
+    from _chromium import Browser
+
+    root, out = run
+    html = page.export(root, tmp_path / "page.html")
+    node = next(n["node_id"] for n in _graph(run)["nodes"] if n["feature_type"] == "cross layer transcoder")
+    fslug = "_".join(node.split("_")[:2])
+    with Browser(_chromium()) as b:
+        b.open(f"file://{html}#graph/tiny")
+        assert b.eval("document.querySelectorAll('circle[data-node]').length") == len(_graph(run)["nodes"])
+        b.click(f'circle[data-node="{node}"]')
+        assert b.eval("document.querySelector('.iv-panel h3').textContent") == node
+        assert b.eval("document.querySelectorAll('.iv-edge.hl').length") > 0
+        b.click(".iv-open-feature")
+        b.wait(f"document.querySelector('.iv-feature[data-slug=\"{fslug}\"]')")
+        tokens = b.eval("[...document.querySelectorAll('.iv-contexts li:first-child .iv-t')].map((e) => e.textContent)")
+        assert tokens == json.loads((root / "features" / f"{fslug}.json").read_text())["activations"][0]["tokens"]
+    srv = server.serve_in_thread(root)
+    try:
+        with Browser(_chromium()) as b:
+            b.open(f"http://127.0.0.1:{srv.server_address[1]}/graph/tiny")
+            b.click(f'circle[data-node="{node}"]')
+            b.eval("document.querySelector('.iv-label-input').value = 'clicked in chromium'")
+            b.click(".iv-save")
+            b.wait("document.querySelector('.iv-status').textContent.includes('saved')")
+        saved = json.loads((root / "graphs" / "tiny.annotations.json").read_text())
+        assert saved["labels"][node] == "clicked in chromium"
+    finally:
+        _stop(srv)
