@@ -34,6 +34,15 @@ def _graph(run) -> dict:
     return json.loads(run[1]["graph"].read_text())
 
 
+def _feature_node(run) -> tuple[str, str]:
+    """A feature node of the graph that has a feature page, and that page's slug (`layer_feature`)."""
+    for n in _graph(run)["nodes"]:
+        fslug = "_".join(n["node_id"].split("_")[:2])
+        if n["feature_type"] == "cross layer transcoder" and (run[0] / "features" / f"{fslug}.json").exists():
+            return n["node_id"], fslug
+    raise AssertionError("no feature node has a page")
+
+
 # ----------------------------------------------------------------------------- files and schemas
 
 
@@ -49,7 +58,7 @@ def test_every_file_we_write_validates_against_the_schemas(run):
     feat = json.loads(out["features"][0].read_text())
     top = feat["activations"][0]
     assert top["values"][top["maxValueTokenIndex"]] == pytest.approx(top["maxValue"], rel=1e-4, abs=1e-5)
-    assert len(feat["pos_str"]) == 5 and feat["pos_values"][0] >= feat["neg_values"][0]
+    assert len(feat["pos_str"]) == 10 and feat["pos_values"][0] >= feat["neg_values"][0]
     n_rows, T = 32, 12  # the sample's rows; first positions excluded as top_activations excludes them
     assert sum(feat["freq_hist_data_bar_heights"]) == pytest.approx(feat["frac_nonzero"] * n_rows * (T - 1), abs=0.5)
     band_max = [a["maxValue"] for q in feat["quantiles"] for a in q["activations"]]
@@ -221,12 +230,10 @@ def test_browser_renders_the_exported_pages(run, tmp_path):
     g = _graph(run)
     dom = _browse(f"file://{html}#graph/tiny", tmp_path)
     assert 'data-rendered="1"' in dom and _node_count(dom) == len(g["nodes"])
-    feature = next(n for n in g["nodes"] if n["feature_type"] == "cross layer transcoder")
-    fslug = "_".join(feature["node_id"].split("_")[:2])
-    assert (root / "features" / f"{fslug}.json").exists()  # the sample writes the first features' pages
-    dom = _browse(f"file://{html}#graph/tiny/{feature['node_id']}", tmp_path)  # that node clicked
+    node, fslug = _feature_node(run)
+    dom = _browse(f"file://{html}#graph/tiny/{node}", tmp_path)  # that node clicked
     assert f'href="#feature/{fslug}"' in dom and 'class="iv-open-feature"' in dom
-    assert re.search(rf'<circle[^>]*data-node="{feature["node_id"]}"[^>]*class="[^"]*\bclicked\b', dom)
+    assert re.search(rf'<circle[^>]*data-node="{node}"[^>]*class="[^"]*\bclicked\b', dom)
     fdoc = json.loads(out["features"][0].read_text())
     dom = _browse(f"file://{html}#feature/{out['features'][0].stem}", tmp_path)
     top = re.search(r'<li data-max="[^"]*">(.*?)</li>', dom, re.S).group(1)
@@ -276,8 +283,7 @@ def test_browser_clicks_from_the_graph_to_a_feature_page(run, tmp_path):
 
     root, out = run
     html = page.export(root, tmp_path / "page.html")
-    node = next(n["node_id"] for n in _graph(run)["nodes"] if n["feature_type"] == "cross layer transcoder")
-    fslug = "_".join(node.split("_")[:2])
+    node, fslug = _feature_node(run)
     with Browser(_chromium()) as b:
         b.open(f"file://{html}#graph/tiny")
         assert b.eval("document.querySelectorAll('circle[data-node]').length") == len(_graph(run)["nodes"])

@@ -4,15 +4,18 @@ dashboards and attention heads, as plain JS + SVG shipped in `static/` (no CDN, 
     python -m experiments.viewer serve RUN_DIR [--port N]    # 127.0.0.1 only; annotations POSTed beside graphs
     python -m experiments.viewer export RUN_DIR -o page.html  # one self-contained file
     experiments.viewer.show(graph)                            # in a notebook (`_repr_html_`)
+    experiments.viewer.write_graph_run(run_dir, model, transcoders, graph, rows)  # graph + feature + heads pages
 
 Nothing in models, interp, saes or the studies imports this package."""
 
 from __future__ import annotations
 
 from experiments.viewer import page
-from experiments.viewer.data import check_slug, feature_doc, graph_doc, heads_doc, write
+from experiments.viewer.collect import write_graph_run
+from experiments.viewer.data import check_slug, feature_doc, feature_docs, graph_doc, heads_doc, write
 
-__all__ = ["View", "check_slug", "feature_doc", "graph_doc", "heads_doc", "show", "write"]
+__all__ = ["View", "check_slug", "feature_doc", "feature_docs", "graph_doc", "heads_doc", "show", "write",
+           "write_graph_run"]
 
 
 class View:

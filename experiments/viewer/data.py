@@ -179,7 +179,7 @@ def feature_docs(model, sae, rows, features, *, tokenizer=None, n_rows: int = 25
     tokenizer."""
     from saes.features import feature_frequencies, logit_effects, top_activations
 
-    rows = np.asarray(rows)
+    rows = np.asarray(rows.take(n_rows) if hasattr(rows, "rows") else rows)  # a TokenRows, or rows
     top = top_activations(model, sae, rows, n_rows=n_rows, k=k)
     freq = feature_frequencies(model, sae, rows, n_rows=n_rows)
     acts = feature_acts(model, sae, np.asarray(top.tokens), list(features))

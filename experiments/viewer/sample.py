@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.viewer import data as D
+from experiments.viewer.collect import write_graph_run
 
 TOKENS = np.array([1, 5, 9, 3, 7, 2, 11, 4, 13, 8, 21, 6, 17, 30, 12, 25, 10, 44, 19, 33])
 
@@ -37,20 +37,10 @@ def write_tiny_run(run_dir: str | Path, *, arch: str = "llama", n_features: int 
     m = dataclasses.replace(random_model(cfg, jax.random.key(2)), tokenizer=tok)
     tcs = random_set(cfg, "relu", 40, seed=10, bias=0.05, act_scale=1.3)
     g = attribute(m, tcs, TOKENS, max_n_logits=4, desired_logit_prob=0.5)
-    graph = g.to_json(run / "graphs" / "tiny.json", slug="tiny", tokenizer=tok, node_threshold=node_threshold,
-                      edge_threshold=edge_threshold)
     rows = np.random.default_rng(0).integers(2, cfg.vocab_size, (32, 12))
-    wanted = {}
-    for n in D.json.loads(graph.read_text())["nodes"]:
-        if n["feature_type"] == "cross layer transcoder" and len(wanted) < n_features:
-            layer, f, _ = n["node_id"].split("_")
-            wanted[(int(layer), int(f))] = None
-    features = []
-    for layer in sorted({layer for layer, _ in wanted}):
-        fs = [f for lay, f in wanted if lay == layer]
-        docs = D.feature_docs(m, tcs.transcoders[layer], rows, fs, n_rows=len(rows), k=5, n_effects=5)
-        features += [D.write(docs[f], run / "features" / f"{layer}_{f}.json") for f in fs]
-    heads = D.write(D.heads_doc(m, TOKENS, tokenizer=tok, name="tiny"), run / "heads" / "tiny.json")
+    write_graph_run(run, m, tcs, g, rows, slug="tiny", n_features=n_features, k=5, node_threshold=node_threshold,
+                    edge_threshold=edge_threshold)
+    graph, features, heads = run / "graphs" / "tiny.json", sorted((run / "features").glob("*.json")), run / "heads" / "tiny.json"
     (run / "report.md").write_text("# tiny sample run\n\nA random tiny model: graphs/, features/, heads/.\n")
     return dict(graph=graph, features=features, heads=heads, model=m, graph_obj=g)
 
