@@ -287,6 +287,14 @@ def test_browser_clicks_from_the_graph_to_a_feature_page(run, tmp_path):
     with Browser(_chromium()) as b:
         b.open(f"file://{html}#graph/tiny")
         assert b.eval("document.querySelectorAll('circle[data-node]').length") == len(_graph(run)["nodes"])
+        nodes = _graph(run)["nodes"]  # the pruning slider at half way: nodes of cumulative influence <= half the max
+        half = max(n["influence"] for n in nodes if n["influence"] is not None) / 2
+        b.eval("(() => { const s = document.querySelector('.iv-prune'); s.value = 500;"
+               " s.dispatchEvent(new Event('input')); })()")
+        kept = [n for n in nodes if n["feature_type"] in ("embedding", "logit") or n["influence"] <= half + 1e-12]
+        assert b.eval("document.querySelectorAll('circle[data-node]').length") == len(kept) < len(nodes)
+        b.eval("(() => { const s = document.querySelector('.iv-prune'); s.value = 1000;"
+               " s.dispatchEvent(new Event('input')); })()")
         b.click(f'circle[data-node="{node}"]')
         assert b.eval("document.querySelector('.iv-panel h3').textContent") == node
         assert b.eval("document.querySelectorAll('.iv-edge.hl').length") > 0

@@ -108,6 +108,13 @@
       return nodes.filter((n) => n.feature_type === "embedding" || n.feature_type === "logit" ||
         typeof n.influence !== "number" || n.influence <= state.t + 1e-12);
     }
+    function name(id) {  // a node's label, else its clerp / token, else its id
+      const n = byId.get(id);
+      if (ann.labels[id]) return ann.labels[id];
+      if (n && n.clerp) return n.clerp;
+      if (n && n.feature_type === "embedding") return "token " + JSON.stringify(g.metadata.prompt_tokens[n.ctx_idx] || "") + " @" + n.ctx_idx;
+      return id;
+    }
     function groupOf(id) {
       for (const s of ann.supernodes) if (s.slice(1).includes(id)) return s[0];
       return null;
@@ -162,7 +169,7 @@
           cx: x.toFixed(1), cy: y.toFixed(1), r: n.feature_type === "logit" ? 7 : 5, "data-node": n.node_id,
           class: "iv-node t-" + n.feature_type.replace(/ /g, "-") + (ann.pinnedIds.includes(n.node_id) ? " pinned" : "") +
             (grp ? " grouped" : "") + (state.selected.has(n.node_id) ? " selected" : ""),
-        }, sv("title", {}, (ann.labels[n.node_id] || n.clerp || n.node_id) + " [" + n.feature_type + "] influence " + fmt(n.influence)));
+        }, sv("title", {}, name(n.node_id) + " [" + n.feature_type + "] influence " + fmt(n.influence)));
         c.addEventListener("click", (ev) => onClick(n, ev));
         c.addEventListener("mouseenter", () => highlight(n.node_id));
         c.addEventListener("mouseleave", () => highlight());
@@ -230,7 +237,7 @@
         const outE = links.filter((l) => l.source === n.node_id).sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, 8);
         const edgeList = (es, key) => el("ul", {}, es.map((l) => el("li", {}, el("a", {
           href: "#", on: { click: (e) => { e.preventDefault(); const m = byId.get(l[key]); state.clicked = m.node_id; draw(); showPanel(m); } },
-        }, ann.labels[l[key]] || l[key]), " " + fmt(l.weight))));
+        }, name(l[key])), " " + fmt(l.weight))));
         panel.append(
           el("h3", {}, n.node_id), el("div", { class: "iv-dim" }, n.feature_type + (n.clerp ? ": " + n.clerp : "")),
           el("div", {}, "layer " + n.layer + ", position " + n.ctx_idx + ", influence " + fmt(n.influence) + ", activation " + fmt(n.activation)),
@@ -239,11 +246,11 @@
             el("button", { on: { click: () => { const i = ann.pinnedIds.indexOf(n.node_id); i < 0 ? ann.pinnedIds.push(n.node_id) : ann.pinnedIds.splice(i, 1); draw(); persist(); } } }, "pin")),
           el("h4", {}, "strongest inputs"), edgeList(inE, "source"), el("h4", {}, "strongest outputs"), edgeList(outE, "target"));
       }
-      const name = el("input", { type: "text", placeholder: "supernode name", class: "iv-group-name" });
+      const groupName = el("input", { type: "text", placeholder: "supernode name", class: "iv-group-name" });
       panel.append(el("h4", {}, "supernodes (shift-click nodes to select: " + state.selected.size + ")"),
-        el("div", {}, name, el("button", { on: { click: () => {
+        el("div", {}, groupName, el("button", { on: { click: () => {
           if (!state.selected.size) return;
-          ann.supernodes.push([name.value || "group " + (ann.supernodes.length + 1), ...state.selected]);
+          ann.supernodes.push([groupName.value || "group " + (ann.supernodes.length + 1), ...state.selected]);
           state.selected.clear(); draw(); showPanel(n); persist();
         } } }, "group")),
         el("ul", {}, ann.supernodes.map((s, i) => el("li", {}, s[0] + " (" + (s.length - 1) + ") ",
