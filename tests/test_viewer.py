@@ -107,6 +107,16 @@ def _request(port, method, path, body=None):
         c.close()
 
 
+def _request_bytes(port, path):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        return r.status, r.read()
+    finally:
+        c.close()
+
+
 def _stop(srv):
     srv.shutdown()
     srv.server_close()
@@ -133,6 +143,10 @@ def test_server_index_graph_feature_annotations_and_restart(run):
             status, body = _request(port, "GET", path)
             assert status == 200 and "InterpViewer.mount" in body, path
         assert _request(port, "GET", "/api/graph/nothere")[0] == 404
+        status, body = _request_bytes(port, "/file/figures/influence.png")
+        assert status == 200 and body == (root / "figures" / "influence.png").read_bytes()
+        for bad in ("/file/graphs/tiny.json", "/file/../../etc/passwd", "/file/%2Fetc%2Fpasswd", "/file/figures"):
+            assert _request(port, "GET", bad)[0] in (400, 404), bad
         assert _request(port, "GET", "/api/annotations/tiny") == (200, "{}")
         node = next(n["node_id"] for n in _graph(run)["nodes"] if n["feature_type"] == "cross layer transcoder")
         ann = {"labels": {node: "says France"}, "pinnedIds": [node], "supernodes": [["capital", node]], "x": 1}
@@ -178,6 +192,7 @@ def test_export_is_one_self_contained_file(run, tmp_path):
     assert not re.search(r"<(script|link|img)[^>]+(src|href)=", text)
     assert "connect-src 'self'" in text  # the page's CSP: requests only to the server that served it
     assert out.stat().st_size < 2_000_000
+    assert "data:image/png;base64," in text  # the report's figure, inlined
 
 
 def test_show_renders_graph_feature_and_heads_views(run):
@@ -302,6 +317,9 @@ def test_browser_clicks_from_the_graph_to_a_feature_page(run, tmp_path):
         b.wait(f"document.querySelector('.iv-feature[data-slug=\"{fslug}\"]')")
         tokens = b.eval("[...document.querySelectorAll('.iv-contexts li:first-child .iv-t')].map((e) => e.textContent)")
         assert tokens == json.loads((root / "features" / f"{fslug}.json").read_text())["activations"][0]["tokens"]
+        b.eval("location.hash = '#report/report'")
+        b.wait("document.querySelector('img.iv-figure') && document.querySelector('img.iv-figure').complete")
+        assert b.eval("document.querySelector('img.iv-figure').naturalWidth") == 320  # 4 in x 80 dpi
     srv = server.serve_in_thread(root)
     try:
         with Browser(_chromium()) as b:
@@ -310,6 +328,9 @@ def test_browser_clicks_from_the_graph_to_a_feature_page(run, tmp_path):
             b.eval("document.querySelector('.iv-label-input').value = 'clicked in chromium'")
             b.click(".iv-save")
             b.wait("document.querySelector('.iv-status').textContent.includes('saved')")
+            b.open(f"http://127.0.0.1:{srv.server_address[1]}/report/report")
+            b.wait("document.querySelector('img.iv-figure').complete")
+            assert b.eval("document.querySelector('img.iv-figure').naturalWidth") == 320
         saved = json.loads((root / "graphs" / "tiny.annotations.json").read_text())
         assert saved["labels"][node] == "clicked in chromium"
     finally:

@@ -70,6 +70,35 @@ def index(files: dict[str, dict[str, Path]], root: Path) -> dict:
     return out
 
 
+IMAGES = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif"}
+FIGURE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def image_file(root: Path, rel: str) -> Path | None:
+    """The image `rel` (a path relative to `root`) if it is one inside `root`, else None (no `..`, no absolute
+    path, no link out of it, image suffixes only)."""
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or any(p in ("", ".", "..") or "\0" in p or "\\" in p for p in parts):
+        return None
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root.resolve()) or path.suffix.lower() not in IMAGES or not path.is_file():
+        return None
+    return path
+
+
+def report_figures(root: Path, report: Path) -> dict[str, Path]:
+    """`{path relative to root: file}` of the images a markdown report shows (`![..](relative/path)`)."""
+    base = report.parent.relative_to(root.resolve())
+    out = {}
+    for ref in FIGURE.findall(report.read_text()):
+        rel = (base / ref).as_posix() if not ref.startswith(("/", "http:", "https:", "data:")) else ""
+        rel = rel[2:] if rel.startswith("./") else rel
+        path = image_file(root, rel)
+        if path is not None:
+            out[rel] = path
+    return out
+
+
 def annotations_path(graph_path: Path) -> Path:
     return graph_path.with_name(graph_path.stem + ".annotations.json")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import re
@@ -62,6 +63,10 @@ def bundle(run_dir: str | Path, files: dict, route: str = "index", *, mode: str 
         doc = load(files, kind, slug)
         if doc is not None:
             out[kind][slug] = doc
+            if kind == "report" and mode == "static":  # figures as data: URIs (served pages fetch /file/...)
+                for rel, path in D.report_figures(root, files[kind][slug]).items():
+                    out.setdefault("files", {})[rel] = (f"data:{D.IMAGES[path.suffix.lower()]};base64,"
+                                                        + base64.b64encode(path.read_bytes()).decode())
             if kind == "graph":
                 out["annotations"][slug] = D.read_annotations(files[kind][slug])
     return out

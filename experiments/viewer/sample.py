@@ -22,6 +22,17 @@ class ToyTokenizer:
         return "".join(f" w{int(i)}" for i in ids)
 
 
+def _figure(path: Path, graph):
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
+
+    fig = Figure(figsize=(4, 2.5))
+    ax = fig.subplots()
+    ax.plot(np.sort(graph.node_influence())[::-1])
+    ax.set(xlabel="node", ylabel="influence", yscale="log")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+
+
 def write_tiny_run(run_dir: str | Path, *, arch: str = "llama", n_features: int = 4, node_threshold: float = 0.99,
                    edge_threshold: float = 0.99) -> dict:
     """Write the sample run; returns `{"graph": path, "features": [paths], "heads": path, "model", "graph_obj"}`."""
@@ -41,7 +52,9 @@ def write_tiny_run(run_dir: str | Path, *, arch: str = "llama", n_features: int 
     write_graph_run(run, m, tcs, g, rows, slug="tiny", n_features=n_features, k=5, node_threshold=node_threshold,
                     edge_threshold=edge_threshold)
     graph, features, heads = run / "graphs" / "tiny.json", sorted((run / "features").glob("*.json")), run / "heads" / "tiny.json"
-    (run / "report.md").write_text("# tiny sample run\n\nA random tiny model: graphs/, features/, heads/.\n")
+    _figure(run / "figures" / "influence.png", g)
+    (run / "report.md").write_text("# tiny sample run\n\nA random tiny model: graphs/, features/, heads/.\n\n"
+                                   "- node influence, sorted\n\n![node influence](figures/influence.png)\n")
     return dict(graph=graph, features=features, heads=heads, model=m, graph_obj=g)
 
 

@@ -3,6 +3,7 @@
     GET  /                       index page          GET /api/index                the index as JSON
     GET  /<kind>/<slug>          a page              GET /api/<kind>/<slug>        its data (graph, feature, heads, report)
     GET  /api/annotations/<slug> a graph's labels    POST /api/annotations/<slug>  save them beside the graph
+    GET  /file/<path>            an image under the run directory (a report's figure)
 
 Slugs are file stems: anything with `..`, `/`, NUL or not in the index answers 400 or 404."""
 
@@ -37,9 +38,10 @@ class _Handler(BaseHTTPRequestHandler):
         return ok
 
     def _send(self, status: int, body: str | bytes, ctype: str = "application/json"):
-        body = body.encode() if isinstance(body, str) else body
+        text = isinstance(body, str)
+        body = body.encode() if text else body
         self.send_response(status)
-        self.send_header("Content-Type", ctype + "; charset=utf-8")
+        self.send_header("Content-Type", ctype + ("; charset=utf-8" if text else ""))
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
@@ -66,6 +68,11 @@ class _Handler(BaseHTTPRequestHandler):
         parts = self._parts()
         if parts is None:
             return self._error(HTTPStatus.BAD_REQUEST, "bad path")
+        if parts[:1] == ["file"]:  # an image under the run directory (a report's figure)
+            path = D.image_file(self.root, "/".join(parts[1:]))
+            if path is None:
+                return self._error(HTTPStatus.NOT_FOUND, "no such image")
+            return self._send(200, path.read_bytes(), D.IMAGES[path.suffix.lower()])
         files = D.scan(self.root)
         if parts in ([], ["index"]):
             return self._send(200, page.html_page(page.bundle(self.root, files)), "text/html")

@@ -338,8 +338,28 @@
     return box;
   }
 
-  function reportPage(app, text) {
-    return el("pre", { class: "iv-report" }, text);
+  function reportPage(app, text, slug) {  // markdown: headings, paragraphs, lists, code blocks, figures
+    const row = (app.bundle.index.report || []).find((r) => r.slug === slug) || { path: "" };
+    const dir = row.path.includes("/") ? row.path.slice(0, row.path.lastIndexOf("/") + 1) : "";
+    const src = (ref) => {
+      const rel = (dir + ref).replace(/(^|\/)\.\//g, "$1");
+      const files = app.bundle.files || {};
+      return files[rel] || (app.bundle.mode === "serve" ? "/file/" + rel.split("/").map(encodeURIComponent).join("/") : "");
+    };
+    const box = el("div", { class: "iv-report", "data-slug": slug });
+    let list = null, code = null;
+    for (const line of text.split("\n")) {
+      if (code) { if (line.startsWith("```")) { box.append(code); code = null; } else code.append(line + "\n"); continue; }
+      if (line.startsWith("```")) { code = el("pre"); continue; }
+      const h = line.match(/^(#{1,4})\s+(.*)$/), li = line.match(/^\s*[-*]\s+(.*)$/), img = line.match(/!\[([^\]]*)\]\(([^)\s]+)\)/);
+      if (!li) list = null;
+      if (h) box.append(el("h" + (h[1].length + 1), {}, h[2]));
+      else if (img && !/^(https?:|data:|\/)/.test(img[2])) box.append(el("figure", {}, el("img", { src: src(img[2]), alt: img[1], class: "iv-figure" }), el("figcaption", {}, img[1])));
+      else if (li) { if (!list) box.append((list = el("ul"))); list.append(el("li", {}, li[1])); }
+      else if (line.trim()) box.append(el("p", {}, line));
+    }
+    if (code) box.append(code);
+    return box;
   }
 
   window.InterpViewer = {
