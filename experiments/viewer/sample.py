@@ -25,7 +25,7 @@ class ToyTokenizer:
 def _figure(path: Path, graph):
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
 
-    fig = Figure(figsize=(4, 2.5))
+    fig = Figure(figsize=(4, 2.5), layout="tight")
     ax = fig.subplots()
     ax.plot(np.sort(graph.node_influence())[::-1])
     ax.set(xlabel="node", ylabel="influence", yscale="log")
