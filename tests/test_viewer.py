@@ -264,6 +264,17 @@ def test_browser_renders_the_exported_pages(run, tmp_path):
     assert len(re.findall(r'<td class="iv-cell"', dom)) == cells
 
 
+def test_browser_renders_the_notebook_fragment(run, tmp_path):
+    """`show(graph)._repr_html_()` inside a page (as a notebook output shows it) mounts the same graph, twice."""
+    _chromium()
+    v = viewer.show(run[1]["graph_obj"], slug="g", node_threshold=0.99, edge_threshold=0.99)
+    page_path = tmp_path / "nb.html"
+    page_path.write_text(f"<!DOCTYPE html><html><body>{v._repr_html_()}<hr>{v._repr_html_()}</body></html>")
+    dom = _browse(f"file://{page_path}", tmp_path)
+    assert dom.count('data-rendered="1"') == 2 and _node_count(dom) == 2 * len(v.doc["nodes"])
+    assert 'class="iv-nav"' not in dom  # embedded: no navigation bar
+
+
 def test_browser_renders_the_served_graph_and_a_screenshot(run, tmp_path):
     """The served page renders every node of the graph file and asks nothing of anyone but its page (a trap
     proxy takes whatever is not for loopback: it stays empty)."""
