@@ -318,9 +318,11 @@ def test_browser_clicks_from_the_graph_to_a_feature_page(run, tmp_path):
         b.eval("(() => { const s = document.querySelector('.iv-prune'); s.value = 500;"
                " s.dispatchEvent(new Event('input')); })()")
         kept = [n for n in nodes if n["feature_type"] in ("embedding", "logit") or n["influence"] <= half + 1e-12]
-        assert b.eval("document.querySelectorAll('circle[data-node]').length") == len(kept) < len(nodes)
+        assert len(kept) < len(nodes)
+        b.wait(f"document.querySelectorAll('circle[data-node]').length === {len(kept)}", timeout=10)
         b.eval("(() => { const s = document.querySelector('.iv-prune'); s.value = 1000;"
                " s.dispatchEvent(new Event('input')); })()")
+        b.wait(f"document.querySelectorAll('circle[data-node]').length === {len(nodes)}", timeout=10)
         b.click(f'circle[data-node="{node}"]')
         assert b.eval("document.querySelector('.iv-panel h3').textContent") == node
         assert b.eval("document.querySelectorAll('.iv-edge.hl').length") > 0

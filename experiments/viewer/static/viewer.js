@@ -257,7 +257,11 @@
           el("button", { on: { click: () => { ann.supernodes.splice(i, 1); draw(); showPanel(n); persist(); } } }, "ungroup")))));
     }
 
-    slider.addEventListener("input", () => { state.t = tMax * slider.value / 1000; draw(); });
+    let pending = false;  // at most one redraw per frame while the slider moves (large graphs)
+    slider.addEventListener("input", () => {
+      state.t = tMax * slider.value / 1000;
+      if (!pending) { pending = true; requestAnimationFrame(() => { pending = false; draw(); }); }
+    });
     draw();
     showPanel(state.clicked && byId.get(state.clicked));
     return wrap;
