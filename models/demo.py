@@ -65,6 +65,8 @@ def main(argv=None):
     fig.tight_layout()
     fig.savefig(out / "demo.png", dpi=120)
     print(f"\nsaved {out / 'demo.png'}")
+    # the viewer lives above models (experiments.viewer): the command only, no import
+    print(f"browse graphs, features and heads written under {out}: python -m experiments.viewer serve {out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,350 @@
+"""The offline viewer (experiments.viewer) on a sample run from a tiny random model: every file it reads
+validates against the schemas kept in the repo, the loopback server (GET index / graph / feature, annotations
+POSTed, kept over a restart, path traversal refused), the self-contained export, notebook views, and a real
+headless Chromium rendering the pages (skipped without /usr/bin/chromium unless INTERP_REQUIRE_BROWSER=1)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from experiments import viewer
+from experiments.viewer import data as D
+from experiments.viewer import page, schema, server
+from experiments.viewer.sample import write_tiny_run
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("viewer-run")
+    return root, write_tiny_run(root)
+
+
+def _graph(run) -> dict:
+    return json.loads(run[1]["graph"].read_text())
+
+
+def _feature_node(run) -> tuple[str, str]:
+    """A feature node of the graph that has a feature page, and that page's slug (`layer_feature`)."""
+    for n in _graph(run)["nodes"]:
+        fslug = "_".join(n["node_id"].split("_")[:2])
+        if n["feature_type"] == "cross layer transcoder" and (run[0] / "features" / f"{fslug}.json").exists():
+            return n["node_id"], fslug
+    raise AssertionError("no feature node has a page")
+
+
+# ----------------------------------------------------------------------------- files and schemas
+
+
+def test_every_file_we_write_validates_against_the_schemas(run):
+    root, out = run
+    written = {"graph": [out["graph"]], "feature": out["features"], "heads": [out["heads"]]}
+    assert len(out["features"]) >= 2
+    for kind, paths in written.items():
+        for p in paths:
+            schema.validate(json.loads(p.read_text()), kind)
+    kinds = {n["feature_type"] for n in _graph(run)["nodes"]}
+    assert {"cross layer transcoder", "mlp reconstruction error", "embedding", "logit"} <= kinds
+    feat = json.loads(out["features"][0].read_text())
+    top = feat["activations"][0]
+    assert top["values"][top["maxValueTokenIndex"]] == pytest.approx(top["maxValue"], rel=1e-4, abs=1e-5)
+    assert len(feat["pos_str"]) == 10 and feat["pos_values"][0] >= feat["neg_values"][0]
+    n_rows, T = 32, 12  # the sample's rows; first positions excluded as top_activations excludes them
+    assert sum(feat["freq_hist_data_bar_heights"]) == pytest.approx(feat["frac_nonzero"] * n_rows * (T - 1), abs=0.5)
+    band_max = [a["maxValue"] for q in feat["quantiles"] for a in q["activations"]]
+    assert band_max and max(band_max) <= top["maxValue"] + 1e-6
+    bad = _graph(run)
+    bad["nodes"][0]["feature_type"] = "neuron"
+    del bad["links"][0]["weight"]
+    errs = schema.errors(bad, schema.load("graph"))
+    assert any("feature_type" in e for e in errs) and any("missing 'weight'" in e for e in errs)
+    try:  # the same verdicts as the reference validator, where it is installed
+        import jsonschema
+    except ImportError:
+        return
+    jsonschema.validate(_graph(run), schema.load("graph"))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema.load("graph"))
+
+
+@pytest.mark.parametrize("slug", ["..", "../x", "a/b", "/etc/passwd", "a\0b", "", "x..y", "a\\b", ".hidden"])
+def test_bad_slugs_are_refused(slug):
+    with pytest.raises(D.BadSlug):
+        D.check_slug(slug)
+
+
+def test_nothing_below_the_viewer_imports_it():
+    root = Path(__file__).resolve().parents[1]
+    for pkg in ("models", "interp", "saes", "experiments"):
+        for f in (root / pkg).rglob("*.py"):
+            if "viewer" in f.relative_to(root).parts:
+                continue
+            imports = re.compile(r"^\s*(from|import)\s+experiments(\.viewer\b|\s+import\s+.*\bviewer\b)", re.M)
+            assert not imports.search(f.read_text()), f
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+def _request(port, method, path, body=None):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        c.request(method, path, body=None if body is None else json.dumps(body),
+                  headers={"Content-Type": "application/json"} if body is not None else {})
+        r = c.getresponse()
+        return r.status, r.read().decode()
+    finally:
+        c.close()
+
+
+def _request_bytes(port, path):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        return r.status, r.read()
+    finally:
+        c.close()
+
+
+def _stop(srv):
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_server_index_graph_feature_annotations_and_restart(run):
+    root, out = run
+    srv = server.serve_in_thread(root)
+    host, port = srv.server_address[:2]
+    assert host == "127.0.0.1"
+    try:
+        status, body = _request(port, "GET", "/")
+        assert status == 200 and 'id="interp-data"' in body
+        status, body = _request(port, "GET", "/api/index")
+        index = json.loads(body)
+        assert [r["slug"] for r in index["graph"]] == ["tiny"] and len(index["feature"]) == len(out["features"])
+        assert [r["slug"] for r in index["heads"]] == ["tiny"] and [r["slug"] for r in index["report"]] == ["report"]
+        status, body = _request(port, "GET", "/api/graph/tiny")
+        assert status == 200 and json.loads(body) == _graph(run)
+        fslug = out["features"][0].stem
+        status, body = _request(port, "GET", f"/api/feature/{fslug}")
+        assert status == 200 and json.loads(body)["kind"] == "feature"
+        for path in ("/graph/tiny", f"/feature/{fslug}", "/heads/tiny", "/report/report"):
+            status, body = _request(port, "GET", path)
+            assert status == 200 and "InterpViewer.mount" in body, path
+        assert _request(port, "GET", "/api/graph/nothere")[0] == 404
+        status, body = _request_bytes(port, "/file/figures/influence.png")
+        assert status == 200 and body == (root / "figures" / "influence.png").read_bytes()
+        for bad in ("/file/graphs/tiny.json", "/file/../../etc/passwd", "/file/%2Fetc%2Fpasswd", "/file/figures"):
+            assert _request(port, "GET", bad)[0] in (400, 404), bad
+        assert _request(port, "GET", "/api/annotations/tiny") == (200, "{}")
+        node = next(n["node_id"] for n in _graph(run)["nodes"] if n["feature_type"] == "cross layer transcoder")
+        ann = {"labels": {node: "says France"}, "pinnedIds": [node], "supernodes": [["capital", node]], "x": 1}
+        status, body = _request(port, "POST", "/api/annotations/tiny", ann)
+        assert status == 200 and json.loads(body)["saved"] == "graphs/tiny.annotations.json"
+        assert _request(port, "POST", "/api/annotations/tiny", ["not", "an", "object"])[0] == 400
+    finally:
+        _stop(srv)
+    srv = server.serve_in_thread(root)  # a restart reads the annotations back from beside the graph
+    port = srv.server_address[1]
+    try:
+        status, body = _request(port, "GET", "/api/annotations/tiny")
+        assert json.loads(body) == {k: v for k, v in ann.items() if k != "x"}
+        assert "says France" in _request(port, "GET", "/graph/tiny")[1]
+        assert "tiny.annotations" not in _request(port, "GET", "/api/index")[1]  # not listed as a graph
+    finally:
+        _stop(srv)
+
+
+@pytest.mark.parametrize("path", ["/api/graph/..%2F..%2Fetc%2Fpasswd", "/api/graph/%2e%2e", "/api/graph/../../x",
+                                  "/api/graph/%2Fetc%2Fpasswd", "/api/graph/a%00b", "/graph/..", "/feature/x..y",
+                                  "/api/annotations/%2e%2e%2fgraphs%2ftiny"])
+def test_server_refuses_path_traversal(run, path):
+    srv = server.serve_in_thread(run[0])
+    try:
+        port = srv.server_address[1]
+        assert _request(port, "GET", path)[0] == 400
+        assert _request(port, "POST", path.replace("/graph/", "/annotations/"), {"labels": {}})[0] in (400, 404)
+    finally:
+        _stop(srv)
+    assert not any(p.name.endswith(".annotations.json") and p.parent.name != "graphs" for p in run[0].rglob("*"))
+
+
+# ----------------------------------------------------------------------------- export and notebooks
+
+
+def test_export_is_one_self_contained_file(run, tmp_path):
+    out = page.export(run[0], tmp_path / "page.html")
+    text = out.read_text()
+    assert "InterpViewer.mount" in text and "iv-root" in text and '"tiny"' in text
+    urls = set(re.findall(r"https?://[^\s\"'<>)]+", text))
+    assert urls <= {"http://www.w3.org/2000/svg"}, urls  # no CDN, no remote script, style or font
+    assert not re.search(r"<(script|link|img)[^>]+(src|href)=", text)
+    assert "connect-src 'self'" in text  # the page's CSP: requests only to the server that served it
+    assert out.stat().st_size < 2_000_000
+    assert "data:image/png;base64," in text  # the report's figure, inlined
+
+
+def test_show_renders_graph_feature_and_heads_views(run):
+    root, out = run
+    v = viewer.show(out["graph_obj"], slug="g", node_threshold=0.99, edge_threshold=0.99)
+    html = v._repr_html_()
+    assert v.kind == "graph" and "InterpViewer.mount" in html and '"embedded":true' in html
+    assert all(n["node_id"] in html for n in _graph(run)["nodes"][:5])
+    assert viewer.show(json.loads(out["features"][0].read_text())).kind == "feature"
+    heads = viewer.show(json.loads(out["heads"].read_text()))
+    assert heads.kind == "heads" and "<!DOCTYPE html>" in heads.html()
+    with pytest.raises(TypeError):
+        viewer.show(3)
+
+
+# ----------------------------------------------------------------------------- a real browser
+
+
+def _chromium() -> str:
+    if Path(CHROMIUM).exists():
+        return CHROMIUM
+    if os.environ.get("INTERP_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"INTERP_REQUIRE_BROWSER=1 but {CHROMIUM} is missing (apt-get install -y chromium)")
+    pytest.skip(f"no {CHROMIUM} (Debian: apt-get install -y chromium; .ci/run installs it)")
+
+
+def _browse(url: str, tmp_path: Path, screenshot: Path | None = None, proxy: int | None = None) -> str:
+    """The DOM after the page's scripts ran (`--dump-dom`), or with `screenshot` a PNG of it; with `proxy` every
+    request not to loopback goes to that port of 127.0.0.1."""
+    profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
+    args = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}"]
+    args += [f"--proxy-server=http://127.0.0.1:{proxy}", "--disable-features=AutofillServerCommunication,"
+             "OptimizationHints,MediaRouter,Translate,NetworkTimeServiceQuerying", "--no-pings"] if proxy else []
+    args += [f"--screenshot={screenshot}", "--window-size=1200,800"] if screenshot else ["--dump-dom"]
+    r = subprocess.run([*args, url], capture_output=True, text=True, timeout=120)
+    shutil.rmtree(profile, ignore_errors=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def _node_count(dom: str) -> int:
+    return len(re.findall(r"<circle[^>]*data-node=", dom))
+
+
+def test_browser_renders_the_exported_pages(run, tmp_path):
+    _chromium()
+    root, out = run
+    html = page.export(root, tmp_path / "page.html")
+    g = _graph(run)
+    dom = _browse(f"file://{html}#graph/tiny", tmp_path)
+    assert 'data-rendered="1"' in dom and _node_count(dom) == len(g["nodes"])
+    node, fslug = _feature_node(run)
+    dom = _browse(f"file://{html}#graph/tiny/{node}", tmp_path)  # that node clicked
+    assert f'href="#feature/{fslug}"' in dom and 'class="iv-open-feature"' in dom
+    assert re.search(rf'<circle[^>]*data-node="{node}"[^>]*class="[^"]*\bclicked\b', dom)
+    fdoc = json.loads(out["features"][0].read_text())
+    dom = _browse(f"file://{html}#feature/{out['features'][0].stem}", tmp_path)
+    top = re.search(r'<li data-max="[^"]*">(.*?)</li>', dom, re.S).group(1)
+    assert re.findall(r'<span class="iv-t[^"]*"[^>]*>([^<]*)</span>', top) == fdoc["activations"][0]["tokens"]
+    assert len(re.findall(r'<rect[^>]*class="iv-bar"', dom)) == len(fdoc["freq_hist_data_bar_heights"]) > 0
+    assert len(re.findall(r'<ol class="iv-quantile"', dom)) == sum(bool(q["activations"]) for q in fdoc["quantiles"]) > 0
+    heads = json.loads(out["heads"].read_text())
+    dom = _browse(f"file://{html}#heads/tiny", tmp_path)
+    T = len(heads["tokens"])
+    assert len(re.findall(r"<rect[^>]*data-q=", dom)) >= T * (T + 1) // 2  # the causal pattern of L0H0
+    assert set(heads["scores"]) == {"previous_token", "first_token", "induction"}
+    cells = len(heads["scores"]) * len(heads["patterns"]) * len(heads["patterns"][0])
+    assert len(re.findall(r'<td class="iv-cell"', dom)) == cells
+
+
+def test_browser_renders_the_notebook_fragment(run, tmp_path):
+    """`show(graph)._repr_html_()` inside a page (as a notebook output shows it) mounts the same graph, twice."""
+    _chromium()
+    v = viewer.show(run[1]["graph_obj"], slug="g", node_threshold=0.99, edge_threshold=0.99)
+    page_path = tmp_path / "nb.html"
+    page_path.write_text(f"<!DOCTYPE html><html><body>{v._repr_html_()}<hr>{v._repr_html_()}</body></html>")
+    dom = _browse(f"file://{page_path}", tmp_path)
+    assert dom.count('data-rendered="1"') == 2 and _node_count(dom) == 2 * len(v.doc["nodes"])
+    assert 'class="iv-nav"' not in dom  # embedded: no navigation bar
+
+
+def test_browser_renders_the_served_graph_and_a_screenshot(run, tmp_path):
+    """The served page renders every node of the graph file and asks nothing of anyone but its page (a trap
+    proxy takes whatever is not for loopback: it stays empty)."""
+    _chromium()
+    root, _ = run
+    srv, trap = server.serve_in_thread(root), server.serve_in_thread(tmp_path)
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/graph/tiny"
+        dom = _browse(url, tmp_path, proxy=trap.server_address[1])
+        assert _node_count(dom) == len(_graph(run)["nodes"])
+        page_origin = f"http://127.0.0.1:{srv.server_address[1]}"
+        # the browser's own background traffic (accounts, www) goes to google.com and carries no referer;
+        # a page's http request carries its origin, an https one shows as CONNECT host:443
+        assert [r for r in trap.requests if r[2] and r[2].startswith(page_origin)] == []
+        hosts = {urlsplit(p if "://" in p else "//" + p).hostname for _, p, _ in trap.requests}
+        assert all(h == "google.com" or h.endswith(".google.com") for h in hosts), hosts
+        assert {p for _, p, _ in srv.requests} <= {"/graph/tiny", "/favicon.ico"}, srv.requests
+        shot = root / "screenshots" / "graph.png"
+        shot.parent.mkdir(exist_ok=True)
+        _browse(url, tmp_path, screenshot=shot)
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    finally:
+        _stop(srv)
+        _stop(trap)
+
+
+def test_browser_clicks_from_the_graph_to_a_feature_page(run, tmp_path):
+    """Real mouse clicks in the exported page: a feature node, then its 'open feature' link, land on that
+    feature's page with its top context; a label typed and saved on the served page reaches the annotations
+    file."""
+    from _chromium import Browser
+
+    root, out = run
+    html = page.export(root, tmp_path / "page.html")
+    node, fslug = _feature_node(run)
+    with Browser(_chromium()) as b:
+        b.open(f"file://{html}#graph/tiny")
+        assert b.eval("document.querySelectorAll('circle[data-node]').length") == len(_graph(run)["nodes"])
+        nodes = _graph(run)["nodes"]  # the pruning slider at half way: nodes of cumulative influence <= half the max
+        half = max(n["influence"] for n in nodes if n["influence"] is not None) / 2
+        b.eval("(() => { const s = document.querySelector('.iv-prune'); s.value = 500;"
+               " s.dispatchEvent(new Event('input')); })()")
+        kept = [n for n in nodes if n["feature_type"] in ("embedding", "logit") or n["influence"] <= half + 1e-12]
+        assert len(kept) < len(nodes)
+        b.wait(f"document.querySelectorAll('circle[data-node]').length === {len(kept)}", timeout=10)
+        b.eval("(() => { const s = document.querySelector('.iv-prune'); s.value = 1000;"
+               " s.dispatchEvent(new Event('input')); })()")
+        b.wait(f"document.querySelectorAll('circle[data-node]').length === {len(nodes)}", timeout=10)
+        b.click(f'circle[data-node="{node}"]')
+        assert b.eval("document.querySelector('.iv-panel h3').textContent") == node
+        assert b.eval("document.querySelectorAll('.iv-edge.hl').length") > 0
+        b.click(".iv-open-feature")
+        b.wait(f"document.querySelector('.iv-feature[data-slug=\"{fslug}\"]')")
+        tokens = b.eval("[...document.querySelectorAll('.iv-contexts li:first-child .iv-t')].map((e) => e.textContent)")
+        assert tokens == json.loads((root / "features" / f"{fslug}.json").read_text())["activations"][0]["tokens"]
+        b.eval("location.hash = '#report/report'")
+        b.wait("document.querySelector('img.iv-figure') && document.querySelector('img.iv-figure').complete")
+        assert b.eval("document.querySelector('img.iv-figure').naturalWidth") == 320  # 4 in x 80 dpi
+    srv = server.serve_in_thread(root)
+    try:
+        with Browser(_chromium()) as b:
+            b.open(f"http://127.0.0.1:{srv.server_address[1]}/graph/tiny")
+            b.click(f'circle[data-node="{node}"]')
+            b.eval("document.querySelector('.iv-label-input').value = 'clicked in chromium'")
+            b.click(".iv-save")
+            b.wait("document.querySelector('.iv-status').textContent.includes('saved')")
+            b.open(f"http://127.0.0.1:{srv.server_address[1]}/report/report")
+            b.wait("document.querySelector('img.iv-figure').complete")
+            assert b.eval("document.querySelector('img.iv-figure').naturalWidth") == 320
+        saved = json.loads((root / "graphs" / "tiny.annotations.json").read_text())
+        assert saved["labels"][node] == "clicked in chromium"
+    finally:
+        _stop(srv)
