@@ -31,6 +31,7 @@ from interp.interventions import AddVectorPerExample, Where
 from interp.readout import Readout, logits_from_resid, run_readout
 import models
 from models import transformer
+from models.checkpoints import Checkpointer
 from models.generate import empty_cache
 from models.transformer import Capture
 
@@ -139,11 +140,9 @@ def optimizer(spec: TrainSpec, lr: float | None = None):
 
 
 def _save(checkpoints: Path | None, step: int, state, meta: dict) -> None:
-    """One orbax checkpoint of `state` (the saes trainer's `Checkpointer`), replacing earlier ones."""
+    """One orbax checkpoint of `state` (`models.checkpoints.Checkpointer`, as the SAE trainer's), replacing earlier ones."""
     if checkpoints is None:
         return
-    from saes.train import Checkpointer
-
     ckpt = Checkpointer(Path(checkpoints), keep=1)
     ckpt.save(step, state, meta)
     ckpt.close()
@@ -151,8 +150,6 @@ def _save(checkpoints: Path | None, step: int, state, meta: dict) -> None:
 
 def restore(checkpoints: Path, like) -> tuple:
     """`(state, meta)` of the latest checkpoint in `checkpoints`, shaped like `like` (e.g. `(controller, opt_state)`)."""
-    from saes.train import Checkpointer
-
     ckpt = Checkpointer(Path(checkpoints), keep=1)
     try:
         return ckpt.restore(like)
