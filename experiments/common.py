@@ -15,8 +15,9 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 import models
-from interp import data
+from interp import data, stats
 from interp.probes import surface_baseline, surface_baseline_split  # noqa: F401 (the studies import them here)
+from interp.plot import save_figure  # noqa: F401 (the studies' one figure helper, imported here)
 from interp.readout import Readout
 from models import cli
 
@@ -109,12 +110,12 @@ def instruction_splits(seed: int, sizes: Sequence[int], source: str = "both", ha
 
 def surface_table(named_sets: dict[str, Sequence[str]]) -> str:
     """Markdown table of the surface form of each named prompt set (`interp.data.surface_stats`)."""
-    rows = ["| set | n | ends in punctuation | ends in \"?\" | multi-sentence | mean words |", "|---|---|---|---|---|---|"]
+    rows = []
     for name, texts in named_sets.items():
         s = data.surface_stats(texts)
-        rows.append(f"| {name} | {s['n']} | {s['punct_rate']:.2f} | {s['question_rate']:.2f} | "
-                    f"{s['multi_sentence_rate']:.2f} | {s['mean_words']:.1f} |")
-    return "\n".join(rows)
+        rows.append([name, s["n"], f"{s['punct_rate']:.2f}", f"{s['question_rate']:.2f}",
+                     f"{s['multi_sentence_rate']:.2f}", f"{s['mean_words']:.1f}"])
+    return stats.markdown_table(["set", "n", "ends in punctuation", 'ends in "?"', "multi-sentence", "mean words"], rows)
 
 
 def survives(name: str, score: float, normalised: float, surface: float, surface_normalised: float,
@@ -159,16 +160,6 @@ def undefined_to_none(x):
 def fmt(x: float, spec: str = ".2f") -> str:
     """`x` formatted with `spec`, or "undefined" for NaN (a degenerate quantity, never reported as 0)."""
     return "undefined" if not np.isfinite(x) else format(x, spec)
-
-
-def save_figure(fig, path: Path, dpi: int = 110) -> Path:
-    """Save a matplotlib figure (drawn with the Agg canvas, no display needed)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    return path
 
 
 def refusal_token_ids(m: models.Model, openings: Sequence[str] = REFUSAL_OPENINGS) -> list[int]:

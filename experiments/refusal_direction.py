@@ -33,11 +33,13 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
 
 import models
 from experiments.common import (KLFromBase, RefusalScore, chat_batch, chat_texts, instruction_splits, is_refusal,
-                                parse_config, refusal_token_ids, run_dir, safe_cosine, surface_baseline, surface_table,
-                                survives, undefined_to_none, write_report)
+                                parse_config, refusal_token_ids, run_dir, safe_cosine, save_figure, surface_baseline,
+                                surface_table, survives, undefined_to_none, write_report)
 from experiments.refusal_stats import (PromptRefusalScores, as_dict, beats_null, cell_holds, check_stats_fields,
                                        prompt_scores, random_like, rate_estimate)
 from interp import probes, stats
@@ -220,12 +222,7 @@ def _auc(c: dict) -> str:
 
 
 def _figures(out, sel, rows, tokens_post):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import ListedColormap
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(15, 4.5))
-    FigureCanvasAgg(fig)
     for i, (key, title) in enumerate([("bypass", "refusal score, direction ablated (harmful)"),
                                       ("induce", "refusal score, direction added (harmless)"),
                                       ("kl", "KL on harmless under ablation")]):
@@ -237,10 +234,8 @@ def _figures(out, sel, rows, tokens_post):
         ax.set_yticks(range(len(sel["layers"])), [str(l) for l in sel["layers"]], fontsize=6)
         ax.set_xticks(range(len(tokens_post)), tokens_post, rotation=60, fontsize=7)
         fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(out / "candidates.png", dpi=110)
+    save_figure(fig, out / "candidates.png")
     fig = Figure(figsize=(9, 4))
-    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     names = list(rows)
     x = np.arange(len(names))
@@ -249,8 +244,7 @@ def _figures(out, sel, rows, tokens_post):
     ax.set_xticks(x, names, rotation=15, fontsize=7)
     ax.set(ylabel="refusal score (log-odds)", title="refusal score per condition (test prompts)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "refusal_scores.png", dpi=110)
+    save_figure(fig, out / "refusal_scores.png")
 
 
 def main(argv=None, cfg: Config | None = None):
@@ -299,10 +293,11 @@ def main(argv=None, cfg: Config | None = None):
                  + f"\n\nWith K = {cfg.n_null} draws a null test's p cannot go below 1/(K+1) = "
                  f"{1 / (cfg.n_null + 1):.3f}; the paired cells compare each prompt's real effect with the null's mean "
                  "effect on that prompt.")
-    c_table = ("| direction from | cosine with selected | projection AUROC (test) | surface baseline AUROC (test) | "
-               "bypass (val) | induce (val) |\n|---|---|---|---|---|---|\n")
-    c_table += "\n".join(f"| {k} | {c['cosine_with_selected']:.3f} | {_auc(c)} | {c['test_surface_auroc']:.3f} | "
-                         f"{c['bypass']:.2f} | {c['induce']:.2f} |" for k, c in controls.items())
+    c_table = stats.markdown_table(
+        ["direction from", "cosine with selected", "projection AUROC (test)", "surface baseline AUROC (test)",
+         "bypass (val)", "induce (val)"],
+        [[k, f"{c['cosine_with_selected']:.3f}", _auc(c), f"{c['test_surface_auroc']:.3f}", f"{c['bypass']:.2f}",
+          f"{c['induce']:.2f}"] for k, c in controls.items()])
     main_c, norm_c = controls[f"{cfg.harmless} harmless"], controls["punctuation normalised"]
     ok, survive_text = survives("Projection on the selected direction (held-out prompts)", main_c["test_auroc"],
                                 norm_c["test_auroc"], main_c["test_surface_auroc"], norm_c["test_surface_auroc"])
