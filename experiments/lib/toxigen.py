@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-DIR = Path(__file__).parent / "data" / "toxigen"
+DIR = Path(__file__).parents[1] / "data" / "toxigen"
 KINDS = ("hate", "neutral")
 
 

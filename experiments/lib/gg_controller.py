@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
-from experiments.common import KLFromBase, RefusalScore
+from experiments.lib.refusal_metrics import KLFromBase, RefusalScore
 from interp.directions import normalize
 from interp.interventions import AddVectorPerExample, Where
 from interp.readout import Readout, logits_from_resid, run_readout
