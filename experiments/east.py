@@ -54,7 +54,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 import models
-from experiments import bandit
+from experiments.lib import bandit
 from experiments.common import fmt, parse_config, run_models, save_figure
 from interp import stats
 from interp.interventions import AddVector, AddVectorPerExample

@@ -41,8 +41,8 @@ import models
 from experiments.common import (RefusalScore, chat_texts, fmt, instruction_splits, parse_config, is_refusal,
                                 refusal_token_ids, run_dir, safe_cosine, save_figure, surface_baseline, surface_table,
                                 survives, undefined_to_none, write_report)
-from experiments.refusal_stats import (PromptRefusalScores, as_dict, beats_null, cell_holds, check_stats_fields,
-                                       prompt_scores, random_like, rate_estimate)
+from experiments.lib.refusal_stats import (PromptRefusalScores, as_dict, beats_null, cell_holds, check_stats_fields,
+                                           prompt_scores, random_like, rate_estimate)
 from interp import data, probes, stats
 from interp.directions import cosine, normalize
 from interp.interventions import AddVector, StackedWhere

@@ -43,8 +43,8 @@ import models
 from experiments.common import (chat_batch, chat_texts, instruction_splits, is_refusal, parse_config, refusal_rate,
                                 refusal_token_ids, run_dir, save_figure, surface_baseline, surface_table, survives,
                                 undefined_to_none, write_report)
-from experiments.refusal_stats import (PromptRefusalScores, as_dict, beats_null, cell_holds, check_stats_fields,
-                                       rate_estimate)
+from experiments.lib.refusal_stats import (PromptRefusalScores, as_dict, beats_null, cell_holds, check_stats_fields,
+                                           rate_estimate)
 from interp import probes, stats
 from interp.interventions import ScaleHeads
 from interp.plot import heatmap

@@ -62,7 +62,7 @@ from matplotlib.figure import Figure
 
 import models
 import saes
-from experiments import toxigen
+from experiments.lib import toxigen
 from experiments.common import parse_config, run_models, save_figure
 from interp import stats
 from interp.interventions import stack
