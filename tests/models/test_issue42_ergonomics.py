@@ -92,7 +92,7 @@ def test_tl_names_in_capture_capture_objects_and_hook_parse(tiny):
 
 
 def test_tl_cache_tokens_and_str_tokens():
-    from tests.test_tl_user import byte_level_tokenizer
+    from tests.models.test_tl_user import byte_level_tokenizer
 
     tok = byte_level_tokenizer()
     cfg = dataclasses.replace(CFG, vocab_size=tok.vocab_size)

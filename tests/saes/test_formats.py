@@ -27,7 +27,7 @@ def _exact_matmuls():
 
 # SAELens pins other transformers/transformer-lens versions, so it lives in its own venv: `./run peers` builds
 # .venv-saelens (and exports $SAELENS_PYTHON for `./run test`)
-SAELENS_PYTHON = Path(os.environ.get("SAELENS_PYTHON", Path(__file__).resolve().parents[1] / ".venv-saelens/bin/python"))
+SAELENS_PYTHON = Path(os.environ.get("SAELENS_PYTHON", Path(__file__).resolve().parents[2] / ".venv-saelens/bin/python"))
 
 
 def random_sae(arch: str, d_in=12, width=40, seed=0, site="resid_post", layer=3):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from _tiny_studies import LAYERS
+from tests._tiny_studies import LAYERS
 from experiments.common import KLFromBase, RefusalScore, is_refusal, refusal_token_ids
 from interp.readout import Readout, run_readout
 
@@ -135,7 +135,7 @@ def test_refusal_cliff_smoke(tmp_path, tiny_smollm2):
 def _tiny():
     from interp.testing import random_model, tiny_config
     from models import Model
-    from tests.test_tl_user import byte_level_tokenizer
+    from tests.models.test_tl_user import byte_level_tokenizer
 
     tok = byte_level_tokenizer()
     cfg = tiny_config(vocab_size=tok.vocab_size)

@@ -20,7 +20,7 @@ from saes.data import ArraySource
 from saes.synthetic import planted_source
 from saes.train import TrainConfig, TrainingDiverged, cli_parser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # A run on synthetic data; SLOW_CHUNK seconds of sleep per chunk so the parent can kill it mid-run.
 WORKER = textwrap.dedent("""

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import models
-from bench._penzai import penzai_llama
+from tests.peers._penzai import penzai_llama
 from tests.conftest import load_reference
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SAES = ROOT / "saes"
 # imports that may stay inside functions: optional or heavy third-party dependencies, not a cycle dodged
 OPTIONAL = {"matplotlib", "orbax", "pyarrow", "pydoc_data", "tqdm"}

@@ -1,6 +1,6 @@
-"""Runs Google's `gemma` library (3.3.0, Flax) for tests/test_gemma_lib.py, in its own process:
+"""Runs Google's `gemma` library (3.3.0, Flax) for tests/models/test_gemma_lib.py, in its own process:
 
-    PYTHONPATH=.venv-gemma .venv/bin/python tests/_gemma_peer.py JOB.json
+    PYTHONPATH=.venv-gemma .venv/bin/python tests/peers/_gemma_peer.py JOB.json
 
 `.venv-gemma` is a `pip install --no-deps --target` overlay on `.venv` (built by `.ci/run`): gemma, kauldron
 1.3.0 (the last release with the API gemma 3.3.0 uses) and the few small packages their import chain needs.
@@ -96,7 +96,7 @@ def main(job_path: str) -> None:
     import numpy as np
 
     gm = _import_gemma()
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from models import gemma_lib
     from models.config import Config, RopeScaling
 

@@ -6,7 +6,7 @@ steps (1.1e-5 measured), but from the second step their weights drift apart (5e-
 divides each gradient by its own running size, so where a gradient is ~0 (b_dec, which starts at the
 geometric median; latents sitting on the ReLU boundary) the float32 rounding of sums taken in another order
 (per-device partial sums) becomes a full learning-rate step. Each run is itself deterministic
-(test_saes_train checks bit-identical resume).
+(tests/saes/test_train.py checks bit-identical resume).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent("""
     import json, sys

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 ALIASES = ("bandit", "gg_controller", "refusal_judge", "refusal_stats", "toxigen")
 
 

@@ -15,7 +15,7 @@ from interp.readout import ContinuationLoss, NextTokenLoss, run_readout
 from interp.testing import random_model, tiny_config
 from models import Model
 from models.errors import InputError
-from tests.test_tl_user import byte_level_tokenizer
+from tests.models.test_tl_user import byte_level_tokenizer
 
 
 def test_split_holds_out_statements_and_prompts_use_only_held_out_ones():

@@ -1,4 +1,4 @@
-"""`interp.head_ablation` against TransformerLens's own hooks (bench/_tl_peer.py, `run_with_hooks` zeroing
+"""`interp.head_ablation` against TransformerLens's own hooks (tests/peers/_tl_peer.py, `run_with_hooks` zeroing
 `hook_z`), on a tiny random Llama saved as a Hugging Face directory, in the `.venv-tl` environment that
 `.ci/run` builds (TransformerLens and SAELens pin each other's versions, so each has its own)."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TL_PYTHON = Path(os.environ.get("TL_PYTHON", ROOT / ".venv-tl" / "bin" / "python"))
 V = 101
 
@@ -56,7 +56,7 @@ def test_head_zero_ablation_matches_transformerlens(tmp_path):
 
     heads = np.array([(l, h) for l in range(cfg.n_layers) for h in range(cfg.n_heads)])
     np.savez(tmp_path / "inputs.npz", tokens=tokens, correct=correct, wrong=wrong, heads=heads)
-    proc = subprocess.run([str(TL_PYTHON), str(ROOT / "bench" / "_tl_peer.py"), str(tmp_path / "hf"),
+    proc = subprocess.run([str(TL_PYTHON), str(ROOT / "tests" / "peers" / "_tl_peer.py"), str(tmp_path / "hf"),
                            str(tmp_path / "inputs.npz"), str(tmp_path / "out.json")],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -1,8 +1,8 @@
-"""TransformerLens peer for bench/sweeps.py, bench/forward.py and tests/test_tl_peer.py, run in its own venv
+"""TransformerLens peer for bench/sweeps.py, bench/forward.py and tests/peers/test_tl_peer.py, run in its own venv
 (torch + transformer-lens; `./run peers` builds .venv-tl):
 
-    .venv-tl/bin/python bench/_tl_peer.py HF_DIR INPUTS.npz OUT.json
-    .venv-tl/bin/python bench/_tl_peer.py --cache REPEATS HF_DIR INPUTS.npz OUT.json
+    .venv-tl/bin/python tests/peers/_tl_peer.py HF_DIR INPUTS.npz OUT.json
+    .venv-tl/bin/python tests/peers/_tl_peer.py --cache REPEATS HF_DIR INPUTS.npz OUT.json
 
 Zero-ablates the heads listed in INPUTS (`heads` [N, 2]) one at a time with `TransformerBridge.run_with_hooks`
 on `tokens` [B, T], scoring mean(logit[correct] - logit[wrong]) at the last position; writes the effects and

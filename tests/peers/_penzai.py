@@ -1,5 +1,5 @@
 """penzai 0.2.5 (JAX) as a peer: its Llama converted from a transformers model, used by bench.forward (speed)
-and tests/test_penzai_peer.py (our activations cross-checked against it)."""
+and tests/peers/test_penzai_peer.py (our activations cross-checked against it)."""
 
 from __future__ import annotations
 

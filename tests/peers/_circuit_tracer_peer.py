@@ -2,10 +2,10 @@
 (safety-research/circuit-tracer 0.5.0, its nnsight backend), run in its own venv (torch + circuit-tracer + gguf;
 .venv-circuit-tracer), so that our JAX attribution can be compared with it. A subprocess entry point, not a test:
 
-    .venv-circuit-tracer/bin/python tests/_circuit_tracer_peer.py --model MODEL --transcoders DIR \
+    .venv-circuit-tracer/bin/python tests/peers/_circuit_tracer_peer.py --model MODEL --transcoders DIR \
         --tokens '[1, 2, 3]' --out OUT.npz [--max-n-logits 10] [--desired-logit-prob 0.95] [--batch-size 256] \
         [--max-feature-nodes N] [--check]
-    .venv-circuit-tracer/bin/python tests/_circuit_tracer_peer.py --make-tiny DIR   # tiny random Llama + transcoders
+    .venv-circuit-tracer/bin/python tests/peers/_circuit_tracer_peer.py --make-tiny DIR   # tiny random Llama + transcoders
 
 MODEL is a .gguf file (transformers dequantizes it to float32) or a Hugging Face directory (config.json +
 model.safetensors as save_pretrained writes them; a tokenizer there is optional: without one a word-level

@@ -103,7 +103,7 @@ def _edit_config(path, **changes):
 def test_every_tensor_is_consumed_exactly_once(tmp_path):
     """More layers in the file than in config.json, a GGUF whose block_count or vocab_size is smaller than its
     tensors, and a stray extra *.safetensors holding the same tensors: each fails naming the tensors and shapes."""
-    from tests.test_loading import save_tiny, write_gguf
+    from tests.models.test_loading import save_tiny, write_gguf
 
     hf = save_tiny(tmp_path / "hf", "llama", layers=2)
     short = shutil.copytree(hf, tmp_path / "short")
@@ -124,7 +124,7 @@ def test_every_tensor_is_consumed_exactly_once(tmp_path):
 
 
 def test_bad_config_json_names_the_file_and_the_cause(tmp_path):
-    from tests.test_loading import save_tiny
+    from tests.models.test_loading import save_tiny
 
     hf = save_tiny(tmp_path / "hf", "llama", layers=1)
     cases = {
@@ -145,7 +145,7 @@ def test_bad_config_json_names_the_file_and_the_cause(tmp_path):
 def test_tokenizer_paths_and_special_files(tmp_path):
     """A directory without tokenizer.json fails at load unless tokenizer=False, which then says so when a
     tokenizer is needed; "" is not the current directory; /dev/null is not "file not found"."""
-    from tests.test_loading import save_tiny
+    from tests.models.test_loading import save_tiny
 
     hf = save_tiny(tmp_path / "hf", "llama", layers=1)
     with pytest.raises(models.ModelFileError, match=rf"{hf} has no tokenizer.json.*tokenizer=False"):

@@ -1,5 +1,5 @@
 """Our attribution graphs against circuit-tracer's (the PyTorch reference, in its own venv .venv-circuit-tracer,
-built by `./run peers`; tests/_circuit_tracer_peer.py), on the same model weights and the same transcoders
+built by `./run peers`; tests/peers/_circuit_tracer_peer.py), on the same model weights and the same transcoders
 written in circuit-tracer's format: the same active features and logit targets, and the same adjacency matrix."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from saes.attribution import Graph, attribute
 from saes.cross_layer import random_clt
 from saes.transcoders import random_set
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CT_PYTHON = Path(os.environ.get("CT_PYTHON") or ROOT / ".venv-circuit-tracer/bin/python")
 needs_peer = pytest.mark.skipif(not CT_PYTHON.exists(), reason=f"circuit-tracer venv not found at {CT_PYTHON} (set "
                                 "CT_PYTHON, or build it with ./run peers, as .ci/run does)")
@@ -25,7 +25,7 @@ needs_peer = pytest.mark.skipif(not CT_PYTHON.exists(), reason=f"circuit-tracer 
 
 def _peer(*args, timeout=900):
     env = {**os.environ, "CT_THREADS": str(os.cpu_count() or 1)}
-    proc = subprocess.run([str(CT_PYTHON), str(ROOT / "tests/_circuit_tracer_peer.py"), *map(str, args)],
+    proc = subprocess.run([str(CT_PYTHON), str(ROOT / "tests/peers/_circuit_tracer_peer.py"), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout

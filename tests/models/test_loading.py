@@ -23,7 +23,7 @@ from models import loading
 from models.errors import InsufficientMemoryError
 from models.loading import load_gguf, load_hf_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def save_tiny(path: Path, family: str = "llama", dtype: str = "float32", layers: int = 2) -> Path:

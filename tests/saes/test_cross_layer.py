@@ -21,7 +21,7 @@ from models.errors import InputError
 from saes import cross_layer
 from saes.attribution import attribute
 from saes.cross_layer import random_clt
-from test_attribution import TOKENS, _frozen_by_value, check_edges_by_removal
+from tests.saes.test_attribution import TOKENS, _frozen_by_value, check_edges_by_removal
 
 
 def _clt(cfg, arch="relu", **kw):
@@ -160,7 +160,7 @@ def test_real_model_edit_writes_the_decoder_into_every_later_layer():
     """`FeatureEffects.real` with a CLT adds the feature's decoder vectors (times the change) at mlp_out of its
     layer and every later one; `check_edges` runs on a CLT graph."""
     from saes.feature_effects import FeatureEdits, FeatureEffects, check_edges
-    from test_feature_effects import AddPerLayer
+    from tests.saes.test_feature_effects import AddPerLayer
 
     cfg = tiny_config("llama")
     m = random_model(cfg, jax.random.key(1))

@@ -18,7 +18,7 @@ from models.errors import InputError
 from saes import sae as S
 from saes.detox import DecoderSteer, FeatureAblation, TokenSteer, fires_anywhere, gate_mask, token_gate
 from saes.features import contrast
-from tests.test_tl_user import byte_level_tokenizer
+from tests.models.test_tl_user import byte_level_tokenizer
 
 LAYER, WIDTH = 1, 48
 TEXTS_A = ["Mary went to Paris", "a b", "the cat sat on the mat today", "xyz", "Paris Paris Paris"]

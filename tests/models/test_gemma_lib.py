@@ -2,7 +2,7 @@
 
 Exact round trips and the layout by hand here; logit parity with the library's own Flax forward, both ways
 (their checkpoint into our forward, ours into theirs; tiny random Gemma 2 / Gemma 3 and the real
-Gemma-3-270M), through tests/_gemma_peer.py in the `.venv-gemma` overlay that `.ci/run` builds.
+Gemma-3-270M), through tests/peers/_gemma_peer.py in the `.venv-gemma` overlay that `.ci/run` builds.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from models.errors import ModelFileError, UnsupportedModelError
 from models.params import init_params
 from models.transformer import forward
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OVERLAY = Path(os.environ.get("GEMMA_OVERLAY", ROOT / ".venv-gemma"))
 needs_peer = pytest.mark.skipif(not (OVERLAY / "gemma").is_dir(), reason=(
     f"gemma library overlay not found at {OVERLAY}: build it with .ci/run (or the `gemma_overlay` step there)"))
@@ -107,7 +107,7 @@ def _peer(job: dict, tmp_path: Path) -> dict:
     job = {**job, "report": str(tmp_path / "report.json")}
     (tmp_path / "job.json").write_text(json.dumps(job))
     env = {**os.environ, "PYTHONPATH": str(OVERLAY), "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "_gemma_peer.py"), str(tmp_path / "job.json")],
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "peers" / "_gemma_peer.py"), str(tmp_path / "job.json")],
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     print(proc.stdout)
