@@ -2,7 +2,7 @@
 (log-odds of a refusal opening), KL from an unsteered run, and the substring judge of generations.
 
     ids = refusal_token_ids(m)                      # single-token refusal openings ("I", "Sorry", ...)
-    run_readout(m, tokens, mask, metric=RefusalScore(jnp.asarray(ids)))
+    RefusalScore(jnp.asarray(ids))(run_readout(m, tokens, mask))   # mean log-odds of a refusal opening
     refusal_rate(replies)                           # fraction judged refusals by REFUSAL_SUBSTRINGS
 
 `experiments.common` re-exports every name (where the studies imported them before)."""
