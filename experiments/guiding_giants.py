@@ -269,9 +269,9 @@ def main(argv=None, cfg: Config | None = None):
         if name in PHRASE_LISTS:
             dirs[name] = np.asarray(phrase_direction(m, *PHRASE_LISTS[name]))
     if "arditi" in cfg.directions:
-        spec = SelectSpec(system_prompt=cfg.system_prompt, layer_stride=cfg.arditi_layer_stride,
-                          sweep_batch=cfg.batch_size)
-        sel = select_direction(m, spec, hb_harm, hb_safe, RefusalScore(ids_no_i))
+        select = SelectSpec(system_prompt=cfg.system_prompt, layer_stride=cfg.arditi_layer_stride,
+                            sweep_batch=cfg.batch_size)
+        sel = select_direction(m, select, hb_harm, hb_safe, RefusalScore(ids_no_i))
         dirs["arditi"] = np.asarray(normalize(sel["direction"]))
         notes["arditi"] = dict(layer=int(sel["layer"]), position=int(sel["position"]), n_pass=int(sel["n_pass"]),
                                relaxed=bool(sel["relaxed"]))
