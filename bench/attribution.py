@@ -9,7 +9,7 @@
 2. Ours: one graph of a `--tokens`-token prompt (it starts with `<|im_start|>`), float32, after a warm-up
    graph of the same prompt (compilation is reported apart); wall time and the process's peak RSS.
 3. circuit-tracer 0.5.0 (`circuit_tracer.attribute`, nnsight backend, all cores, batch 256, every feature
-   node) on the same weights and transcoders, in its own venv (tests/_circuit_tracer_peer.py), skipped with a
+   node) on the same weights and transcoders, in its own venv (tests/peers/_circuit_tracer_peer.py), skipped with a
    note when that interpreter is absent; the adjacency matrices are compared.
 4. Our scaling with prompt length (`--lengths`): active features, targets and wall time, to show the cost
    follows the number of active features (one vmapped backward pass per chunk of targets).
@@ -111,7 +111,7 @@ def main(argv=None):
     ct = Path(args.ct_python) if args.ct_python else peer_python("CT_PYTHON", ".venv-circuit-tracer")
     note = ""
     if ct.exists():
-        proc = subprocess.run([str(ct), str(ROOT / "tests/_circuit_tracer_peer.py"), "--model",
+        proc = subprocess.run([str(ct), str(ROOT / "tests/peers/_circuit_tracer_peer.py"), "--model",
                                str(resolve("smollm2-135m-instruct")), "--transcoders", str(files),
                                "--tokens", json.dumps([int(t) for t in tokens]), "--out", str(out / "peer.npz"),
                                "--batch-size", "256"], capture_output=True, text=True,

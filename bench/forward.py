@@ -42,8 +42,9 @@ import numpy as np
 
 import models
 from models import host_memory
-from bench._common import Timing, allocator_flag, export_hf_dir, machine, matmul_peak, peer_python, set_allocator, table, time_median
-from bench._penzai import penzai_llama, worst_match
+from bench._common import (ROOT, Timing, allocator_flag, export_hf_dir, machine, matmul_peak, peer_python,
+                           set_allocator, table, time_median)
+from tests.peers._penzai import penzai_llama, worst_match
 
 MODEL = "smollm2-135m-instruct"
 TEXT = (  # the Gettysburg Address (public domain)
@@ -160,7 +161,7 @@ def bench_tl(label: str, tokens, mask, repeats: int, env: dict[str, str]):
     with tempfile.TemporaryDirectory() as tmp:
         inputs, out = Path(tmp) / "inputs.npz", Path(tmp) / "out.json"
         np.savez(inputs, tokens=tokens, mask=mask)
-        run = subprocess.run([str(tl), str(Path(__file__).with_name("_tl_peer.py")), "--cache", str(repeats), str(hf_dir),
+        run = subprocess.run([str(tl), str(ROOT / "tests" / "peers" / "_tl_peer.py"), "--cache", str(repeats), str(hf_dir),
                               str(inputs), str(out)], capture_output=True, text=True, env={**os.environ, **env})
         if run.returncode:
             return label, None, "failed: " + run.stderr[-300:], None

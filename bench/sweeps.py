@@ -33,7 +33,7 @@ import numpy as np
 
 import interp
 import models
-from bench._common import export_hf_dir, machine, peer_python, table
+from bench._common import ROOT, export_hf_dir, machine, peer_python, table
 from interp import interventions as I
 from interp import sweeps
 from interp.readout import run_readout
@@ -109,7 +109,7 @@ def head_sweeps(m, args) -> list[tuple]:
             inputs, out = Path(tmp) / "inputs.npz", Path(tmp) / "out.json"
             np.savez(inputs, tokens=np.asarray(tokens), correct=np.asarray(correct), wrong=np.asarray(wrong), heads=heads_tl)
             hf_dir = export_hf_dir(Path(args.hf_dir))
-            run = subprocess.run([args.tl_python, str(Path(__file__).with_name("_tl_peer.py")), str(hf_dir), str(inputs),
+            run = subprocess.run([args.tl_python, str(ROOT / "tests" / "peers" / "_tl_peer.py"), str(hf_dir), str(inputs),
                                   str(out)], capture_output=True, text=True)
             if run.returncode == 0:
                 tl = json.loads(out.read_text())

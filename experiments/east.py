@@ -13,7 +13,7 @@ Episodes of every condition advance together, `chunk` rows per batched forward, 
 the prompt is `head + one piece per press + tail` (`Prompt.frame`, `Prompt.history`; the pieces tokenise as the
 whole prompt, checked), the shared head is computed once, and a step runs only the newest press and the tail
 (the tail's slots are overwritten by the next press). Steering acts at the last token only, so the cached
-history is the unsteered computation it would be in a full pass (`tests/test_east.py` checks the policy and the
+history is the unsteered computation it would be in a full pass (`tests/experiments/test_east.py` checks the policy and the
 residual against a plain forward over each whole prompt).
 
 EAST vector at each layer l of `layers`: from `n_collect` unsteered episodes, `z_t^k` = `resid_post` at the last
@@ -54,7 +54,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 import models
-from experiments import bandit
+from experiments.lib import bandit
 from experiments.common import fmt, parse_config, run_models, save_figure
 from interp import stats
 from interp.interventions import AddVector, AddVectorPerExample

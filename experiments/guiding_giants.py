@@ -35,13 +35,14 @@ import numpy as np
 from matplotlib.figure import Figure
 
 import models
-from experiments import refusal_direction
 from experiments.common import (RefusalScore, chat_batch, instruction_splits, parse_config,
                                 refusal_token_ids, run_dir, save_figure, undefined_to_none, write_report)
-from experiments.gg_controller import (PHRASE_LISTS, EndToEndSpec, StepSteer, TrainSpec, decode_rows, last_layer_logp,
-                                       layer_norms, per_step_tokens, phrase_direction, prompt_pass, steer_scales,
-                                       token_direction, top_pushed_token, train_controller, train_end_to_end)
-from experiments.refusal_judge import judge_all
+from experiments.lib.gg_controller import (PHRASE_LISTS, EndToEndSpec, StepSteer, TrainSpec, decode_rows,
+                                           last_layer_logp, layer_norms, per_step_tokens, phrase_direction,
+                                           prompt_pass, steer_scales, token_direction, top_pushed_token,
+                                           train_controller, train_end_to_end)
+from experiments.lib.refusal_judge import judge_all
+from experiments.lib.refusal_select import SelectSpec, select_direction
 from interp import stats
 from interp.directions import cosine, normalize
 from interp.interventions import AddVectorPerExample, Where
@@ -268,9 +269,9 @@ def main(argv=None, cfg: Config | None = None):
         if name in PHRASE_LISTS:
             dirs[name] = np.asarray(phrase_direction(m, *PHRASE_LISTS[name]))
     if "arditi" in cfg.directions:
-        rd_cfg = refusal_direction.Config(model=cfg.model, system_prompt=cfg.system_prompt,
-                                          layer_stride=cfg.arditi_layer_stride, sweep_batch=cfg.batch_size)
-        sel = refusal_direction.select_direction(m, rd_cfg, hb_harm, hb_safe, RefusalScore(ids_no_i))
+        select = SelectSpec(system_prompt=cfg.system_prompt, layer_stride=cfg.arditi_layer_stride,
+                            sweep_batch=cfg.batch_size)
+        sel = select_direction(m, select, hb_harm, hb_safe, RefusalScore(ids_no_i))
         dirs["arditi"] = np.asarray(normalize(sel["direction"]))
         notes["arditi"] = dict(layer=int(sel["layer"]), position=int(sel["position"]), n_pass=int(sel["n_pass"]),
                                relaxed=bool(sel["relaxed"]))

@@ -41,8 +41,8 @@ import models
 from experiments.common import (RefusalScore, chat_texts, fmt, instruction_splits, parse_config, is_refusal,
                                 refusal_token_ids, run_dir, safe_cosine, save_figure, surface_baseline, surface_table,
                                 survives, undefined_to_none, write_report)
-from experiments.refusal_stats import (PromptRefusalScores, as_dict, beats_null, cell_holds, check_stats_fields,
-                                       prompt_scores, random_like, rate_estimate)
+from experiments.lib.refusal_stats import (PromptRefusalScores, as_dict, beats_null, cell_holds, check_stats_fields,
+                                           prompt_scores, random_like, rate_estimate)
 from interp import data, probes, stats
 from interp.directions import cosine, normalize
 from interp.interventions import AddVector, StackedWhere
@@ -354,9 +354,9 @@ def _steering_report(steer: dict, n_prompts: int, cfg: Config) -> tuple[str, dic
                      str(rate_estimate(refused[f"random x{coef:g}"]))])
     table = stats.markdown_table(["direction x coefficient", "Δ refusal score (mean over prompts)",
                                   "vs the null: percentile, band, p", "refusal rate"], rows)
-    grid = "| direction | " + " | ".join(f"x{c:g}" for c in coefs) + " |\n|---|" + "---|" * len(coefs) + "\n"
-    grid += "\n".join(f"| {n} | " + " | ".join(fmt(steer["scores"][k, at, c] - steer["base"], "+.2f")
-                                               for c in range(len(coefs))) + " |" for k, n in enumerate(names))
+    grid = stats.markdown_table(["direction"] + [f"x{c:g}" for c in coefs],
+                                [[n] + [fmt(steer["scores"][k, at, c] - steer["base"], "+.2f") for c in range(len(coefs))]
+                                 for k, n in enumerate(names)])
     tests = steering_tests(steer)
     v = stats.verdict(tests, cfg.primary, alternative="greater", what=cfg.primary)
     behaviour = (cell_holds(v, tests, "refusal dir: refusal-rate rise")
@@ -453,11 +453,10 @@ def main(argv=None, cfg: Config | None = None):
     clfs = {label: strip(r) for label, r in variants.items()}
     clf = clfs[f"{cfg.harmless} harmless"]
     labels = list(variants)
-    table = ("| held-out harmful set | classifier | " + " | ".join(f"{l}: acc / AUROC" for l in labels) + " |\n|---|---|"
-             + "---|" * len(labels) + "\n")
-    table += "\n".join(f"| {k.removeprefix('test_')} | {n} | "
-                       + " | ".join(f"{clfs[l][k][n]['accuracy']:.3f} / {_auc(clfs[l][k][n])}" for l in labels)
-                       + " |" for k, r in clf.items() for n in r)
+    table = stats.markdown_table(["held-out harmful set", "classifier"] + [f"{l}: acc / AUROC" for l in labels],
+                                 [[k.removeprefix("test_"), n]
+                                  + [f"{clfs[l][k][n]['accuracy']:.3f} / {_auc(clfs[l][k][n])}" for l in labels]
+                                  for k, r in clf.items() for n in r])
     norm = clfs["punctuation normalised"]
     verdicts = {f"{n} on {k.removeprefix('test_')}": survives(
         f"{n} on {k.removeprefix('test_')}", clf[k][n]["auroc"], norm[k][n]["auroc"], clf[k]["surface baseline"]["auroc"],

@@ -36,16 +36,18 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 import models
 from experiments.common import (chat_batch, chat_texts, instruction_splits, is_refusal, parse_config, refusal_rate,
                                 refusal_token_ids, run_dir, save_figure, surface_baseline, surface_table, survives,
                                 undefined_to_none, write_report)
-from experiments.refusal_stats import (PromptRefusalScores, as_dict, beats_null, cell_holds, check_stats_fields,
-                                       rate_estimate)
+from experiments.lib.refusal_stats import (PromptRefusalScores, as_dict, beats_null, cell_holds, check_stats_fields,
+                                           rate_estimate)
 from interp import probes, stats
 from interp.interventions import ScaleHeads
+from interp.plot import heatmap
 from interp.positions import LastInstruction, post_instruction_ids
 from interp.readout import Readout
 from models import transformer
@@ -261,9 +263,6 @@ def _figures(out, traj: dict, contrib: np.ndarray, post_labels, cfg: Config):
            title="the last tokens, tail-aligned", ylim=(-0.02, 1.02))
     save_figure(fig, out / "trajectory.png")
 
-    from matplotlib.colors import ListedColormap
-
-    from interp.plot import heatmap
     fig = heatmap(contrib, title="head contribution to the probe direction (last prompt token; grey: above the "
                                  "probe layer, not defined)")
     fig.axes[0].imshow(np.where(np.isnan(contrib), 1.0, np.nan), cmap=ListedColormap(["lightgrey"]), aspect="auto",
@@ -329,12 +328,11 @@ def main(argv=None, cfg: Config | None = None):
     v = stats.verdict(tests, cfg.primary, alternative="greater", what=cfg.primary)
     H = m.cfg.n_heads
     top_heads = [divmod(int(i), H) for i in abl["order"][:5]]
-    traj_table = (f"| prompts | plateau (last {cfg.plateau_tokens} instruction tokens) | last {cfg.final_tokens} prompt "
-                  "token(s) | " + " | ".join(f"`{p}`" for p in post_labels) + " | response tokens | refusal rate |\n|---|"
-                  + "---|" * (len(post_labels) + 4) + "\n")
-    traj_table += "\n".join(f"| {n} | {t['plateau'].mean():.3f} | {t['final'].mean():.3f} | "
-                            + " | ".join(f"{x:.3f}" for x in t["template"].mean(0))
-                            + f" | {np.nanmean(t['reply']):.3f} | {rate_estimate(t['refused'])} |" for n, t in traj.items())
+    traj_table = stats.markdown_table(
+        ["prompts", f"plateau (last {cfg.plateau_tokens} instruction tokens)", f"last {cfg.final_tokens} prompt token(s)"]
+        + [f"`{p}`" for p in post_labels] + ["response tokens", "refusal rate"],
+        [[n, f"{t['plateau'].mean():.3f}", f"{t['final'].mean():.3f}"] + [f"{x:.3f}" for x in t["template"].mean(0)]
+         + [f"{np.nanmean(t['reply']):.3f}", str(rate_estimate(t["refused"]))] for n, t in traj.items()])
     abl_table = stats.markdown_table(
         ["ablation", "Δ probe logit vs null mean (paired)", "Δ probe logit in the null", "Δ refusal score vs null mean",
          "Δ refusal score in the null"],
@@ -367,12 +365,12 @@ def main(argv=None, cfg: Config | None = None):
                    "above the null's 95th percentile (verdict table)"
                    + (f"; {', '.join(beats_mean)} beat(s) the null's mean on these prompts, which alone does not "
                       "separate these heads from random head sets." if beats_mean else "."))
-    v_table = ("| harmless set | probe AUROC (own split) | surface baseline (own split) | probe AUROC at t_inst (test "
-               "prompts) | surface baseline (test) | harmful plateau -> last token | drop harmful | drop harmless |\n"
-               "|---|---|---|---|---|---|---|---|\n")
-    v_table += "\n".join(f"| {k} | {x['probe_auroc']:.3f} | {x['probe_surface_auroc']:.3f} | {_est(x['test_auroc_ci'])} | "
-                         f"{x['test_surface_auroc']:.3f} | {x['plateau_harmful']:.3f} -> {x['final_harmful']:.3f} | "
-                         f"{_est(x['drop_harmful_ci'])} | {_est(x['drop_harmless_ci'])} |" for k, x in variants.items())
+    v_table = stats.markdown_table(
+        ["harmless set", "probe AUROC (own split)", "surface baseline (own split)", "probe AUROC at t_inst (test prompts)",
+         "surface baseline (test)", "harmful plateau -> last token", "drop harmful", "drop harmless"],
+        [[k, f"{x['probe_auroc']:.3f}", f"{x['probe_surface_auroc']:.3f}", _est(x["test_auroc_ci"]),
+          f"{x['test_surface_auroc']:.3f}", f"{x['plateau_harmful']:.3f} -> {x['final_harmful']:.3f}",
+          _est(x["drop_harmful_ci"]), _est(x["drop_harmless_ci"])] for k, x in variants.items()])
     main_v, norm_v = variants[f"{cfg.harmless} harmless"], variants["punctuation normalised"]
     ok, survive_text = survives(f"The layer-{layer} probe on the held-out test prompts", main_v["test_auroc"],
                                 norm_v["test_auroc"], main_v["test_surface_auroc"], norm_v["test_surface_auroc"])

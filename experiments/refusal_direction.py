@@ -30,22 +30,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
 
 import models
-from experiments.common import (KLFromBase, RefusalScore, chat_batch, chat_texts, instruction_splits, is_refusal,
-                                parse_config, refusal_token_ids, run_dir, safe_cosine, surface_baseline, surface_table,
-                                survives, undefined_to_none, write_report)
-from experiments.refusal_stats import (PromptRefusalScores, as_dict, beats_null, cell_holds, check_stats_fields,
-                                       prompt_scores, random_like, rate_estimate)
+from experiments.common import (RefusalScore, chat_batch, chat_texts, instruction_splits, is_refusal,
+                                parse_config, refusal_token_ids, run_dir, safe_cosine, save_figure, surface_baseline,
+                                surface_table, survives, undefined_to_none, write_report)
+from experiments.lib.refusal_select import select_direction
+from experiments.lib.refusal_stats import (PromptRefusalScores, as_dict, beats_null, cell_holds, check_stats_fields,
+                                           prompt_scores, random_like, rate_estimate)
 from interp import probes, stats
 from interp.directions import diff_of_means, score_directions
-from interp.interventions import RESID_SITES, AddVector, AlongDirection, directional_ablation
+from interp.interventions import AddVector, directional_ablation
 from interp.positions import PostInstruction, post_instruction_ids
 from interp.readout import NextTokenLoss, run_readout
-from interp.sweeps import baseline, sweep
 from interp.weights import orthogonalize
 from models.errors import check_field
 
@@ -82,38 +83,6 @@ class Config:
         check_field("kl_threshold", self.kl_threshold, lo=0, open_lo=True)
         check_field("max_layer_fraction", self.max_layer_fraction, lo=0, hi=1, open_lo=True)
         check_field("harmless", self.harmless, choices=HARMLESS_STYLES)
-
-
-def select_direction(m, cfg: Config, harmful, harmless, metric):
-    """Score every (layer, post-instruction position) candidate; returns the choice and the score grids."""
-    system = cfg.system_prompt or None
-    a, b = chat_batch(m, harmful[0], system), chat_batch(m, harmless[0], system)
-    cands = diff_of_means(m, a, b, PostInstruction(), "resid_pre")  # [L, P, D]
-    L, P, D = cands.shape
-    layers = np.arange(0, L, cfg.layer_stride)
-    dirs = cands[layers].reshape(-1, D)
-    cand_layers = np.repeat(layers, P)
-    harm_val, harmless_val = chat_batch(m, harmful[1], system), chat_batch(m, harmless[1], system)
-    bypass, induce = score_directions(m, dirs, cand_layers, metric, harm_val, harmless_val, batch_size=cfg.sweep_batch)
-    base_logp = jax.nn.log_softmax(run_readout(m, *map(jnp.asarray, harmless_val)).logits[:, -1], -1)
-    n = len(dirs)
-    zeros = jnp.zeros(n)
-    kl = sweep(m, *harmless_val, KLFromBase(base_logp), tuple(AlongDirection(s, dirs, zeros, zeros) for s in RESID_SITES),
-               first=np.zeros(n, np.int64), batch_size=cfg.sweep_batch)
-    base_harm = baseline(m, *harm_val, metric)
-    base_harmless = baseline(m, *harmless_val, metric)
-    # a candidate that is (numerically) zero, e.g. layer 0 at template tokens identical in every prompt, is no direction
-    norms = np.asarray(jnp.linalg.norm(dirs, axis=-1))
-    usable = (norms > 1e-3 * norms.max()) & (cand_layers < cfg.max_layer_fraction * L) & np.isfinite(bypass)
-    ok = usable & (kl < cfg.kl_threshold) & (induce > base_harmless)
-    relaxed = not ok.any()
-    pool = np.nonzero(ok if not relaxed else usable)[0]
-    best = int(pool[np.argmin(bypass[pool])])
-    grid = lambda v: v.reshape(len(layers), P)
-    return dict(direction=dirs[best], layer=int(cand_layers[best]), position=int(best % P) - P, index=best,
-                undefined=grid(norms <= 1e-3 * norms.max()),
-                layers=layers, bypass=grid(bypass), induce=grid(induce), kl=grid(kl), n_pass=int(ok.sum()),
-                relaxed=relaxed, base_harmful=base_harm, base_harmless=base_harmless)
 
 
 def surface_controls(m, cfg: Config, sel: dict, metric, harmful, harmless) -> dict:
@@ -220,12 +189,7 @@ def _auc(c: dict) -> str:
 
 
 def _figures(out, sel, rows, tokens_post):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import ListedColormap
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(15, 4.5))
-    FigureCanvasAgg(fig)
     for i, (key, title) in enumerate([("bypass", "refusal score, direction ablated (harmful)"),
                                       ("induce", "refusal score, direction added (harmless)"),
                                       ("kl", "KL on harmless under ablation")]):
@@ -237,10 +201,8 @@ def _figures(out, sel, rows, tokens_post):
         ax.set_yticks(range(len(sel["layers"])), [str(l) for l in sel["layers"]], fontsize=6)
         ax.set_xticks(range(len(tokens_post)), tokens_post, rotation=60, fontsize=7)
         fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(out / "candidates.png", dpi=110)
+    save_figure(fig, out / "candidates.png")
     fig = Figure(figsize=(9, 4))
-    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     names = list(rows)
     x = np.arange(len(names))
@@ -249,8 +211,7 @@ def _figures(out, sel, rows, tokens_post):
     ax.set_xticks(x, names, rotation=15, fontsize=7)
     ax.set(ylabel="refusal score (log-odds)", title="refusal score per condition (test prompts)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "refusal_scores.png", dpi=110)
+    save_figure(fig, out / "refusal_scores.png")
 
 
 def main(argv=None, cfg: Config | None = None):
@@ -299,10 +260,11 @@ def main(argv=None, cfg: Config | None = None):
                  + f"\n\nWith K = {cfg.n_null} draws a null test's p cannot go below 1/(K+1) = "
                  f"{1 / (cfg.n_null + 1):.3f}; the paired cells compare each prompt's real effect with the null's mean "
                  "effect on that prompt.")
-    c_table = ("| direction from | cosine with selected | projection AUROC (test) | surface baseline AUROC (test) | "
-               "bypass (val) | induce (val) |\n|---|---|---|---|---|---|\n")
-    c_table += "\n".join(f"| {k} | {c['cosine_with_selected']:.3f} | {_auc(c)} | {c['test_surface_auroc']:.3f} | "
-                         f"{c['bypass']:.2f} | {c['induce']:.2f} |" for k, c in controls.items())
+    c_table = stats.markdown_table(
+        ["direction from", "cosine with selected", "projection AUROC (test)", "surface baseline AUROC (test)",
+         "bypass (val)", "induce (val)"],
+        [[k, f"{c['cosine_with_selected']:.3f}", _auc(c), f"{c['test_surface_auroc']:.3f}", f"{c['bypass']:.2f}",
+          f"{c['induce']:.2f}"] for k, c in controls.items()])
     main_c, norm_c = controls[f"{cfg.harmless} harmless"], controls["punctuation normalised"]
     ok, survive_text = survives("Projection on the selected direction (held-out prompts)", main_c["test_auroc"],
                                 norm_c["test_auroc"], main_c["test_surface_auroc"], norm_c["test_surface_auroc"])

@@ -62,7 +62,7 @@ from matplotlib.figure import Figure
 
 import models
 import saes
-from experiments import toxigen
+from experiments.lib import toxigen
 from experiments.common import parse_config, run_models, save_figure
 from interp import stats
 from interp.interventions import stack
@@ -738,10 +738,11 @@ def _report(m, cfg, tag, layer, res, an, found, sae_metrics, x_norm, seconds, pr
                  f"{cfg.n_null} frequency-matched random feature sets (first: {f['random_features'][0]}); |sum_F d_f| = "
                  f"{f['norm_sum']:.3f}. Overlap of the top-n by each ranking with F: " + ", ".join(
                      f"{by} {len(set(v) & set(f['features']))}/{cfg.n_features}" for by, v in f["rankings"].items()),
-                 "", "| feature | freq hateful | freq benign | max hateful | max benign | top contexts |", "|---|---|---|---|---|---|"]
-        lines += [f"| {s['feature']} | {s['freq_hate']:.3f} | {s['freq_benign']:.3f} | {s['max_hate']:.2f} | "
-                  f"{s['max_benign']:.2f} | {' / '.join(repr(t)[1:-1].replace('|', '/') for t in s['contexts'])} |"
-                  for s in f["stats"]]
+                 "", stats.markdown_table(
+                     ["feature", "freq hateful", "freq benign", "max hateful", "max benign", "top contexts"],
+                     [[s["feature"], f"{s['freq_hate']:.3f}", f"{s['freq_benign']:.3f}", f"{s['max_hate']:.2f}",
+                       f"{s['max_benign']:.2f}", " / ".join(repr(t)[1:-1].replace("|", "/") for t in s["contexts"])]
+                      for s in f["stats"]])]
         feats.append("\n".join(lines))
     sae_text = "; ".join(f"{w}x: CE loss recovered {s['ce_recovered']:.3f} (clean {s['ce_clean']:.3f}, spliced "
                          f"{s['ce_sae']:.3f})" for w, s in sae_metrics.items())

@@ -46,7 +46,7 @@ from jaxtyping import Array, Int
 from matplotlib.figure import Figure
 
 import models
-from experiments import toxigen
+from experiments.lib import toxigen
 from experiments.common import chat_texts, is_refusal, parse_config, run_dir, save_figure, write_report
 from interp import contrast, data, stats
 from interp.directions import normalize

@@ -29,8 +29,8 @@ _NAMES = {
     "lens": ("direct_logit_attribution", "logit_lens", "residual_decomposition", "unembed_direction"),
     "plot": ("heatmap",),
     "readout": ("ContinuationLoss", "LogitDiff", "NextTokenLoss", "Projection", "Readout", "TokenLogProb", "run_readout"),
-    "sweeps": ("activation_patching", "attribution_patching", "head_ablation", "head_ablation_attribution",
-               "rank_correlation", "sweep"),
+    "stats": ("rank_correlation",),
+    "sweeps": ("activation_patching", "attribution_patching", "head_ablation", "head_ablation_attribution", "sweep"),
     "weights": ("orthogonalize",),
 }
 _WHERE = {name: module for module, names in _NAMES.items() for name in names}

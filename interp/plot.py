@@ -1,14 +1,28 @@
-"""Figures without a display: a `matplotlib.figure.Figure` (Agg canvas) that callers save or show."""
+"""Figures without a display: a `matplotlib.figure.Figure` (Agg canvas) that callers save or show.
+
+    fig = Figure(figsize=(6, 4)); ax = fig.add_subplot(); ...
+    save_figure(fig, out / "plot.png")             # the one way every study and report saves a figure
+
+A bare Agg figure, never pyplot: `matplotlib.use("Agg")` would switch a notebook's inline backend off."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["heatmap"]
+__all__ = ["heatmap", "save_figure"]
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
+    """Save `fig` to `path` with an Agg canvas (no display needed) after `tight_layout`; returns the path."""
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    return Path(path)
 
 
 def heatmap(values, *, title: str = "", xlabel: str = "head", ylabel: str = "layer",
@@ -33,7 +47,8 @@ def heatmap(values, *, title: str = "", xlabel: str = "head", ylabel: str = "lay
         ax.set_xticks(range(cols), labels=list(xticks), rotation=90)
     if yticks is not None:
         ax.set_yticks(range(rows), labels=list(yticks))
-    fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path, dpi=120)
+    else:
+        fig.tight_layout()
     return fig

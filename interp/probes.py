@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from scipy.stats import rankdata  # scipy comes with jax
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -298,17 +299,6 @@ def fit_diff_of_means(x, y, train_mask=None, *, steps: int = 50):
 
 # ----------------------------------------------------------------------------------------------- metrics
 
-def _average_ranks(s: np.ndarray) -> np.ndarray:
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), np.float64)
-    ranks[order] = np.arange(1, len(s) + 1)
-    _, inv, counts = np.unique(s, return_inverse=True, return_counts=True)
-    if np.any(counts > 1):  # ties share their average rank
-        sums = np.bincount(inv, weights=ranks)
-        ranks = (sums / counts)[inv]
-    return ranks
-
-
 def auroc(scores, y) -> np.ndarray:
     """AUROC of `scores [..., N]` against binary `y [N]` (ties count half), `[...]`; NaN without both classes."""
     s = np.asarray(scores, np.float64)
@@ -317,7 +307,7 @@ def auroc(scores, y) -> np.ndarray:
     flat = s.reshape(-1, s.shape[-1])
     if n1 == 0 or n0 == 0:
         return np.full(flat.shape[0], np.nan).reshape(s.shape[:-1])
-    out = np.array([(_average_ranks(r)[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0) for r in flat])
+    out = np.array([(rankdata(r)[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0) for r in flat])
     return out.reshape(s.shape[:-1])
 
 

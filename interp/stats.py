@@ -5,6 +5,7 @@
     stats.wilson(5, 16)                            # a rate with its Wilson interval
     stats.rate_difference(5, 16, 0, 16)            # two independent rates: Newcombe interval, Fisher exact p
     stats.null_test(effect, random_effects)        # the effect's percentile in K >= 16 random draws
+    stats.rank_correlation(a, b)                   # Spearman; NaN under 3 pairs or with a constant side
     v = stats.verdict({"a": est_a, "b": est_b}, primary="a")   # Holm over the cells, a generated sentence
     print(v.sentence); print(v.table)
 
@@ -12,7 +13,7 @@ Conventions: every estimate carries its `n` and a two-sided `level` interval; p-
 `alternative` says otherwise; resampling is seeded (`seed=0`) so a report is reproducible. Items are rows (axis 0):
 a *paired* comparison (two conditions on the same prompts, bandits or draws) is always tested on the per-item
 difference, never by combining two standard errors. Bad input (NaN, no items, mismatched pairs) is an `InputError`
-naming the argument.
+naming the argument (except `rank_correlation`, a descriptive number: its one NaN rule is in its docstring).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from models.errors import InputError
 __all__ = [
     "ALTERNATIVES", "Claim", "Estimate", "NullTest", "Verdict", "auroc", "bootstrap", "claims_section", "fisher_exact", "holm",
     "markdown_table", "mcnemar_exact", "mean_difference", "null_test", "paired_difference", "paired_rate_difference",
-    "rate_difference", "verdict", "wilson",
+    "rank_correlation", "rate_difference", "verdict", "wilson",
 ]
 
 ALTERNATIVES = ("two-sided", "greater", "less")
@@ -178,6 +179,21 @@ def _auroc_rows(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
     ranks = rankdata(np.concatenate([pos, neg], -1), axis=-1)
     n1, n0 = pos.shape[-1], neg.shape[-1]
     return (ranks[..., :n1].sum(-1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
+def rank_correlation(a, b) -> float:
+    """Spearman's rank correlation of `a` and `b` (flattened, the same size; ties get their average rank).
+
+    The one NaN rule: the result is NaN when there are fewer than 3 pairs or either input is constant (too few
+    points to rank, or no order to agree with), and NaN when either input holds a NaN; it never warns."""
+    x, y = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    if x.size != y.size:
+        raise InputError(f"rank_correlation needs inputs of the same size, got {np.shape(a)} and {np.shape(b)}")
+    if x.size < 3 or np.isnan(x).any() or np.isnan(y).any() or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    rx, ry = rankdata(x), rankdata(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx @ ry) / np.sqrt((rx @ rx) * (ry @ ry)))
 
 
 def auroc(scores, y, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0, label: str = "") -> Estimate:

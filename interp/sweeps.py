@@ -34,6 +34,7 @@ from interp.grids import ArrayResult, LayerGrid
 from interp.heads import HeadGrid
 from interp.interventions import (AddVector, Replace, StackedWhere, first_layers, mean_ablation, resample_ablation,
                                   zero_ablation)
+from interp.stats import rank_correlation  # re-exported: `sweeps.rank_correlation` as before
 from interp.readout import Readout, check_metric, metric_positions, readout_with, run_readout
 import models
 from models.checks import Extent, check_call, check_index, check_interventions, check_positions, row_lengths
@@ -645,15 +646,3 @@ def head_ablation_attribution(model, tokens, mask, metric: Metric, kind: str = "
     z, grad = _site_grad(model, tokens, mask, metric, "attn.z", positions)
     est = _reduce((jnp.broadcast_to(source, z.shape) - z) * grad, "attn.z", "heads")
     return HeadEffects(est, name=f"{kind} ablation of {_metric_name(metric)} (attribution estimate)")
-
-
-def rank_correlation(a, b) -> float:
-    """Spearman's rank correlation of two arrays (flattened; ties get their average rank)."""
-    def ranks(x):
-        _, inverse, counts = np.unique(np.asarray(x, np.float64).ravel(), return_inverse=True, return_counts=True)
-        ends = np.cumsum(counts)
-        return ((ends - counts + ends - 1) / 2)[inverse]
-
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra @ rb) / np.sqrt((ra @ ra) * (rb @ rb)))

@@ -35,6 +35,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from interp.interventions import AddVector
+from interp.stats import rank_correlation  # re-exported: `saes.feature_effects.rank_correlation` as before
 from models.errors import InputError
 from models.model import forward
 from models.transformer import unembed
@@ -238,23 +239,6 @@ def _real(model, d: Replacement, tokens, acts, edits, site: str, target: str):
 
 
 # ----------------------------------------------------------------------------- the graph's check
-
-
-def rank_correlation(a, b) -> float:
-    """Spearman's rank correlation (average ranks for ties); NaN for fewer than 3 points or a constant input."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-
-    def ranks(x):
-        order = np.argsort(x, kind="stable")
-        r = np.empty(len(x))
-        r[order] = np.arange(len(x))
-        _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
-        sums = np.bincount(inv, r)
-        return (sums / counts)[inv]
-
-    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
 def linear_total_effects(graph: Graph, sources) -> Float[np.ndarray, "n S+K"]:

@@ -12,7 +12,7 @@ Every hook gets its own SAE; all of them are trained by ONE jitted step on the s
 `saes.train_config` (`TrainConfig`, every flag validated when built, `validate` against the model),
 `saes.optim` (Adam, schedules), `saes.train_state` (`TrainState`, initialisation and calibration, mesh and
 sharding by the SAEs' declared axes), `saes.train_step` (the jitted step, batch feeding),
-`saes.checkpoints` (verified orbax checkpoints); this module builds the activation source, runs the loop
+`models.checkpoints` (verified orbax checkpoints); this module builds the activation source, runs the loop
 and is the CLI.
 
 Outputs under `out/`: `config.json`, `metrics.jsonl` (one line per `log_every` steps and per evaluation),
@@ -49,7 +49,7 @@ from models import cli, host_memory
 from models.errors import InputError
 from models.sites import SITES, Hook
 from saes import data, formats, report
-from saes.checkpoints import CheckpointCorrupt, Checkpointer
+from models.checkpoints import CheckpointCorrupt, Checkpointer
 from saes.cross_layer import CrossLayerTranscoder
 from saes.data import hook_dir, parse_hook
 from saes.evaluate import ce_metrics

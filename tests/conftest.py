@@ -58,7 +58,7 @@ def _drop_compiled_programs():
 def tiny_smollm2(tmp_path_factory) -> str:
     """A random 4-layer Llama with SmolLM2's tokenizer and chat template, as a Hugging Face directory: the
     studies' smoke tests run their pipelines on it (tests/_tiny_studies.py)."""
-    from _tiny_studies import tiny_like
+    from tests._tiny_studies import tiny_like
 
     return str(tiny_like("smollm2-135m-instruct", tmp_path_factory.mktemp("tiny") / "smollm2"))
 
@@ -66,7 +66,7 @@ def tiny_smollm2(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_gemma3(tmp_path_factory) -> str:
     """A random 4-layer Gemma 3 with Gemma 3's tokenizer (262k vocabulary), as a Hugging Face directory."""
-    from _tiny_studies import tiny_like
+    from tests._tiny_studies import tiny_like
 
     return str(tiny_like("gemma-3-270m", tmp_path_factory.mktemp("tiny") / "gemma3"))
 
