@@ -58,7 +58,7 @@ def test_every_site_has_its_registered_shape(smollm2, smol_batch):
     sizes = {"batch": tokens.shape[0], "seq": tokens.shape[1], "kv_seq": tokens.shape[1], "embed": c.d_model,
              "heads": c.n_heads, "kv_heads": c.n_kv_heads, "head_dim": c.d_head, "mlp": c.d_mlp}
     assert set(acts) == set(ALL_SITES)
-    for name in ALL_SITES:  # a dense model's sites (the mixture-of-experts ones: tests/test_families.py)
+    for name in ALL_SITES:  # a dense model's sites (the mixture-of-experts ones: tests/models/test_families.py)
         site = SITES[name]
         want = ((c.n_layers,) if site.per_layer else ()) + tuple(sizes[a] for a in site.axes)
         assert acts[name].shape == want, name

@@ -1,5 +1,5 @@
 """Our DAS interchange against pyvene's `LowRankRotatedSpaceIntervention` (pyvene 0.1.8 in its own environment,
-.venv-pyvene, built by `./run peers`; tests/_pyvene_peer.py): the same tiny Llama (built and saved by
+.venv-pyvene, built by `./run peers`; tests/peers/_pyvene_peer.py): the same tiny Llama (built and saved by
 transformers there, loaded here), the same orthonormal basis, base and source inputs, layer and position; the
 intervened logits agree within float32 tolerance."""
 
@@ -16,7 +16,7 @@ import pytest
 import models
 from interp.trainable import Interchange, orthonormal
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PYVENE_PYTHON = Path(os.environ.get("PYVENE_PYTHON") or ROOT / ".venv-pyvene/bin/python")
 needs_peer = pytest.mark.skipif(not PYVENE_PYTHON.exists(), reason=f"pyvene venv not found at {PYVENE_PYTHON} (set "
                                 "PYVENE_PYTHON, or build it with ./run peers, as .ci/run does)")
@@ -29,7 +29,7 @@ def test_interchange_equals_pyvene(tmp_path, k, layer, position):
     base, source = rng.integers(0, 64, (4, 8)), rng.integers(0, 64, (4, 8))
     q = np.asarray(orthonormal(jax.random.normal(jax.random.key(k), (32, k))))
     np.savez(tmp_path / "inputs.npz", base=base, source=source, q=q, layer=layer, position=position % 8)
-    proc = subprocess.run([str(PYVENE_PYTHON), str(ROOT / "tests/_pyvene_peer.py"), str(tmp_path)],
+    proc = subprocess.run([str(PYVENE_PYTHON), str(ROOT / "tests/peers/_pyvene_peer.py"), str(tmp_path)],
                           capture_output=True, text=True, timeout=600, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stderr[-4000:]
     peer = np.load(tmp_path / "pyvene.npz")

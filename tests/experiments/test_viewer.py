@@ -20,6 +20,7 @@ from experiments import viewer
 from experiments.viewer import data as D
 from experiments.viewer import page, schema, server
 from experiments.viewer.sample import write_tiny_run
+from tests._chromium import Browser
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -84,7 +85,7 @@ def test_bad_slugs_are_refused(slug):
 
 
 def test_nothing_below_the_viewer_imports_it():
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     for pkg in ("models", "interp", "saes", "experiments"):
         for f in (root / pkg).rglob("*.py"):
             if "viewer" in f.relative_to(root).parts:
@@ -305,8 +306,6 @@ def test_browser_clicks_from_the_graph_to_a_feature_page(run, tmp_path):
     """Real mouse clicks in the exported page: a feature node, then its 'open feature' link, land on that
     feature's page with its top context; a label typed and saved on the served page reaches the annotations
     file."""
-    from _chromium import Browser
-
     root, out = run
     html = page.export(root, tmp_path / "page.html")
     node, fslug = _feature_node(run)

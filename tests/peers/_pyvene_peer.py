@@ -1,6 +1,6 @@
-"""pyvene's side of tests/test_trainable_peer.py, run in pyvene's own environment (.venv-pyvene, `./run peers`).
+"""pyvene's side of tests/peers/test_trainable_peer.py, run in pyvene's own environment (.venv-pyvene, `./run peers`).
 
-    python tests/_pyvene_peer.py DIR
+    python tests/peers/_pyvene_peer.py DIR
 
 Builds a tiny random Llama with transformers (seeded), saves it to DIR/model, reads DIR/inputs.npz (base and
 source token ids [N, T], the DAS basis Q [D, k], layer, position) and writes DIR/pyvene.npz: the logits of
