@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-ARCHS = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt_neox", "olmo2", "phi3", "qwen3_moe")
+ARCHS = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt_neox", "olmo2", "phi3", "qwen3_moe", "mixtral")
 
 
 @dataclass(frozen=True)

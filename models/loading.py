@@ -189,10 +189,11 @@ def config_from_hf(d: Mapping[str, Any], dtype: str = "float32") -> Config:
             tie_embeddings=bool(d.get("tie_word_embeddings", False)), dtype=dtype,
         )
     arch = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-            "gemma3_text": "gemma3", "olmo2": "olmo2", "phi3": "phi3", "qwen3_moe": "qwen3_moe"}.get(mt)
+            "gemma3_text": "gemma3", "olmo2": "olmo2", "phi3": "phi3", "qwen3_moe": "qwen3_moe",
+            "mixtral": "mixtral"}.get(mt)
     if arch is None:
         raise UnsupportedModelError(f"model_type {mt!r} is not supported (supported: gpt2, gpt_neox, llama, mistral, "
-                                    "qwen2, qwen3, qwen3_moe, gemma2, gemma3, olmo2, phi3)")
+                                    "mixtral, qwen2, qwen3, qwen3_moe, gemma2, gemma3, olmo2, phi3)")
     moe = {}
     if arch == "qwen3_moe":
         if d.get("mlp_only_layers") or d.get("decoder_sparse_step", 1) != 1:
@@ -200,6 +201,8 @@ def config_from_hf(d: Mapping[str, Any], dtype: str = "float32") -> Config:
                                         "decoder_sparse_step != 1) is not supported")
         moe = dict(n_experts=d.get("num_experts") or d["num_local_experts"], n_experts_used=d["num_experts_per_tok"],
                    norm_topk_prob=bool(d.get("norm_topk_prob", False)))
+    if arch == "mixtral":  # the chosen experts' probabilities always renormalised
+        moe = dict(n_experts=d["num_local_experts"], n_experts_used=d["num_experts_per_tok"], norm_topk_prob=True)
     D, H, L = d["hidden_size"], d["num_attention_heads"], d["num_hidden_layers"]
     theta, local_theta, scaling = _rope_from_hf(d)
     gemma = arch.startswith("gemma")
@@ -213,7 +216,7 @@ def config_from_hf(d: Mapping[str, Any], dtype: str = "float32") -> Config:
     return Config(
         arch=arch, vocab_size=d["vocab_size"], d_model=D, n_layers=L, n_heads=H,
         n_kv_heads=d.get("num_key_value_heads") or H, d_head=d_head,
-        d_mlp=d["moe_intermediate_size"] if moe else d["intermediate_size"], **moe,
+        d_mlp=d["moe_intermediate_size"] if arch == "qwen3_moe" else d["intermediate_size"], **moe,
         n_ctx=d.get("max_position_embeddings", 2048), norm="rms", norm_eps=d.get("rms_norm_eps", 1e-6), act=act,
         rope_theta=theta, rope_local_theta=local_theta if arch == "gemma3" else None, rope_scaling=scaling,
         qkv_bias=bool(d.get("attention_bias", arch == "qwen2")), o_bias=bool(d.get("attention_bias", False)) and arch != "qwen2",

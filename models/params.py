@@ -183,6 +183,10 @@ def _hf_layer_names(cfg: Config) -> dict[str, str]:
         "moe.W_router": p + "mlp.gate.weight", "moe.W_gate": p + "mlp.experts.{e}.gate_proj.weight",
         "moe.W_in": p + "mlp.experts.{e}.up_proj.weight", "moe.W_out": p + "mlp.experts.{e}.down_proj.weight",
     }
+    if cfg.arch == "mixtral":  # its experts' w1 (gate), w3 (up), w2 (down) and router under block_sparse_moe
+        q = p + "block_sparse_moe."
+        names.update({"moe.W_router": q + "gate.weight", "moe.W_gate": q + "experts.{e}.w1.weight",
+                      "moe.W_in": q + "experts.{e}.w3.weight", "moe.W_out": q + "experts.{e}.w2.weight"})
     if cfg.post_norms and not cfg.pre_norms:  # OLMo 2: norms after attention and MLP only
         names.update({"ln1_post.w": p + "post_attention_layernorm.weight",
                       "ln2_post.w": p + "post_feedforward_layernorm.weight"})

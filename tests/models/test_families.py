@@ -214,13 +214,25 @@ def test_phi3_long_rope_is_refused_by_name():
 # ----------------------------------------------------------------------------- a mixture of experts (Qwen3-MoE)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["softmax-topk", "norm-topk"])
+MOE = {
+    "qwen3moe-softmax-topk": lambda: transformers.Qwen3MoeConfig(
+        vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        intermediate_size=48, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2, norm_topk_prob=False,
+        max_position_embeddings=64),
+    "qwen3moe-norm-topk": lambda: transformers.Qwen3MoeConfig(
+        vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        intermediate_size=48, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2, norm_topk_prob=True,
+        max_position_embeddings=64),
+    "mixtral": lambda: transformers.MixtralConfig(
+        vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=24, num_local_experts=6, num_experts_per_tok=2, max_position_embeddings=64),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(MOE))
 def tiny_moe(request, tmp_path_factory):
     torch.manual_seed(0)
-    hf_cfg = transformers.Qwen3MoeConfig(vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                         num_key_value_heads=2, head_dim=8, intermediate_size=48,
-                                         moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2,
-                                         norm_topk_prob=request.param, max_position_embeddings=64)
+    hf_cfg = MOE[request.param]()
     hf_cfg._attn_implementation = "eager"
     hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
     with torch.no_grad():
