@@ -619,9 +619,9 @@ def _stream(recipes: list[Recipe], source, cfg: Config, mesh: Mesh | None, rules
 def config_from_gguf(meta: Mapping[str, Any], dtype: str = "float32") -> Config:
     """Our `Config` from GGUF metadata (Gemma 3's missing local RoPE base and layer pattern as transformers fills them)."""
     arch = meta.get("general.architecture")
-    if arch not in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2"):
+    if arch not in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gpt2"):
         raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported (supported: llama, mistral, qwen2, "
-                                    "qwen3, gemma2, gemma3, gpt2; other families load from Hugging Face directories)")
+                                    "qwen3, phi3, gemma2, gemma3, gpt2; other families load from Hugging Face directories)")
     g = lambda k, default=None: meta.get(f"{arch}.{k}", default)
     absent = [f"{arch}.{k}" for k in ("embedding_length", "attention.head_count", "block_count", "feed_forward_length",
                                       "context_length") if not isinstance(g(k), int)]
@@ -653,12 +653,15 @@ def config_from_gguf(meta: Mapping[str, Any], dtype: str = "float32") -> Config:
         layer_types = tuple("local" if i % 2 == 0 else "global" for i in range(L))
     else:
         layer_types = ("local" if window else "global",) * L
+    rot = g("rope.dimension_count")
+    rotary_dim = int(rot) if arch == "phi3" and rot and int(rot) < d_head else None  # partial rotary (Phi-4-mini)
     return Config(
         **common, norm="rms", norm_eps=eps, act="gelu_tanh" if gemma else "silu", rope_theta=theta,
         rope_local_theta=10_000.0 if arch == "gemma3" else None, rope_scaling=scaling,
         qkv_bias=arch == "qwen2", post_norms=gemma, qk_norm=arch in ("gemma3", "qwen3"), embed_scale=D**0.5 if gemma else 1.0,
         attn_scale=d_head**-0.5 if gemma else None, attn_softcap=g("attn_logit_softcapping"), final_softcap=g("final_logit_softcapping"),
         sliding_window=window, layer_types=layer_types, tie_embeddings="output.weight" not in meta.get("_tensor_names", ()),
+        rotary_dim=rotary_dim,
     )
 
 
@@ -690,6 +693,8 @@ def gguf_to_hf_names(shapes: Mapping[str, tuple[int, ...]], cfg: Config):
         top = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                "output.weight": "lm_head.weight"}
         table = dict(_GGUF_LAYER, ffn_norm="pre_feedforward_layernorm" if gemma else "post_attention_layernorm")
+        if cfg.arch == "phi3":  # llama.cpp keeps Phi-3's fused projections: attn_qkv, and ffn_up = [gate; up]
+            table.update(attn_qkv="self_attn.qkv_proj", ffn_up="mlp.gate_up_proj")
         prefix = "model.layers.{i}."
     mapping, unknown = {}, []
     for name, shape in shapes.items():

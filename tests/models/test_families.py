@@ -329,9 +329,10 @@ def test_expert_parallel_forward_equals_one_device():
     assert proc.returncode == 0 and "ERR" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def _qwen3_gguf(path, hf_dir):
-    """The Qwen3 directory `hf_dir` as a float32 GGUF in llama.cpp's layout for `qwen3` (tensor names
-    `blk.{i}.attn_q_norm`, ...; unlike llama, q and k rows are not permuted)."""
+def _gguf(path, hf_dir, arch):
+    """The `qwen3` or `phi3` directory `hf_dir` as a float32 GGUF in llama.cpp's layout for that architecture
+    (tensor names `blk.{i}.attn_q_norm`, Phi-3's fused `attn_qkv` and `ffn_up` = [gate; up]; unlike llama, q and k
+    rows are not permuted)."""
     import json
 
     import gguf
@@ -339,14 +340,16 @@ def _qwen3_gguf(path, hf_dir):
 
     hf = json.loads((hf_dir / "config.json").read_text())
     sd = load_file(hf_dir / "model.safetensors")
-    w = gguf.GGUFWriter(path, "qwen3")
+    d_head = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    w = gguf.GGUFWriter(path, arch)
     w.add_block_count(hf["num_hidden_layers"])
     w.add_embedding_length(hf["hidden_size"])
     w.add_feed_forward_length(hf["intermediate_size"])
     w.add_head_count(hf["num_attention_heads"])
     w.add_head_count_kv(hf["num_key_value_heads"])
-    w.add_key_length(hf["head_dim"])
-    w.add_value_length(hf["head_dim"])
+    w.add_key_length(d_head)
+    w.add_value_length(d_head)
+    w.add_rope_dimension_count(d_head)
     w.add_context_length(hf["max_position_embeddings"])
     w.add_layer_norm_rms_eps(hf["rms_norm_eps"])
     w.add_rope_freq_base(hf.get("rope_parameters", {}).get("rope_theta", 10000.0))
@@ -354,7 +357,8 @@ def _qwen3_gguf(path, hf_dir):
     names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
              "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
-             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "self_attn.qkv_proj": "attn_qkv",
+             "mlp.gate_up_proj": "ffn_up"}
     for name, t in sd.items():
         if name.startswith("model.layers."):
             _, _, i, rest = name.split(".", 3)
@@ -371,22 +375,31 @@ def _qwen3_gguf(path, hf_dir):
     return path
 
 
-def test_qwen3_from_gguf_matches_transformers(tmp_path):
-    """A Qwen3 GGUF (llama.cpp's `qwen3` layout) loads to the same logits as transformers' model of the
-    directory it was written from; transformers' own GGUF reader, an independent check of the layout, agrees."""
-    torch.manual_seed(0)
-    # head_dim 128, as in every Qwen3: transformers' GGUF reader ignores key_length and keeps Qwen3Config's 128
-    hf = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3Config(
+GGUF_CONFIGS = {  # head_dim 128 for Qwen3, as in every Qwen3: transformers' GGUF reader keeps Qwen3Config's 128
+    "qwen3": lambda: transformers.Qwen3Config(
         vocab_size=V, hidden_size=48, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=128,
-        intermediate_size=80, max_position_embeddings=64, rms_norm_eps=1e-6)).eval()
+        intermediate_size=80, max_position_embeddings=64, rms_norm_eps=1e-6),
+    "phi3": lambda: transformers.Phi3Config(  # Phi-3's vocabulary: transformers' reader pads with id 32000
+        vocab_size=32064, hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+        intermediate_size=80, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(GGUF_CONFIGS))
+def test_from_gguf_matches_transformers(tmp_path, arch):
+    """A GGUF in llama.cpp's layout for the family loads to the same logits as transformers' model of the
+    directory it was written from; transformers' own GGUF reader of the same file, an independent check of the
+    layout, agrees."""
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(GGUF_CONFIGS[arch]()).eval()
     with torch.no_grad():
         for prm in hf.parameters():
             if prm.ndim == 1:
                 prm.add_(0.2 * torch.randn_like(prm))
     hf.save_pretrained(tmp_path / "hf")
-    path = _qwen3_gguf(tmp_path / "tiny-qwen3.gguf", tmp_path / "hf")
+    path = _gguf(tmp_path / f"tiny-{arch}.gguf", tmp_path / "hf", arch)
     m = models.load(str(path), tokenizer=False)
-    assert m.cfg.arch == "qwen3" and m.cfg.qk_norm and not m.cfg.tie_embeddings
+    assert m.cfg.arch == arch and not m.cfg.tie_embeddings
     tokens = np.random.RandomState(0).randint(1, V, (2, 9))
     with torch.no_grad():
         ref = hf(torch.tensor(tokens)).logits.numpy()
@@ -395,3 +408,4 @@ def test_qwen3_from_gguf_matches_transformers(tmp_path):
     ours = np.asarray(models.forward(m, tokens).logits)
     assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-5
     assert np.abs(theirs - ref).max() / np.abs(ref).max() < 1e-5
+
