@@ -64,6 +64,23 @@ def test_head_ablation_sweep_flops_equal_its_items_suffix_forwards(setup):
     assert abs(capped / bound - 10 / 9) < 0.01
 
 
+def test_groups_spanning_layers_run_each_item_once(setup):
+    """Fewer programs than layers (what the default max_programs="auto" picks on a real model: groups of several
+    layers resumed from the group's first layer) with the default chunk: each item runs once from its group's
+    start, in calls of one layer's 9 heads. Layers 0-1 from layer 0, layer 2 from layer 2; calls of the chunk's
+    8 items, the last padded (the 12-01 plan), made them 3 calls of 8 for 18 heads and 2 of 8 for 9 (1.40x)."""
+    m, tokens, mask, metric = setup
+    where = sweeps.one_hot_items(CFG.n_layers, CFG.n_heads, "heads")
+    starts = sweeps.program_starts(np.repeat(np.arange(CFG.n_layers), CFG.n_heads), 2)
+    assert starts.tolist() == [0] * 18 + [2] * 9
+    head = np.eye(CFG.n_heads, dtype=bool)[0]
+    per_start = {s: item_flops(m, tokens, mask, metric, s, (I.zero_ablation("attn.z", layers=(s,), heads=head),))
+                 for s in (0, 2)}
+    bound = sum(per_start[int(s)] for s in starts)
+    ours = sweeps.sweep_flops(m, tokens, mask, metric, (I.zero_ablation("attn.z"),), where=where, max_programs=2)
+    assert abs(ours / bound - 1) < 0.01, f"sweep {ours:.4g} FLOPs vs its items' forwards from their starts {bound:.4g}"
+
+
 def test_swept_edit_runs_at_its_layer_only(setup):
     """An expensive edit (a wide MLP on the residual) swept over (layer, position) runs in a `lax.cond` at the
     item's layer: counting each conditional by its cheapest branch (the work done whichever branch is taken),
