@@ -17,7 +17,7 @@ and parse its flags (`MODULE <flags> --help`), and each `./run CMD` must be a co
 `test_api_reference_covers_public_api` checks that every public module of models, interp and saes has its
 `::: module` entry and every public function and class a docstring.
 
-    python tests/test_docs.py [PAGE ...]   # runs those pages' blocks here, with timings (cwd: a scratch dir)
+    PYTHONPATH=. python -m tests.test_docs [PAGE ...]   # those pages' blocks, with timings (cwd: a scratch dir)
 """
 
 from __future__ import annotations
@@ -285,7 +285,8 @@ def test_doc_bash_commands():
 @pytest.mark.parametrize("page", runnable_pages())
 def test_doc_python_blocks(page, tmp_path):
     """Every ```python block of one page, in order, in one namespace and process, in a scratch directory."""
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), page], cwd=tmp_path,
+    # as a module: run as a script, its folder (tests/, which holds tests/models/) would shadow the models package
+    proc = subprocess.run([sys.executable, "-m", "tests.test_docs", page], cwd=tmp_path,
                           env=child_env(DEVICES.get(page, 1)), capture_output=True, text=True, timeout=1200)
     events = [json.loads(line[len(EVENT):]) for line in proc.stdout.splitlines() if line.startswith(EVENT)]
     failures = [f"{e['page']}:{e.get('block', '(checks)')}:\n{e['error']}" for e in events if "error" in e]
