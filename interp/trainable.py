@@ -36,7 +36,7 @@ import models
 from interp import interventions as I
 from interp.grids import LayerGrid
 from interp.interventions import Intervention, Where, _where
-from models.checks import real_index
+from models.checks import check_positions, real_index, row_lengths
 from models.errors import InputError
 
 FORMAT_VERSION = 1
@@ -46,6 +46,13 @@ def orthonormal(w: Float[Array, "D k"]) -> Float[Array, "D k"]:
     """Orthonormal columns spanning `w`'s (QR, signs fixed so the map is continuous and `orthonormal(Q) == Q`)."""
     q, r = jnp.linalg.qr(w.astype(jnp.float32))
     return q * jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0)
+
+
+def interchange(h: Float[Array, "... D"], s: Float[Array, "... D"], basis: Float[Array, "D k"]) -> Float[Array, "... D"]:
+    """`h + (s − h) Q Qᵀ`, `Q = orthonormal(basis)`: `h` with its coordinates in the subspace taken from `s`."""
+    q = orthonormal(basis)
+    h = h.astype(jnp.float32)
+    return h + ((s.astype(jnp.float32) - h) @ q) @ q.T
 
 
 def _source(src: Array, ctx, value: Array) -> Array:
@@ -68,9 +75,7 @@ class Interchange(Intervention):
         self.basis, self.source = jnp.asarray(basis, jnp.float32), jnp.asarray(source)
 
     def edit(self, value, ctx):
-        q = orthonormal(self.basis)
-        s = _source(self.source, ctx, value).astype(jnp.float32)
-        return value + ((s - value.astype(jnp.float32)) @ q) @ q.T
+        return interchange(value, _source(self.source, ctx, value), self.basis)
 
 
 class BoundlessInterchange(Intervention):
@@ -258,11 +263,9 @@ class _Cell(Intervention):
     where: Where
 
     def edit(self, value, ctx):
-        q = orthonormal(self.basis)
         idx = real_index(ctx.attention_mask, self.position[None])  # [B, 1]
         at = (jnp.arange(value.shape[1])[None, :] == idx) & (ctx.layer == self.layer)  # [B, T]
-        s = self.source[ctx.layer].astype(jnp.float32)
-        return value + at[..., None] * (((s - value.astype(jnp.float32)) @ q) @ q.T)
+        return jnp.where(at[..., None], interchange(value, self.source[ctx.layer], self.basis), value)
 
 
 def das_grid(model, base, source, cf_labels, candidates, *, layers: Sequence[int], positions: Sequence[int],
@@ -291,6 +294,7 @@ def das_grid(model, base, source, cf_labels, candidates, *, layers: Sequence[int
     for l in layers:
         if not 0 <= l < model.cfg.n_layers:
             raise InputError(f"das_grid: layer {l} outside 0..{model.cfg.n_layers - 1}")
+    check_positions("das_grid: positions", np.asarray(positions), row_lengths(bm), bt.shape[1])
     rng = np.random.default_rng(seed)
     order = rng.permutation(N)
     n_test = max(1, int(round(test_frac * N)))

@@ -93,6 +93,8 @@ def test_das_grid_rejects_bad_input(tiny):
         das_grid(tiny, base, base, np.array([0, 1, 1, 0]), [5, 6], layers=(0,), positions=(-1,), k=0)
     with pytest.raises(InputError, match="layer 9"):
         das_grid(tiny, base, base, np.array([0, 1, 1, 0]), [5, 6], layers=(9,), positions=(-1,))
+    with pytest.raises(InputError, match="das_grid: positions"):  # a cell no row has would train nothing
+        das_grid(tiny, base, base, np.array([0, 1, 1, 0]), [5, 6], layers=(0,), positions=(7,))
 
 
 def test_save_and_load_round_trip_and_refuse_another_model(tiny, tmp_path):

@@ -27,6 +27,7 @@ from interp import interventions as I
 from interp.testing import random_model
 from models import transformer
 from models.generate import generate_tokens
+from tests.models.test_tiny import random_hf_model
 from saes.attribution import attribute
 from saes.transcoders import random_set
 
@@ -62,16 +63,8 @@ ARCH = {"qwen3": "qwen3", "qwen3-tied": "qwen3", "pythia": "gpt_neox", "neox-seq
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def tiny(request, tmp_path_factory):
     """(name, transformers model, our Model) with non-trivial norm weights and biases."""
-    torch.manual_seed(0)
-    hf_cfg = CONFIGS[request.param]()
-    hf_cfg._attn_implementation = "eager"
-    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.ndim == 1:
-                p.add_(0.2 * torch.randn_like(p))
     path = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(path)
+    hf = random_hf_model(CONFIGS[request.param](), path)
     return request.param, hf, models.load(str(path), tokenizer=False)
 
 
@@ -231,16 +224,8 @@ MOE = {
 
 @pytest.fixture(scope="module", params=sorted(MOE))
 def tiny_moe(request, tmp_path_factory):
-    torch.manual_seed(0)
-    hf_cfg = MOE[request.param]()
-    hf_cfg._attn_implementation = "eager"
-    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
-    with torch.no_grad():
-        for prm in hf.parameters():
-            if prm.ndim == 1:
-                prm.add_(0.2 * torch.randn_like(prm))
-    path = tmp_path_factory.mktemp("qwen3moe")
-    hf.save_pretrained(path)
+    path = tmp_path_factory.mktemp(request.param)
+    hf = random_hf_model(MOE[request.param](), path)
     return hf, models.load(str(path), tokenizer=False)
 
 
@@ -390,13 +375,7 @@ def test_from_gguf_matches_transformers(tmp_path, arch):
     """A GGUF in llama.cpp's layout for the family loads to the same logits as transformers' model of the
     directory it was written from; transformers' own GGUF reader of the same file, an independent check of the
     layout, agrees."""
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(GGUF_CONFIGS[arch]()).eval()
-    with torch.no_grad():
-        for prm in hf.parameters():
-            if prm.ndim == 1:
-                prm.add_(0.2 * torch.randn_like(prm))
-    hf.save_pretrained(tmp_path / "hf")
+    hf = random_hf_model(GGUF_CONFIGS[arch](), tmp_path / "hf")
     path = _gguf(tmp_path / f"tiny-{arch}.gguf", tmp_path / "hf", arch)
     m = models.load(str(path), tokenizer=False)
     assert m.cfg.arch == arch and not m.cfg.tie_embeddings

@@ -41,19 +41,25 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
-def tiny(request, tmp_path_factory):
-    """(transformers model, our config, our params) for one architecture, with non-trivial norms and biases."""
+def random_hf_model(hf_cfg, path):
+    """A seeded random transformers model of `hf_cfg` (eager attention) with non-trivial norm weights and biases
+    (every 1-D parameter moved by normal(0, 0.2)), saved to `path`."""
     torch.manual_seed(0)
-    hf_cfg = CONFIGS[request.param]()
     hf_cfg._attn_implementation = "eager"
     model = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 1:
                 p.add_(0.2 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def tiny(request, tmp_path_factory):
+    """(transformers model, our config, our params) for one architecture, with non-trivial norms and biases."""
+    path = tmp_path_factory.mktemp(request.param)
+    model = random_hf_model(CONFIGS[request.param](), path)
     cfg, params = load_hf_dir(path)
     return request.param, model, cfg, params
 
