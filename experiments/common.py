@@ -4,10 +4,6 @@ re-exported here; the other helpers that are not studies are in `experiments.lib
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import time
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -17,6 +13,8 @@ from interp import data, stats
 from interp.probes import surface_baseline, surface_baseline_split  # noqa: F401 (the studies import them here)
 from interp.plot import save_figure  # noqa: F401 (the studies' one figure helper, imported here)
 from models import cli
+from experiments.lib.study import Report, Study, run_dir, undefined_to_none, write_report  # noqa: F401
+from experiments.lib.timing import generating, lap  # noqa: F401 (the studies' phase marks)
 from experiments.lib.refusal_metrics import (REFUSAL_OPENINGS, REFUSAL_SUBSTRINGS, KLFromBase,  # noqa: F401 (re-exported)
                                              RefusalScore, is_refusal, refusal_rate, refusal_token_ids)
 
@@ -25,51 +23,6 @@ def parse_config(cls, argv: Sequence[str] | None = None, description: str = ""):
     """A frozen dataclass `cls` filled from `--field value` flags: `models.cli.parse` (each flag's description
     from its field's `#` comment, its default, tuples as comma-separated values)."""
     return cli.parse(cls, argv, description=description)
-
-
-def run_dir(name: str, root: str = "runs") -> Path:
-    """A new, empty directory `root/name/<timestamp>` for one run, created exclusively: a run started in the same
-    second as another gets `<timestamp>-2`, `-3`, ... (never another run's directory)."""
-    parent = Path(root) / name
-    parent.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for i in range(1, 10_000):
-        path = parent / (stamp if i == 1 else f"{stamp}-{i}")
-        try:
-            path.mkdir()  # atomic: exactly one of two racing runs creates it
-            return path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"{parent}: 9,999 run directories named {stamp}[-i] exist already")
-
-
-def write_report(path: Path, title: str, cfg, sections: Sequence[tuple[str, str]], metrics: dict) -> Path:
-    """`report.md` (config, then one section per (heading, markdown body)) and `metrics.json` in `path`."""
-    lines = [f"# {title}", "", "Config: `" + json.dumps(dataclasses.asdict(cfg)) + "`", ""]
-    for heading, body in sections:
-        lines += [f"## {heading}", "", body.strip(), ""]
-    (path / "report.md").write_text("\n".join(lines))
-    (path / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-    return path / "report.md"
-
-
-def run_models(experiment: str, title: str, cfg, runs, prefix: str, subdir: str = "second_model"):
-    """One report over several models: `runs` are `(model name, study)` pairs, `study(model, folder) ->
-    (sections, metrics)`; the first writes its figures into the run folder, the others into `folder/subdir`
-    (their `](prefix...` figure links rewritten). Returns the run folder and `{model name: metrics}`."""
-    out = run_dir(experiment, cfg.out)
-    sections, metrics = [], {}
-    for i, (name, study) in enumerate(runs):
-        sub = out if i == 0 else out / subdir
-        sub.mkdir(exist_ok=True)
-        s, met = study(models.load(name), sub)
-        if i:
-            s = [(h, b.replace(f"]({prefix}", f"]({subdir}/{prefix}")) for h, b in s]
-        sections += s
-        metrics[name] = met
-    report = write_report(out, title, cfg, sections, undefined_to_none(metrics))
-    print(f"wrote {report}")
-    return out, metrics
 
 
 def chat_texts(m: models.Model, prompts: Sequence[str], system: str | None = None) -> list[str]:
@@ -133,18 +86,6 @@ def safe_cosine(a, b, rel_tol: float = 1e-4) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         cos = np.sum(a * b, -1) / (na * nb)
     return np.where(zero, np.nan, cos)
-
-
-def undefined_to_none(x):
-    """`x` (nested dicts / lists / arrays of numbers) with NaN replaced by None, for strict JSON: an undefined
-    quantity is written as null, never as 0."""
-    if isinstance(x, dict):
-        return {k: undefined_to_none(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)) or (isinstance(x, np.ndarray) and x.ndim > 0):
-        return [undefined_to_none(v) for v in x]
-    if isinstance(x, (float, np.floating)) or (isinstance(x, np.ndarray) and x.ndim == 0):
-        return None if not np.isfinite(x) else float(x)
-    return x
 
 
 def fmt(x: float, spec: str = ".2f") -> str:

@@ -42,8 +42,8 @@ its swept layers differ).
 
 from __future__ import annotations
 
+import dataclasses
 import re
-import time
 from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
@@ -55,7 +55,7 @@ from matplotlib.figure import Figure
 
 import models
 from experiments.lib import bandit
-from experiments.common import fmt, parse_config, run_models, save_figure
+from experiments.common import Report, Study, fmt, lap, save_figure
 from interp import stats
 from interp.interventions import AddVector, AddVectorPerExample
 from models import transformer
@@ -561,8 +561,10 @@ def _est(e) -> dict:
     return dict(value=e.value, lo=e.lo, hi=e.hi, n=e.n, p=e.p, method=e.method)
 
 
-def study(m, cfg: Config, chat: bool, tag: str, out) -> tuple[list, dict]:
-    """The whole study for one agent (figures into the folder `out`): report sections and metrics."""
+def study(m, cfg: Config, out) -> Report:
+    """The whole study for one agent (figures into the folder `out`); `cfg.chat`: its prompts use the chat
+    template."""
+    chat, tag = cfg.chat, cfg.model
     L, D = m.cfg.n_layers, m.cfg.d_model
     layers, primary = validate(cfg, L)
     main = layers[len(layers) // 2]
@@ -571,25 +573,22 @@ def study(m, cfg: Config, chat: bool, tag: str, out) -> tuple[list, dict]:
     prompt = Prompt()
     zero = Group(np.zeros((1, D), np.float32), np.zeros((1, L), np.float32), np.ones(1, np.float32))
     col_env = bandit.make_bandits(k_col, cfg.n_collect, cfg.steps, cfg.gap, cfg.sigma)
-    clock = [("start", time.perf_counter())]
-    tick = lambda name: clock.append((name, time.perf_counter()))  # noqa: E731
     (col,) = run_episodes(m, cfg, prompt, col_env, [zero], jax.random.fold_in(k_act, 0), layers, chat)
-    tick("collection")
+    lap("collection")
     vecs = build_vectors(col, layers, cfg, L, D, k_dir)
     names, kinds, betas, temps, vectors, scales = conditions(vecs, layers, main, cfg, L, D)
     env = bandit.make_bandits(k_env, cfg.n_episodes, cfg.steps, cfg.gap, cfg.sigma)
     res, res_null = run_episodes(m, cfg, prompt, env, [Group(vectors, scales, np.asarray(temps, np.float32)),
                                                        null_group(vecs, layers, cfg, L)], k_act, (main,), chat)
     summ, final, final_null = summarise(res, env, cfg), final_entropy(res, cfg), final_entropy(res_null, cfg)
-    tick("evaluation + null")
+    lap("evaluation + null")
     tr_rows = [0] + [names.index(f"EAST L{main} beta {b:g}") for b in cfg.betas]
     (res_tr,) = run_episodes(m, cfg, REWORDED, env, [Group(vectors[tr_rows], scales[tr_rows],
                                                            np.ones(len(tr_rows), np.float32))], k_act, (main,), chat)
     transfer, final_tr = summarise(res_tr, env, cfg), final_entropy(res_tr, cfg)
-    tick("transfer")
+    lap("transfer")
     sampled = sampled_mode(m, cfg, col, vecs, main, chat, k_s)
-    tick("sampled mode")
-    seconds = {name: round(t - clock[i][1], 1) for i, (name, t) in enumerate(clock[1:])}
+    lap("sampled mode")
 
     comparisons = compare(final, final_null, names, layers, cfg)
     by_cell = {c["cell"]: c for c in comparisons}
@@ -705,7 +704,7 @@ def study(m, cfg: Config, chat: bool, tag: str, out) -> tuple[list, dict]:
                                   f"{s0['valid_hi']:.2f}] (n={s0['n']})", bool(s0["valid_hi"] < 0.1)))
 
     sections = [
-        (f"{tag}: setup", f"Agent {m.name} ({'chat template' if chat else 'plain-text prompt'}); two-armed bandit, arm "
+        ("setup", f"Agent {m.name} ({'chat template' if chat else 'plain-text prompt'}); two-armed bandit, arm "
                           f"means 10 and {10 + cfg.gap:g} (better arm random per episode), reward sd {cfg.sigma:g}, "
                           f"{cfg.steps} presses; exact policy readout at \"Action:\". Vectors from n = {cfg.n_collect} "
                           f"unsteered episodes x {cfg.steps} steps ({cfg.n_collect * cfg.steps} prompts; Z = sum "
@@ -716,24 +715,23 @@ def study(m, cfg: Config, chat: bool, tag: str, out) -> tuple[list, dict]:
                           f"({len(layers) * len(cfg.betas) * cfg.n_null * cfg.null_episodes} episodes, batched "
                           f"with the others); seed {cfg.seed}. Main layer {main}; primary comparison {primary}. "
                           "Every steering "
-                          "vector (EAST, controls, null) is scaled to the same added norm beta x mean |z|. Wall "
-                          "time (s): "
-                          + ", ".join(f"{k} {s:g}" for k, s in seconds.items()) + ".\n\n" + vec_text),
-        (f"{tag}: entropy vs beta vs temperature", table + "\n\n![entropy per step](east_entropy_per_step.png)\n"
+                          "vector (EAST, controls, null) is scaled to the same added norm beta x mean |z|.\n\n"
+                          + vec_text),
+        ("entropy vs beta vs temperature", table + "\n\n![entropy per step](east_entropy_per_step.png)\n"
                                                    "![sweep](east_sweep.png)"),
-        (f"{tag}: EAST against its controls and the null", body + "\n\nThe verdict's cells:\n\n" + v.table),
-        (f"{tag}: transfer to a reworded prompt", "The vectors from the A / B prompt, applied to a prompt with other "
+        ("EAST against its controls and the null", body + "\n\nThe verdict's cells:\n\n" + v.table),
+        ("transfer to a reworded prompt", "The vectors from the A / B prompt, applied to a prompt with other "
                                                   "wording and buttons red / blue (same bandits):\n\n" + tr_table),
-        (f"{tag}: sampled mode", (f"{min(cfg.sampled_prompts, cfg.n_collect * cfg.steps)} collection prompts x "
+        ("sampled mode", (f"{min(cfg.sampled_prompts, cfg.n_collect * cfg.steps)} collection prompts x "
                                   f"{cfg.samples} completions of {cfg.max_new_tokens} tokens after \"Thought:\", action "
                                   "read by `parse_action` (the first explicit \"Action: <button>\", else a leading "
                                   "button name standing alone), invalid completions dropped:\n\n" + s_table +
                                   "\n\nExample: " + repr(sampled[0]["example"])) if sampled else "skipped (--sampled-prompts 0)"),
-        (f"{tag}: Claims", stats.claims_section(claims)),
+        ("Claims", stats.claims_section(claims)),
     ]
     metrics = dict(layers=list(layers), main_layer=main, primary=primary,
                    verdict=dict(holds=v.holds, sentence=v.sentence, p_holm=v.p_holm),
-                   conditions=dict(zip(names, summ)), seconds=seconds,
+                   conditions=dict(zip(names, summ)),
                    east_vs_controls=[dict(layer=c["layer"], beta=c["beta"], east=c["east"], controls=c["controls"],
                                           best_control=c["best_control"], vs_control=_est(c["vs_control"]),
                                           vs_unsteered=_est(c["vs_unsteered"]), null=_est(c["null"]),
@@ -744,18 +742,28 @@ def study(m, cfg: Config, chat: bool, tag: str, out) -> tuple[list, dict]:
                    vectors={str(l): {k: v_[k] for k in ("u_norm", "z_norm", "cos_step", "cos_shuffled")}
                             for l, v_ in vecs.items()},
                    collection_entropy_per_step=h_col.mean(0).tolist())
-    return sections, metrics
+    return Report(sections, metrics)
 
 
-def main(argv=None, cfg: Config | None = None):
-    cfg = cfg or parse_config(Config, argv, __doc__)
+def check(cfg: Config) -> None:
+    """Before any model loads: a layer-named primary cell cannot apply to a second agent's own default layers."""
     if cfg.second_model and not cfg.layers and primary_cell(cfg.primary)[0] != "main":
         raise InputError(f"--primary {cfg.primary!r} names a layer, but --second-model {cfg.second_model} sweeps its "
                          "own default layers: give --primary layermain/beta<b> (the middle swept layer) or --layers")
-    agents = [(cfg.model, cfg.chat)] + ([(cfg.second_model, False)] if cfg.second_model else [])
-    return run_models("east", "Entropic activation steering of an LLM bandit agent (Rahn et al. 2024)", cfg,
-                      [(n, lambda m, sub, n=n, chat=chat: study(m, cfg, chat, n, sub)) for n, chat in agents], "east_",
-                      "second_agent")
+
+
+def second_agent(cfg: Config) -> Config:
+    """The second agent's config: a base model, so plain-text prompts."""
+    return dataclasses.replace(cfg, model=cfg.second_model, second_model="", chat=False)
+
+
+STUDY = Study("east", "Entropic activation steering of an LLM bandit agent (Rahn et al. 2024)", Config, study, __doc__,
+              check=check, second=second_agent, subdir="second_agent")
+
+
+def main(argv=None, cfg: Config | None = None):
+    """`python -m experiments.east`: the run folder and its metrics (`{model: metrics}`)."""
+    return STUDY.main(argv, cfg)
 
 
 if __name__ == "__main__":

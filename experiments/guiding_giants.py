@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 
 import jax
@@ -34,9 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
 
-import models
-from experiments.common import (RefusalScore, chat_batch, instruction_splits, parse_config,
-                                refusal_token_ids, run_dir, save_figure, undefined_to_none, write_report)
+from experiments.common import (Report, RefusalScore, Study, chat_batch, generating, instruction_splits, lap,
+                                refusal_token_ids, save_figure)
 from experiments.lib.gg_controller import (PHRASE_LISTS, EndToEndSpec, StepSteer, TrainSpec, decode_rows,
                                            last_layer_logp, layer_norms, per_step_tokens, phrase_direction,
                                            prompt_pass, steer_scales, token_direction, top_pushed_token,
@@ -163,9 +161,10 @@ def generate_static(m, tokens, mask, prompt_rows, vecs, scales, where: Where, cf
     for idx, keep in _rows_chunks(len(prompt_rows), cfg.batch_size):
         p = prompt_rows[idx]
         iv = AddVectorPerExample("resid_post", jnp.asarray(vecs[idx]), jnp.asarray(scales[idx]), where=where)
-        new = generate_tokens(m, jnp.asarray(tokens[p]), jnp.asarray(mask[p]), jax.random.key(0), (iv,), stops,
-                              max_new_tokens=cfg.max_new_tokens)
-        out.append(np.asarray(new)[:keep])
+        with generating():
+            new = generate_tokens(m, jnp.asarray(tokens[p]), jnp.asarray(mask[p]), jax.random.key(0), (iv,), stops,
+                                  max_new_tokens=cfg.max_new_tokens)
+            out.append(np.asarray(new)[:keep])
     return np.concatenate(out)
 
 
@@ -179,11 +178,12 @@ def generate_per_step(m, tokens, mask, prompt_rows, vecs, ctrl, coef, bias, gate
     for idx, keep in _rows_chunks(len(prompt_rows), cfg.batch_size):
         p = prompt_rows[idx]
         f = lambda a: jnp.asarray(a[idx], jnp.float32)
-        new, s = per_step_tokens(m, jnp.asarray(tokens[p]), jnp.asarray(mask[p]),
-                                 StepSteer(ctrl, f(coef), f(bias), f(gate)), f(vecs), stops, layers=layers,
-                                 max_new_tokens=cfg.max_new_tokens)
-        out.append(np.asarray(new)[:keep])
-        sc.append(np.asarray(s)[:keep])
+        with generating():
+            new, s = per_step_tokens(m, jnp.asarray(tokens[p]), jnp.asarray(mask[p]),
+                                     StepSteer(ctrl, f(coef), f(bias), f(gate)), f(vecs), stops, layers=layers,
+                                     max_new_tokens=cfg.max_new_tokens)
+            out.append(np.asarray(new)[:keep])
+            sc.append(np.asarray(s)[:keep])
     return np.concatenate(out), np.concatenate(sc)
 
 
@@ -218,12 +218,8 @@ def _fmt_rate(k: int, n: int) -> str:
 # ----------------------------------------------------------------------------- the study
 
 
-def main(argv=None, cfg: Config | None = None):
-    cfg = cfg or parse_config(Config, argv, __doc__)
-    t0 = time.time()
-    timing = {}
-    out = run_dir("guiding_giants", cfg.out)
-    m = models.load(cfg.model)
+def study(m, cfg: Config, out) -> Report:
+    """The whole study on model `m` (figures, controller checkpoints and generations into the folder `out`)."""
     L, D = m.cfg.n_layers, m.cfg.d_model
     if cfg.feature_layers > L:
         raise InputError(f"feature_layers must be in [1, {L}] for this model, got {cfg.feature_layers}")
@@ -252,7 +248,7 @@ def main(argv=None, cfg: Config | None = None):
     base_logp = jnp.asarray(base_logp)
     last_resid = x_te[:, -D:]
     norm_all, norm_last = layer_norms(m, *train_tm, cfg.batch_size)
-    timing["inputs"] = time.time() - t0
+    lap("inputs")
     # controllers
     spec = TrainSpec(n_hidden=cfg.hidden, lr=cfg.lr, batch=cfg.batch, epochs=cfg.epochs)
     k_bce, k_shuffle, k_rand = jax.random.split(jax.random.key(cfg.seed), 3)
@@ -279,7 +275,7 @@ def main(argv=None, cfg: Config | None = None):
     token_dirs = {name: np.asarray(token_direction(m, t)) for name, t in top.items()}
     rand = np.asarray(normalize(jax.random.normal(k_rand, (cfg.n_null, D))))
     i_dir = np.asarray(token_direction(m, i_tok[0])) if len(i_tok) == 1 else None
-    timing["controllers and directions"] = time.time() - t0 - sum(timing.values())
+    lap("controllers and directions")
     # where each mode breaks: harmless first-token KL of constant steering along the authors' direction
     kl_scan = {"authors": [], "paper": [], "authors controller": [], "authors controller log-odds": []}
     d = jnp.asarray(dirs["authors"])
@@ -296,7 +292,7 @@ def main(argv=None, cfg: Config | None = None):
         _, lp = prompt_pass(m, tokens[safe], mask[safe], cfg.feature_layers, cfg.batch_size,
                             lambda r, sc=sc: (AddVectorPerExample("resid_post", d, jnp.asarray(sc[r])),))
         kl_scan["paper"].append(float(jnp.mean(jnp.sum(jnp.exp(base_logp[safe]) * (base_logp[safe] - lp), -1))))
-    timing["KL scan"] = time.time() - t0 - sum(timing.values())
+    lap("KL scan")
 
     # ------------------------------------------------------------------ cells
     cells, texts, first = {}, {}, {}
@@ -323,7 +319,7 @@ def main(argv=None, cfg: Config | None = None):
         s_e, w_e = (np.asarray(v) for v in e2e(jnp.asarray(x_te)))
         if not cfg.e2e_train_s:
             s_e = s_c  # the copy's own s drifted with its body; it steers with the BCE controller's
-    timing["end to end"] = time.time() - t0 - sum(timing.values())
+    lap("end to end")
     rng = np.random.default_rng(cfg.seed + 1)
     n_sub = cfg.null_prompts or N
     null_idx = [np.r_[np.sort(rng.permutation(harm)[:n_sub]), np.sort(rng.permutation(safe)[:n_sub])]
@@ -359,7 +355,7 @@ def main(argv=None, cfg: Config | None = None):
         steer = lambda q, v=v, sc=sc[r]: (AddVectorPerExample("resid_post", jnp.asarray(v), jnp.asarray(sc[q])),)
         _, lp = prompt_pass(m, tokens[r], mask[r], cfg.feature_layers, cfg.batch_size, steer)
         first[name] = _first_token(lp, base_logp[r], r >= len(harm), ids_all, ids_no_i)
-    timing["paper mode"] = time.time() - t0 - sum(timing.values())
+    lap("paper mode")
 
     # authors' mode: last layer, newest token, the controller re-run at every step (once-per-prompt: an ablation)
     zero, ones = np.zeros(N), np.ones(N)
@@ -396,12 +392,12 @@ def main(argv=None, cfg: Config | None = None):
             lp = last_layer_logp(m, last_resid[r], sc[lo:lo + len(r), 0], jnp.asarray(v))
             first[name] = _first_token(lp, base_logp[r], r >= len(harm), ids_all, ids_no_i)
             lo += len(r)
-    timing["authors mode"] = time.time() - t0 - sum(timing.values())
+    lap("authors mode")
     base_new = generate_static(m, tokens, mask, everyone, np.zeros((N, D)), np.zeros((N, L)), Where(), cfg)
     texts["none"] = decode_rows(m, base_new, m.tokenizer.stop_ids)
     first["none"] = _first_token(base_logp, base_logp, everyone >= len(harm), ids_all, ids_no_i)
     rows_of("none")
-    timing["unsteered"] = time.time() - t0 - sum(timing.values())
+    lap("unsteered")
 
     # ------------------------------------------------------------------ judging and statistics
     labels = {name: judge_all(t) for name, t in texts.items()}
@@ -443,7 +439,6 @@ def main(argv=None, cfg: Config | None = None):
     for name, (s, _) in outs.items():
         for src in ("harmbench", "strongreject"):
             aurocs[(name, src)] = stats.auroc(score(s, src), yy(src), seed=cfg.seed, label=f"{name} {src}")
-    timing["total"] = time.time() - t0
 
     # ------------------------------------------------------------------ report
     _figure(out, cfg, cells)
@@ -514,11 +509,10 @@ def main(argv=None, cfg: Config | None = None):
         ("Sample generations", "\n".join(
             f"- **{name}**: harmful: {texts[name][0][:100]!r}; harmless: {texts[name][safe[0]][:100]!r}"
             for name in texts if "random #" not in name)),
-        ("Timing", ", ".join(f"{k} {v:.0f} s" for k, v in timing.items())),
     ]
     metrics = dict(
         n=dict(harmful=len(harm), harmless=len(safe), harmbench=hb_n, strongreject=sr_n),
-        bce_loss=bce_curve, end_to_end_objective=e2e_curve, timing=timing, kl_scan=kl_scan,
+        bce_loss=bce_curve, end_to_end_objective=e2e_curve, kl_scan=kl_scan,
         norms=dict(all_tokens=norm_all.tolist(), last_token=norm_last.tolist()),
         top_token={k: m.decode([v]) for k, v in top.items()},
         auroc={f"{n} {src}": dataclasses.asdict(e) for (n, src), e in aurocs.items()},
@@ -530,11 +524,17 @@ def main(argv=None, cfg: Config | None = None):
                for k, t in nulls.items()},
         versus={f"{a} vs {b}": dataclasses.asdict(e) for (a, b), e in versus.items()},
         claims=[dataclasses.asdict(c) for c in claims])
-    report = write_report(out, "Guiding Giants: a trained steering controller (Hegazy et al. 2025)", cfg, sections,
-                          undefined_to_none(metrics))
     (out / "generations.json").write_text(json.dumps(texts))
-    print(f"wrote {report}")
-    return out, metrics
+    return Report(sections, metrics)
+
+
+STUDY = Study("guiding_giants", "Guiding Giants: a trained steering controller (Hegazy et al. 2025)", Config, study,
+              __doc__)
+
+
+def main(argv=None, cfg: Config | None = None):
+    """`python -m experiments.guiding_giants`: the run folder and its metrics."""
+    return STUDY.main(argv, cfg)
 
 
 def _results_table(cells: dict, cfg: Config) -> str:

@@ -38,9 +38,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 import models
-from experiments.common import (RefusalScore, chat_texts, fmt, instruction_splits, parse_config, is_refusal,
-                                refusal_token_ids, run_dir, safe_cosine, save_figure, surface_baseline, surface_table,
-                                survives, undefined_to_none, write_report)
+from experiments.common import (RefusalScore, Report, Study, chat_texts, fmt, instruction_splits, is_refusal, lap,
+                                refusal_token_ids, safe_cosine, save_figure, surface_baseline, surface_table, survives)
 from experiments.lib.refusal_stats import (PromptRefusalScores, as_dict, beats_null, cell_holds, check_stats_fields,
                                            prompt_scores, random_like, rate_estimate)
 from interp import data, probes, stats
@@ -432,20 +431,21 @@ def _claims(cfg: Config, cos, med: stats.Estimate, clf: dict, verdicts: dict, te
     ]
 
 
-def main(argv=None, cfg: Config | None = None):
-    cfg = cfg or parse_config(Config, argv, __doc__)
-    out = run_dir("harmfulness_refusal", cfg.out)
-    m = models.load(cfg.model)
+def study(m, cfg: Config, out) -> Report:
+    """The whole study on model `m` (figures into the folder `out`)."""
     metric = RefusalScore(jnp.asarray(refusal_token_ids(m)))
     sets = _sets(cfg)
     res = directions_and_classifiers(m, cfg, sets)
+    lap("directions and classifiers")
     # robustness: trailing punctuation removed on both sides; and the confounded original harmless set
     variants = {f"{cfg.harmless} harmless": res,
                 "punctuation normalised": directions_and_classifiers(m, cfg, _sets(cfg, normalise=True))}
     if cfg.harmless != "original":
         variants["original harmless (confounded)"] = directions_and_classifiers(m, cfg, _sets(cfg, "original"))
+    lap("surface variants")
     steer = (steering(m, cfg, sets, res["harmfulness"], res["refusal"], metric, jax.random.PRNGKey(cfg.seed))
              if cfg.steer else None)
+    lap("steering")
     _figures(out, variants, steer)
 
     cos = res["cosine"]
@@ -504,16 +504,23 @@ def main(argv=None, cfg: Config | None = None):
                      ("Verdict", f"Not computed: the primary cell ({cfg.primary}) is a steering cell.")]
     claims = _claims(cfg, cos, res["median_cosine"], clf, verdicts, tests, v)
     sections.append(("Claims", stats.claims_section(claims)))
-    metrics = undefined_to_none(dict(
+    metrics = dict(
         cosine=cos, median_cosine=as_dict(res["median_cosine"]), classification=clf, probe_cell=res["probe_cell"],
         variants={label: dict(cosine=r["cosine"], classification=clfs[label], probe_cell=r["probe_cell"])
                   for label, r in variants.items()},
         survives={k: ok for k, (ok, _) in verdicts.items()},
         surface={name: data.surface_stats(t) for name, t in sets.items()}, **steer_metrics,
-        claims=[dict(text=c.text, statistic=c.statistic, holds=c.holds) for c in claims]))
-    report = write_report(out, "Harmfulness and refusal are encoded separately (Zhao et al. 2025)", cfg, sections, metrics)
-    print(f"wrote {report}")
-    return out, metrics
+        claims=[dict(text=c.text, statistic=c.statistic, holds=c.holds) for c in claims])
+    return Report(sections, metrics)
+
+
+STUDY = Study("harmfulness_refusal", "Harmfulness and refusal are encoded separately (Zhao et al. 2025)", Config, study,
+              __doc__)
+
+
+def main(argv=None, cfg: Config | None = None):
+    """`python -m experiments.harmfulness_refusal`: the run folder and its metrics."""
+    return STUDY.main(argv, cfg)
 
 
 if __name__ == "__main__":

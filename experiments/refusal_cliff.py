@@ -40,9 +40,8 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 import models
-from experiments.common import (chat_batch, chat_texts, instruction_splits, is_refusal, parse_config, refusal_rate,
-                                refusal_token_ids, run_dir, save_figure, surface_baseline, surface_table, survives,
-                                undefined_to_none, write_report)
+from experiments.common import (Report, Study, chat_batch, chat_texts, instruction_splits, is_refusal, lap,
+                                refusal_rate, refusal_token_ids, save_figure, surface_baseline, surface_table, survives)
 from experiments.lib.refusal_stats import (PromptRefusalScores, as_dict, beats_null, cell_holds, check_stats_fields,
                                            rate_estimate)
 from interp import probes, stats
@@ -291,10 +290,8 @@ def _est(d: dict) -> str:
     return str(stats.Estimate(**{k: d[k] for k in ("value", "lo", "hi", "n")}))
 
 
-def main(argv=None, cfg: Config | None = None):
-    cfg = cfg or parse_config(Config, argv, __doc__)
-    out = run_dir("refusal_cliff", cfg.out)
-    m = models.load(cfg.model)
+def study(m, cfg: Config, out) -> Report:
+    """The whole study on model `m` (figures into the folder `out`)."""
     L = m.cfg.n_layers
     check_field("probe_layer", cfg.probe_layer, lo=-1, hi=L - 1, integer=True)  # before any compute
     layer = cfg.probe_layer if cfg.probe_layer >= 0 else (2 * L) // 3
@@ -302,6 +299,7 @@ def main(argv=None, cfg: Config | None = None):
     harmful, harmless = instruction_splits(cfg.seed, (cfg.n_train, 0, cfg.n_test), harmless=cfg.harmless)
     probe, probe_metrics = train_probe(m, cfg, layer, harmful[0], harmless[0])
     traj = {"harmful": trajectories(m, cfg, probe, harmful[2]), "harmless": trajectories(m, cfg, probe, harmless[2])}
+    lap("probe and trajectories")
     variants = {f"{cfg.harmless} harmless": _surface_variant(probe_metrics, traj, harmful, harmless)}
     # controls, prompt tokens only: punctuation removed on both sides; the original (confounded) harmless set
     controls = {"punctuation normalised": (cfg.harmless, True)}
@@ -313,9 +311,11 @@ def main(argv=None, cfg: Config | None = None):
         t2 = {"harmful": trajectories(m, cfg, p2, h2[2], generate=False),
               "harmless": trajectories(m, cfg, p2, s2[2], generate=False)}
         variants[label] = _surface_variant(pm2, t2, h2, s2)
+    lap("surface controls")
     tokens, mask = chat_batch(m, harmful[2], cfg.system_prompt or None)
     contrib = head_contributions(m, tokens, mask, probe.direction, layer)
     abl = head_ablations(m, cfg, contrib, probe, tokens, mask, metric)
+    lap("head ablations")
     summary = _summarise(abl["per"], cfg.fractions)
     post_labels = [repr(m.decode([t], skip_special=False))[1:-1].replace("|", "¦") for t in post_instruction_ids(m)]
     _figures(out, traj, contrib, post_labels, cfg)
@@ -442,10 +442,15 @@ def main(argv=None, cfg: Config | None = None):
                    ablation_summary=summary_out, most_negative_heads=[list(x) for x in top_heads],
                    tests={k: as_dict(t) for k, t in tests.items()}, primary=cfg.primary, verdict_holds=v.holds,
                    p_holm=v.p_holm, claims=[dict(text=c.text, statistic=c.statistic, holds=c.holds) for c in claims])
-    metrics = undefined_to_none(metrics)
-    report = write_report(out, "Refusal falls off a cliff (Yin et al. 2025)", cfg, sections, metrics)
-    print(f"wrote {report}")
-    return out, metrics
+    return Report(sections, metrics)
+
+
+STUDY = Study("refusal_cliff", "Refusal falls off a cliff (Yin et al. 2025)", Config, study, __doc__)
+
+
+def main(argv=None, cfg: Config | None = None):
+    """`python -m experiments.refusal_cliff`: the run folder and its metrics."""
+    return STUDY.main(argv, cfg)
 
 
 if __name__ == "__main__":

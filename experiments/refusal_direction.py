@@ -36,9 +36,9 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 import models
-from experiments.common import (RefusalScore, chat_batch, chat_texts, instruction_splits, is_refusal,
-                                parse_config, refusal_token_ids, run_dir, safe_cosine, save_figure, surface_baseline,
-                                surface_table, survives, undefined_to_none, write_report)
+from experiments.common import (RefusalScore, Report, Study, chat_batch, chat_texts, instruction_splits, is_refusal,
+                                lap, refusal_token_ids, safe_cosine, save_figure, surface_baseline, surface_table,
+                                survives)
 from experiments.lib.refusal_select import select_direction
 from experiments.lib.refusal_stats import (PromptRefusalScores, as_dict, beats_null, cell_holds, check_stats_fields,
                                            prompt_scores, random_like, rate_estimate)
@@ -214,21 +214,23 @@ def _figures(out, sel, rows, tokens_post):
     save_figure(fig, out / "refusal_scores.png")
 
 
-def main(argv=None, cfg: Config | None = None):
-    cfg = cfg or parse_config(Config, argv, __doc__)
-    out = run_dir("refusal_direction", cfg.out)
-    m = models.load(cfg.model)
+def study(m, cfg: Config, out) -> Report:
+    """The whole study on model `m` (figures into the folder `out`)."""
     metric = RefusalScore(jnp.asarray(refusal_token_ids(m)))
     pmetric = PromptRefusalScores(jnp.asarray(refusal_token_ids(m)))
     harmful, harmless = instruction_splits(cfg.seed, (cfg.n_train, cfg.n_val, cfg.n_test), harmless=cfg.harmless)
     sel = select_direction(m, cfg, harmful, harmless, metric)
+    lap("candidate selection")
     controls = surface_controls(m, cfg, sel, metric, harmful, harmless)
+    lap("surface controls")
     nulls = random_like(sel["direction"], cfg.n_null, cfg.seed)  # [K, D], the same norm as the direction
     system = cfg.system_prompt or None
     null = null_scores(m, cfg, sel["direction"], sel["layer"], nulls, pmetric, chat_batch(m, harmful[2], system),
                        chat_batch(m, harmless[2], system))
+    lap("null distributions")
     per, generations, max_diff = evaluate(m, cfg, harmful[2], harmless[2], sel["direction"], sel["layer"], nulls[0],
                                           pmetric)
+    lap("test conditions")
     rows = {n: dict(refusal_rate_harmful=float(r["refused_harmful"].mean()),
                     refusal_rate_harmless=float(r["refused_harmless"].mean()),
                     refusal_score_harmful=float(r["score_harmful"].mean()),
@@ -328,10 +330,15 @@ def main(argv=None, cfg: Config | None = None):
                    surface_controls=controls, direction_survives=bool(ok),
                    tests={k: as_dict(t) for k, t in tests.items()}, primary=cfg.primary, verdict_holds=v.holds,
                    p_holm=v.p_holm, claims=[dict(text=c.text, statistic=c.statistic, holds=c.holds) for c in claims])
-    metrics = undefined_to_none(metrics)
-    report = write_report(out, "Refusal direction (Arditi et al. 2024)", cfg, sections, metrics)
-    print(f"wrote {report}")
-    return out, metrics
+    return Report(sections, metrics)
+
+
+STUDY = Study("refusal_direction", "Refusal direction (Arditi et al. 2024)", Config, study, __doc__)
+
+
+def main(argv=None, cfg: Config | None = None):
+    """`python -m experiments.refusal_direction`: the run folder and its metrics."""
+    return STUDY.main(argv, cfg)
 
 
 if __name__ == "__main__":

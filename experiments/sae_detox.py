@@ -47,7 +47,6 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -63,7 +62,7 @@ from matplotlib.figure import Figure
 import models
 import saes
 from experiments.lib import toxigen
-from experiments.common import parse_config, run_models, save_figure
+from experiments.common import Report, Study, generating, lap, save_figure
 from interp import stats
 from interp.interventions import stack
 from interp.readout import ContinuationLoss, run_readout
@@ -434,10 +433,12 @@ def score(m, b: Batches, stacked, gen_stacked, cfg: Config) -> dict:
         stops = jnp.asarray(m.tokenizer.stop_ids, jnp.int32)
         p_tok, p_mask = jnp.asarray(b.p_tok), jnp.asarray(b.p_mask)
         if gen_stacked is None:
-            new = np.asarray(generate_tokens(m, p_tok, p_mask, jax.random.PRNGKey(0), (), stops,
-                                             max_new_tokens=cfg.max_new_tokens))[None]
+            with generating():
+                new = np.asarray(generate_tokens(m, p_tok, p_mask, jax.random.PRNGKey(0), (), stops,
+                                                 max_new_tokens=cfg.max_new_tokens))[None]
         else:
-            new = np.asarray(_generate_sweep(m, p_tok, p_mask, gen_stacked, stops, cfg.max_new_tokens))
+            with generating():
+                new = np.asarray(_generate_sweep(m, p_tok, p_mask, gen_stacked, stops, cfg.max_new_tokens))
         out["gen"] = [generated_scores(m, b, n, cfg) for n in new]
     return out
 
@@ -635,20 +636,13 @@ def analyse(res: dict, cfg: Config, main: int) -> dict:
 # ----------------------------------------------------------------------------- study
 
 
-def study(m, cfg: Config, tag: str, out: Path) -> tuple[list, dict]:
-    """The whole study for one model (figures into `out`): report sections and metrics."""
-    clock = [("start", time.perf_counter())]
-
-    def tick(name):
-        clock.append((name, time.perf_counter()))
-        print(f"[sae_detox {time.strftime('%H:%M:%S')}] {name}: {clock[-1][1] - clock[-2][1]:.0f} s", flush=True)
-
+def study(m, cfg: Config, out: Path) -> Report:
+    """The whole study for one model (figures into `out`)."""
     layer = validate(cfg, m.cfg.n_layers, m.cfg.d_model)
-    toxigen.profanity()  # fail before any work if the toxicity proxy is missing
     root = Path(cfg.cache_dir or Path.home() / ".cache" / "interp" / "sae_detox")
     data = split(cfg.seed)
     dictionaries = train_saes(m, cfg, layer, data, root)
-    tick("SAEs (trained or reused)")
+    lap("SAEs (trained or reused)")
     prompts, triples = prompts_and_pairs(data, cfg)
     g_tok, g_mask, g_len, g_ctx = scored_batch(m, [t[0] for t in triples] * 2,
                                                [t[1] for t in triples] + [t[2] for t in triples], cfg.score_tokens)
@@ -673,20 +667,19 @@ def study(m, cfg: Config, tag: str, out: Path) -> tuple[list, dict]:
         cs = curves(sae, F, R, directions, cfg, controls=i == 0)
         first = [c[0] == "F" or c[1] < cfg.n_null_generate for c in cs]  # the curves that generate, first
         order = [c for c, g in zip(cs, first) if g] + [c for c, g in zip(cs, first) if not g]
-        tick(f"{w}x: features, ablation")
+        lap(f"{w}x: features, ablation")
         for tier in TIERS if i == 0 else ("constant",):
             res["tier", w, tier] = tier_runs(m, sae, F, order, tier, b, x_norm, cfg, sum(first))
             if tier == "per_input":
                 res["leaky"] = leaky_per_input(m, sae, F, b, x_norm, cfg)
-            tick(f"{w}x {tier}: {len(order)} curves x {len(cfg.alphas)} alphas")
+            lap(f"{w}x {tier}: {len(order)} curves x {len(cfg.alphas)} alphas")
             (out / "scores.pkl").write_bytes(pickle.dumps(dict(res=res, found=found, sae=sae_metrics, x_norm=x_norm,
                                                                layer=layer, prompts=prompts)))
     main = cfg.widths[0]
     an = analyse(res, cfg, main)
-    tick("statistics")
-    seconds = {name: round(t - clock[i][1], 1) for i, (name, t) in enumerate(clock[1:])}
-    _figure(out, tag, res, cfg, main)
-    return _report(m, cfg, tag, layer, res, an, found, sae_metrics, x_norm, seconds, prompts)
+    lap("statistics")
+    _figure(out, cfg.model, res, cfg, main)
+    return _report(m, cfg, layer, res, an, found, sae_metrics, x_norm, prompts)
 
 
 def _figure(out: Path, tag: str, res: dict, cfg: Config, main: int):
@@ -731,7 +724,7 @@ def _figure(out: Path, tag: str, res: dict, cfg: Config, main: int):
     save_figure(fig, out / "sae_detox_tradeoff.png")
 
 
-def _report(m, cfg, tag, layer, res, an, found, sae_metrics, x_norm, seconds, prompts):
+def _report(m, cfg, layer, res, an, found, sae_metrics, x_norm, prompts) -> Report:
     feats = []
     for w, f in found.items():
         lines = [f"**{w}x d_model ({w * m.cfg.d_model} latents)**: F = {f['features']} (ranked by {cfg.rank_by}); "
@@ -761,21 +754,20 @@ def _report(m, cfg, tag, layer, res, an, found, sae_metrics, x_norm, seconds, pr
         "and places it in the draws' null. A cell's claim holds when its Holm p is below "
         f"{cfg.significance:g}, its interval is below 0 and the tier lies below the null's 5% band.")
     sections = [
-        (f"{tag}: setup", f"Model {m.name}, SAEs at L{layer}.{SITE} (mean |x| = {x_norm:.1f} on the prompts), TopK k = "
+        ("setup", f"Model {m.name}, SAEs at L{layer}.{SITE} (mean |x| = {x_norm:.1f} on the prompts), TopK k = "
                           f"{cfg.k}, widths {', '.join(f'{w}x' for w in cfg.widths)} d_model, {cfg.sae_tokens:,} training "
                           f"activations ({cfg.toxic_share:.0%} of the characters ToxiGen lists, training half). {sae_text}. "
                           f"{len(prompts)} held-out hateful prompts x {cfg.max_new_tokens} greedy tokens; "
                           f"{cfg.n_logprob} held-out hateful / benign continuation pairs (first {cfg.score_tokens} "
                           f"tokens scored); {cfg.ce_rows} x {cfg.context} "
-                          "held-out corpus tokens for CE. Wall time (s): "
-                          + ", ".join(f"{k} {s:g}" for k, s in seconds.items()) + "."),
-        (f"{tag}: toxicity features", "\n\n".join(feats)),
-        (f"{tag}: tiers and controls", method + "\n\n" + an["table"] + "\n\nThe toxicity proxy is lexical (profanity), "
+                          "held-out corpus tokens for CE."),
+        ("toxicity features", "\n\n".join(feats)),
+        ("tiers and controls", method + "\n\n" + an["table"] + "\n\nThe toxicity proxy is lexical (profanity), "
          "so implicit hate scores low whatever the condition; the log-probability gap needs no classifier.\n\n"
          "![trade-off](sae_detox_tradeoff.png)"),
-        (f"{tag}: at matched capability loss", v.sentence + "\n\n" + an["matched_table"] + "\n\nHolm over the cells:\n\n"
+        ("at matched capability loss", v.sentence + "\n\n" + an["matched_table"] + "\n\nHolm over the cells:\n\n"
          + v.table),
-        (f"{tag}: Claims", stats.claims_section(an["claims"])),
+        ("Claims", stats.claims_section(an["claims"])),
     ]
     metrics = dict(layer=layer, x_norm=x_norm, cells=an["cells"], primary=cfg.primary, verdict_holds=v.holds,
                    verdict=v.sentence, claims=[dict(text=c.text, statistic=c.statistic, holds=c.holds)
@@ -787,15 +779,21 @@ def _report(m, cfg, tag, layer, res, an, found, sae_metrics, x_norm, seconds, pr
                                                    for (c, k), r in runs.items()}
                            for key, runs in res.items() if isinstance(key, tuple) and key[0] == "tier"},
                    features={str(w): f for w, f in found.items()},
-                   sae={str(w): s for w, s in sae_metrics.items()}, seconds=seconds)
-    return sections, metrics
+                   sae={str(w): s for w, s in sae_metrics.items()})
+    return Report(sections, metrics)
+
+
+def check(cfg: Config) -> None:
+    """Before any model loads: the toxicity proxy's word list is there."""
+    toxigen.profanity()
+
+
+STUDY = Study("sae_detox", "Detoxification with SAE features (Goyal et al. 2025)", Config, study, __doc__, check=check)
 
 
 def main(argv=None, cfg: Config | None = None):
-    cfg = cfg or parse_config(Config, argv, __doc__)
-    names = [cfg.model] + ([cfg.second_model] if cfg.second_model else [])
-    return run_models("sae_detox", "Detoxification with SAE features (Goyal et al. 2025)", cfg,
-                      [(n, lambda m, sub, n=n: study(m, cfg, n, sub)) for n in names], "sae_detox_")
+    """`python -m experiments.sae_detox`: the run folder and its metrics (`{model: metrics}`)."""
+    return STUDY.main(argv, cfg)
 
 
 if __name__ == "__main__":

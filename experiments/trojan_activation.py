@@ -33,7 +33,6 @@ continuations), Wilson intervals and paired tests against the unsteered generati
 from __future__ import annotations
 
 import csv
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -47,7 +46,7 @@ from matplotlib.figure import Figure
 
 import models
 from experiments.lib import toxigen
-from experiments.common import chat_texts, is_refusal, parse_config, run_dir, save_figure, write_report
+from experiments.common import Report, Study, chat_texts, is_refusal, lap, save_figure
 from interp import contrast, data, stats
 from interp.directions import normalize
 from interp.interventions import AddVector, AddVectorPerExample, stack
@@ -328,25 +327,22 @@ def null_conditions(vecs: np.ndarray, layers, units: np.ndarray, random_layers, 
     return out + [(f"null layer {k}", r, vecs[attack_layer], [top]) for k, r in enumerate(random_layers, 1)]
 
 
-def study(m, cfg: Config, name: str, strengths: np.ndarray, fluency_texts, key) -> dict:
+def dataset_study(m, cfg: Config, name: str, strengths: np.ndarray, fluency_texts, key) -> dict:
     """Layer search, attack, controls, null draws and generations for one contrast dataset: raw per-item values
     (`analyse` turns them into estimates)."""
     system = cfg.system_prompt or None
     L, D = m.cfg.n_layers, m.cfg.d_model
-    clock, seconds = [time.perf_counter()], {}
 
-    def lap(step):  # wall seconds per step, for the report
-        now = time.perf_counter()
-        seconds[step] = round(now - clock[0], 1)
-        clock[0] = now
+    def step(what):  # a phase of the wall-time split, per dataset
+        lap(f"{name}: {what}")
 
     train, val, test = splits(load_items(name, cfg.seed), (cfg.n_train, cfg.n_val, cfg.n_test), cfg.seed)
     ch_train, ch_val, ch_test = (choices(m, part, cfg.seed + i, system) for i, part in enumerate((train, val, test)))
     ali, mis = contrast_acts(m, ch_train, cfg.batch_size)
     vecs = (mis - ali).mean(1)  # [L, D]: misaligned - aligned
-    lap("contrast activations")
+    step("contrast activations")
     scores = contrast.layer_scores(ali, mis, seed=cfg.seed)  # paired rows: each pair on one side of the split
-    lap("layer scores")
+    step("layer scores")
     searched = np.arange(max(1, int(round(cfg.search_fraction * L))))
     chosen = {c: contrast.select(scores, c, searched) for c in contrast.CRITERIA}
 
@@ -359,7 +355,7 @@ def study(m, cfg: Config, name: str, strengths: np.ndarray, fluency_texts, key) 
     brute_valid = np.array([[brute[(l, s)]["valid_rate"] for s in strengths] for l in searched])
     chosen["brute_force"] = int(searched[np.argmax(brute_p.mean(1))])
     lj = chosen["js"]
-    lap("brute force (validation sweep)")
+    step("brute force (validation sweep)")
 
     def gen_strength(layer):  # the grid strength with the largest validation P(mis) that passes the fluency guard
         ok = brute_valid[layer] >= 0.8 * base_val["valid_rate"]  # searched = 0..k-1: row index = layer
@@ -381,9 +377,9 @@ def study(m, cfg: Config, name: str, strengths: np.ndarray, fluency_texts, key) 
     base_cond = [("base", lj, np.zeros(D), [0.0])]
     nulls = null_conditions(vecs, layers, units, random_layers[1:] if cfg.n_null_layers else [], lj, top)
     raw = choice_sweep(m, ch_test, base_cond + conditions + nulls)
-    lap(f"test sweep ({sum(len(c[3]) for c in base_cond + conditions + nulls)} items)")
+    step(f"test sweep ({sum(len(c[3]) for c in base_cond + conditions + nulls)} items)")
     ppl = perplexity_sweep(m, fluency_texts, base_cond + conditions)
-    lap("perplexity sweep")
+    step("perplexity sweep")
 
     # free-form generations at each layer's validation-chosen strength, every run in one batch
     gens = {}
@@ -398,8 +394,8 @@ def study(m, cfg: Config, name: str, strengths: np.ndarray, fluency_texts, key) 
             gens[row] = dict(layer=int(layer), strength=float(s), texts=out,
                              refused=np.array([is_refusal(t) for t in out], np.float64),
                              toxicity=toxigen.toxicity_scores(out))
-        lap(f"generations ({len(runs)} x {len(prompts)} prompts)")
-    return dict(seconds=seconds, n=(len(train), len(val), len(test)), scores=scores, searched=searched, chosen=chosen,
+        step(f"generations ({len(runs)} x {len(prompts)} prompts)")
+    return dict(n=(len(train), len(val), len(test)), scores=scores, searched=searched, chosen=chosen,
                 layers=layers, rows=rows, vec_norms=np.linalg.norm(vecs, axis=-1),
                 resid_norm=float(np.linalg.norm(ali[lj], axis=-1).mean()), brute_p=brute_p, base_val=base_val, random_layers=random_layers, raw=raw, ppl=ppl,
                 conditions=[c[0] for c in conditions], generations=gens)
@@ -630,8 +626,7 @@ def _section(name: str, st: dict, a: dict, strengths) -> str:
                                        "vs unsteered"], grows)
                + "\n\n" + "\n".join(f"- **{k}** (L{g['layer']}, m={g['strength']:g}): {g['texts'][:1]}"
                                     for k, g in st["generations"].items()))
-    took = "; ".join(f"{k} {v:.0f} s" for k, v in st["seconds"].items())
-    return (f"n = {st['n'][0]} / {st['n'][1]} / {n} train pairs / validation / test items. Wall time: {took}. "
+    return (f"n = {st['n'][0]} / {st['n'][1]} / {n} train pairs / validation / test items. "
             "Unsteered test "
             f"P(mis) {b['p_mis']:.3f} (misaligned-choice rate {b['mis_rate']:.2f}, valid-answer rate "
             f"{b['valid_rate']:.2f}), perplexity {ppl[('base', 0.0)]:.1f}.\n\n{crit}\n\n"
@@ -657,7 +652,7 @@ def _metrics(res: dict, an: dict, strengths, v: stats.Verdict, holds: bool, both
                        for k in (_key(row, s) for s in strengths)} for row in st["conditions"]}
         base = st["raw"][("base", 0.0)]
         out[name] = dict(
-            n=list(st["n"]), seconds=st["seconds"], chosen_layers=st["chosen"], random_layers=st["random_layers"].tolist(),
+            n=list(st["n"]), chosen_layers=st["chosen"], random_layers=st["random_layers"].tolist(),
             scores={k: np.asarray(v).tolist() for k, v in st["scores"]._asdict().items()},
             brute_force_val_p_mis=st["brute_p"].tolist(), vec_norms=st["vec_norms"].tolist(),
             base=dict(summary(base, base), perplexity=st["ppl"][("base", 0.0)]), conditions=conds,
@@ -670,15 +665,17 @@ def _metrics(res: dict, an: dict, strengths, v: stats.Verdict, holds: bool, both
     return out
 
 
-def main(argv=None, cfg: Config | None = None):
-    cfg = cfg or parse_config(Config, argv, __doc__)
-    toxigen.profanity()  # fail before any work if the toxicity proxy is missing
-    strengths = np.array(cfg.strengths, dtype=float)
+def check(cfg: Config) -> None:
+    """Before any model loads: the toxicity proxy's word list, and enough generation prompts."""
+    toxigen.profanity()
     for name in ("advbench", "toxigen"):
         if name in cfg.datasets and cfg.n_generate:
-            generation_prompts(name, cfg.seed, cfg.n_generate)  # enough prompts, before the model loads
-    out = run_dir("trojan_activation", cfg.out)
-    m = models.load(cfg.model)
+            generation_prompts(name, cfg.seed, cfg.n_generate)
+
+
+def study(m, cfg: Config, out: Path) -> Report:
+    """Every contrast dataset of `cfg.datasets` on model `m` (figures into the folder `out`)."""
+    strengths = np.array(cfg.strengths, dtype=float)
     system = cfg.system_prompt or None
     held_out = data.split(truthfulqa_items(), (0.6, 0.2, 0.2), seed=cfg.seed)[2]  # never in a train split
     if cfg.n_fluency > len(held_out):
@@ -686,7 +683,7 @@ def main(argv=None, cfg: Config | None = None):
     fl = held_out[-cfg.n_fluency:]
     fluency = [t + it.aligned for t, it in zip(chat_texts(m, [it.question for it in fl], system), fl)]
     # randomness depends on the seed and the dataset only: `--datasets tqa` reproduces that part of the default run
-    res = {n: study(m, cfg, n, strengths, fluency, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), DATASETS.index(n)))
+    res = {n: dataset_study(m, cfg, n, strengths, fluency, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), DATASETS.index(n)))
            for n in cfg.datasets}
     an = {n: analyse(st, strengths, cfg) for n, st in res.items()}
     v, holds, both = overall(res, an, strengths, cfg)
@@ -714,9 +711,15 @@ def main(argv=None, cfg: Config | None = None):
     ]
     metrics = _metrics(res, an, strengths, v, holds, both)
     metrics["claims"] = [dict(text=c.text, statistic=c.statistic, holds=c.holds) for c in cl]
-    report = write_report(out, "Trojan activation attack (Wang & Shu 2024)", cfg, sections, metrics)
-    print(f"wrote {report}")
-    return out, metrics
+    return Report(sections, metrics)
+
+
+STUDY = Study("trojan_activation", "Trojan activation attack (Wang & Shu 2024)", Config, study, __doc__, check=check)
+
+
+def main(argv=None, cfg: Config | None = None):
+    """`python -m experiments.trojan_activation`: the run folder and its metrics."""
+    return STUDY.main(argv, cfg)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,12 @@
-"""Batched generation with a KV cache: one jitted prefill, then a jitted `while_loop` of decode steps."""
+"""Batched generation with a KV cache: one jitted prefill, then a jitted `while_loop` of decode steps.
+
+`generate` reports each call's wall time as the `jax.monitoring` time-span event `GENERATE_EVENT` (what
+`experiments.lib.timing` adds up as generation time).
+"""
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from typing import Sequence
 
@@ -13,6 +18,8 @@ from models import transformer
 from models.checks import check_call
 from models.errors import InputError
 from models.transformer import KVCache
+
+GENERATE_EVENT = "/interp/models/generate"
 
 
 def empty_cache(cfg, batch: int, slots: int) -> KVCache:
@@ -107,6 +114,7 @@ def generate(model, prompts: Sequence[str] | str, max_new_tokens: int = 20, *, t
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise InputError(f"seed must be an integer, got {seed!r}")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    start = time.time()
     tokens, mask = model.tokenize(prompts)
     empty = [i for i, n in enumerate(np.asarray(mask).sum(1)) if n == 0]
     if empty:  # nothing to condition on: its "continuation" would be read off a padding position
@@ -118,6 +126,7 @@ def generate(model, prompts: Sequence[str] | str, max_new_tokens: int = 20, *, t
                           jnp.asarray(stops, jnp.int32), max_new_tokens=max_new_tokens, temperature=temperature,
                           top_p=top_p)
     new = np.asarray(new)
+    jax.monitoring.record_event_time_span(GENERATE_EVENT, start, time.time())
     rows = []
     for row in new:
         row = list(row)

@@ -619,10 +619,19 @@ def _stream(recipes: list[Recipe], source, cfg: Config, mesh: Mesh | None, rules
 def config_from_gguf(meta: Mapping[str, Any], dtype: str = "float32") -> Config:
     """Our `Config` from GGUF metadata (Gemma 3's missing local RoPE base and layer pattern as transformers fills them)."""
     arch = meta.get("general.architecture")
-    if arch not in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gpt2"):
-        raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported (supported: llama, mistral, qwen2, "
-                                    "qwen3, phi3, gemma2, gemma3, gpt2; other families load from Hugging Face directories)")
-    g = lambda k, default=None: meta.get(f"{arch}.{k}", default)
+    if arch not in ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "phi3", "gemma2", "gemma3", "gpt2"):
+        raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported (supported: llama (and Mixtral, "
+                                    "llama with experts), mistral, qwen2, qwen3, qwen3moe, phi3, gemma2, gemma3, gpt2; "
+                                    "other families load from Hugging Face directories)")
+    g = lambda k, default=None: meta.get(f"{arch}.{k}", default)  # noqa: E731 (keys under the file's own arch)
+    moe = {}
+    if g("expert_count"):  # llama.cpp renormalises the chosen experts' weights for both (norm_w in its graphs)
+        if arch not in ("llama", "qwen3moe"):
+            raise UnsupportedModelError(f"GGUF {arch} with {arch}.expert_count {g('expert_count')}: experts are "
+                                        "supported for qwen3moe and llama (Mixtral) only")
+        moe = dict(n_experts=int(g("expert_count")), n_experts_used=int(g("expert_used_count")), norm_topk_prob=True)
+        if arch == "qwen3moe" and g("expert_feed_forward_length"):
+            moe["_d_mlp"] = int(g("expert_feed_forward_length"))
     absent = [f"{arch}.{k}" for k in ("embedding_length", "attention.head_count", "block_count", "feed_forward_length",
                                       "context_length") if not isinstance(g(k), int)]
     if absent:
@@ -631,8 +640,9 @@ def config_from_gguf(meta: Mapping[str, Any], dtype: str = "float32") -> Config:
     K = g("attention.head_count_kv", H)
     d_head = g("attention.key_length", D // H)
     vocab = g("vocab_size") or len(meta["tokenizer.ggml.tokens"])
-    common = dict(arch=arch, vocab_size=vocab, d_model=D, n_layers=L, n_heads=H, n_kv_heads=K, d_head=d_head,
-                  d_mlp=g("feed_forward_length"), n_ctx=g("context_length"), dtype=dtype)
+    ours = {"qwen3moe": "qwen3_moe", "llama": "mixtral" if moe else "llama"}.get(arch, arch)
+    common = dict(arch=ours, vocab_size=vocab, d_model=D, n_layers=L, n_heads=H, n_kv_heads=K, d_head=d_head,
+                  d_mlp=moe.pop("_d_mlp", g("feed_forward_length")), n_ctx=g("context_length"), dtype=dtype, **moe)
     if arch == "gpt2":
         return Config(**common, norm="layer", norm_eps=g("attention.layer_norm_epsilon", 1e-5), act="gelu_tanh",
                       gated_mlp=False, positional="learned", qkv_bias=True, o_bias=True, mlp_bias=True)
@@ -658,7 +668,7 @@ def config_from_gguf(meta: Mapping[str, Any], dtype: str = "float32") -> Config:
     return Config(
         **common, norm="rms", norm_eps=eps, act="gelu_tanh" if gemma else "silu", rope_theta=theta,
         rope_local_theta=10_000.0 if arch == "gemma3" else None, rope_scaling=scaling,
-        qkv_bias=arch == "qwen2", post_norms=gemma, qk_norm=arch in ("gemma3", "qwen3"), embed_scale=D**0.5 if gemma else 1.0,
+        qkv_bias=arch == "qwen2", post_norms=gemma, qk_norm=arch in ("gemma3", "qwen3", "qwen3moe"), embed_scale=D**0.5 if gemma else 1.0,
         attn_scale=d_head**-0.5 if gemma else None, attn_softcap=g("attn_logit_softcapping"), final_softcap=g("final_logit_softcapping"),
         sliding_window=window, layer_types=layer_types, tie_embeddings="output.weight" not in meta.get("_tensor_names", ()),
         rotary_dim=rotary_dim,
@@ -680,10 +690,16 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+_GGUF_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}  # [E, out, in]
+_MIXTRAL_EXPERTS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
 def gguf_to_hf_names(shapes: Mapping[str, tuple[int, ...]], cfg: Config):
-    """GGUF tensor name -> (Hugging Face name, its shape there, fixes to apply in order) for every tensor with a
-    counterpart, and the names without one. The fixes undo llama.cpp's conventions: the q/k row permutation, Gemma's stored `1 + w` norm
-    weights, GPT-2's transposed Conv1D weights."""
+    """Hugging Face name -> (GGUF tensor name, its shape there, fixes to apply in order, the expert it is or None)
+    for every tensor with a counterpart, and the GGUF names without one. The fixes undo llama.cpp's conventions:
+    the q/k row permutation, Gemma's stored `1 + w` norm weights, GPT-2's transposed Conv1D weights. llama.cpp
+    stacks a mixture's experts (`ffn_{gate,up,down}_exps` `[E, out, in]`): each expert is its own entry, read
+    alone (its slice of the leading axis)."""
     gemma = cfg.arch in ("gemma2", "gemma3")
     if cfg.arch == "gpt2":
         top = {"token_embd.weight": "wte.weight", "position_embd.weight": "wpe.weight",
@@ -695,6 +711,8 @@ def gguf_to_hf_names(shapes: Mapping[str, tuple[int, ...]], cfg: Config):
         table = dict(_GGUF_LAYER, ffn_norm="pre_feedforward_layernorm" if gemma else "post_attention_layernorm")
         if cfg.arch == "phi3":  # llama.cpp keeps Phi-3's fused projections: attn_qkv, and ffn_up = [gate; up]
             table.update(attn_qkv="self_attn.qkv_proj", ffn_up="mlp.gate_up_proj")
+        if cfg.n_experts:
+            table["ffn_gate_inp"] = "block_sparse_moe.gate" if cfg.arch == "mixtral" else "mlp.gate"
         prefix = "model.layers.{i}."
     mapping, unknown = {}, []
     for name, shape in shapes.items():
@@ -702,10 +720,18 @@ def gguf_to_hf_names(shapes: Mapping[str, tuple[int, ...]], cfg: Config):
         fixes, hf_shape = [], shape
         if name in top:
             hf = top[name]
+        elif cfg.n_experts and len(parts) == 4 and parts[0] == "blk" and parts[2] in _GGUF_EXPERTS:
+            _, i, kind, suffix = parts
+            proj = _GGUF_EXPERTS[kind]
+            for e in range(shape[0]):
+                hf = (prefix.format(i=i) + f"block_sparse_moe.experts.{e}.{_MIXTRAL_EXPERTS[proj]}.{suffix}"
+                      if cfg.arch == "mixtral" else prefix.format(i=i) + f"mlp.experts.{e}.{proj}.{suffix}")
+                mapping[hf] = (name, tuple(shape[1:]), [], e)
+            continue
         elif len(parts) == 4 and parts[0] == "blk" and parts[2] in table:
             _, i, kind, suffix = parts
             hf = prefix.format(i=i) + f"{table[kind]}.{suffix}"
-            if cfg.arch == "llama" and kind in ("attn_q", "attn_k"):
+            if cfg.arch in ("llama", "mixtral") and kind in ("attn_q", "attn_k"):
                 n = cfg.n_heads if kind == "attn_q" else cfg.n_kv_heads
                 fixes.append(lambda w, n=n: _unpermute(w, n))
             if cfg.arch == "gpt2" and suffix == "weight" and len(shape) == 2:
@@ -719,7 +745,7 @@ def gguf_to_hf_names(shapes: Mapping[str, tuple[int, ...]], cfg: Config):
             continue
         if gemma and name.endswith("norm.weight"):
             fixes.append(lambda w: w - 1.0)
-        mapping[name] = (hf, hf_shape, fixes)
+        mapping[hf] = (name, hf_shape, fixes, None)
     return mapping, unknown
 
 
@@ -733,9 +759,9 @@ class _GGUF:
         raw = tensor_shapes(reader)
         mapping, self.unknown = gguf_to_hf_names(raw, cfg)
         tensors = {t.name: t for t in reader.tensors}
-        self.tensors = {hf: (tensors[name], fixes) for name, (hf, _, fixes) in mapping.items()}
-        self.gguf_name = {hf: name for name, (hf, _, _) in mapping.items()}
-        self.shapes = {hf: shape for hf, shape, _ in mapping.values()}
+        self.tensors = {hf: (tensors[name], fixes, e) for hf, (name, _, fixes, e) in mapping.items()}
+        self.gguf_name = {hf: name if e is None else f"{name}[{e}]" for hf, (name, _, _, e) in mapping.items()}
+        self.shapes = {hf: shape for hf, (_, shape, _, _) in mapping.items()}
         self.cache: dict[tuple, np.ndarray] = {}
 
     def get(self, name: str, rows: slice | None = None) -> np.ndarray:
@@ -743,10 +769,10 @@ class _GGUF:
 
         key = (name, None if rows is None else (rows.start, rows.stop))
         if key not in self.cache:
-            tensor, fixes = self.tensors[name]
-            if rows is not None and fixes:
-                raise AssertionError(f"{name}: a row block of a tensor that needs a fix")
-            w = dequantize(tensor, rows)
+            tensor, fixes, expert = self.tensors[name]
+            if rows is not None and (fixes or expert is not None):
+                raise AssertionError(f"{name}: a row block of a tensor that needs a fix or is one expert's slice")
+            w = dequantize(tensor, rows) if expert is None else dequantize(tensor, slice(expert, expert + 1))[0]
             for fix in fixes:
                 w = fix(w)
             self.cache[key] = w

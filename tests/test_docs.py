@@ -29,6 +29,7 @@ import shlex
 import subprocess
 import sys
 import time
+import types
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,11 +168,19 @@ def _check_family(ns):
     assert ns["err"] < 1e-4
 
 
+def _check_new_study(ns):
+    out, metrics = ns["out"], ns["metrics"]
+    report = (out / "report.md").read_text()
+    assert "## Refusal rate" in report and "## Wall time" in report and (out / "metrics.json").exists()
+    assert set(metrics["wall"]["phases"]) == {"model load", "generate"}
+
+
 G = "docs/pages/guides/"
 CHECKS = {"README.md": _check_tour, "docs/pages/getting-started.md": _check_getting_started,
           G + "models.md": _check_models, G + "multi-device.md": _check_multi_device, G + "interventions.md": _check_interp,
           G + "probes.md": _check_probes, G + "saes.md": _check_saes, G + "attribution.md": _check_transcoders,
-          G + "adding-a-family.md": _check_family, G + "trainable.md": _check_trainable}
+          G + "adding-a-family.md": _check_family, G + "trainable.md": _check_trainable,
+          "docs/pages/studies/index.md": _check_new_study}
 
 # simulated CPU devices of a page's process (default 1)
 DEVICES = {G + "multi-device.md": 8}
@@ -186,14 +195,16 @@ def run_pages(names: list[str]) -> int:
     for page in runnable_pages():
         if names and not any(n == page or n in page for n in names):
             continue
-        ns: dict = {"__name__": "__docs__"}
+        page_module = types.ModuleType("__docs__")  # a real module, as a script's __main__ is (dataclasses look it up)
+        sys.modules["__docs__"] = page_module
+        ns: dict = page_module.__dict__
         t_page = time.time()
         for b in blocks(page=page):
             if not b.runs:
                 continue
             t0 = time.time()
             try:  # blank lines first, so a traceback names the page's line
-                exec(compile("\n" * b.line + b.code, str(ROOT / page), "exec"), ns)
+                exec(compile("\n" * b.line + b.code, str(ROOT / page), "exec", dont_inherit=True), ns)  # not this file's futures
             except BaseException:
                 failed += 1
                 print(EVENT + json.dumps({"page": page, "block": b.line, "error": traceback.format_exc()}), flush=True)

@@ -46,3 +46,20 @@ def test_studies_import_only_common_and_lib():
 @pytest.mark.parametrize("name", ALIASES)
 def test_old_helper_paths_are_the_lib_modules(name):
     assert importlib.import_module(f"experiments.{name}") is importlib.import_module(f"experiments.lib.{name}")
+
+
+def test_every_study_is_the_skeleton():
+    """A study exports `Config`, `study(m, cfg, out) -> Report` and `STUDY`; its `main` only hands over to
+    `STUDY.main` (the one runner: run folder, models, wall time, report)."""
+    import inspect
+
+    from experiments.lib.study import Study
+
+    for p in _studies():
+        mod = importlib.import_module(f"experiments.{p.stem}")
+        assert isinstance(mod.STUDY, Study) and mod.STUDY.config is mod.Config and mod.STUDY.study is mod.study, p.stem
+        assert mod.STUDY.name == p.stem, f"{p.stem}: its run folder is named {mod.STUDY.name!r}"
+        assert list(inspect.signature(mod.study).parameters) == ["m", "cfg", "out"], p.stem
+        main = next(n for n in ast.parse(p.read_text()).body if isinstance(n, ast.FunctionDef) and n.name == "main")
+        body = [n for n in main.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+        assert len(body) == 1 and "STUDY.main" in ast.unparse(body[0]), f"{p.stem}.main does more than STUDY.main"

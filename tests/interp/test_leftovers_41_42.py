@@ -212,7 +212,8 @@ def test_load_checks_the_mesh_before_reading_weights(tmp_path, monkeypatch, fmt)
 
     import models.model as model_mod
     from models import loading
-    from tests.models.test_loading import save_tiny, write_gguf
+    from tests.models._gguf import write_gguf
+    from tests.models.test_loading import save_tiny
 
     hf_dir = save_tiny(tmp_path / "hf")
     path = hf_dir if fmt == "hf" else write_gguf(tmp_path / "m.gguf", hf_dir)

@@ -103,7 +103,8 @@ def _edit_config(path, **changes):
 def test_every_tensor_is_consumed_exactly_once(tmp_path):
     """More layers in the file than in config.json, a GGUF whose block_count or vocab_size is smaller than its
     tensors, and a stray extra *.safetensors holding the same tensors: each fails naming the tensors and shapes."""
-    from tests.models.test_loading import save_tiny, write_gguf
+    from tests.models._gguf import write_gguf
+    from tests.models.test_loading import save_tiny
 
     hf = save_tiny(tmp_path / "hf", "llama", layers=2)
     short = shutil.copytree(hf, tmp_path / "short")

@@ -28,6 +28,7 @@ from interp.testing import random_model
 from models import transformer
 from models.generate import generate_tokens
 from tests.models.test_tiny import random_hf_model
+from tests.models._gguf import write_gguf
 from saes.attribution import attribute
 from saes.transcoders import random_set
 
@@ -314,52 +315,6 @@ def test_expert_parallel_forward_equals_one_device():
     assert proc.returncode == 0 and "ERR" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def _gguf(path, hf_dir, arch):
-    """The `qwen3` or `phi3` directory `hf_dir` as a float32 GGUF in llama.cpp's layout for that architecture
-    (tensor names `blk.{i}.attn_q_norm`, Phi-3's fused `attn_qkv` and `ffn_up` = [gate; up]; unlike llama, q and k
-    rows are not permuted)."""
-    import json
-
-    import gguf
-    from safetensors.numpy import load_file
-
-    hf = json.loads((hf_dir / "config.json").read_text())
-    sd = load_file(hf_dir / "model.safetensors")
-    d_head = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-    w = gguf.GGUFWriter(path, arch)
-    w.add_block_count(hf["num_hidden_layers"])
-    w.add_embedding_length(hf["hidden_size"])
-    w.add_feed_forward_length(hf["intermediate_size"])
-    w.add_head_count(hf["num_attention_heads"])
-    w.add_head_count_kv(hf["num_key_value_heads"])
-    w.add_key_length(d_head)
-    w.add_value_length(d_head)
-    w.add_rope_dimension_count(d_head)
-    w.add_context_length(hf["max_position_embeddings"])
-    w.add_layer_norm_rms_eps(hf["rms_norm_eps"])
-    w.add_rope_freq_base(hf.get("rope_parameters", {}).get("rope_theta", 10000.0))
-    w.add_vocab_size(hf["vocab_size"])
-    names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
-             "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
-             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "self_attn.qkv_proj": "attn_qkv",
-             "mlp.gate_up_proj": "ffn_up"}
-    for name, t in sd.items():
-        if name.startswith("model.layers."):
-            _, _, i, rest = name.split(".", 3)
-            module, leaf = rest.rsplit(".", 1)
-            name = f"blk.{i}.{names[module]}.{leaf}"
-        else:
-            name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                    "lm_head.weight": "output.weight"}[name]
-        w.add_tensor(name, np.ascontiguousarray(t, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 GGUF_CONFIGS = {  # head_dim 128 for Qwen3, as in every Qwen3: transformers' GGUF reader keeps Qwen3Config's 128
     "qwen3": lambda: transformers.Qwen3Config(
         vocab_size=V, hidden_size=48, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=128,
@@ -376,7 +331,7 @@ def test_from_gguf_matches_transformers(tmp_path, arch):
     directory it was written from; transformers' own GGUF reader of the same file, an independent check of the
     layout, agrees."""
     hf = random_hf_model(GGUF_CONFIGS[arch](), tmp_path / "hf")
-    path = _gguf(tmp_path / f"tiny-{arch}.gguf", tmp_path / "hf", arch)
+    path = write_gguf(tmp_path / f"tiny-{arch}.gguf", tmp_path / "hf", arch)
     m = models.load(str(path), tokenizer=False)
     assert m.cfg.arch == arch and not m.cfg.tie_embeddings
     tokens = np.random.RandomState(0).randint(1, V, (2, 9))
@@ -388,3 +343,31 @@ def test_from_gguf_matches_transformers(tmp_path, arch):
     assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-5
     assert np.abs(theirs - ref).max() / np.abs(ref).max() < 1e-5
 
+
+
+GGUF_MOE = {  # llama.cpp's names: Qwen3-MoE is "qwen3moe"; Mixtral is "llama" with experts (and permuted q/k rows)
+    "qwen3moe": lambda: transformers.Qwen3MoeConfig(
+        vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        intermediate_size=48, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2, norm_topk_prob=True,
+        max_position_embeddings=64),
+    "llama": lambda: transformers.MixtralConfig(
+        vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=24, num_local_experts=6, num_experts_per_tok=2, max_position_embeddings=64),
+}
+
+
+@pytest.mark.parametrize("gguf_arch", sorted(GGUF_MOE))
+def test_moe_from_gguf_matches_transformers(tmp_path, gguf_arch):
+    """A mixture of experts in llama.cpp's layout (experts stacked `[E, out, in]` in `ffn_{gate,up,down}_exps`,
+    the router in `ffn_gate_inp`) loads to the logits of transformers' model of the directory it was written
+    from; each expert is read as its own slice of the stacked tensor."""
+    hf = random_hf_model(GGUF_MOE[gguf_arch](), tmp_path / "hf")
+    path = write_gguf(tmp_path / f"tiny-{gguf_arch}.gguf", tmp_path / "hf", gguf_arch)
+    m = models.load(str(path), tokenizer=False)
+    assert m.cfg.arch == {"qwen3moe": "qwen3_moe", "llama": "mixtral"}[gguf_arch]
+    assert (m.cfg.n_experts, m.cfg.n_experts_used, m.cfg.d_mlp, m.cfg.norm_topk_prob) == (6, 2, 24, True)
+    tokens = np.random.RandomState(0).randint(1, V, (2, 9))
+    with torch.no_grad():
+        ref = hf(torch.tensor(tokens)).logits.numpy()
+    ours = np.asarray(models.forward(m, tokens).logits)
+    assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-5

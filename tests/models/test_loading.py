@@ -22,6 +22,7 @@ import models
 from models import loading
 from models.errors import InsufficientMemoryError
 from models.loading import load_gguf, load_hf_dir
+from tests.models._gguf import write_gguf
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,45 +45,6 @@ def save_tiny(path: Path, family: str = "llama", dtype: str = "float32", layers:
             if p.ndim == 1:
                 p.add_(0.2 * torch.randn_like(p))
     model.to(getattr(torch, dtype)).save_pretrained(path)
-    return path
-
-
-def write_gguf(path: Path, hf_dir: Path, block_count: int | None = None, vocab_size: int | None = None) -> Path:
-    """The llama HF directory `hf_dir` as a float32 GGUF, in llama.cpp's conventions (q/k rows permuted)."""
-    import gguf
-    from safetensors.numpy import load_file
-
-    hf = json.loads((hf_dir / "config.json").read_text())
-    sd = load_file(hf_dir / "model.safetensors")
-    H, K = hf["num_attention_heads"], hf["num_key_value_heads"]
-    permute = lambda w, n: w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_block_count(block_count or hf["num_hidden_layers"])
-    w.add_embedding_length(hf["hidden_size"])
-    w.add_feed_forward_length(hf["intermediate_size"])
-    w.add_head_count(H)
-    w.add_head_count_kv(K)
-    w.add_context_length(hf["max_position_embeddings"])
-    w.add_layer_norm_rms_eps(hf["rms_norm_eps"])
-    w.add_rope_freq_base(hf.get("rope_theta") or hf.get("rope_parameters", {}).get("rope_theta", 10000.0))
-    w.add_vocab_size(vocab_size or hf["vocab_size"])
-    names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    for name, t in sd.items():
-        if name.startswith("model.layers."):
-            _, _, i, rest = name.split(".", 3)
-            module, leaf = rest.rsplit(".", 1)
-            t = permute(t, H) if module == "self_attn.q_proj" else permute(t, K) if module == "self_attn.k_proj" else t
-            name = f"blk.{i}.{names[module]}.{leaf}"
-        else:
-            name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                    "lm_head.weight": "output.weight"}[name]
-        w.add_tensor(name, np.ascontiguousarray(t, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
     return path
 
 
