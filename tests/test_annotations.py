@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent("""
     with jaxtyping.install_import_hook(["models", "interp", "saes"], "beartype.beartype"):
         import models, interp, saes
         from interp import interventions as iv, lens
-        from interp.testing import random_model, tiny_config
+        from models.testing import random_model, tiny_config
         from models.generate import generate_tokens
     import jax, jax.numpy as jnp, numpy as np
 

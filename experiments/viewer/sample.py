@@ -38,7 +38,7 @@ def write_tiny_run(run_dir: str | Path, *, arch: str = "llama", n_features: int 
     """Write the sample run; returns `{"graph": path, "features": [paths], "heads": path, "model", "graph_obj"}`."""
     import jax
 
-    from interp.testing import random_model, tiny_config
+    from models.testing import random_model, tiny_config
     from saes.attribution import attribute
     from saes.transcoders import random_set
 

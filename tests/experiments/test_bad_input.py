@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import pytest
 
-from interp.testing import tiny_config
+from models.testing import tiny_config
 from models.errors import InputError
 
 # ----------------------------------------------------------------------------- 7: run directories
@@ -67,7 +67,7 @@ def test_study_cli_rejects_a_bad_flag_before_loading(monkeypatch, capsys):
 def test_refusal_cliff_probe_layer_is_checked_right_after_the_model_loads(monkeypatch, tmp_path):
     import models
     from experiments import refusal_cliff
-    from interp.testing import random_model
+    from models.testing import random_model
     monkeypatch.setattr(models, "load", lambda *a, **k: random_model(tiny_config("llama"), jax.random.key(0)))
     with pytest.raises(InputError, match=r"probe_layer \(--probe-layer\) must be an integer >= -1 and <= 2, got 99"):
         refusal_cliff.main(cfg=refusal_cliff.Config(probe_layer=99, out=str(tmp_path)))

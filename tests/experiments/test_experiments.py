@@ -133,7 +133,7 @@ def test_refusal_cliff_smoke(tmp_path, tiny_smollm2):
 # ---------------------------------------------------------------- issue 39: nulls, intervals, verdicts (tiny model)
 
 def _tiny():
-    from interp.testing import random_model, tiny_config
+    from models.testing import random_model, tiny_config
     from models import Model
     from tests.models.test_tl_user import byte_level_tokenizer
 

@@ -13,13 +13,12 @@ import pytest
 
 import models
 from interp.interventions import AddVector, AddVectorPerExample, Where
-from interp.testing import random_model
+from models.testing import random_model, tiny_config
 from models.errors import InputError
 from models.generate import generate_tokens
 from models.transformer import Capture
 
-CFG = models.Config(arch="llama", vocab_size=40, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=48,
-                    n_ctx=64)
+CFG = tiny_config("llama", vocab_size=40)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import models
 from experiments import sae_detox as sd
 from interp.readout import ContinuationLoss, NextTokenLoss, run_readout
-from interp.testing import random_model, tiny_config
+from models.testing import random_model, tiny_config
 from models import Model
 from models.errors import InputError
 from tests.models.test_tl_user import byte_level_tokenizer

@@ -13,12 +13,11 @@ import models
 from interp import interventions as I
 from interp import lens, progress, sweeps
 from interp.readout import LogitDiff, NextTokenLoss, TokenLogProb, run_readout
-from interp.testing import random_model
+from models.testing import random_model, tiny_config
 from models.checks import check_call
 from models.errors import InputError
 
-CFG = models.Config(arch="llama", vocab_size=40, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=48,
-                    n_ctx=64)
+CFG = tiny_config("llama", vocab_size=40)
 LENGTHS = (9, 7, 5)
 
 

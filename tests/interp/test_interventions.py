@@ -10,16 +10,13 @@ import pytest
 import models
 from interp import interventions as I
 from interp.readout import TokenLogProb, run_readout
-from interp.testing import random_model
+from models.testing import random_model, tiny_config
 from interp.weights import orthogonalize
 from models.errors import InputError
 from models.generate import generate_tokens
 
-CFG = models.Config(arch="llama", vocab_size=40, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=48,
-                    n_ctx=64)
-GPT2 = models.Config(arch="gpt2", vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, d_head=8, d_mlp=64,
-                     n_ctx=64, norm="layer", act="gelu", gated_mlp=False, positional="learned", qkv_bias=True,
-                     o_bias=True, mlp_bias=True, tie_embeddings=False)
+CFG = tiny_config("llama", vocab_size=40)
+GPT2 = tiny_config("gpt2", vocab_size=40, act="gelu", tie_embeddings=False)
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +176,6 @@ def test_errors():
         I.Where(steps="decode")
     with pytest.raises(InputError):
         I.ScaleHeads(jnp.ones(4), site="resid_pre")
-    gemma = models.Config(arch="gemma2", vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_head=8,
-                          d_mlp=48, n_ctx=64, post_norms=True)
+    gemma = tiny_config("gemma2", vocab_size=40, n_layers=2, post_norms=True)
     with pytest.raises(InputError):
         orthogonalize(random_model(gemma, jax.random.key(0)), jnp.ones(32))

@@ -12,12 +12,11 @@ import pytest
 
 import models
 from interp import interventions as iv
-from interp.testing import random_model
+from models.testing import random_model, tiny_config
 from models.errors import InputError
 from models.sites import Hook
 
-CFG = models.Config(arch="llama", vocab_size=40, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=48,
-                    n_ctx=64)
+CFG = tiny_config("llama", vocab_size=40)
 TOKENS = np.asarray(jax.random.randint(jax.random.key(1), (2, 6), 0, 40), np.int32)
 MASK = np.asarray([[1] * 6, [0, 0] + [1] * 4])
 
@@ -176,7 +175,7 @@ def test_graph_repr_prune_masks_and_plot_labels(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from interp.testing import tiny_config
+    from models.testing import tiny_config
     from saes.attribution import Graph, Pruned, attribute
     from saes.transcoders import random_set
 

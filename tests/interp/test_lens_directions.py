@@ -12,13 +12,10 @@ from interp import directions as Dn
 from interp import interventions as I
 from interp import lens, plot, positions
 from interp.readout import Projection, run_readout
-from interp.testing import random_model
+from models.testing import random_model, tiny_config
 
-LLAMA = models.Config(arch="llama", vocab_size=40, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=48,
-                      n_ctx=64)
-GPT2 = models.Config(arch="gpt2", vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, d_head=8, d_mlp=64,
-                     n_ctx=64, norm="layer", act="gelu", gated_mlp=False, positional="learned", qkv_bias=True,
-                     o_bias=True, mlp_bias=True, tie_embeddings=False)
+LLAMA = tiny_config("llama", vocab_size=40)
+GPT2 = tiny_config("gpt2", vocab_size=40, act="gelu", tie_embeddings=False)
 TOKENS = jax.random.randint(jax.random.key(1), (3, 7), 0, 40)
 MASK = jnp.asarray([[1] * 7, [0] + [1] * 6, [0, 0, 0] + [1] * 4])
 

@@ -19,7 +19,7 @@ COMMON = """
 import json, os, sys
 import jax, jax.numpy as jnp, numpy as np
 import models, interp
-from interp.testing import random_model, tiny_config
+from models.testing import random_model, tiny_config
 cfg = tiny_config(vocab_size=40)
 m = random_model(cfg, jax.random.key(0))
 tokens = jax.random.randint(jax.random.key(1), (4, 6), 0, 40)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from interp import probes
-from interp.testing import tiny_config
+from models.testing import tiny_config
 from models.errors import InputError
 
 
@@ -32,7 +32,7 @@ def tiny_model():
     import jax
 
     import models
-    from interp.testing import random_model
+    from models.testing import random_model
 
     cfg = tiny_config()
     m = random_model(cfg, jax.random.key(0))

@@ -9,16 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
 from interp import interventions as I
 from interp import sweeps
 from interp.readout import LogitDiff, run_readout
-from interp.testing import random_model
+from models.testing import random_model, tiny_config
 
 # SmolLM2's shape where it matters: 9 heads, batch 8 x 64 tokens, so the CPU chunk (4096 tokens) holds 8 items
 # and a layer's 9 heads were run as 2 calls of 8 (7 padding copies, 1.78x the FLOPs) before the fix.
-CFG = models.Config(arch="llama", vocab_size=64, d_model=32, n_layers=3, n_heads=9, n_kv_heads=3, d_head=8,
-                    d_mlp=48, n_ctx=64)
+CFG = tiny_config("llama", n_heads=9, n_kv_heads=3)
 B, T = 8, 64
 
 

@@ -11,10 +11,9 @@ import models
 from interp import interventions as I
 from interp import sweeps
 from interp.readout import ContinuationLoss, LogitDiff, NextTokenLoss, run_readout
-from interp.testing import random_model
+from models.testing import random_model, tiny_config
 
-CFG = models.Config(arch="llama", vocab_size=40, d_model=32, n_layers=3, n_heads=4, n_kv_heads=4, d_head=8, d_mlp=48,
-                    n_ctx=64)
+CFG = tiny_config("llama", vocab_size=40, n_kv_heads=4)
 PLANTED = (1, 2)  # (layer, head)
 A, B = 5, 9  # the planted head writes towards token A and away from token B
 

@@ -12,7 +12,7 @@ import pytest
 
 import models
 from interp import interventions as I
-from interp.testing import random_model, tiny_config
+from models.testing import random_model, tiny_config
 from interp.trainable import (BoundlessInterchange, Interchange, LoReFT, das_grid, init_loreft, load, orthonormal,
                               save)
 from models.errors import InputError

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 import models
+from models.testing import tiny_config
 from models import transformer
 from models.loading import config_from_gguf, config_from_hf, load_gguf, load_hf_dir, resolve
 
-TINY = models.Config(arch="llama", vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_head=8, d_mlp=24, n_ctx=8)
+TINY = tiny_config("llama", vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_mlp=24, n_ctx=8)
 
 
 def test_unknown_model_name_lists_the_known_ones():

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
+from models.testing import tiny_config
 from models import transformer
 
 
@@ -27,7 +28,7 @@ def test_bfloat16_forward_tracks_float32(smollm2):
 
 
 def test_norm_runs_in_float32():
-    cfg = models.Config(arch="llama", vocab_size=8, d_model=4, n_layers=1, n_heads=1, n_kv_heads=1, d_head=4, d_mlp=4, n_ctx=4)
+    cfg = tiny_config("llama", vocab_size=8, d_model=4, n_layers=1, n_heads=1, n_kv_heads=1, d_head=4, d_mlp=4, n_ctx=4)
     x = jnp.asarray([[[3e4, -3e4, 1.0, 2.0]]], jnp.bfloat16)  # squares overflow bfloat16's precision, not float32's
     y = transformer.norm(x, {"w": jnp.ones(4, jnp.bfloat16)}, cfg)
     expect = np.asarray(x, np.float32) / np.sqrt(np.mean(np.asarray(x, np.float32) ** 2) + cfg.norm_eps)

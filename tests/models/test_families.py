@@ -24,7 +24,7 @@ import transformers
 import interp
 import models
 from interp import interventions as I
-from interp.testing import random_model
+from models.testing import random_model, tiny_config
 from models import transformer
 from models.generate import generate_tokens
 from tests.models.test_tiny import random_hf_model
@@ -157,8 +157,7 @@ TINY = {  # our own configs of each new family (random weights; no transformers 
 
 
 def _tiny(arch):
-    cfg = models.Config(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=48, n_ctx=64,
-                        **TINY[arch])
+    cfg = tiny_config(**TINY[arch])  # the llama preset's sizes, the family's switches
     return random_model(cfg, jax.random.key(0))
 
 
@@ -289,10 +288,10 @@ EXPERT_PARALLEL = textwrap.dedent("""
     jax.config.update("jax_num_cpu_devices", 8)
     import models
     from jax.sharding import Mesh
-    from interp.testing import random_model
+    from models.testing import random_model, tiny_config
     from models.sharding import shard_batch, shard_params
-    cfg = models.Config(arch="qwen3_moe", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_head=8,
-                        d_mlp=24, n_ctx=64, qk_norm=True, n_experts=8, n_experts_used=2, tie_embeddings=False)
+    cfg = tiny_config("qwen3_moe", n_layers=2, d_mlp=24, qk_norm=True, n_experts=8, n_experts_used=2,
+                      tie_embeddings=False)
     m = random_model(cfg, jax.random.key(0))
     tokens = np.random.RandomState(0).randint(0, 64, (4, 9))
     ref = np.asarray(models.forward(m, tokens).logits)

@@ -20,6 +20,7 @@ import pytest
 
 from models import gemma_lib
 from models.config import Config
+from models.testing import tiny_config
 from models.errors import ModelFileError, UnsupportedModelError
 from models.params import init_params
 from models.transformer import forward
@@ -31,9 +32,9 @@ needs_peer = pytest.mark.skipif(not (OVERLAY / "gemma").is_dir(), reason=(
 
 _COMMON = dict(vocab_size=89, d_model=32, d_head=16, d_mlp=48, n_ctx=64, norm_eps=1e-6, act="gelu_tanh",
                post_norms=True, embed_scale=32**0.5, attn_scale=16**-0.5, tie_embeddings=True)
-TINY3 = Config(arch="gemma3", n_layers=7, n_heads=4, n_kv_heads=1, qk_norm=True, rope_theta=1e6, rope_local_theta=1e4,
+TINY3 = tiny_config("gemma3", n_layers=7, n_heads=4, n_kv_heads=1, qk_norm=True, rope_theta=1e6, rope_local_theta=1e4,
                sliding_window=4, layer_types=("local",) * 5 + ("global", "local"), **_COMMON)
-TINY2 = Config(arch="gemma2", n_layers=4, n_heads=4, n_kv_heads=2, rope_theta=1e4, attn_softcap=2.0, final_softcap=3.0,
+TINY2 = tiny_config("gemma2", n_layers=4, n_heads=4, n_kv_heads=2, rope_theta=1e4, attn_softcap=2.0, final_softcap=3.0,
                sliding_window=3, layer_types=("local", "global") * 2, **_COMMON)
 
 

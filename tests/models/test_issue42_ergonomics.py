@@ -17,14 +17,13 @@ import pytest
 
 import models
 from interp import lens
-from interp.testing import random_model
+from models.testing import random_model, tiny_config
 from models.activations import Activations, run_with_cache
 from models.errors import InputError
 from models.sites import ALL_SITES, Hook, UnknownSiteError, check_site
 from models.transformer import Capture
 
-CFG = models.Config(arch="llama", vocab_size=40, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=48,
-                    n_ctx=64)
+CFG = tiny_config("llama", vocab_size=40)
 TOKENS = np.asarray(jax.random.randint(jax.random.key(1), (2, 6), 0, 40))
 MASK = np.asarray([[1] * 6, [0, 0] + [1] * 4])
 
@@ -164,7 +163,7 @@ MESH_SCRIPT = textwrap.dedent("""
     import models
     from models import sharding
     from models.errors import InputError
-    from interp.testing import tiny_config
+    from models.testing import tiny_config
     from models.params import init_params
     cfg = tiny_config(vocab_size=128, n_layers=2, d_mlp=64, n_ctx=32, n_heads=9, n_kv_heads=3)
     params = init_params(cfg, jax.random.key(0))

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 import models
 from models import transformer
 from models.generate import generate_tokens
-from interp.testing import tiny_config
+from models.testing import tiny_config
 
 CFGS = {"llama": tiny_config("llama", n_layers=2), "gemma3": tiny_config("gemma3"), "gpt2": tiny_config("gpt2")}
 PARAMS = {k: models.init_params(c, jax.random.PRNGKey(i), scale=0.3) for i, (k, c) in enumerate(CFGS.items())}

@@ -55,7 +55,7 @@ MAXTEXT_SCRIPT = textwrap.dedent("""
     jax.config.update("jax_num_cpu_devices", 8)
     import flax.linen as nn
     from jax.sharding import Mesh
-    from interp.testing import tiny_config
+    from models.testing import tiny_config
     from models.params import init_params
     from models.sharding import shard_params
     from models.transformer import forward

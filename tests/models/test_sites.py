@@ -10,7 +10,7 @@ import pytest
 import models
 from models import transformer
 from models.sites import ALL_SITES, SITES
-from interp.testing import tiny_config
+from models.testing import tiny_config
 
 
 def assert_close(a, b, rel=1e-5):

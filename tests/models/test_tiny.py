@@ -11,7 +11,7 @@ import torch
 import transformers
 
 import models
-from interp.testing import tiny_config
+from models.testing import tiny_config
 from models import transformer
 from models.loading import load_hf_dir
 

@@ -46,11 +46,10 @@ def byte_level_tokenizer(add_bos: bool = True):
 @pytest.fixture(scope="module")
 def tiny():
     """A 3-layer random llama with the tiny byte-level tokenizer (BOS first, like Gemma)."""
-    from interp.testing import random_model
+    from models.testing import random_model, tiny_config
 
     tok = byte_level_tokenizer()
-    cfg = models.Config(arch="llama", vocab_size=tok.vocab_size, d_model=32, n_layers=3, n_heads=4,
-                        n_kv_heads=2, d_head=8, d_mlp=48, n_ctx=64)
+    cfg = tiny_config("llama", vocab_size=tok.vocab_size)
     return models.Model(random_model(cfg, jax.random.key(0)).params, cfg, tok, "tiny")
 
 

@@ -16,7 +16,7 @@ import pytest
 
 import models
 import saes
-from interp.testing import random_model, tiny_config
+from models.testing import random_model, tiny_config
 from models.errors import InputError
 from saes import sae as sae_lib
 from saes.attribution import attribute

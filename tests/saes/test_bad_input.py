@@ -14,6 +14,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import models
+from models.testing import tiny_config
 import saes
 from interp import probes
 from models.errors import InputError
@@ -24,8 +25,7 @@ from saes.synthetic import planted_source
 from saes.train import CheckpointCorrupt, Checkpointer, TrainConfig, fresh_state, validate
 from saes.train_state import abstract_state
 
-TINY = models.Config(arch="llama", vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_head=8, d_mlp=24,
-                     n_ctx=16)
+TINY = tiny_config("llama", vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_mlp=24, n_ctx=16)
 
 
 # ----------------------------------------------------------------------------- SAE and probe files

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from interp.testing import tiny_config
+from models.testing import tiny_config
 from models.errors import InputError
 from saes import cross_layer
 from saes.cross_layer import random_clt
@@ -132,7 +132,7 @@ PROMPT = np.array([1, 5, 9, 3, 7, 2, 11, 4])
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-    from interp.testing import random_model
+    from models.testing import random_model
     cfg = tiny_config("llama")
     return random_model(cfg, jax.random.key(0)), random_set(cfg, "relu", 16, seed=3)
 

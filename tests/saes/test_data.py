@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import models
-from interp.testing import tiny_config
+from models.testing import tiny_config
 from models.errors import InputError
 from models.sites import Hook
 from saes import data

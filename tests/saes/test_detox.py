@@ -13,7 +13,7 @@ import models
 from interp import interventions as I
 from interp.readout import NextTokenLoss, run_readout
 from interp.sweeps import sweep
-from interp.testing import random_model, tiny_config
+from models.testing import random_model, tiny_config
 from models.errors import InputError
 from saes import sae as S
 from saes.detox import DecoderSteer, FeatureAblation, TokenSteer, fires_anywhere, gate_mask, token_gate

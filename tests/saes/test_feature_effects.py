@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import models
-from interp.testing import random_model, tiny_config
+from models.testing import random_model, tiny_config
 from models.errors import InputError
 from saes.attribution import attribute
 from saes.cross_layer import random_clt
