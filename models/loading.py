@@ -619,10 +619,11 @@ def _stream(recipes: list[Recipe], source, cfg: Config, mesh: Mesh | None, rules
 def config_from_gguf(meta: Mapping[str, Any], dtype: str = "float32") -> Config:
     """Our `Config` from GGUF metadata (Gemma 3's missing local RoPE base and layer pattern as transformers fills them)."""
     arch = meta.get("general.architecture")
-    if arch not in ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "phi3", "gemma2", "gemma3", "gpt2"):
+    if arch not in ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "phi3", "gemma2", "gemma3", "gpt2", "gptneox",
+                    "olmo2"):
         raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported (supported: llama (and Mixtral, "
-                                    "llama with experts), mistral, qwen2, qwen3, qwen3moe, phi3, gemma2, gemma3, gpt2; "
-                                    "other families load from Hugging Face directories)")
+                                    "llama with experts), mistral, qwen2, qwen3, qwen3moe, phi3, gemma2, gemma3, gpt2, "
+                                    "gptneox, olmo2; other families load from Hugging Face directories)")
     g = lambda k, default=None: meta.get(f"{arch}.{k}", default)  # noqa: E731 (keys under the file's own arch)
     moe = {}
     if g("expert_count"):  # llama.cpp renormalises the chosen experts' weights for both (norm_w in its graphs)
@@ -640,12 +641,19 @@ def config_from_gguf(meta: Mapping[str, Any], dtype: str = "float32") -> Config:
     K = g("attention.head_count_kv", H)
     d_head = g("attention.key_length", D // H)
     vocab = g("vocab_size") or len(meta["tokenizer.ggml.tokens"])
-    ours = {"qwen3moe": "qwen3_moe", "llama": "mixtral" if moe else "llama"}.get(arch, arch)
+    ours = {"qwen3moe": "qwen3_moe", "llama": "mixtral" if moe else "llama", "gptneox": "gpt_neox"}.get(arch, arch)
     common = dict(arch=ours, vocab_size=vocab, d_model=D, n_layers=L, n_heads=H, n_kv_heads=K, d_head=d_head,
                   d_mlp=moe.pop("_d_mlp", g("feed_forward_length")), n_ctx=g("context_length"), dtype=dtype, **moe)
     if arch == "gpt2":
         return Config(**common, norm="layer", norm_eps=g("attention.layer_norm_epsilon", 1e-5), act="gelu_tanh",
                       gated_mlp=False, positional="learned", qkv_bias=True, o_bias=True, mlp_bias=True)
+    if arch == "gptneox":  # Pythia: parallel blocks, partial rotary, LayerNorm with biases, exact GELU (as trained)
+        rot = g("rope.dimension_count")
+        return Config(**common, norm="layer", norm_eps=g("attention.layer_norm_epsilon", 1e-5), act="gelu",
+                      gated_mlp=False, rope_theta=float(g("rope.freq_base", 10_000.0)), qkv_bias=True, o_bias=True,
+                      mlp_bias=True, parallel_block=bool(g("use_parallel_residual", True)),
+                      rotary_dim=int(rot) if rot and int(rot) < d_head else None,
+                      tie_embeddings="output.weight" not in meta.get("_tensor_names", ()))
     eps = g("attention.layer_norm_rms_epsilon", 1e-6)
     theta = float(g("rope.freq_base", 10_000.0))
     scaling = None
@@ -668,7 +676,8 @@ def config_from_gguf(meta: Mapping[str, Any], dtype: str = "float32") -> Config:
     return Config(
         **common, norm="rms", norm_eps=eps, act="gelu_tanh" if gemma else "silu", rope_theta=theta,
         rope_local_theta=10_000.0 if arch == "gemma3" else None, rope_scaling=scaling,
-        qkv_bias=arch == "qwen2", post_norms=gemma, qk_norm=arch in ("gemma3", "qwen3", "qwen3moe"), embed_scale=D**0.5 if gemma else 1.0,
+        qkv_bias=arch == "qwen2", post_norms=gemma or arch == "olmo2", pre_norms=arch != "olmo2",
+        qk_norm=arch in ("gemma3", "qwen3", "qwen3moe", "olmo2"), qk_norm_full=arch == "olmo2", embed_scale=D**0.5 if gemma else 1.0,
         attn_scale=d_head**-0.5 if gemma else None, attn_softcap=g("attn_logit_softcapping"), final_softcap=g("final_logit_softcapping"),
         sliding_window=window, layer_types=layer_types, tie_embeddings="output.weight" not in meta.get("_tensor_names", ()),
         rotary_dim=rotary_dim,
@@ -683,6 +692,15 @@ _GGUF_LAYER = {
 }
 _GPT2_LAYER = {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_norm": "ln_2",
                "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
+_NEOX_LAYER = {"attn_norm": "input_layernorm", "attn_qkv": "attention.query_key_value", "attn_output": "attention.dense",
+               "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"}
+
+
+def _neox_qkv(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's GPT-NeoX `attn_qkv` rows `[Q; K; V]` (each `[H * d_head]`) back to the checkpoint's per-head
+    interleaving `[h: (q, k, v)]` (its converter reorders them; weight `[3 H d_head, D]` or bias `[3 H d_head]`)."""
+    rest = w.shape[1:]
+    return w.reshape(3, n_head, -1, *rest).swapaxes(0, 1).reshape(w.shape)
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -705,6 +723,10 @@ def gguf_to_hf_names(shapes: Mapping[str, tuple[int, ...]], cfg: Config):
         top = {"token_embd.weight": "wte.weight", "position_embd.weight": "wpe.weight",
                "output_norm.weight": "ln_f.weight", "output_norm.bias": "ln_f.bias", "output.weight": "lm_head.weight"}
         table, prefix = _GPT2_LAYER, "h.{i}."
+    elif cfg.arch == "gpt_neox":  # the names `hf_name` gives Pythia's tensors (its `gpt_neox.` wrapper stripped)
+        top = {"token_embd.weight": "embed_in.weight", "output_norm.weight": "final_layer_norm.weight",
+               "output_norm.bias": "final_layer_norm.bias", "output.weight": "embed_out.weight"}
+        table, prefix = _NEOX_LAYER, "layers.{i}."
     else:
         top = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                "output.weight": "lm_head.weight"}
@@ -734,6 +756,8 @@ def gguf_to_hf_names(shapes: Mapping[str, tuple[int, ...]], cfg: Config):
             if cfg.arch in ("llama", "mixtral") and kind in ("attn_q", "attn_k"):
                 n = cfg.n_heads if kind == "attn_q" else cfg.n_kv_heads
                 fixes.append(lambda w, n=n: _unpermute(w, n))
+            if cfg.arch == "gpt_neox" and kind == "attn_qkv":
+                fixes.append(lambda w: _neox_qkv(w, cfg.n_heads))
             if cfg.arch == "gpt2" and suffix == "weight" and len(shape) == 2:
                 fixes.append(lambda w: w.T)
                 hf_shape = shape[::-1]

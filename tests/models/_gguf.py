@@ -17,6 +17,11 @@ EXPERT = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "
           "w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}  # Mixtral
 TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
        "lm_head.weight": "output.weight"}
+OLMO2 = {"post_attention_layernorm": "post_attention_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+NEOX = {"input_layernorm": "attn_norm", "attention.query_key_value": "attn_qkv", "attention.dense": "attn_output",
+        "post_attention_layernorm": "ffn_norm", "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"}
+NEOX_TOP = {"gpt_neox.embed_in.weight": "token_embd.weight", "gpt_neox.final_layer_norm.weight": "output_norm.weight",
+            "gpt_neox.final_layer_norm.bias": "output_norm.bias", "embed_out.weight": "output.weight"}
 
 
 def _permute(w: np.ndarray, n: int) -> np.ndarray:
@@ -26,10 +31,13 @@ def _permute(w: np.ndarray, n: int) -> np.ndarray:
 
 def write_gguf(path: Path, hf_dir: Path, arch: str = "llama", block_count: int | None = None,
                vocab_size: int | None = None) -> Path:
-    """The HF directory `hf_dir` as a float32 GGUF of llama.cpp architecture `arch` (llama, qwen3, qwen3moe, phi3;
-    Mixtral is `llama` with experts). `block_count` / `vocab_size` override the metadata (to test the loader's
-    checks). llama.cpp's conventions: q/k rows permuted for llama, experts stacked `[E, out, in]`, head sizes and
-    the rotary dimension written for the others."""
+    """The HF directory `hf_dir` as a float32 GGUF of llama.cpp architecture `arch` (llama, qwen3, qwen3moe, phi3,
+    olmo2, gptneox; Mixtral is `llama` with experts). `block_count` / `vocab_size` override the metadata (to test
+    the loader's checks). llama.cpp's conventions (its `convert_hf_to_gguf.py`): q/k rows permuted for llama,
+    experts stacked `[E, out, in]`, GPT-NeoX's fused qkv rows reordered from per-head `(q, k, v)` to `[Q; K; V]`,
+    head sizes and the rotary dimension written for the others."""
+    if arch == "gptneox":
+        return _write_neox(path, hf_dir)
     import gguf
     from safetensors.numpy import load_file
 
@@ -69,12 +77,51 @@ def write_gguf(path: Path, hf_dir: Path, arch: str = "llama", block_count: int |
                 continue
             if arch == "llama" and module in ("self_attn.q_proj", "self_attn.k_proj"):
                 t = _permute(t, H if module == "self_attn.q_proj" else K)
-            name = f"blk.{i}.{LAYER[module]}.{leaf}"
+            name = f"blk.{i}.{(OLMO2 if arch == 'olmo2' and module in OLMO2 else LAYER)[module]}.{leaf}"
         else:
             name = TOP[name]
         w.add_tensor(name, np.ascontiguousarray(t, np.float32))
     for name, per in experts.items():
         w.add_tensor(name, np.ascontiguousarray(np.stack([per[e] for e in sorted(per)]), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
+
+
+def _write_neox(path: Path, hf_dir: Path) -> Path:
+    """A GPT-NeoX (Pythia) directory as llama.cpp writes it: metadata `gptneox.*` (rotary dimension, parallel
+    residual, LayerNorm epsilon), the fused qkv rows as `[Q; K; V]`."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    hf = json.loads((Path(hf_dir) / "config.json").read_text())
+    sd = load_file(Path(hf_dir) / "model.safetensors")
+    D, H = hf["hidden_size"], hf["num_attention_heads"]
+    frac = hf.get("rotary_pct") or (hf.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)
+    w = gguf.GGUFWriter(str(path), "gptneox")
+    w.add_context_length(hf["max_position_embeddings"])
+    w.add_embedding_length(D)
+    w.add_block_count(hf["num_hidden_layers"])
+    w.add_feed_forward_length(hf["intermediate_size"])
+    w.add_rope_dimension_count(int(frac * (D // H)))
+    w.add_head_count(H)
+    w.add_parallel_residual(hf.get("use_parallel_residual", True))
+    w.add_layer_norm_eps(hf["layer_norm_eps"])
+    w.add_vocab_size(hf["vocab_size"])
+    for name, t in sd.items():
+        if name.startswith("gpt_neox.layers."):
+            _, _, i, rest = name.split(".", 3)
+            module, leaf = rest.rsplit(".", 1)
+            if module == "attention.query_key_value":  # per head (q, k, v) -> [Q; K; V]
+                t = t.reshape(H, 3, -1, *t.shape[1:]).swapaxes(0, 1).reshape(t.shape)
+            name = f"blk.{i}.{NEOX[module]}.{leaf}"
+        elif name in NEOX_TOP:
+            name = NEOX_TOP[name]
+        else:
+            continue  # buffers (attention.bias / masked_bias of old checkpoints)
+        w.add_tensor(name, np.ascontiguousarray(t, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -10,6 +10,7 @@ sweep against one forward per head, steering during generation.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -365,6 +366,35 @@ def test_moe_from_gguf_matches_transformers(tmp_path, gguf_arch):
     m = models.load(str(path), tokenizer=False)
     assert m.cfg.arch == {"qwen3moe": "qwen3_moe", "llama": "mixtral"}[gguf_arch]
     assert (m.cfg.n_experts, m.cfg.n_experts_used, m.cfg.d_mlp, m.cfg.norm_topk_prob) == (6, 2, 24, True)
+    tokens = np.random.RandomState(0).randint(1, V, (2, 9))
+    with torch.no_grad():
+        ref = hf(torch.tensor(tokens)).logits.numpy()
+    ours = np.asarray(models.forward(m, tokens).logits)
+    assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-5
+
+
+GGUF_OTHER = {  # llama.cpp layouts that transformers' GGUF reader does not read: checked against the HF model
+    "gptneox": lambda: transformers.GPTNeoXConfig(  # d_head 16, rotary 4 of them
+        vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+        rotary_pct=0.25, max_position_embeddings=64, use_parallel_residual=True, tie_word_embeddings=False),
+    "olmo2": lambda: transformers.Olmo2Config(
+        vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, max_position_embeddings=64, tie_word_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("gguf_arch", sorted(GGUF_OTHER))
+def test_neox_and_olmo2_from_gguf_match_transformers(tmp_path, gguf_arch):
+    """Pythia and OLMo 2 in llama.cpp's layouts (GPT-NeoX: its converter's `[Q; K; V]` reordering of the fused qkv
+    rows, the rotary dimension and parallel residual in the metadata; OLMo 2: `post_attention_norm` /
+    `post_ffw_norm`, full-width q/k norms, no q/k permutation) load to the logits of transformers' model of the
+    directory they were written from."""
+    hf = random_hf_model(GGUF_OTHER[gguf_arch](), tmp_path / "hf")
+    path = write_gguf(tmp_path / f"tiny-{gguf_arch}.gguf", tmp_path / "hf", gguf_arch)
+    m = models.load(str(path), tokenizer=False)
+    ref_cfg = models.load(str(tmp_path / "hf"), tokenizer=False).cfg
+    assert m.cfg.norm_eps == pytest.approx(ref_cfg.norm_eps, rel=1e-6)  # GGUF stores it as float32
+    assert m.cfg == dataclasses.replace(ref_cfg, norm_eps=m.cfg.norm_eps)
     tokens = np.random.RandomState(0).randint(1, V, (2, 9))
     with torch.no_grad():
         ref = hf(torch.tensor(tokens)).logits.numpy()
