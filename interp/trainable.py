@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, Int
 
 import models
@@ -270,7 +271,8 @@ class _Cell(Intervention):
 
 def das_grid(model, base, source, cf_labels, candidates, *, layers: Sequence[int], positions: Sequence[int],
              k: int = 1, site: str = "resid_post", steps: int = 200, lr: float = 1e-2, test_frac: float = 0.25,
-             patience: int = 50, n_random: int = 16, shuffled_control: bool = False, seed: int = 0) -> DASGrid:
+             patience: int = 50, n_random: int = 16, shuffled_control: bool = False, seed: int = 0,
+             mesh: Mesh | None = None, axis: str = "data") -> DASGrid:
     """Train a DAS subspace of dimension `k` at every (layer, position) of the grid, in one compiled call.
 
     `base` and `source` are `(tokens, mask)` of N paired prompts (row i of each is one pair; same length);
@@ -278,7 +280,11 @@ def das_grid(model, base, source, cf_labels, candidates, *, layers: Sequence[int
     answers) the base run should give when the causal variable is taken from the source run. Each cell's
     basis is trained with Adam on the cross-entropy over `candidates` at the last position, pairs split into
     train and test by pair; early stopping keeps each cell's parameters at its best train loss after
-    `patience` steps without improvement. Returns the held-out IIA with its controls (`DASGrid`)."""
+    `patience` steps without improvement. Returns the held-out IIA with its controls (`DASGrid`).
+
+    With a `mesh`, the grid's cells are split over its `axis` (padded to a multiple of its size with copies of the
+    last cell, dropped after): each device trains its own cells, the model and the pairs replicated on every device
+    (a model already loaded onto that mesh is used as it is). The result equals the single-device one."""
     (bt, bm), (st, sm) = (tuple(np.asarray(x) for x in base), tuple(np.asarray(x) for x in source))
     cf = np.asarray(cf_labels)
     cand = jnp.asarray(np.asarray(candidates, np.int32))
@@ -301,13 +307,29 @@ def das_grid(model, base, source, cf_labels, candidates, *, layers: Sequence[int
     test, train = order[:n_test], order[n_test:]
     if len(train) < 1:
         raise InputError(f"das_grid: {N} pairs leave none to train on with test_frac={test_frac}")
+    if mesh is not None and axis not in mesh.axis_names:
+        raise InputError(f"das_grid: axis {axis!r} is not an axis of the mesh ({', '.join(mesh.axis_names)})")
     cache = models.forward(model, st, sm, capture=(site,)).acts[site]  # [L, N, T, D], the source run
     L, P, D = len(layers), len(positions), model.cfg.d_model
+    n_cells = L * P
+    pad = 0 if mesh is None else -n_cells % mesh.shape[axis]
     cell_l = jnp.repeat(jnp.asarray(layers, jnp.int32), P)
     cell_p = jnp.tile(jnp.asarray(positions, jnp.int32), L)
     key = jax.random.key(seed)
-    init = jax.random.normal(key, (L * P, D, k))
+    init = jax.random.normal(key, (n_cells, D, k))
     params, static_fwd = model.params, model.cfg
+    cells = lambda x: x  # noqa: E731 (without a mesh: the arrays as they are)
+    if mesh is not None:
+        split, whole = NamedSharding(mesh, PartitionSpec(axis)), NamedSharding(mesh, PartitionSpec())
+
+        def cells(x):  # [cells, ...] padded with copies of the last cell, split over `axis`
+            return jax.device_put(jnp.concatenate([x, jnp.repeat(x[-1:], pad, 0)]) if pad else x, split)
+
+        on_mesh = all(isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == mesh
+                      for x in jax.tree.leaves(params))
+        params = params if on_mesh else jax.device_put(params, whole)
+        cache = jax.device_put(cache, whole)
+        cell_l, cell_p = cells(cell_l), cells(cell_p)
 
     def logits_at(basis, l, p, rows, src_rows):
         iv = _Cell(site, basis, src_rows, l, p, Where())
@@ -343,20 +365,24 @@ def das_grid(model, base, source, cf_labels, candidates, *, layers: Sequence[int
         return best
 
     labels = jnp.asarray(cf, jnp.int32)
+    if mesh is not None:
+        labels = jax.device_put(labels, whole)
     te = jnp.asarray(test)
     train_all = jax.jit(jax.vmap(lambda b, l, p, y: train_cell(b, l, p, y), in_axes=(0, 0, 0, None)))
     eval_all = jax.jit(jax.vmap(lambda b, l, p: iia(b, l, p, te, labels[te]), in_axes=(0, 0, 0)))
-    bases = train_all(init, cell_l, cell_p, labels)
-    values = np.asarray(eval_all(bases, cell_l, cell_p)).reshape(L, P)
+    grid = lambda x: np.asarray(x)[:n_cells].reshape(L, P)  # noqa: E731 (padding cells dropped)
+    bases = train_all(cells(init), cell_l, cell_p, labels)
+    values = grid(eval_all(bases, cell_l, cell_p))
+    bases = np.asarray(bases)[:n_cells]
     random = None
     if n_random:
-        draws = jax.random.normal(jax.random.fold_in(key, 1), (n_random, L * P, D, k))
-        random = np.stack([np.asarray(eval_all(d, cell_l, cell_p)).reshape(L, P) for d in draws])
+        draws = jax.random.normal(jax.random.fold_in(key, 1), (n_random, n_cells, D, k))
+        random = np.stack([grid(eval_all(cells(d), cell_l, cell_p)) for d in draws])
     shuffled = None
     if shuffled_control:
         perm = jnp.asarray(rng.permutation(N))
-        sb = train_all(init, cell_l, cell_p, labels[perm])
-        shuffled = np.asarray(eval_all(sb, cell_l, cell_p)).reshape(L, P)
+        sb = train_all(cells(init), cell_l, cell_p, labels[perm])
+        shuffled = grid(eval_all(sb, cell_l, cell_p))
     return DASGrid(values, f"DAS IIA (k={k}, {site})", random=random, shuffled=shuffled,
                    bases=np.asarray(jax.vmap(orthonormal)(bases)).reshape(L, P, D, k), positions=positions,
                    layers=layers, n_test=n_test)

@@ -112,3 +112,39 @@ def test_save_and_load_round_trip_and_refuse_another_model(tiny, tmp_path):
         load(tmp_path / "reft", model=other)
     with pytest.raises(InputError, match="not a saveable"):
         save(I.Function("resid_post", lambda v, c: v), tmp_path / "fn")
+
+
+DAS_MESH = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, numpy as np
+from jax.sharding import Mesh
+from models.testing import random_model, tiny_config
+from interp.trainable import das_grid
+from tests.interp.test_trainable import _planted_pairs
+m = random_model(tiny_config("llama"), jax.random.key(0))
+base, src, labels, cand = _planted_pairs(m)
+kw = dict(layers=(0, 1, 2), positions=(0, -1), k=2, steps=40, lr=0.05, n_random=2, shuffled_control=True, seed=0)
+one = das_grid(m, base, src, labels, cand, **kw)
+mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+split = das_grid(m, base, src, labels, cand, mesh=mesh, **kw)  # 6 cells over 4 devices: padded to 8
+assert len(jax.devices()) == 8
+np.testing.assert_array_equal(one.values, split.values)
+np.testing.assert_array_equal(one.random, split.random)
+np.testing.assert_array_equal(one.shuffled, split.shuffled)
+np.testing.assert_allclose(one.bases, split.bases, atol=1e-5)
+print("OK", one.values.tolist())
+"""
+
+
+def test_das_grid_on_a_mesh_equals_one_device():
+    """`mesh=`: the grid's cells split over the mesh's data axis (6 cells on 4 devices, padded), the model and the
+    pairs replicated: the IIA map, its controls and the trained bases equal the single-device run (8 simulated
+    CPU devices, in their own process)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", DAS_MESH], capture_output=True, text=True, timeout=900, cwd=root)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
