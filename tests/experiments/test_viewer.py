@@ -610,3 +610,26 @@ def test_rendered_html_matches_the_snapshots(tmp_path):
             mismatched.append(name)
     assert not mismatched, (f"rendered HTML differs from tests/experiments/snapshots/ for {mismatched}; if intended, "
                             "rerun with INTERP_UPDATE_SNAPSHOTS=1 and review the diff")
+
+
+@pytest.mark.parametrize("path", ["/", "/feature/{feature}", "/heads/tiny", "/probes/tiny", "/report/report"])
+def test_browser_served_pages_request_nothing_outside_the_server(run, tmp_path, path):
+    """Every kind of served page (the graph page has its own test above) asks only its own server: a trap proxy
+    takes whatever is not for loopback and gets nothing from the page (the browser's own google.com background
+    traffic carries no referer), and the server sees only the page itself and its images."""
+    _chromium()
+    root, out = run
+    path = path.format(feature=out["features"][0].stem)
+    srv, trap = server.serve_in_thread(root), server.serve_in_thread(tmp_path)
+    try:
+        origin = f"http://127.0.0.1:{srv.server_address[1]}"
+        dom = _browse(origin + path, tmp_path, proxy=trap.server_address[1])
+        assert 'data-rendered="1"' in dom and 'class="iv-missing"' not in dom
+        assert [r for r in trap.requests if r[2] and r[2].startswith(origin)] == []
+        hosts = {urlsplit(p if "://" in p else "//" + p).hostname for _, p, _ in trap.requests}
+        assert all(h == "google.com" or h.endswith(".google.com") for h in hosts), hosts
+        allowed = {path, "/favicon.ico"} | ({"/file/figures/influence.png"} if path.startswith("/report") else set())
+        assert {p for _, p, _ in srv.requests} <= allowed, srv.requests
+    finally:
+        _stop(srv)
+        _stop(trap)
