@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.viewer.collect import write_graph_run
+from experiments.viewer.data import write
 
 TOKENS = np.array([1, 5, 9, 3, 7, 2, 11, 4, 13, 8, 21, 6, 17, 30, 12, 25, 10, 44, 19, 33])
 
@@ -62,6 +63,7 @@ def write_tiny_run(run_dir: str | Path, *, arch: str = "llama", n_features: int 
     "graph_obj", "transcoders"}`."""
     import jax
 
+    from interp import TokenLogProb, head_ablation
     from interp.testing import random_model, tiny_config
     from saes.attribution import attribute
     from saes.transcoders import random_set
@@ -73,14 +75,9 @@ def write_tiny_run(run_dir: str | Path, *, arch: str = "llama", n_features: int 
     tcs = random_set(cfg, "relu", 40, seed=10, bias=0.05, act_scale=1.3)
     g = attribute(m, tcs, TOKENS, max_n_logits=4, desired_logit_prob=0.5)
     rows = np.random.default_rng(0).integers(2, cfg.vocab_size, (32, 12))
-    write_graph_run(run, m, tcs, g, rows, slug="tiny", n_features=n_features, k=5, node_threshold=node_threshold,
-                    edge_threshold=edge_threshold, heads=False)
-    from interp import TokenLogProb, head_ablation
-
-    from experiments.viewer.data import heads_doc, write
-
     ablation = head_ablation(m, TOKENS[None, :-1], None, TokenLogProb(int(TOKENS[-1])))  # [layers, heads]
-    write(heads_doc(m, g.tokens, tokenizer=tok, name="tiny", ablation=ablation), run / "heads" / "tiny.json")
+    write_graph_run(run, m, tcs, g, rows, slug="tiny", n_features=n_features, k=5, node_threshold=node_threshold,
+                    edge_threshold=edge_threshold, ablation=ablation)
     write(tiny_probes_doc(), run / "probes" / "tiny.json")
     graph, features, heads = run / "graphs" / "tiny.json", sorted((run / "features").glob("*.json")), run / "heads" / "tiny.json"
     _figure(run / "figures" / "influence.png", g)

@@ -217,6 +217,8 @@ def test_show_renders_graph_feature_and_heads_views(run):
     assert viewer.show(json.loads(out["features"][0].read_text())).kind == "feature"
     heads = viewer.show(json.loads(out["heads"].read_text()))
     assert heads.kind == "heads" and "<!DOCTYPE html>" in heads.html()
+    probes = viewer.show(json.loads(out["probes"].read_text()))
+    assert probes.kind == "probes" and '"route":"probes/page"' in probes._repr_html_()
     with pytest.raises(TypeError):
         viewer.show(3)
 
