@@ -1,9 +1,11 @@
 """Viewer benchmark: a synthetic attribution graph in circuit-tracer's schema (the size of a large pruned graph:
 `--layers` x `--tokens` positions, `--features` feature nodes, `--links` edges), exported to one HTML file and
 rendered in headless Chromium; prints the file size and the time to first render (the page's own timer:
-navigation start to the end of the first render, and the render alone) and the browser's wall time.
+navigation start to the end of the first render, and the render alone) and the browser's wall time. With
+`--feature-pages N`, also N synthetic feature pages (10 contexts of 24 tokens each) and the time of the stored-
+context feature search (`data.search_contexts`, what `/api/search` runs without a model) over them.
 
-    python -m bench.viewer [--features 5000] [--links 50000] [--layers 30] [--tokens 32]
+    python -m bench.viewer [--features 5000] [--links 50000] [--layers 30] [--tokens 32] [--feature-pages 0]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.viewer import data as D
 from experiments.viewer import page
 
 
@@ -48,14 +51,35 @@ def synthetic_graph(n_features: int, n_links: int, n_layers: int, n_tokens: int,
                 nodes=nodes, links=links)
 
 
+def synthetic_features(n_pages: int, n_ctx: int = 10, n_tok: int = 24, vocab: int = 5000, seed: int = 0) -> dict:
+    """`{slug: feature page}`: `n_pages` pages of `n_ctx` contexts of `n_tok` random words each."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(n_pages):
+        ctxs = []
+        for _ in range(n_ctx):
+            vals = np.maximum(rng.normal(size=n_tok), 0).round(3)
+            ctxs.append(dict(tokens=[f" w{t}" for t in rng.integers(0, vocab, n_tok).tolist()], values=vals.tolist(),
+                             maxValue=float(vals.max()), maxValueTokenIndex=int(vals.argmax())))
+        out[f"{i % 30}_{i}"] = dict(kind="feature", index=i, layer=i % 30, activations=ctxs)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--features", type=int, default=5000)
     p.add_argument("--links", type=int, default=50000)
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--feature-pages", type=int, default=0, help="time the stored-context search over this many pages")
     p.add_argument("--chromium", default="/usr/bin/chromium")
     args = p.parse_args(argv)
+    if args.feature_pages:
+        docs = synthetic_features(args.feature_pages)
+        t0 = time.perf_counter()
+        hits = D.search_contexts(docs, " w42 w")
+        print(f"stored-context search over {len(docs)} feature pages ({len(docs) * 10} contexts): "
+              f"{1e3 * (time.perf_counter() - t0):.0f} ms, {len(hits)} features found")
     with tempfile.TemporaryDirectory() as d:
         run = Path(d)
         g = synthetic_graph(args.features, args.links, args.layers, args.tokens)

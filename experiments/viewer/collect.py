@@ -13,11 +13,12 @@ from experiments.viewer import data as D
 
 def write_graph_run(run_dir: str | Path, model, transcoders, graph, rows, *, slug: str = "graph", tokenizer=None,
                     n_features: int = 16, n_rows: int = 64, k: int = 10, node_threshold: float = 0.8,
-                    edge_threshold: float = 0.98, heads: bool = True) -> Path:
+                    edge_threshold: float = 0.98, heads: bool = True, ablation=None) -> Path:
     """Write `graphs/<slug>.json` (`graph.to_json`, pruned at the thresholds), `features/<layer>_<f>.json` for the
     `n_features` most influential features kept in it (top contexts over `n_rows` of `rows`: an array `[N, T]`
     or a `TokenRows`; per-layer transcoders only, `transcoders.transcoders[layer]`), and with `heads`
-    `heads/<slug>.json` for the prompt. Returns `run_dir`: `python -m experiments.viewer serve <run_dir>`."""
+    `heads/<slug>.json` for the prompt (with `ablation`, an `interp.head_ablation` result, its heatmap). Returns
+    `run_dir`: `python -m experiments.viewer serve <run_dir>`."""
     run = Path(run_dir)
     D.check_slug(slug)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
@@ -40,5 +41,6 @@ def write_graph_run(run_dir: str | Path, model, transcoders, graph, rows, *, slu
             for f in fs:
                 D.write(docs[f], run / "features" / f"{layer}_{f}.json")
     if heads:
-        D.write(D.heads_doc(model, graph.tokens, tokenizer=tokenizer, name=slug), run / "heads" / f"{slug}.json")
+        D.write(D.heads_doc(model, graph.tokens, tokenizer=tokenizer, name=slug, ablation=ablation),
+                run / "heads" / f"{slug}.json")
     return run

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 SLUG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
-KINDS = ("graph", "feature", "heads", "report")
+KINDS = ("graph", "feature", "heads", "probes", "report")
 
 
 class BadSlug(ValueError):
@@ -38,11 +38,11 @@ def _kind(path: Path) -> str | None:
         return None
     if {"metadata", "nodes", "links"} <= set(doc):
         return "graph"
-    return doc.get("kind") if doc.get("kind") in ("feature", "heads") else None
+    return doc.get("kind") if doc.get("kind") in ("feature", "heads", "probes") else None
 
 
 def scan(run_dir: str | Path, max_depth: int = 4) -> dict[str, dict[str, Path]]:
-    """`{kind: {slug: path}}` of every graph, feature, heads and report file under `run_dir` (the first file of a
+    """`{kind: {slug: path}}` of every graph, feature, heads, probes and report file under `run_dir` (the first file of a
     slug wins; the slug is the file's stem)."""
     root = Path(run_dir).resolve()
     out: dict[str, dict[str, Path]] = {k: {} for k in KINDS}
@@ -213,20 +213,63 @@ def feature_docs(model, sae, rows, features, *, tokenizer=None, n_rows: int = 25
     freq = feature_frequencies(model, sae, rows, n_rows=n_rows)
     acts = feature_acts(model, sae, np.asarray(top.tokens), list(features))
     writes_d_model = sae.W_dec.shape[-1] == model.cfg.d_model
+    tok = tokenizer or model.tokenizer
     out = {}
     for j, f in enumerate(features):
         eff = logit_effects(model, sae, f, n=n_effects) if writes_d_model and model.tokenizer is not None else None
-        out[int(f)] = feature_doc(model, sae, top, f, tokenizer=tokenizer or model.tokenizer, frequency=freq[f],
+        out[int(f)] = feature_doc(model, sae, top, f, tokenizer=tok, frequency=freq[f],
                                   effects=eff, window=window, acts=acts[..., j])
+        if getattr(sae, "target", None):  # a transcoder: what it reads (encoder) and where it writes (decoder)
+            out[int(f)].update(transcoder_sides(model, sae, f, tokenizer=tok, n=n_effects))
     return out
 
 
+def _site_input(model, site: str, layer, x):
+    """`x [.., D]` (residual-stream vectors) as the site `site` of `layer` sees them: through that layer's
+    pre-attention / pre-MLP norm for `ln1.normalized` / `ln2.normalized` (the data-dependent scale included:
+    each row normalised on its own), unchanged otherwise."""
+    import jax
+    import jax.numpy as jnp
+
+    from models.transformer import norm
+
+    name = {"ln1.normalized": "ln1", "ln2.normalized": "ln2"}.get(site)
+    if name is None or layer is None or not model.cfg.pre_norms:
+        return jnp.asarray(x, jnp.float32)
+    p = jax.tree.map(lambda a: a[layer], model.params["blocks"][name])
+    return norm(jnp.asarray(x, jnp.float32), p, model.cfg)
+
+
+def transcoder_sides(model, sae, feature: int, *, tokenizer=None, n: int = 10) -> dict:
+    """What a transcoder feature reads and writes, for its feature page: `encoder_site` / `decoder_site` (the
+    site it reads, e.g. `ln2.normalized`, and the one it writes, `mlp_out`), and `enc_str / enc_values`, the
+    `n` tokens whose embedding, through the layer's norm as the encoder sees it (the direct path from the
+    embedding only: no attention, no earlier layer), gives the feature its largest encoder pre-activation
+    (`xn @ W_enc[:, f] + bias`). The decoder side's logit effects are the page's `pos_str / neg_str`
+    (`saes.features.logit_effects` of the decoder vector written into the MLP output)."""
+    import jax.numpy as jnp
+
+    W_E = model.params["embed"]["W_E"]
+    w = jnp.asarray(sae.W_enc, jnp.float32)[:, feature]
+    bias = float(jnp.asarray(sae.enc_bias(), jnp.float32)[feature])
+    pre = []
+    for i in range(0, W_E.shape[0], 8192):  # chunks of the vocabulary: [8192, D] at a time
+        x = _site_input(model, sae.site, getattr(sae, "layer", None), W_E[i:i + 8192]) * sae.act_scale
+        pre.append(np.asarray(x @ w))
+    pre = np.concatenate(pre) + bias
+    top = np.argsort(pre)[::-1][:n]
+    return dict(encoder_site=str(sae.site), decoder_site=str(sae.target), enc_str=_decode(tokenizer, top),
+                enc_values=[float(pre[i]) for i in top])
+
+
 def heads_doc(model, tokens, *, tokenizer=None, name: str = "heads", scores: dict | None = None,
-              induction_half: int = 16) -> dict:
+              induction_half: int = 16, ablation=None) -> dict:
     """A heads page for one prompt (`tokens [T]`): every layer's and head's attention pattern
     (`models.forward(..., capture=("attn.pattern",))`, `patterns [L][H][T][T]`, rounded to 4 digits) and
     per-head scores: `interp.heads.head_pattern_scores` (previous / first token) on the prompt, induction
-    scores on 4 repeated random halves of `induction_half` tokens (0: none), plus any `scores {name: [L, H]}`."""
+    scores on 4 repeated random halves of `induction_half` tokens (0: none), plus any `scores {name: [L, H]}`.
+    `ablation`: an ablation sweep's `[L, H]` effects (`interp.head_ablation`'s `HeadEffects`, or an array) shown
+    as a heatmap whose cells open each head's pattern (`ablation_doc`)."""
     import jax
 
     import models
@@ -242,8 +285,100 @@ def heads_doc(model, tokens, *, tokenizer=None, name: str = "heads", scores: dic
         _, rep_acts = models.forward(model, rep, capture=("attn.pattern",))
         all_scores["induction"] = np.asarray(induction_scores(rep_acts["attn.pattern"], induction_half, 0)).tolist()
     all_scores.update({k: np.asarray(v).tolist() for k, v in (scores or {}).items()})
-    return dict(kind="heads", name=name, tokens=_decode(tokenizer, tokens[0]), patterns=pat.tolist(),
-                scores=all_scores)
+    out = dict(kind="heads", name=name, tokens=_decode(tokenizer, tokens[0]), patterns=pat.tolist(),
+               scores=all_scores)
+    if ablation is not None:
+        out["ablation"] = ablation_doc(ablation)
+    return out
+
+
+def ablation_doc(effects, name: str | None = None) -> dict:
+    """A heads page's `ablation` field from `interp.head_ablation` (a `HeadEffects` / `HeadGrid`: its values
+    and name) or an `[L, H]` array: `{"name", "values" [L][H], "first_layer"}`."""
+    values = np.asarray(getattr(effects, "values", effects), np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"ablation effects are [layers, heads], got shape {values.shape}")
+    return dict(name=name if name is not None else str(getattr(effects, "name", "") or "head ablation"),
+                values=values.tolist(), first_layer=int(getattr(effects, "first_layer", 0)))
+
+
+def probes_doc(result, *, name: str = "probes", texts=None, surface: dict | None = None, split: str = "test",
+               metric: str = "auroc") -> dict:
+    """A probe-grid page from `interp.probes.train`'s `GridResult`: `metric` (AUROC) on `split` over layer x
+    position (`values [L][P]`, `layers`, `positions`), the best cell (by the validation criterion), and the
+    surface-only baseline on the grid's own split, computed from the rows' raw `texts`
+    (`GridResult.surface_baseline`) or given as `surface` (`{"accuracy", "auroc"}`); None without either."""
+    if texts is not None and surface is not None:
+        raise ValueError("probes_doc takes texts= (to compute the surface baseline) or surface=, not both")
+    if texts is not None:
+        surface = result.surface_baseline(texts)
+    values = np.asarray(result.metrics[split][metric], np.float64)
+    return dict(kind="probes", name=name, metric=metric, split=split, probe=str(result.probes.kind),
+                layers=[int(x) for x in result.probes.layers], positions=[str(p) for p in result.probes.positions],
+                values=values.tolist(), best=[int(i) for i in result.best],
+                surface=None if surface is None else {k: float(surface[k]) for k in ("accuracy", "auroc")})
+
+
+# ----------------------------------------------------------------------------- feature search
+
+
+def search_contexts(feature_docs: dict[str, dict], q: str, limit: int = 50) -> list[dict]:
+    """Features whose stored contexts (top activations and quantile samples) contain the snippet `q` (case-
+    insensitive substring of the tokens joined): per feature its best match, scored by the largest activation
+    on a token the match overlaps. `feature_docs {slug: feature doc}`. Rows `{slug, layer, index, score,
+    token, context}`, highest score first. The viewer's JavaScript does the same over an exported page."""
+    needle = q.lower()
+    out = []
+    if not needle:
+        return out
+    for slug, doc in feature_docs.items():
+        best = None
+        for ctx in [*doc.get("activations", []), *(a for b in doc.get("quantiles", []) for a in b["activations"])]:
+            text = "".join(ctx["tokens"]).lower()
+            starts = np.cumsum([0] + [len(t) for t in ctx["tokens"]])
+            at = text.find(needle)
+            while at >= 0:
+                hit = [i for i in range(len(ctx["tokens"])) if starts[i] < at + len(needle) and starts[i + 1] > at]
+                i = max(hit, key=lambda i: ctx["values"][i])
+                if best is None or ctx["values"][i] > best["score"]:
+                    best = dict(slug=slug, layer=doc.get("layer"), index=doc["index"], score=float(ctx["values"][i]),
+                                token=ctx["tokens"][i], context="".join(ctx["tokens"]))
+                at = text.find(needle, at + 1)
+        if best is not None:
+            out.append(best)
+    out.sort(key=lambda r: (-r["score"], r["slug"]))
+    return out[:limit]
+
+
+def model_search(model, transcoders, *, encode=None, tokenizer=None, k: int = 5):
+    """A search function for `server.make_server(..., search=)`: tokenises a snippet (`encode(text) -> ids`,
+    default `model.tokenizer.encode`), runs the model with every layer's dictionary (`transcoders.transcoders`,
+    or a list of SAEs / transcoders with `.layer`), and returns per token the `k` features with the largest
+    activations: `{"tokens": [...], "results": [{slug, layer, index, score, token, pos}]}` (slug `layer_index`,
+    as feature pages are named), the largest first."""
+    dicts = list(getattr(transcoders, "transcoders", transcoders))
+    encode = encode or model.tokenizer.encode
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+
+    def search(q: str) -> dict:
+        ids = np.asarray(encode(q), np.int64).reshape(1, -1)
+        if ids.size == 0:
+            return dict(tokens=[], results=[])
+        from saes.features import site_acts
+
+        toks = _decode(tokenizer, ids[0])
+        rows = []
+        for sae in dicts:
+            f = np.asarray(sae.encode(site_acts(model, sae, ids, np.ones_like(ids)).astype(np.float32)))[0]  # [T, F]
+            for pos in range(f.shape[0]):
+                for i in np.argsort(f[pos])[::-1][:k]:
+                    if f[pos, i] > 0:
+                        rows.append(dict(slug=f"{sae.layer}_{int(i)}", layer=sae.layer, index=int(i),
+                                         score=float(f[pos, i]), token=toks[pos], pos=pos))
+        rows.sort(key=lambda r: (-r["score"], r["slug"], r["pos"]))
+        return dict(tokens=toks, results=rows)
+
+    return search
 
 
 def write(doc: dict, path: str | Path) -> Path:

@@ -31,9 +31,12 @@ def html_page(bundle: dict, title: str = "interp viewer") -> str:
     return re.sub(r"\{\{(TITLE|CSS|DATA|JS)\}\}", lambda m: values[m.group(1)], static("page.html"))
 
 
-def fragment(bundle: dict) -> str:
-    """An element for a notebook's output (`_repr_html_`): the same viewer, mounted on a div of its own."""
-    uid = "iv-" + uuid.uuid4().hex[:12]
+def fragment(bundle: dict, uid: str | None = None) -> str:
+    """An element for a notebook's output (`_repr_html_`): the same viewer, mounted on a div of its own (its id
+    `uid`, default a random `iv-<hex>`; fixed in the snapshot tests)."""
+    uid = uid or "iv-" + uuid.uuid4().hex[:12]
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_\-]*", uid):
+        raise ValueError(f"fragment: bad element id {uid!r}")
     bundle = dict(bundle, embedded=True)
     return (f'<div id="{uid}" class="iv-root"></div><style>{static("viewer.css")}</style>'
             f"<script>{static('viewer.js')}</script>"

@@ -4,6 +4,9 @@
     GET  /<kind>/<slug>          a page              GET /api/<kind>/<slug>        its data (graph, feature, heads, report)
     GET  /api/annotations/<slug> a graph's labels    POST /api/annotations/<slug>  save them beside the graph
     GET  /file/<path>            an image under the run directory (a report's figure)
+    GET  /api/search?q=<snippet>[&dict=<name>]   features that fire on a snippet: with a `search` function
+                                 (`data.model_search`: the model and dictionaries loaded) the largest activations
+                                 per token, else a substring search over the stored contexts of feature pages
 
 Slugs are file stems: anything with `..`, `/`, NUL or not in the index answers 400 or 404."""
 
@@ -14,7 +17,7 @@ import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from experiments.viewer import data as D
 from experiments.viewer import page
@@ -26,6 +29,7 @@ MAX_POST = 4 << 20
 class _Handler(BaseHTTPRequestHandler):
     server_version = "interp-viewer"
     root: Path
+    search: dict = {}
 
     def log_message(self, fmt, *args):  # quiet: the CLI prints the address
         pass
@@ -78,6 +82,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, page.html_page(page.bundle(self.root, files)), "text/html")
         if parts == ["api", "index"]:
             return self._send(200, json.dumps(D.index(files, self.root)))
+        if parts == ["api", "search"]:
+            return self._search(files)
         api = parts[0] == "api"
         rest = parts[1:] if api else parts
         if len(rest) != 2:
@@ -97,6 +103,24 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, doc if kind == "report" else json.dumps(doc),
                               "text/markdown" if kind == "report" else "application/json")
         return self._send(200, page.html_page(page.bundle(self.root, files, f"{kind}/{slug}"), title=slug), "text/html")
+
+    def _search(self, files):
+        query = parse_qs(urlsplit(self.path).query)
+        q = (query.get("q") or [""])[0]
+        if len(q) > 1000:
+            return self._error(HTTPStatus.BAD_REQUEST, "snippet too long (1000 characters at most)")
+        name = (query.get("dict") or [next(iter(self.search), "")])[0]
+        pages = set(files["feature"])
+        if self.search:
+            if name not in self.search:
+                return self._error(HTTPStatus.NOT_FOUND, f"no dictionary {name!r}: {sorted(self.search)}")
+            out = dict(self.search[name](q), mode="model", q=q, dict=name)
+        else:
+            docs = {s: page.load(files, "feature", s) for s in files["feature"]}
+            out = dict(mode="contexts", q=q, dict=None, results=D.search_contexts(docs, q))
+        for r in out["results"]:
+            r["has_page"] = r["slug"] in pages
+        return self._send(200, json.dumps(out))
 
     def do_POST(self):  # noqa: N802
         parts = self._parts()
@@ -130,19 +154,22 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-def make_server(run_dir: str | Path, port: int = 0) -> ThreadingHTTPServer:
-    """A server over `run_dir` bound to 127.0.0.1:`port` (0: a free port; `server.server_address[1]`)."""
+def make_server(run_dir: str | Path, port: int = 0, search=None) -> ThreadingHTTPServer:
+    """A server over `run_dir` bound to 127.0.0.1:`port` (0: a free port; `server.server_address[1]`). `search`:
+    a function `snippet -> {"tokens", "results"}` (`data.model_search(model, transcoders)`), or `{name: such a
+    function}` picked by `/api/search?dict=name`; without it search runs over the feature pages' contexts."""
     root = Path(run_dir).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"no run directory {run_dir}")
-    handler = type("Handler", (_Handler,), {"root": root})
+    search = {} if search is None else search if isinstance(search, dict) else {"default": search}
+    handler = type("Handler", (_Handler,), {"root": root, "search": search})
     srv = _Server((HOST, port), handler)
     srv.requests = []  # (method, path, referer or origin) of every request served
     return srv
 
 
-def serve_in_thread(run_dir: str | Path, port: int = 0) -> ThreadingHTTPServer:
+def serve_in_thread(run_dir: str | Path, port: int = 0, search=None) -> ThreadingHTTPServer:
     """Start `make_server` in a daemon thread (stop it with `.shutdown()` then `.server_close()`)."""
-    srv = make_server(run_dir, port)
+    srv = make_server(run_dir, port, search)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     return srv

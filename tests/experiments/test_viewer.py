@@ -1,7 +1,10 @@
 """The offline viewer (experiments.viewer) on a sample run from a tiny random model: every file it reads
 validates against the schemas kept in the repo, the loopback server (GET index / graph / feature, annotations
-POSTed, kept over a restart, path traversal refused), the self-contained export, notebook views, and a real
-headless Chromium rendering the pages (skipped without /usr/bin/chromium unless INTERP_REQUIRE_BROWSER=1)."""
+POSTed, kept over a restart, path traversal refused), the self-contained export, notebook views, feature search
+(stored contexts, or the model and its transcoders), a transcoder feature's read / write panels, the heads page's
+ablation heatmap, the probe-grid page, snapshots of rendered HTML (tests/experiments/snapshots/, regenerated with
+INTERP_UPDATE_SNAPSHOTS=1), and a real headless Chromium rendering the pages (skipped without /usr/bin/chromium
+unless INTERP_REQUIRE_BROWSER=1)."""
 
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ def _feature_node(run) -> tuple[str, str]:
 
 def test_every_file_we_write_validates_against_the_schemas(run):
     root, out = run
-    written = {"graph": [out["graph"]], "feature": out["features"], "heads": [out["heads"]]}
+    written = {"graph": [out["graph"]], "feature": out["features"], "heads": [out["heads"]], "probes": [out["probes"]]}
     assert len(out["features"]) >= 2
     for kind, paths in written.items():
         for p in paths:
@@ -69,6 +72,15 @@ def test_every_file_we_write_validates_against_the_schemas(run):
     del bad["links"][0]["weight"]
     errs = schema.errors(bad, schema.load("graph"))
     assert any("feature_type" in e for e in errs) and any("missing 'weight'" in e for e in errs)
+    assert {"encoder_site", "decoder_site", "enc_str", "enc_values"} <= set(feat)  # a transcoder's two sides
+    bad_feat = dict(feat, enc_values=["x"])
+    assert any("enc_values[0]" in e for e in schema.errors(bad_feat, schema.load("feature")))
+    heads = json.loads(out["heads"].read_text())
+    bad_heads = dict(heads, ablation={"values": [[1.0, "x"]]})
+    errs = schema.errors(bad_heads, schema.load("heads"))
+    assert any("missing 'name'" in e for e in errs) and any("values[0][1]" in e for e in errs)
+    probes = json.loads(out["probes"].read_text())
+    assert any("values[0][0]" in e for e in schema.errors(dict(probes, values=[[1.5]]), schema.load("probes")))
     try:  # the same verdicts as the reference validator, where it is installed
         import jsonschema
     except ImportError:
@@ -205,6 +217,8 @@ def test_show_renders_graph_feature_and_heads_views(run):
     assert viewer.show(json.loads(out["features"][0].read_text())).kind == "feature"
     heads = viewer.show(json.loads(out["heads"].read_text()))
     assert heads.kind == "heads" and "<!DOCTYPE html>" in heads.html()
+    probes = viewer.show(json.loads(out["probes"].read_text()))
+    assert probes.kind == "probes" and '"route":"probes/page"' in probes._repr_html_()
     with pytest.raises(TypeError):
         viewer.show(3)
 
@@ -347,3 +361,277 @@ def test_browser_clicks_from_the_graph_to_a_feature_page(run, tmp_path):
         assert saved["labels"][node] == "clicked in chromium"
     finally:
         _stop(srv)
+
+
+# ----------------------------------------------------------------------------- feature search
+
+
+def _search_query(run) -> tuple[str, dict]:
+    """A snippet taken from a stored context (two tokens around the top token of a feature's best context) and
+    every feature page's data."""
+    docs = {p.stem: json.loads(p.read_text()) for p in run[1]["features"]}
+    top = docs[run[1]["features"][0].stem]["activations"][0]
+    i = max(top["maxValueTokenIndex"], 1)
+    return "".join(top["tokens"][i - 1:i + 1]).strip(), docs
+
+
+def test_search_over_stored_contexts(run):
+    """Without a model the server searches the feature pages' stored contexts (case-insensitive substring);
+    the feature the snippet came from is found, scored by the largest activation on a matched token."""
+    q, docs = _search_query(run)
+    hits = D.search_contexts(docs, q.upper())
+    assert hits and run[1]["features"][0].stem in [h["slug"] for h in hits]
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    for h in hits:
+        assert q in h["context"] and h["token"].strip() in q
+    assert D.search_contexts(docs, "no such snippet anywhere") == [] and D.search_contexts(docs, "") == []
+    srv = server.serve_in_thread(run[0])
+    try:
+        port = srv.server_address[1]
+        status, body = _request(port, "GET", "/api/search?q=" + q.replace(" ", "+"))
+        r = json.loads(body)
+        assert status == 200 and r["mode"] == "contexts" and r["q"] == q
+        assert [h["slug"] for h in r["results"]] == [h["slug"] for h in D.search_contexts(docs, q)]
+        assert all(h["has_page"] for h in r["results"])
+        assert _request(port, "GET", "/api/search?q=" + "x" * 1001)[0] == 400
+    finally:
+        _stop(srv)
+
+
+def test_search_with_the_model_and_dictionaries(run):
+    """With a model and its transcoders loaded at serve time (`data.model_search`), a snippet is tokenised and
+    each token's strongest features come back: the same activations the dictionaries compute directly."""
+    import numpy as np
+    from saes.features import site_acts
+
+    root, out = run
+    m, tcs = out["model"], out["transcoders"]
+    q, _ = _search_query(run)
+    srv = server.serve_in_thread(root, search=D.model_search(m, tcs, k=3))
+    try:
+        port = srv.server_address[1]
+        status, body = _request(port, "GET", "/api/search?q=" + q.replace(" ", "%20"))
+        r = json.loads(body)
+        assert _request(port, "GET", "/api/search?q=w1&dict=nothere")[0] == 404
+    finally:
+        _stop(srv)
+    ids = np.asarray(m.tokenizer.encode(q))[None]
+    assert status == 200 and r["mode"] == "model" and r["tokens"] == [m.tokenizer.decode([i]) for i in ids[0]]
+    assert r["results"] and [h["score"] for h in r["results"]] == sorted((h["score"] for h in r["results"]), reverse=True)
+    pages = {p.stem for p in out["features"]}
+    for h in r["results"][:5]:
+        sae = tcs.transcoders[h["layer"]]
+        f = np.asarray(sae.encode(site_acts(m, sae, ids, np.ones_like(ids))))[0]
+        assert h["score"] == pytest.approx(float(f[h["pos"], h["index"]]), rel=1e-4, abs=1e-6)
+        assert np.sum(f[h["pos"]] > f[h["pos"], h["index"]]) < 3  # among that token's 3 strongest
+        assert h["has_page"] == (h["slug"] in pages)
+
+
+def test_browser_searches_features_in_the_export_and_on_the_server(run, tmp_path):
+    """The exported page searches its inlined feature pages in JavaScript (the same hits as the Python
+    search); the served page asks /api/search (here with the model) and nothing else; a hit links to its
+    feature page."""
+    root, out = run
+    q, docs = _search_query(run)
+    html = page.export(root, tmp_path / "page.html")
+    want = [h["slug"] for h in D.search_contexts(docs, q)]
+    type_and_search = (f"(() => {{ document.querySelector('.iv-search').value = {json.dumps(q)}; }})()")
+    with Browser(_chromium()) as b:
+        b.open(f"file://{html}#index")
+        b.eval(type_and_search)
+        b.click(".iv-search-go")
+        b.wait("document.querySelectorAll('.iv-search-results li').length > 0")
+        assert b.eval("[...document.querySelectorAll('.iv-search-results li')].map((e) => e.dataset.slug)") == want
+        assert "stored contexts" in b.eval("document.querySelector('.iv-search-mode').textContent")
+        b.click(".iv-search-results li a")
+        b.wait(f"document.querySelector('.iv-feature[data-slug=\"{want[0]}\"]')")
+    srv = server.serve_in_thread(root, search=D.model_search(out["model"], out["transcoders"], k=3))
+    try:
+        with Browser(_chromium()) as b:
+            b.open(f"http://127.0.0.1:{srv.server_address[1]}/")
+            b.eval(type_and_search)
+            b.click(".iv-search-go")
+            b.wait("document.querySelectorAll('.iv-search-results li').length > 0", timeout=120)
+            assert "activations on the snippet" in b.eval("document.querySelector('.iv-search-mode').textContent")
+            slugs = b.eval("[...document.querySelectorAll('.iv-search-results li')].map((e) => e.dataset.slug)")
+            links = b.eval("[...document.querySelectorAll('.iv-search-results li a')].map((e) => e.dataset.link)")
+        assert slugs and links == [f"feature/{s}" for s in slugs if (root / "features" / f"{s}.json").exists()]
+        paths = {urlsplit(p).path for _, p, _ in srv.requests}
+        assert paths <= {"/", "/api/search", "/favicon.ico"}, srv.requests
+    finally:
+        _stop(srv)
+
+
+# ----------------------------------------------------------------------------- transcoder features, heads, probes
+
+
+def test_transcoder_feature_reads_and_writes(run, tmp_path):
+    """A transcoder's feature page: the encoder side (tokens whose embedding, through the layer's pre-MLP norm,
+    most excites the feature: recomputed here in numpy) and the decoder side (logit effects of the vector it
+    writes into mlp_out), each in its own panel."""
+    import numpy as np
+
+    root, out = run
+    m, tcs = out["model"], out["transcoders"]
+    path = out["features"][0]
+    f = json.loads(path.read_text())
+    layer, index = f["layer"], f["index"]
+    assert (f["encoder_site"], f["decoder_site"]) == ("ln2.normalized", "mlp_out")
+    sae = tcs.transcoders[layer]
+    W_E = np.asarray(m.params["embed"]["W_E"], np.float64)
+    w = np.asarray(m.params["blocks"]["ln2"]["w"], np.float64)[layer]
+    assert m.cfg.norm == "rms"
+    x = W_E / np.sqrt((W_E ** 2).mean(-1, keepdims=True) + m.cfg.norm_eps) * w * float(sae.act_scale)
+    pre = x @ np.asarray(sae.W_enc, np.float64)[:, index] + float(np.asarray(sae.enc_bias())[index])
+    top = np.argsort(pre)[::-1][:10]
+    assert f["enc_str"] == [m.tokenizer.decode([i]) for i in top]
+    np.testing.assert_allclose(f["enc_values"], pre[top], rtol=1e-4, atol=1e-5)
+    html = page.export(root, tmp_path / "page.html")
+    with Browser(_chromium()) as b:
+        b.open(f"file://{html}#feature/{path.stem}")
+        reads = b.eval("[...document.querySelectorAll('.iv-reads .iv-effects td.iv-t')].map((e) => e.textContent)")
+        writes = b.eval("[...document.querySelectorAll('.iv-writes .iv-effects.pos td.iv-t')].map((e) => e.textContent)")
+        heads = b.eval("[...document.querySelectorAll('.iv-reads h3, .iv-writes h3')].map((e) => e.textContent)")
+    assert reads == f["enc_str"] and writes == f["pos_str"]
+    assert heads == ["reads (encoder, ln2.normalized)", "writes (decoder, mlp_out)"]
+
+
+def test_browser_heads_ablation_heatmap_opens_a_head(run, tmp_path):
+    """The heads page's ablation sweep (interp.head_ablation, saved in the heads file): one cell per layer and
+    head, and a click on a cell shows that head's pattern."""
+    import numpy as np
+    from interp import TokenLogProb, head_ablation
+
+    from experiments.viewer.sample import TOKENS
+
+    root, out = run
+    d = json.loads(out["heads"].read_text())
+    L, H = len(d["patterns"]), len(d["patterns"][0])
+    effects = head_ablation(out["model"], TOKENS[None, :-1], None, TokenLogProb(int(TOKENS[-1])))
+    np.testing.assert_allclose(d["ablation"]["values"], np.asarray(effects), rtol=1e-6, atol=1e-7)
+    html = page.export(root, tmp_path / "page.html")
+    with Browser(_chromium()) as b:
+        b.open(f"file://{html}#heads/tiny")
+        assert b.eval("document.querySelectorAll('rect.iv-abl-cell').length") == L * H
+        l, h = L - 1, H - 1
+        b.click(f'rect.iv-abl-cell[data-head="{l}.{h}"]')
+        b.wait(f"document.querySelector('.iv-heads h3').textContent.startsWith('layer {l}, head {h} ')")
+        T = len(d["tokens"])  # the pattern drawn is that head's: its last query row's shading
+        fills = b.eval("[...document.querySelectorAll('.iv-pattern rect')].filter((e) => e.dataset.q === "
+                       f"'{T - 1}').map((e) => e.style.fill)")
+        alphas = [float(([*re.findall(r"[\d.]+", f), "1"])[3]) for f in fills]
+        assert alphas == pytest.approx(d["patterns"][l][h][T - 1], abs=5e-3)  # the CSS alpha: 8 bits
+        other = d["patterns"][0][0][T - 1]
+        assert alphas != pytest.approx(other, abs=5e-3)  # not the first head's
+        b.open(f"file://{html}#heads/tiny/1.2")  # a link to a head
+        assert b.eval("document.querySelector('.iv-heads h3').textContent").startswith("layer 1, head 2 ")
+
+
+def test_browser_probe_grid_page(run, tmp_path):
+    """The probe-grid page: one SVG cell per (layer, position) with its AUROC, the surface baseline beside it,
+    cells above the baseline outlined, the best cell marked."""
+    root, out = run
+    d = json.loads(out["probes"].read_text())
+    L, P = len(d["layers"]), len(d["positions"])
+    assert L * P == 9 and d["surface"] is not None
+    html = page.export(root, tmp_path / "page.html")
+    with Browser(_chromium()) as b:
+        b.open(f"file://{html}#probes/tiny")
+        assert b.eval("document.querySelectorAll('rect.iv-probe-cell').length") == L * P
+        assert b.eval("document.querySelectorAll('rect.iv-surface-cell').length") == 1
+        above = sum(v > d["surface"]["auroc"] for row in d["values"] for v in row)
+        assert b.eval("document.querySelectorAll('rect.iv-probe-cell.above').length") == above
+        bi, bj = d["best"]
+        assert b.eval("document.querySelector('rect.iv-probe-cell.best').dataset.cell") == f"{bi}.{bj}"
+        assert str(round(d["surface"]["auroc"], 3)).rstrip("0") in b.eval("document.querySelector('.iv-surface').textContent")
+        b.open(f"file://{html}#index")
+        assert b.eval("document.querySelector('[data-link=\"probes/tiny\"]') !== null")
+
+
+# ----------------------------------------------------------------------------- snapshots of rendered HTML
+
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+
+
+def _snapshot_fixtures() -> dict[str, tuple[str, dict]]:
+    """Small fixed pages, written by hand (no model): `{name: (kind, data)}`."""
+    node = dict(token_prob=0.0, is_target_logit=False, run_idx=0, reverse_ctx_idx=0, clerp="", activation=1.0)
+    nodes = [dict(node, node_id="E_5_0", jsNodeId="E_5-0", feature=5, layer="E", ctx_idx=0, feature_type="embedding", influence=0.5),
+             dict(node, node_id="E_9_1", jsNodeId="E_9-1", feature=9, layer="E", ctx_idx=1, feature_type="embedding", influence=0.6),
+             dict(node, node_id="0_3_1", jsNodeId="0_3-0", feature=3, layer="0", ctx_idx=1,
+                  feature_type="cross layer transcoder", influence=0.25, activation=2.5),
+             dict(node, node_id="0_0_1", jsNodeId="0_-1-1", feature=-1, layer="0", ctx_idx=1,
+                  feature_type="mlp reconstruction error", influence=0.75),
+             dict(node, node_id="2_7_1", jsNodeId="L_7", feature=7, layer="2", ctx_idx=1, feature_type="logit",
+                  is_target_logit=True, token_prob=0.9, influence=None, clerp='Output " w7" (p=0.900)')]
+    links = [dict(source="E_9_1", target="0_3_1", weight=1.5), dict(source="E_5_0", target="0_3_1", weight=-0.5),
+             dict(source="0_3_1", target="2_7_1", weight=2.0), dict(source="0_0_1", target="2_7_1", weight=0.25)]
+    graph = dict(metadata=dict(slug="snap", scan="test", transcoder_list=[], prompt_tokens=[" w5", " w9"], prompt=" w5 w9",
+                               node_threshold=0.8, schema_version=1),
+                 qParams=dict(pinnedIds=[], supernodes=[], linkType="both", clickedId="0_3_1", sg_pos=""), nodes=nodes, links=links)
+    ctx = dict(tokens=[" w1", " w2", " w3"], values=[0.0, 1.25, 0.5], maxValue=1.25, maxValueTokenIndex=1)
+    feature = dict(kind="feature", index=3, layer=0, site="ln2.normalized", activations=[ctx], frac_nonzero=0.125,
+                   pos_str=[" w7", " w8"], pos_values=[0.5, 0.25], neg_str=[" w2"], neg_values=[-0.75],
+                   freq_hist_data_bar_heights=[3, 1], freq_hist_data_bar_values=[0.5, 1.0],
+                   quantiles=[dict(label="quartile 1", activations=[dict(ctx, values=[0.0, 0.25, 0.125], maxValue=0.25)])],
+                   encoder_site="ln2.normalized", decoder_site="mlp_out", enc_str=[" w9", " w4"], enc_values=[1.5, 0.75])
+    pat = [[[1.0, 0.0], [0.25, 0.75]], [[1.0, 0.0], [0.5, 0.5]]]
+    heads = dict(kind="heads", name="snap", tokens=[" w5", " w9"], patterns=[pat],
+                 scores={"previous_token": [[0.25, 0.5]]}, ablation=dict(name="zero ablation", values=[[-0.5, 0.125]], first_layer=0))
+    probes = dict(kind="probes", name="snap", metric="auroc", split="test", probe="logistic", layers=[0, 1],
+                  positions=["first", "last"], values=[[0.5, 0.625], [0.75, 1.0]], best=[1, 1],
+                  surface=dict(accuracy=0.625, auroc=0.6875))
+    return {"graph": ("graph", graph), "feature": ("feature", feature), "heads": ("heads", heads), "probes": ("probes", probes)}
+
+
+def test_rendered_html_matches_the_snapshots(tmp_path):
+    """Each fixed page above, mounted with a fixed element id (`page.fragment(bundle, uid=...)`) in headless
+    Chromium: the rendered DOM (`innerHTML` of the mount) equals `tests/experiments/snapshots/<name>.html`.
+    After an intended change to the viewer's rendering, regenerate them with
+    `INTERP_UPDATE_SNAPSHOTS=1 python -m pytest tests/experiments/test_viewer.py -k snapshots` and review the
+    diff."""
+    update = os.environ.get("INTERP_UPDATE_SNAPSHOTS") == "1"
+    fixtures = _snapshot_fixtures()
+    for kind, doc in fixtures.values():
+        schema.validate(doc, kind)
+    body = "".join(page.fragment(viewer.View(kind, doc, name).bundle(), uid=f"snap-{name}")
+                   for name, (kind, doc) in fixtures.items())
+    html = tmp_path / "snap.html"
+    html.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>{body}</body></html>")
+    with Browser(_chromium()) as b:
+        b.open(f"file://{html}", ready=f"document.querySelectorAll('[data-rendered]').length === {len(fixtures)}")
+        got = {name: b.eval(f"document.getElementById('snap-{name}').innerHTML") for name in fixtures}
+    mismatched = []
+    for name, dom in got.items():
+        path = SNAPSHOTS / f"{name}.html"
+        dom = dom.replace("><", ">\n<") + "\n"  # one element per line: readable diffs
+        if update:
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(dom)
+        elif not path.exists() or path.read_text() != dom:
+            mismatched.append(name)
+    assert not mismatched, (f"rendered HTML differs from tests/experiments/snapshots/ for {mismatched}; if intended, "
+                            "rerun with INTERP_UPDATE_SNAPSHOTS=1 and review the diff")
+
+
+@pytest.mark.parametrize("path", ["/", "/feature/{feature}", "/heads/tiny", "/probes/tiny", "/report/report"])
+def test_browser_served_pages_request_nothing_outside_the_server(run, tmp_path, path):
+    """Every kind of served page (the graph page has its own test above) asks only its own server: a trap proxy
+    takes whatever is not for loopback and gets nothing from the page (the browser's own google.com background
+    traffic carries no referer), and the server sees only the page itself and its images."""
+    _chromium()
+    root, out = run
+    path = path.format(feature=out["features"][0].stem)
+    srv, trap = server.serve_in_thread(root), server.serve_in_thread(tmp_path)
+    try:
+        origin = f"http://127.0.0.1:{srv.server_address[1]}"
+        dom = _browse(origin + path, tmp_path, proxy=trap.server_address[1])
+        assert 'data-rendered="1"' in dom and 'class="iv-missing"' not in dom
+        assert [r for r in trap.requests if r[2] and r[2].startswith(origin)] == []
+        hosts = {urlsplit(p if "://" in p else "//" + p).hostname for _, p, _ in trap.requests}
+        assert all(h == "google.com" or h.endswith(".google.com") for h in hosts), hosts
+        allowed = {path, "/favicon.ico"} | ({"/file/figures/influence.png"} if path.startswith("/report") else set())
+        assert {p for _, p, _ in srv.requests} <= allowed, srv.requests
+    finally:
+        _stop(srv)
+        _stop(trap)

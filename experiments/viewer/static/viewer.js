@@ -56,7 +56,7 @@
     const nav = el("div", { class: "iv-nav" }, el("a", { href: app.bundle.mode === "serve" ? "/" : "#index" }, "index"),
       el("span", {}, kind === "index" ? "" : " / " + kind + " / " + slug));
     if (!app.bundle.embedded) root.append(nav);
-    const page = { index: indexPage, graph: graphPage, feature: featurePage, heads: headsPage, report: reportPage }[kind];
+    const page = { index: indexPage, graph: graphPage, feature: featurePage, heads: headsPage, probes: probesPage, report: reportPage }[kind];
     const data = kind === "index" ? app.bundle.index : app.data(kind, slug);
     if (!page || data === undefined) root.append(el("p", { class: "iv-missing" }, "nothing named " + kind + "/" + slug));
     else root.append(page(app, data, slug));
@@ -65,7 +65,8 @@
   /* -------------------------------------------------------------------------------- index */
   function indexPage(app, index) {
     const box = el("div", { class: "iv-index" });
-    for (const kind of ["graph", "feature", "heads", "report"]) {
+    if ((index.feature || []).length || app.bundle.mode === "serve") box.append(searchBox(app));
+    for (const kind of ["graph", "feature", "heads", "probes", "report"]) {
       const rows = index[kind] || [];
       box.append(el("h2", {}, kind + "s (" + rows.length + ")"));
       box.append(el("ul", {}, rows.map((r) =>
@@ -73,6 +74,52 @@
           r.title !== r.slug ? el("span", { class: "iv-dim" }, "  " + r.title) : null))));
     }
     return box;
+  }
+
+  /* -------------------------------------------------------------------------------- feature search */
+  function searchContexts(docs, q) {  // data.search_contexts, over the pages inlined in an exported file
+    const needle = q.toLowerCase(), out = [];
+    if (!needle) return out;
+    for (const [slug, doc] of Object.entries(docs)) {
+      let best = null;
+      const ctxs = [...(doc.activations || []), ...(doc.quantiles || []).flatMap((b) => b.activations)];
+      for (const c of ctxs) {
+        const text = c.tokens.join("").toLowerCase(), starts = [0];
+        for (const t of c.tokens) starts.push(starts[starts.length - 1] + t.length);
+        for (let at = text.indexOf(needle); at >= 0; at = text.indexOf(needle, at + 1)) {
+          let i = -1;
+          for (let j = 0; j < c.tokens.length; j++)
+            if (starts[j] < at + needle.length && starts[j + 1] > at && (i < 0 || c.values[j] > c.values[i])) i = j;
+          if (!best || c.values[i] > best.score)
+            best = { slug, layer: doc.layer, index: doc.index, score: c.values[i], token: c.tokens[i], context: c.tokens.join("") };
+        }
+      }
+      if (best) out.push(best);
+    }
+    out.sort((a, b) => b.score - a.score || (a.slug < b.slug ? -1 : a.slug > b.slug ? 1 : 0));
+    return out.slice(0, 50);
+  }
+
+  function searchBox(app) {
+    const input = el("input", { type: "search", class: "iv-search", placeholder: "text snippet", "aria-label": "search features" });
+    const info = el("span", { class: "iv-search-mode iv-dim" }), results = el("ol", { class: "iv-search-results" });
+    function show(r) {
+      info.textContent = " " + r.results.length + " features (" + (r.mode === "model" ? "activations on the snippet" : "stored contexts") + ")";
+      results.replaceChildren(...r.results.map((x) => el("li", { "data-slug": x.slug },
+        app.has("feature", x.slug) ? el("a", { href: app.href("feature", x.slug), "data-link": "feature/" + x.slug }, "feature " + x.slug) : el("span", {}, "feature " + x.slug),
+        el("span", { class: "iv-dim" }, "  " + fmt(x.score) + " on " + JSON.stringify(x.token) + (x.pos !== undefined ? " @" + x.pos : "")),
+        x.context ? el("div", { class: "iv-ctx iv-dim" }, x.context) : null)));
+    }
+    function go() {
+      const q = input.value;
+      if (app.bundle.mode !== "serve") return show({ mode: "contexts", results: searchContexts(app.bundle.feature || {}, q) });
+      info.textContent = " searching...";
+      fetch("/api/search?q=" + encodeURIComponent(q)).then((r) => r.json()).then((r) => (r.error ? (info.textContent = " " + r.error) : show(r)),
+        (e) => (info.textContent = " " + e));
+    }
+    input.addEventListener("keydown", (e) => { if (e.key === "Enter") go(); });
+    return el("div", { class: "iv-searchbox" }, el("h2", {}, "feature search"),
+      el("div", { class: "iv-controls" }, input, el("button", { class: "iv-search-go", on: { click: go } }, "search"), info), results);
   }
 
   /* -------------------------------------------------------------------------------- attribution graph */
@@ -280,8 +327,15 @@
     box.append(el("h2", {}, "feature " + f.index + (f.layer !== null && f.layer !== undefined ? " (layer " + f.layer + ", " + f.site + ")" : "")),
       el("div", {}, "firing frequency: " + (f.frac_nonzero === null ? "-" : (100 * f.frac_nonzero).toPrecision(3) + "%")));
     const eff = (strs, vals, cls) => el("table", { class: "iv-effects " + cls }, strs.map((s, i) => el("tr", {}, el("td", { class: "iv-t" }, JSON.stringify(s).slice(1, -1)), el("td", {}, fmt(vals[i])))));
-    box.append(el("div", { class: "iv-row" }, el("div", {}, el("h4", {}, "promoted logits"), eff(f.pos_str, f.pos_values, "pos")),
-      el("div", {}, el("h4", {}, "suppressed logits"), eff(f.neg_str, f.neg_values, "neg"))));
+    const logits = [el("div", {}, el("h4", {}, "promoted logits"), eff(f.pos_str, f.pos_values, "pos")),
+      el("div", {}, el("h4", {}, "suppressed logits"), eff(f.neg_str, f.neg_values, "neg"))];
+    if (f.enc_str) {  // a transcoder: what its encoder reads, what its decoder writes
+      box.append(el("div", { class: "iv-row" },
+        el("div", { class: "iv-reads" }, el("h3", {}, "reads (encoder, " + f.encoder_site + ")"),
+          el("h4", {}, "top tokens through the embedding"), eff(f.enc_str, f.enc_values, "pos"),
+          el("div", { class: "iv-dim" }, "and the top activating contexts below")),
+        el("div", { class: "iv-writes" }, el("h3", {}, "writes (decoder, " + f.decoder_site + ")"), el("div", { class: "iv-row" }, logits))));
+    } else box.append(el("div", { class: "iv-row" }, logits));
     const hs = f.freq_hist_data_bar_heights || [], xs = f.freq_hist_data_bar_values || [];
     if (hs.length) {
       const hMax = Math.max(...hs, 1), bw = Math.max(4, Math.floor(360 / hs.length)), H = 80;
@@ -306,6 +360,8 @@
   function headsPage(app, d, slug) {
     const L = d.patterns.length, H = d.patterns[0].length, T = d.tokens.length;
     const st = { l: 0, h: 0, q: T - 1 };
+    const want = /^(\d+)\.(\d+)$/.exec(app.clicked || "");  // heads/<slug>/<layer>.<head> opens that head
+    if (want && +want[1] < L && +want[2] < H) { st.l = +want[1]; st.h = +want[2]; }
     const box = el("div", { class: "iv-heads", "data-slug": slug });
     const grid = el("div", { class: "iv-pattern" }), toks = el("div", { class: "iv-ctx iv-hover" });
     const title = el("h3");
@@ -336,9 +392,63 @@
     }
     const sel = (n, key, lab) => el("select", { "data-key": key, on: { change: (e) => { st[key] = +e.target.value; draw(); } } }, [...Array(n).keys()].map((i) => el("option", { value: i }, lab + i)));
     const sels = [sel(L, "l", "layer "), sel(H, "h", "head ")];
-    box.append(el("h2", {}, "attention heads: " + (d.name || slug)), el("div", { class: "iv-controls" }, sels),
-      title, toks, grid, el("div", { class: "iv-row" }, tables));
+    box.append(el("h2", {}, "attention heads: " + (d.name || slug)));
+    if (d.ablation) box.append(ablationMap(d.ablation, H, pick));
+    box.append(el("div", { class: "iv-controls" }, sels), title, toks, grid, el("div", { class: "iv-row" }, tables));
     draw();
+    return box;
+  }
+
+  function ablationMap(a, H, pick) {  // layer x head effects of ablating each head; a click opens its pattern
+    const v = a.values, first = a.first_layer || 0, cs = 26, left = 34, top = 18;
+    const mx = Math.max(1e-12, ...v.flat().map(Math.abs));
+    const svg = sv("svg", { width: left + H * cs + 4, height: top + v.length * cs + 4, class: "iv-svg iv-ablation" });
+    for (let h = 0; h < H; h++) svg.append(sv("text", { x: left + h * cs + cs / 2, y: 12, class: "iv-axis", "text-anchor": "middle" }, "H" + h));
+    v.forEach((row, i) => {
+      const l = first + i;
+      svg.append(sv("text", { x: 2, y: top + i * cs + cs / 2 + 4, class: "iv-axis" }, "L" + l));
+      row.forEach((x, h) => {
+        const c = sv("rect", { x: left + h * cs, y: top + i * cs, width: cs - 2, height: cs - 2, class: "iv-abl-cell", "data-head": l + "." + h,
+          style: "fill: " + (x >= 0 ? "rgba(42, 111, 219, " : "rgba(217, 65, 43, ") + (Math.abs(x) / mx).toFixed(3) + ")" },
+        sv("title", {}, "L" + l + "H" + h + " " + a.name + ": " + fmt(x)));
+        c.addEventListener("click", () => pick(l, h));
+        svg.append(c);
+      });
+    });
+    return el("div", { class: "iv-ablation-box" }, el("h4", {}, a.name + " (click a head for its pattern)"), svg);
+  }
+
+  /* -------------------------------------------------------------------------------- probe grid */
+  function probesPage(app, d, slug) {
+    const v = d.values, P = d.positions.length, cs = 34, left = 44, top = 70;
+    const s = d.surface, base = s ? s.auroc : null;
+    const box = el("div", { class: "iv-probes", "data-slug": slug });
+    box.append(el("h2", {}, d.name + ": " + d.probe + " probe " + d.metric + " (" + d.split + ")"),
+      el("div", { class: "iv-surface" }, s ? "surface-only baseline on the same split: " + d.metric + " " + fmt(base) + ", accuracy " + fmt(s.accuracy) +
+        "; cells above it are outlined" : "no surface baseline"),
+      el("div", {}, "best cell (by validation): layer " + d.layers[d.best[0]] + ", position " + d.positions[d.best[1]] + ": " + fmt(v[d.best[0]][d.best[1]])));
+    const W = left + P * cs + 110, H = top + v.length * cs + 10;
+    const svg = sv("svg", { width: W, height: H, class: "iv-svg iv-probe-grid" });
+    d.positions.forEach((p, j) => svg.append(sv("text", { x: left + j * cs + cs / 2, y: top - 6, class: "iv-axis",
+      transform: "rotate(-45 " + (left + j * cs + cs / 2) + " " + (top - 6) + ")" }, p)));
+    v.forEach((row, i) => {
+      svg.append(sv("text", { x: 2, y: top + i * cs + cs / 2 + 4, class: "iv-axis" }, "L" + d.layers[i]));
+      row.forEach((x, j) => {
+        const t = Math.max(0, Math.min(1, (x - 0.5) * 2));  // AUROC 0.5 (chance) .. 1
+        svg.append(sv("rect", { x: left + j * cs, y: top + i * cs, width: cs - 2, height: cs - 2, "data-cell": i + "." + j,
+          class: "iv-probe-cell" + (base !== null && x > base ? " above" : "") + (i === d.best[0] && j === d.best[1] ? " best" : ""),
+          style: "fill: rgba(38, 162, 105, " + t.toFixed(3) + ")" }, sv("title", {}, "layer " + d.layers[i] + ", " + d.positions[j] + ": " + fmt(x))));
+        svg.append(sv("text", { x: left + j * cs + cs / 2 - 1, y: top + i * cs + cs / 2 + 3, class: "iv-axis", "text-anchor": "middle" }, x.toFixed(2)));
+      });
+    });
+    if (base !== null) {  // the baseline beside the grid, on the same colour scale
+      const x0 = left + P * cs + 16, t = Math.max(0, Math.min(1, (base - 0.5) * 2));
+      svg.append(sv("rect", { x: x0, y: top, width: cs - 2, height: cs - 2, class: "iv-surface-cell", style: "fill: rgba(38, 162, 105, " + t.toFixed(3) + ")" },
+        sv("title", {}, "surface baseline: " + fmt(base))),
+      sv("text", { x: x0 + cs / 2 - 1, y: top + cs / 2 + 3, class: "iv-axis", "text-anchor": "middle" }, base.toFixed(2)),
+      sv("text", { x: x0, y: top - 6, class: "iv-axis" }, "surface"));
+    }
+    box.append(svg);
     return box;
   }
 
