@@ -43,6 +43,7 @@ import models
 from experiments.common import (Report, Study, chat_batch, chat_texts, instruction_splits, is_refusal, lap,
                                 refusal_rate, refusal_token_ids, save_figure, surface_baseline, surface_table, survives)
 from experiments.lib.refusal_stats import (PromptRefusalScores, as_dict, beats_null, cell_holds, check_stats_fields,
+                                           primary_verdict,
                                            rate_estimate)
 from interp import probes, stats
 from interp.interventions import ScaleHeads
@@ -326,6 +327,7 @@ def study(m, cfg: Config, out) -> Report:
     cliff = drop >= 0.1 and drop - drop_harmless >= 0.1
     tests = cliff_tests(traj, summary, cfg.fractions)
     v = stats.verdict(tests, cfg.primary, alternative="greater", what=cfg.primary)
+    holds, verdict_text = primary_verdict(v, tests)  # with the null's percentile where the primary is a null cell
     H = m.cfg.n_heads
     top_heads = [divmod(int(i), H) for i in abl["order"][:5]]
     traj_table = stats.markdown_table(
@@ -426,7 +428,7 @@ def study(m, cfg: Config, out) -> Report:
          "minus the null's mean change (paired bootstrap interval, sign-flip p), and the mean change's percentile in "
          "the null with the null's 5-95% band:\n\n" + abl_table
          + f"\n\n{abl_verdict}\n\n![head contributions](head_contributions.png)"),
-        ("Verdict", v.sentence + "\n\n" + v.table),
+        ("Verdict", verdict_text + "\n\n" + v.table),
         ("Claims", stats.claims_section(claims)),
         ("Sample responses", "\n".join(f"- {n}: {t['replies'][:2]}" for n, t in traj.items())),
     ]
@@ -440,7 +442,7 @@ def study(m, cfg: Config, out) -> Report:
                                  for n, t in traj.items()},
                    cliff_drop_harmful=drop, cliff_drop_harmless=drop_harmless, cliff=bool(cliff), ablations=abl["rows"],
                    ablation_summary=summary_out, most_negative_heads=[list(x) for x in top_heads],
-                   tests={k: as_dict(t) for k, t in tests.items()}, primary=cfg.primary, verdict_holds=v.holds,
+                   tests={k: as_dict(t) for k, t in tests.items()}, primary=cfg.primary, verdict_holds=holds,
                    p_holm=v.p_holm, claims=[dict(text=c.text, statistic=c.statistic, holds=c.holds) for c in claims])
     return Report(sections, metrics)
 

@@ -41,7 +41,7 @@ from experiments.common import (RefusalScore, Report, Study, chat_batch, chat_te
                                 survives)
 from experiments.lib.refusal_select import select_direction
 from experiments.lib.refusal_stats import (PromptRefusalScores, as_dict, beats_null, cell_holds, check_stats_fields,
-                                           prompt_scores, random_like, rate_estimate)
+                                           primary_verdict, prompt_scores, random_like, rate_estimate)
 from interp import probes, stats
 from interp.directions import diff_of_means, score_directions
 from interp.interventions import AddVector, directional_ablation
@@ -240,6 +240,7 @@ def study(m, cfg: Config, out) -> Report:
     _figures(out, sel, rows, post)
     tests = stat_tests(per, null)
     v = stats.verdict(tests, cfg.primary, alternative="greater", what=cfg.primary)
+    holds, verdict_text = primary_verdict(v, tests)  # with the null's percentile where the primary is a null cell
     effect = cell_holds(v, tests, "ablation: refusal-rate drop") or cell_holds(v, tests, "ActAdd: refusal-rate rise")
     ci = lambda x: stats.bootstrap(x, seed=cfg.seed)
     table = stats.markdown_table(
@@ -319,7 +320,7 @@ def study(m, cfg: Config, out) -> Report:
                          f"95% intervals; scores: mean with a bootstrap 95% interval over prompts.\n\n{verdict}\n\n"
                          "![refusal scores](refusal_scores.png)"),
         ("Null distributions", null_text),
-        ("Verdict", v.sentence + "\n\n" + v.table),
+        ("Verdict", verdict_text + "\n\n" + v.table),
         ("Claims", stats.claims_section(claims)),
         ("Sample generations", "\n".join(f"- **{n}**, harmful: {g['harmful'][:1]}; harmless: {g['harmless'][:1]}"
                                         for n, g in generations.items())),
@@ -328,7 +329,7 @@ def study(m, cfg: Config, out) -> Report:
                                  n_undefined=int(sel["undefined"].sum())),
                    conditions=rows, hook_vs_weights_max_logit_diff=max_diff, behavioural_effect=bool(effect),
                    surface_controls=controls, direction_survives=bool(ok),
-                   tests={k: as_dict(t) for k, t in tests.items()}, primary=cfg.primary, verdict_holds=v.holds,
+                   tests={k: as_dict(t) for k, t in tests.items()}, primary=cfg.primary, verdict_holds=holds,
                    p_holm=v.p_holm, claims=[dict(text=c.text, statistic=c.statistic, holds=c.holds) for c in claims])
     return Report(sections, metrics)
 

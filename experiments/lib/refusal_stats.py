@@ -79,6 +79,23 @@ def beats_null(v: stats.Verdict, tests: Mapping[str, stats.Estimate | stats.Null
     return cell_holds(v, tests, mean_cell, alpha) and bool(t.observed > t.band[1])
 
 
+def primary_verdict(v: stats.Verdict, tests: Mapping[str, stats.Estimate | stats.NullTest],
+                    alpha: float = 0.05) -> tuple[bool, str]:
+    """The verdict a report states on its primary cell: `(holds, markdown sentence)`. A primary "... vs null mean"
+    cell with a matching "... vs null (percentile)" cell holds only as `beats_null` says (the paired test against
+    the null's mean AND above the null's 95th percentile), and the sentence says so; any other primary holds as
+    `v.holds` says. So a report's verdict and its Claims table cannot disagree about the primary comparison."""
+    null_cell = v.primary.replace("vs null mean", "vs null (percentile)")
+    if "vs null mean" not in v.primary or null_cell not in tests:
+        return bool(v.holds), v.sentence
+    t = tests[null_cell]
+    above = bool(t.observed > t.band[1])
+    holds = beats_null(v, tests, v.primary, null_cell, alpha)
+    return holds, (f"{v.sentence} The effect must also lie above the null's 95th percentile (the paired test treats "
+                   f"the null's mean as known and ignores how much random draws vary): **it "
+                   f"{'does' if above else 'does not'}** ({t}). Overall: **{'holds' if holds else 'does not hold'}**.")
+
+
 def check_stats_fields(cfg, cells: Sequence[str]) -> None:
     """Config checks shared by the three studies: `n_null >= 1` (16 by default), `primary` one of `cells`."""
     if not isinstance(cfg.n_null, int) or cfg.n_null < 1:

@@ -308,3 +308,26 @@ def test_beats_null_needs_the_null_distribution_not_only_its_mean():
         v = stats.verdict(tests, "x vs null mean", alternative="greater", what="x")
         assert v.p_holm["x vs null mean"] < 0.05  # the mean test alone would say "beats random"
         assert beats_null(v, tests, "x vs null mean", "x vs null (percentile)") is want
+
+
+def test_primary_verdict_on_a_null_cell_requires_the_percentile_too():
+    """The refusal direction's rerun: ablation beat the null's *mean* per prompt (Holm p 8e-4) but sat at the 88th
+    percentile of its 16 random directions. Its verdict said "holds" while its Claims said "does not hold"; the
+    stated verdict on a "vs null mean" primary now requires the percentile as well, so they cannot disagree."""
+    from experiments.lib.refusal_stats import beats_null, primary_verdict
+    from interp import stats
+
+    rng = np.random.default_rng(0)
+    per_prompt = 0.33 + 0.2 * rng.normal(size=32)  # the real effect minus the null mean, per prompt: clearly > 0
+    for observed, above in ((0.188, False), (0.9, True)):
+        null = np.linspace(-0.69, 0.31, 16)  # a wide null: random directions vary a lot
+        tests = {"ablation vs null mean": stats.paired_difference(per_prompt, np.zeros(32), alternative="greater"),
+                 "ablation vs null (percentile)": stats.null_test(observed, null)}
+        v = stats.verdict(tests, "ablation vs null mean", alternative="greater")
+        assert v.holds  # the paired cell alone
+        holds, text = primary_verdict(v, tests)
+        assert holds is above == beats_null(v, tests, "ablation vs null mean", "ablation vs null (percentile)")
+        assert ("Overall: **holds**" if above else "Overall: **does not hold**") in text
+    other = {"cliff: harmful drop": stats.paired_difference(per_prompt, np.zeros(32), alternative="greater")}
+    v = stats.verdict(other, "cliff: harmful drop", alternative="greater")
+    assert primary_verdict(v, other) == (True, v.sentence)  # not a null cell: the verdict as it is
