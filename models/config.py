@@ -11,13 +11,24 @@ ARCHS = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt_
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling: 'linear' (divide by factor) or 'llama3' (wavelength-dependent)."""
+    """RoPE frequency scaling: 'linear' (divide by factor), 'llama3' (wavelength-dependent) or 'longrope' (Phi-3's
+    long-context checkpoints: per-frequency rescale factors, `short_factor` while a call's largest position is
+    below `original_max_position_embeddings` and `long_factor` beyond it, with cos and sin scaled by
+    `attention_factor`, as transformers does per forward call)."""
 
-    kind: Literal["linear", "llama3"]
+    kind: Literal["linear", "llama3", "longrope"]
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
+
+    def __post_init__(self):
+        if self.kind == "longrope" and (not self.short_factor or len(self.short_factor) != len(self.long_factor)):
+            raise ValueError(f"longrope needs short_factor and long_factor of one length (rotary dimensions / 2), got "
+                             f"{len(self.short_factor)} and {len(self.long_factor)}")
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,10 @@ class Config:
         if self.n_experts and not (0 < self.n_experts_used <= self.n_experts and self.gated_mlp):
             raise ValueError(f"n_experts_used must be in [1, n_experts={self.n_experts}] (gated experts), "
                              f"got {self.n_experts_used}")
+        s = self.rope_scaling
+        if s is not None and s.kind == "longrope" and len(s.short_factor) != self.rope_dim // 2:
+            raise ValueError(f"longrope factors must be one per rotated frequency ({self.rope_dim // 2}), got "
+                             f"{len(s.short_factor)}")
         if self.parallel_block and self.post_norms:
             raise ValueError("parallel_block with post_norms is not a known family")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import mmap
 import os
 from importlib import metadata
@@ -137,8 +138,18 @@ def _rope_from_hf(d: Mapping[str, Any]) -> tuple[float, float | None, RopeScalin
     elif kind == "llama3":
         scaling = RopeScaling("llama3", float(rp["factor"]), float(rp["low_freq_factor"]), float(rp["high_freq_factor"]),
                               int(rp["original_max_position_embeddings"]))
+    elif kind == "longrope":  # Phi-3's long-context checkpoints (transformers' `_compute_longrope_parameters`)
+        orig = int(rp.get("original_max_position_embeddings") or d["original_max_position_embeddings"])
+        factor = float(rp.get("factor") or d["max_position_embeddings"] / orig)
+        att = rp.get("attention_factor")
+        att = float(att) if att is not None else (
+            1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig)))
+        scaling = RopeScaling("longrope", factor, original_max_position_embeddings=orig,
+                              short_factor=tuple(map(float, rp["short_factor"])),
+                              long_factor=tuple(map(float, rp["long_factor"])), attention_factor=att)
     elif kind not in ("default", None):
-        raise UnsupportedModelError(f"RoPE scaling type {kind!r} is not supported (supported: linear, llama3)")
+        raise UnsupportedModelError(f"RoPE scaling type {kind!r} is not supported (supported: linear, llama3, "
+                                    "longrope)")
     return float(rp.get("rope_theta") or 10_000.0), (float(local_theta) if local_theta else None), scaling
 
 
@@ -761,6 +772,9 @@ def gguf_to_hf_names(shapes: Mapping[str, tuple[int, ...]], cfg: Config):
             if cfg.arch == "gpt2" and suffix == "weight" and len(shape) == 2:
                 fixes.append(lambda w: w.T)
                 hf_shape = shape[::-1]
+        elif name.startswith("rope_factors_"):
+            raise UnsupportedModelError(f"GGUF tensor {name} (Phi-3's longrope factors) is not read from GGUF: load "
+                                        "the model's Hugging Face directory, where longrope is supported")
         elif name == "rope_freqs.weight":
             raise UnsupportedModelError("GGUF tensor rope_freqs.weight (per-dimension RoPE frequency factors, e.g. "
                                         "Llama 3.1 scaling) is not supported: load the Hugging Face directory instead")

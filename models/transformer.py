@@ -168,8 +168,9 @@ def activation(x: Array, cfg: Config) -> Array:
     }[cfg.act](x)
 
 
-def rope_inv_freq(cfg: Config, local: bool) -> Float[Array, " half"]:
-    """Inverse frequencies of RoPE for global or local layers (scaling applies to global layers only)."""
+def rope_inv_freq(cfg: Config, local: bool, long: bool = False) -> Float[Array, " half"]:
+    """Inverse frequencies of RoPE for global or local layers (scaling applies to global layers only); `long`
+    picks longrope's long-context factors."""
     theta = cfg.rope_local_theta if (local and cfg.rope_local_theta is not None) else cfg.rope_theta
     inv = 1.0 / (theta ** (jnp.arange(0, cfg.rope_dim, 2, dtype=jnp.float32) / cfg.rope_dim))
     s = cfg.rope_scaling
@@ -177,6 +178,8 @@ def rope_inv_freq(cfg: Config, local: bool) -> Float[Array, " half"]:
         return inv
     if s.kind == "linear":
         return inv / s.factor
+    if s.kind == "longrope":
+        return inv / jnp.asarray(s.long_factor if long else s.short_factor, jnp.float32)
     low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
     high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
     wavelen = 2 * math.pi / inv
@@ -187,15 +190,17 @@ def rope_inv_freq(cfg: Config, local: bool) -> Float[Array, " half"]:
     return jnp.where(medium, smoothed, scaled)
 
 
-def apply_rope(x: Float[Array, "B T N d"], positions: Int[Array, "B T"], inv_freq) -> Float[Array, "B T N d"]:
-    """Rotate halves (Hugging Face layout) by angle position * inv_freq, in float32. With fewer frequencies than
-    `d / 2` (partial rotary, GPT-NeoX), only the first `2 * len(inv_freq)` dimensions turn; the rest pass."""
+def apply_rope(x: Float[Array, "B T N d"], positions: Int[Array, "B T"], inv_freq,
+               scale: float = 1.0) -> Float[Array, "B T N d"]:
+    """Rotate halves (Hugging Face layout) by angle position * inv_freq, in float32, cos and sin times `scale`
+    (longrope's attention factor). With fewer frequencies than `d / 2` (partial rotary, GPT-NeoX), only the first
+    `2 * len(inv_freq)` dimensions turn; the rest pass."""
     rot = 2 * inv_freq.shape[-1]
     if rot < x.shape[-1]:
-        return jnp.concatenate([apply_rope(x[..., :rot], positions, inv_freq), x[..., rot:]], -1)
+        return jnp.concatenate([apply_rope(x[..., :rot], positions, inv_freq, scale), x[..., rot:]], -1)
     ang = positions[..., None].astype(jnp.float32) * inv_freq  # [B T d/2]
-    cos = jnp.concatenate([jnp.cos(ang)] * 2, -1)[:, :, None, :]
-    sin = jnp.concatenate([jnp.sin(ang)] * 2, -1)[:, :, None, :]
+    cos = jnp.concatenate([jnp.cos(ang)] * 2, -1)[:, :, None, :] * scale
+    sin = jnp.concatenate([jnp.sin(ang)] * 2, -1)[:, :, None, :] * scale
     xf = x.astype(jnp.float32)
     x1, x2 = jnp.split(xf, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], -1)
@@ -241,8 +246,13 @@ def attention(p: Params, x: Float[Array, "B T D"], li: LayerInputs, kv: dict, si
     v = sites.visit("attn.v", v, layer)
     if cfg.positional == "rope":
         inv = jnp.where(li.is_local, rope_inv_freq(cfg, True), rope_inv_freq(cfg, False))
-        q = apply_rope(q, sites.ctx.positions, inv)
-        k = apply_rope(k, sites.ctx.positions, inv)
+        scale = 1.0
+        if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "longrope":  # per call, as transformers decides
+            s = cfg.rope_scaling
+            beyond = jnp.max(sites.ctx.positions) + 1 > s.original_max_position_embeddings
+            inv, scale = jnp.where(beyond, rope_inv_freq(cfg, False, long=True), inv), s.attention_factor
+        q = apply_rope(q, sites.ctx.positions, inv, scale)
+        k = apply_rope(k, sites.ctx.positions, inv, scale)
 
     key_pos, key_valid = kv["positions"], kv["mask"]
     if li.cache_k is not None:  # write this step's keys/values into the cache slots

@@ -30,7 +30,7 @@ def _permute(w: np.ndarray, n: int) -> np.ndarray:
 
 
 def write_gguf(path: Path, hf_dir: Path, arch: str = "llama", block_count: int | None = None,
-               vocab_size: int | None = None) -> Path:
+               vocab_size: int | None = None, extra: dict | None = None) -> Path:
     """The HF directory `hf_dir` as a float32 GGUF of llama.cpp architecture `arch` (llama, qwen3, qwen3moe, phi3,
     olmo2, gptneox; Mixtral is `llama` with experts). `block_count` / `vocab_size` override the metadata (to test
     the loader's checks). llama.cpp's conventions (its `convert_hf_to_gguf.py`): q/k rows permuted for llama,
@@ -83,6 +83,8 @@ def write_gguf(path: Path, hf_dir: Path, arch: str = "llama", block_count: int |
         w.add_tensor(name, np.ascontiguousarray(t, np.float32))
     for name, per in experts.items():
         w.add_tensor(name, np.ascontiguousarray(np.stack([per[e] for e in sorted(per)]), np.float32))
+    for name, t in (extra or {}).items():
+        w.add_tensor(name, np.ascontiguousarray(t, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

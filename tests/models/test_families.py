@@ -11,6 +11,7 @@ sweep against one forward per head, steering during generation.
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 import textwrap
@@ -24,6 +25,8 @@ import transformers
 
 import interp
 import models
+import saes
+from interp import probes
 from interp import interventions as I
 from models.testing import random_model, tiny_config
 from models import transformer
@@ -194,15 +197,88 @@ def test_head_sweep_and_steering(arch):
     assert plain.shape == steered.shape == (1, 4)
 
 
-def test_phi3_long_rope_is_refused_by_name():
-    """Phi-3's long-context checkpoints ask for `longrope` scaling, which is not implemented: an error, never a
-    silently different rotation."""
-    d = transformers.Phi3Config(vocab_size=V, hidden_size=48, num_hidden_layers=1, num_attention_heads=6,
-                                intermediate_size=80, pad_token_id=0).to_dict()
-    d["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
-                            "long_factor": [2.0] * 4, "original_max_position_embeddings": 32}
-    with pytest.raises(models.errors.UnsupportedModelError, match="longrope"):
-        models.loading.config_from_hf(d)
+class _Rows:
+    """Random token rows for a tokenizer-less model (what `saes.data.TokenRows` yields)."""
+
+    def rows(self, start=0):
+        rng = np.random.default_rng(start)
+        while True:
+            yield rng.integers(2, 64, 16).astype(np.int32)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_probes_and_transcoder_training(arch, tmp_path):
+    """The per-layer probe grid and transcoder training run on every family: the grid's best cell (chosen on
+    validation) reads which of two tokens ends a prompt (held-out AUROC >= 0.8 on ~19 test rows; chance 0.5), and transcoders ln2.normalized -> mlp_out trained on every
+    layer at once learn to predict the MLP output (explained variance up by 0.1 in 40 steps)."""
+    m = _tiny(arch)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(2, 60, (96, 6))
+    tokens[:, -1] = np.where(np.arange(96) % 2, 61, 62)  # the label is the last token
+    acts = models.forward(m, tokens, capture=("resid_post",)).acts["resid_post"][:, :, -1]  # [L, N, D]
+    grid = probes.train(np.asarray(acts)[:, :, None], (np.arange(96) % 2).astype(float), seed=0)
+    auroc = grid.metrics["test"]["auroc"]
+    assert auroc.shape == (m.cfg.n_layers, 1) and np.all((auroc >= 0) & (auroc <= 1))
+    assert grid.best_metrics()["auroc"] >= 0.8, auroc  # the best cell (chosen on validation) reads it (chance 0.5)
+    layers = tuple(range(m.cfg.n_layers))
+    tc = saes.TrainConfig(site=("ln2.normalized",), target="mlp_out", layers=layers, arch="relu", width=64,
+                          tokens=256 * 40, batch_size=256, chunk_tokens=2048, lr=3e-3, lr_warmup_steps=5,
+                          sparsity_coeff=0.5, progress=False, log_every=10, eval_every=0, checkpoint_every=1000,
+                          out=str(tmp_path / "run"))
+    hooks = saes.data.parse_hooks(tc.site, layers) + [models.Hook("mlp_out", l) for l in layers]
+    run = saes.fit(tc, source=saes.ModelSource(m, hooks, _Rows(), chunk_tokens=2048, model_batch=16))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for l in layers:
+        first, last = rows[0][f"L{l}.ln2.normalized"], rows[-1][f"L{l}.ln2.normalized"]
+        assert last["explained_variance"] > first["explained_variance"] + 0.1, (l, first, last)
+    assert sorted(run.saes) == [f"L{l}.ln2.normalized" for l in layers]
+
+
+def _longrope_phi3(path):
+    """A tiny Phi-3 with longrope scaling (original context 8 of 64; distinct short and long factors per
+    frequency) as transformers builds it, and ours loaded from its directory."""
+    rng = np.random.RandomState(3)
+    cfg = transformers.Phi3Config(
+        vocab_size=V, hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+        intermediate_size=80, max_position_embeddings=64, original_max_position_embeddings=8, pad_token_id=0,
+        rope_scaling={"type": "longrope", "short_factor": (1 + rng.rand(4)).tolist(),
+                      "long_factor": (2 + 4 * rng.rand(4)).tolist()})
+    hf = random_hf_model(cfg, path)
+    return hf, models.load(str(path), tokenizer=False)
+
+
+def test_phi3_longrope_gguf_is_refused_by_name(tmp_path):
+    """llama.cpp keeps Phi-3's longrope factors in `rope_factors_{long,short}` tensors, which the GGUF loader
+    does not read: an error naming them, never a silently different rotation."""
+    random_hf_model(GGUF_CONFIGS["phi3"](), tmp_path / "hf")
+    path = write_gguf(tmp_path / "phi3.gguf", tmp_path / "hf", "phi3", extra={"rope_factors_long.weight": np.ones(4)})
+    with pytest.raises(models.errors.UnsupportedModelError, match="rope_factors_long"):
+        models.load(str(path), tokenizer=False)
+
+
+def test_phi3_longrope_matches_transformers(tmp_path):
+    """Phi-3's long-context scaling: per-frequency short factors while a call's largest position is within the
+    original context, long factors beyond it, cos and sin scaled by the attention factor sqrt(1 + ln(s) / ln(L0)),
+    chosen per forward call as transformers does. Logits equal transformers' below and beyond the original context
+    (1e-5), and greedy KV-cache generation that crosses it gives the same tokens as transformers' generate."""
+    hf, m = _longrope_phi3(tmp_path / "phi3-longrope")
+    s = m.cfg.rope_scaling
+    assert s.kind == "longrope" and s.original_max_position_embeddings == 8
+    assert s.attention_factor == pytest.approx(np.sqrt(1 + np.log(8.0) / np.log(8)))
+    rng = np.random.RandomState(0)
+    for T in (6, 20):  # within and beyond the original context of 8
+        tokens = rng.randint(1, V, (2, T))
+        with torch.no_grad():
+            ref = hf(torch.tensor(tokens)).logits.numpy()
+        ours = np.asarray(models.forward(m, tokens).logits)
+        assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-5, T
+    prompt = rng.randint(1, V, (1, 5))
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor(prompt), attention_mask=torch.ones(1, 5, dtype=torch.long), max_new_tokens=8,
+                             do_sample=False, pad_token_id=0).numpy()[0, 5:]
+    ours = np.asarray(generate_tokens(m, jnp.asarray(prompt), jnp.ones((1, 5), jnp.int32), jax.random.key(0), (),
+                                      jnp.asarray([-1], jnp.int32), max_new_tokens=8))[0]
+    assert ours.tolist() == theirs.tolist()
 
 
 # ----------------------------------------------------------------------------- a mixture of experts (Qwen3-MoE)
