@@ -669,7 +669,21 @@ def config_from_gguf(meta: Mapping[str, Any], dtype: str = "float32") -> Config:
     theta = float(g("rope.freq_base", 10_000.0))
     scaling = None
     kind = g("rope.scaling.type")
-    if kind == "linear":
+    rf = meta.get("_rope_factors") or {}
+    if rf:  # llama.cpp's Phi-3 longrope: factors as tensors, the original context and attention factor as metadata
+        if arch != "phi3" or set(rf) != {"rope_factors_long.weight", "rope_factors_short.weight"}:
+            raise UnsupportedModelError(f"GGUF {arch} with tensors {sorted(rf)}: RoPE factor tensors are read for "
+                                        "Phi-3's longrope (rope_factors_long and rope_factors_short) only")
+        orig = g("rope.scaling.original_context_length")
+        if not isinstance(orig, int):
+            raise ModelFileError(f"GGUF {arch} has rope_factors tensors but no {arch}.rope.scaling.original_context_length")
+        factor = g("context_length") / orig
+        att = g("rope.scaling.attn_factor")
+        att = float(att) if att is not None else (1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig)))
+        scaling = RopeScaling("longrope", factor, original_max_position_embeddings=orig,
+                              short_factor=rf["rope_factors_short.weight"], long_factor=rf["rope_factors_long.weight"],
+                              attention_factor=att)
+    elif kind == "linear":
         scaling = RopeScaling("linear", float(g("rope.scaling.factor")))
     elif kind not in (None, "none"):
         raise UnsupportedModelError(f"GGUF {arch}.rope.scaling.type {kind!r} is not supported (none or linear; "
@@ -772,9 +786,8 @@ def gguf_to_hf_names(shapes: Mapping[str, tuple[int, ...]], cfg: Config):
             if cfg.arch == "gpt2" and suffix == "weight" and len(shape) == 2:
                 fixes.append(lambda w: w.T)
                 hf_shape = shape[::-1]
-        elif name.startswith("rope_factors_"):
-            raise UnsupportedModelError(f"GGUF tensor {name} (Phi-3's longrope factors) is not read from GGUF: load "
-                                        "the model's Hugging Face directory, where longrope is supported")
+        elif name in ("rope_factors_long.weight", "rope_factors_short.weight"):
+            continue  # read into the config (`RopeScaling("longrope", ...)`), not a parameter
         elif name == "rope_freqs.weight":
             raise UnsupportedModelError("GGUF tensor rope_freqs.weight (per-dimension RoPE frequency factors, e.g. "
                                         "Llama 3.1 scaling) is not supported: load the Hugging Face directory instead")
@@ -825,12 +838,15 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", mesh: Mesh | None
     """(config, params, metadata) from a GGUF file, each tensor dequantised to float32 and converted to `dtype`
     alone, streamed like `load_hf_dir` (`fits(cfg)` likewise before any weight is read)."""
     check_dtype(dtype)
-    from models.gguf_file import open_gguf, read_metadata
+    from models.gguf_file import dequantize, open_gguf, read_metadata
 
     reader = open_gguf(path)
     meta = read_metadata(reader)
     names = tuple(t.name for t in reader.tensors)
-    cfg = _config(Path(path), lambda: config_from_gguf({**meta, "_tensor_names": names}, dtype))
+    factors = {t.name: tuple(float(x) for x in dequantize(t)) for t in reader.tensors  # Phi-3's longrope
+               if t.name in ("rope_factors_long.weight", "rope_factors_short.weight")}
+    cfg = _config(Path(path), lambda: config_from_gguf({**meta, "_tensor_names": names, "_rope_factors": factors},
+                                                       dtype))
     source = _GGUF(reader, cfg)
     recipes = hf_recipes(cfg)
     _match(recipes, cfg, source.shapes, str(path), unknown=[f"{n} (no counterpart for {cfg.arch})" for n in source.unknown],

@@ -60,6 +60,14 @@ def write_gguf(path: Path, hf_dir: Path, arch: str = "llama", block_count: int |
     w.add_layer_norm_rms_eps(hf["rms_norm_eps"])
     w.add_rope_freq_base(theta)
     w.add_vocab_size(vocab_size or hf["vocab_size"])
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if arch == "phi3" and rope.get("rope_type", rope.get("type")) == "longrope":  # as llama.cpp's Phi3MiniModel
+        orig = rope.get("original_max_position_embeddings") or hf["original_max_position_embeddings"]
+        scale = hf["max_position_embeddings"] / orig
+        w.add_rope_scaling_orig_ctx_len(orig)
+        w.add_rope_scaling_attn_factors(np.sqrt(1 + np.log(scale) / np.log(orig)) if scale > 1 else 1.0)
+        extra = {"rope_factors_long.weight": np.asarray(rope["long_factor"]),
+                 "rope_factors_short.weight": np.asarray(rope["short_factor"]), **(extra or {})}
     n_experts = hf.get("num_experts") or hf.get("num_local_experts")
     if n_experts:
         w.add_expert_count(n_experts)

@@ -247,15 +247,6 @@ def _longrope_phi3(path):
     return hf, models.load(str(path), tokenizer=False)
 
 
-def test_phi3_longrope_gguf_is_refused_by_name(tmp_path):
-    """llama.cpp keeps Phi-3's longrope factors in `rope_factors_{long,short}` tensors, which the GGUF loader
-    does not read: an error naming them, never a silently different rotation."""
-    random_hf_model(GGUF_CONFIGS["phi3"](), tmp_path / "hf")
-    path = write_gguf(tmp_path / "phi3.gguf", tmp_path / "hf", "phi3", extra={"rope_factors_long.weight": np.ones(4)})
-    with pytest.raises(models.errors.UnsupportedModelError, match="rope_factors_long"):
-        models.load(str(path), tokenizer=False)
-
-
 def test_phi3_longrope_matches_transformers(tmp_path):
     """Phi-3's long-context scaling: per-frequency short factors while a call's largest position is within the
     original context, long factors beyond it, cos and sin scaled by the attention factor sqrt(1 + ln(s) / ln(L0)),
@@ -279,6 +270,17 @@ def test_phi3_longrope_matches_transformers(tmp_path):
     ours = np.asarray(generate_tokens(m, jnp.asarray(prompt), jnp.ones((1, 5), jnp.int32), jax.random.key(0), (),
                                       jnp.asarray([-1], jnp.int32), max_new_tokens=8))[0]
     assert ours.tolist() == theirs.tolist()
+    # the same model as llama.cpp writes it (factors as rope_factors_* tensors, original context and attention
+    # factor as metadata): the same logits beyond the original context
+    g = models.load(str(write_gguf(tmp_path / "phi3-longrope.gguf", tmp_path / "phi3-longrope", "phi3")),
+                    tokenizer=False)
+    assert g.cfg.rope_scaling == dataclasses.replace(s, short_factor=g.cfg.rope_scaling.short_factor,
+                                                     long_factor=g.cfg.rope_scaling.long_factor,
+                                                     attention_factor=g.cfg.rope_scaling.attention_factor)
+    np.testing.assert_allclose(g.cfg.rope_scaling.long_factor, s.long_factor, rtol=1e-6)
+    tokens = rng.randint(1, V, (2, 20))
+    np.testing.assert_allclose(np.asarray(models.forward(g, tokens).logits), np.asarray(models.forward(m, tokens).logits),
+                               rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- a mixture of experts (Qwen3-MoE)
