@@ -168,6 +168,12 @@ def _check_family(ns):
     assert ns["err"] < 1e-4
 
 
+def _check_viewer(ns):
+    hits = ns["search_contexts"](ns["docs"], "eiffel tower")
+    assert [h["slug"] for h in hits] == ["3_17"] and hits[0]["score"] == 2.5 and hits[0]["token"] == " Eiffel"
+    assert ns["search_contexts"](ns["docs"], "louvre") == []
+
+
 def _check_new_study(ns):
     out, metrics = ns["out"], ns["metrics"]
     report = (out / "report.md").read_text()
@@ -180,7 +186,7 @@ CHECKS = {"README.md": _check_tour, "docs/pages/getting-started.md": _check_gett
           G + "models.md": _check_models, G + "multi-device.md": _check_multi_device, G + "interventions.md": _check_interp,
           G + "probes.md": _check_probes, G + "saes.md": _check_saes, G + "attribution.md": _check_transcoders,
           G + "adding-a-family.md": _check_family, G + "trainable.md": _check_trainable,
-          "docs/pages/studies/index.md": _check_new_study}
+          G + "viewer.md": _check_viewer, "docs/pages/studies/index.md": _check_new_study}
 
 # simulated CPU devices of a page's process (default 1)
 DEVICES = {G + "multi-device.md": 8}
