@@ -120,6 +120,15 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
 # ----------------------------------------------------------------------------- Hugging Face directories
 
 
+def _longrope(factor: float, orig: int, short, long, attention_factor=None) -> RopeScaling:
+    """Phi-3's longrope scaling from either format; without a stored attention factor, the one transformers and
+    llama.cpp's converter derive: sqrt(1 + ln(factor) / ln(orig)) above a factor of 1, else 1."""
+    att = float(attention_factor) if attention_factor is not None else (
+        1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig)))
+    return RopeScaling("longrope", float(factor), original_max_position_embeddings=int(orig),
+                       short_factor=tuple(map(float, short)), long_factor=tuple(map(float, long)), attention_factor=att)
+
+
 def _rope_from_hf(d: Mapping[str, Any]) -> tuple[float, float | None, RopeScaling | None]:
     """(global theta, local theta, scaling) from a config dict in transformers 4.x or 5.x form."""
     rp = d.get("rope_parameters") or {}
@@ -141,12 +150,7 @@ def _rope_from_hf(d: Mapping[str, Any]) -> tuple[float, float | None, RopeScalin
     elif kind == "longrope":  # Phi-3's long-context checkpoints (transformers' `_compute_longrope_parameters`)
         orig = int(rp.get("original_max_position_embeddings") or d["original_max_position_embeddings"])
         factor = float(rp.get("factor") or d["max_position_embeddings"] / orig)
-        att = rp.get("attention_factor")
-        att = float(att) if att is not None else (
-            1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig)))
-        scaling = RopeScaling("longrope", factor, original_max_position_embeddings=orig,
-                              short_factor=tuple(map(float, rp["short_factor"])),
-                              long_factor=tuple(map(float, rp["long_factor"])), attention_factor=att)
+        scaling = _longrope(factor, orig, rp["short_factor"], rp["long_factor"], rp.get("attention_factor"))
     elif kind not in ("default", None):
         raise UnsupportedModelError(f"RoPE scaling type {kind!r} is not supported (supported: linear, llama3, "
                                     "longrope)")
@@ -677,12 +681,8 @@ def config_from_gguf(meta: Mapping[str, Any], dtype: str = "float32") -> Config:
         orig = g("rope.scaling.original_context_length")
         if not isinstance(orig, int):
             raise ModelFileError(f"GGUF {arch} has rope_factors tensors but no {arch}.rope.scaling.original_context_length")
-        factor = g("context_length") / orig
-        att = g("rope.scaling.attn_factor")
-        att = float(att) if att is not None else (1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig)))
-        scaling = RopeScaling("longrope", factor, original_max_position_embeddings=orig,
-                              short_factor=rf["rope_factors_short.weight"], long_factor=rf["rope_factors_long.weight"],
-                              attention_factor=att)
+        scaling = _longrope(g("context_length") / orig, orig, rf["rope_factors_short.weight"],
+                            rf["rope_factors_long.weight"], g("rope.scaling.attn_factor"))
     elif kind == "linear":
         scaling = RopeScaling("linear", float(g("rope.scaling.factor")))
     elif kind not in (None, "none"):

@@ -93,11 +93,7 @@ def write_gguf(path: Path, hf_dir: Path, arch: str = "llama", block_count: int |
         w.add_tensor(name, np.ascontiguousarray(np.stack([per[e] for e in sorted(per)]), np.float32))
     for name, t in (extra or {}).items():
         w.add_tensor(name, np.ascontiguousarray(t, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return Path(path)
+    return _finish(w, path)
 
 
 def _write_neox(path: Path, hf_dir: Path) -> Path:
@@ -132,6 +128,11 @@ def _write_neox(path: Path, hf_dir: Path) -> Path:
         else:
             continue  # buffers (attention.bias / masked_bias of old checkpoints)
         w.add_tensor(name, np.ascontiguousarray(t, np.float32))
+    return _finish(w, path)
+
+
+def _finish(w, path: Path) -> Path:
+    """Write the header, metadata and tensors `w` holds to `path`, and close it."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -422,16 +422,8 @@ def test_from_gguf_matches_transformers(tmp_path, arch):
     assert np.abs(theirs - ref).max() / np.abs(ref).max() < 1e-5
 
 
-
 GGUF_MOE = {  # llama.cpp's names: Qwen3-MoE is "qwen3moe"; Mixtral is "llama" with experts (and permuted q/k rows)
-    "qwen3moe": lambda: transformers.Qwen3MoeConfig(
-        vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        intermediate_size=48, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2, norm_topk_prob=True,
-        max_position_embeddings=64),
-    "llama": lambda: transformers.MixtralConfig(
-        vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=24, num_local_experts=6, num_experts_per_tok=2, max_position_embeddings=64),
-}
+    "qwen3moe": MOE["qwen3moe-norm-topk"], "llama": MOE["mixtral"]}  # llama.cpp renormalises the chosen experts
 
 
 @pytest.mark.parametrize("gguf_arch", sorted(GGUF_MOE))
