@@ -35,7 +35,8 @@ directions.
    the per-pair gap change averaged over them; each (tier, control) cell tests the tier against the mean of the
    control's draws (paired over pairs) and places it in the draws' null (`stats.null_test`). The verdict is on
    `primary`, named before the run, with Holm over the 6 cells; a "Claims" section lists each claim with its
-   statistic. Per-item scores are saved as `scores.pkl` after each tier.
+   statistic. Per-item scores are saved as `scores.pkl` after each tier; `--resume RUN_FOLDER` starts a new run
+   from an interrupted one's `scores.pkl` (same config, checked), computing only what it lacks.
 
 Defaults: Gemma-3-270M base (plain continuation, the closest analogue of the paper's GPT-2 Small); the report
 gives each phase's wall time. `--second-model smollm2-135m-instruct` repeats the study on a second model.
@@ -109,6 +110,7 @@ class Config:
     seed: int = 0  # data split, SAE training, random controls
     cache_dir: str = ""  # where activation caches and SAEs are kept ("" = ~/.cache/interp/sae_detox)
     out: str = "runs"  # reports go to OUT/<experiment>/<timestamp>/
+    resume: str = ""  # a previous run folder of this config: the scores its scores.pkl holds are reused, the rest computed
 
     def __post_init__(self):
         ints = dict(k=self.k, sae_tokens=self.sae_tokens, n_features=self.n_features, n_prompts=self.n_prompts,
@@ -657,29 +659,108 @@ def study(m, cfg: Config, out: Path) -> Report:
 
     rng = np.random.default_rng(cfg.seed + 2)
     found, sae_metrics = {}, {}
-    res = {"unsteered": score(m, b, None, None, cfg)}
+    prev = resumed(cfg, m.name, layer, prompts, x_norm)
+    res = {k: v for k, v in prev.get("res", {}).items() if k == "unsteered"}
+    if "unsteered" not in res:
+        res["unsteered"] = score(m, b, None, None, cfg)
+
+    def save():
+        (out / "scores.pkl").write_bytes(pickle.dumps(dict(
+            res=res, found=found, sae=sae_metrics, x_norm=x_norm, layer=layer, prompts=prompts, model=m.name,
+            config=_identity(cfg))))
+
     for i, w in enumerate(cfg.widths):
         sae = dictionaries[w]
         found[w], F, R, directions = find_features(m, sae, data, cfg, rng)
+        _same_features(prev, w, found[w], cfg)
         sae_metrics[w] = saes.ce_metrics(m, {"sae": sae}, ce_tok)["sae"]
         ab = stack([FeatureAblation(sae, F)])
-        res["ablation", w] = score(m, b, dict(gap=ab, ce=ab), ab, cfg)
+        res["ablation", w] = prev["res"]["ablation", w] if ("ablation", w) in prev.get("res", {}) else score(
+            m, b, dict(gap=ab, ce=ab), ab, cfg)
         cs = curves(sae, F, R, directions, cfg, controls=i == 0)
         first = [c[0] == "F" or c[1] < cfg.n_null_generate for c in cs]  # the curves that generate, first
         order = [c for c, g in zip(cs, first) if g] + [c for c, g in zip(cs, first) if not g]
         lap(f"{w}x: features, ablation")
         for tier in TIERS if i == 0 else ("constant",):
-            res["tier", w, tier] = tier_runs(m, sae, F, order, tier, b, x_norm, cfg, sum(first))
+            key = ("tier", w, tier)
+            if key in prev.get("res", {}) and (tier != "per_input" or "leaky" in prev["res"]):
+                res[key] = _same_curves(prev["res"][key], order, cfg, key)
+                if tier == "per_input":
+                    res["leaky"] = prev["res"]["leaky"]
+                continue
+            res[key] = tier_runs(m, sae, F, order, tier, b, x_norm, cfg, sum(first))
             if tier == "per_input":
                 res["leaky"] = leaky_per_input(m, sae, F, b, x_norm, cfg)
             lap(f"{w}x {tier}: {len(order)} curves x {len(cfg.alphas)} alphas")
-            (out / "scores.pkl").write_bytes(pickle.dumps(dict(res=res, found=found, sae=sae_metrics, x_norm=x_norm,
-                                                               layer=layer, prompts=prompts)))
+            save()
+    save()
     main = cfg.widths[0]
     an = analyse(res, cfg, main)
     lap("statistics")
     _figure(out, cfg.model, res, cfg, main)
-    return _report(m, cfg, layer, res, an, found, sae_metrics, x_norm, prompts)
+    reused = [" ".join(map(str, k[1:])) + f" {k[0]}" if isinstance(k, tuple) else k
+              for k in prev.get("res", {}) if k in res]
+    return _report(m, cfg, layer, res, an, found, sae_metrics, x_norm, prompts,
+                   resumed_from=f"{cfg.resume} ({', '.join(reused)})" if prev else "")
+
+
+# ----------------------------------------------------------------------------- resume
+
+_NOT_IDENTITY = ("out", "resume", "second_model")
+
+
+def _identity(cfg: Config) -> dict:
+    """The config fields that define a run's scores (not where it is written or resumed from)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in _NOT_IDENTITY}
+
+
+def _resume_file(folder: str, model: str | None = None) -> Path | None:
+    """The `scores.pkl` of `model` in a run folder (the first model's, or the second's in a sub-folder)."""
+    cands = [Path(folder) / "scores.pkl", *sorted(Path(folder).glob("*/scores.pkl"))]
+    for f in cands:
+        if f.is_file() and (model is None or pickle.loads(f.read_bytes()).get("model", model) == model):
+            return f
+    return None
+
+
+def resumed(cfg: Config, model: str, layer: int, prompts: list, x_norm: float) -> dict:
+    """What `cfg.resume`'s `scores.pkl` holds for `model` ({} without --resume), after checking it is this run's:
+    the same config (when the file records it), layer, prompts and mean residual norm. InputError otherwise."""
+    if not cfg.resume:
+        return {}
+    f = _resume_file(cfg.resume, model)
+    if f is None:
+        raise InputError(f"--resume {cfg.resume!r}: no scores.pkl for model {model!r} in that folder")
+    prev = pickle.loads(f.read_bytes())
+    if "config" in prev:
+        diff = sorted(k for k, v in _identity(cfg).items() if json.dumps(prev["config"].get(k), default=list)
+                      != json.dumps(v, default=list))
+        if diff:
+            raise InputError(f"--resume {cfg.resume!r}: that run's config differs in {', '.join(diff)}; resume it "
+                             "with the same flags")
+    if prev["layer"] != layer or prev["prompts"] != prompts or not np.isclose(prev["x_norm"], x_norm, rtol=1e-5):
+        raise InputError(f"--resume {cfg.resume!r}: that run's layer, prompts or residual norm differ from this one's "
+                         f"(layer {prev['layer']} vs {layer}, |x| {prev['x_norm']:.4f} vs {x_norm:.4f})")
+    print(f"resuming from {f}: {len(prev['res'])} scored conditions reused", flush=True)
+    return prev
+
+
+def _same_features(prev: dict, w: int, found: dict, cfg: Config) -> None:
+    """The resumed run found the same feature set and random sets at width `w` (else its scores are not ours)."""
+    old = prev.get("found", {}).get(w)
+    if old is not None and (list(old["features"]) != list(found["features"])
+                            or np.asarray(old["random_features"]).tolist() != np.asarray(found["random_features"]).tolist()):
+        raise InputError(f"--resume {cfg.resume!r}: the {w}x features differ from this run's "
+                         f"({old['features']} vs {found['features']}): a different SAE or config")
+
+
+def _same_curves(runs: dict, order: list, cfg: Config, key) -> dict:
+    """A resumed tier's runs, checked to hold this config's curves (names, alphas, pairs)."""
+    want = {c[:2] for c in order}
+    if set(runs) != want or any(np.shape(v["gap"]) != (len(cfg.alphas), cfg.n_logprob) for v in runs.values()):
+        raise InputError(f"--resume {cfg.resume!r}: its {key[1]}x {key[2]} tier holds other curves or shapes than "
+                         "this config's")
+    return runs
 
 
 def _figure(out: Path, tag: str, res: dict, cfg: Config, main: int):
@@ -724,7 +805,7 @@ def _figure(out: Path, tag: str, res: dict, cfg: Config, main: int):
     save_figure(fig, out / "sae_detox_tradeoff.png")
 
 
-def _report(m, cfg, layer, res, an, found, sae_metrics, x_norm, prompts) -> Report:
+def _report(m, cfg, layer, res, an, found, sae_metrics, x_norm, prompts, resumed_from: str = "") -> Report:
     feats = []
     for w, f in found.items():
         lines = [f"**{w}x d_model ({w * m.cfg.d_model} latents)**: F = {f['features']} (ranked by {cfg.rank_by}); "
@@ -760,7 +841,9 @@ def _report(m, cfg, layer, res, an, found, sae_metrics, x_norm, prompts) -> Repo
                           f"{len(prompts)} held-out hateful prompts x {cfg.max_new_tokens} greedy tokens; "
                           f"{cfg.n_logprob} held-out hateful / benign continuation pairs (first {cfg.score_tokens} "
                           f"tokens scored); {cfg.ce_rows} x {cfg.context} "
-                          "held-out corpus tokens for CE."),
+                          "held-out corpus tokens for CE."
+                          + (f" Resumed from {resumed_from}: those scores were reused, so the wall time below is "
+                             "this run's share only." if resumed_from else "")),
         ("toxicity features", "\n\n".join(feats)),
         ("tiers and controls", method + "\n\n" + an["table"] + "\n\nThe toxicity proxy is lexical (profanity), "
          "so implicit hate scores low whatever the condition; the log-probability gap needs no classifier.\n\n"
@@ -784,8 +867,11 @@ def _report(m, cfg, layer, res, an, found, sae_metrics, x_norm, prompts) -> Repo
 
 
 def check(cfg: Config) -> None:
-    """Before any model loads: the toxicity proxy's word list is there."""
+    """Before any model loads: the toxicity proxy's word list is there, and `--resume` names a run folder with
+    scores."""
     toxigen.profanity()
+    if cfg.resume and _resume_file(cfg.resume) is None:
+        raise InputError(f"--resume {cfg.resume!r}: not a run folder with a scores.pkl (give OUT/sae_detox/<timestamp>)")
 
 
 STUDY = Study("sae_detox", "Detoxification with SAE features (Goyal et al. 2025)", Config, study, __doc__, check=check)

@@ -3,7 +3,9 @@ search, config validation, and a smoke run of the whole study on a tiny SAE."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import pickle
 
 import jax
 import numpy as np
@@ -124,3 +126,21 @@ def test_smoke_tiny_run(tmp_path, tiny_gemma3):
     again = sd.train_saes(models.load(tiny_gemma3), cfg, 1, sd.split(cfg.seed), tmp_path / "cache")
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == cached and len(cached) == 3
     assert sorted(again) == [1, 2] and again[1].width == 64 and again[2].width == 128
+
+    # an interrupted run (its scores.pkl lacks the last tiers) resumes into a new folder with the same numbers
+    full = pickle.loads((out / "scores.pkl").read_bytes())
+    assert full["model"] == tiny_gemma3 and tuple(full["config"]["alphas"]) == (0.1, 0.3)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    partial = dict(full, res={k: v for k, v in full["res"].items() if k not in (("tier", 1, "per_token"),
+                                                                             ("tier", 2, "constant"))})
+    (cut / "scores.pkl").write_bytes(pickle.dumps(partial))
+    out2, _ = sd.main(cfg=dataclasses.replace(cfg, resume=str(cut)))
+    assert out2 != out and out2.parent == out.parent  # a new run folder
+    met2 = json.loads((out2 / "metrics.json").read_text())[tiny_gemma3]
+    assert met2["curves"] == met["curves"] and met2["cells"] == met["cells"]
+    assert f"Resumed from {cut}" in (out2 / "report.md").read_text()
+    with pytest.raises(InputError, match="--resume .*differs in alphas"):
+        sd.main(cfg=dataclasses.replace(cfg, resume=str(cut), alphas=(0.1, 0.2)))
+    with pytest.raises(InputError, match="--resume .*not a run folder"):
+        sd.main(cfg=dataclasses.replace(cfg, resume=str(tmp_path / "nowhere")))
