@@ -136,9 +136,9 @@ def head_sweeps(m, args) -> list[tuple]:
     return rows
 
 
-def flop_accounting(m, tokens, mask, metric, max_programs) -> str:
-    """The head sweep's compiled programs (matmul FLOPs summed over its calls, `interp.sweeps.sweep_flops`)
-    against the sum of its items' own forwards from their layers (the bound with full prefix reuse)."""
+def head_sweep_flops(m, tokens, mask, metric, max_programs) -> tuple[float, float, float]:
+    """(the head sweep's compiled matmul FLOPs summed over its calls (`interp.sweeps.sweep_flops`), the sum of its
+    items' own forwards from their layers (the bound with full prefix reuse), all items' forwards from layer 0)."""
     L, H = m.cfg.n_layers, m.cfg.n_heads
     ours = sweeps.sweep_flops(m, tokens, mask, metric, (I.zero_ablation("attn.z"),),
                               where=sweeps.one_hot_items(L, H, "heads"), max_programs=max_programs)
@@ -150,10 +150,15 @@ def flop_accounting(m, tokens, mask, metric, max_programs) -> str:
         run = jax.jit(lambda r: metric(run_readout(m, tokens, mask, iv, (-1,), start_layer=s, resid=r)))
         return sweeps.compiled_flops(run.lower(None if s == 0 else prefix[s - 1]).compile())
 
-    bound = sum(H * item(s) for s in range(L))
+    return ours, sum(H * item(s) for s in range(L)), L * H * item(0)
+
+
+def flop_accounting(m, tokens, mask, metric, max_programs) -> str:
+    """`head_sweep_flops` as one line of the report."""
+    ours, bound, from0 = head_sweep_flops(m, tokens, mask, metric, max_programs)
     return (f"  FLOPs: the sweep's programs {ours / 1e12:.2f} TFLOP, its items' forwards from their layers "
-            f"{bound / 1e12:.2f} TFLOP (ratio {ours / bound:.3f}; all {L * H} from layer 0 would be "
-            f"{L * H * item(0) / bound:.2f}x)")
+            f"{bound / 1e12:.2f} TFLOP (ratio {ours / bound:.3f}; all {m.cfg.n_layers * m.cfg.n_heads} from layer 0 "
+            f"would be {from0 / bound:.2f}x)")
 
 
 def direction_selection(m, args) -> list[tuple]:

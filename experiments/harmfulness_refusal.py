@@ -358,7 +358,7 @@ def _steering_report(steer: dict, n_prompts: int, cfg: Config) -> tuple[str, dic
                                  for k, n in enumerate(names)])
     tests = steering_tests(steer)
     v = stats.verdict(tests, cfg.primary, alternative="greater", what=cfg.primary)
-    holds = primary_verdict(v, tests)[0]  # with the null's percentile where the primary is a null cell
+    holds, verdict_text = primary_verdict(v, tests)  # with the null's percentile where the primary is a null cell
     behaviour = (cell_holds(v, tests, "refusal dir: refusal-rate rise")
                  or cell_holds(v, tests, "harmfulness dir: refusal-rate rise"))
     top = coefs[-1]
@@ -382,7 +382,7 @@ def _steering_report(steer: dict, n_prompts: int, cfg: Config) -> tuple[str, dic
                                  refusal_rates=steer["rates"],
                                  null_delta=dn.mean(2), direction_delta={n: v_.mean(1) for n, v_ in d.items()}),
                    behavioural_effect=bool(behaviour), tests={k: as_dict(t) for k, t in tests.items()},
-                   primary=cfg.primary, verdict_holds=holds, p_holm=v.p_holm)
+                   primary=cfg.primary, verdict_holds=holds, verdict=verdict_text, p_holm=v.p_holm)
     return text, metrics, tests, v
 
 
@@ -497,7 +497,7 @@ def study(m, cfg: Config, out) -> Report:
     if steer is not None:
         steer_text, steer_metrics, tests, v = _steering_report(steer, len(sets["test_harmless"]), cfg)
         sections += [("Steering harmless prompts", steer_text),
-                     ("Verdict", primary_verdict(v, tests)[1] + "\n\n" + v.table),
+                     ("Verdict", steer_metrics["verdict"] + "\n\n" + v.table),
                      ("Sample generations (largest coefficient)",
                       "\n".join(f"- **{n}**: {s}" for n, s in steer["samples"].items()))]
     else:

@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 import models
 import saes
@@ -780,6 +781,7 @@ def _figure(out: Path, tag: str, res: dict, cfg: Config, main: int):
                         alpha=1 if c == "F" else 0.5, label=tier if c == "F" else None)
     ax.set(xlabel="continuation perplexity (unsteered model)", ylabel="toxicity proxy (mean)", xscale="log",
            title="generated (dotted: control draws)")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # log-axis minor labels overlap
     ax.legend(fontsize=7)
     colors = {"F": "C3", "random features": "C1", "random direction": "0.5"}
     for j, tier in enumerate(tiers):
