@@ -172,10 +172,11 @@ def plan_calls(starts: np.ndarray, keys: np.ndarray | None, cap: int | None, k: 
     return plan
 
 
-# Cost model of one sweep call on each platform (measured on SmolLM2, see the README's interp section):
-# seconds to compile one group's program, and layer-token-items run per second.
-COMPILE_S = {"cpu": 2.0, "gpu": 3.0, "tpu": 3.0}
-LAYER_TOKENS_PER_S = {"cpu": 2.0e4, "gpu": 2.0e6, "tpu": 2.0e6}
+# Cost model of one sweep call on each platform: seconds to compile one group's program, and layer-token-items
+# run per second. CPU: SmolLM2's 270-head sweep on 2 cores (bench.sweeps at 8x64, bench.latency at 1x14,
+# 2026-12-08): 0.4-0.8 s per extra program, 2.6e4-2.9e4 layer-token-items/s.
+COMPILE_S = {"cpu": 0.7, "gpu": 3.0, "tpu": 3.0}
+LAYER_TOKENS_PER_S = {"cpu": 2.7e4, "gpu": 2.0e6, "tpu": 2.0e6}
 
 
 def _bucket_starts(first: np.ndarray, groups: int) -> np.ndarray:
