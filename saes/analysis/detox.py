@@ -38,9 +38,9 @@ from jaxtyping import Array, Bool, Float, Int
 from interp.interventions import Intervention, Where, at
 from models.checks import Extent, check_index
 from models.errors import InputError
-from saes.evaluate import _real
-from saes.features import _after_first, _encode_batch, site_acts
-from saes.sae import SAE
+from saes.core.evaluate import _real
+from saes.analysis.features import _after_first, _encode_batch, site_acts
+from saes.core.sae import SAE
 
 __all__ = ["DecoderSteer", "FeatureAblation", "GATES", "TokenSteer", "fires_anywhere", "gate_mask", "token_gate"]
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from interp.interventions import Intervention, StackedWhere, Where, at
 from models.model import forward
-from saes.sae import SAE
+from saes.core.sae import SAE
 
 __all__ = ["Splice", "ce_and_kl", "ce_metrics", "next_token_ce", "reconstruction_metrics", "replacement_ce"]
 
