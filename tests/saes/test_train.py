@@ -154,10 +154,10 @@ def test_cli_is_typed_from_the_config():
 
 
 def test_cli_help_runs():
-    proc = subprocess.run([sys.executable, "-m", "saes.train.loop", "--help"], capture_output=True, text=True, cwd=str(ROOT),
+    proc = subprocess.run([sys.executable, "-m", "saes.train", "--help"], capture_output=True, text=True, cwd=str(ROOT),
                           timeout=120)
     assert proc.returncode == 0 and "--sparsity-coeff" in proc.stdout and "--feature-parallel" in proc.stdout
-    assert "RuntimeWarning" not in proc.stderr  # `saes` does not import saes.train.loop eagerly
+    assert "RuntimeWarning" not in proc.stderr  # `saes` does not import saes.train.loop eagerly (`python -m saes.train` runs saes/train/__main__.py)
     proc = subprocess.run([sys.executable, "-m", "saes.train.cache", "--help"], capture_output=True, text=True, cwd=str(ROOT),
                           timeout=120)
     assert proc.returncode == 0 and "python -m saes.train.cache" in proc.stdout
