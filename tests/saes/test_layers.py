@@ -1,8 +1,9 @@
 """`saes` stays layered in sub-packages stacked one way: `saes.core` (the dictionaries) imports nothing else
 of `saes`; `saes.io` (their files) imports only `core`; `saes.train`, `saes.analysis` and `saes.circuits`
-import only `core` and `io`, never each other; no import cycle among the modules, no function-level import
-dodging one (only optional third-party dependencies), `import saes` loads no circuit-tracing or training
-module, and the architectures join `saes.core.sae.ARCHS` as final classes of one abstract `Dictionary`."""
+import only `core` and `io`, never each other; no sub-package imports another's private names; no import
+cycle among the modules, no function-level import dodging one (only optional third-party dependencies),
+`import saes` loads no circuit-tracing or training module, and the architectures join `saes.core.sae.ARCHS`
+as final classes of one abstract `Dictionary`."""
 
 from __future__ import annotations
 
@@ -75,6 +76,17 @@ def test_sub_packages_import_only_the_layers_below():
             elif target != pkg and target not in ALLOWED[pkg]:
                 bad.append(f"{name} imports {dep}: saes.{pkg} may import only "
                            f"{', '.join(f'saes.{p}' for p in sorted(ALLOWED[pkg])) or 'nothing else of saes'}")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_private_name_crosses_a_sub_package():
+    """A sub-package uses another's public names only (`from saes.core.sae import _x` is for `saes.core`)."""
+    bad = []
+    for name, tree in _modules().items():
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "saes" \
+                    and _package(node.module) != _package(name):
+                bad += [f"{name} imports {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
     assert not bad, "\n".join(bad)
 
 
