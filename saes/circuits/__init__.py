@@ -5,8 +5,10 @@ first use (`saes.circuits.attribution`), so `import saes` stays light."""
 import importlib
 
 
+MODULES = ("attribution", "feature_effects")
+
+
 def __getattr__(name):
-    try:
+    if name in MODULES:  # loaded on first use
         return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,8 +7,10 @@
 import importlib
 
 
+MODULES = ("loop", "config", "optim", "state", "step", "data", "cache", "report", "synthetic")
+
+
 def __getattr__(name):
-    try:
+    if name in MODULES:  # loaded on first use
         return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
