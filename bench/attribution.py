@@ -1,9 +1,9 @@
-"""Attribution graphs: ours (`saes.attribution.attribute`) vs circuit-tracer on SmolLM2, the same transcoders.
+"""Attribution graphs: ours (`saes.circuits.attribution.attribute`) vs circuit-tracer on SmolLM2, the same transcoders.
 
     python -m bench.attribution [--width 512] [--tokens 32] [--lengths 8,16,32] [--ct-python PATH] [--clt]
 
 1. Random ReLU transcoders (width `--width`, every layer, ln2.normalized -> mlp_out, encoder bias set so about
-   2% of features fire per token) written in circuit-tracer's format (`TranscoderSet.to_circuit_tracer`);
+   2% of features fire per token) written in circuit-tracer's format (`saes.io.circuit_tracer.write`);
    with `--clt` one random ReLU cross-layer transcoder instead (each feature writes to its layer and every
    later one; circuit-tracer's CLT files, read by its `load_clt`).
 2. Ours: one graph of a `--tokens`-token prompt (it starts with `<|im_start|>`), float32, after a warm-up
@@ -44,8 +44,8 @@ def transcoders(m, tokens, width: int, z: float = 2.0):
     """Random ReLU transcoders whose encoder bias puts each feature's threshold `z` standard deviations above
     its mean pre-activation on `tokens` (about 2% of features fire per token)."""
     import models
-    from saes import sae as sae_lib
-    from saes.transcoders import TranscoderSet
+    from saes.core import sae as sae_lib
+    from saes.core.transcoders import TranscoderSet
 
     x = models.forward(m, tokens[None], capture=("ln2.normalized",)).acts["ln2.normalized"][:, 0, 1:]
     out = []
@@ -61,7 +61,7 @@ def transcoders(m, tokens, width: int, z: float = 2.0):
 def cross_layer(m, tokens, width: int, z: float = 2.0):
     """A random ReLU cross-layer transcoder with the same firing rule as `transcoders`."""
     import models
-    from saes.cross_layer import init
+    from saes.core.cross_layer import init
 
     x = models.forward(m, tokens[None], capture=("ln2.normalized",)).acts["ln2.normalized"][:, 0, 1:]
     clt = init("relu", m.cfg.n_layers, m.cfg.d_model, width, jax.random.key(0), decoder_norm=0.3)
@@ -76,7 +76,8 @@ def rss_gib() -> float:
 def main(argv=None):
     import models
     from models.loading import resolve
-    from saes.attribution import attribute
+    from saes.circuits.attribution import attribute
+    from saes.io import circuit_tracer
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--width", type=int, default=512)
@@ -94,7 +95,7 @@ def main(argv=None):
     all_tokens = m.to_tokens(TEXT)[0]
     tcs = (cross_layer if args.clt else transcoders)(m, all_tokens, args.width)
     files = out / ("clt" if args.clt else "transcoders")
-    tcs.to_circuit_tracer(files)
+    circuit_tracer.write(tcs, files)
     if len(all_tokens) < max(args.tokens, *map(int, args.lengths.split(","))):
         raise SystemExit(f"the bench prompt has {len(all_tokens)} tokens; ask for fewer")
     tokens = all_tokens[: args.tokens]
@@ -106,7 +107,7 @@ def main(argv=None):
     g = attribute(m, tcs, tokens)
     ours_s = time.perf_counter() - t0
     ours_rss = rss_gib()
-    rows = [["ours (saes.attribution)", g.n_features, round(ours_s, 2), round(first - ours_s, 1), round(ours_rss, 2)]]
+    rows = [["ours (saes.circuits.attribution)", g.n_features, round(ours_s, 2), round(first - ours_s, 1), round(ours_rss, 2)]]
 
     ct = Path(args.ct_python) if args.ct_python else peer_python("CT_PYTHON", ".venv-circuit-tracer")
     note = ""

@@ -15,7 +15,7 @@ peak, and the full pipeline (model forward + SAE step) on SmolLM2.
    our step's useful FLOPs per second as a fraction of it. Useful FLOPs: encoder forward 2BdW, encoder
    weight gradient 2BdW, sparse decoder (forward, value gradient, weight gradient) 3 x 2Bkd; AuxK and
    elementwise work are not counted. The step computes the encoder weight gradient at the selected entries
-   only (`saes.sae.sparse_encode`, 2Bkd), so this is a dense-equivalent rate: XLA's count is lower.
+   only (`saes.core.sae.sparse_encode`, 2Bkd), so this is a dense-equivalent rate: XLA's count is lower.
 5. Full pipeline: live activations from the model (forward stopped after layer 15) feeding the same step;
    tokens per second end to end after warm-up.
 """
@@ -75,7 +75,7 @@ SAELENS = textwrap.dedent("""
 def build_cache(directory: Path, tokens: int):
     import models
     import saes
-    from saes import data
+    from saes.train import data
 
     if (directory / "manifest.json").exists():
         cache = saes.CachedSource(directory)
@@ -94,7 +94,7 @@ def useful_flops(batch=BATCH, d=576, width=WIDTH, k=K) -> float:
 
 
 def ours(cache, steps: int):
-    from saes.train import TrainConfig, calibrate, fresh_state, make_step
+    from saes.train.loop import TrainConfig, calibrate, fresh_state, make_step
 
     cfg = TrainConfig(arch="topk", k=K, width=WIDTH, batch_size=BATCH, lr=LR, lr_warmup_steps=1, tokens=BATCH * 10**4,
                       chunk_tokens=cache.chunk_tokens)
@@ -131,9 +131,9 @@ def saelens(python: Path, files: list[Path], steps: int):
 def pipeline(steps: int):
     """Tokens/s of live activations (forward stopped after layer 15) + the SAE step, after warm-up."""
     import models
-    from saes import data
-    from saes.train import TrainConfig, calibrate, fresh_state, make_step
-    from saes.train_step import make_permute, make_slice
+    from saes.train import data
+    from saes.train.loop import TrainConfig, calibrate, fresh_state, make_step
+    from saes.train.step import make_permute, make_slice
 
     m = models.load(MODEL)
     rows = data.TokenRows(data.default_corpus, m.tokenizer, 128)

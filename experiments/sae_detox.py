@@ -13,14 +13,14 @@ directions.
 2. **Toxicity features** F: `saes.contrast` of the training hateful vs benign statements, the `n_features`
    most specific to hateful text (`rank_by`: by default the add-one-smoothed ratio of firing rates); the
    report lists them with their top contexts and the overlap with the other rankings.
-3. **Interventions** (`saes.detox`, on real tokens at the SAE's site): ablation (`h_f = 0` for f in F, keeping
+3. **Interventions** (`saes.analysis.detox`, on real tokens at the SAE's site): ablation (`h_f = 0` for f in F, keeping
    the SAE's error), and steering `x - a * sum_F d_f` on every token (constant), on inputs where F fires in the
    context (per input: for a scored continuation, the context only, so both rows of a pair get one gate), or on
    the tokens where it fires (per token). `alphas` are in units of the mean residual norm at the layer (over the
    prompts' tokens after the first): every edit removes `alpha * mean|x|` along a unit direction. **Controls
    through every tier**: `n_null` frequency-matched random feature sets and `n_null` random directions, each
    through the tier's own gate (the tokens the tier edits for F), as null distributions. Each tier is one stacked
-   `saes.detox.TokenSteer` sweep per scored batch over (F and every draw) x alphas; the first `n_null_generate`
+   `saes.analysis.detox.TokenSteer` sweep per scored batch over (F and every draw) x alphas; the first `n_null_generate`
    draws also generate (one vmapped `generate` of `DecoderSteer`s). The second width repeats ablation and
    constant steering (feature splitting). The old per-input gate (over the whole scored row) is kept as an
    exploratory row.
@@ -72,8 +72,8 @@ from interp.sweeps import default_batch_size, sweep
 from models.checks import check_tokens
 from models.errors import InputError
 from models.generate import generate_tokens
-from saes.detox import DecoderSteer, FeatureAblation, TokenSteer, fires_anywhere, gate_mask
-from saes.train import build_source
+from saes.analysis.detox import DecoderSteer, FeatureAblation, TokenSteer, fires_anywhere, gate_mask
+from saes.train.loop import build_source
 
 SITE = "resid_post"
 TIERS = ("constant", "per_input", "per_token")

@@ -5,7 +5,7 @@ SHA-256 of their contents, verified on restore; a damaged one is moved aside and
     ck.save(step, state, {"seed": 0})              # the pytree's leaves plus a JSON record
     state, meta, step = ck.restore_valid(abstract)  # the newest one that restores and verifies (or None)
 
-Used by `saes.train` (re-exported as `saes.checkpoints.Checkpointer`) and the studies' trained controllers."""
+Used by `saes.train.loop` (which re-exports `Checkpointer`) and the studies' trained controllers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""JAX's persistent compilation cache for the command lines (studies, `saes.train`, `saes.cache`, the demo).
+"""JAX's persistent compilation cache for the command lines (studies, `saes.train.loop`, `saes.train.cache`, the demo).
 
 A study compiles dozens of programs (one per shape of forward, sweep and generation step); with the cache on, a
 second run of the same command loads them from disk instead of compiling again. Every `models.cli.parse` command

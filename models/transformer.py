@@ -444,7 +444,7 @@ def layer_forward(params: Params, cfg: Config, layer: int | Int[Array, ""], resi
                   ) -> tuple[Float[Array, "B T D"], dict[str, Array]]:
     """One layer alone (`layer` may be traced, as inside a `lax.fori_loop`) on its `resid_pre` -> its
     `resid_post` and the `capture`d sites of that layer, unstacked (`[B, T, ...]`). The forward's layer step
-    as a function, for per-layer backward passes that stop at a chosen depth (`saes.attribution`)."""
+    as a function, for per-layer backward passes that stop at a chosen depth (`saes.circuits.attribution`)."""
     if not isinstance(layer, jax.core.Tracer) and not 0 <= int(layer) < cfg.n_layers:  # ints, numpy, concrete arrays
         raise InputError(f"layer_forward: layer {int(layer)} is outside [0, {cfg.n_layers})")
     p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), params["blocks"])
@@ -485,7 +485,7 @@ def forward(
     `resid` (the `resid_pre` of layer l) resumes a forward without recomputing layers < l.
     `frozen=True` stops gradients through every attention pattern and norm scale (values unchanged): the
     forward is then linear in the residual stream apart from the MLPs, the local replacement model of
-    attribution graphs (`saes.attribution`).
+    attribution graphs (`saes.circuits.attribution`).
     """
     return _forward(params, cfg, tokens, attention_mask, positions, capture, interventions, start_layer=start_layer,
                     stop_at_layer=stop_at_layer, resid=resid, unroll=unroll, frozen=frozen)[0]

@@ -8,50 +8,60 @@ trainer with exact resume, SAELens / Gemma Scope formats, and feature inspection
     f = sae.encode(x); x_hat = sae.decode(f)
     saes.to_saelens(sae, "export/", model_name="smollm2-135m-instruct")
 
-Layers (each imports only those above it in this list, never a sibling's private names; no cycles):
+Sub-packages, stacked one way (tests/saes/test_layers.py enforces it; no cycles, no function-level imports
+but optional third-party dependencies):
 
-- dictionaries: `dictionary` (the abstract `Dictionary` and the `Replacement` interface, `site_width`),
-  `sae` (the SAE architectures, one final class each, registered in `ARCHS`), `cross_layer` (cross-layer
-  transcoders: one dictionary whose layer-l features write into every MLP output from l on; its files);
-- I/O: `files` (the public readers), `formats` (ours, SAELens, Gemma Scope);
-- evaluation and analysis: `evaluate` (splicing, CE loss recovered), `features` (top contexts, frequencies,
-  contrasts, logit effects, steering), `detox` (feature ablation and gated decoder steering), `data` (corpus,
-  token rows, activation sources, cache), `synthetic` (planted dictionaries);
-- circuit tracing: `transcoders` (per-layer sets, every MLP replaced, circuit-tracer's format), `attribution`
-  (attribution graphs through the local replacement model), `feature_effects` (interventions on features,
-  the graphs' check);
-- training: `train` (the loop and CLI, over `train_config`, `optim`, `train_state` (state, sharding),
-  `train_step`, `checkpoints`), `report`, `cache`.
+- `saes.core` (imports nothing else of `saes`): `dictionary` (the abstract `Dictionary`, the `Replacement`
+  interface, `site_width`), `files` (the generic readers), `sae` (the SAE architectures, one final class each,
+  registered in `ARCHS`), `cross_layer` (cross-layer transcoders: one dictionary whose layer-l features write
+  into every MLP output from l on), `transcoders` (per-layer sets, every MLP replaced), `evaluate` (splicing,
+  CE loss recovered);
+- `saes.io` (imports `core`): `formats` (ours, SAELens, Gemma Scope, run folders), `circuit_tracer`
+  (circuit-tracer's files for CLTs and transcoder sets);
+- over `core` and `io`, never each other: `saes.train` (`loop`: `fit` and the CLI, over `config`, `optim`,
+  `state` (state, sharding), `step`; `data` (corpora, token rows, activation sources), `cache`, `report`,
+  `synthetic`), `saes.analysis` (`features`: top contexts, frequencies, contrasts, logit effects, steering;
+  `detox`: feature ablation and gated decoder steering), `saes.circuits` (`attribution`: attribution graphs
+  through the local replacement model; `feature_effects`: interventions on features, the graphs' check).
 
-`import saes` loads the dictionaries, I/O and analysis; the circuit-tracing and training modules load on
-first use (`saes.attribution`, `saes.fit`, ...).
+`import saes` loads `core`, `io`, `analysis` and the data modules of `train`; the circuit-tracing and training
+modules load on first use (`saes.circuits.attribution`, `saes.fit`, ...). The flat names of the modules
+(`saes.sae`, `saes.formats`, `saes.attribution`, ...) stay as aliases of their sub-package modules.
 """
 
 import importlib
 
-from saes import cross_layer, data, detox, dictionary, evaluate, features, files, formats, sae, synthetic
-from saes.data import (ArraySource, CachedSource, ModelSource, TokenRows, cache_activations, default_corpus,
-                       mix_corpora)
-from saes.detox import DecoderSteer, FeatureAblation, fires_anywhere
-from saes.evaluate import Splice, ce_metrics, reconstruction_metrics
-from saes.features import (FeatureContrast, contrast, feature_frequencies, frequency_histogram, logit_effects, steer,
-                           top_activations)
-from saes.formats import from_saelens, load, load_gemma_scope, load_run, save, to_saelens
-from saes.sae import ARCHS, SAE, BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE, hook_name, init
+from saes.analysis import detox, features
+from saes.analysis.detox import DecoderSteer, FeatureAblation, fires_anywhere
+from saes.analysis.features import (FeatureContrast, contrast, feature_frequencies, frequency_histogram, logit_effects,
+                                    steer, top_activations)
+from saes.core import cross_layer, dictionary, evaluate, files, sae
+from saes.core.evaluate import Splice, ce_metrics, reconstruction_metrics
+from saes.core.sae import ARCHS, SAE, BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE, hook_name, init
+from saes.io import formats
+from saes.io.formats import from_saelens, load, load_gemma_scope, load_run, save, to_saelens
+from saes.train import data, synthetic
+from saes.train.data import (ArraySource, CachedSource, ModelSource, TokenRows, cache_activations, default_corpus,
+                             mix_corpora)
 
+# from saes.train.loop, on first use
 _FROM_TRAIN = {"TrainConfig": "TrainConfig", "TrainResult": "TrainResult", "TrainingDiverged": "TrainingDiverged",
                "fit": "train"}
-# circuit tracing and training: imported on first use (and so `python -m saes.train` runs it cleanly)
-_LAZY = ("attribution", "feature_effects", "transcoders", "train", "train_config", "train_state", "train_step",
-         "checkpoints", "optim", "report", "cache")
+# loaded on first use (circuit tracing and training, kept out of `import saes`): `saes.circuits` and the flat
+# module names of before the sub-packages
+_LAZY = {"circuits": "saes.circuits", "attribution": "saes.circuits.attribution",
+         "feature_effects": "saes.circuits.feature_effects", "transcoders": "saes.core.transcoders",
+         "train_config": "saes.train.config", "train_state": "saes.train.state", "train_step": "saes.train.step",
+         "optim": "saes.train.optim", "report": "saes.train.report", "cache": "saes.train.cache"}
 
 
 def __getattr__(name):
     if name in _FROM_TRAIN:
-        return getattr(importlib.import_module("saes.train"), _FROM_TRAIN[name])
+        return getattr(importlib.import_module("saes.train.loop"), _FROM_TRAIN[name])
     if name in _LAZY:
-        return importlib.import_module(f"saes.{name}")
+        return importlib.import_module(_LAZY[name])
     raise AttributeError(f"module 'saes' has no attribute {name!r}")
+
 
 __all__ = [
     "ARCHS", "ArraySource", "attribution", "cross_layer", "dictionary", "feature_effects", "files", "transcoders", "BatchTopKSAE", "CachedSource", "DecoderSteer", "FeatureAblation", "FeatureContrast",

@@ -43,7 +43,7 @@ class View:
 
 
 def show(obj, *, tokenizer=None, slug: str = "page", **kw) -> View:
-    """A notebook view of `obj`: a `saes.attribution.Graph` (pruned as `to_json` prunes; `kw`: `node_threshold`,
+    """A notebook view of `obj`: a `saes.circuits.attribution.Graph` (pruned as `to_json` prunes; `kw`: `node_threshold`,
     `edge_threshold`), or a dict written by `graph_doc`, `feature_doc`, `heads_doc` or `probes_doc`."""
     if isinstance(obj, dict):
         kind = "graph" if {"nodes", "links"} <= set(obj) else obj.get("kind")

@@ -1,5 +1,5 @@
 """What the viewer reads and writes under a run directory: graph files (circuit-tracer's schema, as
-`saes.attribution.Graph.to_json` writes them), their annotations beside them (`<slug>.annotations.json`),
+`saes.circuits.attribution.Graph.to_json` writes them), their annotations beside them (`<slug>.annotations.json`),
 feature pages (`features/<id>.json`), head pages (`heads/<name>.json`) and reports (`*.md`)."""
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def write_annotations(graph_path: Path, doc: dict) -> Path:
 
 def graph_doc(graph, *, tokenizer=None, slug: str = "graph", node_threshold: float = 0.8,
               edge_threshold: float = 0.98) -> dict:
-    """A `saes.attribution.Graph` as the dict its `to_json` writes."""
+    """A `saes.circuits.attribution.Graph` as the dict its `to_json` writes."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
@@ -150,7 +150,7 @@ def _context(tokenizer, row, values, p: int, window: int) -> dict:
 def feature_acts(model, sae, tokens, features, batch: int = 16) -> np.ndarray:
     """`[N, T, F]` activations of `features` on token rows `tokens [N, T]` (first positions zeroed, as
     `top_activations` excludes them)."""
-    from saes.features import _encode_batch, site_acts
+    from saes.analysis.features import _encode_batch, site_acts
 
     out = []
     for i in range(0, len(tokens), batch):
@@ -165,8 +165,8 @@ def feature_acts(model, sae, tokens, features, batch: int = 16) -> np.ndarray:
 def feature_doc(model, sae, top, feature: int, *, tokenizer=None, frequency: float | None = None,
                 effects: dict | None = None, window: int = 16, acts: np.ndarray | None = None,
                 n_bins: int = 24, per_band: int = 2) -> dict:
-    """A feature page: the top contexts of `top` (`saes.features.TopActivations`) with every token's activation,
-    `effects` (`saes.features.logit_effects`: promoted / suppressed tokens), the firing `frequency`
+    """A feature page: the top contexts of `top` (`saes.analysis.features.TopActivations`) with every token's activation,
+    `effects` (`saes.analysis.features.logit_effects`: promoted / suppressed tokens), the firing `frequency`
     (`feature_frequencies(...)[feature]`), and from `acts [N, T]` (this feature on `top.tokens`, recomputed
     when not given) a histogram of its nonzero activations and `per_band` contexts from each lower quartile of
     the rows' maxima. Field names follow Neuronpedia's feature JSON (`activations[].tokens / values / maxValue /
@@ -203,10 +203,10 @@ def feature_doc(model, sae, top, feature: int, *, tokenizer=None, frequency: flo
 def feature_docs(model, sae, rows, features, *, tokenizer=None, n_rows: int = 256, k: int = 10,
                  window: int = 16, n_effects: int = 10) -> dict[int, dict]:
     """`{feature: feature_doc}` for `features` of `sae` over `n_rows` token rows (`rows`: as
-    `saes.features.top_activations` takes them): one pass for the top contexts, one for the frequencies, one
+    `saes.analysis.features.top_activations` takes them): one pass for the top contexts, one for the frequencies, one
     for these features' activations; logit effects where the SAE writes d_model vectors and the model has a
     tokenizer."""
-    from saes.features import feature_frequencies, logit_effects, top_activations
+    from saes.analysis.features import feature_frequencies, logit_effects, top_activations
 
     rows = np.asarray(rows.take(n_rows) if hasattr(rows, "rows") else rows)  # a TokenRows, or rows
     top = top_activations(model, sae, rows, n_rows=n_rows, k=k)
@@ -246,7 +246,7 @@ def transcoder_sides(model, sae, feature: int, *, tokenizer=None, n: int = 10) -
     `n` tokens whose embedding, through the layer's norm as the encoder sees it (the direct path from the
     embedding only: no attention, no earlier layer), gives the feature its largest encoder pre-activation
     (`xn @ W_enc[:, f] + bias`). The decoder side's logit effects are the page's `pos_str / neg_str`
-    (`saes.features.logit_effects` of the decoder vector written into the MLP output)."""
+    (`saes.analysis.features.logit_effects` of the decoder vector written into the MLP output)."""
     import jax.numpy as jnp
 
     W_E = model.params["embed"]["W_E"]
@@ -364,7 +364,7 @@ def model_search(model, transcoders, *, encode=None, tokenizer=None, k: int = 5)
         ids = np.asarray(encode(q), np.int64).reshape(1, -1)
         if ids.size == 0:
             return dict(tokens=[], results=[])
-        from saes.features import site_acts
+        from saes.analysis.features import site_acts
 
         toks = _decode(tokenizer, ids[0])
         rows = []

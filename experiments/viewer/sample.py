@@ -65,8 +65,8 @@ def write_tiny_run(run_dir: str | Path, *, arch: str = "llama", n_features: int 
 
     from interp import TokenLogProb, head_ablation
     from models.testing import random_model, tiny_config
-    from saes.attribution import attribute
-    from saes.transcoders import random_set
+    from saes.circuits.attribution import attribute
+    from saes.core.transcoders import random_set
 
     run = Path(run_dir)
     cfg = tiny_config(arch)

@@ -402,7 +402,7 @@ def test_search_with_the_model_and_dictionaries(run):
     """With a model and its transcoders loaded at serve time (`data.model_search`), a snippet is tokenised and
     each token's strongest features come back: the same activations the dictionaries compute directly."""
     import numpy as np
-    from saes.features import site_acts
+    from saes.analysis.features import site_acts
 
     root, out = run
     m, tcs = out["model"], out["transcoders"]

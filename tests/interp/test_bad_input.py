@@ -236,7 +236,8 @@ def test_sweep_defaults_and_progress(tiny, monkeypatch):
 
 
 def test_sae_feature_and_layer_are_checked(tiny):
-    from saes import features, sae as S
+    from saes.analysis import features
+    from saes.core import sae as S
 
     m, t, k = tiny
     sae = S.init("relu", CFG.d_model, 16, jax.random.key(4), site="resid_post", layer=1)

@@ -97,15 +97,15 @@ def test_tl_names_and_run_keys_are_intervention_sites(tiny, name):
 
 
 def test_sae_dtype_is_checked_when_the_config_is_built():
-    from saes.train_config import TrainConfig
+    from saes.train.config import TrainConfig
     with pytest.raises(InputError, match="dtype.*float7"):
         TrainConfig(dtype="float7")
     assert TrainConfig(dtype="bfloat16").dtype == "bfloat16"
 
 
 def test_feature_parallel_beyond_the_devices_fails_before_the_model_loads(tmp_path, monkeypatch):
-    from saes import train as train_mod
-    from saes.train_config import TrainConfig, check_devices
+    from saes.train import loop as train_mod
+    from saes.train.config import TrainConfig, check_devices
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the device check")
@@ -176,8 +176,8 @@ def test_graph_repr_prune_masks_and_plot_labels(tmp_path):
 
     matplotlib.use("Agg")
     from models.testing import tiny_config
-    from saes.attribution import Graph, Pruned, attribute
-    from saes.transcoders import random_set
+    from saes.circuits.attribution import Graph, Pruned, attribute
+    from saes.core.transcoders import random_set
 
     cfg = tiny_config("llama")
     m = random_model(cfg, jax.random.key(0))

@@ -33,8 +33,8 @@ from models import transformer
 from models.generate import generate_tokens
 from tests.models.test_tiny import random_hf_model
 from tests.models._gguf import write_gguf
-from saes.attribution import attribute
-from saes.transcoders import random_set
+from saes.circuits.attribution import attribute
+from saes.core.transcoders import random_set
 
 V = 96
 CONFIGS = {
@@ -198,7 +198,7 @@ def test_head_sweep_and_steering(arch):
 
 
 class _Rows:
-    """Random token rows for a tokenizer-less model (what `saes.data.TokenRows` yields)."""
+    """Random token rows for a tokenizer-less model (what `saes.train.data.TokenRows` yields)."""
 
     def rows(self, start=0):
         rng = np.random.default_rng(start)
@@ -225,7 +225,7 @@ def test_probes_and_transcoder_training(arch, tmp_path):
                           tokens=256 * 40, batch_size=256, chunk_tokens=2048, lr=3e-3, lr_warmup_steps=5,
                           sparsity_coeff=0.5, progress=False, log_every=10, eval_every=0, checkpoint_every=1000,
                           out=str(tmp_path / "run"))
-    hooks = saes.data.parse_hooks(tc.site, layers) + [models.Hook("mlp_out", l) for l in layers]
+    hooks = saes.train.data.parse_hooks(tc.site, layers) + [models.Hook("mlp_out", l) for l in layers]
     run = saes.fit(tc, source=saes.ModelSource(m, hooks, _Rows(), chunk_tokens=2048, model_batch=16))
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for l in layers:

@@ -119,7 +119,7 @@ def test_tl_cache_tokens_and_str_tokens():
 
 
 def test_sae_training_sites_take_hook_names():
-    from saes.train_config import TrainConfig
+    from saes.train.config import TrainConfig
 
     kw = dict(tokens=4096 * 100)
     cfg = TrainConfig(site=("blocks.3.hook_resid_post", "blocks.5.hook_resid_post"), **kw)
@@ -140,7 +140,7 @@ def test_sae_training_sites_take_hook_names():
 
 
 def test_sae_warmup_longer_than_the_run_warns():
-    from saes.train_config import ScheduleWarning, TrainConfig
+    from saes.train.config import ScheduleWarning, TrainConfig
 
     with pytest.warns(ScheduleWarning, match=r"--lr-warmup-steps 50 .* exceed the run's 10 steps .*whole run is "
                                              r"warm-up.* Use --lr-warmup-steps <= 8"):
@@ -285,8 +285,8 @@ def test_from_end_rejects_the_old_count():
 
 
 def test_sae_training_prints_one_summary_line_and_a_smoothed_speed():
-    from saes.train import Smoothed, summary_line
-    from saes.train_config import TrainConfig
+    from saes.train.loop import Smoothed, summary_line
+    from saes.train.config import TrainConfig
 
     line = summary_line(TrainConfig(site=("blocks.3.hook_resid_post", "blocks.5.hook_resid_post"), out="/tmp/r"))
     assert "\n" not in line and line.startswith("training topk SAEs (L3.resid_post, L5.resid_post), width 8192, k 32")

@@ -165,7 +165,7 @@ def test_tl_names_both_ways():
 
 
 def test_saes_formats_use_the_registry():
-    from saes import formats
+    from saes.io import formats
 
     assert formats.TL_HOOKS == {s.name: s.tl for s in models.SITES.values()}
     assert models.Hook("final_norm").tl == "ln_final.hook_normalized"
@@ -290,7 +290,7 @@ def _undescribed(parser) -> list[str]:
 
 
 def test_every_cli_describes_every_flag(capsys):
-    from saes import cache, train
+    from saes.train import cache, loop as train
 
     p = train.cli_parser()
     fields = [f.name for f in dataclasses.fields(train.TrainConfig)]
@@ -302,7 +302,7 @@ def test_every_cli_describes_every_flag(capsys):
     with pytest.raises(SystemExit):
         cache.main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "python -m saes.cache" in out and "the cache directory to write (default: runs/saes/default)" in out
+    assert "python -m saes.train.cache" in out and "the cache directory to write (default: runs/saes/default)" in out
     for name in ("refusal_direction", "harmfulness_refusal", "refusal_cliff"):
         with pytest.raises(SystemExit):
             importlib.import_module(f"experiments.{name}").main(["--help"])
@@ -321,7 +321,7 @@ def test_experiment_tuples_parse():
 
 
 def test_train_cli_reports_config_errors(capsys):
-    from saes import train
+    from saes.train import loop as train
 
     with pytest.raises(SystemExit) as e:
         train.main(["--tokens", "10", "--batch-size", "4096"])
@@ -357,7 +357,7 @@ def test_probe_labels_keep_arguments(tmp_path):
 def _sae():
     import saes
 
-    return saes.sae.init("topk", 32, 64, jax.random.key(0), site="resid_post", layer=3, k=4)
+    return saes.core.sae.init("topk", 32, 64, jax.random.key(0), site="resid_post", layer=3, k=4)
 
 
 def _exported_prepend_bos(path) -> bool:
@@ -365,10 +365,10 @@ def _exported_prepend_bos(path) -> bool:
 
 
 def test_saelens_prepend_bos_is_what_training_did(tmp_path):
-    """The metadata says whether saes.train's rows (`TokenRows`) began with BOS: derived from the model's
+    """The metadata says whether saes.train.loop's rows (`TokenRows`) began with BOS: derived from the model's
     tokenizer (here two Hugging Face directories, with and without a BOS), or given explicitly."""
     import saes
-    from saes.data import TokenRows
+    from saes.train.data import TokenRows
 
     for has_bos in (True, False):
         tok = byte_level_tokenizer(add_bos=False)
@@ -391,10 +391,10 @@ def test_saelens_prepend_bos_is_what_training_did(tmp_path):
 
 @pytest.mark.slow
 def test_saelens_prepend_bos_smollm2(tmp_path, smollm2):
-    """SmolLM2's own prompts get no BOS, but saes.train's rows start with its BOS `<|im_start|>` (id 1, also
+    """SmolLM2's own prompts get no BOS, but saes.train.loop's rows start with its BOS `<|im_start|>` (id 1, also
     transformers' `bos_token`), so SAELens must prepend it too: `prepend_bos: True` is what training did."""
     import saes
-    from saes.data import TokenRows
+    from saes.train.data import TokenRows
 
     tok = smollm2.tokenizer
     rows = TokenRows(lambda: iter(["some text " * 50]), tok, context=16).take(2)

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 import models
-from saes.attribution import Graph, attribute
-from saes.cross_layer import random_clt
-from saes.transcoders import random_set
+from saes.circuits.attribution import Graph, attribute
+from saes.core.cross_layer import random_clt
+from saes.core.transcoders import random_set
+from saes.io import circuit_tracer
 
 ROOT = Path(__file__).resolve().parents[2]
 CT_PYTHON = Path(os.environ.get("CT_PYTHON") or ROOT / ".venv-circuit-tracer/bin/python")
@@ -53,7 +54,7 @@ def test_adjacency_matches_circuit_tracer_on_a_tiny_llama(arch, skip, tmp_path):
     _peer("--make-tiny", tmp_path)
     m = models.load(tmp_path / "model", tokenizer=False)
     tcs = random_set(m.cfg, arch, 48, bias=0.1, dec_scale=0.3, threshold=0.05, skip_scale=0.5 if skip else None)
-    tcs.to_circuit_tracer(tmp_path / "ours")
+    circuit_tracer.write(tcs, tmp_path / "ours")
     tokens = [1, 5, 9, 17, 33, 60, 7, 12]
     _peer("--model", tmp_path / "model", "--transcoders", tmp_path / "ours", "--tokens", json.dumps(tokens),
           "--out", tmp_path / "peer.npz", "--max-n-logits", 5)
@@ -75,7 +76,7 @@ def test_cross_layer_adjacency_matches_circuit_tracer(arch, site, tmp_path):
     m = models.load(tmp_path / "model", tokenizer=False)
     clt = random_clt(m.cfg, arch, 48, bias=0.1 if site == "ln2.normalized" else 0.0, dec_scale=0.3, threshold=0.05,
                      act_scale=1.2, site=site)
-    clt.to_circuit_tracer(tmp_path / "clt")
+    circuit_tracer.write(clt, tmp_path / "clt")
     tokens = [1, 5, 9, 17, 33, 60, 7, 12]
     _peer("--model", tmp_path / "model", "--transcoders", tmp_path / "clt", "--tokens", json.dumps(tokens),
           "--out", tmp_path / "peer.npz", "--max-n-logits", 5)
@@ -94,7 +95,7 @@ def test_partial_graph_matches_circuit_tracer(tmp_path):
     _peer("--make-tiny", tmp_path)
     m = models.load(tmp_path / "model", tokenizer=False)
     tcs = random_set(m.cfg, "relu", 48, bias=0.1, dec_scale=0.3)
-    tcs.to_circuit_tracer(tmp_path / "ours")
+    circuit_tracer.write(tcs, tmp_path / "ours")
     tokens = [1, 5, 9, 17, 33, 60, 7, 12]
     _peer("--model", tmp_path / "model", "--transcoders", tmp_path / "ours", "--tokens", json.dumps(tokens),
           "--out", tmp_path / "peer.npz", "--max-n-logits", 5, "--batch-size", 8, "--max-feature-nodes", 45)
@@ -114,7 +115,7 @@ def test_adjacency_matches_circuit_tracer_on_smollm2(tmp_path):
 
     m = models.load("smollm2-135m-instruct", dtype="float32")
     tcs = random_set(m.cfg, "relu", 64, bias=-0.015, dec_scale=0.3, threshold=0.05)  # about 1 in 6 fires
-    tcs.to_circuit_tracer(tmp_path / "tc")
+    circuit_tracer.write(tcs, tmp_path / "tc")
     text = "<|im_start|>The capital of France is"
     tokens = [int(t) for t in m.to_tokens(text)[0]]
     assert tokens[0] == 1  # circuit-tracer prepends a special token otherwise

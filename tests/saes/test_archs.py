@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import saes
-from saes.sae import jumprelu, step
-from saes.synthetic import planted_source, recovery
-from saes.train import TrainConfig, make_step, fresh_state, calibrate
+from saes.core.sae import jumprelu, step
+from saes.train.synthetic import planted_source, recovery
+from saes.train.loop import TrainConfig, make_step, fresh_state, calibrate
 
 @pytest.fixture(autouse=True)
 def _exact_matmuls():

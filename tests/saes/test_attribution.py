@@ -18,10 +18,11 @@ import models
 import saes
 from models.testing import random_model, tiny_config
 from models.errors import InputError
-from saes import sae as sae_lib
-from saes.attribution import attribute
-from saes.feature_effects import held_norms_and_patterns
-from saes.transcoders import TranscoderSet, random_set
+from saes.core import sae as sae_lib
+from saes.circuits.attribution import attribute
+from saes.circuits.feature_effects import held_norms_and_patterns
+from saes.core.transcoders import TranscoderSet, random_set
+from saes.io import circuit_tracer
 
 TOKENS = np.array([1, 5, 9, 3, 7, 2, 11, 4, 13, 8, 21, 6, 17, 30, 12, 25, 10, 44, 19, 33])  # 20: three prefix buckets
 
@@ -199,7 +200,7 @@ def test_partial_graph_keeps_the_most_influential_features():
     """`max_feature_nodes`: the first round takes the features of most influence through the logit rows alone,
     later rounds re-rank through every row so far; the partial graph is the full graph's sub-matrix on the kept
     nodes (rows and columns), and the chunking of targets does not change any edge."""
-    from saes.attribution import _normalise
+    from saes.circuits.attribution import _normalise
 
     cfg = tiny_config("llama")
     m = random_model(cfg, jax.random.key(2))
@@ -238,7 +239,7 @@ def test_circuit_tracer_format_round_trip(tmp_path):
     for arch, skip in (("relu", False), ("jumprelu", False), ("relu", True)):
         tcs = _transcoders(cfg, arch, skip)
         out = tmp_path / f"{arch}-{skip}"
-        back = TranscoderSet.from_circuit_tracer(tcs.to_circuit_tracer(out))
+        back = circuit_tracer.read_transcoders(circuit_tracer.write(tcs, out))
         x = jax.random.normal(jax.random.key(3), (5, cfg.d_model))
         assert back.skip == skip
         for a, b in zip(tcs.transcoders, back.transcoders):
@@ -249,7 +250,7 @@ def test_circuit_tracer_format_round_trip(tmp_path):
         text = (out / "config.yaml").read_text()
         assert "mlp.hook_in" in text and "mlp.hook_out" in text and "transcoder_set" in text
     with pytest.raises(InputError, match="circuit-tracer reads"):
-        _transcoders(cfg, "topk").to_circuit_tracer(tmp_path / "topk")
+        circuit_tracer.write(_transcoders(cfg, "topk"), tmp_path / "topk")
 
 
 def test_bad_input_is_named():
@@ -279,7 +280,7 @@ def test_bad_input_is_named():
 
 
 class _Rows:
-    """Random token rows (what `saes.data.TokenRows` yields) for a tokenizer-less model."""
+    """Random token rows (what `saes.train.data.TokenRows` yields) for a tokenizer-less model."""
 
     context = 16
 
@@ -300,7 +301,7 @@ def test_transcoders_train_on_every_layer_in_one_pass(tmp_path):
                           tokens=256 * 60, batch_size=256, chunk_tokens=2048, lr=3e-3, lr_warmup_steps=5,
                           sparsity_coeff=0.5, progress=False, log_every=10, eval_every=0, checkpoint_every=1000,
                           out=str(tmp_path / "run"))
-    hooks = saes.data.parse_hooks(tc.site, layers) + [models.Hook("mlp_out", l) for l in layers]
+    hooks = saes.train.data.parse_hooks(tc.site, layers) + [models.Hook("mlp_out", l) for l in layers]
     source = saes.ModelSource(m, hooks, _Rows(), chunk_tokens=2048, model_batch=16)
     run = saes.fit(tc, source=source, model=m, eval_tokens=_Rows().take(4, 99))
     assert sorted(run.saes) == [f"L{l}.ln2.normalized" for l in layers]
@@ -334,7 +335,7 @@ def _linear_plus_sparse_source(d=16, n=2048, seed=0):
         x = jax.random.normal(jax.random.fold_in(jax.random.key(seed + 1), i), (n, d))
         return {"L0.ln2.normalized": x, "L0.mlp_out": x @ M + jax.nn.relu(x @ R - 0.5) @ U}
 
-    return saes.data.ArraySource(make, ("L0.ln2.normalized", "L0.mlp_out"), {"L0.ln2.normalized": d, "L0.mlp_out": d})
+    return saes.train.data.ArraySource(make, ("L0.ln2.normalized", "L0.mlp_out"), {"L0.ln2.normalized": d, "L0.mlp_out": d})
 
 
 def test_skip_transcoder_learns_the_linear_path(tmp_path):

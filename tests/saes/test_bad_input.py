@@ -18,12 +18,12 @@ from models.testing import tiny_config
 import saes
 from interp import probes
 from models.errors import InputError
-from saes import formats
-from saes import sae as sae_lib
-from saes.data import ArraySource, CachedSource, cache_activations, hook_dir, iter_documents, parse_hook
-from saes.synthetic import planted_source
-from saes.train import CheckpointCorrupt, Checkpointer, TrainConfig, fresh_state, validate
-from saes.train_state import abstract_state
+from saes.io import formats
+from saes.core import sae as sae_lib
+from saes.train.data import ArraySource, CachedSource, cache_activations, hook_dir, iter_documents, parse_hook
+from saes.train.synthetic import planted_source
+from saes.train.loop import CheckpointCorrupt, Checkpointer, TrainConfig, fresh_state, validate
+from saes.train.state import abstract_state
 
 TINY = tiny_config("llama", vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_mlp=24, n_ctx=16)
 

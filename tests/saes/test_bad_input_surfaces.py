@@ -18,15 +18,15 @@ import pytest
 
 from models.testing import tiny_config
 from models.errors import InputError
-from saes import cross_layer
-from saes.cross_layer import random_clt
-from saes.transcoders import TranscoderSet, random_set
+from saes.core.cross_layer import random_clt
+from saes.core.transcoders import TranscoderSet, random_set
+from saes.io import circuit_tracer
 
 # ----------------------------------------------------------------------------- 1: transcoder sets' files
 
 
 def _tc_set(tmp_path, name="orig"):
-    return random_set(tiny_config("llama"), "jumprelu", 16, seed=3).to_circuit_tracer(tmp_path / name)
+    return circuit_tracer.write(random_set(tiny_config("llama"), "jumprelu", 16, seed=3), tmp_path / name)
 
 
 def test_transcoder_set_copy_reads_its_own_files(tmp_path):
@@ -38,11 +38,11 @@ def test_transcoder_set_copy_reads_its_own_files(tmp_path):
     f = copy / "layer_1.safetensors"
     a = load_file(str(f))
     save_file({**a, "W_enc": np.zeros_like(a["W_enc"])}, str(f))  # zero the copy's W_enc of layer 1
-    back = TranscoderSet.from_circuit_tracer(copy)
+    back = circuit_tracer.read_transcoders(copy)
     assert float(jnp.abs(back.transcoders[1].W_enc).max()) == 0.0  # the edit is seen
-    assert float(jnp.abs(TranscoderSet.from_circuit_tracer(orig).transcoders[1].W_enc).max()) > 0
+    assert float(jnp.abs(circuit_tracer.read_transcoders(orig).transcoders[1].W_enc).max()) > 0
     shutil.rmtree(orig)  # the original moves away: the copy still loads
-    assert TranscoderSet.from_circuit_tracer(copy).n_layers == 3
+    assert circuit_tracer.read_transcoders(copy).n_layers == 3
 
 
 @pytest.mark.parametrize("entry,match", [("/etc/passwd", "is not inside"), ("../other/layer_0.safetensors", "is not inside"),
@@ -53,7 +53,7 @@ def test_transcoder_set_refuses_files_outside_its_directory(tmp_path, entry, mat
     cfg = (orig / "config.yaml").read_text().replace('"layer_0.safetensors"', f"{entry!r}".replace("'", '"'))
     (orig / "config.yaml").write_text(cfg)
     with pytest.raises(InputError, match=match) as e:
-        TranscoderSet.from_circuit_tracer(orig)
+        circuit_tracer.read_transcoders(orig)
     assert "transcoders[0]" in str(e.value) and "config.yaml" in str(e.value)
 
 
@@ -62,17 +62,17 @@ def test_transcoder_set_config_errors_name_the_key(tmp_path):
     text = (orig / "config.yaml").read_text()
     (orig / "config.yaml").write_text("\n".join(ln for ln in text.splitlines() if "feature_input_hook" not in ln))
     with pytest.raises(InputError, match="has no feature_input_hook"):
-        TranscoderSet.from_circuit_tracer(orig)
+        circuit_tracer.read_transcoders(orig)
     (orig / "config.yaml").write_text(text.replace('"mlp.hook_in"', '"blocks.0.hook_nope"'))
     with pytest.raises(InputError, match="feature_input_hook 'blocks.0.hook_nope'"):
-        TranscoderSet.from_circuit_tracer(orig)
+        circuit_tracer.read_transcoders(orig)
     (orig / "config.yaml").write_bytes(b"\xff\xfe: 1\n")
     with pytest.raises(InputError, match="config.yaml is not a readable UTF-8"):
-        TranscoderSet.from_circuit_tracer(orig)
+        circuit_tracer.read_transcoders(orig)
     (orig / "config.yaml").write_text(text)
     (orig / "layer_2.safetensors").unlink()
     with pytest.raises(InputError, match="layer_2.safetensors is missing"):
-        TranscoderSet.from_circuit_tracer(orig)
+        circuit_tracer.read_transcoders(orig)
 
 
 # ----------------------------------------------------------------------------- 10: cross-layer transcoders
@@ -81,34 +81,34 @@ def test_transcoder_set_config_errors_name_the_key(tmp_path):
 def _ct_clt(tmp_path):
     cfg = tiny_config("llama")
     clt = random_clt(cfg, "relu", 16, seed=1)
-    return clt, clt.to_circuit_tracer(tmp_path / "ct")
+    return clt, circuit_tracer.write(clt, tmp_path / "ct")
 
 
 def test_clt_missing_encoder_is_named(tmp_path):
     _, path = _ct_clt(tmp_path)
     (path / "W_enc_2.safetensors").unlink()
     with pytest.raises(InputError, match="lacks W_enc_2.safetensors"):
-        cross_layer.from_circuit_tracer(path)
+        circuit_tracer.read_clt(path)
     _, path = _ct_clt(tmp_path / "b")
     (path / "W_dec_0.safetensors").unlink()
     with pytest.raises(InputError, match="lacks W_dec_0.safetensors"):
-        cross_layer.from_circuit_tracer(path)
+        circuit_tracer.read_clt(path)
 
 
 def test_clt_config_without_hooks_or_empty_is_refused(tmp_path):
     _, path = _ct_clt(tmp_path)
     (path / "config.yaml").write_text("")
     with pytest.raises(InputError, match="config.yaml has no feature_input_hook"):
-        cross_layer.from_circuit_tracer(path)
+        circuit_tracer.read_clt(path)
     (path / "config.yaml").write_text("model_kind: cross_layer_transcoder\nfeature_input_hook:\n"
                                       "feature_output_hook: hook_mlp_out\n")
     with pytest.raises(InputError, match=r"feature_input_hook \[\] has no site"):
-        cross_layer.from_circuit_tracer(path)
+        circuit_tracer.read_clt(path)
     (path / "config.yaml").unlink()  # no config: circuit-tracer's defaults, documented
-    assert cross_layer.from_circuit_tracer(path).site == "resid_mid"
+    assert circuit_tracer.read_clt(path).site == "resid_mid"
     os.symlink(tmp_path / "elsewhere.safetensors", path / "W_enc_x.safetensors")
     with pytest.raises(InputError, match="unexpected files W_enc_x.safetensors"):
-        cross_layer.from_circuit_tracer(path)
+        circuit_tracer.read_clt(path)
 
 
 def test_clt_layer_encode_traced_out_of_range_is_nan_and_width_checked(tmp_path):
@@ -145,7 +145,7 @@ def tiny_lm():
     (dict(max_feature_nodes=1.5), "max_feature_nodes"),
 ])
 def test_attribute_rejects_bad_options(tiny_lm, kwargs, match):
-    from saes.attribution import attribute
+    from saes.circuits.attribution import attribute
     m, tcs = tiny_lm
     with pytest.raises(InputError, match=match):
         attribute(m, tcs, PROMPT, **kwargs)
@@ -155,8 +155,8 @@ def test_attribute_rejects_bad_options(tiny_lm, kwargs, match):
 def test_attribute_and_feature_effects_reject_non_finite_transcoders(tiny_lm, bad):
     import equinox as eqx
 
-    from saes.attribution import attribute
-    from saes.feature_effects import FeatureEffects
+    from saes.circuits.attribution import attribute
+    from saes.circuits.feature_effects import FeatureEffects
     m, tcs = tiny_lm
     t1 = eqx.tree_at(lambda t: t.W_dec, tcs.transcoders[1], tcs.transcoders[1].W_dec.at[0, 0].set(bad))
     broken = TranscoderSet.of([tcs.transcoders[0], t1, *tcs.transcoders[2:]])
@@ -170,7 +170,7 @@ def test_attribute_and_feature_effects_reject_non_finite_transcoders(tiny_lm, ba
 
 
 def test_feature_edits_reject_fractional_ids_and_non_finite_values(tiny_lm):
-    from saes.feature_effects import FeatureEdits, FeatureEffects
+    from saes.circuits.feature_effects import FeatureEdits, FeatureEffects
     with pytest.raises(InputError, match=r"feature \[1.7\] must be whole"):
         FeatureEdits.of([(0, 2, 1.7, 0.0)])
     with pytest.raises(InputError, match="value .* must be finite"):
@@ -199,7 +199,7 @@ def test_a_one_line_document_is_tokenized_in_bounded_pieces(monkeypatch):
     from tokenizers import pre_tokenizers
 
     from models.tokenizer import Tokenizer
-    from saes import data
+    from saes.train import data
     words = [f"w{i}" for i in range(50)]
     backend = tokenizers.Tokenizer(tok_models.WordLevel({w: i + 2 for i, w in enumerate(words)} | {"[UNK]": 1},
                                                         unk_token="[UNK]"))
@@ -231,9 +231,9 @@ def test_transcoder_files_may_link_into_a_hugging_face_cache_blobs_dir(tmp_path)
         blob = repo / "blobs" / f"sha-{f.name}"
         shutil.copy(f, blob)
         os.symlink(os.path.relpath(blob, snap), snap / f.name)
-    assert TranscoderSet.from_circuit_tracer(snap).n_layers == 3
+    assert circuit_tracer.read_transcoders(snap).n_layers == 3
     os.symlink(orig / "layer_0.safetensors", repo / "blobs" / "sneaky")  # a blob that links elsewhere still escapes
     (snap / "layer_0.safetensors").unlink()
     os.symlink(os.path.relpath(repo / "blobs" / "sneaky", snap), snap / "layer_0.safetensors")
     with pytest.raises(InputError, match="outside"):
-        TranscoderSet.from_circuit_tracer(snap)
+        circuit_tracer.read_transcoders(snap)

@@ -18,9 +18,10 @@ import models
 import saes
 from models.testing import random_model, tiny_config
 from models.errors import InputError
-from saes import cross_layer
-from saes.attribution import attribute
-from saes.cross_layer import random_clt
+from saes.core import cross_layer
+from saes.circuits.attribution import attribute
+from saes.core.cross_layer import random_clt
+from saes.io import circuit_tracer, formats
 from tests.saes.test_attribution import TOKENS, _frozen_by_value, check_edges_by_removal
 
 
@@ -73,20 +74,20 @@ def test_formats_round_trip(tmp_path):
     for arch in cross_layer.ARCHS:
         clt = _clt(cfg, arch)
         x = jax.random.normal(jax.random.key(2), (5, cfg.n_layers, cfg.d_model))
-        back = cross_layer.load(cross_layer.save(clt, tmp_path / arch, meta={"note": 1}), cfg)
+        back = formats.load_clt(formats.save_clt(clt, tmp_path / arch, meta={"note": 1}), cfg)
         assert back.config() == clt.config()
         np.testing.assert_allclose(back(x), clt(x), atol=1e-6)
         if arch == "topk":
             with pytest.raises(InputError, match="no equivalent"):
-                clt.to_circuit_tracer(tmp_path / "ct-topk")
+                circuit_tracer.write(clt, tmp_path / "ct-topk")
             continue
-        ct = cross_layer.from_circuit_tracer(clt.to_circuit_tracer(tmp_path / f"ct-{arch}"))
+        ct = circuit_tracer.read_clt(circuit_tracer.write(clt, tmp_path / f"ct-{arch}"))
         assert (ct.arch, ct.site, ct.target) == (arch, "ln2.normalized", "mlp_out")
         np.testing.assert_allclose(ct(x), clt(x), atol=1e-5)
         np.testing.assert_allclose(ct.encode(x), clt.encode(x), atol=1e-5)
         assert np.asarray(ct.act_scale).tolist() == [[1.0]] * cfg.n_layers  # folded
     with pytest.raises(InputError, match="layers"):
-        cross_layer.load(tmp_path / "relu", tiny_config("llama", n_layers=2))
+        formats.load_clt(tmp_path / "relu", tiny_config("llama", n_layers=2))
     with pytest.raises(InputError, match=r"layer 3 outside \[0, 3\)"):
         clt.decoder_vectors(3, 0)
     with pytest.raises(InputError, match=r"feature 40 outside \[0, 40\)"):
@@ -94,7 +95,7 @@ def test_formats_round_trip(tmp_path):
     with pytest.raises(InputError, match="layer"):
         clt.layer_encode(jnp.zeros((2, cfg.d_model)), -1)
     m = random_model(cfg, jax.random.key(0))
-    from saes.feature_effects import FeatureEdits
+    from saes.circuits.feature_effects import FeatureEdits
     for bad, kw, match in ((TOKENS[None] + 1000, {}, "vocabulary"), (TOKENS, {}, r"\[B, T\]"),
                            (TOKENS[None], dict(error=jnp.zeros((1, 1, 20, 32))), "error has shape"),
                            (TOKENS[None], dict(edits=FeatureEdits.of([(0, 25, 1, 0.0)])), "pos")):
@@ -102,12 +103,12 @@ def test_formats_round_trip(tmp_path):
             clt.replaced_logits(m, bad, **kw)
     (tmp_path / "relu" / "clt.safetensors").write_bytes(b"\0" * 10)
     with pytest.raises(InputError, match="truncated or corrupt"):
-        cross_layer.load(tmp_path / "relu")
+        formats.load_clt(tmp_path / "relu")
     from safetensors.numpy import load_file, save_file
     f = tmp_path / "ct-relu" / "W_dec_1.safetensors"
     save_file({"W_dec_1": load_file(str(f))["W_dec_1"][:, :1]}, str(f))
     with pytest.raises(InputError, match="W_dec_1 has shape"):
-        cross_layer.from_circuit_tracer(tmp_path / "ct-relu")
+        circuit_tracer.read_clt(tmp_path / "ct-relu")
 
 
 def _two_layer_source(d=16, n=2048, seed=0):
@@ -124,7 +125,7 @@ def _two_layer_source(d=16, n=2048, seed=0):
         return {"L0.ln2.normalized": x0, "L1.ln2.normalized": x1, "L0.mlp_out": h @ U[0], "L1.mlp_out": h @ U[1]}
 
     names = ("L0.ln2.normalized", "L1.ln2.normalized", "L0.mlp_out", "L1.mlp_out")
-    return saes.data.ArraySource(make, names, {h: d for h in names})
+    return saes.train.data.ArraySource(make, names, {h: d for h in names})
 
 
 def test_cross_layer_training_learns_writes_into_later_layers(tmp_path):
@@ -152,14 +153,14 @@ def test_cross_layer_training_learns_writes_into_later_layers(tmp_path):
         saes.TrainConfig(site=("ln2.normalized",), target="mlp_out", cross_layer=True, arch="gated")
     cfg = tiny_config("llama")
     with pytest.raises(InputError, match="every layer"):
-        saes.train_config.validate(saes.TrainConfig(site=("ln2.normalized",), target="mlp_out", layers=(0, 1),
+        saes.train.config.validate(saes.TrainConfig(site=("ln2.normalized",), target="mlp_out", layers=(0, 1),
                                                     context=16, cross_layer=True), cfg)
 
 
 def test_real_model_edit_writes_the_decoder_into_every_later_layer():
     """`FeatureEffects.real` with a CLT adds the feature's decoder vectors (times the change) at mlp_out of its
     layer and every later one; `check_edges` runs on a CLT graph."""
-    from saes.feature_effects import FeatureEdits, FeatureEffects, check_edges
+    from saes.circuits.feature_effects import FeatureEdits, FeatureEffects, check_edges
     from tests.saes.test_feature_effects import AddPerLayer
 
     cfg = tiny_config("llama")

@@ -14,7 +14,7 @@ import models
 from models.testing import tiny_config
 from models.errors import InputError
 from models.sites import Hook
-from saes import data
+from saes.train import data
 
 
 def test_default_corpus_is_english_deterministic_and_shuffled():
@@ -115,7 +115,7 @@ def test_mix_corpora_errors():
 
 def test_fit_takes_a_document_function():
     """`saes.fit(cfg, docs=...)` builds its token rows (train and held-out) from the caller's documents."""
-    from saes.train import TrainConfig, build_source
+    from saes.train.loop import TrainConfig, build_source
 
     cfg = tiny_config(vocab_size=300, n_layers=2)
     m = models.Model(models.init_params(cfg, jax.random.key(0)), cfg, FakeTokenizer(), "tiny")

@@ -1,4 +1,4 @@
-"""The sparse TopK / BatchTopK path (`saes.sae.sparse_encode`, `sparse_decode`: slot loops with custom VJPs)
+"""The sparse TopK / BatchTopK path (`saes.core.sae.sparse_encode`, `sparse_decode`: slot loops with custom VJPs)
 computes what the dense-gradient code it replaced computed: forward, every gradient, and training steps, to
 float32 rounding (sums taken in another order). The replaced code is kept here as the reference."""
 
@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saes import sae as sae_lib
-from saes.synthetic import planted_source
-from saes.train import TrainConfig, calibrate, fresh_state, make_step
+from saes.core import sae as sae_lib
+from saes.train.synthetic import planted_source
+from saes.train.loop import TrainConfig, calibrate, fresh_state, make_step
 
 
 @pytest.fixture(autouse=True)

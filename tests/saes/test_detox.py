@@ -15,9 +15,9 @@ from interp.readout import NextTokenLoss, run_readout
 from interp.sweeps import sweep
 from models.testing import random_model, tiny_config
 from models.errors import InputError
-from saes import sae as S
-from saes.detox import DecoderSteer, FeatureAblation, TokenSteer, fires_anywhere, gate_mask, token_gate
-from saes.features import contrast
+from saes.core import sae as S
+from saes.analysis.detox import DecoderSteer, FeatureAblation, TokenSteer, fires_anywhere, gate_mask, token_gate
+from saes.analysis.features import contrast
 from tests.models.test_tl_user import byte_level_tokenizer
 
 LAYER, WIDTH = 1, 48

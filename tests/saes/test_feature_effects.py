@@ -1,4 +1,4 @@
-"""Interventions on transcoder features (saes.feature_effects) on tiny random models: the local replacement
+"""Interventions on transcoder features (saes.circuits.feature_effects) on tiny random models: the local replacement
 model with nothing edited is the clean run; a small clamp moves every feature and logit by exactly the graph's
 linear prediction through all paths; ablations are vmapped edits equal to one-at-a-time runs; the real-model edit
 is the decoder vector added at mlp_out; the edge check reports what it compares; bad edits are named."""
@@ -14,11 +14,11 @@ import pytest
 import models
 from models.testing import random_model, tiny_config
 from models.errors import InputError
-from saes.attribution import attribute
-from saes.cross_layer import random_clt
-from saes.feature_effects import (EdgeCheck, FeatureEdits, FeatureEffects, check_edges, linear_total_effects,
+from saes.circuits.attribution import attribute
+from saes.core.cross_layer import random_clt
+from saes.circuits.feature_effects import (EdgeCheck, FeatureEdits, FeatureEffects, check_edges, linear_total_effects,
                                   rank_correlation)
-from saes.transcoders import TranscoderSet, random_set
+from saes.core.transcoders import TranscoderSet, random_set
 
 TOKENS = np.array([1, 5, 9, 3, 7, 2, 11, 4])
 

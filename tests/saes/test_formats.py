@@ -16,7 +16,7 @@ import pytest
 
 import models
 import saes
-from saes import formats
+from saes.io import formats
 
 @pytest.fixture(autouse=True)
 def _exact_matmuls():
@@ -56,8 +56,8 @@ def test_our_format_round_trip(arch, tmp_path):
     saes.save(sae, tmp_path / "s", meta={"note": "x"})
     back = saes.load(tmp_path / "s")
     assert type(back) is type(sae) and back.site == "resid_post" and back.layer == 3
-    for name, a in saes.sae.arrays(sae).items():
-        np.testing.assert_array_equal(a, saes.sae.arrays(back)[name])
+    for name, a in saes.core.sae.arrays(sae).items():
+        np.testing.assert_array_equal(a, saes.core.sae.arrays(back)[name])
     assert json.loads((tmp_path / "s" / "sae.json").read_text())["meta"] == {"note": "x"}
 
 

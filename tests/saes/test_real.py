@@ -10,10 +10,10 @@ import pytest
 
 import models
 import saes
-from saes import features
-from saes.evaluate import Splice, ce_metrics
-from saes.train import Checkpointer, TrainConfig, fresh_state
-from saes.train_state import abstract_state
+from saes.analysis import features
+from saes.core.evaluate import Splice, ce_metrics
+from saes.train.loop import Checkpointer, TrainConfig, fresh_state
+from saes.train.state import abstract_state
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ def test_splicing_with_the_error_term_is_the_identity(run, smollm2):
 
 def test_feature_inspection_and_steering(run, smollm2):
     sae = run[0].saes["L4.resid_post"]
-    from saes.data import TokenRows, default_corpus
+    from saes.train.data import TokenRows, default_corpus
 
     rows = TokenRows(default_corpus, smollm2.tokenizer, 32, split="eval")
     top = features.top_activations(smollm2, sae, rows, n_rows=24, k=5, batch=8)

@@ -26,8 +26,8 @@ SCRIPT = textwrap.dedent("""
     jax.config.update("jax_num_cpu_devices", 8)
     import numpy as np
     import saes
-    from saes.synthetic import planted_source
-    from saes.train import TrainConfig
+    from saes.train.synthetic import planted_source
+    from saes.train.loop import TrainConfig
     assert len(jax.devices()) == 8
     tmp = sys.argv[1]
     report = {}
@@ -86,9 +86,9 @@ AXES_SCRIPT = textwrap.dedent("""
     jax.config.update("jax_num_cpu_devices", 8)
     import numpy as np
     import saes
-    from saes.synthetic import planted_source
-    from saes.train import TrainConfig
-    from saes.train_state import state_specs
+    from saes.train.synthetic import planted_source
+    from saes.train.loop import TrainConfig
+    from saes.train.state import state_specs
     tmp = sys.argv[1]
     report = {}
     for arch in sorted(saes.ARCHS):
@@ -140,7 +140,7 @@ CLT_SCRIPT = textwrap.dedent("""
     import jax.numpy as jnp
     import numpy as np
     import saes
-    from saes.train import TrainConfig
+    from saes.train.loop import TrainConfig
     tmp = sys.argv[1]
     names = ("L0.ln2.normalized", "L1.ln2.normalized", "L0.mlp_out", "L1.mlp_out")
 
@@ -148,7 +148,7 @@ CLT_SCRIPT = textwrap.dedent("""
         x = jax.random.normal(jax.random.fold_in(jax.random.key(1), i), (4, 1024, 16))
         return dict(zip(names, (x[0], x[1], jax.nn.relu(x[0]) @ jnp.eye(16)[::-1], jax.nn.relu(x[0] + x[1]))))
 
-    src = saes.data.ArraySource(make, names, {h: 16 for h in names})
+    src = saes.train.data.ArraySource(make, names, {h: 16 for h in names})
     report = {}
     for arch in ("topk", "jumprelu"):
         base = dict(site=("ln2.normalized",), target="mlp_out", layers=(0, 1), cross_layer=True, arch=arch, width=32,

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 import saes
-from saes.data import ArraySource
-from saes.synthetic import planted_source
-from saes.train import TrainConfig, TrainingDiverged, cli_parser
+from saes.train.data import ArraySource
+from saes.train.synthetic import planted_source
+from saes.train.loop import TrainConfig, TrainingDiverged, cli_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = textwrap.dedent("""
     import sys, time
     import saes
-    from saes.synthetic import planted_source
+    from saes.train.synthetic import planted_source
     out, arch, slow = sys.argv[1], sys.argv[2], float(sys.argv[3])
     src, _ = planted_source(d_in=16, n_atoms=32, chunk_tokens=2048, seed=5)
     make = src.make
@@ -98,8 +98,8 @@ def test_nan_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path):
                       progress=False, log_every=5, checkpoint_every=5, eval_every=0, keep_checkpoints=2)
     with pytest.raises(TrainingDiverged, match=r"non-finite loss or parameters at step 17.*Last good checkpoint: step 15"):
         saes.fit(cfg, source=poisoned)
-    from saes.train import Checkpointer, fresh_state
-    from saes.train_state import abstract_state
+    from saes.train.loop import Checkpointer, fresh_state
+    from saes.train.state import abstract_state
     import jax
 
     ck = Checkpointer(tmp_path / "checkpoints", 2)
@@ -157,7 +157,7 @@ def test_cli_help_runs():
     proc = subprocess.run([sys.executable, "-m", "saes.train", "--help"], capture_output=True, text=True, cwd=str(ROOT),
                           timeout=120)
     assert proc.returncode == 0 and "--sparsity-coeff" in proc.stdout and "--feature-parallel" in proc.stdout
-    assert "RuntimeWarning" not in proc.stderr  # `saes` does not import saes.train eagerly
-    proc = subprocess.run([sys.executable, "-m", "saes.cache", "--help"], capture_output=True, text=True, cwd=str(ROOT),
+    assert "RuntimeWarning" not in proc.stderr  # `saes` does not import saes.train.loop eagerly (`python -m saes.train` runs saes/train/__main__.py)
+    proc = subprocess.run([sys.executable, "-m", "saes.train.cache", "--help"], capture_output=True, text=True, cwd=str(ROOT),
                           timeout=120)
-    assert proc.returncode == 0 and "python -m saes.cache" in proc.stdout
+    assert proc.returncode == 0 and "python -m saes.train.cache" in proc.stdout

@@ -54,8 +54,8 @@ import models
 from models import Capture
 from models.errors import InputError
 from models.sites import SITES, Hook, check_site
-from saes.dictionary import site_width
-from saes.sae import hook_name
+from saes.core.dictionary import site_width
+from saes.core.sae import hook_name
 
 __all__ = [
     "ArraySource", "CachedSource", "DEFAULT_PACKAGES", "ModelSource", "TokenRows", "cache_activations",

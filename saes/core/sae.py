@@ -24,13 +24,13 @@ reconstruction `mean_batch(sum_d (xn - xn_hat)^2)` plus the architecture's spars
 | `jumprelu`  | pre * H(pre - theta), learned theta [width]      | L0 = sum_i H(pre_i - theta_i), rectangle-kernel STE | unit norm |
 | `gated`     | H(pi_gate) * relu(pi_mag), W_mag = W_enc*exp(r_mag) | L1 of relu(pi_gate) (times decoder norms) + aux reconstruction through the frozen decoder | unit norm |
 
-Each architecture is a final subclass of the abstract `SAE` (a `saes.dictionary.Dictionary`) that joins
+Each architecture is a final subclass of the abstract `SAE` (a `saes.core.dictionary.Dictionary`) that joins
 `ARCHS` with `@register_arch`; `init` and `from_arrays` build any registered one through its `fresh_fields` /
 `fields_from`, so a new architecture is one class in one place.
 
 `pre = (x - b_dec) @ W_enc + b_enc`. "Unit norm" decoders are renormalised after every optimizer step and
-their gradient's component along each row is projected out first (`saes.train_step`). Each class declares
-the logical axes of its arrays (`axes`), by which `saes.train_state` shards them.
+their gradient's component along each row is projected out first (`saes.train.step`). Each class declares
+the logical axes of its arrays (`axes`), by which `saes.train.state` shards them.
 """
 
 from __future__ import annotations
@@ -45,11 +45,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
+from models.errors import InputError
 from models.sites import SITES, Hook
-from saes.dictionary import Dictionary, trainable_arrays
+from saes.core.dictionary import Dictionary, site_width, trainable_arrays
 
 __all__ = [
-    "ARCHS", "SAE", "BatchTopKSAE", "GatedSAE", "JumpReLUSAE", "ReLUSAE", "TopKSAE", "init", "jumprelu", "step",
+    "ARCHS", "ARRAY_SHAPES", "SAE", "BatchTopKSAE", "check_arrays", "GatedSAE", "JumpReLUSAE", "ReLUSAE", "TopKSAE", "init", "jumprelu", "step",
     "rectangle", "hook_name", "register_arch", "sparse_decode", "sparse_encode", "trainable_arrays",
 ]
 
@@ -651,7 +652,7 @@ def init(arch: str, d_in: int, width: int, key, *, site: str = "", layer: int | 
     transcoder whose linear path `W_skip [d_in, d_in]` starts at zero, as circuit-tracer's): decoder rows random
     directions (unit norm, or `decoder_norm`; ReLU/Gated default 0.1 as in Anthropic's recipe), encoder
     initialised as the decoder's transpose, biases zero (set `b_dec` from the data with
-    `saes.train_state.calibrate`), `act_scale = 1`."""
+    `saes.train.state.calibrate`), `act_scale = 1`."""
     if arch not in ARCHS:
         raise ValueError(f"unknown SAE architecture {arch!r}; known: {', '.join(ARCHS)}")
     if skip and not target:
@@ -686,3 +687,50 @@ def arrays(sae: SAE) -> dict[str, np.ndarray]:
     """Named numpy arrays of an SAE (our names, the inverse of `from_arrays`)."""
     return {f.name: np.asarray(getattr(sae, f.name)) for f in sae.__dataclass_fields__.values()
             if eqx.is_array(getattr(sae, f.name))}
+
+
+# the shape of each array of ours in `check_arrays`, over d_in ("d") and width ("w")
+ARRAY_SHAPES = {"W_enc": ("d", "w"), "W_dec": ("w", "d"), "b_enc": ("w",), "b_dec": ("d",), "act_scale": (),
+                "r_mag": ("w",), "b_mag": ("w",), "W_skip": ("d", "d")}
+
+
+def check_arrays(where, arch: str, arrays: dict, *, k=32, site: str = "", layer=None, model=None, d_in=None,
+                 width=None) -> None:
+    """Raise an InputError naming `where` unless `arrays` (our names) make a consistent SAE of `arch`:
+    `W_enc [d_in, width]`, `W_dec [width, d_in]`, `b_dec [d_in]`, `b_enc`/`threshold` (JumpReLU)/`r_mag`/`b_mag`
+    `[width]`, scalar `act_scale` and BatchTopK `threshold`, a skip transcoder's `W_skip [d_in, d_in]`, all finite; `k` in [1, width] for TopK/BatchTopK;
+    `d_in`/`width` (from the file's metadata) equal to the arrays'; with `model`, `site` a site of
+    `models.sites` whose width is `d_in` and `layer` inside the model."""
+    missing = sorted({"W_enc", "W_dec", "b_dec", *ARCHS[arch].extra_arrays} - set(arrays))
+    if missing:
+        raise InputError(f"{where}: a {arch} SAE needs arrays {missing}, which the file lacks (has {sorted(arrays)})")
+    enc = np.shape(arrays["W_enc"])
+    if len(enc) != 2:
+        raise InputError(f"{where}: W_enc must be [d_in, width], got shape {enc}")
+    dims = {"d": enc[0], "w": enc[1]}
+    shapes = {**ARRAY_SHAPES, "threshold": () if arch == "batchtopk" else ("w",)}
+    for name, a in arrays.items():
+        if name not in shapes:
+            continue
+        want = tuple(dims[x] for x in shapes[name])
+        got = np.shape(a)
+        if got != want and not (want == () and int(np.prod(got)) == 1):
+            raise InputError(f"{where}: {name} has shape {got}, expected {want} for W_enc {enc} "
+                             f"([d_in, width]); the arrays do not belong to one SAE")
+        if not np.all(np.isfinite(np.asarray(a, np.float32))):
+            raise InputError(f"{where}: {name} holds non-finite values (NaN or Inf)")
+    for name, value, have in (("d_in", d_in, enc[0]), ("width", width, enc[1])):
+        if value is not None and value != have:
+            raise InputError(f"{where}: the metadata says {name}={value} but the arrays have {name}={have}")
+    if arch in ("topk", "batchtopk") and not (isinstance(k, int) and 1 <= k <= enc[1]):
+        raise InputError(f"{where}: k={k!r} must be an integer in [1, width={enc[1]}]")
+    if model is None:
+        return
+    cfg = getattr(model, "cfg", model)
+    if site not in SITES:
+        raise InputError(f"{where}: the SAE's site {site!r} is not a model site, so it cannot be checked against "
+                         "the model")
+    if site_width(cfg, site) != enc[0]:
+        raise InputError(f"{where}: d_in={enc[0]} but the model's {site!r} has width {site_width(cfg, site)}")
+    if SITES[site].per_layer and not (isinstance(layer, int) and 0 <= layer < cfg.n_layers):
+        raise InputError(f"{where}: layer {layer!r} is outside the model's {cfg.n_layers} layers")

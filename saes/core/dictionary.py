@@ -1,9 +1,9 @@
 """The bottom of `saes`: the abstract `Dictionary` every dictionary is (imports nothing else in `saes`).
 
 A dictionary maps activations of `site` to features and back: `encode(x) -> f`, `decode(f) -> x_hat` (a
-transcoder's: a prediction of `target`). The concrete, final classes are the SAE architectures of `saes.sae`
-(one per `arch`, joining `saes.sae.ARCHS` with `@register_arch`) and `saes.cross_layer.CrossLayerTranscoder`;
-the trainer (`saes.train_step`, `saes.train_state`) and the file formats speak only this interface:
+transcoder's: a prediction of `target`). The concrete, final classes are the SAE architectures of `saes.core.sae`
+(one per `arch`, joining `saes.core.sae.ARCHS` with `@register_arch`) and `saes.core.cross_layer.CrossLayerTranscoder`;
+the trainer (`saes.train.step`, `saes.train.state`) and the file formats speak only this interface:
 
 | member                      | what                                                                                |
 |-----------------------------|-------------------------------------------------------------------------------------|
@@ -78,7 +78,7 @@ class Dictionary(eqx.Module):
     def streams(self, batch: dict, hook: str) -> tuple[Array, Array | None]:
         """`(x, y)`: its input and target (None: an SAE) from a batch of named streams `{hook: [N, d_in]}`."""
 
-    # -- training (`saes.train_step`)
+    # -- training (`saes.train.step`)
     @abc.abstractmethod
     def loss(self, xn, coeff, dead, aux_coeff: float = 0.0, aux_k: int = 0, aux_batch: int = 0, yn=None):
         """`(loss, aux)` on a normalised batch (see the concrete classes for `aux`)."""
@@ -113,9 +113,9 @@ class Dictionary(eqx.Module):
 
 
 class Replacement(eqx.Module):
-    """The replacement interface: what the replacement model, attribution graphs (`saes.attribution`) and
-    feature interventions (`saes.feature_effects`) ask of MLP replacements, so they never ask which kind they
-    have. Implemented by a per-layer transcoder set (`saes.transcoders.StackedTranscoders`, what
+    """The replacement interface: what the replacement model, attribution graphs (`saes.circuits.attribution`) and
+    feature interventions (`saes.circuits.feature_effects`) ask of MLP replacements, so they never ask which kind they
+    have. Implemented by a per-layer transcoder set (`saes.core.transcoders.StackedTranscoders`, what
     `TranscoderSet.replacement` gives) and by a cross-layer transcoder (`CrossLayerTranscoder.replacement` is
     itself). Arrays are layer-leading: inputs `[L, ..., D]`, features `[L, ..., W]`; a feature is
     (layer, index), and writes into the targets (MLP outputs) of its layer (a set) or of its layer and every

@@ -9,9 +9,9 @@ or from Python:
     result = saes.fit(cfg)               # result.saes: {"L10.resid_post": SAE, ...}
 
 Every hook gets its own SAE; all of them are trained by ONE jitted step on the same token batch. The parts:
-`saes.train_config` (`TrainConfig`, every flag validated when built, `validate` against the model),
-`saes.optim` (Adam, schedules), `saes.train_state` (`TrainState`, initialisation and calibration, mesh and
-sharding by the SAEs' declared axes), `saes.train_step` (the jitted step, batch feeding),
+`saes.train.config` (`TrainConfig`, every flag validated when built, `validate` against the model),
+`saes.train.optim` (Adam, schedules), `saes.train.state` (`TrainState`, initialisation and calibration, mesh and
+sharding by the SAEs' declared axes), `saes.train.step` (the jitted step, batch feeding),
 `models.checkpoints` (verified orbax checkpoints); this module builds the activation source, runs the loop
 and is the CLI.
 
@@ -45,18 +45,19 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
-from models import cli, host_memory
+from models import cli
 from models.errors import InputError
 from models.sites import SITES, Hook
-from saes import data, formats, report
+from saes.io import formats
+from saes.train import data, report
 from models.checkpoints import CheckpointCorrupt, Checkpointer
-from saes.cross_layer import CrossLayerTranscoder
-from saes.data import hook_dir, parse_hook
-from saes.evaluate import ce_metrics
-from saes.sae import SAE
-from saes.train_config import TrainConfig, check_devices, transcoder_hooks, validate
-from saes.train_state import TrainState, abstract_state, calibrate, fresh_state, make_mesh, place_state
-from saes.train_step import make_permute, make_slice, make_step
+from saes.core.cross_layer import CrossLayerTranscoder
+from saes.train.data import hook_dir, parse_hook
+from saes.core.evaluate import ce_metrics
+from saes.core.sae import SAE
+from saes.train.config import TrainConfig, check_devices, transcoder_hooks, validate
+from saes.train.state import TrainState, abstract_state, calibrate, fresh_state, make_mesh, place_state
+from saes.train.step import make_permute, make_slice, make_step
 
 __all__ = ["CheckpointCorrupt", "Checkpointer", "TrainConfig", "TrainResult", "TrainState", "TrainingDiverged",
            "build_source", "calibrate", "cli_parser", "fresh_state", "main", "make_step", "train", "validate"]
@@ -129,7 +130,7 @@ def _token_rows(cfg, model, split, docs=None):
 
 
 def _hook_info(source, cfg: TrainConfig) -> dict[str, tuple[str, int | None, int]]:
-    """{hook: (site, layer, d_in)} of the dictionaries to train, from a source's hook names (`saes.data.parse_hook`:
+    """{hook: (site, layer, d_in)} of the dictionaries to train, from a source's hook names (`saes.train.data.parse_hook`:
     validated identities); a transcoder run's target streams get none. Each target must be in the source."""
     targets = transcoder_hooks(cfg, source.hooks)
     missing = sorted(set(targets.values()) - set(source.hooks))
@@ -150,7 +151,7 @@ def train(cfg: TrainConfig, *, source=None, model=None, eval_tokens=None, stop_a
     """Train (or resume) the run `cfg` describes; see the module docstring. `source`/`model`/`eval_tokens`
     override what the config would build (tests, notebooks). `docs` is the document function for the token
     rows instead of `cfg.corpus` (called with a seed per epoch if it takes one, as `TokenRows` does; e.g.
-    `lambda seed=0: saes.data.mix_corpora(corpora, weights, seed)`); it is not part of the saved config, so
+    `lambda seed=0: saes.train.data.mix_corpora(corpora, weights, seed)`); it is not part of the saved config, so
     resume a run with the same `docs`. `stop_after` ends the loop early after that many steps in this call
     (the run can be resumed)."""
     from tqdm.auto import tqdm
@@ -378,7 +379,3 @@ def main(argv=None) -> TrainResult:
     print(json.dumps(result.metrics, indent=1))
     return result
 
-
-if __name__ == "__main__":
-    host_memory.recycle_freed_memory()
-    main()

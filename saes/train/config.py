@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from models.errors import InputError, check_dtype
 from models.sites import SITES, Hook, names_layer
-from saes import cross_layer, sae as sae_lib
-from saes.data import parse_hook, parse_hooks, site_width
+from saes.core import cross_layer, sae as sae_lib
+from saes.train.data import parse_hook, parse_hooks, site_width
 
 __all__ = ["DEFAULT_SPARSITY", "ScheduleWarning", "TrainConfig", "transcoder_hooks", "validate"]
 
@@ -46,7 +46,7 @@ class TrainConfig:
     context: int = 128  # tokens per packed row (BOS + context-1 text tokens)
     model_batch: int = 16  # rows per model forward
     chunk_tokens: int = 65536  # activations per shuffled on-device buffer
-    cache: str | None = None  # train from this activation cache (written by `python -m saes.cache`)
+    cache: str | None = None  # train from this activation cache (written by `python -m saes.train.cache`)
     tokens: int = 2_000_000  # training tokens (at least one batch); steps = tokens // batch_size
     batch_size: int = 4096  # activations per SAE step (at most chunk_tokens)
     normalize: bool = True  # scale activations to mean norm sqrt(d_in); the factor is stored with the SAE
@@ -207,7 +207,7 @@ def _hooks_from_names(cfg: TrainConfig):
 
 
 def _warn_schedule(cfg: TrainConfig):
-    """A ScheduleWarning when the warm-up and the decay do not fit the steps (`saes.optim.lr_schedule` then caps
+    """A ScheduleWarning when the warm-up and the decay do not fit the steps (`saes.train.optim.lr_schedule` then caps
     the warm-up at the run: a short run trains below --lr throughout)."""
     steps, warm = cfg.steps, cfg.lr_warmup_steps
     decay = int(cfg.lr_decay_frac * steps)
@@ -282,7 +282,7 @@ def _hints() -> dict:
 
 def check_devices(cfg: TrainConfig, n_devices: int) -> None:
     """`--feature-parallel` (times `--data-parallel`, 0: the devices left) fits the `n_devices` there are, as
-    `saes.train_state.make_mesh` will use them; `saes.train.train` calls this before the model loads."""
+    `saes.train.state.make_mesh` will use them; `saes.train.loop.train` calls this before the model loads."""
     fp = max(cfg.feature_parallel, 1)
     dp = cfg.data_parallel or n_devices // fp
     if fp > n_devices or dp * fp > n_devices:

@@ -2,9 +2,9 @@
 
 Per step: each SAE's `loss` on its normalised batch (`xn = x * act_scale`; a transcoder's target `yn` is
 normalised by the same factor), one optimizer over the dict of
-SAEs (`saes.optim`), the decoder gradient's radial component projected out (`SAE.project_decoder_grad`),
+SAEs (`saes.train.optim`), the decoder gradient's radial component projected out (`SAE.project_decoder_grad`),
 then `constrain` and `update_buffers` on each SAE, firing statistics for dead/dense latents, and metrics. The
-step is the same for every architecture: what differs is in the SAE classes (`saes.sae`).
+step is the same for every architecture: what differs is in the SAE classes (`saes.core.sae`).
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from saes.optim import lr_schedule, make_optimizer, sparsity_schedule
-from saes.train_config import TrainConfig
-from saes.train_state import TrainState, batch_spec, state_specs, streams, trainable
+from saes.train.optim import lr_schedule, make_optimizer, sparsity_schedule
+from saes.train.config import TrainConfig
+from saes.train.state import TrainState, batch_spec, state_specs, streams, trainable
 
 __all__ = ["make_permute", "make_slice", "make_step"]
 
 
 def make_step(cfg: TrainConfig, mesh: Mesh | None = None):
     """The jitted train step `(state, batch {hook: [B, d_in]}) -> (state, metrics)`; the state is donated.
-    On a mesh the new state keeps the layout of `saes.train_state.state_specs`."""
+    On a mesh the new state keeps the layout of `saes.train.state.state_specs`."""
     opt = make_optimizer(cfg)
     schedule = lr_schedule(cfg)
     alpha = 1.0 / max(cfg.freq_window_steps, 1)

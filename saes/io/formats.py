@@ -29,15 +29,17 @@ from models.errors import InputError
 from models.loading import hf_id, resolve
 from models.sites import SITES, Hook
 from models.tokenizer import from_gguf, from_hf_dir
-from saes import sae as sae_lib
-from saes.cross_layer import CrossLayerTranscoder, load as load_clt, save as save_clt
-from saes.dictionary import site_width
-from saes.files import contained_file, read_json, read_safetensors
-from saes.sae import SAE
+from saes.core import cross_layer, sae as sae_lib
+from saes.core.cross_layer import CrossLayerTranscoder
+from saes.core.files import contained_file, read_json, read_safetensors
+from saes.core.sae import SAE, check_arrays
+from saes.io import circuit_tracer
 
-__all__ = ["TL_HOOKS", "check_arrays", "contained_file", "from_saelens", "load", "load_gemma_scope", "load_run", "save", "to_saelens"]
+__all__ = ["TL_HOOKS", "check_arrays", "contained_file", "from_saelens", "load", "load_clt", "load_gemma_scope", "load_run",
+           "save", "save_clt", "to_saelens"]
 
 FORMAT = "interp-sae"
+CLT_FORMAT = "interp-clt"
 
 # our site name -> TransformerLens hook (inside `blocks.{layer}.` for layer sites), from the site registry
 TL_HOOKS = {name: site.tl for name, site in SITES.items()}
@@ -50,7 +52,7 @@ _FROM_SAELENS = {"standard": "relu", "topk": "topk", "batchtopk": "batchtopk", "
 
 def save(sae: SAE, path: str | Path, meta: dict | None = None) -> Path:
     """Write `sae` to the directory `path` (ours: `sae.safetensors` + `sae.json`; a cross-layer transcoder:
-    `saes.cross_layer.save`)."""
+    `save_clt`)."""
     if isinstance(sae, CrossLayerTranscoder):
         return save_clt(sae, path, meta)
     path = Path(path)
@@ -92,55 +94,37 @@ def load(path: str | Path, model=None) -> SAE:
 
 
 # arrays of each architecture (our names) and their shapes in terms of d = d_in and w = width; () = scalar
-_SHAPES = {"W_enc": ("d", "w"), "W_dec": ("w", "d"), "b_enc": ("w",), "b_dec": ("d",), "act_scale": (),
-           "r_mag": ("w",), "b_mag": ("w",), "W_skip": ("d", "d")}
+def save_clt(clt: CrossLayerTranscoder, path: str | Path, meta: dict | None = None) -> Path:
+    """Ours: `clt.safetensors` (the arrays, `act_scale` included) and `clt.json` (`clt.config()`, `meta`)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    arrays = {n: np.ascontiguousarray(np.asarray(getattr(clt, n), np.float32)) for n in cross_layer.ARRAY_SHAPES
+              if getattr(clt, n) is not None}
+    save_file(arrays, str(path / "clt.safetensors"))
+    (path / "clt.json").write_text(json.dumps(dict(format=CLT_FORMAT, version=1, **clt.config(), meta=meta or {}),
+                                              indent=1, default=str))
+    return path
 
 
-def check_arrays(where, arch: str, arrays: dict, *, k=32, site: str = "", layer=None, model=None, d_in=None,
-                 width=None) -> None:
-    """Raise an InputError naming `where` unless `arrays` (our names) make a consistent SAE of `arch`:
-    `W_enc [d_in, width]`, `W_dec [width, d_in]`, `b_dec [d_in]`, `b_enc`/`threshold` (JumpReLU)/`r_mag`/`b_mag`
-    `[width]`, scalar `act_scale` and BatchTopK `threshold`, a skip transcoder's `W_skip [d_in, d_in]`, all finite; `k` in [1, width] for TopK/BatchTopK;
-    `d_in`/`width` (from the file's metadata) equal to the arrays'; with `model`, `site` a site of
-    `models.sites` whose width is `d_in` and `layer` inside the model."""
-    missing = sorted({"W_enc", "W_dec", "b_dec", *sae_lib.ARCHS[arch].extra_arrays} - set(arrays))
-    if missing:
-        raise InputError(f"{where}: a {arch} SAE needs arrays {missing}, which the file lacks (has {sorted(arrays)})")
-    enc = np.shape(arrays["W_enc"])
-    if len(enc) != 2:
-        raise InputError(f"{where}: W_enc must be [d_in, width], got shape {enc}")
-    dims = {"d": enc[0], "w": enc[1]}
-    shapes = {**_SHAPES, "threshold": () if arch == "batchtopk" else ("w",)}
-    for name, a in arrays.items():
-        if name not in shapes:
-            continue
-        want = tuple(dims[x] for x in shapes[name])
-        got = np.shape(a)
-        if got != want and not (want == () and int(np.prod(got)) == 1):
-            raise InputError(f"{where}: {name} has shape {got}, expected {want} for W_enc {enc} "
-                             f"([d_in, width]); the arrays do not belong to one SAE")
-        if not np.all(np.isfinite(np.asarray(a, np.float32))):
-            raise InputError(f"{where}: {name} holds non-finite values (NaN or Inf)")
-    for name, value, have in (("d_in", d_in, enc[0]), ("width", width, enc[1])):
-        if value is not None and value != have:
-            raise InputError(f"{where}: the metadata says {name}={value} but the arrays have {name}={have}")
-    if arch in ("topk", "batchtopk") and not (isinstance(k, int) and 1 <= k <= enc[1]):
-        raise InputError(f"{where}: k={k!r} must be an integer in [1, width={enc[1]}]")
-    if model is None:
-        return
-    cfg = getattr(model, "cfg", model)
-    if site not in SITES:
-        raise InputError(f"{where}: the SAE's site {site!r} is not a model site, so it cannot be checked against "
-                         "the model")
-    if site_width(cfg, site) != enc[0]:
-        raise InputError(f"{where}: d_in={enc[0]} but the model's {site!r} has width {site_width(cfg, site)}")
-    if SITES[site].per_layer and not (isinstance(layer, int) and 0 <= layer < cfg.n_layers):
-        raise InputError(f"{where}: layer {layer!r} is outside the model's {cfg.n_layers} layers")
+def load_clt(path: str | Path, model=None) -> CrossLayerTranscoder:
+    """A CLT written by `save_clt` (or a directory of circuit-tracer's CLT files: `saes.io.circuit_tracer.read_clt`); checked
+    against `model`'s config when given."""
+    path = Path(path)
+    if not (path / "clt.json").exists() and (path / "W_enc_0.safetensors").exists():
+        clt = circuit_tracer.read_clt(path)
+    else:
+        info = read_json(path / "clt.json")
+        if info.get("format") != CLT_FORMAT:
+            raise InputError(f"{path / 'clt.json'} is not an {CLT_FORMAT} file")
+        clt = cross_layer.from_arrays(path / "clt.safetensors", info, read_safetensors(path / "clt.safetensors"))
+    if model is not None:
+        clt.check(getattr(model, "cfg", model))
+    return clt
 
 
 def load_run(out: str | Path, model=None) -> dict[str, SAE]:
     """Every SAE a training run wrote (`out/saes/<hook>/`), by hook name (each checked as `load` does; a
-    cross-layer transcoder's `clt/` by `saes.cross_layer.load`)."""
+    cross-layer transcoder's `clt/` by `load_clt`)."""
     root = Path(out) / "saes"
     if not root.is_dir():
         raise InputError(f"{out} has no saes/ directory (has the run finished?)")
@@ -156,12 +140,12 @@ def to_saelens(sae: SAE, path: str | Path, *, model_name: str = "", context_size
     """Write `sae` in SAELens's on-disk format (loadable with `sae_lens.SAE.load_from_disk(path)`).
 
     `prepend_bos` (SAELens metadata) says whether the training rows began with the tokenizer's BOS. None:
-    what `saes.train` did for `model_name`, whose rows (`saes.data.TokenRows`) start with BOS when the
+    what `saes.train.loop` did for `model_name`, whose rows (`saes.train.data.TokenRows`) start with BOS when the
     tokenizer has one (SmolLM2: `<|im_start|>`, id 1, although its own prompts get none) and with the pad
     token otherwise. Give it explicitly for SAEs trained on other activations."""
     if sae.target:
         raise InputError(f"to_saelens: {sae.hook} is a transcoder (predicts {sae.target}); SAELens's SAE format would "
-                         "centre its input by the output bias. Write its set with saes.transcoders.TranscoderSet.to_circuit_tracer")
+                         "centre its input by the output bias. Write its set with saes.io.circuit_tracer.write")
     if prepend_bos is None:
         prepend_bos = _rows_start_with_bos(model_name)
     path = Path(path)
@@ -196,7 +180,7 @@ def to_saelens(sae: SAE, path: str | Path, *, model_name: str = "", context_size
 
 @functools.lru_cache(maxsize=8)
 def _rows_start_with_bos(model_name: str) -> bool:
-    """Whether `saes.data.TokenRows` starts rows for `model_name` with BOS (its tokenizer has one)."""
+    """Whether `saes.train.data.TokenRows` starts rows for `model_name` with BOS (its tokenizer has one)."""
     if not model_name:
         raise InputError("to_saelens needs model_name (to read its tokenizer's BOS) or prepend_bos=True/False")
     path = resolve(model_name)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saes.data import ArraySource
+from saes.train.data import ArraySource
 
 __all__ = ["planted_source", "recovery"]
 

@@ -1,8 +1,8 @@
 """Attribution graphs (Ameisen et al. 2025, "Circuit Tracing"): the direct, linear effects between transcoder
 features, error nodes, token embeddings and output logits of one prompt, through the local replacement model.
 
-    tcs = saes.transcoders.TranscoderSet.of(run.saes.values())
-    graph = saes.attribution.attribute(m, tcs, m.to_tokens("The capital of France is")[0])
+    tcs = saes.core.transcoders.TranscoderSet.of(run.saes.values())
+    graph = saes.circuits.attribution.attribute(m, tcs, m.to_tokens("The capital of France is")[0])
     pruned = graph.prune(node_threshold=0.8, edge_threshold=0.98)
     graph.to_json("graph.json", slug="france")       # circuit-tracer / Neuronpedia graph-file schema
     graph.plot("graph.png")
@@ -19,7 +19,7 @@ targets; a chunk (targets sorted by layer) runs down from its deepest target's l
 its positions need, contracting each layer's gradient with that layer's sources; chunks are `lax.map`ped.
 `max_feature_nodes` keeps only the features of most influence (a partial graph, as circuit-tracer's).
 
-A cross-layer transcoder (`saes.cross_layer`) is taken as a set is: its features write into the MLP outputs of
+A cross-layer transcoder (`saes.core.cross_layer`) is taken as a set is: its features write into the MLP outputs of
 their layer and every later one, each write a source of that layer's contraction, and a feature's edge is the
 sum over its writes.
 
@@ -46,16 +46,16 @@ from models.checks import check_tokens
 from models.errors import InputError
 from models.model import forward
 from models.transformer import Capture, layer_forward, norm, unembedding
-from saes.cross_layer import CrossLayerTranscoder
-from saes.dictionary import Replacement
-from saes.transcoders import TranscoderSet
+from saes.core.cross_layer import CrossLayerTranscoder
+from saes.core.dictionary import Replacement
+from saes.core.transcoders import TranscoderSet
 
 __all__ = ["Graph", "Hold", "attribute"]
 
 
 class Hold(eqx.Module):
     """A `models.transformer.SiteEdit` holding `site` at a value no gradient flows through: the layer's clean
-    value from `clean [L, ...]` when given (`saes.feature_effects` holds attention patterns so), else the value
+    value from `clean [L, ...]` when given (`saes.circuits.feature_effects` holds attention patterns so), else the value
     the forward computes (attribution's frozen model holds each MLP output so); plus `delta` (a source
     perturbation) when given. Gradient still flows through a skip transcoder's linear path
     `seen[source] @ W_skip[layer]` when `W_skip [L, D, D]` is given (circuit-tracer: `skip + (out - skip).detach()`)."""

@@ -1,12 +1,12 @@
 """Cross-layer transcoders (Ameisen et al. 2025): each layer's features read that layer's input site
 (`ln2.normalized` or `resid_mid`) and write into the MLP outputs of that layer and of every later one.
 
-    clt = saes.cross_layer.init("relu", n_layers=30, d_in=576, width=512, key=jax.random.key(0))
+    clt = saes.core.cross_layer.init("relu", n_layers=30, d_in=576, width=512, key=jax.random.key(0))
     f = clt.encode(x)                   # x [..., L, D] every layer's input -> [..., L, W]
     y_hat = clt.decode(f)               # [..., L, D]: layer t's MLP output predicted from the features of layers <= t
     logits = clt.replaced_logits(m, tokens)        # every MLP replaced, the features' effects carried forward
-    graph = saes.attribution.attribute(m, clt, tokens)             # attribution graphs take a CLT as a set
-    clt.to_circuit_tracer("export/"); saes.cross_layer.from_circuit_tracer("export/")
+    graph = saes.circuits.attribution.attribute(m, clt, tokens)             # attribution graphs take a CLT as a set
+    saes.io.formats.save_clt(clt, "runs/x/clt"); saes.io.circuit_tracer.write(clt, "export/")   # files: saes.io
 
 Arrays: `W_enc [L, D, W]`, `b_enc [L, W]`, `W_dec [L, W, L, D]` (source layer, feature, target layer;
 entries with target < source are zero and never used: the layout of Gemma Scope 2's CLTs), `b_dec [L, D]`
@@ -23,9 +23,6 @@ layer). Decoders are free (no unit-norm constraint); `topk` has no AuxK term her
 
 from __future__ import annotations
 
-import json
-import re
-from pathlib import Path
 from typing import ClassVar, final
 
 import equinox as eqx
@@ -34,23 +31,18 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-from safetensors.numpy import save_file
 
 from models.checks import check_tokens
 from models.errors import InputError
 from models.sites import SITES, Hook
 from models.transformer import default_positions, embed, layer_forward, norm, unembed
-from saes.dictionary import Dictionary, Replacement, site_width
-from saes.evaluate import replacement_ce
-from saes.files import contained_file, read_json, read_safetensors, read_simple_yaml
-from saes.sae import _scatter, jumprelu, sparse_decode, step
+from saes.core.dictionary import Dictionary, Replacement, site_width
+from saes.core.evaluate import replacement_ce
+from saes.core.sae import _scatter, jumprelu, sparse_decode, step
 
-__all__ = ["ARCHS", "CrossLayerTranscoder", "from_circuit_tracer", "init", "load", "random_clt", "replaced_run", "save"]
+__all__ = ["ARCHS", "ARRAY_SHAPES", "CrossLayerTranscoder", "from_arrays", "init", "random_clt", "replaced_run"]
 
 ARCHS = ("relu", "jumprelu", "topk")
-FORMAT = "interp-clt"
-# circuit-tracer's hook names for our sites (its CLTs read hook_resid_mid and write hook_mlp_out by default)
-_CT_HOOKS = {"resid_mid": "hook_resid_mid", "ln2.normalized": "mlp.hook_in", "mlp_out": "hook_mlp_out"}
 
 
 @final
@@ -197,7 +189,7 @@ class CrossLayerTranscoder(Dictionary, Replacement):
         self._check_index("feature", feature, self.width)
         return self.W_dec[layer, feature] * self.causal()[layer][..., None] / self.act_scale
 
-    # -- the replacement interface (`saes.dictionary.Replacement`): a CLT is its own
+    # -- the replacement interface (`saes.core.dictionary.Replacement`): a CLT is its own
     @property
     def replacement(self) -> "CrossLayerTranscoder":
         return self
@@ -229,7 +221,7 @@ class CrossLayerTranscoder(Dictionary, Replacement):
     def replaced_run(self, model, tokens, error=None, skip_first: int = 1, edits=None, interventions=()):
         return replaced_run(model, self, tokens, error, skip_first, edits, interventions)
 
-    # -- training (the `saes.dictionary.Dictionary` protocol that `saes.train_step` uses)
+    # -- training (the `saes.core.dictionary.Dictionary` protocol that `saes.train.step` uses)
     def decoder_norms(self) -> Float[Array, "L W"]:
         """Each feature's decoder norm over all the layers it writes to."""
         return jnp.sqrt(jnp.einsum("swtd,st->sw", jnp.square(self.W_dec), self.causal()))
@@ -257,7 +249,7 @@ class CrossLayerTranscoder(Dictionary, Replacement):
 
     def _topk_loss(self, xn, yn):
         """TopK with a wide dictionary (W >= 24 k) decodes only the k active features of each (token, layer):
-        each is one row of the decoder seen as a table `[L * W, L * D]` (`saes.sae.sparse_decode`), k*L rows per
+        each is one row of the decoder seen as a table `[L * W, L * D]` (`saes.core.sae.sparse_decode`), k*L rows per
         token instead of the dense `[L, W] x [L, W, L, D]` contraction. Measured on SmolLM2's shape (L = 30,
         D = 576, k = 8, 2-core CPU, loss and gradient): W = 1024, 256 tokens: 2.5 s vs 20.5 s dense; W = 128,
         1024 tokens: 5.4 s vs 3.9 s (the rows are L*D wide: memory traffic, not FLOPs, decides). Entries below
@@ -307,7 +299,7 @@ class CrossLayerTranscoder(Dictionary, Replacement):
         (a feature's writes into later layers are carried forward, so a change at layer l reaches every later
         layer's features), plus `error [L, B, T, D]` when given (the real output minus the prediction: with it
         the model is reproduced exactly). `keep_first`: the first position keeps its real MLP output (CLTs
-        are not trained on it). `edits` (`saes.feature_effects.FeatureEdits`) set features' activations."""
+        are not trained on it). `edits` (`saes.circuits.feature_effects.FeatureEdits`) set features' activations."""
         cfg = model.cfg
         self.check(cfg)
         tokens = jnp.asarray(tokens)
@@ -325,38 +317,12 @@ class CrossLayerTranscoder(Dictionary, Replacement):
 
     def ce_metrics(self, model, tokens, mask=None) -> dict[str, float]:
         """Next-token CE clean, with every MLP replaced (`replaced_logits`), and with every MLP zero-ablated;
-        CE recovered and the KLs, as `saes.transcoders.TranscoderSet.ce_metrics` reports them."""
+        CE recovered and the KLs, as `saes.core.transcoders.TranscoderSet.ce_metrics` reports them."""
         tokens = jnp.asarray(tokens)
         if mask is not None and not bool(jnp.all(jnp.asarray(mask) > 0)):
             raise InputError("CrossLayerTranscoder.ce_metrics: padded rows are not supported; give unpadded rows")
         return replacement_ce(model, tokens, jnp.ones_like(tokens), self.replaced_logits(model, tokens), self.target)
 
-    # -- circuit-tracer's format
-    def to_circuit_tracer(self, path: str | Path, *, scan: str = "interp", dtype: str = "float32") -> Path:
-        """Write circuit-tracer's CLT files (what its `load_clt` reads): per source layer i,
-        `W_enc_{i}.safetensors` (`W_enc_{i} [W, D]`, `b_enc_{i}`, `b_dec_{i}`, JumpReLU `threshold_{i}`) and
-        `W_dec_{i}.safetensors` (`W_dec_{i} [W, L - i, D]`), input scale folded in; and a `config.yaml` naming
-        the hooks (`model_kind: cross_layer_transcoder`)."""
-        if self.arch not in ("relu", "jumprelu"):
-            raise InputError(f"circuit-tracer's CLTs are ReLU or JumpReLU; a {self.arch!r} CLT has no equivalent there")
-        missing = [x for x in (self.site, self.target) if x not in _CT_HOOKS]
-        if missing:
-            raise InputError(f"circuit-tracer has no hook for {missing}; its CLTs map resid_mid or ln2.normalized "
-                             "to mlp_out")
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        s = self.fold_scale()
-        np32 = lambda a: np.ascontiguousarray(np.asarray(a, dtype))  # noqa: E731
-        for i in range(self.n_layers):
-            enc = {f"W_enc_{i}": np32(s.W_enc[i].T), f"b_enc_{i}": np32(s.b_enc[i]), f"b_dec_{i}": np32(s.b_dec[i])}
-            if self.arch == "jumprelu":
-                enc[f"threshold_{i}"] = np32(s.threshold[i])
-            save_file(enc, str(path / f"W_enc_{i}.safetensors"))
-            save_file({f"W_dec_{i}": np32(s.W_dec[i, :, i:])}, str(path / f"W_dec_{i}.safetensors"))
-        config = dict(model_kind="cross_layer_transcoder", scan=scan, feature_input_hook=_CT_HOOKS[self.site],
-                      feature_output_hook=_CT_HOOKS[self.target])
-        (path / "config.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in config.items()) + "\n")
-        return path
 
 
 @eqx.filter_jit
@@ -456,13 +422,13 @@ def random_clt(cfg, arch: str = "relu", width: int = 40, *, seed: int = 0, bias:
     return clt
 
 
-# ----------------------------------------------------------------------------- files
+# ----------------------------------------------------------------------------- from arrays
 
-_SHAPES = {"W_enc": ("L", "D", "W"), "b_enc": ("L", "W"), "W_dec": ("L", "W", "L", "D"), "b_dec": ("L", "D"),
+ARRAY_SHAPES = {"W_enc": ("L", "D", "W"), "b_enc": ("L", "W"), "W_dec": ("L", "W", "L", "D"), "b_dec": ("L", "D"),
            "act_scale": ("L", 1), "threshold": ("L", "W")}
 
 
-def _build(where, info: dict, arrays: dict) -> CrossLayerTranscoder:
+def from_arrays(where, info: dict, arrays: dict) -> CrossLayerTranscoder:
     """A CLT from our array names, every shape and value checked (InputError naming `where`)."""
     arch = info.get("arch")
     if arch not in ARCHS:
@@ -476,8 +442,8 @@ def _build(where, info: dict, arrays: dict) -> CrossLayerTranscoder:
     dims = dict(zip("LDW", enc), **{"1": 1})
     arrays = {"act_scale": np.ones((enc[0], 1), np.float32), **arrays}
     for name, a in arrays.items():
-        want = tuple(dims[str(x)] for x in _SHAPES.get(name, ()))
-        if name in _SHAPES and np.shape(a) != want:
+        want = tuple(dims[str(x)] for x in ARRAY_SHAPES.get(name, ()))
+        if name in ARRAY_SHAPES and np.shape(a) != want:
             raise InputError(f"{where}: {name} has shape {np.shape(a)}, expected {want} for W_enc {enc}")
         if not np.all(np.isfinite(np.asarray(a, np.float32))):
             raise InputError(f"{where}: {name} holds non-finite values (NaN or Inf)")
@@ -498,90 +464,3 @@ def _build(where, info: dict, arrays: dict) -> CrossLayerTranscoder:
     return eqx.tree_at(lambda c: c.W_dec, clt, clt.causal_W_dec())
 
 
-def save(clt: CrossLayerTranscoder, path: str | Path, meta: dict | None = None) -> Path:
-    """Ours: `clt.safetensors` (the arrays, `act_scale` included) and `clt.json` (`clt.config()`, `meta`)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    arrays = {n: np.ascontiguousarray(np.asarray(getattr(clt, n), np.float32)) for n in _SHAPES
-              if getattr(clt, n) is not None}
-    save_file(arrays, str(path / "clt.safetensors"))
-    (path / "clt.json").write_text(json.dumps(dict(format=FORMAT, version=1, **clt.config(), meta=meta or {}),
-                                              indent=1, default=str))
-    return path
-
-
-def load(path: str | Path, model=None) -> CrossLayerTranscoder:
-    """A CLT written by `save` (or a directory of circuit-tracer's CLT files: `from_circuit_tracer`); checked
-    against `model`'s config when given."""
-    path = Path(path)
-    if not (path / "clt.json").exists() and (path / "W_enc_0.safetensors").exists():
-        clt = from_circuit_tracer(path)
-    else:
-        info = read_json(path / "clt.json")
-        if info.get("format") != FORMAT:
-            raise InputError(f"{path / 'clt.json'} is not an {FORMAT} file")
-        clt = _build(path / "clt.safetensors", info, read_safetensors(path / "clt.safetensors"))
-    if model is not None:
-        clt.check(getattr(model, "cfg", model))
-    return clt
-
-
-def from_circuit_tracer(path: str | Path, *, site: str | None = None, target: str | None = None) -> CrossLayerTranscoder:
-    """A CLT from circuit-tracer's files (`W_enc_{i}` / `W_dec_{i}` safetensors, as `to_circuit_tracer` or
-    circuit-tracer's `CrossLayerTranscoder.to_safetensors` write them). Hooks come from a `config.yaml` beside
-    them, else `site`/`target`, else circuit-tracer's defaults (resid_mid -> mlp_out)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise InputError(f"{path} is not a directory of circuit-tracer CLT files")
-    present = {p.name for p in path.glob("W_*_*.safetensors")}
-    layers = [int(m[1]) for name in present if (m := re.fullmatch(r"W_(?:enc|dec)_(\d{1,6})\.safetensors", name))]
-    if "W_enc_0.safetensors" not in present:
-        raise InputError(f"{path} holds no circuit-tracer CLT (no W_enc_0.safetensors)")
-    n = max(layers) + 1  # every layer up to the highest file's needs both files
-    want = {f"W_{kind}_{i}.safetensors" for kind in ("enc", "dec") for i in range(n)}
-    if missing := sorted(want - present):
-        raise InputError(f"{path}: a {n}-layer circuit-tracer CLT lacks {', '.join(missing)}")
-    if extra := sorted(present - want):
-        raise InputError(f"{path}: unexpected files {', '.join(extra)} beside W_enc_0 .. W_enc_{n - 1}")
-    config = {}
-    if (path / "config.yaml").exists():
-        config = read_simple_yaml(path / "config.yaml")
-        for key, given in (("feature_input_hook", site), ("feature_output_hook", target)):
-            if given is None and key not in config:
-                raise InputError(f"{path / 'config.yaml'} has no {key} (remove the file to use circuit-tracer's "
-                                 "defaults, or pass site=/target=)")
-    by_ct = {v: k for k, v in _CT_HOOKS.items()} | {"mlp.hook_out": "mlp_out"}
-    for key, given in (("feature_input_hook", site), ("feature_output_hook", target)):
-        hook = config.get(key)
-        if given is None and hook is not None and (not isinstance(hook, str) or hook not in by_ct):
-            raise InputError(f"{path / 'config.yaml'}: {key} {hook!r} has no site of models.sites "
-                             f"(known: {sorted(by_ct)})")
-    site = site or by_ct[config.get("feature_input_hook", "hook_resid_mid")]
-    target = target or by_ct[config.get("feature_output_hook", "hook_mlp_out")]
-    parts = {name: [] for name in ("W_enc", "b_enc", "b_dec", "threshold", "W_dec")}
-    for i in range(n):
-        enc = read_safetensors(contained_file(path, f"W_enc_{i}.safetensors", path))
-        dec = read_safetensors(contained_file(path, f"W_dec_{i}.safetensors", path))
-        for name in (f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}"):
-            if name not in enc:
-                raise InputError(f"{path / f'W_enc_{i}.safetensors'} lacks {name} (has {sorted(enc)})")
-        if f"W_dec_{i}" not in dec:
-            raise InputError(f"{path / f'W_dec_{i}.safetensors'} lacks W_dec_{i} (has {sorted(dec)})")
-        w = dec[f"W_dec_{i}"]
-        if w.ndim != 3 or w.shape[1] != n - i:
-            raise InputError(f"{path / f'W_dec_{i}.safetensors'}: W_dec_{i} has shape {w.shape}, expected "
-                             f"[width, {n - i}, d_model] for a {n}-layer CLT")
-        parts["W_enc"].append(enc[f"W_enc_{i}"].T)
-        parts["b_enc"].append(enc[f"b_enc_{i}"])
-        parts["b_dec"].append(enc[f"b_dec_{i}"])
-        parts["threshold"].append(enc.get(f"threshold_{i}"))
-        parts["W_dec"].append(np.concatenate([np.zeros((w.shape[0], i, w.shape[2]), w.dtype), w], 1))
-    arch = "jumprelu" if all(t is not None for t in parts["threshold"]) else "relu"
-    if arch == "relu" and any(t is not None for t in parts["threshold"]):
-        raise InputError(f"{path}: some layers have a threshold_{{i}} and some do not")
-    try:
-        arrays = {name: np.stack([np.asarray(a, np.float32) for a in parts[name]]) for name in parts
-                  if name != "threshold" or arch == "jumprelu"}
-    except ValueError as e:
-        raise InputError(f"{path}: the layers' arrays differ in shape ({e})") from None
-    return _build(path, dict(arch=arch, site=site, target=target), arrays)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
-from saes.train_config import TrainConfig
+from saes.train.config import TrainConfig
 
 __all__ = ["lr_schedule", "make_optimizer", "sparsity_schedule"]
 

@@ -19,15 +19,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSh
 
 from models.errors import InputError
 from models.sharding import partition_spec, put, sweep_mesh
-from saes import cross_layer, sae as sae_lib
-from saes.dictionary import Dictionary
-from saes.optim import make_optimizer
-from saes.train_config import TrainConfig
+from saes.core import cross_layer, sae as sae_lib
+from saes.core.dictionary import Dictionary
+from saes.train.optim import make_optimizer
+from saes.train.config import TrainConfig
 
 __all__ = ["Dictionary", "TrainState", "abstract_state", "batch_spec", "calibrate", "fresh_state", "geometric_median",
            "make_mesh", "place_state", "state_specs", "streams", "trainable"]
 
-# what a run trains (`saes.dictionary.Dictionary`): an SAE/transcoder per hook, or one CLT for all layers
+# what a run trains (`saes.core.dictionary.Dictionary`): an SAE/transcoder per hook, or one CLT for all layers
 
 
 class TrainState(eqx.Module):

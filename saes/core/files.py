@@ -1,7 +1,7 @@
 """Reading the files dictionaries come in, each failure an InputError naming the file: JSON objects,
 safetensors, the flat `key: value` YAML of circuit-tracer configs, and file entries a config lists (kept
-inside its directory). The bottom of `saes`' I/O: the format modules (`saes.formats` for SAEs and SAELens /
-Gemma Scope, `saes.cross_layer` and `saes.transcoders` for circuit-tracer's files) all read through these."""
+inside its directory). The bottom of `saes`' I/O: the format modules of `saes.io` (`formats` for SAEs, CLTs, SAELens and
+Gemma Scope; `circuit_tracer` for circuit-tracer's files) all read through these."""
 
 from __future__ import annotations
 

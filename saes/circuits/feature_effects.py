@@ -16,7 +16,7 @@ in two models (Ameisen et al. 2025, "Validating with interventions"):
     report = check_edges(graph, fx, n_edges=40)              # EdgeCheck: predicted vs measured on the top edges
     report.spearman("total", "real"), report.table()         # rank agreement; all statistics as a table
 
-With a cross-layer transcoder (`saes.cross_layer`) the local model runs layer by layer with each layer's writes
+With a cross-layer transcoder (`saes.core.cross_layer`) the local model runs layer by layer with each layer's writes
 carried forward, and the real-model edit adds the feature's decoder vectors into its layer and every later one.
 
 `FeatureEdits` are arrays, so a batch of edits is `jax.vmap` (what `ablate_each` and `check_edges` do). Holding
@@ -35,14 +35,14 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from interp.interventions import AddVector
-from interp.stats import rank_correlation  # re-exported: `saes.feature_effects.rank_correlation` as before
+from interp.stats import rank_correlation  # re-exported: `saes.circuits.feature_effects.rank_correlation` as before
 from models.errors import InputError
 from models.model import forward
 from models.transformer import unembed
-from saes.attribution import Graph, Hold, _check_prompt, _setup
-from saes.cross_layer import CrossLayerTranscoder
-from saes.dictionary import Replacement
-from saes.transcoders import TranscoderSet
+from saes.circuits.attribution import Graph, Hold, _check_prompt, _setup
+from saes.core.cross_layer import CrossLayerTranscoder
+from saes.core.dictionary import Replacement
+from saes.core.transcoders import TranscoderSet
 
 __all__ = ["EdgeCheck", "FeatureEdits", "FeatureEffects", "check_edges", "held_norms_and_patterns", "rank_correlation"]
 

@@ -1,27 +1,25 @@
 """Transcoders: dictionaries that read one site and predict another (an MLP's input -> its output).
 
 A transcoder is an `SAE` whose `target` names the site it predicts at its layer (`sae.target == "mlp_out"`,
-reading `sae.site`, e.g. `ln2.normalized`): every architecture of `saes.sae` works as one, trained by the
+reading `sae.site`, e.g. `ln2.normalized`): every architecture of `saes.core.sae` works as one, trained by the
 same jitted step (`TrainConfig(site=("ln2.normalized",), target="mlp_out", layers=all)`: one transcoder per
 layer, all in the same pass). This module holds what a set of per-layer transcoders adds:
 
-    tcs = saes.transcoders.TranscoderSet.of(run.saes.values())    # layers 0..L-1, one each
+    tcs = saes.core.transcoders.TranscoderSet.of(run.saes.values())    # layers 0..L-1, one each
     logits, _ = models.forward(m, tokens, interventions=(tcs.replace_mlps(),))   # every MLP replaced
     tcs.ce_metrics(m, tokens)                  # CE loss recovered with every MLP replaced at once
-    tcs.to_circuit_tracer("export/")           # circuit-tracer's per-layer safetensors + config.yaml
-    tcs = TranscoderSet.from_circuit_tracer("export/")
+    saes.io.circuit_tracer.write(tcs, "export/")    # circuit-tracer's per-layer safetensors + config.yaml
+    tcs = saes.io.circuit_tracer.read_transcoders("export/")
 
 Inputs and targets are normalised by the input's `act_scale` in training; `fold_scale` bakes it in for export.
-Cross-layer transcoders (one dictionary whose features write into every later layer) are `saes.cross_layer`.
+Cross-layer transcoders (one dictionary whose features write into every later layer) are `saes.core.cross_layer`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, final
 
 import equinox as eqx
@@ -30,35 +28,24 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from safetensors.numpy import save_file
 
 from interp.interventions import Intervention, Where
 from models.errors import InputError
 from models.model import forward
-from models.sites import SITES
 from models.transformer import Capture
-from saes import sae as sae_lib
-from saes.dictionary import Replacement, site_width
-from saes.evaluate import replacement_ce
-from saes.files import contained_file, read_safetensors, read_simple_yaml
-from saes.formats import check_arrays
-from saes.sae import SAE
+from saes.core import sae as sae_lib
+from saes.core.dictionary import Replacement, site_width
+from saes.core.evaluate import replacement_ce
+from saes.core.sae import SAE
 
 __all__ = ["ReplaceMLPs", "StackedTranscoders", "TranscoderSet", "random_set", "replacement_ce"]
-
-# circuit-tracer's activation functions by our architecture: BatchTopK infers with a threshold (JumpReLU);
-# TopK and Gated have no circuit-tracer loader
-_CT_ARCHS = ("relu", "jumprelu", "batchtopk")
-# circuit-tracer's hook names for our sites (its TransformerLens/nnsight mapping; with fold_ln=False
-# TransformerLens's ln2.hook_normalized is before the norm weight, so the MLP input is mlp.hook_in)
-_CT_HOOKS = {"ln2.normalized": "mlp.hook_in", "resid_mid": "hook_resid_mid", "mlp_out": "mlp.hook_out"}
 
 
 class ReplaceMLPs(Intervention):
     """At `target` (mlp_out) of every layer: the transcoder of that layer applied to the layer's `source`
     value (`SiteContext.seen`; a skip transcoder's linear path included), plus `error [L, B, T, D]` when given (the real output minus the prediction:
     with it the replacement reproduces the model exactly). Positions where `keep [B, T]` is True keep the real
-    output (the first token, which transcoders are not trained on). `edits` (`saes.feature_effects.FeatureEdits`)
+    output (the first token, which transcoders are not trained on). `edits` (`saes.circuits.feature_effects.FeatureEdits`)
     set chosen features' activations before decoding (clamp or ablate features in the replacement model)."""
 
     stacked: SAE  # the layers' transcoders stacked on a leading axis
@@ -85,7 +72,7 @@ class ReplaceMLPs(Intervention):
 
 @final
 class StackedTranscoders(Replacement):
-    """A per-layer transcoder set as the replacement interface (`saes.dictionary.Replacement`): `stacked`, the
+    """A per-layer transcoder set as the replacement interface (`saes.core.dictionary.Replacement`): `stacked`, the
     layers' transcoders as one SAE pytree with arrays `[L, ...]` (`TranscoderSet.stacked`); each feature
     writes into its own layer's target only."""
 
@@ -208,7 +195,7 @@ class TranscoderSet:
 
     def replace_mlps(self, error=None, keep=None, edits=None, n_pos: int | None = None) -> ReplaceMLPs:
         """The intervention replacing every layer's `target` by its transcoder (see `ReplaceMLPs`); `edits`
-        (`saes.feature_effects.FeatureEdits`) clamp or ablate features on the way, checked against the set and
+        (`saes.circuits.feature_effects.FeatureEdits`) clamp or ablate features on the way, checked against the set and
         the prompt length `n_pos` (required with them: a position past the prompt is an error, not dropped)."""
         if edits is not None:
             if n_pos is None:
@@ -226,86 +213,6 @@ class TranscoderSet:
         replaced = forward(model, tokens, attention_mask=mask, interventions=(self.replace_mlps(keep=first),)).logits
         return replacement_ce(model, tokens, mask, replaced, self.target)
 
-    # -- circuit-tracer's format
-    def to_circuit_tracer(self, path: str | Path, *, scan: str = "interp", dtype: str = "float32") -> Path:
-        """Write the set as circuit-tracer reads a local transcoder set: `layer_{i}.safetensors` (`W_enc`
-        [width, d_in], `W_dec` [width, d_out], `b_enc`, `b_dec`, JumpReLU `activation_function.threshold`) and
-        `config.yaml` naming circuit-tracer's hooks (`mlp.hook_in` for ln2.normalized, `mlp.hook_out` for mlp_out),
-        and a skip transcoder's `W_skip [d_out, d_in]`. The input scale is folded in; BatchTopK is written as the
-        JumpReLU of its inference threshold."""
-        if self.transcoders[0].arch not in _CT_ARCHS:
-            raise InputError(f"circuit-tracer reads ReLU and JumpReLU transcoders; a {self.transcoders[0].arch!r} set "
-                             f"has no equivalent there (architectures that export: {', '.join(_CT_ARCHS)})")
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        files = []
-        for t in self.transcoders:
-            s = t.fold_scale()
-            w = {"W_enc": s.W_enc.T, "W_dec": s.W_dec, "b_enc": s.enc_bias(), "b_dec": s.b_dec}
-            if s.W_skip is not None:
-                w["W_skip"] = s.W_skip.T  # circuit-tracer computes input @ W_skip.T
-            if s.arch == "jumprelu":
-                w["activation_function.threshold"] = s.threshold
-            elif s.arch == "batchtopk":
-                w["activation_function.threshold"] = jnp.full((s.width,), jnp.maximum(s.threshold, 0.0))
-            name = f"layer_{t.layer}.safetensors"
-            save_file({k: np.ascontiguousarray(np.asarray(v, dtype)) for k, v in w.items()}, str(path / name))
-            files.append(name)  # relative to the set's directory: a copied or moved set reads its own files
-        missing = [x for x in (self.site, self.target) if x not in _CT_HOOKS]
-        if missing:
-            raise InputError(f"circuit-tracer has no hook for {missing}; transcoders it reads map "
-                             f"{' or '.join(k for k in _CT_HOOKS if k != 'mlp_out')} to mlp_out")
-        config = dict(model_kind="transcoder_set", scan=scan, feature_input_hook=_CT_HOOKS[self.site],
-                      feature_output_hook=_CT_HOOKS[self.target], transcoders=files)
-        # YAML is a superset of JSON: one JSON object per line keeps this free of a YAML writer
-        (path / "config.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in config.items()) + "\n")
-        return path
-
-    @classmethod
-    def from_circuit_tracer(cls, path: str | Path) -> "TranscoderSet":
-        """Read a set written by `to_circuit_tracer` (or any local circuit-tracer ReLU/JumpReLU set whose
-        config names hooks of `models.sites`: its TransformerLens names or circuit-tracer's MLP hooks)."""
-        path = Path(path)
-        config_path = path / "config.yaml"
-        if not config_path.is_file():
-            raise InputError(f"{path} holds no circuit-tracer transcoder set (no config.yaml)")
-        config = read_simple_yaml(config_path)
-        by_tl = {**{s.tl: name for name, s in SITES.items()}, **{v: k for k, v in _CT_HOOKS.items()},
-                 "hook_mlp_out": "mlp_out"}
-        hooks = {}
-        for key in ("feature_input_hook", "feature_output_hook"):
-            if key not in config:
-                raise InputError(f"{config_path} has no {key} (a circuit-tracer transcoder set names both hooks)")
-            if not isinstance(config[key], str) or config[key] not in by_tl:
-                raise InputError(f"{config_path}: {key} {config[key]!r} is not a TransformerLens hook of models.sites")
-            hooks[key] = by_tl[config[key]]
-        site, target = hooks["feature_input_hook"], hooks["feature_output_hook"]
-        listed = config.get("transcoders")
-        if listed is not None and not (isinstance(listed, list) and listed):
-            raise InputError(f"{config_path}: transcoders must be a non-empty list of files, got {listed!r}")
-        if listed is None:
-            listed = sorted((p.name for p in path.glob("layer_*.safetensors")), key=_layer_of)
-            if not listed:
-                raise InputError(f"{config_path} lists no transcoders and {path} holds no layer_*.safetensors")
-            want = [f"layer_{i}.safetensors" for i in range(len(listed))]
-            if listed != want:
-                raise InputError(f"{path}: layer files {listed} are not layer_0 .. layer_{len(listed) - 1} "
-                                 f"(missing {sorted(set(want) - set(listed))})")
-        tcs = []
-        for layer, entry in enumerate(listed):
-            f = contained_file(path, entry, f"{config_path}: transcoders[{layer}]")
-            a = read_safetensors(f)
-            if missing := sorted({"W_enc", "W_dec", "b_enc", "b_dec"} - set(a)):
-                raise InputError(f"{f} lacks {missing} (has {sorted(a)})")
-            arrays = dict(W_enc=a["W_enc"].T, W_dec=a["W_dec"], b_enc=a["b_enc"], b_dec=a["b_dec"])
-            if "W_skip" in a:
-                arrays["W_skip"] = a["W_skip"].T
-            arch = "relu"
-            if "activation_function.threshold" in a:
-                arch, arrays["threshold"] = "jumprelu", a["activation_function.threshold"]
-            check_arrays(f, arch, arrays)
-            tcs.append(sae_lib.from_arrays(arch, arrays, site=site, layer=layer, target=target))
-        return cls.of(tcs)
 
 
 def random_set(cfg, arch: str = "relu", width: int = 40, *, seed: int = 0, bias: float = 0.05,
@@ -328,9 +235,3 @@ def random_set(cfg, arch: str = "relu", width: int = 40, *, seed: int = 0, bias:
             t = eqx.tree_at(lambda t: t.act_scale, t, jnp.asarray(act_scale, jnp.float32))
         out.append(t)
     return TranscoderSet.of(out)
-
-
-def _layer_of(name: str) -> int:
-    """The layer of `layer_{i}.safetensors` (names that are not so sort last)."""
-    stem = name.removesuffix(".safetensors").removeprefix("layer_")
-    return int(stem) if stem.isdigit() else 1 << 30

@@ -31,7 +31,7 @@ from models.checks import check_index
 from models.errors import InputError
 from models.transformer import unembedding
 from interp.interventions import Intervention, Where, at
-from saes.sae import SAE
+from saes.core.sae import SAE
 
 __all__ = ["FeatureContrast", "FeatureSteer", "TopActivations", "contrast", "feature_frequencies",
            "frequency_histogram", "logit_effects", "site_acts", "steer", "top_activations"]

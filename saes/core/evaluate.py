@@ -20,12 +20,13 @@ import jax.numpy as jnp
 
 from interp.interventions import Intervention, StackedWhere, Where, at
 from models.model import forward
-from saes.sae import SAE
+from saes.core.sae import SAE
 
-__all__ = ["Splice", "ce_and_kl", "ce_metrics", "next_token_ce", "reconstruction_metrics", "replacement_ce"]
+__all__ = ["Splice", "ce_and_kl", "ce_metrics", "next_token_ce", "real_positions", "reconstruction_metrics",
+           "replacement_ce"]
 
 
-def _real(ctx):
+def real_positions(ctx):
     """[B, T] bool: real tokens other than the first of each row."""
     return (ctx.attention_mask > 0) & (ctx.positions > 0)
 
@@ -62,7 +63,7 @@ class Splice(Intervention):
         x = value.reshape(B, T, -1).astype(jnp.float32)
         x_hat = self.sae(x if self.source is None else ctx.seen[self.source].reshape(B, T, -1).astype(jnp.float32))
         new = self.recon_weight * x_hat + self.error_weight * (x - x_hat)
-        return jnp.where(_real(ctx)[..., None], new, x).astype(value.dtype).reshape(value.shape)
+        return jnp.where(real_positions(ctx)[..., None], new, x).astype(value.dtype).reshape(value.shape)
 
 
 def next_token_ce(logits, tokens, mask):

@@ -38,9 +38,9 @@ from jaxtyping import Array, Bool, Float, Int
 from interp.interventions import Intervention, Where, at
 from models.checks import Extent, check_index
 from models.errors import InputError
-from saes.evaluate import _real
-from saes.features import _after_first, _encode_batch, site_acts
-from saes.sae import SAE
+from saes.core.evaluate import real_positions
+from saes.analysis.features import _after_first, _encode_batch, site_acts
+from saes.core.sae import SAE
 
 __all__ = ["DecoderSteer", "FeatureAblation", "GATES", "TokenSteer", "fires_anywhere", "gate_mask", "token_gate"]
 
@@ -78,7 +78,7 @@ class _AtSAE(Intervention):
 
     def _acts(self, x, ctx) -> Float[Array, "B T n"]:
         """h_f(x) for f in F, 0 on the first token of each row (see the module docstring)."""
-        return jnp.where(_real(ctx)[..., None], self.sae.encode(x)[..., self.features], 0.0)
+        return jnp.where(real_positions(ctx)[..., None], self.sae.encode(x)[..., self.features], 0.0)
 
     def edit(self, value, ctx):
         B, T = value.shape[:2]
