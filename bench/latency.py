@@ -38,7 +38,7 @@ import interp
 import models
 import saes
 from bench._common import ROOT, export_hf_dir, machine, matmul_peak, peer_python, table
-from bench.sweeps import head_sweep_flops
+from bench.sweeps import head_sweep_flops, program_flops
 from interp import interventions as I
 
 MODEL = "smollm2-135m-instruct"
@@ -138,7 +138,7 @@ def warm_calls(m, args) -> tuple[list[tuple], dict]:
     for mp in (3, None):  # more programs: more prefix reuse per call, one more compile each
         alt = seconds(lambda: jax.block_until_ready(np.asarray(
             interp.head_ablation(m, tok, mask, metric, max_programs=mp, progress=False))), repeats=3)
-        flops = head_sweep_flops(m, tok, mask, metric, mp)[0]
+        flops = program_flops(m, tok, mask, metric, mp)
         rows.append((f"  the same, max_programs={mp}", f"{alt[0]:.1f}", f"{alt[1]:.2f}",
                      f"{alt[1] / bound:.1f}x the bound; its programs {flops / bound_flops:.2f}x the bound's FLOPs"))
     info.update(sweep_gflop=ours / 1e9, sweep_bound_gflop=bound_flops / 1e9, peak_gflops=peak / 1e9)

@@ -136,12 +136,18 @@ def head_sweeps(m, args) -> list[tuple]:
     return rows
 
 
+def program_flops(m, tokens, mask, metric, max_programs) -> float:
+    """The matmul FLOPs of the head sweep's compiled programs, summed over its calls (`interp.sweeps.sweep_flops`)."""
+    return sweeps.sweep_flops(m, tokens, mask, metric, (I.zero_ablation("attn.z"),),
+                              where=sweeps.one_hot_items(m.cfg.n_layers, m.cfg.n_heads, "heads"),
+                              max_programs=max_programs)
+
+
 def head_sweep_flops(m, tokens, mask, metric, max_programs) -> tuple[float, float, float]:
     """(the head sweep's compiled matmul FLOPs summed over its calls (`interp.sweeps.sweep_flops`), the sum of its
     items' own forwards from their layers (the bound with full prefix reuse), all items' forwards from layer 0)."""
     L, H = m.cfg.n_layers, m.cfg.n_heads
-    ours = sweeps.sweep_flops(m, tokens, mask, metric, (I.zero_ablation("attn.z"),),
-                              where=sweeps.one_hot_items(L, H, "heads"), max_programs=max_programs)
+    ours = program_flops(m, tokens, mask, metric, max_programs)
     prefix = sweeps.capture(m, tokens, mask, "resid_post")
     head = np.eye(H, dtype=bool)[0]
 
