@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
+import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,3 +132,22 @@ def export_hf_dir(path: Path) -> Path:
     plain.save_pretrained(path)
     transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(path)
     return path
+
+
+def tl_head_ablations(tl_python: Path, hf_dir: Path, tokens, correct, wrong, heads) -> dict | None:
+    """TransformerLens zero-ablating each of `heads` `[N, 2]` alone on `tokens` (`tests/peers/_tl_peer.py`, in its
+    own venv at `tl_python`): `{"effects", "seconds", ...}` per head, or None (with a printed reason) if the peer
+    is absent or fails."""
+    if not (tl_python and Path(tl_python).exists()):
+        print(f"TransformerLens peer not found at {str(tl_python)!r} (./run peers builds .venv-tl): its rows are left out")
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs, out = Path(tmp) / "inputs.npz", Path(tmp) / "out.json"
+        np.savez(inputs, tokens=np.asarray(tokens), correct=np.asarray(correct), wrong=np.asarray(wrong),
+                 heads=np.asarray(heads))
+        run = subprocess.run([str(tl_python), str(ROOT / "tests" / "peers" / "_tl_peer.py"), str(export_hf_dir(hf_dir)),
+                              str(inputs), str(out)], capture_output=True, text=True)
+        if run.returncode:
+            print("TransformerLens peer failed:\n" + run.stderr[-2000:])
+            return None
+        return json.loads(out.read_text())

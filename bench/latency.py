@@ -23,6 +23,7 @@ The table gives seconds; quote it with the load average it prints (other users a
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -37,11 +38,12 @@ import numpy as np
 import interp
 import models
 import saes
-from bench._common import ROOT, export_hf_dir, machine, matmul_peak, peer_python, table
+from bench._common import ROOT, machine, matmul_peak, peer_python, table, time_median, tl_head_ablations
 from bench.sweeps import head_sweep_flops, program_flops
 from interp import interventions as I
 
 MODEL = "smollm2-135m-instruct"
+HEADS = [(3, 1), (5, 2), (10, 0), (20, 4), (29, 8), (0, 0), (15, 7)]  # (layer, head) ablated one at a time
 PROMPT = "When Mary and John went to the store, John gave a drink to"  # 14 tokens with SmolLM2's BOS
 
 COLD = f"""
@@ -82,31 +84,7 @@ def seconds(fn, repeats: int = 5) -> tuple[float, float]:
     """(first call, median of `repeats` further calls) of `fn`, which blocks until its result is ready."""
     t0 = time.perf_counter()
     fn()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return first, float(np.median(times))
-
-
-def tl_single(args, tokens, correct, wrong) -> float | None:
-    """TransformerLens' median seconds per single-head `run_with_hooks` on the same tokens (None without it)."""
-    py = args.tl_python
-    if not (py and Path(py).exists()):
-        print(f"TransformerLens peer not found at {py!r} (./run peers builds .venv-tl): its row is left out")
-        return None
-    heads = np.asarray([[3, 1], [5, 2], [10, 0], [20, 4], [29, 8], [0, 0], [15, 7]])
-    with tempfile.TemporaryDirectory() as tmp:
-        inputs, out = Path(tmp) / "inputs.npz", Path(tmp) / "out.json"
-        np.savez(inputs, tokens=np.asarray(tokens), correct=np.asarray(correct), wrong=np.asarray(wrong), heads=heads)
-        run = subprocess.run([py, str(ROOT / "tests" / "peers" / "_tl_peer.py"), str(export_hf_dir(Path(args.hf_dir))),
-                              str(inputs), str(out)], capture_output=True, text=True)
-        if run.returncode:
-            print("TransformerLens peer failed:\n" + run.stderr[-2000:])
-            return None
-        return float(np.median(json.loads(out.read_text())["seconds"][1:]))  # the first call warms torch up
+    return time.perf_counter() - t0, time_median(fn, repeats, warmup=0).median
 
 
 def warm_calls(m, args) -> tuple[list[tuple], dict]:
@@ -117,12 +95,13 @@ def warm_calls(m, args) -> tuple[list[tuple], dict]:
     correct, wrong = order[:, -1], order[:, -2]
     metric = interp.LogitDiff(correct, wrong)
     rows, info = [], {}
-    heads = iter([(3, 1), (5, 2), (10, 0), (20, 4), (29, 8), (0, 0), (15, 7)] * 4)
+    heads = itertools.cycle(HEADS)
     f_plain = seconds(lambda: jax.block_until_ready(models.forward(m, tok, mask).logits))
     rows.append(("forward, 14 tokens (models.forward)", f"{f_plain[0]:.2f}", f"{f_plain[1]:.3f}", ""))
     f_abl = seconds(lambda: jax.block_until_ready(
         models.forward(m, tok, mask, interventions=[I.zero_heads(m.cfg, [next(heads)])]).logits))
-    tl = tl_single(args, tok, correct, wrong)
+    tl = tl_head_ablations(args.tl_python, Path(args.hf_dir), tok, correct, wrong, HEADS)
+    tl = float(np.median(tl["seconds"][1:])) if tl else None  # its first call warms torch up
     rows.append(("one head zero-ablated (a new zero_heads each call)", f"{f_abl[0]:.2f}", f"{f_abl[1]:.3f}",
                  f"TransformerLens run_with_hooks {tl:.3f} s: {tl / f_abl[1]:.1f}x" if tl else "no TransformerLens"))
 

@@ -20,8 +20,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +31,7 @@ import numpy as np
 
 import interp
 import models
-from bench._common import ROOT, export_hf_dir, machine, peer_python, table
+from bench._common import machine, peer_python, table, tl_head_ablations
 from interp import interventions as I
 from interp import sweeps
 from interp.readout import run_readout
@@ -102,26 +100,13 @@ def head_sweeps(m, args) -> list[tuple]:
     err = float(np.abs(np.asarray(loop) - exact[heads[:, 0], heads[:, 1]]).max())
     rows.append(("interp Python loop of single runs", len(heads), per * len(heads), per * L * H, f"max |diff| {err:.1e}"))
 
-    tl = None
-    if args.tl_python and Path(args.tl_python).exists():
-        heads_tl = sample_heads(args.tl_sample, L, H)
-        with tempfile.TemporaryDirectory() as tmp:
-            inputs, out = Path(tmp) / "inputs.npz", Path(tmp) / "out.json"
-            np.savez(inputs, tokens=np.asarray(tokens), correct=np.asarray(correct), wrong=np.asarray(wrong), heads=heads_tl)
-            hf_dir = export_hf_dir(Path(args.hf_dir))
-            run = subprocess.run([args.tl_python, str(ROOT / "tests" / "peers" / "_tl_peer.py"), str(hf_dir), str(inputs),
-                                  str(out)], capture_output=True, text=True)
-            if run.returncode == 0:
-                tl = json.loads(out.read_text())
-            else:
-                print("TransformerLens peer failed:\n" + run.stderr[-2000:])
-        if tl:
-            per = float(np.median(tl["seconds"]))
-            err = float(np.abs(np.asarray(tl["effects"]) - exact[heads_tl[:, 0], heads_tl[:, 1]]).max())
-            rows.append((f"TransformerLens run_with_hooks loop (torch {tl['torch']})", len(heads_tl), per * len(heads_tl),
-                         per * L * H, f"max |diff| vs interp {err:.1e}"))
-    else:
-        print(f"TransformerLens skipped: no interpreter at {args.tl_python!r} (build it with `./run peers`)")
+    heads_tl = sample_heads(args.tl_sample, L, H)
+    tl = tl_head_ablations(args.tl_python, Path(args.hf_dir), tokens, correct, wrong, heads_tl)
+    if tl:
+        per = float(np.median(tl["seconds"]))
+        err = float(np.abs(np.asarray(tl["effects"]) - exact[heads_tl[:, 0], heads_tl[:, 1]]).max())
+        rows.append((f"TransformerLens run_with_hooks loop (torch {tl['torch']})", len(heads_tl), per * len(heads_tl),
+                     per * L * H, f"max |diff| vs interp {err:.1e}"))
 
     approx, _ = timed(lambda: interp.head_ablation_attribution(m, tokens, mask, metric))
     approx, t_attr = timed(lambda: interp.head_ablation_attribution(m, tokens, mask, metric))

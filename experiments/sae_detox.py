@@ -661,9 +661,8 @@ def study(m, cfg: Config, out: Path) -> Report:
     rng = np.random.default_rng(cfg.seed + 2)
     found, sae_metrics = {}, {}
     prev = resumed(cfg, m.name, layer, prompts, x_norm)
-    res = {k: v for k, v in prev.get("res", {}).items() if k == "unsteered"}
-    if "unsteered" not in res:
-        res["unsteered"] = score(m, b, None, None, cfg)
+    done = prev.get("res", {})  # the scores a resumed run already has
+    res = {"unsteered": done["unsteered"] if "unsteered" in done else score(m, b, None, None, cfg)}
 
     def save():
         (out / "scores.pkl").write_bytes(pickle.dumps(dict(
@@ -676,7 +675,7 @@ def study(m, cfg: Config, out: Path) -> Report:
         _same_features(prev, w, found[w], cfg)
         sae_metrics[w] = saes.ce_metrics(m, {"sae": sae}, ce_tok)["sae"]
         ab = stack([FeatureAblation(sae, F)])
-        res["ablation", w] = prev["res"]["ablation", w] if ("ablation", w) in prev.get("res", {}) else score(
+        res["ablation", w] = done["ablation", w] if ("ablation", w) in done else score(
             m, b, dict(gap=ab, ce=ab), ab, cfg)
         cs = curves(sae, F, R, directions, cfg, controls=i == 0)
         first = [c[0] == "F" or c[1] < cfg.n_null_generate for c in cs]  # the curves that generate, first
@@ -684,10 +683,10 @@ def study(m, cfg: Config, out: Path) -> Report:
         lap(f"{w}x: features, ablation")
         for tier in TIERS if i == 0 else ("constant",):
             key = ("tier", w, tier)
-            if key in prev.get("res", {}) and (tier != "per_input" or "leaky" in prev["res"]):
-                res[key] = _same_curves(prev["res"][key], order, cfg, key)
+            if key in done and (tier != "per_input" or "leaky" in done):
+                res[key] = _same_curves(done[key], order, cfg, key)
                 if tier == "per_input":
-                    res["leaky"] = prev["res"]["leaky"]
+                    res["leaky"] = done["leaky"]
                 continue
             res[key] = tier_runs(m, sae, F, order, tier, b, x_norm, cfg, sum(first))
             if tier == "per_input":
@@ -700,7 +699,7 @@ def study(m, cfg: Config, out: Path) -> Report:
     lap("statistics")
     _figure(out, cfg.model, res, cfg, main)
     reused = [" ".join(map(str, k[1:])) + f" {k[0]}" if isinstance(k, tuple) else k
-              for k in prev.get("res", {}) if k in res]
+              for k in done if k in res]
     return _report(m, cfg, layer, res, an, found, sae_metrics, x_norm, prompts,
                    resumed_from=f"{cfg.resume} ({', '.join(reused)})" if prev else "")
 
@@ -715,12 +714,14 @@ def _identity(cfg: Config) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in _NOT_IDENTITY}
 
 
-def _resume_file(folder: str, model: str | None = None) -> Path | None:
-    """The `scores.pkl` of `model` in a run folder (the first model's, or the second's in a sub-folder)."""
-    cands = [Path(folder) / "scores.pkl", *sorted(Path(folder).glob("*/scores.pkl"))]
-    for f in cands:
-        if f.is_file() and (model is None or pickle.loads(f.read_bytes()).get("model", model) == model):
-            return f
+def _resume_scores(folder: str, model: str | None = None) -> tuple[Path, dict] | None:
+    """`(path, contents)` of `model`'s `scores.pkl` in a run folder (the first model's, or the second's in a
+    sub-folder; any model's with `model=None`), read once; None if there is none."""
+    for f in [Path(folder) / "scores.pkl", *sorted(Path(folder).glob("*/scores.pkl"))]:
+        if f.is_file():
+            scores = pickle.loads(f.read_bytes())
+            if model is None or scores.get("model", model) == model:
+                return f, scores
     return None
 
 
@@ -729,10 +730,10 @@ def resumed(cfg: Config, model: str, layer: int, prompts: list, x_norm: float) -
     the same config (when the file records it), layer, prompts and mean residual norm. InputError otherwise."""
     if not cfg.resume:
         return {}
-    f = _resume_file(cfg.resume, model)
-    if f is None:
+    found = _resume_scores(cfg.resume, model)
+    if found is None:
         raise InputError(f"--resume {cfg.resume!r}: no scores.pkl for model {model!r} in that folder")
-    prev = pickle.loads(f.read_bytes())
+    f, prev = found
     if "config" in prev:
         diff = sorted(k for k, v in _identity(cfg).items() if json.dumps(prev["config"].get(k), default=list)
                       != json.dumps(v, default=list))
@@ -872,7 +873,7 @@ def check(cfg: Config) -> None:
     """Before any model loads: the toxicity proxy's word list is there, and `--resume` names a run folder with
     scores."""
     toxigen.profanity()
-    if cfg.resume and _resume_file(cfg.resume) is None:
+    if cfg.resume and _resume_scores(cfg.resume) is None:
         raise InputError(f"--resume {cfg.resume!r}: not a run folder with a scores.pkl (give OUT/sae_detox/<timestamp>)")
 
 

@@ -1,4 +1,5 @@
-"""TransformerLens peer for bench/sweeps.py, bench/forward.py and tests/peers/test_tl_peer.py, run in its own venv
+"""TransformerLens peer for bench/sweeps.py and bench/latency.py (bench._common.tl_head_ablations), bench/forward.py and
+tests/peers/test_tl_peer.py, run in its own venv
 (torch + transformer-lens; `./run peers` builds .venv-tl):
 
     .venv-tl/bin/python tests/peers/_tl_peer.py HF_DIR INPUTS.npz OUT.json
